@@ -1,0 +1,41 @@
+"""Accuracy, per-class recall and the confusion matrix of a classifier."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+
+def classification_metrics(preds: torch.Tensor, targets: torch.Tensor, num_classes: int) -> dict[str, Any]:
+    """``accuracy`` and ``per_class_recall`` as fractions in [0, 1]; recall is None for absent classes."""
+    preds, targets = preds.reshape(-1).long(), targets.reshape(-1).long()
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    confusion.index_put_((targets, preds), torch.ones_like(targets), accumulate=True)
+    support = confusion.sum(dim=1)
+    recall = [float(confusion[c, c] / support[c]) if support[c] else None for c in range(num_classes)]
+    return {
+        "accuracy": float((preds == targets).float().mean()) if len(targets) else 0.0,
+        "per_class_recall": recall,
+        "support": support.tolist(),
+        "confusion": confusion.tolist(),
+    }
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
+    was_training = model.training
+    model.eval()
+    preds, targets = [], []
+    for inputs, y in loader:
+        preds.append(model(inputs).argmax(dim=1))
+        targets.append(y)
+    model.train(was_training)
+    return torch.cat(preds), torch.cat(targets)
+
+
+def evaluate(model: nn.Module, loader: DataLoader, num_classes: int) -> dict[str, Any]:
+    preds, targets = predict(model, loader)
+    return classification_metrics(preds, targets, num_classes)

@@ -1,0 +1,61 @@
+"""Parameter counts and the per-layer sparsity table, on effective (masked) weights."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from prunekit.masking import type_name
+from prunekit.spec import Spec
+
+
+def effective_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter as the forward pass sees it (``weight`` of a masked layer includes its zeros)."""
+    out = {}
+    for mname, module in model.named_modules():
+        if "parametrizations" in mname.split("."):
+            continue  # the stored originals behind a parametrization are reported through their owner
+        names = [n for n, p in module._parameters.items() if p is not None]
+        if parametrize.is_parametrized(module):
+            names += list(module.parametrizations.keys())
+        for name in names:
+            out[f"{mname}.{name}" if mname else name] = getattr(module, name).detach()
+    return out
+
+
+def count_params(model: nn.Module) -> dict[str, Any]:
+    """Total and non-zero parameters, and the resulting overall sparsity."""
+    total = nonzero = 0
+    for value in effective_parameters(model).values():
+        total += value.numel()
+        nonzero += int(torch.count_nonzero(value))
+    return {"params": total, "nonzero_params": nonzero, "sparsity": 1 - nonzero / total if total else 0.0}
+
+
+def layer_table(model: nn.Module, specs: Mapping[str, Spec] | None = None) -> list[dict[str, Any]]:
+    """One row per module with a weight: name, type, shape, params, nonzeros, sparsity, pattern."""
+    specs = specs or {}
+    rows = []
+    for name, module in model.named_modules():
+        if "parametrizations" in name.split(".") or not isinstance(
+            getattr(module, "weight", None), torch.Tensor
+        ):
+            continue
+        weight = module.weight.detach()
+        nonzero = int(torch.count_nonzero(weight))
+        rows.append(
+            {
+                "layer": name,
+                "type": type_name(module),
+                "shape": list(weight.shape),
+                "params": weight.numel(),
+                "nonzero": nonzero,
+                "sparsity": 1 - nonzero / weight.numel(),
+                "pattern": str(specs[name]) if name in specs else "dense",
+            }
+        )
+    return rows

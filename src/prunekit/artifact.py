@@ -1,0 +1,219 @@
+"""Save and load pruned models as safetensors artifacts (no pickle: loading cannot execute code).
+
+One file holds the effective weights (pruned entries are exact zeros), each pruned layer's keep-mask as
+packed bits (``__mask__.<layer>``, 1 bit per weight, so the exact mask survives even where a kept weight
+happens to be zero), and a JSON header in the safetensors metadata:
+
+    {"format": "prunekit.dense", "format_version": 1, "library_version": "...",
+     "model": {"name": "resnet-digits", "args": {...}} | null,
+     "specs": {"layer": {"type": "unstructured", "sparsity": 0.7}, ...},
+     "masks": {"layer": [shape...], ...}, "sha256": "<hash of every tensor's bytes, in key order>"}
+
+The SHA-256 is checked on load: a corrupted or truncated file is a clear error, never silent garbage.
+Weights are stored dense here; the compressed encodings (bitmask/CSR/N:M) are a separate format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from prunekit.errors import PrunekitError
+from prunekit.files import atomic_write_bytes
+from prunekit.masking import apply_masks, get_masks
+from prunekit.spec import Spec, from_dict
+
+FORMAT = "prunekit.dense"
+FORMAT_VERSION = 1
+_MASK_PREFIX = "__mask__."
+_BUFFERS = (".running_mean", ".running_var", ".num_batches_tracked")
+
+
+@dataclass
+class ArtifactInfo:
+    path: Path
+    model: dict[str, Any] | None
+    specs: dict[str, Spec]
+    masks: dict[str, torch.Tensor]
+    extra: dict[str, Any] = field(default_factory=dict)
+    size_bytes: int = 0
+
+
+def _library_version() -> str:
+    from prunekit import __version__
+
+    return __version__
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].contiguous()
+        h.update(key.encode())
+        h.update(str(t.dtype).encode() + str(list(t.shape)).encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _pack(mask: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.packbits(mask.reshape(-1).numpy().astype(np.uint8)))
+
+
+def _unpack(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    count = int(np.prod(shape))
+    bits = np.unpackbits(packed.numpy(), count=count)
+    return torch.from_numpy(bits.astype(bool)).reshape(shape)
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with effective weights under their plain names (no parametrization keys)."""
+    state = {}
+    for key, value in model.state_dict().items():
+        if ".parametrizations." in f".{key}":
+            continue
+        state[key] = value
+    for name, module in model.named_modules():
+        if hasattr(module, "parametrizations"):
+            for pname in module.parametrizations:
+                state[f"{name}.{pname}" if name else pname] = getattr(module, pname).detach()
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def save_artifact(
+    path: str | Path,
+    model: nn.Module,
+    *,
+    model_info: dict[str, Any] | None = None,
+    specs: dict[str, Spec] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> int:
+    """Write the artifact atomically; returns its size in bytes."""
+    from safetensors.torch import save
+
+    tensors = plain_state_dict(model)
+    masks = get_masks(model)
+    for name, mask in masks.items():
+        tensors[_MASK_PREFIX + name] = _pack(mask.cpu())
+    header = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "library_version": _library_version(),
+        "model": model_info,
+        "specs": {name: spec.to_dict() for name, spec in (specs or {}).items()},
+        "masks": {name: list(mask.shape) for name, mask in masks.items()},
+        "extra": extra or {},
+        "sha256": _digest(tensors),
+    }
+    data = save(tensors, metadata={"prunekit": json.dumps(header)})
+    atomic_write_bytes(path, data)
+    return len(data)
+
+
+def read_artifact(path: str | Path) -> tuple[dict[str, torch.Tensor], ArtifactInfo]:
+    """Read and verify an artifact: tensors (weights only) and its header."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    path = Path(path)
+    if not path.is_file():
+        raise PrunekitError(f"artifact not found: {path}")
+    raw = path.read_bytes()
+    try:
+        tensors = load(raw)
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+        header = json.loads(meta["prunekit"])
+    except (SafetensorError, KeyError, ValueError, OSError) as exc:
+        raise PrunekitError(
+            f"artifact {path} is corrupted, truncated or not a prunekit file: {exc}"
+        ) from None
+    if header.get("format") != FORMAT:
+        raise PrunekitError(
+            f"artifact {path}: unsupported format {header.get('format')!r} (expected {FORMAT!r})"
+        )
+    if header.get("format_version", 0) > FORMAT_VERSION:
+        raise PrunekitError(
+            f"artifact {path}: format version {header['format_version']} is newer than this "
+            f"prunekit reads ({FORMAT_VERSION}); upgrade prunekit"
+        )
+    if _digest(tensors) != header.get("sha256"):
+        raise PrunekitError(f"artifact {path} is corrupted: its contents do not match the stored SHA-256")
+    masks = {
+        name: _unpack(tensors.pop(_MASK_PREFIX + name), shape) for name, shape in header["masks"].items()
+    }
+    info = ArtifactInfo(
+        path=path,
+        model=header.get("model"),
+        specs={name: from_dict(d) for name, d in header.get("specs", {}).items()},
+        masks=masks,
+        extra=header.get("extra", {}),
+        size_bytes=len(raw),
+    )
+    return tensors, info
+
+
+def load_artifact(
+    path: str | Path, model: nn.Module | None = None, masked: bool = True
+) -> tuple[nn.Module, ArtifactInfo]:
+    """Rebuild the model (built-in architectures by name, or into ``model``) and load the weights.
+
+    With ``masked=True`` the masks are re-attached, so fine-tuning keeps the pruned entries at zero.
+    """
+    tensors, info = read_artifact(path)
+    if model is None:
+        if not info.model:
+            raise PrunekitError(
+                f"artifact {path} records no built-in architecture; pass the model to load into"
+            )
+        from prunekit.models import build_model
+
+        model = build_model(info.model["name"], info.model.get("args"))
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise PrunekitError(f"artifact {path} does not fit the model: {first}") from None
+    if masked and info.masks:
+        apply_masks(model, info.masks)
+    return model, info
+
+
+def inspect_artifact(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Per-tensor rows (tensor, shape, params, nonzero, sparsity, pattern) and totals for an artifact."""
+    tensors, info = read_artifact(path)
+    rows = []
+    for key in sorted(tensors):
+        value = tensors[key]
+        if not value.is_floating_point() or key.endswith(_BUFFERS):
+            continue  # BatchNorm statistics and counters are buffers, not parameters
+        layer = key.rsplit(".", 1)[0]
+        nonzero = int(torch.count_nonzero(value))
+        pattern = str(info.specs[layer]) if key.endswith(".weight") and layer in info.specs else "dense"
+        rows.append(
+            {
+                "tensor": key,
+                "shape": list(value.shape),
+                "params": value.numel(),
+                "nonzero": nonzero,
+                "sparsity": 1 - nonzero / value.numel() if value.numel() else 0.0,
+                "pattern": pattern,
+            }
+        )
+    params = sum(r["params"] for r in rows)
+    nonzero = sum(r["nonzero"] for r in rows)
+    totals = {
+        "params": params,
+        "nonzero": nonzero,
+        "sparsity": 1 - nonzero / params if params else 0.0,
+        "size_bytes": info.size_bytes,
+    }
+    return rows, totals

@@ -1,0 +1,1 @@
+"""Calibration: streaming statistics and hooks that are always removed."""

@@ -1,0 +1,44 @@
+"""Streaming float32 statistics with ``add_batch / value / reset``.
+
+Running means rather than sums, as the Wanda and SparseGPT reference code keep them, so the value does not
+depend on how many batches were seen and float32 does not overflow on long calibration runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class RunningMean:
+    """Element-wise running mean of per-batch tensors, weighted by the number of samples in each."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._mean: torch.Tensor | None = None
+        self.count = 0
+
+    def add_batch(self, value: torch.Tensor, samples: int = 1) -> None:
+        value = value.detach().to(torch.float32)
+        if self._mean is None:
+            self._mean = torch.zeros_like(value)
+        self.count += samples
+        self._mean += (value - self._mean) * (samples / self.count)
+
+    def value(self) -> torch.Tensor:
+        if self._mean is None:
+            raise RuntimeError("no batch was added")
+        return self._mean
+
+
+def input_sq_norms(module_type: str, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mean of x_j^2 over all samples/positions for each input feature j, and the sample count.
+
+    Linear: features are the last dim. Conv: features are channels (dim 1), averaged over batch and space.
+    """
+    x = x.detach().to(torch.float32)
+    if module_type.startswith("Conv"):
+        x = x.movedim(1, -1)
+    flat = x.reshape(-1, x.shape[-1])
+    return flat.pow(2).mean(dim=0), flat.shape[0]

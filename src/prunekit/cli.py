@@ -1,0 +1,142 @@
+"""The command-line face: ``prunekit demo | run | recipes | inspect``.
+
+User mistakes print one line, ``error: ...``, and exit with code 2; nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from prunekit.errors import PrunekitError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Prune neural networks and prove the gains with measurements.",
+)
+recipes_app = typer.Typer(no_args_is_help=True, help="Built-in recipes.")
+app.add_typer(recipes_app, name="recipes")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from prunekit import __version__
+
+        typer.echo(f"prunekit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Show the version."
+    ),
+) -> None:
+    """prunekit: smaller, faster networks with measured accuracy, size and latency."""
+
+
+def _summary(metrics: dict[str, Any], out: Path) -> None:
+    labels = [k for k, v in metrics.items() if isinstance(v, dict) and "accuracy" in v]
+    typer.echo(f"{'model':<10} {'accuracy':>9} {'sparsity':>9} {'size KiB':>9} {'p50 ms':>8} {'p99 ms':>8}")
+    for label in labels:
+        e = metrics[label]
+        size = f"{e['size_bytes'] / 1024:.1f}" if e.get("size_bytes") else "-"
+        typer.echo(
+            f"{label:<10} {e['accuracy']:>9.4f} {e['sparsity']:>9.4f} {size:>9} "
+            f"{e['latency_ms']['p50']:>8.3f} {e['latency_ms']['p99']:>8.3f}"
+        )
+    typer.echo(f"wrote {out / 'metrics.json'}, {out / 'report.md'} (in {metrics['wall_time_s']:.0f} s)")
+
+
+def _run(recipe, out: Path, quiet: bool) -> None:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from prunekit.pipeline import run_recipe
+
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr
+    )
+    with logging_redirect_tqdm():
+        metrics = run_recipe(recipe, out, progress=not quiet)
+    _summary(metrics, out)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("prunekit-demo"), "--out", help="Output directory."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or log lines."),
+) -> None:
+    """Run the built-in edge-digits recipe: dense CNN -> iterative pruning to 70% -> report."""
+    from prunekit import recipe
+
+    _run(recipe.load_builtin("edge-digits"), out, quiet)
+
+
+@app.command()
+def run(
+    recipe_file: Path = typer.Argument(..., metavar="RECIPE", help="A recipe YAML file."),
+    out: Path = typer.Option(..., "--out", help="Output directory."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or log lines."),
+) -> None:
+    """Run a recipe file (see `prunekit recipes show edge-digits` for an example)."""
+    from prunekit import recipe
+
+    _run(recipe.load(recipe_file), out, quiet)
+
+
+@recipes_app.command("list")
+def recipes_list() -> None:
+    """Name the built-in recipes."""
+    from prunekit import recipe
+
+    for name in recipe.builtin_names():
+        typer.echo(f"{name:<16} {recipe.load_builtin(name).description}")
+
+
+@recipes_app.command("show")
+def recipes_show(name: str = typer.Argument(..., help="A built-in recipe name.")) -> None:
+    """Print a built-in recipe's YAML (accepted unchanged by `prunekit run`)."""
+    from prunekit import recipe
+
+    typer.echo(recipe.builtin_text(name), nl=False)
+
+
+@app.command()
+def inspect(
+    artifact: Path = typer.Argument(..., help="A prunekit .safetensors artifact."),
+    as_json: bool = typer.Option(False, "--json", help="Print the table as JSON."),
+) -> None:
+    """Print the per-layer table: shape, params, non-zeros, sparsity, pattern."""
+    from prunekit.artifact import inspect_artifact
+
+    rows, totals = inspect_artifact(artifact)
+    if as_json:
+        typer.echo(json.dumps({"layers": rows, "total": totals}, indent=2))
+        return
+    width = max([len(r["tensor"]) for r in rows] + [6])
+    typer.echo(f"{'tensor':<{width}}  {'shape':<16} {'params':>10} {'nonzero':>10} {'sparsity':>9}  pattern")
+    for r in rows:
+        shape = "x".join(map(str, r["shape"]))
+        typer.echo(
+            f"{r['tensor']:<{width}}  {shape:<16} {r['params']:>10,} {r['nonzero']:>10,} "
+            f"{r['sparsity']:>9.2%}  {r['pattern']}"
+        )
+    typer.echo(
+        f"{'total':<{width}}  {'':<16} {totals['params']:>10,} {totals['nonzero']:>10,} "
+        f"{totals['sparsity']:>9.2%}  file {totals['size_bytes']:,} bytes"
+    )
+
+
+def main() -> None:
+    try:
+        app()  # standalone: click handles --help and usage errors (exit 2) and exits itself
+    except PrunekitError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)

@@ -1,0 +1,93 @@
+"""The criterion interface and registry.
+
+A criterion turns a layer's weight (and, for some, statistics gathered from data or training) into an
+importance score of the same shape: higher means more important. The math of each criterion is a pure
+function in its own module; the classes here only gather what that function needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from prunekit.errors import PrunekitError
+from prunekit.masking import weight_parameter
+from prunekit.registry import Registry
+
+Batch = tuple  # (inputs, targets)
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Criterion:
+    """Base class. ``needs`` is ``"weights"``, ``"gradients"``, ``"activations"`` or ``"training"``."""
+
+    needs = "weights"
+    default_group = "layer"
+
+    def collect(
+        self,
+        model: nn.Module,
+        layers: Mapping[str, nn.Module],
+        batches: Iterable[Batch],
+        loss_fn: LossFn | None,
+    ) -> None:
+        """Gather statistics from calibration batches (no-op for weight-only criteria)."""
+
+    def on_step(self, layers: Mapping[str, nn.Module]) -> None:
+        """Called once per optimizer step during training (movement pruning accumulates here)."""
+
+    def scores(self, name: str, module: nn.Module) -> torch.Tensor:
+        raise NotImplementedError
+
+
+CRITERIA: Registry[Callable[..., Criterion]] = Registry("criterion")
+
+
+def make_criterion(name: str, seed: int = 0) -> Criterion:
+    """Build a registered criterion by name (raises with a did-you-mean on a typo)."""
+    import prunekit.criteria  # noqa: F401  (registers the built-in criteria)
+
+    return CRITERIA.get(name)(seed=seed)
+
+
+def effective_weight(module: nn.Module) -> torch.Tensor:
+    return module.weight.detach()
+
+
+def gradient_passes(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    batches: Iterable[Batch],
+    loss_fn: LossFn | None,
+    visit: Callable[[str, torch.Tensor, torch.Tensor], None],
+) -> int:
+    """Run forward/backward on each batch and call ``visit(name, weight, grad)`` for every layer.
+
+    Gradients the model had before are restored afterwards, so a user's training state is untouched.
+    """
+    if loss_fn is None:
+        raise PrunekitError("this criterion needs a loss function to compute gradients")
+    params = {name: weight_parameter(m) for name, m in layers.items()}
+    saved = {name: p.grad for name, p in params.items()}
+    was_training = model.training
+    model.eval()  # statistics of BatchNorm/Dropout must not change while scoring
+    n = 0
+    try:
+        for inputs, targets in batches:
+            for p in params.values():
+                p.grad = None
+            loss = loss_fn(model(inputs), targets)
+            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+            for (name, module), grad in zip(layers.items(), grads):
+                if grad is not None:
+                    visit(name, effective_weight(module), grad.detach())
+            n += 1
+    finally:
+        for name, p in params.items():
+            p.grad = saved[name]
+        model.train(was_training)
+    if n == 0:
+        raise PrunekitError("no calibration batch was given")
+    return n

@@ -1,0 +1,46 @@
+"""Movement pruning: S = -sum_t w_t * dL/dw_t accumulated over fine-tuning steps; weights moving toward
+zero get low scores (Sanh, Wolf & Rush, "Movement Pruning: Adaptive Sparsity by Fine-Tuning",
+NeurIPS 2020)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from prunekit.criteria.base import CRITERIA, Criterion, effective_weight
+from prunekit.errors import PrunekitError
+from prunekit.masking import weight_parameter
+
+
+def movement_update(score: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """One step of the accumulation: S <- S - w * g."""
+    return score - weight.detach() * grad.detach()
+
+
+@CRITERIA.register("movement")
+class Movement(Criterion):
+    needs = "training"
+
+    def __init__(self, seed: int = 0) -> None:
+        self._score: dict[str, torch.Tensor] = {}
+        self.steps = 0
+
+    def on_step(self, layers: Mapping[str, nn.Module]) -> None:
+        for name, module in layers.items():
+            grad = weight_parameter(module).grad
+            if grad is None:
+                continue
+            weight = effective_weight(module)
+            prev = self._score.get(name, torch.zeros_like(weight, dtype=torch.float32))
+            self._score[name] = movement_update(prev, weight, grad)
+        self.steps += 1
+
+    def scores(self, name: str, module: nn.Module) -> torch.Tensor:
+        if name not in self._score:
+            raise PrunekitError(
+                "movement scores accumulate during training: call sparsifier.step() after "
+                "each optimizer step before pruning"
+            )
+        return self._score[name]

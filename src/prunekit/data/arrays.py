@@ -1,0 +1,81 @@
+"""Classification data as tensors with a fixed, stratified, seeded train/val/test split.
+
+* ``digits``: scikit-learn's bundled handwritten digits (1,797 8x8 images, 10 classes, pixel values
+  0..16), scaled to [0, 1] and shaped ``(N, 1, 8, 8)``. Shipped inside scikit-learn: nothing is downloaded.
+* ``npz``: a user's ``.npz`` file with arrays ``x`` (features, any shape after the sample axis) and
+  ``y`` (integer class labels 0..C-1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from prunekit.errors import PrunekitError
+
+DATASETS = ("digits", "npz")
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: TensorDataset
+    val: TensorDataset
+    test: TensorDataset
+    num_classes: int
+    input_shape: tuple[int, ...]
+
+    def loader(self, part: str, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
+        gen = torch.Generator().manual_seed(seed)
+        return DataLoader(getattr(self, part), batch_size=batch_size, shuffle=shuffle, generator=gen)
+
+
+def _arrays(name: str, path: str | Path | None) -> tuple[np.ndarray, np.ndarray]:
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        return (digits.images / 16.0).astype(np.float32)[:, None], digits.target.astype(np.int64)
+    if name == "npz":
+        if path is None:
+            raise PrunekitError("data: 'npz' needs a path to a .npz file with arrays 'x' and 'y'")
+        path = Path(path)
+        if not path.is_file():
+            raise PrunekitError(f"data: file not found: {path}")
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                x, y = npz["x"], npz["y"]
+        except KeyError:
+            raise PrunekitError(f"data: {path} must hold arrays named 'x' and 'y'") from None
+        except (ValueError, OSError) as exc:
+            raise PrunekitError(f"data: cannot read {path} as .npz: {exc}") from None
+        if len(x) != len(y) or y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
+            raise PrunekitError(f"data: {path}: 'y' must be non-negative integer labels, one per row of 'x'")
+        return x.astype(np.float32), y.astype(np.int64)
+    raise PrunekitError(f"data: unknown data set '{name}'; allowed: {', '.join(DATASETS)}")
+
+
+def load_splits(
+    name: str = "digits", path: str | Path | None = None, val: float = 0.2, test: float = 0.2, seed: int = 0
+) -> Splits:
+    """Stratified, seeded split into train/val/test (fractions of the whole set)."""
+    from sklearn.model_selection import train_test_split
+
+    if not (0 < val < 1 and 0 < test < 1 and val + test < 1):
+        raise PrunekitError(
+            f"data: val and test fractions must be in (0, 1) and sum below 1, got {val}, {test}"
+        )
+    x, y = _arrays(name, path)
+    idx = np.arange(len(y))
+    rest, test_idx = train_test_split(idx, test_size=test, stratify=y, random_state=seed)
+    train_idx, val_idx = train_test_split(
+        rest, test_size=val / (1 - test), stratify=y[rest], random_state=seed
+    )
+
+    def part(ids: np.ndarray) -> TensorDataset:
+        return TensorDataset(torch.from_numpy(x[ids]), torch.from_numpy(y[ids]))
+
+    return Splits(part(train_idx), part(val_idx), part(test_idx), int(y.max()) + 1, tuple(x.shape[1:]))

@@ -1,0 +1,272 @@
+"""Run a recipe: load data and model, run the stages in order, write metrics, artifacts and the report.
+
+Outputs in ``out``: ``metrics.json``, ``report.md``, and ``<name>.safetensors`` per export stage. Every file
+is written atomically. The same seed on the same machine gives the same masks and accuracy numbers
+(latency is measured, so it varies).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import platform
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from prunekit.analysis import count_params, evaluate, layer_table, measure_latency
+from prunekit.artifact import load_artifact, save_artifact
+from prunekit.data import Splits, load_splits
+from prunekit.errors import PrunekitError
+from prunekit.files import atomic_write_json, atomic_write_text
+from prunekit.masking import get_masks, squash
+from prunekit.recipe import (
+    EvaluateStage,
+    ExportStage,
+    FinetuneStage,
+    Optim,
+    PruneStage,
+    Recipe,
+    TrainStage,
+    to_dict,
+)
+from prunekit.recovery import TrainConfig, train
+from prunekit.sparsifier import Sparsifier
+from prunekit.spec import NM, Spec
+from prunekit.targets import Targets, left_dense
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _train_cfg(cfg: Optim) -> TrainConfig:
+    return TrainConfig(**cfg.model_dump(exclude={"type"}))
+
+
+class Run:
+    """The state a recipe threads through its stages."""
+
+    def __init__(self, recipe: Recipe, out: Path, progress: bool) -> None:
+        self.recipe, self.out, self.progress = recipe, out, progress
+        seed_everything(recipe.seed)
+        d = recipe.data
+        self.data: Splits = load_splits(d.name, d.path, d.val_fraction, d.test_fraction, seed=recipe.seed)
+        self.model, self.model_info = self._model()
+        self.specs: dict[str, Spec] = {}
+        self.dense_layers: dict[str, str] = {}
+        self.metrics: dict[str, Any] = {}
+        self.rounds: list[dict[str, Any]] = []
+        self.done: list[dict[str, Any]] = []  # stages run so far (the recipe that produced a state)
+        self.sizes: dict[str, int] = {}
+
+    def _model(self) -> tuple[nn.Module, dict[str, Any] | None]:
+        src = self.recipe.model
+        if src.artifact is not None:
+            model, info = load_artifact(src.artifact)
+            self.specs = dict(info.specs)
+            return model, info.model
+        from prunekit.models import build_model
+
+        args = dict(src.args)
+        if src.builtin == "resnet-digits":
+            args.setdefault("in_channels", self.data.input_shape[0])
+            args.setdefault("num_classes", self.data.num_classes)
+        return build_model(src.builtin, args), {"name": src.builtin, "args": args}
+
+    def loader(self, part: str, shuffle: bool = False):
+        return self.data.loader(part, self.recipe.data.batch_size, shuffle=shuffle, seed=self.recipe.seed)
+
+    def val_accuracy(self) -> float:
+        return evaluate(self.model, self.loader("val"), self.data.num_classes)["accuracy"]
+
+    # -- stages ----------------------------------------------------------------------------------------
+    def train(self, stage: TrainStage | FinetuneStage) -> None:
+        train(
+            self.model,
+            self.loader("train", shuffle=True),
+            _train_cfg(stage),
+            progress=self.progress,
+            desc=stage.type,
+        )
+
+    def prune(self, stage: PruneStage) -> None:
+        targets = Targets(
+            tuple(stage.targets.types),
+            tuple(stage.targets.include),
+            tuple(stage.targets.exclude),
+            stage.targets.prune_classifier,
+        )
+        schedule = stage.schedule.build()
+        sparsifier = Sparsifier(
+            self.model,
+            stage.pattern,
+            criterion=stage.criterion,
+            group=stage.group,
+            targets=targets,
+            overrides=stage.overrides,
+            schedule=schedule,
+            seed=self.recipe.seed,
+        )
+        sparsifier.prepare()
+        self.specs.update(sparsifier.layer_specs())
+        calib = (
+            self._calibration(stage.calibration_batches) if sparsifier.criterion.needs != "weights" else None
+        )
+        loss_fn = nn.CrossEntropyLoss()
+        if stage.schedule.type == "agp":
+            train(
+                self.model,
+                self.loader("train", shuffle=True),
+                _train_cfg(stage.finetune),
+                sparsifier=sparsifier,
+                progress=self.progress,
+                desc="prune (agp)",
+            )
+            self._round(len(self.rounds) + 1)
+        else:
+            targets_seq = (
+                [None] if isinstance(sparsifier.spec, NM) else schedule.rounds(sparsifier.spec.sparsity)
+            )
+            for i, sparsity in enumerate(targets_seq, start=1):
+                sparsifier.prune(sparsity, batches=calib, loss_fn=loss_fn)
+                if stage.finetune is not None:
+                    train(
+                        self.model,
+                        self.loader("train", shuffle=True),
+                        _train_cfg(stage.finetune),
+                        sparsifier=sparsifier,
+                        progress=self.progress,
+                        desc=f"fine-tune round {i}/{len(targets_seq)}",
+                    )
+                self._round(i)
+        self.dense_layers = left_dense(self.model, self.specs, targets)
+
+    def _calibration(self, batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        out = []
+        for i, batch in enumerate(self.loader("train")):
+            if i >= batches:
+                break
+            out.append(tuple(batch))
+        return out
+
+    def _round(self, index: int) -> None:
+        counts = count_params(self.model)
+        rows = [r for r in layer_table(self.model) if r["layer"] in self.specs]
+        pruned = sum(r["params"] - r["nonzero"] for r in rows)
+        targeted = sum(r["params"] for r in rows)
+        entry = {
+            "round": index,
+            "targeted_sparsity": pruned / targeted if targeted else 0.0,
+            "model_sparsity": counts["sparsity"],
+            "val_accuracy": self.val_accuracy(),
+        }
+        self.rounds.append(entry)
+        log.info(
+            "round %d: targeted sparsity %.4f, val accuracy %.4f",
+            index,
+            entry["targeted_sparsity"],
+            entry["val_accuracy"],
+        )
+
+    def evaluate(self, stage: EvaluateStage) -> None:
+        result = evaluate(self.model, self.loader("test"), self.data.num_classes)
+        plain = squash(
+            copy.deepcopy(self.model)
+        ).eval()  # time the model a user would deploy: no mask overhead
+        example = self.data.test[0][0].unsqueeze(0)
+        latency = measure_latency(plain, example, warmup=stage.latency_warmup, runs=stage.latency_runs)
+        self.metrics[stage.label] = {
+            "accuracy": result["accuracy"],
+            "per_class_recall": result["per_class_recall"],
+            "support": result["support"],
+            **count_params(self.model),
+            "size_bytes": None,
+            "latency_ms": {k: latency[k] for k in ("p50", "p99", "mean")},
+            "latency_runs": latency["runs"],
+            "threads": latency["threads"],
+            "layers": layer_table(self.model, self.specs),
+            "recipe": {
+                "seed": self.recipe.seed,
+                "model": to_dict(self.recipe)["model"],
+                "data": to_dict(self.recipe)["data"],
+                "stages": list(self.done),
+            },
+        }
+
+    def export(self, stage: ExportStage) -> None:
+        path = self.out / f"{stage.name}.safetensors"
+        self.sizes[stage.name] = save_artifact(
+            path,
+            self.model,
+            model_info=self.model_info,
+            specs=self.specs,
+            extra={"recipe": self.recipe.name, "stages": list(self.done)},
+        )
+
+    def summary(self) -> dict[str, Any]:
+        for label, entry in self.metrics.items():
+            entry["size_bytes"] = self.sizes.get(label)
+        return {
+            "recipe_name": self.recipe.name,
+            **self.metrics,
+            "rounds": self.rounds,
+            "left_dense": self.dense_layers,
+            "recipe": to_dict(self.recipe),
+            "environment": {
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+                "machine": platform.machine(),
+                "processor": platform.processor() or None,
+                "threads": torch.get_num_threads(),
+            },
+        }
+
+
+def run_recipe(recipe: Recipe, out: str | Path, progress: bool = True) -> dict[str, Any]:
+    """Run every stage and write ``metrics.json`` and ``report.md`` into ``out``; returns the metrics."""
+    from prunekit.report import write_report
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise PrunekitError(f"--out {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    state = Run(recipe, out, progress)
+    handlers = {
+        "train": state.train,
+        "finetune": state.train,
+        "prune": state.prune,
+        "evaluate": state.evaluate,
+        "export": state.export,
+    }
+    for stage in recipe.stages:
+        log.info("stage %s", stage.type)
+        handlers[stage.type](stage)
+        if stage.type in ("train", "finetune", "prune"):
+            state.done.append(stage.model_dump(mode="json", exclude_none=True))
+    metrics = state.summary()
+    metrics["wall_time_s"] = time.perf_counter() - started
+    metrics["masks_sha256"] = _masks_digest(get_masks(state.model))
+    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_text(out / "report.md", write_report(metrics))
+    return metrics
+
+
+def _masks_digest(masks: dict[str, torch.Tensor]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(masks):
+        h.update(name.encode())
+        h.update(np.packbits(masks[name].reshape(-1).numpy()).tobytes())
+    return h.hexdigest()

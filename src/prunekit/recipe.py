@@ -1,0 +1,274 @@
+"""Recipes: a pipeline of typed stages, the same in Python and YAML, validated strictly.
+
+A typo in a key is an error naming the key and suggesting the right one; a wrong type or value names
+its location (``stages[3].sparsity``). Recipes describe: the model source, the data, and stages run in
+order -- ``train`` (dense baseline), ``prune`` (with its schedule and fine-tuning between rounds),
+``finetune``, ``evaluate`` (metrics + latency under a label) and ``export`` (an artifact file).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from prunekit.errors import PrunekitError, did_you_mean
+from prunekit.spec import parse as parse_spec
+
+BUILTIN_DIR = Path(__file__).parent / "recipes"
+
+
+class Strict(BaseModel):
+    """Frozen, no unknown keys (with a did-you-mean suggestion)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            allowed = set(cls.model_fields)
+            for key in data:
+                if key not in allowed:
+                    hint = did_you_mean(key, allowed)
+                    raise ValueError(f"unknown key '{key}'{hint}; allowed: {', '.join(sorted(allowed))}")
+        return data
+
+
+class ModelSource(Strict):
+    builtin: str | None = None  # a built-in architecture name (prunekit.models.MODELS), trained from scratch
+    args: dict[str, Any] = Field(default_factory=dict)  # its constructor arguments
+    artifact: Path | None = None  # or: start from a saved prunekit artifact (weights, and masks if any)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSource:
+        if (self.builtin is None) == (self.artifact is None):
+            raise ValueError("give exactly one of 'builtin' or 'artifact'")
+        if self.artifact is not None and not self.artifact.is_file():
+            raise ValueError(f"artifact file not found: {self.artifact}")
+        if self.builtin is not None:
+            from prunekit.models import MODELS
+
+            MODELS.get(self.builtin)
+        return self
+
+
+class DataSource(Strict):
+    name: Literal["digits", "npz"] = "digits"
+    path: Path | None = None  # for npz: a file with arrays x and y
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    batch_size: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _path(self) -> DataSource:
+        if self.name == "npz":
+            if self.path is None:
+                raise ValueError("data 'npz' needs a 'path'")
+            if not self.path.is_file():
+                raise ValueError(f"data file not found: {self.path}")
+        return self
+
+
+class Optim(Strict):
+    epochs: int = Field(ge=0)
+    lr: float = Field(gt=0)
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+class TrainStage(Optim):
+    type: Literal["train"]
+
+
+class FinetuneStage(Optim):
+    type: Literal["finetune"]
+
+
+class Schedule(Strict):
+    type: Literal["one-shot", "iterative", "agp"] = "one-shot"
+    rate: float | None = Field(None, gt=0, lt=1)  # iterative: fraction of remaining weights per round
+    start: int | None = Field(None, ge=0)  # agp: first pruning step
+    end: int | None = Field(None, ge=1)  # agp: last pruning step
+    every: int | None = Field(None, ge=1)  # agp: prune every k optimizer steps
+    initial: float | None = Field(None, ge=0, lt=1)  # agp: starting sparsity
+
+    @model_validator(mode="after")
+    def _fields(self) -> Schedule:
+        allowed = {"one-shot": set(), "iterative": {"rate"}, "agp": {"start", "end", "every", "initial"}}[
+            self.type
+        ]
+        given = {k for k in ("rate", "start", "end", "every", "initial") if getattr(self, k) is not None}
+        if given - allowed:
+            raise ValueError(f"schedule '{self.type}' takes no {', '.join(sorted(given - allowed))}")
+        if self.type == "agp" and self.end is None:
+            raise ValueError("schedule 'agp' needs 'end' (the last pruning step)")
+        return self
+
+    def build(self):
+        from prunekit.schedule import make_schedule
+
+        kwargs = {
+            k: getattr(self, k)
+            for k in ("rate", "start", "end", "every", "initial")
+            if getattr(self, k) is not None
+        }
+        return make_schedule(self.type, **kwargs)
+
+
+class TargetsCfg(Strict):
+    types: list[str] = Field(default_factory=lambda: ["Linear", "Conv1d", "Conv2d", "Conv3d"])
+    include: list[str] = Field(default_factory=list)
+    exclude: list[str] = Field(default_factory=list)
+    prune_classifier: bool = False
+
+
+class PruneStage(Strict):
+    type: Literal["prune"]
+    pattern: str | float  # "0.7" / "70%" (unstructured), "2:4" (N:M), "block:4x4@0.5"
+    criterion: str = "magnitude"
+    group: Literal["layer", "row", "global"] | None = None  # None: the criterion's own (wanda: row)
+    schedule: Schedule = Field(default_factory=Schedule)
+    targets: TargetsCfg = Field(default_factory=TargetsCfg)
+    overrides: dict[str, str | float] = Field(default_factory=dict)  # layer-name glob -> pattern
+    calibration_batches: int = Field(8, ge=1)  # for taylor / obd / wanda
+    finetune: Optim | None = None  # after each round (iterative) or during the schedule (agp)
+
+    @field_validator("pattern", mode="before")
+    @classmethod
+    def _pattern(cls, value: Any) -> Any:
+        parse_spec(value)
+        return value
+
+    @field_validator("overrides")
+    @classmethod
+    def _overrides(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for pattern in value.values():
+            parse_spec(pattern)
+        return value
+
+    @field_validator("criterion")
+    @classmethod
+    def _criterion(cls, value: str) -> str:
+        from prunekit.criteria import CRITERIA
+
+        CRITERIA.get(value)
+        return value
+
+    @model_validator(mode="after")
+    def _agp_needs_training(self) -> PruneStage:
+        if self.schedule.type == "agp" and self.finetune is None:
+            raise ValueError("an 'agp' schedule prunes during training: give 'finetune'")
+        return self
+
+
+class EvaluateStage(Strict):
+    type: Literal["evaluate"]
+    label: str  # metrics.json key, e.g. "dense" or "pruned"
+    latency_runs: int = Field(200, ge=1)
+    latency_warmup: int = Field(20, ge=0)
+
+
+class ExportStage(Strict):
+    type: Literal["export"]
+    name: str  # writes OUT/<name>.safetensors; an evaluate stage with the same label gets its size
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not value or "/" in value or value.startswith("."):
+            raise ValueError(f"export name must be a plain file stem, got {value!r}")
+        return value
+
+
+Stage = Annotated[
+    TrainStage | PruneStage | FinetuneStage | EvaluateStage | ExportStage, Field(discriminator="type")
+]
+STAGE_TYPES = ("train", "prune", "finetune", "evaluate", "export")
+
+
+class Recipe(Strict):
+    name: str = "recipe"
+    description: str = ""
+    seed: int = 0
+    model: ModelSource
+    data: DataSource = Field(default_factory=DataSource)
+    stages: list[Stage] = Field(min_length=1)
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _stage_types(cls, value: Any) -> Any:
+        for i, stage in enumerate(value if isinstance(value, list) else []):
+            kind = stage.get("type") if isinstance(stage, dict) else None
+            if kind not in STAGE_TYPES:
+                raise ValueError(
+                    f"stage {i}: 'type' must be one of {', '.join(STAGE_TYPES)}, got {kind!r}"
+                    f"{did_you_mean(str(kind), STAGE_TYPES)}"
+                )
+        return value
+
+
+def _where(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in STAGE_TYPES and out.endswith("]"):
+            continue  # the discriminator tag pydantic inserts into the location
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _one_line(exc: ValidationError, source: str) -> PrunekitError:
+    first = exc.errors()[0]
+    message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+    where = _where(tuple(first.get("loc", ())))
+    more = f" (and {len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
+    return PrunekitError(f"recipe {source}: {where + ': ' if where else ''}{message}{more}")
+
+
+def from_dict(data: Any, source: str = "<dict>") -> Recipe:
+    if not isinstance(data, dict):
+        raise PrunekitError(f"recipe {source}: must be a mapping of keys, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise _one_line(exc, source) from None
+
+
+def load(path: str | Path) -> Recipe:
+    """Read a YAML recipe file (relative paths inside it are relative to the current directory)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PrunekitError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise PrunekitError(f"recipe {path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    return from_dict(data, str(path))
+
+
+def builtin_names() -> list[str]:
+    return sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))
+
+
+def builtin_text(name: str) -> str:
+    path = BUILTIN_DIR / f"{name}.yaml"
+    if not path.is_file():
+        from prunekit.errors import unknown_name
+
+        raise unknown_name("built-in recipe", name, builtin_names())
+    return path.read_text(encoding="utf-8")
+
+
+def load_builtin(name: str) -> Recipe:
+    return from_dict(yaml.safe_load(builtin_text(name)), f"'{name}'")
+
+
+def to_dict(recipe: Recipe) -> dict[str, Any]:
+    return recipe.model_dump(mode="json", exclude_none=True)

@@ -1,0 +1,153 @@
+"""The Markdown report: dense vs pruned, per class, per round, per layer, and a plain verdict.
+
+The verdict says what did not improve as plainly as what did: unstructured zeros stored and computed
+densely do not make a model smaller on disk or faster on CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+# a pruned p50 must beat dense by more than this ratio before the report calls it faster
+FASTER_THRESHOLD = 0.95
+SLOWER_THRESHOLD = 1.05
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "not exported"
+    return f"{n / 1024:.1f} KiB ({n:,} B)"
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def verdict(dense: dict[str, Any], pruned: dict[str, Any]) -> list[str]:
+    """Plain-language findings comparing two evaluated states."""
+    out = []
+    drop = dense["accuracy"] - pruned["accuracy"]
+    out.append(
+        f"Accuracy: {_pct(pruned['accuracy'])} pruned vs {_pct(dense['accuracy'])} dense "
+        f"({'a drop' if drop > 0 else 'a gain'} of {abs(100 * drop):.2f} points)."
+    )
+    worst = max(
+        (
+            (i, (d or 0) - (p or 0))
+            for i, (d, p) in enumerate(zip(dense["per_class_recall"], pruned["per_class_recall"]))
+        ),
+        key=lambda t: t[1],
+    )
+    out.append(f"Largest per-class recall loss: class {worst[0]}, {100 * worst[1]:.2f} points.")
+    ratio = pruned["latency_ms"]["p50"] / dense["latency_ms"]["p50"]
+    if ratio < FASTER_THRESHOLD:
+        out.append(f"Latency: pruned is faster, p50 {ratio:.2f}x of dense.")
+    elif ratio > SLOWER_THRESHOLD:
+        out.append(f"Latency: pruned is **slower**, p50 {ratio:.2f}x of dense.")
+    else:
+        out.append(
+            f"Latency: **pruning did not make inference faster** (p50 {ratio:.2f}x of dense, within noise). "
+            "The zeros are unstructured and the layers still run dense kernels that multiply them; "
+            "speed needs structured pruning or a sparse runtime."
+        )
+    if dense.get("size_bytes") and pruned.get("size_bytes"):
+        size_ratio = pruned["size_bytes"] / dense["size_bytes"]
+        if size_ratio >= 0.95:
+            out.append(
+                f"Size on disk: **not smaller** ({size_ratio:.3f}x of dense): this artifact stores weights "
+                "densely (zeros included) plus a 1-bit-per-weight mask; a compressed encoding is needed "
+                "to shrink it."
+            )
+        else:
+            out.append(f"Size on disk: {size_ratio:.3f}x of dense.")
+    return out
+
+
+def write_report(m: dict[str, Any]) -> str:
+    lines = [f"# prunekit report: {m.get('recipe_name', 'run')}", ""]
+    labels = [k for k, v in m.items() if isinstance(v, dict) and "accuracy" in v]
+    dense, pruned = m.get("dense"), m.get("pruned")
+    if dense and pruned:
+        lines += ["## Verdict", ""] + [f"- {line}" for line in verdict(dense, pruned)] + [""]
+    if labels:
+        lines += ["## Summary (test set)", ""]
+        rows = []
+        for label in labels:
+            e = m[label]
+            rows.append(
+                [
+                    label,
+                    _pct(e["accuracy"]),
+                    f"{e['params']:,}",
+                    f"{e['nonzero_params']:,}",
+                    _pct(e["sparsity"]),
+                    _size(e.get("size_bytes")),
+                    f"{e['latency_ms']['p50']:.3f}",
+                    f"{e['latency_ms']['p99']:.3f}",
+                ]
+            )
+        lines += _table(
+            ["model", "accuracy", "params", "non-zero", "sparsity", "size", "p50 ms", "p99 ms"], rows
+        )
+        first = m[labels[0]]
+        lines += [
+            "",
+            f"Latency: batch 1, wall clock, {first['latency_runs']} timed runs after warm-up, "
+            f"{first['threads']} thread(s), on the squashed model (no mask overhead).",
+            "",
+        ]
+        lines += ["## Per-class recall (test set)", ""]
+        n = len(first["per_class_recall"])
+        rows = [
+            [c, first["support"][c]] + [_pct(m[label]["per_class_recall"][c]) for label in labels]
+            for c in range(n)
+        ]
+        lines += _table(["class", "support", *labels], rows) + [""]
+    if m.get("rounds"):
+        lines += ["## Pruning rounds", ""]
+        rows = [
+            [r["round"], _pct(r["targeted_sparsity"]), _pct(r["model_sparsity"]), _pct(r["val_accuracy"])]
+            for r in m["rounds"]
+        ]
+        lines += _table(
+            ["round", "sparsity of pruned layers", "whole-model sparsity", "val accuracy"], rows
+        ) + [""]
+    last = m[labels[-1]] if labels else None
+    if last:
+        lines += ["## Per-layer sparsity" + (f" ({labels[-1]})" if labels else ""), ""]
+        rows = [
+            [
+                r["layer"],
+                r["type"],
+                "x".join(map(str, r["shape"])),
+                f"{r['params']:,}",
+                f"{r['nonzero']:,}",
+                _pct(r["sparsity"]),
+                r["pattern"],
+            ]
+            for r in last["layers"]
+        ]
+        lines += _table(["layer", "type", "shape", "params", "non-zero", "sparsity", "pattern"], rows) + [""]
+    if m.get("left_dense"):
+        lines += ["## Layers left dense", ""] + [f"- `{k}`: {v}" for k, v in m["left_dense"].items()] + [""]
+    if m.get("recipe"):
+        lines += [
+            "## Recipe",
+            "",
+            "```yaml",
+            yaml.safe_dump(m["recipe"], sort_keys=False).rstrip(),
+            "```",
+            "",
+        ]
+    env = m.get("environment")
+    if env:
+        lines += ["## Environment", "", ", ".join(f"{k}: {v}" for k, v in env.items() if v is not None), ""]
+    return "\n".join(lines)

@@ -1,0 +1,272 @@
+"""Turn importance scores into boolean keep-masks (True = keep), exactly and without big copies.
+
+Everything here is pure: tensors in, masks out. The comparison group is always explicit:
+
+* ``"layer"``  -- the lowest-scoring fraction of each layer is removed;
+* ``"row"``    -- the lowest-scoring fraction of each output row (Wanda's comparison group);
+* ``"global"`` -- one threshold across all layers given (one ranking of every score).
+
+Counts are exact: ``round(sparsity * units)`` units are removed in each comparison group. Ties at the
+threshold are broken by position (layer order, then flat index), so results are deterministic.
+Positions already pruned (``existing`` mask False) are ranked below everything: masks only shrink.
+
+Global selection never concatenates the scores: an exact two-pass radix select over order-preserving
+32-bit keys (histograms of the high then the low 16 bits) finds the k-th smallest score while holding
+one layer's scores at a time, so peak extra memory is one layer plus the boolean masks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+
+import torch
+
+from prunekit.errors import PrunekitError
+from prunekit.spec import NM, Block, Spec, Unstructured
+
+ScoreSource = torch.Tensor | Callable[[], torch.Tensor]
+GROUPS = ("layer", "row", "global")
+_CHUNK = 1 << 22  # elements per histogram pass: bounds temporaries at a few tens of MB
+
+
+def _materialise(source: ScoreSource) -> torch.Tensor:
+    return source() if callable(source) else source
+
+
+def _check_group(group: str) -> None:
+    if group not in GROUPS:
+        raise PrunekitError(f"comparison group must be one of {', '.join(GROUPS)}, got {group!r}")
+
+
+def _keys(x: torch.Tensor) -> torch.Tensor:
+    """Order-preserving int32 keys of float32 values (``a < b`` iff ``key(a) < key(b)``)."""
+    x = x.detach().reshape(-1).to(torch.float32) + 0.0  # + 0.0 turns -0.0 into +0.0
+    bits = x.view(torch.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def _check_nan(scores: torch.Tensor) -> None:
+    if torch.isnan(scores).any():
+        raise PrunekitError("importance scores contain NaN; check the model weights and calibration data")
+
+
+def _chunks(sources: Iterable[ScoreSource]) -> Iterator[torch.Tensor]:
+    for source in sources:
+        flat = _materialise(source).reshape(-1)
+        _check_nan(flat)
+        for start in range(0, flat.numel(), _CHUNK):
+            yield _keys(flat[start : start + _CHUNK])
+
+
+def kth_smallest(sources: Callable[[], Iterable[ScoreSource]], k: int) -> tuple[float, int]:
+    """Return ``(v, below)``: the k-th smallest score (1-based) and how many scores are strictly below it.
+
+    ``sources`` is called twice and must yield the same score tensors (or callables) each time.
+    """
+    if k < 1:
+        raise ValueError("k must be >= 1")
+    high_hist = torch.zeros(1 << 16, dtype=torch.int64)
+    total = 0
+    for keys in _chunks(sources()):
+        high_hist += torch.bincount((keys >> 16) + 32768, minlength=1 << 16)
+        total += keys.numel()
+    if k > total:
+        raise ValueError(f"k={k} exceeds the number of scores ({total})")
+    cum = torch.cumsum(high_hist, 0)
+    high = int(torch.searchsorted(cum, k))  # first bin whose cumulative count reaches k
+    below_high = int(cum[high - 1]) if high > 0 else 0
+    low_hist = torch.zeros(1 << 16, dtype=torch.int64)
+    for keys in _chunks(sources()):
+        hit = keys[((keys >> 16) + 32768) == high]
+        if hit.numel():
+            low_hist += torch.bincount(hit & 0xFFFF, minlength=1 << 16)
+    cum_low = torch.cumsum(low_hist, 0)
+    low = int(torch.searchsorted(cum_low, k - below_high))
+    below = below_high + (int(cum_low[low - 1]) if low > 0 else 0)
+    key = ((high - 32768) << 16) | low
+    key_t = torch.tensor([key], dtype=torch.int32)
+    bits = key_t ^ ((key_t >> 31) & 0x7FFFFFFF)
+    return float(bits.view(torch.float32)), below
+
+
+def _prune_lowest(
+    sources: Mapping[str, ScoreSource], k: int, existing: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """Keep-masks removing exactly ``k`` lowest scores across all ``sources`` (ties by position).
+
+    Positions pruned in ``existing`` (their scores must already be ``-inf``) rank below every live score,
+    genuine ``-inf`` included, so they are always among the ``k`` removed (``k`` must cover them).
+    """
+    names = list(sources)
+    existing = existing or {}
+    if k <= 0:
+        return {n: torch.ones(_materialise(sources[n]).shape, dtype=torch.bool) for n in names}
+    value, below = kth_smallest(lambda: (sources[n] for n in names), k)
+    ties_left = k - below
+    if value == float("-inf"):  # the dead positions are tied at -inf: they take the first places
+        ties_left -= sum(int((~existing[n].to(torch.bool)).sum()) for n in names if n in existing)
+    masks = {}
+    for name in names:
+        scores = _materialise(sources[name]).detach().to(torch.float32)
+        keep = (scores > value).contiguous()
+        tied = scores == value
+        if name in existing:
+            tied &= existing[name].to(torch.bool).reshape(tied.shape)
+        tied = tied.reshape(-1).nonzero().squeeze(1)
+        # the first `ties_left` tied positions (in layer order, then flat index) are pruned, the rest kept
+        keep.view(-1)[tied[ties_left:]] = True
+        ties_left = max(0, ties_left - tied.numel())
+        masks[name] = keep
+    return masks
+
+
+def _with_existing(scores: torch.Tensor, existing: torch.Tensor | None) -> torch.Tensor:
+    scores = scores.detach().to(torch.float32)
+    if existing is None:
+        return scores
+    return scores.masked_fill(~existing.to(torch.bool), float("-inf"))
+
+
+def _count(sparsity: float, units: int, already: int = 0) -> int:
+    return max(int(round(sparsity * units)), already)
+
+
+def unstructured_masks(
+    scores: Mapping[str, ScoreSource],
+    sparsity: float | Mapping[str, float],
+    group: str = "layer",
+    existing: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Element-wise keep-masks. ``sparsity`` is one number, or one per layer (not with ``"global"``)."""
+    _check_group(group)
+    existing = existing or {}
+
+    def source(name: str) -> ScoreSource:
+        if name not in existing:
+            return scores[name]
+        return lambda: _with_existing(_materialise(scores[name]), existing[name])
+
+    def pruned(name: str) -> int:
+        return int((~existing[name]).sum()) if name in existing else 0
+
+    if group == "global":
+        if isinstance(sparsity, Mapping):
+            raise PrunekitError("a global comparison group takes one sparsity, not one per layer")
+        units = sum(_materialise(scores[n]).numel() for n in scores)
+        k = _count(sparsity, units, sum(pruned(n) for n in scores))
+        return _prune_lowest({n: source(n) for n in scores}, k, existing)
+    out = {}
+    for name in scores:
+        s = sparsity[name] if isinstance(sparsity, Mapping) else sparsity
+        if group == "layer":
+            units = _materialise(scores[name]).numel()
+            out.update(_prune_lowest({name: source(name)}, _count(s, units, pruned(name)), existing))
+        else:
+            out[name] = row_mask(_materialise(scores[name]), s, existing.get(name))
+    return out
+
+
+def row_mask(scores: torch.Tensor, sparsity: float, existing: torch.Tensor | None = None) -> torch.Tensor:
+    """Remove the ``round(sparsity * row_len)`` lowest scores in each output row (dim 0).
+
+    Positions pruned in ``existing`` stay pruned and count towards their row's quota (a row that already
+    has more pruned keeps them all pruned).
+    """
+    flat = scores.detach().to(torch.float32).reshape(scores.shape[0], -1)
+    _check_nan(flat)
+    rows, length = flat.shape
+    k = int(round(sparsity * length))
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    if existing is None:
+        if k:
+            order = torch.sort(flat, dim=1, stable=True).indices[:, :k]
+            keep.scatter_(1, order, False)
+        return keep.reshape(scores.shape)
+    alive = existing.to(torch.bool).reshape(rows, length)
+    k_row = (~alive).sum(dim=1).clamp(min=k)
+    # rank: dead positions first, then live ones by score (ties by position) -- two stable sorts
+    dead_first = torch.sort(alive.to(torch.uint8), dim=1, stable=True).indices
+    by_score = torch.sort(flat.masked_fill(~alive, float("-inf")).gather(1, dead_first), dim=1, stable=True)
+    order = dead_first.gather(1, by_score.indices)
+    keep.scatter_(1, order, torch.arange(length).unsqueeze(0) >= k_row.unsqueeze(1))
+    return keep.reshape(scores.shape)
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the ``n`` highest scores in every group of ``m`` consecutive inputs (dim 1).
+
+    For a convolution weight ``(out, in, *kernel)`` the groups run along ``in`` at each
+    ``(out, kernel position)``.
+    """
+    if scores.dim() < 2 or scores.shape[1] % m:
+        raise PrunekitError(
+            f"N:M {n}:{m} needs the input dimension to be a multiple of {m}, got {tuple(scores.shape)}"
+        )
+    moved = scores.detach().to(torch.float32).movedim(1, -1)  # (out, *kernel, in)
+    _check_nan(moved)
+    groups = moved.reshape(-1, m)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(1, torch.topk(groups, n, dim=1, sorted=False).indices, True)
+    return keep.reshape(moved.shape).movedim(-1, 1).contiguous()
+
+
+def block_scores(scores: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Sum the scores of each ``shape`` tile of the 2-D view ``(out, rest)``."""
+    r, c = shape
+    flat = scores.detach().to(torch.float32).reshape(scores.shape[0], -1)
+    rows, cols = flat.shape
+    return flat.reshape(rows // r, r, cols // c, c).sum(dim=(1, 3))
+
+
+def expand_blocks(block_keep: torch.Tensor, shape: tuple[int, int], like: torch.Size) -> torch.Tensor:
+    r, c = shape
+    return block_keep.repeat_interleave(r, 0).repeat_interleave(c, 1).reshape(like)
+
+
+def select_masks(
+    scores: Mapping[str, ScoreSource],
+    specs: Mapping[str, Spec],
+    group: str = "layer",
+    existing: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Keep-masks for layers that may each have a different spec.
+
+    With ``group="global"`` every layer must share one Unstructured (or one Block) spec; N:M layers are
+    always selected group by group.
+    """
+    _check_group(group)
+    existing = existing or {}
+    out: dict[str, torch.Tensor] = {}
+    by_spec: dict[Spec, list[str]] = {}
+    for name in scores:
+        by_spec.setdefault(specs[name], []).append(name)
+    for spec, names in by_spec.items():
+        if isinstance(spec, NM):
+            for name in names:
+                s = _with_existing(_materialise(scores[name]), existing.get(name))
+                keep = nm_mask(s, spec.n, spec.m)
+                out[name] = keep & existing[name] if name in existing else keep
+        elif isinstance(spec, Unstructured):
+            sub = {n: scores[n] for n in names}
+            out.update(
+                unstructured_masks(
+                    sub, spec.sparsity, group, {n: existing[n] for n in names if n in existing}
+                )
+            )
+        elif isinstance(spec, Block):
+            if group == "row":
+                raise PrunekitError("block patterns compare within a layer or globally, not per row")
+            shapes = {n: _materialise(scores[n]).shape for n in names}
+            bscores = {n: block_scores(_materialise(scores[n]), spec.shape) for n in names}
+            # a tile counts as pruned when all of it is pruned; pruned elements of a kept tile stay pruned
+            tiles_alive = {
+                n: block_scores(existing[n].to(torch.float32), spec.shape) > 0 for n in names if n in existing
+            }
+            keep = unstructured_masks(bscores, spec.sparsity, group, tiles_alive)
+            for n in names:
+                out[n] = expand_blocks(keep[n], spec.shape, shapes[n])
+                if n in existing:
+                    out[n] &= existing[n].to(torch.bool).reshape(shapes[n])
+        else:  # pragma: no cover - Spec is a closed union
+            raise PrunekitError(f"unsupported spec {spec!r}")
+    return out

@@ -1,0 +1,126 @@
+"""The training-time lifecycle: ``prepare -> prune / step -> squash``.
+
+    sparsifier = Sparsifier(model, "0.7", criterion="magnitude", group="global")
+    sparsifier.prepare()                 # all-ones masks as parametrizations
+    sparsifier.prune()                   # one shot to the spec's sparsity (or prune(0.36) for a round)
+    for batch in loader:                 # your own loop ...
+        loss.backward(); optimizer.step()
+        sparsifier.step()                # ... one call per optimizer step (AGP, movement)
+    sparsifier.squash()                  # zeros made permanent, plain modules again
+
+Data-driven criteria (taylor, obd, wanda) take calibration batches in ``prune(batches=..., loss_fn=...)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit.criteria.base import Batch, LossFn, make_criterion
+from prunekit.errors import PrunekitError
+from prunekit.masking import apply_masks, get_masks, mask_of, squash
+from prunekit.schedule import AGP, OneShot, Schedule
+from prunekit.select import select_masks
+from prunekit.spec import NM, Block, Spec, Unstructured, parse
+from prunekit.targets import Targets, resolve
+
+
+def _at_sparsity(spec: Spec, sparsity: float) -> Spec:
+    return spec if isinstance(spec, NM) else replace(spec, sparsity=sparsity)
+
+
+class Sparsifier:
+    """Masks a model's targeted layers and keeps them pruned through training."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: Spec | str | float | dict,
+        *,
+        criterion: str = "magnitude",
+        group: str | None = None,
+        targets: Targets | None = None,
+        overrides: Mapping[str, Spec | str | float] | None = None,
+        schedule: Schedule | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.model = model
+        self.spec = parse(spec)
+        self.criterion_name = criterion
+        self.criterion = make_criterion(criterion, seed=seed)
+        self.group = group or self.criterion.default_group
+        self.targets = targets or Targets()
+        self.specs = resolve(model, self.spec, self.targets, overrides)
+        self.overridden = {name for name, s in self.specs.items() if s != self.spec}
+        self.schedule = schedule or OneShot()
+        self.step_count = 0
+        self.layers = {name: model.get_submodule(name) for name in self.specs}
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    def prepare(self) -> Sparsifier:
+        """Attach all-ones masks (existing masks are kept)."""
+        fresh = {
+            n: torch.ones(m.weight.shape, dtype=torch.bool)
+            for n, m in self.layers.items()
+            if mask_of(m) is None
+        }
+        apply_masks(self.model, fresh)
+        return self
+
+    def prune(
+        self,
+        sparsity: float | None = None,
+        batches: Iterable[Batch] | None = None,
+        loss_fn: LossFn | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Recompute masks at ``sparsity`` (default: the spec's). Pruned weights never come back."""
+        self.prepare()
+        if self.criterion.needs in ("gradients", "activations"):
+            if batches is None:
+                raise PrunekitError(f"criterion '{self.criterion_name}' needs calibration batches")
+            self.criterion.collect(self.model, self.layers, batches, loss_fn)
+        specs = dict(self.specs)
+        if sparsity is not None and not isinstance(self.spec, NM):
+            for name in specs:
+                if name not in self.overridden:
+                    specs[name] = _at_sparsity(specs[name], sparsity)
+        existing = get_masks(self.model)
+        scores = {name: (lambda n=name: self.criterion.scores(n, self.layers[n])) for name in self.layers}
+        masks = select_masks(scores, specs, self.group, {n: existing[n] for n in self.layers})
+        apply_masks(self.model, masks)
+        return masks
+
+    def step(self, batches: Iterable[Batch] | None = None, loss_fn: LossFn | None = None) -> None:
+        """Call once after each optimizer step: feeds movement scores and applies AGP pruning steps."""
+        self.criterion.on_step(self.layers)
+        if isinstance(self.schedule, AGP) and self.schedule.is_pruning_step(self.step_count):
+            self.prune(self.schedule.sparsity_at(self.step_count, self.spec.sparsity), batches, loss_fn)
+        self.step_count += 1
+
+    def squash(self) -> nn.Module:
+        """Make the zeros permanent and return a model of plain modules."""
+        return squash(self.model)
+
+    # -- state -----------------------------------------------------------------------------------------
+    def masks(self) -> dict[str, torch.Tensor]:
+        return {n: m for n, m in get_masks(self.model).items() if n in self.layers}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step_count, "masks": self.masks()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.step_count = int(state["step"])
+        apply_masks(self.model, state["masks"])
+
+    def layer_specs(self, sparsity: float | None = None) -> dict[str, Spec]:
+        """The spec each layer was pruned with (at ``sparsity`` for the non-overridden ones)."""
+        if sparsity is None:
+            return dict(self.specs)
+        return {n: s if n in self.overridden else _at_sparsity(s, sparsity) for n, s in self.specs.items()}
+
+
+__all__ = ["Sparsifier", "Unstructured", "NM", "Block"]

@@ -1,0 +1,114 @@
+"""Which layers to prune: module types, name patterns, exclusions and per-layer overrides.
+
+By default the final classifier (or a language model's output head) and embeddings stay dense: they
+hold few weights and are the most fragile. ``prune_classifier=True`` or listing ``Embedding`` in
+``types`` includes them. The report states what was left dense and why.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from torch import nn
+
+from prunekit.errors import PrunekitError
+from prunekit.masking import type_name
+from prunekit.spec import Spec, parse
+
+DEFAULT_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d")
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Layer selection. Patterns are shell-style globs on module names (``"layer1.*"``)."""
+
+    types: tuple[str, ...] = DEFAULT_TYPES
+    include: tuple[str, ...] = ()  # empty: every module of a targeted type
+    exclude: tuple[str, ...] = ()
+    prune_classifier: bool = False
+
+    def __post_init__(self) -> None:
+        # a bare string would otherwise be iterated character by character ("fc*" -> "f", "c", "*")
+        for field in ("types", "include", "exclude"):
+            value = getattr(self, field)
+            items = (value,) if isinstance(value, str) else value
+            if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+                raise PrunekitError(f"targets {field} must be a list of strings, got {value!r}")
+            object.__setattr__(self, field, tuple(items))
+
+
+def classifier_name(model: nn.Module) -> str | None:
+    """The output layer: ``get_output_embeddings()`` when the model has it, else the last nn.Linear."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        head = get_out()
+        if head is not None:
+            for name, module in model.named_modules():
+                if module is head:
+                    return name
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            last = name
+    return last
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def resolve(
+    model: nn.Module,
+    spec: Spec,
+    targets: Targets | None = None,
+    overrides: Mapping[str, Spec | str | float] | None = None,
+) -> dict[str, Spec]:
+    """Map each targeted module name to its spec (overrides win, first matching pattern first)."""
+    targets = targets or Targets()
+    overrides = {pattern: parse(value) for pattern, value in (overrides or {}).items()}
+    head = None if targets.prune_classifier else classifier_name(model)
+    chosen: dict[str, Spec] = {}
+    for name, module in model.named_modules():
+        if type_name(module) not in targets.types or name == head:
+            continue
+        if targets.include and not _matches(name, targets.include):
+            continue
+        if _matches(name, targets.exclude):
+            continue
+        layer_spec = next((s for p, s in overrides.items() if fnmatch.fnmatchcase(name, p)), spec)
+        layer_spec.check(tuple(module.weight.shape), name)
+        chosen[name] = layer_spec
+    if not chosen:
+        kinds = sorted({type_name(m) for m in model.modules()})
+        raise PrunekitError(
+            f"no layer matches the targets (types={list(targets.types)}, include={list(targets.include)}, "
+            f"exclude={list(targets.exclude)}); the model has module types: {', '.join(kinds)}"
+        )
+    unused = [p for p in overrides if not any(fnmatch.fnmatchcase(n, p) for n in chosen)]
+    if unused:
+        raise PrunekitError(f"override pattern(s) {unused} match no targeted layer")
+    return chosen
+
+
+def left_dense(
+    model: nn.Module, chosen: Mapping[str, Spec], targets: Targets | None = None
+) -> dict[str, str]:
+    """Weighted layers not pruned, with the reason (for reports)."""
+    targets = targets or Targets()
+    head = None if targets.prune_classifier else classifier_name(model)
+    out = {}
+    for name, module in model.named_modules():
+        kind = type_name(module)
+        if name in chosen or kind not in (*DEFAULT_TYPES, "Embedding", *targets.types):
+            continue
+        if name == head:
+            out[name] = "final classifier (kept dense by default; prune_classifier: true includes it)"
+        elif kind == "Embedding":
+            out[name] = "embedding (kept dense by default)"
+        elif kind in targets.types:
+            out[name] = "not matched by the include/exclude patterns"
+        else:
+            out[name] = f"{kind} is not among the targeted types"
+    return out

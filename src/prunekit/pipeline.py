@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from prunekit.analysis import count_params, evaluate, layer_table, measure_latency
+from prunekit.analysis import compare_latency, count_params, evaluate, layer_table
 from prunekit.artifact import load_artifact, save_artifact
 from prunekit.data import Splits, load_splits
 from prunekit.errors import PrunekitError
@@ -68,6 +68,8 @@ class Run:
         self.rounds: list[dict[str, Any]] = []
         self.done: list[dict[str, Any]] = []  # stages run so far (the recipe that produced a state)
         self.sizes: dict[str, int] = {}
+        self.timed: dict[str, tuple[nn.Module, EvaluateStage]] = {}
+        self.groups: dict[str, str] = {}  # comparison group of each pruned layer, for the report
 
     def _model(self) -> tuple[nn.Module, dict[str, Any] | None]:
         src = self.recipe.model
@@ -119,6 +121,7 @@ class Run:
         )
         sparsifier.prepare()
         self.specs.update(sparsifier.layer_specs())
+        self.groups.update({name: sparsifier.group for name in sparsifier.layers})
         calib = (
             self._calibration(stage.calibration_batches) if sparsifier.criterion.needs != "weights" else None
         )
@@ -180,21 +183,21 @@ class Run:
 
     def evaluate(self, stage: EvaluateStage) -> None:
         result = evaluate(self.model, self.loader("test"), self.data.num_classes)
-        plain = squash(
-            copy.deepcopy(self.model)
-        ).eval()  # time the model a user would deploy: no mask overhead
-        example = self.data.test[0][0].unsqueeze(0)
-        latency = measure_latency(plain, example, warmup=stage.latency_warmup, runs=stage.latency_runs)
+        # latency is timed later for all labels together (interleaved), on the model a user would deploy:
+        # a squashed copy, without the mask parametrization's overhead
+        self.timed[stage.label] = (squash(copy.deepcopy(self.model)).eval(), stage)
+        layers = layer_table(self.model, self.specs)
+        for row in layers:
+            if row["layer"] in self.groups:
+                row["pattern"] += f" ({self.groups[row['layer']]})"
         self.metrics[stage.label] = {
             "accuracy": result["accuracy"],
             "per_class_recall": result["per_class_recall"],
             "support": result["support"],
             **count_params(self.model),
             "size_bytes": None,
-            "latency_ms": {k: latency[k] for k in ("p50", "p99", "mean")},
-            "latency_runs": latency["runs"],
-            "threads": latency["threads"],
-            "layers": layer_table(self.model, self.specs),
+            "latency_ms": None,
+            "layers": layers,
             "recipe": {
                 "seed": self.recipe.seed,
                 "model": to_dict(self.recipe)["model"],
@@ -202,6 +205,24 @@ class Run:
                 "stages": list(self.done),
             },
         }
+
+    def measure_latency(self) -> None:
+        """Batch-1 latency of every evaluated state, measured in one interleaved run (MEASURING.md)."""
+        if not self.timed:
+            return
+        example = self.data.test[0][0].unsqueeze(0)
+        stages = [stage for _, stage in self.timed.values()]
+        stats = compare_latency(
+            {label: model for label, (model, _) in self.timed.items()},
+            example,
+            runs=max(s.latency_runs for s in stages),
+            warmup=max(s.latency_warmup for s in stages),
+        )
+        for label, entry in stats.items():
+            self.metrics[label]["latency_ms"] = {k: entry[k] for k in ("p50", "p99", "mean")}
+            self.metrics[label]["latency_p50_vs_first"] = entry["p50_ratio"]
+            self.metrics[label]["latency_runs"] = entry["runs"]
+            self.metrics[label]["threads"] = entry["threads"]
 
     def export(self, stage: ExportStage) -> None:
         path = self.out / f"{stage.name}.safetensors"
@@ -214,6 +235,7 @@ class Run:
         )
 
     def summary(self) -> dict[str, Any]:
+        self.measure_latency()
         for label, entry in self.metrics.items():
             entry["size_bytes"] = self.sizes.get(label)
         return {

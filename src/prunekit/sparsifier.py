@@ -58,6 +58,7 @@ class Sparsifier:
         self.overridden = {name for name, s in self.specs.items() if s != self.spec}
         self.schedule = schedule or OneShot()
         self.step_count = 0
+        self._started = False
         self.layers = {name: model.get_submodule(name) for name in self.specs}
 
     # -- lifecycle -----------------------------------------------------------------------------------
@@ -69,6 +70,9 @@ class Sparsifier:
             if mask_of(m) is None
         }
         apply_masks(self.model, fresh)
+        if not self._started:
+            self.criterion.start(self.layers)
+            self._started = True
         return self
 
     def prune(

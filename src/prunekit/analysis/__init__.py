@@ -1,7 +1,14 @@
 """Measurements: accuracy and per-class recall, parameter and sparsity tables, latency."""
 
-from prunekit.analysis.latency import measure_latency
+from prunekit.analysis.latency import compare_latency, measure_latency
 from prunekit.analysis.metrics import classification_metrics, evaluate
 from prunekit.analysis.sparsity import count_params, layer_table
 
-__all__ = ["measure_latency", "classification_metrics", "evaluate", "count_params", "layer_table"]
+__all__ = [
+    "compare_latency",
+    "measure_latency",
+    "classification_metrics",
+    "evaluate",
+    "count_params",
+    "layer_table",
+]

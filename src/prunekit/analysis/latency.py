@@ -28,12 +28,57 @@ def measure_latency(
         model(*args)
         times.append((time.perf_counter() - start) * 1e3)
     model.train(was_training)
-    times.sort()
+    return _stats(times, warmup)
+
+
+@torch.inference_mode()
+def compare_latency(
+    models: dict[str, nn.Module],
+    example: torch.Tensor | tuple,
+    runs: int = 200,
+    warmup: int = 20,
+    blocks: int = 10,
+) -> dict[str, dict[str, Any]]:
+    """Latency of several models measured in one run, interleaved so that drift and noise hit all alike.
+
+    Each model gets ``warmup`` untimed calls, then ``blocks`` rounds in which every model (in an order that
+    alternates each round) runs ``runs / blocks`` timed calls. Returns ``measure_latency``-style stats per
+    model plus ``p50_ratio`` against the first model.
+    """
+    if runs < 1 or warmup < 0 or blocks < 1:
+        raise ValueError("need runs >= 1, warmup >= 0 and blocks >= 1")
+    args = example if isinstance(example, tuple) else (example,)
+    states = {name: m.training for name, m in models.items()}
+    for model in models.values():
+        model.eval()
+        for _ in range(warmup):
+            model(*args)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    per_block = max(1, -(-runs // blocks))
+    names = list(models)
+    for block in range(blocks):
+        for name in names if block % 2 == 0 else reversed(names):
+            model = models[name]
+            for _ in range(per_block):
+                start = time.perf_counter()
+                model(*args)
+                times[name].append((time.perf_counter() - start) * 1e3)
+    for name, model in models.items():
+        model.train(states[name])
+    out = {name: _stats(values, warmup) for name, values in times.items()}
+    base = out[names[0]]["p50"]
+    for stats in out.values():
+        stats["p50_ratio"] = stats["p50"] / base
+    return out
+
+
+def _stats(times: list[float], warmup: int) -> dict[str, Any]:
+    times = sorted(times)
     return {
         "p50": statistics.median(times),
         "p99": times[min(len(times) - 1, int(round(0.99 * (len(times) - 1))))],
         "mean": statistics.fmean(times),
-        "runs": runs,
+        "runs": len(times),
         "warmup": warmup,
         "threads": torch.get_num_threads(),
     }

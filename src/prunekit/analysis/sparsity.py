@@ -37,15 +37,15 @@ def count_params(model: nn.Module) -> dict[str, Any]:
 
 
 def layer_table(model: nn.Module, specs: Mapping[str, Spec] | None = None) -> list[dict[str, Any]]:
-    """One row per module with a weight: name, type, shape, params, nonzeros, sparsity, pattern."""
+    """One row per layer with a weight matrix or kernel (Linear, Conv, Embedding; not norms or biases):
+    name, type, shape, params, nonzeros, sparsity, pattern."""
     specs = specs or {}
     rows = []
     for name, module in model.named_modules():
-        if "parametrizations" in name.split(".") or not isinstance(
-            getattr(module, "weight", None), torch.Tensor
-        ):
+        weight = getattr(module, "weight", None)
+        if "parametrizations" in name.split(".") or not isinstance(weight, torch.Tensor) or weight.dim() < 2:
             continue
-        weight = module.weight.detach()
+        weight = weight.detach()
         nonzero = int(torch.count_nonzero(weight))
         rows.append(
             {

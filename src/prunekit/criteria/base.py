@@ -35,10 +35,15 @@ class Criterion:
     ) -> None:
         """Gather statistics from calibration batches (no-op for weight-only criteria)."""
 
+    def start(self, layers: Mapping[str, nn.Module]) -> None:
+        """Called by ``Sparsifier.prepare()`` before training starts."""
+
     def on_step(self, layers: Mapping[str, nn.Module]) -> None:
-        """Called once per optimizer step during training (movement pruning accumulates here)."""
+        """Called once after each optimizer step during training (movement pruning accumulates here)."""
 
     def scores(self, name: str, module: nn.Module) -> torch.Tensor:
+        """Importance of each weight. Must return the same values when called again before new data or
+        steps arrive: selection may read a layer's scores more than once."""
         raise NotImplementedError
 
 

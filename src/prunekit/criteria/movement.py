@@ -25,16 +25,24 @@ class Movement(Criterion):
 
     def __init__(self, seed: int = 0) -> None:
         self._score: dict[str, torch.Tensor] = {}
+        self._before: dict[str, torch.Tensor] = {}  # w_t: the weights the step's gradient was taken at
         self.steps = 0
 
-    def on_step(self, layers: Mapping[str, nn.Module]) -> None:
+    def start(self, layers: Mapping[str, nn.Module]) -> None:
         for name, module in layers.items():
-            grad = weight_parameter(module).grad
-            if grad is None:
-                continue
+            self._before[name] = effective_weight(module).clone()
+
+    def on_step(self, layers: Mapping[str, nn.Module]) -> None:
+        # on_step runs after optimizer.step(): the gradient g_t belongs to the weights before the step,
+        # so pair it with the copy kept from the previous call (one extra copy of the pruned layers)
+        for name, module in layers.items():
             weight = effective_weight(module)
-            prev = self._score.get(name, torch.zeros_like(weight, dtype=torch.float32))
-            self._score[name] = movement_update(prev, weight, grad)
+            grad = weight_parameter(module).grad
+            if grad is not None:
+                before = self._before.get(name, weight)
+                prev = self._score.get(name, torch.zeros_like(weight, dtype=torch.float32))
+                self._score[name] = movement_update(prev, before, grad)
+            self._before[name] = weight.clone()
         self.steps += 1
 
     def scores(self, name: str, module: nn.Module) -> torch.Tensor:

@@ -1,0 +1,182 @@
+"""Which layers get pruned: types, globs, the dense-by-default classifier and embeddings, overrides."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from prunekit.errors import PrunekitError
+from prunekit.masking import apply_masks
+from prunekit.spec import NM, Unstructured
+from prunekit.targets import Targets, classifier_name, left_dense, resolve
+
+SPEC = Unstructured(0.5)
+
+
+class Net(nn.Module):
+    """embedding -> two blocks of linears -> conv on a reshaped view -> classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 8)
+        self.encoder = nn.ModuleDict(
+            {
+                "block1": nn.ModuleDict({"fc1": nn.Linear(8, 16), "fc2": nn.Linear(16, 8)}),
+                "block2": nn.ModuleDict({"fc1": nn.Linear(8, 16), "fc2": nn.Linear(16, 8)}),
+            }
+        )
+        self.conv = nn.Conv1d(8, 8, 3, padding=1)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        for block in self.encoder.values():
+            x = x + block["fc2"](torch.relu(block["fc1"](x)))
+        x = self.conv(x.transpose(1, 2)).transpose(1, 2)
+        return self.head(self.norm(x).mean(1))
+
+
+BODY = {"encoder.block1.fc1", "encoder.block1.fc2", "encoder.block2.fc1", "encoder.block2.fc2", "conv"}
+
+
+def test_default_targets_skip_classifier_and_embedding():
+    model = Net()
+    chosen = resolve(model, SPEC)
+    assert set(chosen) == BODY
+    assert all(spec == SPEC for spec in chosen.values())
+    assert classifier_name(model) == "head"
+
+
+def test_prune_classifier_includes_it():
+    chosen = resolve(Net(), SPEC, Targets(prune_classifier=True))
+    assert set(chosen) == BODY | {"head"}
+
+
+def test_embedding_is_included_when_listed_in_types():
+    chosen = resolve(Net(), SPEC, Targets(types=("Linear", "Embedding")))
+    assert "embed" in chosen and "conv" not in chosen and "head" not in chosen
+
+
+def test_targets_are_found_on_an_already_masked_model():
+    model = Net()
+    apply_masks(model, {"encoder.block1.fc1": torch.ones(16, 8, dtype=torch.bool)})
+    assert set(resolve(model, SPEC)) == BODY
+    assert "encoder.block1.fc1" not in left_dense(model, resolve(model, SPEC))
+
+
+def test_output_embeddings_are_the_classifier_when_the_model_names_them():
+    class LM(Net):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lm_head = nn.Linear(8, 10)
+            self.extra = nn.Linear(10, 10)  # registered last, but not the output head
+
+        def get_output_embeddings(self) -> nn.Module:
+            return self.lm_head
+
+    model = LM()
+    assert classifier_name(model) == "lm_head"
+    chosen = resolve(model, SPEC)
+    assert "lm_head" not in chosen and "extra" in chosen and "head" in chosen
+
+
+@pytest.mark.parametrize(
+    ("targets", "expected"),
+    [
+        (Targets(include=("encoder.*",)), {n for n in BODY if n.startswith("encoder.")}),
+        (Targets(include=("*.fc1",)), {"encoder.block1.fc1", "encoder.block2.fc1"}),
+        (Targets(exclude=("encoder.block2.*",)), BODY - {"encoder.block2.fc1", "encoder.block2.fc2"}),
+        (Targets(include=("encoder.*",), exclude=("*fc2",)), {"encoder.block1.fc1", "encoder.block2.fc1"}),
+        (Targets(include=("*",), prune_classifier=True), BODY | {"head"}),
+        (Targets(types=("Conv1d",)), {"conv"}),
+        (Targets(include="*.fc1"), {"encoder.block1.fc1", "encoder.block2.fc1"}),  # one string is one glob
+    ],
+)
+def test_include_exclude_globs(targets, expected):
+    assert set(resolve(Net(), SPEC, targets)) == expected
+
+
+def test_bad_targets_fields_raise():
+    with pytest.raises(PrunekitError, match="include"):
+        Targets(include=(1, 2))
+    with pytest.raises(PrunekitError, match="types"):
+        Targets(types=None)
+
+
+def test_overrides_apply_first_matching_pattern_wins():
+    chosen = resolve(
+        Net(),
+        SPEC,
+        overrides={
+            "encoder.block1.*": "2:4",
+            "encoder.*.fc1": 0.9,
+            "conv": {"type": "unstructured", "sparsity": 0.1},
+        },
+    )
+    assert chosen["encoder.block1.fc1"] == NM(2, 4)
+    assert chosen["encoder.block1.fc2"] == NM(2, 4)
+    assert chosen["encoder.block2.fc1"] == Unstructured(0.9)
+    assert chosen["encoder.block2.fc2"] == SPEC
+    assert chosen["conv"] == Unstructured(0.1)
+
+
+def test_override_matching_no_layer_raises():
+    with pytest.raises(PrunekitError, match=r"encoder\.block3"):
+        resolve(Net(), SPEC, overrides={"encoder.block3.*": 0.9})
+    # the classifier is not a target, so an override naming it matches nothing either
+    with pytest.raises(PrunekitError, match="head"):
+        resolve(Net(), SPEC, overrides={"head": 0.9})
+
+
+def test_no_matching_layer_names_the_module_types():
+    with pytest.raises(PrunekitError, match="no layer matches") as info:
+        resolve(Net(), SPEC, Targets(types=("Conv2d",)))
+    message = str(info.value)
+    for kind in ("Linear", "Conv1d", "Embedding", "LayerNorm"):
+        assert kind in message
+    with pytest.raises(PrunekitError, match="no layer matches"):
+        resolve(Net(), SPEC, Targets(include=("decoder.*",)))
+
+
+def test_nm_on_layer_with_bad_input_dimension_names_the_layer():
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ok = nn.Linear(8, 6)
+            self.odd = nn.Linear(6, 4)  # in_features 6 is not a multiple of 4
+            self.head = nn.Linear(4, 2)
+
+    with pytest.raises(PrunekitError, match=r"'odd'.*\(6\).*M=4"):
+        resolve(Odd(), NM(2, 4))
+    # excluding the odd layer (or overriding its spec) makes the same spec valid for the rest
+    assert set(resolve(Odd(), NM(2, 4), Targets(exclude=("odd",)))) == {"ok"}
+    assert resolve(Odd(), NM(2, 4), overrides={"odd": 0.5})["odd"] == Unstructured(0.5)
+    assert resolve(Odd(), NM(1, 3), overrides={"ok": 0.5})["odd"] == NM(1, 3)
+
+
+def test_left_dense_lists_classifier_and_embedding_with_reasons():
+    model = Net()
+    chosen = resolve(model, SPEC, Targets(exclude=("conv",)))
+    dense = left_dense(model, chosen, Targets(exclude=("conv",)))
+    assert set(dense) == {"head", "embed", "conv"}
+    assert "classifier" in dense["head"] and "prune_classifier" in dense["head"]
+    assert "embedding" in dense["embed"]
+    assert "include/exclude" in dense["conv"]
+    # chosen and left-dense partition the weighted layers of the default types
+    assert not set(dense) & set(chosen)
+
+
+def test_left_dense_is_empty_of_classifier_when_it_is_pruned():
+    model = Net()
+    targets = Targets(prune_classifier=True)
+    dense = left_dense(model, resolve(model, SPEC, targets), targets)
+    assert set(dense) == {"embed"}
+
+
+def test_left_dense_names_untargeted_types():
+    model = Net()
+    targets = Targets(types=("Linear",))
+    dense = left_dense(model, resolve(model, SPEC, targets), targets)
+    assert "Conv1d" in dense["conv"]

@@ -48,9 +48,7 @@ def main(steps: int = 300) -> dict[str, float]:
         x, y = data.test.tensors
         accuracy = float((model(x).argmax(1) == y).float().mean())
     sparsity = {name: float((model.get_submodule(name).weight == 0).float().mean()) for name in ("1", "3")}
-    print(
-        f"test accuracy {accuracy:.4f}; sparsity of layer 1: {sparsity['1']:.3f}, layer 3 (2:4): {sparsity['3']:.3f}"
-    )
+    print(f"test accuracy {accuracy:.4f}; sparsity: layer 1 {sparsity['1']:.3f}, layer 3 {sparsity['3']:.3f}")
     return {"accuracy": accuracy, **sparsity}
 
 

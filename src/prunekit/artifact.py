@@ -7,7 +7,8 @@ happens to be zero), and a JSON header in the safetensors metadata:
     {"format": "prunekit.dense", "format_version": 1, "library_version": "...",
      "model": {"name": "resnet-digits", "args": {...}} | null,
      "specs": {"layer": {"type": "unstructured", "sparsity": 0.7}, ...},
-     "masks": {"layer": [shape...], ...}, "sha256": "<hash of every tensor's bytes, in key order>"}
+     "masks": {"layer": [shape...], ...},
+     "sha256": "<hash of every tensor's bytes, in key order, then of this header without it>"}
 
 The SHA-256 is checked on load: a corrupted or truncated file is a clear error, never silent garbage.
 Weights are stored dense here; the compressed encodings (bitmask/CSR/N:M) are a separate format.
@@ -52,13 +53,15 @@ def _library_version() -> str:
     return __version__
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
+def _digest(tensors: dict[str, torch.Tensor], header: dict[str, Any]) -> str:
     h = hashlib.sha256()
     for key in sorted(tensors):
         t = tensors[key].contiguous()
         h.update(key.encode())
         h.update(str(t.dtype).encode() + str(list(t.shape)).encode())
         h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    # the header too: a flipped byte in a spec or a mask name is corruption, not a different pruning
+    h.update(json.dumps({k: v for k, v in header.items() if k != "sha256"}, sort_keys=True).encode())
     return h.hexdigest()
 
 
@@ -109,8 +112,8 @@ def save_artifact(
         "specs": {name: spec.to_dict() for name, spec in (specs or {}).items()},
         "masks": {name: list(mask.shape) for name, mask in masks.items()},
         "extra": extra or {},
-        "sha256": _digest(tensors),
     }
+    header["sha256"] = _digest(tensors, header)
     data = save(tensors, metadata={"prunekit": json.dumps(header)})
     atomic_write_bytes(path, data)
     return len(data)
@@ -132,6 +135,8 @@ def read_artifact(path: str | Path) -> tuple[dict[str, torch.Tensor], ArtifactIn
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
         header = json.loads(meta["prunekit"])
+        if not isinstance(header, dict):
+            raise ValueError("the 'prunekit' metadata is not a JSON object")
     except (SafetensorError, KeyError, ValueError, OSError) as exc:
         raise PrunekitError(
             f"artifact {path} is corrupted, truncated or not a prunekit file: {exc}"
@@ -145,19 +150,22 @@ def read_artifact(path: str | Path) -> tuple[dict[str, torch.Tensor], ArtifactIn
             f"artifact {path}: format version {header['format_version']} is newer than this "
             f"prunekit reads ({FORMAT_VERSION}); upgrade prunekit"
         )
-    if _digest(tensors) != header.get("sha256"):
+    if _digest(tensors, header) != header.get("sha256"):
         raise PrunekitError(f"artifact {path} is corrupted: its contents do not match the stored SHA-256")
-    masks = {
-        name: _unpack(tensors.pop(_MASK_PREFIX + name), shape) for name, shape in header["masks"].items()
-    }
-    info = ArtifactInfo(
-        path=path,
-        model=header.get("model"),
-        specs={name: from_dict(d) for name, d in header.get("specs", {}).items()},
-        masks=masks,
-        extra=header.get("extra", {}),
-        size_bytes=len(raw),
-    )
+    try:  # a hand-made header can still be malformed: say so rather than raise a KeyError
+        masks = {
+            name: _unpack(tensors.pop(_MASK_PREFIX + name), shape) for name, shape in header["masks"].items()
+        }
+        info = ArtifactInfo(
+            path=path,
+            model=header.get("model"),
+            specs={name: from_dict(d) for name, d in header.get("specs", {}).items()},
+            masks=masks,
+            extra=header.get("extra", {}),
+            size_bytes=len(raw),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise PrunekitError(f"artifact {path}: malformed prunekit header: {exc}") from None
     return tensors, info
 
 

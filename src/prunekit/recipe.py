@@ -213,14 +213,15 @@ class Recipe(Strict):
 
 
 def _where(loc: tuple) -> str:
-    out = ""
+    out, previous = "", None
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in STAGE_TYPES and out.endswith("]"):
-            continue  # the discriminator tag pydantic inserts into the location
+        elif part in STAGE_TYPES and isinstance(previous, int):
+            pass  # the discriminator tag pydantic inserts after the stage index (not a 'finetune' field)
         else:
             out += f".{part}" if out else str(part)
+        previous = part
     return out
 
 

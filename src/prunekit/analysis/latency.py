@@ -54,7 +54,8 @@ def compare_latency(
         for _ in range(warmup):
             model(*args)
     times: dict[str, list[float]] = {name: [] for name in models}
-    per_block = max(1, -(-runs // blocks))
+    blocks = min(blocks, runs)
+    per_block = -(-runs // blocks)
     names = list(models)
     for block in range(blocks):
         for name in names if block % 2 == 0 else reversed(names):

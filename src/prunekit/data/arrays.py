@@ -46,15 +46,23 @@ def _arrays(name: str, path: str | Path | None) -> tuple[np.ndarray, np.ndarray]
         if not path.is_file():
             raise PrunekitError(f"data: file not found: {path}")
         try:
-            with np.load(path, allow_pickle=False) as npz:
+            loaded = np.load(path, allow_pickle=False)
+            if not isinstance(loaded, np.lib.npyio.NpzFile):  # a .npy file loads as one bare array
+                raise ValueError("not an .npz archive")
+            with loaded as npz:
                 x, y = npz["x"], npz["y"]
         except KeyError:
             raise PrunekitError(f"data: {path} must hold arrays named 'x' and 'y'") from None
         except (ValueError, OSError) as exc:
             raise PrunekitError(f"data: cannot read {path} as .npz: {exc}") from None
+        if len(y) == 0:
+            raise PrunekitError(f"data: {path} holds no samples")
         if len(x) != len(y) or y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
             raise PrunekitError(f"data: {path}: 'y' must be non-negative integer labels, one per row of 'x'")
-        return x.astype(np.float32), y.astype(np.int64)
+        try:
+            return x.astype(np.float32), y.astype(np.int64)
+        except (TypeError, ValueError) as exc:
+            raise PrunekitError(f"data: {path}: 'x' must be numeric: {exc}") from None
     raise PrunekitError(f"data: unknown data set '{name}'; allowed: {', '.join(DATASETS)}")
 
 
@@ -70,10 +78,13 @@ def load_splits(
         )
     x, y = _arrays(name, path)
     idx = np.arange(len(y))
-    rest, test_idx = train_test_split(idx, test_size=test, stratify=y, random_state=seed)
-    train_idx, val_idx = train_test_split(
-        rest, test_size=val / (1 - test), stratify=y[rest], random_state=seed
-    )
+    try:  # too few samples of a class, or fewer test rows than classes
+        rest, test_idx = train_test_split(idx, test_size=test, stratify=y, random_state=seed)
+        train_idx, val_idx = train_test_split(
+            rest, test_size=val / (1 - test), stratify=y[rest], random_state=seed
+        )
+    except ValueError as exc:
+        raise PrunekitError(f"data: cannot make a stratified train/val/test split: {exc}") from None
 
     def part(ids: np.ndarray) -> TensorDataset:
         return TensorDataset(torch.from_numpy(x[ids]), torch.from_numpy(y[ids]))

@@ -21,15 +21,6 @@ from prunekit.masking import apply_masks, squash
 from prunekit.models import SmallResNet
 from prunekit.spec import Unstructured
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------------------------------------ metrics
 
 

@@ -29,14 +29,6 @@ ARGS = {"widths": [4, 8], "blocks": 1}
 INFO = {"name": "resnet-digits", "args": ARGS}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def pruned_model(pattern: str = "0.5", seed: int = 0) -> tuple[SmallResNet, Sparsifier]:
     torch.manual_seed(seed)
     model = SmallResNet(**ARGS)

@@ -126,6 +126,8 @@ class Run:
             self._calibration(stage.calibration_batches) if sparsifier.criterion.needs != "weights" else None
         )
         loss_fn = nn.CrossEntropyLoss()
+        if not self.rounds:
+            self._round(0)  # the starting point: validation accuracy before any pruning
         if stage.schedule.type == "agp":
             train(
                 self.model,
@@ -256,12 +258,22 @@ class Run:
 
 def run_recipe(recipe: Recipe, out: str | Path, progress: bool = True) -> dict[str, Any]:
     """Run every stage and write ``metrics.json`` and ``report.md`` into ``out``; returns the metrics."""
-    from prunekit.report import write_report
-
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PrunekitError(f"--out {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    if recipe.threads is not None:
+        torch.set_num_threads(recipe.threads)
+    try:
+        return _run(recipe, out, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(recipe: Recipe, out: Path, progress: bool) -> dict[str, Any]:
+    from prunekit.report import write_report
+
     started = time.perf_counter()
     state = Run(recipe, out, progress)
     handlers = {

@@ -195,6 +195,9 @@ class Recipe(Strict):
     name: str = "recipe"
     description: str = ""
     seed: int = 0
+    # torch intra-op threads for training and latency; None keeps torch's default (one per core). Small
+    # models train fastest on one thread, and one thread stays fast when other processes share the CPU.
+    threads: int | None = Field(None, ge=1)
     model: ModelSource
     data: DataSource = Field(default_factory=DataSource)
     stages: list[Stage] = Field(min_length=1)

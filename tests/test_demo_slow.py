@@ -1,0 +1,71 @@
+"""The shipped demo, end to end, checked against its acceptance criteria (slow: about a minute).
+
+Run with ``python -m pytest -m slow``.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from prunekit.artifact import load_artifact
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    result = subprocess.run(
+        [sys.executable, "-m", "prunekit", "demo", "--out", str(out), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    return out, json.loads((out / "metrics.json").read_text())
+
+
+def test_demo_meets_its_targets(demo):
+    out, m = demo
+    dense, pruned = m["dense"], m["pruned"]
+    assert dense["accuracy"] >= 0.95
+    assert dense["accuracy"] - pruned["accuracy"] <= 0.015
+    prunable = [r for r in pruned["layers"] if r["pattern"] != "dense"]
+    targeted = sum(r["params"] for r in prunable)
+    removed = sum(r["params"] - r["nonzero"] for r in prunable)
+    assert removed == round(0.7 * targeted)
+    assert [r for r in pruned["layers"] if r["layer"] == "fc"][0]["sparsity"] == 0.0
+    assert m["wall_time_s"] < 300
+    for label, entry in (("dense", dense), ("pruned", pruned)):
+        assert len(entry["per_class_recall"]) == 10
+        assert all(0.0 <= r <= 1.0 for r in entry["per_class_recall"])
+        assert entry["size_bytes"] == (out / f"{label}.safetensors").stat().st_size
+        assert entry["latency_runs"] >= 200
+        assert 0 < entry["latency_ms"]["p50"] <= entry["latency_ms"]["p99"]
+
+
+def test_demo_artifacts_reload_to_the_same_accuracy(demo):
+    out, m = demo
+    import torch
+
+    from prunekit.analysis import evaluate
+    from prunekit.data import load_splits
+
+    data = load_splits("digits", seed=m["recipe"]["seed"])
+    torch.set_num_threads(1)
+    for label in ("dense", "pruned"):
+        model, _ = load_artifact(out / f"{label}.safetensors")
+        result = evaluate(model.eval(), data.loader("test", 64), data.num_classes)
+        assert result["accuracy"] == pytest.approx(m[label]["accuracy"], abs=1e-9)
+
+
+def test_report_says_what_did_not_improve(demo):
+    out, m = demo
+    report = (out / "report.md").read_text()
+    assert "## Per-layer sparsity" in report and "Layers left dense" in report
+    ratio = m["pruned"]["latency_ms"]["p50"] / m["dense"]["latency_ms"]["p50"]
+    if ratio >= 0.9:
+        assert "did not make inference faster" in report or "slower" in report
+    assert "not smaller" in report  # dense storage of zeros plus the mask: honest about size

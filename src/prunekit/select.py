@@ -12,12 +12,13 @@ Positions already pruned (``existing`` mask False) are ranked below everything: 
 
 Global selection never concatenates the scores: an exact two-pass radix select over order-preserving
 32-bit keys (histograms of the high then the low 16 bits) finds the k-th smallest score while holding
-one layer's scores at a time, so peak extra memory is one layer plus the boolean masks.
+one layer's scores at a time, so peak extra memory is one layer plus the boolean masks (and 16 MB buffers).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from functools import partial
 
 import torch
 
@@ -26,7 +27,8 @@ from prunekit.spec import NM, Block, Spec, Unstructured
 
 ScoreSource = torch.Tensor | Callable[[], torch.Tensor]
 GROUPS = ("layer", "row", "global")
-_CHUNK = 1 << 22  # elements per histogram pass: bounds temporaries at a few tens of MB
+_CHUNK = 1 << 22  # elements per histogram step: reused 16 MB buffers; big steps mean few ops on a busy CPU
+_PLUS_INF_BITS = 0x7F800000
 
 
 def _materialise(source: ScoreSource) -> torch.Tensor:
@@ -38,11 +40,20 @@ def _check_group(group: str) -> None:
         raise PrunekitError(f"comparison group must be one of {', '.join(GROUPS)}, got {group!r}")
 
 
-def _keys(x: torch.Tensor) -> torch.Tensor:
-    """Order-preserving int32 keys of float32 values (``a < b`` iff ``key(a) < key(b)``)."""
-    x = x.detach().reshape(-1).to(torch.float32) + 0.0  # + 0.0 turns -0.0 into +0.0
-    bits = x.view(torch.int32)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+def _keys_into(x: torch.Tensor, out: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """Order-preserving int32 keys (``a < b`` iff ``key(a) < key(b)``) of a float32 chunk, written into the
+    int32 buffer ``out`` (``tmp`` is scratch)."""
+    torch.add(x, 0.0, out=out.view(torch.float32))  # + 0.0 turns -0.0 into +0.0
+    torch.bitwise_right_shift(out, 31, out=tmp)
+    tmp &= 0x7FFFFFFF
+    out ^= tmp
+    return out
+
+
+def _is_plain(bits: torch.Tensor) -> bool:
+    """Whether every value is in [+0.0, +inf] (no sign bit, no NaN): the raw bits are then the keys."""
+    lo, hi = torch.aminmax(bits)
+    return int(lo) >= 0 and int(hi) <= _PLUS_INF_BITS
 
 
 def _check_nan(scores: torch.Tensor) -> None:
@@ -51,11 +62,70 @@ def _check_nan(scores: torch.Tensor) -> None:
 
 
 def _chunks(sources: Iterable[ScoreSource]) -> Iterator[torch.Tensor]:
+    """Contiguous float32 chunks of at most ``_CHUNK`` scores, one source materialised at a time."""
     for source in sources:
-        flat = _materialise(source).reshape(-1)
-        _check_nan(flat)
+        flat = _materialise(source).detach().reshape(-1)
         for start in range(0, flat.numel(), _CHUNK):
-            yield _keys(flat[start : start + _CHUNK])
+            yield flat[start : start + _CHUNK].to(torch.float32).contiguous()
+
+
+def _select(
+    sources: Callable[[], Iterable[ScoreSource]], count: Callable[[int], int]
+) -> tuple[float, int, int, int] | None:
+    """Radix select of the ``k = count(total)``-th smallest score.
+
+    Returns ``(value, below, equal, k)`` -- how many scores are strictly below ``value`` and equal to it --
+    or None when ``k <= 0``. Raises on NaN scores. Chunks of non-negative scores (the usual case:
+    magnitudes, Wanda, Taylor) take a fast path: their raw float bits are already order-preserving keys.
+    """
+    buf = torch.empty(_CHUNK, dtype=torch.int32)
+    tmp = torch.empty(_CHUNK, dtype=torch.int32)
+    hit_mask = torch.empty(_CHUNK, dtype=torch.bool)
+    high_hist = torch.zeros(1 << 16, dtype=torch.int64)
+    plain: list[bool] = []  # per chunk, so the second pass knows which path it took
+    total = 0
+    for x in _chunks(sources()):
+        n = x.numel()
+        total += n
+        bits, b = x.view(torch.int32), buf[:n]
+        plain.append(_is_plain(bits))
+        if plain[-1]:  # high 16 bits of a non-negative key, in 0..32767: bins 32768.. of the histogram
+            torch.bitwise_right_shift(bits, 16, out=b)
+            high_hist[1 << 15 :] += torch.bincount(b, minlength=1 << 15)
+        else:
+            _check_nan(x)
+            _keys_into(x, b, tmp[:n])
+            b >>= 16
+            b += 1 << 15
+            high_hist += torch.bincount(b, minlength=1 << 16)
+    k = count(total)
+    if k <= 0:
+        return None
+    cum = torch.cumsum(high_hist, 0)
+    high = int(torch.searchsorted(cum, k))  # first bin whose cumulative count reaches k
+    below_high = int(cum[high - 1]) if high > 0 else 0
+    target = high - (1 << 15)  # the key's high 16 bits, signed
+    low_hist = torch.zeros(1 << 16, dtype=torch.int64)
+    flags = iter(plain)
+    for x in _chunks(sources()):
+        n = x.numel()
+        if next(flags):
+            if target < 0:  # non-negative scores cannot fall in a negative bin
+                continue
+            keys = x.view(torch.int32)
+            shifted = torch.bitwise_right_shift(keys, 16, out=buf[:n])
+        else:
+            keys = _keys_into(x, buf[:n], tmp[:n])
+            shifted = torch.bitwise_right_shift(keys, 16, out=tmp[:n])
+        hit = keys[torch.eq(shifted, target, out=hit_mask[:n])]
+        if hit.numel():
+            low_hist += torch.bincount(hit & 0xFFFF, minlength=1 << 16)
+    cum_low = torch.cumsum(low_hist, 0)
+    low = int(torch.searchsorted(cum_low, k - below_high))
+    below = below_high + (int(cum_low[low - 1]) if low > 0 else 0)
+    key_t = torch.tensor([(target << 16) | low], dtype=torch.int32)
+    bits = key_t ^ ((key_t >> 31) & 0x7FFFFFFF)
+    return float(bits.view(torch.float32)), below, int(low_hist[low]), k
 
 
 def kth_smallest(sources: Callable[[], Iterable[ScoreSource]], k: int) -> tuple[float, int]:
@@ -65,58 +135,56 @@ def kth_smallest(sources: Callable[[], Iterable[ScoreSource]], k: int) -> tuple[
     """
     if k < 1:
         raise ValueError("k must be >= 1")
-    high_hist = torch.zeros(1 << 16, dtype=torch.int64)
-    total = 0
-    for keys in _chunks(sources()):
-        high_hist += torch.bincount((keys >> 16) + 32768, minlength=1 << 16)
-        total += keys.numel()
-    if k > total:
-        raise ValueError(f"k={k} exceeds the number of scores ({total})")
-    cum = torch.cumsum(high_hist, 0)
-    high = int(torch.searchsorted(cum, k))  # first bin whose cumulative count reaches k
-    below_high = int(cum[high - 1]) if high > 0 else 0
-    low_hist = torch.zeros(1 << 16, dtype=torch.int64)
-    for keys in _chunks(sources()):
-        hit = keys[((keys >> 16) + 32768) == high]
-        if hit.numel():
-            low_hist += torch.bincount(hit & 0xFFFF, minlength=1 << 16)
-    cum_low = torch.cumsum(low_hist, 0)
-    low = int(torch.searchsorted(cum_low, k - below_high))
-    below = below_high + (int(cum_low[low - 1]) if low > 0 else 0)
-    key = ((high - 32768) << 16) | low
-    key_t = torch.tensor([key], dtype=torch.int32)
-    bits = key_t ^ ((key_t >> 31) & 0x7FFFFFFF)
-    return float(bits.view(torch.float32)), below
+
+    def count(total: int) -> int:
+        if k > total:
+            raise ValueError(f"k={k} exceeds the number of scores ({total})")
+        return k
+
+    value, below, _, _ = _select(sources, count)
+    return value, below
 
 
 def _prune_lowest(
-    sources: Mapping[str, ScoreSource], k: int, existing: Mapping[str, torch.Tensor] | None = None
+    sources: Mapping[str, ScoreSource],
+    count: Callable[[int], int],
+    existing: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Keep-masks removing exactly ``k`` lowest scores across all ``sources`` (ties by position).
+    """Keep-masks removing exactly ``k = count(total)`` lowest scores of all ``sources`` (ties by position).
 
     Positions pruned in ``existing`` (their scores must already be ``-inf``) rank below every live score,
     genuine ``-inf`` included, so they are always among the ``k`` removed (``k`` must cover them).
     """
     names = list(sources)
     existing = existing or {}
-    if k <= 0:
+    selected = _select(lambda: (sources[n] for n in names), count)
+    if selected is None:
         return {n: torch.ones(_materialise(sources[n]).shape, dtype=torch.bool) for n in names}
-    value, below = kth_smallest(lambda: (sources[n] for n in names), k)
-    ties_left = k - below
+    value, below, equal, k = selected
+    ties_left = k - below  # how many of the `equal` scores tied at `value` are pruned: the first ones
     if value == float("-inf"):  # the dead positions are tied at -inf: they take the first places
-        ties_left -= sum(int((~existing[n].to(torch.bool)).sum()) for n in names if n in existing)
+        dead = sum(int((~existing[n].to(torch.bool)).sum()) for n in names if n in existing)
+        ties_left -= dead
+        equal -= dead
     masks = {}
     for name in names:
         scores = _materialise(sources[name]).detach().to(torch.float32)
-        keep = (scores > value).contiguous()
-        tied = scores == value
-        if name in existing:
-            tied &= existing[name].to(torch.bool).reshape(tied.shape)
-        tied = tied.reshape(-1).nonzero().squeeze(1)
-        # the first `ties_left` tied positions (in layer order, then flat index) are pruned, the rest kept
-        keep.view(-1)[tied[ties_left:]] = True
-        ties_left = max(0, ties_left - tied.numel())
-        masks[name] = keep
+        mixed = name in existing and value == float("-inf")  # live and dead positions tied
+        if ties_left == 0 and not mixed:  # every remaining tie is kept
+            keep = scores >= value
+        elif ties_left == equal and not mixed:  # every remaining tie is pruned
+            keep = scores > value
+        else:
+            keep = (scores > value).contiguous()
+            tied = scores == value
+            if name in existing:
+                tied &= existing[name].to(torch.bool).reshape(tied.shape)
+            tied = tied.reshape(-1).nonzero().squeeze(1)
+            # the first `ties_left` tied positions (in layer order, then flat index) are pruned, the rest kept
+            keep.view(-1)[tied[ties_left:]] = True
+            ties_left = max(0, ties_left - tied.numel())
+            equal -= tied.numel()
+        masks[name] = keep.contiguous()
     return masks
 
 
@@ -147,20 +215,21 @@ def unstructured_masks(
         return lambda: _with_existing(_materialise(scores[name]), existing[name])
 
     def pruned(name: str) -> int:
-        return int((~existing[name]).sum()) if name in existing else 0
+        return int((~existing[name].to(torch.bool)).sum()) if name in existing else 0
 
     if group == "global":
         if isinstance(sparsity, Mapping):
             raise PrunekitError("a global comparison group takes one sparsity, not one per layer")
-        units = sum(_materialise(scores[n]).numel() for n in scores)
-        k = _count(sparsity, units, sum(pruned(n) for n in scores))
-        return _prune_lowest({n: source(n) for n in scores}, k, existing)
+        already = sum(pruned(n) for n in scores)
+        return _prune_lowest(
+            {n: source(n) for n in scores}, partial(_count, sparsity, already=already), existing
+        )
     out = {}
     for name in scores:
         s = sparsity[name] if isinstance(sparsity, Mapping) else sparsity
         if group == "layer":
-            units = _materialise(scores[name]).numel()
-            out.update(_prune_lowest({name: source(name)}, _count(s, units, pruned(name)), existing))
+            already = pruned(name)
+            out.update(_prune_lowest({name: source(name)}, partial(_count, s, already=already), existing))
         else:
             out[name] = row_mask(_materialise(scores[name]), s, existing.get(name))
     return out
@@ -173,20 +242,22 @@ def row_mask(scores: torch.Tensor, sparsity: float, existing: torch.Tensor | Non
     has more pruned keeps them all pruned).
     """
     flat = scores.detach().to(torch.float32).reshape(scores.shape[0], -1)
-    _check_nan(flat)
     rows, length = flat.shape
+    alive = None if existing is None else existing.to(torch.bool).reshape(rows, length)
+    if alive is not None:
+        flat = flat.masked_fill(~alive, float("-inf"))
+    _check_nan(flat)
     k = int(round(sparsity * length))
     keep = torch.ones_like(flat, dtype=torch.bool)
-    if existing is None:
+    if alive is None:
         if k:
             order = torch.sort(flat, dim=1, stable=True).indices[:, :k]
             keep.scatter_(1, order, False)
         return keep.reshape(scores.shape)
-    alive = existing.to(torch.bool).reshape(rows, length)
     k_row = (~alive).sum(dim=1).clamp(min=k)
     # rank: dead positions first, then live ones by score (ties by position) -- two stable sorts
     dead_first = torch.sort(alive.to(torch.uint8), dim=1, stable=True).indices
-    by_score = torch.sort(flat.masked_fill(~alive, float("-inf")).gather(1, dead_first), dim=1, stable=True)
+    by_score = torch.sort(flat.gather(1, dead_first), dim=1, stable=True)
     order = dead_first.gather(1, by_score.indices)
     keep.scatter_(1, order, torch.arange(length).unsqueeze(0) >= k_row.unsqueeze(1))
     return keep.reshape(scores.shape)

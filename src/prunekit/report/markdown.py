@@ -55,8 +55,9 @@ def verdict(dense: dict[str, Any], pruned: dict[str, Any]) -> list[str]:
     else:
         out.append(
             f"Latency: **pruning did not make inference faster** (p50 {ratio:.2f}x of dense; the report "
-            f"counts only {FASTER_THRESHOLD:.2f}x or better as a speed-up). The zeros are unstructured and the layers still run dense kernels that multiply them; "
-            "speed needs structured pruning or a sparse runtime."
+            f"counts only {FASTER_THRESHOLD:.2f}x or better as a speed-up). The zeros are unstructured "
+            "and the layers still run dense kernels that multiply them; speed needs structured pruning "
+            "or a sparse runtime."
         )
     if dense.get("size_bytes") and pruned.get("size_bytes"):
         size_ratio = pruned["size_bytes"] / dense["size_bytes"]

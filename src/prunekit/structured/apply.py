@@ -1,0 +1,139 @@
+"""Physically remove units: slice every coupled parameter, then fix the module attributes that record
+sizes (``in_channels``, ``num_features``, ...). The same plan, as JSON, replays on a fresh model."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+
+from prunekit.errors import PrunekitError
+from prunekit.structured.graph import Group
+
+Plan = dict[str, dict[str, list[int]]]  # parameter name -> {dim (as a string): [removed indices]}
+
+
+def plan_removal(groups: list[Group], removed_units: Mapping[int, torch.Tensor]) -> dict:
+    """Turn removed units per group into removed indices per parameter (union across groups)."""
+    per_param: dict[str, dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
+    for group in groups:
+        units = removed_units.get(group.index)
+        if units is None or units.numel() == 0:
+            continue
+        for member in group.members:
+            line = member.line()
+            drop = torch.isin(line, units).nonzero().reshape(-1).tolist()
+            if not drop:
+                continue
+            per_param[member.name][member.dim] |= set(drop)
+    return {
+        name: {str(d): sorted(idx) for d, idx in sorted(dims.items())}
+        for name, dims in sorted(per_param.items())
+    }
+
+
+def _owner_and_attr(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    module_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(module_name) if module_name else model), attr
+
+
+def apply_plan(model: nn.Module, plan: Mapping[str, Mapping]) -> nn.Module:
+    """Slice the parameters/buffers named in ``plan`` in place and fix the affected modules' attributes."""
+    touched: dict[int, nn.Module] = {}
+    for name, dims in plan.items():
+        module, attr = _owner_and_attr(model, name)
+        tensor = getattr(module, attr)
+        sliced = tensor.detach()
+        for dim, remove in dims.items():
+            dim = int(dim)
+            keep = torch.tensor(sorted(set(range(sliced.shape[dim])) - set(remove)), dtype=torch.long)
+            if keep.numel() == 0:
+                raise PrunekitError(f"the plan removes every unit of {name} along dimension {dim}")
+            sliced = sliced.index_select(dim, keep.to(tensor.device))
+        sliced = sliced.clone()
+        if isinstance(tensor, nn.Parameter):
+            module._parameters[attr] = nn.Parameter(sliced, requires_grad=tensor.requires_grad)
+        else:
+            module._buffers[attr] = sliced
+        touched[id(module)] = module
+    for module in touched.values():
+        fix = _FIXERS.get(type(module))
+        if fix is None:
+            for cls, fixer in _FIXERS.items():
+                if isinstance(module, cls):
+                    fix = fixer
+                    break
+        if fix is not None:
+            fix(module)
+    return model
+
+
+def _fix_conv(m: nn.modules.conv._ConvNd) -> None:
+    w = m.weight
+    depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
+    if m.transposed:
+        m.in_channels, m.out_channels = w.shape[0], w.shape[1] * m.groups
+    elif depthwise:
+        m.in_channels = m.out_channels = m.groups = w.shape[0]
+    else:
+        m.out_channels, m.in_channels = w.shape[0], w.shape[1] * m.groups
+
+
+def _fix_linear(m: nn.Linear) -> None:
+    m.out_features, m.in_features = m.weight.shape
+
+
+def _fix_batchnorm(m: nn.modules.batchnorm._NormBase) -> None:
+    tensor = m.weight if m.weight is not None else m.running_mean
+    if tensor is not None:
+        m.num_features = tensor.shape[0]
+
+
+def _fix_layernorm(m: nn.LayerNorm) -> None:
+    if m.weight is not None:
+        m.normalized_shape = tuple(m.weight.shape)
+
+
+def _fix_groupnorm(m: nn.GroupNorm) -> None:
+    if m.weight is not None:
+        m.num_channels = m.weight.shape[0]
+
+
+def _fix_embedding(m: nn.Embedding) -> None:
+    m.num_embeddings, m.embedding_dim = m.weight.shape
+
+
+def _fix_prelu(m: nn.PReLU) -> None:
+    m.num_parameters = m.weight.shape[0]
+
+
+_FIXERS: dict[type, Callable[[nn.Module], None]] = {
+    nn.modules.conv._ConvNd: _fix_conv,
+    nn.Linear: _fix_linear,
+    nn.modules.batchnorm._NormBase: _fix_batchnorm,
+    nn.LayerNorm: _fix_layernorm,
+    nn.GroupNorm: _fix_groupnorm,
+    nn.Embedding: _fix_embedding,
+    nn.PReLU: _fix_prelu,
+}
+
+
+def register_module_fixer(cls: type, fixer: Callable[[nn.Module], None]) -> None:
+    """Teach prunekit which attributes of a custom module record sizes after its parameters are sliced."""
+    _FIXERS[cls] = fixer
+
+
+def zero_plan(model: nn.Module, plan: Mapping[str, Mapping]) -> nn.Module:
+    """The masked reference: zero (instead of remove) every planned slice, in place."""
+    with torch.no_grad():
+        for name, dims in plan.items():
+            module, attr = _owner_and_attr(model, name)
+            if attr == "running_var":
+                continue  # keep the variance positive: gamma = beta = 0 already zeroes the channel
+            tensor = getattr(module, attr)
+            for dim, remove in dims.items():
+                index = torch.tensor(remove, dtype=torch.long, device=tensor.device)
+                tensor.index_fill_(int(dim), index, 0.0)
+    return model

@@ -1,0 +1,266 @@
+"""Structured pruning end to end: trace -> groups -> importance -> allocation -> physical removal.
+
+    pruned = prunekit.structured.prune(model, example_inputs, ratio=0.5, importance="l2", round_to=8)
+
+The result is the same model object with smaller ordinary layers; it runs without prunekit.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from prunekit.errors import PrunekitError, unknown_name
+from prunekit.masking import type_name
+from prunekit.structured import importance as imp
+from prunekit.structured.apply import apply_plan, plan_removal, zero_plan
+from prunekit.structured.graph import Group, find_groups
+from prunekit.structured.trace import trace_model
+
+log = logging.getLogger(__name__)
+WEIGHT_IMPORTANCE = ("l1", "l2", "bn_scale", "fpgm", "random")
+
+
+@dataclass
+class Result:
+    model: nn.Module
+    plan: dict[str, dict]  # parameter -> {dim: [removed indices]}: the replayable prune log
+    groups: list[Group]
+    removed: dict[int, list[int]] = field(default_factory=dict)  # group index -> removed units
+    params_before: int = 0
+    params_after: int = 0
+    max_abs_diff: float | None = None  # from verify=True
+
+    def summary(self) -> list[dict]:
+        rows = []
+        for g in self.groups:
+            rows.append(
+                {
+                    "group": g.index,
+                    "seed": g.seed,
+                    "units": g.units,
+                    "removed": len(self.removed.get(g.index, [])),
+                    "blocked": g.blocked,
+                }
+            )
+        return rows
+
+
+def _check_known_ops(trace, patterns: Sequence[str]) -> None:
+    """A parameter used by an operation without a rule is a custom layer prunekit cannot see into."""
+    from prunekit.structured.rules import RULES
+
+    for op in trace.ops:
+        if op.name in RULES:
+            continue
+        for value in op.inputs:
+            if value.kind == "param":
+                module = value.name.rpartition(".")[0] or "<model>"
+                if _under(module, patterns):
+                    continue
+                raise PrunekitError(
+                    f"module '{module}' uses its parameter '{value.name}' in '{op.name}'"
+                    f"{' at ' + op.where if op.where else ''}, which prunekit.structured has no rule for; "
+                    f"add one with prunekit.structured.register_rule('{op.name}') or pass ignore=['{module}']"
+                )
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _keep_count(units: int, ratio: float, round_to: int) -> int:
+    target = units * (1.0 - ratio)
+    if units <= round_to:
+        return max(1, min(units, round(target)))
+    keep = max(round_to, round_to * round(target / round_to))
+    return min(units, keep)
+
+
+def _module_types(model: nn.Module) -> dict[str, str]:
+    return {
+        f"{name}.{p}" if name else p: type_name(m)
+        for name, m in model.named_modules()
+        for p, _ in m.named_parameters(recurse=False)
+    }
+
+
+def _under(module: str, patterns: Sequence[str]) -> bool:
+    """Whether ``module`` or one of its parent modules matches an ignore pattern."""
+    parts = module.split(".")
+    prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(fnmatch.fnmatchcase(name, p) for name in prefixes for p in patterns)
+
+
+def _ignored(group: Group, patterns: Sequence[str]) -> bool:
+    return any(_under(m.name.rpartition(".")[0], patterns) for m in group.members)
+
+
+def _scores(group: Group, model: nn.Module, kind: str, generator: torch.Generator, types) -> torch.Tensor:
+    # parameters only: BatchNorm running statistics are not weights and must not sway the ranking
+    params = dict(model.named_parameters())
+    members = [
+        imp.Member(m.name, params[m.name].detach(), m.owner, m.role, types.get(m.name, ""))
+        for m in group.members
+        if m.name in params and m.role != "other"
+    ]
+    if kind == "random":
+        return imp.random_scores(group.units, generator)
+    if kind == "l1":
+        return imp.l1_norm(members, group.units)
+    if kind == "l2":
+        return imp.l2_norm(members, group.units)
+    if kind == "fpgm":
+        return imp.fpgm(members, group.units)
+    if kind == "bn_scale":
+        try:
+            return imp.bn_scale(members, group.units)
+        except ValueError:
+            return imp.l2_norm(members, group.units)  # no BatchNorm in this group: fall back, logged below
+    raise unknown_name("structured importance", kind, WEIGHT_IMPORTANCE)
+
+
+def prune_model(
+    model: nn.Module,
+    example_inputs: torch.Tensor | tuple,
+    ratio: float = 0.5,
+    importance: str = "l2",
+    ignore: Iterable[str] | None = None,
+    round_to: int = 8,
+    verify: bool = False,
+    *,
+    global_ranking: bool = False,
+    max_ratio: float = 0.9,
+    ratios: Mapping[str, float] | None = None,
+    seed: int = 0,
+    atol: float = 1e-4,
+) -> Result:
+    """Remove ``ratio`` of the units of every prunable group; see :func:`prune`."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+        raise PrunekitError(f"ratio must be a number in [0, 1), got {ratio!r}")
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise PrunekitError(f"round_to must be an integer >= 1, got {round_to!r}")
+    if importance not in WEIGHT_IMPORTANCE:
+        raise unknown_name("structured importance", importance, WEIGHT_IMPORTANCE)
+    patterns = tuple(ignore or ())
+    if isinstance(ignore, str):
+        patterns = (ignore,)
+    trace = trace_model(model, example_inputs)
+    _check_known_ops(trace, patterns)
+    groups = find_groups(trace)
+    types = _module_types(model)
+    for g in groups:
+        if not g.blocked and _ignored(g, patterns):
+            g.blocked = "touches an ignored module"
+    prunable = [g for g in groups if g.prunable]
+    if not prunable:
+        reasons = sorted({g.blocked for g in groups if g.blocked})
+        raise PrunekitError("nothing can be pruned structurally in this model: " + "; ".join(reasons[:3]))
+    generator = torch.Generator().manual_seed(seed)
+    scores = {g.index: _scores(g, model, importance, generator, types) for g in prunable}
+    removed = _allocate(prunable, scores, ratio, round_to, global_ranking, max_ratio, ratios or {})
+    plan = plan_removal(groups, {i: torch.tensor(u, dtype=torch.long) for i, u in removed.items()})
+    result = Result(model, plan, groups, removed, params_before=_params(model))
+    reference = copy.deepcopy(model) if verify else None
+    apply_plan(model, plan)
+    result.params_after = _params(model)
+    if reference is not None:
+        result.max_abs_diff = check_equivalence(reference, model, plan, example_inputs, atol)
+    return result
+
+
+def _group_ratio(group: Group, ratio: float, ratios: Mapping[str, float]) -> float:
+    for pattern, value in ratios.items():
+        if any(
+            fnmatch.fnmatchcase(m.name.rpartition(".")[0], pattern) for m in group.members if m.role == "out"
+        ):
+            return value
+    return ratio
+
+
+def _allocate(groups, scores, ratio, round_to, global_ranking, max_ratio, ratios) -> dict[int, list[int]]:
+    removed: dict[int, list[int]] = {}
+    if not global_ranking:
+        for g in groups:
+            keep = _keep_count(g.units, _group_ratio(g, ratio, ratios), round_to)
+            order = torch.argsort(scores[g.index], stable=True)
+            removed[g.index] = sorted(order[: g.units - keep].tolist())
+        return removed
+    # one ranking over all groups: scores normalised by each group's mean so scales compare
+    entries = []
+    for g in groups:
+        s = scores[g.index]
+        s = s / s.mean().clamp_min(1e-12)
+        entries += [(float(v), g.index, u) for u, v in enumerate(s.tolist())]
+    entries.sort()
+    total = round(ratio * sum(g.units for g in groups))
+    by_index = {g.index: g for g in groups}
+    chosen: dict[int, list[int]] = {g.index: [] for g in groups}
+    for _, gi, u in entries:
+        if total <= 0:
+            break
+        if len(chosen[gi]) < int(max_ratio * by_index[gi].units) and len(chosen[gi]) < by_index[gi].units - 1:
+            chosen[gi].append(u)
+            total -= 1
+    for g in groups:  # round the kept count to the multiple, dropping the least important first
+        keep = _keep_count(g.units, len(chosen[g.index]) / g.units, round_to)
+        order = torch.argsort(scores[g.index], stable=True)
+        removed[g.index] = sorted(order[: g.units - keep].tolist())
+    return removed
+
+
+def check_equivalence(
+    reference: nn.Module, pruned: nn.Module, plan, example_inputs, atol: float = 1e-4
+) -> float:
+    """The pruned model must match the original with the removed slices zeroed; returns the max abs diff."""
+    from torch.utils._pytree import tree_flatten
+
+    zero_plan(reference, plan)
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    with torch.no_grad():
+        reference.eval()
+        pruned.eval()
+        expected = [t for t in tree_flatten(reference(*args))[0] if isinstance(t, torch.Tensor)]
+        try:
+            got = [t for t in tree_flatten(pruned(*args))[0] if isinstance(t, torch.Tensor)]
+        except Exception as exc:  # the model's own code may hard-code a size
+            raise PrunekitError(f"the pruned model no longer runs: {type(exc).__name__}: {exc}") from exc
+    worst = 0.0
+    for e, g in zip(expected, got):
+        if e.shape != g.shape:
+            raise PrunekitError(f"pruning changed an output shape: {tuple(e.shape)} -> {tuple(g.shape)}")
+        diff = float((e.float() - g.float()).abs().max()) if e.numel() else 0.0
+        scale = float(e.float().abs().max()) if e.numel() else 0.0
+        if diff > atol * max(1.0, scale):
+            raise PrunekitError(
+                f"pruned model differs from the masked original by {diff:.3g} (scale {scale:.3g})"
+            )
+        worst = max(worst, diff)
+    return worst
+
+
+def prune(
+    model: nn.Module,
+    example_inputs: torch.Tensor | tuple,
+    ratio: float = 0.5,
+    importance: str = "l2",
+    ignore: Iterable[str] | None = None,
+    round_to: int = 8,
+    verify: bool = False,
+    **kwargs,
+) -> nn.Module:
+    """Physically remove ``ratio`` of the channels / neurons of every prunable group of ``model``.
+
+    ``example_inputs``: a tensor or tuple of tensors the model runs on. ``importance``: ``l1``, ``l2``,
+    ``bn_scale``, ``fpgm`` or ``random``. ``ignore``: module-name globs whose parameters must not change.
+    ``round_to``: kept counts are rounded to this multiple. ``verify``: check that the pruned model equals
+    the original with the removed units zeroed. More options in :func:`prune_model`. Prunes in place and
+    returns the model.
+    """
+    return prune_model(model, example_inputs, ratio, importance, ignore, round_to, verify, **kwargs).model

@@ -1,0 +1,183 @@
+"""Groups of coupled dimensions, found by propagating unit owners through a trace.
+
+Every operation that *creates* units (a conv's output channels, a linear layer's output features, an
+embedding's width) seeds a candidate group: its output gets the owner ``arange(C)`` along the unit
+dimension, and the owners spread through the rules in ``rules.py`` to every tensor and parameter tied
+to them (the BatchNorm after a conv, the next conv's input channels, the other branch of a residual
+add, the slice of a concatenation, the columns of a Linear after a flatten). A group that reaches a model
+input or output, an operation without a rule, or an inconsistency is *blocked*: it keeps its units.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+
+import torch
+
+from prunekit.structured.owners import Conflict, merge, to_shape, varying_dims
+from prunekit.structured.rules import RULES, Context
+from prunekit.structured.trace import Op, Trace, Value
+
+log = logging.getLogger(__name__)
+
+SEEDS = {
+    "conv1d": 1,
+    "conv2d": 1,
+    "conv3d": 1,
+    "conv_transpose1d": 1,
+    "conv_transpose2d": 1,
+    "conv_transpose3d": 1,
+    "linear": -1,
+    "embedding": -1,
+}
+# ops that never touch channel values (shape queries and the like) have no tensor outputs and are not traced
+
+
+@dataclass
+class Member:
+    """A parameter or buffer of a group, with the unit owning each element (-1: not in the group)."""
+
+    name: str
+    owner: torch.Tensor
+    role: str  # "out" | "in" | "norm" | "bias" | "other"
+
+    @property
+    def dim(self) -> int:
+        dims = varying_dims(self.owner)
+        if len(dims) != 1:
+            raise Conflict(f"parameter {self.name} would be pruned along {len(dims)} dimensions")
+        return dims[0]
+
+    def line(self) -> torch.Tensor:
+        """The 1-D owner along the pruned dimension."""
+        index = [0] * self.owner.dim()
+        index[self.dim] = slice(None)
+        return self.owner[tuple(index)].reshape(-1)
+
+
+@dataclass
+class Group:
+    index: int
+    seed: str  # e.g. "conv2d -> layer1.0.conv1.weight"
+    units: int
+    members: list[Member] = field(default_factory=list)
+    owners: dict[int, torch.Tensor] = field(default_factory=dict)  # activation value index -> owner
+    blocked: str = ""  # why the group cannot be pruned ("" when it can)
+
+    @property
+    def prunable(self) -> bool:
+        return not self.blocked and any(m.role in ("out", "in") for m in self.members)
+
+
+def _uses(trace: Trace) -> dict[int, list[Op]]:
+    uses: dict[int, list[Op]] = defaultdict(list)
+    for op in trace.ops:
+        for v in [*op.inputs, *op.outputs]:
+            uses[v.index].append(op)
+    return uses
+
+
+def _propagate(trace: Trace, uses, seed_op: Op, seed_dim: int, index: int) -> Group:
+    out = seed_op.outputs[0]
+    dim = seed_dim % len(out.shape)
+    units = out.shape[dim]
+    weight = seed_op.args[1]
+    group = Group(index, f"{seed_op.name} -> {getattr(weight, 'name', '?')}", units)
+    # activations have one owner; a parameter has one slot per pruned dimension (a conv inside a
+    # residual group owns both its rows and its columns)
+    owners: dict[int | tuple[int, int], torch.Tensor] = {}
+    roles: dict[tuple[int, int], str] = {}
+    queue: deque[Value] = deque()
+    values = {v.index: v for v in trace.values}
+
+    def is_param(v: Value) -> bool:
+        return v.kind in ("param", "buffer")
+
+    def get(v: Value, dims: list[int] | None = None) -> torch.Tensor | None:
+        if not is_param(v):
+            return owners.get(v.index)
+        slots = [k for k in owners if isinstance(k, tuple) and k[0] == v.index]
+        if dims is not None:
+            wanted = {d % max(len(v.shape), 1) for d in dims}
+            slots = [k for k in slots if k[1] in wanted]
+        if len(slots) > 1:
+            raise Conflict(f"parameter {v.name} is tied to this group along two dimensions here")
+        return owners[slots[0]] if slots else None
+
+    def put(v: Value, owner: torch.Tensor, role: str | None = None) -> None:
+        key: int | tuple[int, int] = v.index
+        if is_param(v):
+            varying = varying_dims(to_shape(owner, v.shape))
+            if len(varying) != 1:
+                if not varying:
+                    return  # a single-unit owner on a parameter carries no slicing information
+                raise Conflict(f"parameter {v.name} would be pruned along {len(varying)} dimensions at once")
+            key = (v.index, varying[0])
+            if role and key not in roles:
+                roles[key] = role
+        merged, changed = merge(owners.get(key), owner, v.shape)
+        if changed:
+            owners[key] = merged
+            queue.append(v)
+
+    ctx = Context(get, put)
+    shape = [1] * len(out.shape)
+    shape[dim] = units
+    put(out, torch.arange(units).reshape(shape))
+    boundary = {v.index for v in trace.inputs} | {v.index for v in trace.outputs}
+    try:
+        steps = 0
+        while queue:
+            value = queue.popleft()
+            steps += 1
+            if value.index in boundary:
+                raise Conflict("it reaches a model input or output, whose shape must not change")
+            if value.kind == "const" and varying_dims(owners.get(value.index, torch.zeros(()))):
+                raise Conflict("a tensor created inside forward() would need resizing")
+            for op in uses.get(value.index, []):
+                rule = RULES.get(op.name)
+                if rule is None:
+                    where = f" ({op.where})" if op.where else ""
+                    raise Conflict(f"no rule for operation '{op.name}'{where}")
+                try:
+                    rule(op, ctx)
+                except Conflict as exc:
+                    where = f", {op.where}" if op.where else ""
+                    raise Conflict(f"{exc} (at '{op.name}', op {op.index}{where})") from None
+    except Conflict as exc:
+        group.blocked = str(exc)
+    for key, owner in owners.items():
+        if isinstance(key, tuple):
+            if bool((owner >= 0).any()):
+                group.members.append(Member(values[key[0]].name, owner, roles.get(key, "other")))
+        else:
+            group.owners[key] = owner
+    return group
+
+
+def find_groups(trace: Trace) -> list[Group]:
+    """All candidate groups, in the order their seeding operations ran."""
+    uses = _uses(trace)
+    groups: list[Group] = []
+    covered: dict[int, torch.Tensor] = {}  # seed output value -> union of owned positions so far
+    for op in trace.ops:
+        if op.name not in SEEDS or len(op.args) < 2 or not isinstance(op.args[1], Value):
+            continue
+        if op.args[1].kind != "param":
+            continue
+        out = op.outputs[0]
+        done = covered.get(out.index)
+        if done is not None and bool(done.all()):
+            continue  # an earlier group already owns every unit of this output
+        group = _propagate(trace, uses, op, SEEDS[op.name], len(groups))
+        groups.append(group)
+        for vi, owner in group.owners.items():
+            if group.blocked:
+                break
+            mask = torch.broadcast_to(owner >= 0, trace.values[vi].shape)
+            covered[vi] = mask if vi not in covered else covered[vi] | mask
+        if group.blocked:
+            log.info("group %d (%s) is not pruned: %s", group.index, group.seed, group.blocked)
+    return groups

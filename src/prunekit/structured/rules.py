@@ -1,0 +1,445 @@
+"""How each traced operation couples the channels of its tensors.
+
+Most operations are described by *dimension correspondences*: "dimension ``i`` of tensor A is the same
+index space as dimension ``j`` of tensor B" (a conv's output channels and its weight's dim 0; an
+element-wise op's operands and result, dimension by dimension). :func:`couple` moves owners across such
+a correspondence in both directions. Concatenation, splitting, reshaping and indexing have their own
+rules. Anything a rule cannot map exactly raises :class:`Conflict`, which leaves the group unpruned:
+never a wrong model.
+
+Rules are registered by torch function name in ``RULES``; :func:`register_rule` adds one for a custom op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from prunekit.structured.owners import Conflict, align, compress, full, to_shape, varying_dims
+from prunekit.structured.trace import Op, Value
+
+
+class Context:
+    """What a rule may read and write while propagating one group."""
+
+    def __init__(self, get: Callable[..., torch.Tensor | None], put: Callable[..., None]) -> None:
+        self.get = get  # get(value, dims=None): for a parameter, the slot along one of `dims`
+        self.put = put  # put(value, owner, role=None)
+
+
+Rule = Callable[[Op, Context], None]
+RULES: dict[str, Rule] = {}
+
+
+def register_rule(*names: str) -> Callable[[Rule], Rule]:
+    """Register ``rule(op, ctx)`` for torch functions with these names (e.g. ``"my_op"``)."""
+
+    def add(rule: Rule) -> Rule:
+        for name in names:
+            RULES[name] = rule
+        return rule
+
+    return add
+
+
+def arg(op: Op, position: int, name: str, default: Any = None) -> Any:
+    if len(op.args) > position:
+        return op.args[position]
+    return op.kwargs.get(name, default)
+
+
+def _norm(d: int, ndim: int) -> int:
+    return d + ndim if d < 0 else d
+
+
+def project(owner: torch.Tensor, src: tuple[int, ...], dst: tuple[int, ...], pairs) -> torch.Tensor | None:
+    """Carry an owner from a tensor of shape ``src`` to one of shape ``dst`` along ``pairs`` of dims.
+
+    Returns None when the units live only in dimensions the other tensor does not share.
+    """
+    owner = compress(align(owner, len(src)))
+    dst_of = {_norm(a, len(src)): _norm(b, len(dst)) for a, b in pairs}
+    varying = varying_dims(owner)
+    if any(d not in dst_of for d in varying):
+        if any(d in dst_of for d in varying):
+            raise Conflict("units span dimensions that this operation separates")
+        return None
+    mapped = sorted(dst_of)
+    picked = owner[tuple(slice(None) if d in dst_of else 0 for d in range(len(src)))]
+    targets = [dst_of[d] for d in mapped]  # destination dim of each remaining dim of `picked`
+    perm = sorted(range(len(targets)), key=lambda i: targets[i])
+    picked = picked.permute(*perm) if perm else picked
+    shape = [1] * len(dst)
+    for i, p in enumerate(perm):
+        shape[targets[p]] = picked.shape[i]
+    return to_shape(picked.reshape(shape), dst)
+
+
+def couple(
+    ctx: Context, a: Value | None, b: Value | None, pairs: Sequence[tuple[int, int]], role_b=None, role_a=None
+):
+    """Dimension ``i`` of ``a`` is dimension ``j`` of ``b`` for each ``(i, j)`` in ``pairs``."""
+    if a is None or b is None or not isinstance(a, Value) or not isinstance(b, Value):
+        return
+    owner = ctx.get(a, [i for i, _ in pairs])
+    if owner is not None:
+        moved = project(owner, a.shape, b.shape, pairs)
+        if moved is not None:
+            ctx.put(b, moved, role_b)
+    owner = ctx.get(b, [j for _, j in pairs])
+    if owner is not None:
+        moved = project(owner, b.shape, a.shape, [(j, i) for i, j in pairs])
+        if moved is not None:
+            ctx.put(a, moved, role_a)
+
+
+def same_dims(ndim: int, skip: Sequence[int] = ()) -> list[tuple[int, int]]:
+    skip = {_norm(d, ndim) for d in skip}
+    return [(d, d) for d in range(ndim) if d not in skip]
+
+
+def broadcast_pairs(a: Value, b: Value) -> list[tuple[int, int]]:
+    """Right-aligned dims where both tensors have the same (non-broadcast) size."""
+    pairs = []
+    for k in range(1, min(len(a.shape), len(b.shape)) + 1):
+        if a.shape[-k] == b.shape[-k]:
+            pairs.append((len(a.shape) - k, len(b.shape) - k))
+    return pairs
+
+
+# -- element-wise ------------------------------------------------------------------------------------
+ELEMENTWISE = (
+    "add sub mul div true_divide where maximum minimum pow fmod remainder rsub addcmul addcdiv lerp "
+    "__add__ __radd__ __iadd__ __sub__ __rsub__ __isub__ __mul__ __rmul__ __imul__ __truediv__ "
+    "__rtruediv__ __itruediv__ __pow__ __rpow__ __neg__ neg abs exp log sqrt rsqrt sin cos tanh "
+    "sigmoid relu relu_ relu6 hardtanh hardtanh_ gelu silu mish elu selu celu leaky_relu softplus "
+    "softsign hardswish hardsigmoid logsigmoid tanhshrink dropout dropout1d dropout2d dropout3d "
+    "alpha_dropout feature_alpha_dropout clamp clamp_ clip contiguous clone detach float double half "
+    "bfloat16 to type type_as add_ mul_ sub_ div_ sigmoid_ tanh_ masked_fill erf square reciprocal "
+    "expand expand_as"
+).split()
+
+
+@register_rule(*ELEMENTWISE)
+def elementwise(op: Op, ctx: Context) -> None:
+    out = op.outputs[0]
+    for v in op.inputs:
+        if v.shape == ():
+            continue
+        couple(ctx, v, out, broadcast_pairs(v, out))
+
+
+# -- parametric layers ----------------------------------------------------------------------------------
+@register_rule("conv1d", "conv2d", "conv3d")
+def conv(op: Op, ctx: Context) -> None:
+    x, weight, bias, out = op.args[0], op.args[1], arg(op, 2, "bias"), op.outputs[0]
+    groups = arg(op, 6, "groups", 1)
+    nd = len(x.shape)
+    depthwise = groups > 1 and groups == x.shape[1] == weight.shape[0]
+    couple(ctx, x, out, same_dims(nd, skip=range(1, nd)) if nd > 2 else [])  # batch dim
+    couple(ctx, out, weight, [(1, 0)], role_b="out")
+    couple(ctx, out, bias, [(1, 0)], role_b="bias")
+    if depthwise:
+        couple(ctx, x, out, [(1, 1)])
+    elif groups == 1:
+        couple(ctx, x, weight, [(1, 1)], role_b="in")
+    else:
+        for v in (x, out):
+            owner = ctx.get(v)
+            if owner is not None and 1 in varying_dims(align(owner, len(v.shape))):
+                raise Conflict(f"grouped convolution (groups={groups}) is not pruned")
+
+
+@register_rule("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
+def conv_transpose(op: Op, ctx: Context) -> None:
+    x, weight, bias, out = op.args[0], op.args[1], arg(op, 2, "bias"), op.outputs[0]
+    groups = arg(op, 6, "groups", 1)
+    if groups != 1:
+        for v in (x, out):
+            owner = ctx.get(v)
+            if owner is not None and 1 in varying_dims(align(owner, len(v.shape))):
+                raise Conflict(f"grouped transposed convolution (groups={groups}) is not pruned")
+        return
+    couple(ctx, x, weight, [(1, 0)], role_b="in")
+    couple(ctx, out, weight, [(1, 1)], role_b="out")
+    couple(ctx, out, bias, [(1, 0)], role_b="bias")
+
+
+@register_rule("linear")
+def linear(op: Op, ctx: Context) -> None:
+    x, weight, bias, out = op.args[0], op.args[1], arg(op, 2, "bias"), op.outputs[0]
+    nd = len(x.shape)
+    couple(ctx, x, out, same_dims(nd, skip=[-1]))
+    couple(ctx, x, weight, [(-1, 1)], role_b="in")
+    couple(ctx, out, weight, [(-1, 0)], role_b="out")
+    couple(ctx, out, bias, [(-1, 0)], role_b="bias")
+
+
+@register_rule("batch_norm", "instance_norm")
+def batch_norm(op: Op, ctx: Context) -> None:
+    x, out = op.args[0], op.outputs[0]
+    couple(ctx, x, out, same_dims(len(x.shape)))
+    # batch_norm and instance_norm share the layout (input, running_mean, running_var, weight, bias, ...)
+    for pos, name in enumerate(("running_mean", "running_var", "weight", "bias"), start=1):
+        p = arg(op, pos, name)
+        if isinstance(p, Value):
+            couple(ctx, out, p, [(1, 0)], role_b="norm")
+
+
+@register_rule("layer_norm", "rms_norm")
+def layer_norm(op: Op, ctx: Context) -> None:
+    x, shape, out = op.args[0], arg(op, 1, "normalized_shape"), op.outputs[0]
+    nd, k = len(x.shape), len(tuple(shape))
+    for v in (x, out):
+        owner = ctx.get(v)
+        if owner is not None and any(d >= nd - k for d in varying_dims(align(owner, nd))):
+            raise Conflict(f"{op.name} normalises over these channels: pruning them changes its statistics")
+    couple(ctx, x, out, same_dims(nd))
+
+
+@register_rule("group_norm")
+def group_norm(op: Op, ctx: Context) -> None:
+    x, out = op.args[0], op.outputs[0]
+    for v in (x, out):
+        owner = ctx.get(v)
+        if owner is not None and 1 in varying_dims(align(owner, len(v.shape))):
+            raise Conflict("group_norm normalises over groups of these channels: not pruned")
+    couple(ctx, x, out, same_dims(len(x.shape)))
+
+
+@register_rule("prelu")
+def prelu(op: Op, ctx: Context) -> None:
+    x, weight, out = op.args[0], op.args[1], op.outputs[0]
+    couple(ctx, x, out, same_dims(len(x.shape)))
+    if weight.shape[0] > 1:
+        couple(ctx, out, weight, [(1 if len(x.shape) > 1 else 0, 0)], role_b="norm")
+
+
+@register_rule("embedding")
+def embedding(op: Op, ctx: Context) -> None:
+    ids, weight, out = op.args[0], op.args[1], op.outputs[0]
+    couple(ctx, out, weight, [(-1, 1)], role_b="out")
+    couple(ctx, ids, out, same_dims(len(ids.shape)))
+
+
+# -- pooling, reductions, softmax ---------------------------------------------------------------------
+POOLS = {
+    "max_pool1d": 1,
+    "avg_pool1d": 1,
+    "adaptive_avg_pool1d": 1,
+    "adaptive_max_pool1d": 1,
+    "lp_pool1d": 1,
+    "max_pool2d": 2,
+    "avg_pool2d": 2,
+    "adaptive_avg_pool2d": 2,
+    "adaptive_max_pool2d": 2,
+    "lp_pool2d": 2,
+    "max_pool3d": 3,
+    "avg_pool3d": 3,
+    "adaptive_avg_pool3d": 3,
+    "adaptive_max_pool3d": 3,
+    "interpolate": None,
+    "upsample": None,
+    "pixel_shuffle": None,
+    "boolean_dispatch": None,
+}
+
+
+@register_rule(*POOLS)
+def pool(op: Op, ctx: Context) -> None:
+    x, out = op.args[0], op.outputs[0]
+    spatial = POOLS.get(op.name) or max(len(x.shape) - 2, 1)
+    couple(ctx, x, out, same_dims(len(x.shape), skip=range(len(x.shape) - spatial, len(x.shape))))
+    for v in (x, out):
+        owner = ctx.get(v)
+        if owner is not None and any(
+            d >= len(v.shape) - spatial for d in varying_dims(align(owner, len(v.shape)))
+        ):
+            raise Conflict(f"{op.name} mixes positions that belong to different units")
+
+
+REDUCTIONS = "mean sum amax amin max min std var prod norm logsumexp all any".split()
+
+
+@register_rule(*REDUCTIONS)
+def reduction(op: Op, ctx: Context) -> None:
+    x, out = op.args[0], op.outputs[0]
+    dims = arg(op, 1, "dim")
+    keepdim = bool(arg(op, 2, "keepdim", False))
+    nd = len(x.shape)
+    if dims is None or isinstance(dims, Value):
+        reduced = set(range(nd))
+    else:
+        reduced = {_norm(d, nd) for d in ((dims,) if isinstance(dims, int) else dims)}
+    for v in (x,):
+        owner = ctx.get(v)
+        if owner is not None and reduced & set(varying_dims(align(owner, nd))):
+            raise Conflict(f"{op.name} reduces over the units' dimension")
+    kept = [d for d in range(nd) if d not in reduced]
+    pairs = [(d, d) for d in kept] if keepdim else [(d, i) for i, d in enumerate(kept)]
+    if len(out.shape) == len(pairs) or keepdim:
+        couple(ctx, x, out, pairs)
+
+
+@register_rule("softmax", "log_softmax", "cumsum", "cumprod", "normalize")
+def along_dim(op: Op, ctx: Context) -> None:
+    x, out = op.args[0], op.outputs[0]
+    dim = arg(op, 1, "dim", -1 if op.name != "normalize" else 1)
+    dim = _norm(dim if isinstance(dim, int) else -1, len(x.shape))
+    for v in (x, out):
+        owner = ctx.get(v)
+        if owner is not None and dim in varying_dims(align(owner, len(v.shape))):
+            raise Conflict(f"{op.name} mixes the units' dimension")
+    couple(ctx, x, out, same_dims(len(x.shape)))
+
+
+# -- matmul and attention ---------------------------------------------------------------------------------
+def _batch_pairs(a: Value, b: Value, skip_a: int, skip_b: int) -> list[tuple[int, int]]:
+    pairs = []
+    for k in range(1, min(len(a.shape) - skip_a, len(b.shape) - skip_b) + 1):
+        i, j = len(a.shape) - skip_a - k, len(b.shape) - skip_b - k
+        if a.shape[i] == b.shape[j]:
+            pairs.append((i, j))
+    return pairs
+
+
+@register_rule("matmul", "__matmul__", "bmm", "__rmatmul__")
+def matmul(op: Op, ctx: Context) -> None:
+    a, b, out = op.args[0], op.args[1], op.outputs[0]
+    if op.name == "__rmatmul__":
+        a, b = b, a
+    if len(a.shape) < 2 or len(b.shape) < 2:
+        for v in (a, b):
+            if ctx.get(v) is not None:
+                raise Conflict("matmul with a vector operand is not traced through")
+        return
+    couple(ctx, a, b, [(-1, -2)] + _batch_pairs(a, b, 2, 2))
+    couple(ctx, a, out, [(-2, -2)] + _batch_pairs(a, out, 2, 2))
+    couple(ctx, b, out, [(-1, -1)] + _batch_pairs(b, out, 2, 2))
+
+
+@register_rule("scaled_dot_product_attention")
+def sdpa(op: Op, ctx: Context) -> None:
+    q, k, v, out = op.args[0], op.args[1], op.args[2], op.outputs[0]
+    couple(ctx, q, k, [(-1, -1)] + _batch_pairs(q, k, 2, 2))
+    couple(ctx, k, v, [(-2, -2)] + _batch_pairs(k, v, 2, 2))
+    couple(ctx, q, out, [(-2, -2)] + _batch_pairs(q, out, 2, 2))
+    couple(ctx, v, out, [(-1, -1)] + _batch_pairs(v, out, 2, 2))
+
+
+# -- layout: permute, reshape, cat, split, indexing ------------------------------------------------------
+@register_rule("permute", "transpose", "t", "movedim", "swapaxes", "swapdims", "T", "mT")
+def permute(op: Op, ctx: Context) -> None:
+    x, out = op.args[0], op.outputs[0]
+    nd = len(x.shape)
+    if op.name == "permute":
+        dims = op.args[1:] if len(op.args) > 2 else arg(op, 1, "dims")
+        order = [_norm(d, nd) for d in (dims if not isinstance(dims, int) else op.args[1:])]
+    elif op.name in ("transpose", "swapaxes", "swapdims"):
+        d0, d1 = _norm(op.args[1], nd), _norm(op.args[2], nd)
+        order = list(range(nd))
+        order[d0], order[d1] = order[d1], order[d0]
+    elif op.name == "movedim":
+        src, dst = op.args[1], op.args[2]
+        src = [src] if isinstance(src, int) else list(src)
+        dst = [dst] if isinstance(dst, int) else list(dst)
+        order = [o for o in range(nd) if o not in [_norm(s, nd) for s in src]]
+        for s, d in sorted(zip([_norm(s, nd) for s in src], [_norm(d, nd) for d in dst]), key=lambda t: t[1]):
+            order.insert(d, s)
+    else:  # t, T, mT: swap the last two
+        order = list(range(nd))
+        if nd >= 2:
+            order[-1], order[-2] = order[-2], order[-1]
+    couple(ctx, x, out, [(src, dst) for dst, src in enumerate(order)])
+
+
+@register_rule(
+    "view",
+    "reshape",
+    "flatten",
+    "unflatten",
+    "squeeze",
+    "unsqueeze",
+    "view_as",
+    "reshape_as",
+    "ravel",
+    "squeeze_",
+    "unsqueeze_",
+)
+def reshape(op: Op, ctx: Context) -> None:
+    x, out = op.args[0], op.outputs[0]
+    for src, dst in ((x, out), (out, x)):
+        owner = ctx.get(src)
+        if owner is None:
+            continue
+        moved = compress(full(owner, src.shape).reshape(dst.shape))
+        # merging dims (flatten) is exact: the runtime recomputes the merged size and each unit keeps its
+        # positions in order. Splitting a pruned dim into several (view(b, g, c // g, ...)) relies on sizes
+        # the model's code computes, which pruning would change unevenly.
+        if len(varying_dims(moved)) != len(varying_dims(compress(align(owner, len(src.shape))))):
+            raise Conflict(f"{op.name} splits pruned channels into several dimensions")
+        ctx.put(dst, moved)
+
+
+@register_rule("cat", "concat", "concatenate")
+def cat(op: Op, ctx: Context) -> None:
+    parts = list(arg(op, 0, "tensors"))
+    out = op.outputs[0]
+    dim = _norm(arg(op, 1, "dim", 0), len(out.shape))
+    owned = [ctx.get(p) if isinstance(p, Value) else None for p in parts]
+    if any(o is not None for o in owned):
+        pieces = [
+            full(o, p.shape) if o is not None else torch.full(p.shape, -1, dtype=torch.long)
+            for o, p in zip(owned, parts)
+        ]
+        ctx.put(out, compress(torch.cat(pieces, dim)))
+    owner = ctx.get(out)
+    if owner is not None:
+        wide = full(owner, out.shape)
+        start = 0
+        for p in parts:
+            ctx.put(p, compress(wide.narrow(dim, start, p.shape[dim])))
+            start += p.shape[dim]
+
+
+@register_rule("split", "chunk", "split_with_sizes", "unbind", "tensor_split")
+def split(op: Op, ctx: Context) -> None:
+    x = op.args[0]
+    nd = len(x.shape)
+    default = 0
+    dim = _norm(arg(op, 1 if op.name == "unbind" else 2, "dim", default), nd)
+    # the split sizes are computed by the model's code (or written in it): pruning along the split
+    # dimension would move the boundaries, so only units in other dimensions pass through
+    for v in (x, *op.outputs):
+        owner = ctx.get(v)
+        if owner is not None and dim < len(v.shape) and dim in varying_dims(align(owner, len(v.shape))):
+            raise Conflict(
+                f"{op.name} splits along the pruned channels; its sizes come from the model's code"
+            )
+    for piece in op.outputs:
+        if op.name == "unbind":
+            couple(ctx, x, piece, [(d, d - (d > dim)) for d in range(nd) if d != dim])
+        else:
+            couple(ctx, x, piece, same_dims(nd, skip=[dim]))
+
+
+@register_rule("__getitem__")
+def getitem(op: Op, ctx: Context) -> None:
+    x, index, out = op.args[0], op.args[1], op.outputs[0]
+    index = index if isinstance(index, tuple) else (index,)
+    if any(isinstance(i, (Value, list, torch.Tensor)) for i in index) or Ellipsis in index or None in index:
+        for v in (x, out):
+            if ctx.get(v) is not None:
+                raise Conflict("advanced indexing is not traced through")
+        return
+    owner = ctx.get(x)
+    # apply the same basic index to a full-size owner: exact for ints and slices
+    if owner is not None:
+        ctx.put(out, compress(full(owner, x.shape)[index].reshape(out.shape)))
+    owner = ctx.get(out)
+    if owner is not None:
+        whole = torch.full(x.shape, -1, dtype=torch.long)
+        whole[index] = full(owner, out.shape).reshape(whole[index].shape)
+        ctx.put(x, compress(whole))

@@ -1,0 +1,134 @@
+"""An eager, concrete trace of one forward pass: every torch function call with its tensors.
+
+Why this mechanism: torch.fx symbolic tracing fails on data-dependent control flow (most Hugging Face
+models), torch.export is slow and strict about the same; the autograd graph loses non-differentiable ops
+and views. Running the model once under a ``TorchFunctionMode`` records exactly the operations that
+executed, with real shapes, for any model that can run on the example inputs. It is linear in the
+number of operations executed and cannot hang on control flow (loops simply unroll).
+
+Every tensor seen becomes a :class:`Value` (model input, parameter, buffer, activation or constant);
+in-place operations produce a new Value for the same tensor object, so later uses see the new version.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+_SKIP_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__)))
+
+
+@dataclass(eq=False)
+class Value:
+    index: int
+    shape: tuple[int, ...]
+    kind: str  # "input" | "param" | "buffer" | "activation" | "const"
+    name: str = ""  # parameter / buffer name
+    producer: int | None = None  # index of the op that produced it
+
+    def __repr__(self) -> str:
+        label = self.name or f"v{self.index}"
+        return f"<{self.kind} {label} {list(self.shape)}>"
+
+
+@dataclass(eq=False)
+class Op:
+    index: int
+    name: str  # the torch function's name: "conv2d", "add", "view", ...
+    args: tuple  # arguments with tensors replaced by Values
+    kwargs: dict[str, Any]
+    outputs: list[Value]
+    where: str = ""  # user source location, for error messages
+
+    @property
+    def inputs(self) -> list[Value]:
+        leaves, _ = tree_flatten((self.args, self.kwargs))
+        return [v for v in leaves if isinstance(v, Value)]
+
+
+@dataclass
+class Trace:
+    values: list[Value] = field(default_factory=list)
+    ops: list[Op] = field(default_factory=list)
+    inputs: list[Value] = field(default_factory=list)
+    outputs: list[Value] = field(default_factory=list)
+    params: dict[str, Value] = field(default_factory=dict)  # name -> Value (params and buffers)
+
+
+def _user_frame() -> str:
+    frame = inspect.currentframe()
+    while frame is not None:
+        path = frame.f_code.co_filename
+        if not path.startswith(_SKIP_DIRS) and "<" not in path:
+            return f"{os.path.basename(path)}:{frame.f_lineno}"
+        frame = frame.f_back
+    return ""
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self, trace: Trace, known: dict[int, Value], keep: list) -> None:
+        super().__init__()
+        self.trace, self.known, self.keep = trace, known, keep
+
+    def value_of(self, tensor: torch.Tensor) -> Value:
+        value = self.known.get(id(tensor))
+        if value is None:
+            value = self.new_value(tensor, "const")
+        return value
+
+    def new_value(self, tensor: torch.Tensor, kind: str, producer: int | None = None) -> Value:
+        value = Value(len(self.trace.values), tuple(tensor.shape), kind, producer=producer)
+        self.trace.values.append(value)
+        self.known[id(tensor)] = value
+        self.keep.append(tensor)  # keep the object alive so its id is never reused during the trace
+        return value
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        out_leaves, _ = tree_flatten(out)
+        if not any(isinstance(t, torch.Tensor) for t in out_leaves):
+            return out  # shape queries, .item(), ...
+        name = getattr(func, "__name__", str(func))
+        if name == "__get__":  # property access such as Tensor.T / .mT / .data
+            name = getattr(getattr(func, "__self__", None), "__name__", name)
+        recorded = tree_map(lambda x: self.value_of(x) if isinstance(x, torch.Tensor) else x, (args, kwargs))
+        index = len(self.trace.ops)
+        outputs = [self.new_value(t, "activation", index) for t in out_leaves if isinstance(t, torch.Tensor)]
+        self.trace.ops.append(Op(index, name, recorded[0], recorded[1], outputs, _user_frame()))
+        return out
+
+
+@torch.no_grad()
+def trace_model(model: nn.Module, example_inputs: torch.Tensor | tuple) -> Trace:
+    """Run ``model(*example_inputs)`` once and record every operation."""
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    trace = Trace()
+    known: dict[int, Value] = {}
+    keep: list = []
+    recorder = _Recorder(trace, known, keep)
+    for name, tensor in [*model.named_parameters(remove_duplicate=True), *model.named_buffers()]:
+        value = recorder.new_value(tensor, "param" if isinstance(tensor, nn.Parameter) else "buffer")
+        value.name = name
+        trace.params[name] = value
+    for arg in tree_flatten(args)[0]:
+        if isinstance(arg, torch.Tensor):
+            trace.inputs.append(recorder.new_value(arg, "input"))
+    was_training = model.training
+    model.eval()
+    try:
+        with recorder:
+            out = model(*args)
+    finally:
+        model.train(was_training)
+    trace.outputs = [
+        known[id(t)] for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and id(t) in known
+    ]
+    return trace

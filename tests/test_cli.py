@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -237,6 +238,29 @@ def test_same_seed_same_result_other_seed_other_masks(run, tmp_path):
     assert [r["val_accuracy"] for r in again["rounds"]] == [r["val_accuracy"] for r in first["rounds"]]
     other = run_recipe(recipe.load(write_recipe(tmp_path, seed=1)), tmp_path / "other", progress=False)
     assert other["masks_sha256"] != first["masks_sha256"]
+
+
+def test_a_run_from_an_artifact_keeps_its_masks_and_specs(run, tmp_path):
+    out, first, _ = run
+    source = out / "pruned.safetensors"
+    data = {
+        "name": "again",
+        "model": {"artifact": str(source)},
+        "data": {"name": "digits", "batch_size": 128},
+        "stages": [
+            {"type": "finetune", "epochs": 1, "lr": 0.001},
+            {"type": "evaluate", "label": "pruned", "latency_runs": 2, "latency_warmup": 0},
+            {"type": "export", "name": "pruned"},
+        ],
+    }
+    metrics = run_recipe(recipe.from_dict(data), tmp_path / "again", progress=False)
+    _, before = read_artifact(source)
+    _, after = read_artifact(tmp_path / "again" / "pruned.safetensors")
+    assert after.specs == before.specs and set(after.specs) == set(before.masks)
+    assert all(torch.equal(after.masks[n], before.masks[n]) for n in before.masks)  # fine-tuning kept them
+    assert metrics["masks_sha256"] == first["masks_sha256"]
+    patterns = {r["layer"]: r["pattern"] for r in metrics["pruned"]["layers"]}
+    assert all(patterns[n] == str(before.specs[n]) for n in before.specs)
 
 
 # ------------------------------------------------------------------------------------------------- inspect

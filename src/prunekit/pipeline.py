@@ -61,8 +61,8 @@ class Run:
         seed_everything(recipe.seed)
         d = recipe.data
         self.data: Splits = load_splits(d.name, d.path, d.val_fraction, d.test_fraction, seed=recipe.seed)
+        self.specs: dict[str, Spec] = {}  # before _model(): a model loaded from an artifact brings its specs
         self.model, self.model_info = self._model()
-        self.specs: dict[str, Spec] = {}
         self.dense_layers: dict[str, str] = {}
         self.metrics: dict[str, Any] = {}
         self.rounds: list[dict[str, Any]] = []

@@ -7,6 +7,14 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from prunekit.errors import PrunekitError
+
+
+def _positive_int(value: object, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PrunekitError(f"resnet-digits: {field} must be an integer >= 1, got {value!r}")
+    return value
+
 
 class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
@@ -37,7 +45,12 @@ class SmallResNet(nn.Module):
         blocks: int = 2,
     ) -> None:
         super().__init__()
-        widths = list(widths)
+        if isinstance(widths, str) or not isinstance(widths, (list, tuple)) or not widths:
+            raise PrunekitError(f"resnet-digits: widths must be a non-empty list of integers, got {widths!r}")
+        widths = [_positive_int(w, "each of widths") for w in widths]
+        in_channels = _positive_int(in_channels, "in_channels")
+        num_classes = _positive_int(num_classes, "num_classes")
+        blocks = _positive_int(blocks, "blocks")
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False),
             nn.BatchNorm2d(widths[0]),

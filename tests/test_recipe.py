@@ -261,6 +261,14 @@ def test_agp_needs_end_and_finetune():
     assert ok.stages[1].schedule.type == "agp"
 
 
+def test_movement_needs_a_schedule_that_prunes_during_training():
+    for schedule in ({"type": "one-shot"}, {"type": "iterative", "rate": 0.3}):
+        message = error_of(with_prune(criterion="movement", schedule=schedule))
+        assert "stages[1]" in message and "criterion 'movement'" in message and "'agp'" in message
+    agp = {"schedule": {"type": "agp", "end": 10}, "finetune": {"epochs": 1, "lr": 0.01}}
+    assert from_dict(with_prune(criterion="movement", **agp)).stages[1].criterion == "movement"
+
+
 def test_missing_artifact_file_names_it(tmp_path):
     missing = tmp_path / "nope.safetensors"
     message = error_of(tiny(model={"artifact": str(missing)}))

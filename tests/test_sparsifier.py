@@ -170,6 +170,13 @@ def test_block_counts_and_whole_tiles(model_fn, shape, group):
     assert abs(dead_tiles - round(0.5 * total_tiles)) <= len(layers)
 
 
+def test_block_pattern_with_the_row_group_is_refused_up_front():
+    with pytest.raises(PrunekitError, match="not per row"):
+        Sparsifier(mlp(), Block((4, 4), 0.5), group="row")
+    with pytest.raises(PrunekitError, match="not per row"):  # an overridden layer counts too
+        Sparsifier(mlp(), 0.5, group="row", overrides={"2": "block:4x4@0.5"})
+
+
 def test_overridden_layer_keeps_its_spec_at_every_sparsity():
     model = mlp()
     sp = Sparsifier(model, 0.5, overrides={"2": "2:4"})

@@ -163,6 +163,13 @@ class PruneStage(Strict):
     def _agp_needs_training(self) -> PruneStage:
         if self.schedule.type == "agp" and self.finetune is None:
             raise ValueError("an 'agp' schedule prunes during training: give 'finetune'")
+        from prunekit.criteria import CRITERIA
+
+        if CRITERIA.get(self.criterion).needs == "training" and self.schedule.type != "agp":
+            raise ValueError(
+                f"criterion '{self.criterion}' scores weights while they train: it needs schedule "
+                "'agp' (with 'finetune'), which prunes during training"
+            )
         return self
 
 

@@ -58,6 +58,8 @@ class Sparsifier:
         self.targets = targets or Targets()
         self.specs = resolve(model, self.spec, self.targets, overrides)
         self.overridden = {name for name, s in self.specs.items() if s != self.spec}
+        if self.group == "row" and any(isinstance(s, Block) for s in self.specs.values()):
+            raise PrunekitError("block patterns compare within a layer or globally, not per row")
         self.schedule = schedule or OneShot()
         agp = isinstance(self.schedule, AGP) and not isinstance(self.spec, NM)
         if agp and self.schedule.initial > self.spec.sparsity:

@@ -101,24 +101,49 @@ class Run:
             desc=stage.type,
         )
 
-    def prune(self, stage: PruneStage) -> None:
+    def _sparsifier(self, stage: PruneStage) -> Sparsifier:
+        """The stage's sparsifier; constructing it checks targets, patterns and schedule on the model."""
         targets = Targets(
             tuple(stage.targets.types),
             tuple(stage.targets.include),
             tuple(stage.targets.exclude),
             stage.targets.prune_classifier,
         )
-        schedule = stage.schedule.build()
-        sparsifier = Sparsifier(
+        return Sparsifier(
             self.model,
             stage.pattern,
             criterion=stage.criterion,
             group=stage.group,
             targets=targets,
             overrides=stage.overrides,
-            schedule=schedule,
+            schedule=stage.schedule.build(),
             seed=self.recipe.seed,
         )
+
+    def check(self) -> None:
+        """Check every prune stage against the model before any stage runs, so a recipe that cannot work
+        fails in a second, not after the dense training, and leaves no output behind."""
+        for i, stage in enumerate(self.recipe.stages):
+            if stage.type not in ("train", "finetune", "evaluate", "export", "prune"):
+                break  # a stage that may change the architecture: later ones are checked when they run
+            if not isinstance(stage, PruneStage):
+                continue
+            try:
+                self._sparsifier(stage)
+                if stage.schedule.type == "agp":
+                    steps = stage.finetune.epochs * len(self.loader("train"))
+                    if stage.schedule.end >= steps:
+                        raise PrunekitError(
+                            f"schedule agp: end={stage.schedule.end} is never reached: the fine-tuning runs "
+                            f"{steps} optimizer steps (finetune.epochs={stage.finetune.epochs}), so the last "
+                            f"pruning step must be at most {steps - 1}"
+                        )
+            except PrunekitError as exc:
+                raise PrunekitError(f"recipe {self.recipe.name}: stages[{i}]: {exc}") from None
+
+    def prune(self, stage: PruneStage) -> None:
+        sparsifier = self._sparsifier(stage)
+        targets, schedule = sparsifier.targets, sparsifier.schedule
         sparsifier.prepare()
         self.specs.update(sparsifier.layer_specs())
         self.groups.update({name: sparsifier.group for name in sparsifier.layers})
@@ -127,17 +152,18 @@ class Run:
         )
         loss_fn = nn.CrossEntropyLoss()
         if not self.rounds:
-            self._round(0)  # the starting point: validation accuracy before any pruning
+            self._round()  # round 0, the starting point: validation accuracy before any pruning
         if stage.schedule.type == "agp":
             train(
                 self.model,
                 self.loader("train", shuffle=True),
                 _train_cfg(stage.finetune),
                 sparsifier=sparsifier,
+                calibration=calib,
                 progress=self.progress,
                 desc="prune (agp)",
             )
-            self._round(len(self.rounds) + 1)
+            self._round()
         else:
             targets_seq = (
                 [None] if isinstance(sparsifier.spec, NM) else schedule.rounds(sparsifier.spec.sparsity)
@@ -153,7 +179,7 @@ class Run:
                         progress=self.progress,
                         desc=f"fine-tune round {i}/{len(targets_seq)}",
                     )
-                self._round(i)
+                self._round()
         self.dense_layers = left_dense(self.model, self.specs, targets)
 
     def _calibration(self, batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -164,7 +190,9 @@ class Run:
             out.append(tuple(batch))
         return out
 
-    def _round(self, index: int) -> None:
+    def _round(self) -> None:
+        """Record the state after a pruning round; rounds are numbered from 0 across all prune stages."""
+        index = len(self.rounds)
         counts = count_params(self.model)
         rows = [r for r in layer_table(self.model) if r["layer"] in self.specs]
         pruned = sum(r["params"] - r["nonzero"] for r in rows)
@@ -261,7 +289,6 @@ def run_recipe(recipe: Recipe, out: str | Path, progress: bool = True) -> dict[s
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PrunekitError(f"--out {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
     if recipe.threads is not None:
         torch.set_num_threads(recipe.threads)
@@ -276,6 +303,8 @@ def _run(recipe: Recipe, out: Path, progress: bool) -> dict[str, Any]:
 
     started = time.perf_counter()
     state = Run(recipe, out, progress)
+    state.check()
+    out.mkdir(parents=True, exist_ok=True)
     handlers = {
         "train": state.train,
         "finetune": state.train,

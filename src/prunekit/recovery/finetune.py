@@ -1,13 +1,14 @@
 """A small, dependable training loop for classifiers (dense training and post-pruning fine-tuning).
 
 Masked layers stay pruned because their masks are parametrizations; when a :class:`Sparsifier` is given,
-``sparsifier.step()`` runs after every optimizer step (AGP pruning, movement scores). Bring your own
-loop instead by calling ``sparsifier.step()`` yourself.
+``sparsifier.step()`` runs after every optimizer step (AGP pruning, movement scores), with the
+``calibration`` batches a data-driven criterion (taylor, obd, wanda) scores on. Bring your own loop
+instead by calling ``sparsifier.step()`` yourself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,7 @@ def train(
     cfg: TrainConfig,
     *,
     sparsifier=None,
+    calibration: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
     progress: bool = True,
     desc: str = "train",
@@ -76,7 +78,7 @@ def train(
                 optimizer.step()
                 scheduler.step()
                 if sparsifier is not None:
-                    sparsifier.step()
+                    sparsifier.step(calibration, loss_fn)
                 total += float(loss.detach()) * len(targets)
                 count += len(targets)
                 bar.update(1)

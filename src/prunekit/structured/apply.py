@@ -59,7 +59,7 @@ def apply_plan(model: nn.Module, plan: Mapping[str, Mapping]) -> nn.Module:
             module._buffers[attr] = sliced
         touched[id(module)] = module
     for module in touched.values():
-        fix = _FIXERS.get(type(module))
+        fix = _FIXERS.get(type(module)) or _NAMED_FIXERS.get(type(module).__name__)
         if fix is None:
             for cls, fixer in _FIXERS.items():
                 if isinstance(module, cls):
@@ -118,6 +118,14 @@ _FIXERS: dict[type, Callable[[nn.Module], None]] = {
     nn.Embedding: _fix_embedding,
     nn.PReLU: _fix_prelu,
 }
+
+
+def _fix_hf_conv1d(m: nn.Module) -> None:
+    m.nf = m.weight.shape[1]  # transformers.pytorch_utils.Conv1D: weight (in, out), output width nf
+
+
+# by class name, for libraries prunekit does not import (no hard dependency on transformers)
+_NAMED_FIXERS: dict[str, Callable[[nn.Module], None]] = {"Conv1D": _fix_hf_conv1d}
 
 
 def register_module_fixer(cls: type, fixer: Callable[[nn.Module], None]) -> None:

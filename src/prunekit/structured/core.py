@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import logging
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -81,6 +82,11 @@ def _keep_count(units: int, ratio: float, round_to: int) -> int:
         return max(1, min(units, round(target)))
     keep = max(round_to, round_to * round(target / round_to))
     return min(units, keep)
+
+
+def _unit_step(group: Group, round_to: int) -> int:
+    """``round_to`` counts channels; a unit of ``block`` channels (a head) needs this many units per step."""
+    return round_to // math.gcd(round_to, group.block)
 
 
 def _module_types(model: nn.Module) -> dict[str, str]:
@@ -188,7 +194,7 @@ def _allocate(groups, scores, ratio, round_to, global_ranking, max_ratio, ratios
     removed: dict[int, list[int]] = {}
     if not global_ranking:
         for g in groups:
-            keep = _keep_count(g.units, _group_ratio(g, ratio, ratios), round_to)
+            keep = _keep_count(g.units, _group_ratio(g, ratio, ratios), _unit_step(g, round_to))
             order = torch.argsort(scores[g.index], stable=True)
             removed[g.index] = sorted(order[: g.units - keep].tolist())
         return removed
@@ -209,7 +215,7 @@ def _allocate(groups, scores, ratio, round_to, global_ranking, max_ratio, ratios
             chosen[gi].append(u)
             total -= 1
     for g in groups:  # round the kept count to the multiple, dropping the least important first
-        keep = _keep_count(g.units, len(chosen[g.index]) / g.units, round_to)
+        keep = _keep_count(g.units, len(chosen[g.index]) / g.units, _unit_step(g, round_to))
         order = torch.argsort(scores[g.index], stable=True)
         removed[g.index] = sorted(order[: g.units - keep].tolist())
     return removed

@@ -16,23 +16,24 @@ from dataclasses import dataclass, field
 
 import torch
 
-from prunekit.structured.owners import Conflict, merge, to_shape, varying_dims
+from prunekit.structured.owners import Conflict, SplitConflict, merge, to_shape, varying_dims
 from prunekit.structured.rules import RULES, Context
 from prunekit.structured.trace import Op, Trace, Value
 
 log = logging.getLogger(__name__)
 
+# op name -> (dimension of the output that holds the new units, position of the weight argument)
 SEEDS = {
-    "conv1d": 1,
-    "conv2d": 1,
-    "conv3d": 1,
-    "conv_transpose1d": 1,
-    "conv_transpose2d": 1,
-    "conv_transpose3d": 1,
-    "linear": -1,
-    "embedding": -1,
+    "conv1d": (1, 1),
+    "conv2d": (1, 1),
+    "conv3d": (1, 1),
+    "conv_transpose1d": (1, 1),
+    "conv_transpose2d": (1, 1),
+    "conv_transpose3d": (1, 1),
+    "linear": (-1, 1),
+    "embedding": (-1, 1),
+    "addmm": (-1, 2),  # Hugging Face Conv1D (GPT-2): bias + x @ weight
 }
-# ops that never touch channel values (shape queries and the like) have no tensor outputs and are not traced
 
 
 @dataclass
@@ -65,6 +66,8 @@ class Group:
     members: list[Member] = field(default_factory=list)
     owners: dict[int, torch.Tensor] = field(default_factory=dict)  # activation value index -> owner
     blocked: str = ""  # why the group cannot be pruned ("" when it can)
+    block: int = 1  # consecutive channels per unit (head_dim for attention heads)
+    split: bool = False  # blocked because units would be split across dimensions
 
     @property
     def prunable(self) -> bool:
@@ -79,12 +82,13 @@ def _uses(trace: Trace) -> dict[int, list[Op]]:
     return uses
 
 
-def _propagate(trace: Trace, uses, seed_op: Op, seed_dim: int, index: int) -> Group:
+def _propagate(trace: Trace, uses, seed_op: Op, seed_dim: int, index: int, block: int = 1) -> Group:
+    """Spread the seed's owners; ``block`` consecutive channels form one unit (e.g. one attention head)."""
     out = seed_op.outputs[0]
     dim = seed_dim % len(out.shape)
-    units = out.shape[dim]
-    weight = seed_op.args[1]
-    group = Group(index, f"{seed_op.name} -> {getattr(weight, 'name', '?')}", units)
+    units = out.shape[dim] // block
+    weight = seed_op.args[SEEDS[seed_op.name][1]]
+    group = Group(index, f"{seed_op.name} -> {getattr(weight, 'name', '?')}", units, block=block)
     # activations have one owner; a parameter has one slot per pruned dimension (a conv inside a
     # residual group owns both its rows and its columns)
     owners: dict[int | tuple[int, int], torch.Tensor] = {}
@@ -124,8 +128,8 @@ def _propagate(trace: Trace, uses, seed_op: Op, seed_dim: int, index: int) -> Gr
 
     ctx = Context(get, put)
     shape = [1] * len(out.shape)
-    shape[dim] = units
-    put(out, torch.arange(units).reshape(shape))
+    shape[dim] = units * block
+    put(out, torch.arange(units).repeat_interleave(block).reshape(shape))
     boundary = {v.index for v in trace.inputs} | {v.index for v in trace.outputs}
     try:
         steps = 0
@@ -145,9 +149,10 @@ def _propagate(trace: Trace, uses, seed_op: Op, seed_dim: int, index: int) -> Gr
                     rule(op, ctx)
                 except Conflict as exc:
                     where = f", {op.where}" if op.where else ""
-                    raise Conflict(f"{exc} (at '{op.name}', op {op.index}{where})") from None
+                    raise type(exc)(f"{exc} (at '{op.name}', op {op.index}{where})") from None
     except Conflict as exc:
         group.blocked = str(exc)
+        group.split = isinstance(exc, SplitConflict)
     for key, owner in owners.items():
         if isinstance(key, tuple):
             if bool((owner >= 0).any()):
@@ -163,15 +168,24 @@ def find_groups(trace: Trace) -> list[Group]:
     groups: list[Group] = []
     covered: dict[int, torch.Tensor] = {}  # seed output value -> union of owned positions so far
     for op in trace.ops:
-        if op.name not in SEEDS or len(op.args) < 2 or not isinstance(op.args[1], Value):
+        if op.name not in SEEDS:
             continue
-        if op.args[1].kind != "param":
+        position = SEEDS[op.name][1]
+        weight = op.args[position] if len(op.args) > position else None
+        if not isinstance(weight, Value) or weight.kind != "param":
             continue
         out = op.outputs[0]
         done = covered.get(out.index)
         if done is not None and bool(done.all()):
             continue  # an earlier group already owns every unit of this output
-        group = _propagate(trace, uses, op, SEEDS[op.name], len(groups))
+        group = _propagate(trace, uses, op, SEEDS[op.name][0], len(groups))
+        channels = group.units
+        # a reshape that splits the channels (heads: view(b, t, heads, head_dim)) needs coarser units:
+        # retry with blocks of consecutive channels, smallest first (head_dim, then whole KV groups, ...)
+        for block in (b for b in range(2, channels // 2 + 1) if channels % b == 0):
+            if not group.split:
+                break
+            group = _propagate(trace, uses, op, SEEDS[op.name][0], len(groups), block)
         groups.append(group)
         for vi, owner in group.owners.items():
             if group.blocked:

@@ -14,6 +14,10 @@ class Conflict(Exception):
     """The group cannot be pruned consistently here (the message says why)."""
 
 
+class SplitConflict(Conflict):
+    """Units would be split across several dimensions; coarser units (e.g. whole heads) may work."""
+
+
 def compress(owner: torch.Tensor) -> torch.Tensor:
     """Shrink every dimension along which the owner is constant to size 1."""
     for dim in range(owner.dim()):

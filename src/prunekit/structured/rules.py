@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from prunekit.structured.owners import Conflict, align, compress, full, to_shape, varying_dims
+from prunekit.structured.owners import Conflict, SplitConflict, align, compress, full, to_shape, varying_dims
 from prunekit.structured.trace import Op, Value
 
 
@@ -320,13 +320,56 @@ def matmul(op: Op, ctx: Context) -> None:
     couple(ctx, b, out, [(-1, -1)] + _batch_pairs(b, out, 2, 2))
 
 
+@register_rule("addmm")
+def addmm(op: Op, ctx: Context) -> None:
+    """bias + mat1 @ mat2 (Hugging Face's GPT-2 Conv1D: weight laid out (in, out))."""
+    bias, a, b, out = op.args[0], op.args[1], op.args[2], op.outputs[0]
+    couple(ctx, a, b, [(-1, 0)], role_b="in")
+    couple(ctx, a, out, [(0, 0)])
+    couple(ctx, b, out, [(1, 1)], role_a="out")
+    couple(ctx, bias, out, broadcast_pairs(bias, out), role_a="bias")
+
+
 @register_rule("scaled_dot_product_attention")
 def sdpa(op: Op, ctx: Context) -> None:
     q, k, v, out = op.args[0], op.args[1], op.args[2], op.outputs[0]
-    couple(ctx, q, k, [(-1, -1)] + _batch_pairs(q, k, 2, 2))
     couple(ctx, k, v, [(-2, -2)] + _batch_pairs(k, v, 2, 2))
+    if len(q.shape) >= 3 and q.shape[-3] != k.shape[-3]:  # grouped-query attention (enable_gqa=True)
+        _gqa(ctx, k, q, [(-1, -1)])
+        _gqa(ctx, v, out, [(-1, -1)])
+        couple(ctx, q, out, [(-2, -2)] + _batch_pairs(q, out, 2, 2))
+        return
+    couple(ctx, q, k, [(-1, -1)] + _batch_pairs(q, k, 2, 2))
     couple(ctx, q, out, [(-2, -2)] + _batch_pairs(q, out, 2, 2))
     couple(ctx, v, out, [(-1, -1)] + _batch_pairs(v, out, 2, 2))
+
+
+def _gqa(ctx: Context, kv: Value, qo: Value, pairs: list[tuple[int, int]]) -> None:
+    """Couple a tensor with G key/value heads (dim -3) to one with H = G * r query heads: query head h
+    reads key/value head h // r, so a unit must own whole groups of r query heads."""
+    groups, heads = kv.shape[-3], qo.shape[-3]
+    if heads % groups:
+        raise Conflict(f"{heads} query heads do not divide into {groups} key/value heads")
+    rep = heads // groups
+    kv_shape = tuple(kv.shape)
+    wide_shape = kv_shape[:-3] + (heads,) + kv_shape[-2:]
+    pairs = pairs + [(-3, -3)] + [(i, i) for i in range(len(kv_shape) - 3) if kv_shape[i] == qo.shape[i]]
+    owner = ctx.get(kv)
+    if owner is not None:
+        wide = full(owner, kv_shape).repeat_interleave(rep, dim=-3)
+        moved = project(wide, wide_shape, qo.shape, pairs)
+        if moved is not None:
+            ctx.put(qo, moved)
+    owner = ctx.get(qo)
+    if owner is not None:
+        narrow_shape = tuple(qo.shape[:-3]) + (groups,) + tuple(qo.shape[-2:])
+        split = full(owner, qo.shape).unflatten(-3, (groups, rep))
+        first = split.narrow(-3, 0, 1)
+        if not bool((split == first).all()):
+            raise SplitConflict("grouped-query attention: units must own whole key/value groups")
+        moved = project(first.squeeze(-3), narrow_shape, kv_shape, [(j, i) for i, j in pairs])
+        if moved is not None:
+            ctx.put(kv, moved)
 
 
 # -- layout: permute, reshape, cat, split, indexing ------------------------------------------------------
@@ -379,16 +422,17 @@ def reshape(op: Op, ctx: Context) -> None:
         # positions in order. Splitting a pruned dim into several (view(b, g, c // g, ...)) relies on sizes
         # the model's code computes, which pruning would change unevenly.
         if len(varying_dims(moved)) != len(varying_dims(compress(align(owner, len(src.shape))))):
-            raise Conflict(f"{op.name} splits pruned channels into several dimensions")
+            raise SplitConflict(f"{op.name} splits pruned channels into several dimensions")
         ctx.put(dst, moved)
 
 
 @register_rule("cat", "concat", "concatenate")
 def cat(op: Op, ctx: Context) -> None:
-    parts = list(arg(op, 0, "tensors"))
     out = op.outputs[0]
     dim = _norm(arg(op, 1, "dim", 0), len(out.shape))
-    owned = [ctx.get(p) if isinstance(p, Value) else None for p in parts]
+    # legacy empty 1-D tensors (e.g. an empty cache) are allowed by torch.cat and hold nothing
+    parts = [p for p in arg(op, 0, "tensors") if isinstance(p, Value) and len(p.shape) == len(out.shape)]
+    owned = [ctx.get(p) for p in parts]
     if any(o is not None for o in owned):
         pieces = [
             full(o, p.shape) if o is not None else torch.full(p.shape, -1, dtype=torch.long)
@@ -429,13 +473,13 @@ def split(op: Op, ctx: Context) -> None:
 def getitem(op: Op, ctx: Context) -> None:
     x, index, out = op.args[0], op.args[1], op.outputs[0]
     index = index if isinstance(index, tuple) else (index,)
-    if any(isinstance(i, (Value, list, torch.Tensor)) for i in index) or Ellipsis in index or None in index:
+    if any(isinstance(i, (Value, list, torch.Tensor)) for i in index):
         for v in (x, out):
             if ctx.get(v) is not None:
                 raise Conflict("advanced indexing is not traced through")
         return
     owner = ctx.get(x)
-    # apply the same basic index to a full-size owner: exact for ints and slices
+    # apply the same basic index to a full-size owner: exact for ints, slices, Ellipsis and None
     if owner is not None:
         ctx.put(out, compress(full(owner, x.shape)[index].reshape(out.shape)))
     owner = ctx.get(out)

@@ -7,12 +7,13 @@ the weights: no pickle, so loading cannot run code.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from torch import nn
 
 from prunekit.errors import PrunekitError
-from prunekit.files import atomic_write_bytes, atomic_write_json
+from prunekit.files import atomic_write_json
 from prunekit.structured.apply import apply_plan
 
 LOG = "prune_log.json"
@@ -22,13 +23,19 @@ FORMAT = "prunekit.structured"
 
 def save(model: nn.Module, plan: dict, path: str | Path) -> Path:
     """Write ``path/prune_log.json`` and ``path/model.safetensors``; returns the directory."""
-    from safetensors.torch import save as to_bytes
+    from safetensors.torch import save_model
 
     from prunekit import __version__
 
     path = Path(path)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write_bytes(path / WEIGHTS, to_bytes(state))
+    path.mkdir(parents=True, exist_ok=True)
+    # save_model stores tied weights (an LM head sharing the embedding) once; write, then rename
+    tmp = path / f".{WEIGHTS}.tmp"
+    try:
+        save_model(model, str(tmp))
+        os.replace(tmp, path / WEIGHTS)
+    finally:
+        tmp.unlink(missing_ok=True)
     atomic_write_json(
         path / LOG, {"format": FORMAT, "format_version": 1, "library_version": __version__, "removed": plan}
     )
@@ -38,7 +45,7 @@ def save(model: nn.Module, plan: dict, path: str | Path) -> Path:
 def load(model: nn.Module, path: str | Path) -> nn.Module:
     """Rebuild the pruned model from an unpruned instance ``model`` (modified in place and returned)."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load_model
 
     path = Path(path)
     try:
@@ -52,11 +59,10 @@ def load(model: nn.Module, path: str | Path) -> nn.Module:
     except (AttributeError, KeyError, IndexError, RuntimeError) as exc:
         raise PrunekitError(f"the prune log does not fit this model: {exc}") from None
     try:
-        state = load_file(str(path / WEIGHTS))
+        load_model(model, str(path / WEIGHTS), strict=True)
     except (OSError, SafetensorError) as exc:
         raise PrunekitError(f"cannot read {path / WEIGHTS}: {exc}") from None
-    try:
-        model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise PrunekitError(f"weights do not fit the rebuilt model: {str(exc).splitlines()[0]}") from None
+        first = str(exc).strip().splitlines()[0]
+        raise PrunekitError(f"weights do not fit the rebuilt model: {first}") from None
     return model

@@ -1,0 +1,112 @@
+"""Structured pruning of Hugging Face transformers built from tiny random configs (no downloads).
+
+Attention is pruned by whole heads (whole key/value groups under grouped-query attention), the FFN by
+width (gate/up/down together); the residual width stays because RMSNorm/LayerNorm normalise over it.
+"""
+
+import pytest
+import torch
+
+from prunekit import structured
+
+transformers = pytest.importorskip("transformers")
+
+
+def llama():
+    cfg = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+    )
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def qwen2():
+    cfg = transformers.Qwen2Config(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return transformers.Qwen2ForCausalLM(cfg)
+
+
+def gpt2():
+    cfg = transformers.GPT2Config(
+        vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def bert():
+    cfg = transformers.BertConfig(
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+    )
+    return transformers.BertModel(cfg)
+
+
+BUILDERS = {"llama_gqa": llama, "qwen2": qwen2, "gpt2": gpt2, "bert": bert}
+
+
+def build(name):
+    torch.manual_seed(0)
+    return BUILDERS[name]().eval()
+
+
+def first_output(model, ids):
+    with torch.no_grad():
+        out = model(ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.6])
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_hf_models_prune_and_match_the_masked_original(name, ratio, tmp_path):
+    model = build(name)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    before = first_output(model, ids)
+    result = structured.prune_model(model, (ids,), ratio=ratio, round_to=1, verify=True)
+    after = first_output(model, ids)
+    assert after.shape == before.shape
+    assert result.params_after < result.params_before
+    structured.save(model, result.plan, tmp_path)
+    assert torch.equal(first_output(structured.load(build(name), tmp_path), ids), after)
+
+
+def test_grouped_query_attention_loses_whole_kv_groups():
+    model = build("llama_gqa")
+    ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(2))
+    structured.prune(model, (ids,), ratio=0.5, round_to=1, verify=True)
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        kv_heads = attn.k_proj.out_features // attn.head_dim
+        q_heads = attn.q_proj.out_features // attn.head_dim
+        assert kv_heads == 1 and q_heads == 4  # 2 -> 1 KV group, with its 4 query heads
+        assert attn.v_proj.out_features == attn.k_proj.out_features
+        assert attn.o_proj.in_features == attn.q_proj.out_features
+        assert q_heads // kv_heads == attn.num_key_value_groups  # the model stays valid GQA
+        assert layer.mlp.gate_proj.out_features == layer.mlp.up_proj.out_features == 64
+        assert layer.mlp.down_proj.in_features == 64
+    assert model.lm_head.out_features == 128 and model.model.embed_tokens.embedding_dim == 64
+
+
+def test_bert_heads_and_ffn_width():
+    model = build("bert")
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    structured.prune(model, (ids,), ratio=0.5, round_to=1, verify=True)
+    for layer in model.encoder.layer:
+        assert layer.attention.self.query.out_features == 32  # 2 of 4 heads of 16
+        assert layer.intermediate.dense.out_features == 64

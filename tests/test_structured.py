@@ -193,3 +193,25 @@ def test_load_rejects_a_log_for_another_model(tmp_path):
     (tmp_path / "prune_log.json").write_text("{not json")
     with pytest.raises(PrunekitError, match="prune log"):
         structured.load(case.build(), tmp_path)
+
+
+def test_cli_structured_writes_measurements(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from prunekit.cli import app
+
+    out = tmp_path / "out"
+    args = ["structured", "--model", "resnet-digits", "--out", str(out), "--ratio", "0.5", "--runs", "5"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["pruned"]["params"] < m["dense"]["params"] and m["pruned"]["macs"] < m["dense"]["macs"]
+    assert m["ratios"]["macs"] == m["pruned"]["macs"] / m["dense"]["macs"]
+    assert all(m[k]["latency_ms"]["p50"] <= m[k]["latency_ms"]["p99"] for k in ("dense", "pruned"))
+    from prunekit.models import build_model
+
+    rebuilt = structured.load(build_model("resnet-digits"), out)
+    assert sum(p.numel() for p in rebuilt.parameters()) == m["pruned"]["params"]
+    assert "Measured speed-up" in (out / "report.md").read_text()

@@ -134,6 +134,43 @@ def inspect(
     )
 
 
+@app.command()
+def structured(
+    model: str = typer.Option(
+        ..., "--model", help="Built-in name, .safetensors artifact, or package.module:factory."
+    ),
+    out: Path = typer.Option(..., "--out", help="Output directory."),
+    ratio: float = typer.Option(0.5, "--ratio", help="Fraction of channels/heads/neurons to remove."),
+    importance: str = typer.Option("l2", "--importance", help="l1, l2, bn_scale, fpgm or random."),
+    round_to: int = typer.Option(8, "--round-to", help="Round kept counts to this multiple."),
+    input_shape: str = typer.Option("", "--input-shape", help="Example input shape, e.g. 1,3,224,224."),
+    runs: int = typer.Option(200, "--runs", help="Timed runs per model for latency."),
+) -> None:
+    """Physically remove channels/heads/neurons and measure params, MACs and latency before and after."""
+    from prunekit.structured.run import load_model_spec, run_structured
+
+    shape = None
+    if input_shape:
+        try:
+            shape = tuple(int(s) for s in input_shape.split(","))
+        except ValueError:
+            raise PrunekitError(
+                f"--input-shape must be integers separated by commas, got {input_shape!r}"
+            ) from None
+    net, example = load_model_spec(model, shape)
+    m = run_structured(
+        net, example, out, ratio=ratio, importance=importance, round_to=round_to, runs=runs, model_name=model
+    )
+    typer.echo(f"{'':<8} {'params':>12} {'MACs':>14} {'p50 ms':>9} {'p99 ms':>9}")
+    for label in ("dense", "pruned"):
+        e = m[label]
+        typer.echo(
+            f"{label:<8} {e['params']:>12,} {e['macs']:>14,} {e['latency_ms']['p50']:>9.3f} "
+            f"{e['latency_ms']['p99']:>9.3f}"
+        )
+    typer.echo(f"wrote {out / 'metrics.json'}, {out / 'report.md'}, {out / 'prune_log.json'}")
+
+
 def main() -> None:
     try:
         app()  # standalone: click handles --help and usage errors (exit 2) and exits itself

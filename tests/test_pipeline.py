@@ -8,6 +8,7 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 
@@ -97,3 +98,29 @@ def test_rounds_are_numbered_in_order_across_prune_stages(tmp_path):
     assert [r["round"] for r in rounds] == list(range(len(rounds))) and len(rounds) == 5
     targeted = [r["targeted_sparsity"] for r in rounds]
     assert targeted == sorted(targeted) and targeted[-1] == pytest.approx(0.6, abs=1e-3)
+
+
+def test_data_the_model_cannot_take_fails_before_anything_runs(tmp_path):
+    rng = np.random.default_rng(0)
+    flat = tmp_path / "flat.npz"  # feature vectors, not images: resnet-digits cannot take them
+    np.savez(flat, x=rng.normal(size=(90, 10)).astype(np.float32), y=np.arange(90) % 3)
+    data = copy.deepcopy(TINY)
+    data["data"] = {"name": "npz", "path": str(flat)}
+    with pytest.raises(PrunekitError, match=r"does not take the data's samples of shape \(10,\)") as info:
+        run_recipe(recipe.from_dict(data), tmp_path / "out", progress=False)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_artifact_with_other_classes_than_the_data_fails_before_anything_runs(tmp_path):
+    first = run_recipe(recipe.from_dict(TINY), tmp_path / "first", progress=False)  # 10 digit classes
+    assert first["pruned"]["accuracy"] >= 0
+    images = tmp_path / "three.npz"
+    rng = np.random.default_rng(1)
+    np.savez(images, x=rng.normal(size=(90, 1, 8, 8)).astype(np.float32), y=np.arange(90) % 3)
+    data = copy.deepcopy(TINY)
+    data["model"] = {"artifact": str(tmp_path / "first" / "dense.safetensors")}
+    data["data"] = {"name": "npz", "path": str(images)}
+    with pytest.raises(PrunekitError, match=r"one logit per class.*3 classes; got \(1, 10\)"):
+        run_recipe(recipe.from_dict(data), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -121,8 +121,10 @@ class Run:
         )
 
     def check(self) -> None:
-        """Check every prune stage against the model before any stage runs, so a recipe that cannot work
-        fails in a second, not after the dense training, and leaves no output behind."""
+        """Check the model against the data and every prune stage against the model before any stage runs,
+        so a recipe that cannot work fails in a second, not after the dense training, and leaves no output
+        behind."""
+        self._check_data()
         for i, stage in enumerate(self.recipe.stages):
             if stage.type not in ("train", "finetune", "evaluate", "export", "prune"):
                 break  # a stage that may change the architecture: later ones are checked when they run
@@ -140,6 +142,28 @@ class Run:
                         )
             except PrunekitError as exc:
                 raise PrunekitError(f"recipe {self.recipe.name}: stages[{i}]: {exc}") from None
+
+    def _check_data(self) -> None:
+        example = self.data.train[0][0].unsqueeze(0)
+        was_training = self.model.training
+        try:
+            with torch.no_grad():
+                logits = self.model.eval()(example)
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise PrunekitError(
+                f"recipe {self.recipe.name}: the model does not take the data's samples of shape "
+                f"{tuple(example.shape[1:])}: {first}"
+            ) from None
+        finally:
+            self.model.train(was_training)
+        if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (1, self.data.num_classes):
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            n = self.data.num_classes
+            raise PrunekitError(
+                f"recipe {self.recipe.name}: the model must return one logit per class, shape "
+                f"(batch, {n}) for the data's {n} classes; got {shape}"
+            )
 
     def prune(self, stage: PruneStage) -> None:
         sparsifier = self._sparsifier(stage)

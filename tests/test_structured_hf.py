@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from prunekit import structured
+from prunekit.errors import PrunekitError
 
 transformers = pytest.importorskip("transformers")
 
@@ -110,3 +111,25 @@ def test_bert_heads_and_ffn_width():
     for layer in model.encoder.layer:
         assert layer.attention.self.query.out_features == 32  # 2 of 4 heads of 16
         assert layer.intermediate.dense.out_features == 64
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "qwen2", "gpt2"])
+def test_uniformly_pruned_models_load_with_plain_from_pretrained(name, tmp_path):
+    model = build(name)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(4))
+    structured.prune(model, (ids,), ratio=0.5, round_to=1, verify=True)
+    structured.save_pretrained(model, tmp_path)
+    reloaded = type(model).from_pretrained(str(tmp_path)).eval()  # plain transformers, no prunekit code
+    assert torch.equal(first_output(reloaded, ids), first_output(model, ids))
+
+
+def test_shapes_one_config_cannot_describe_point_to_the_prunekit_loader(tmp_path):
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))
+    bert_model = build("bert")  # BERT derives its head size from hidden_size / heads
+    structured.prune(bert_model, (ids,), ratio=0.5, round_to=1)
+    with pytest.raises(PrunekitError, match="prunekit.structured.save"):
+        structured.save_pretrained(bert_model, tmp_path)
+    llama_model = build("llama_gqa")  # layer 0 keeps more FFN width than layer 1
+    structured.prune(llama_model, (ids,), ratio=0.5, round_to=1, ratios={"model.layers.0.mlp.*": 0.25})
+    with pytest.raises(PrunekitError, match="layers differ in FFN width"):
+        structured.save_pretrained(llama_model, tmp_path)

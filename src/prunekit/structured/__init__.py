@@ -9,6 +9,7 @@ Custom operations get a rule with ``register_rule``; custom modules' size attrib
 
 from prunekit.structured.apply import register_module_fixer
 from prunekit.structured.core import Result, check_equivalence, prune, prune_model
+from prunekit.structured.hf import save_pretrained
 from prunekit.structured.rules import register_rule
 from prunekit.structured.storage import load, save
 
@@ -21,4 +22,5 @@ __all__ = [
     "load",
     "register_rule",
     "register_module_fixer",
+    "save_pretrained",
 ]

@@ -10,6 +10,7 @@ Custom operations get a rule with ``register_rule``; custom modules' size attrib
 from prunekit.structured.apply import register_module_fixer
 from prunekit.structured.core import Result, check_equivalence, prune, prune_model
 from prunekit.structured.hf import save_pretrained
+from prunekit.structured.layers import block_influence, drop_layers
 from prunekit.structured.rules import register_rule
 from prunekit.structured.storage import load, save
 
@@ -23,4 +24,6 @@ __all__ = [
     "register_rule",
     "register_module_fixer",
     "save_pretrained",
+    "drop_layers",
+    "block_influence",
 ]

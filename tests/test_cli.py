@@ -357,6 +357,16 @@ def test_corrupted_artifact_exits_2(run, monkeypatch, capsys, tmp_path):
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
+@pytest.mark.parametrize("where", ["file", "file/sub", "file/sub/deeper"])
+def test_out_that_cannot_be_a_directory_exits_2(monkeypatch, capsys, tmp_path, where):
+    (tmp_path / "file").write_text("not a directory")
+    out = tmp_path / where
+    code, _, err = call_main(monkeypatch, capsys, "run", str(write_recipe(tmp_path)), "--out", str(out))
+    assert code == 2
+    assert_one_line_error(err, "not a directory")
+    assert (tmp_path / "file").read_text() == "not a directory"
+
+
 def test_unknown_builtin_recipe_exits_2(monkeypatch, capsys):
     code, _, err = call_main(monkeypatch, capsys, "recipes", "show", "edge-digit")
     assert code == 2

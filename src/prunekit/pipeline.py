@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import platform
 import random
 import time
@@ -311,8 +312,7 @@ class Run:
 def run_recipe(recipe: Recipe, out: str | Path, progress: bool = True) -> dict[str, Any]:
     """Run every stage and write ``metrics.json`` and ``report.md`` into ``out``; returns the metrics."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise PrunekitError(f"--out {out} exists and is not a directory")
+    _check_out(out)
     threads = torch.get_num_threads()
     if recipe.threads is not None:
         torch.set_num_threads(recipe.threads)
@@ -322,13 +322,27 @@ def run_recipe(recipe: Recipe, out: str | Path, progress: bool = True) -> dict[s
         torch.set_num_threads(threads)
 
 
+def _check_out(out: Path) -> None:
+    """Refuse an output directory that cannot be created, before any work is done."""
+    if out.exists() and not out.is_dir():
+        raise PrunekitError(f"--out {out} exists and is not a directory")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise PrunekitError(f"--out {out}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PrunekitError(f"--out {out}: {existing} is not writable")
+
+
 def _run(recipe: Recipe, out: Path, progress: bool) -> dict[str, Any]:
     from prunekit.report import write_report
 
     started = time.perf_counter()
     state = Run(recipe, out, progress)
     state.check()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PrunekitError(f"--out {out}: cannot create the directory: {exc.strerror or exc}") from None
     handlers = {
         "train": state.train,
         "finetune": state.train,

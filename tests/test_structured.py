@@ -215,3 +215,54 @@ def test_cli_structured_writes_measurements(tmp_path):
     rebuilt = structured.load(build_model("resnet-digits"), out)
     assert sum(p.numel() for p in rebuilt.parameters()) == m["pruned"]["params"]
     assert "Measured speed-up" in (out / "report.md").read_text()
+
+
+def _dead_channel_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    with torch.no_grad():
+        model[0].bias[[1, 5]] = -100.0  # neurons 1 and 5 never fire
+    return model
+
+
+def test_apoz_and_activation_mean_remove_neurons_that_never_fire():
+    x = torch.randn(16, 6)
+    calibration = [(x, torch.zeros(16, dtype=torch.long))]
+    for importance in ("apoz", "activation_mean"):
+        model = _dead_channel_model()
+        result = structured.prune_model(
+            model, x, ratio=0.25, round_to=1, importance=importance, calibration=calibration, verify=True
+        )
+        assert list(result.removed.values()) == [[1, 5]]
+
+
+def test_taylor_removes_neurons_whose_removal_does_not_change_the_loss():
+    model = _dead_channel_model()
+    with torch.no_grad():
+        model[0].bias[[1, 5]] = 0.5  # alive, but nothing downstream reads them:
+        model[2].weight[:, [2, 6]] = 0.0  # zero consumer columns for neurons 2 and 6
+        model[2].weight[:, [1, 5]] = 1.0
+    x = torch.randn(16, 6)
+    calibration = [(x, torch.randint(0, 3, (16,))) for _ in range(2)]
+    result = structured.prune_model(
+        model,
+        x,
+        ratio=0.25,
+        round_to=1,
+        importance="taylor",
+        calibration=calibration,
+        loss_fn=nn.functional.cross_entropy,
+        verify=True,
+    )
+    assert list(result.removed.values()) == [[2, 6]]
+    assert all(p.grad is None for p in model.parameters())  # calibration gradients are not left behind
+
+
+def test_data_importance_needs_data():
+    model = _dead_channel_model()
+    with pytest.raises(PrunekitError, match="calibration"):
+        structured.prune(model, torch.randn(2, 6), importance="apoz")
+    with pytest.raises(PrunekitError, match="loss_fn"):
+        structured.prune(
+            model, torch.randn(2, 6), importance="taylor", calibration=[(torch.randn(2, 6), None)]
+        )

@@ -26,6 +26,20 @@ from prunekit.structured.trace import trace_model
 
 log = logging.getLogger(__name__)
 WEIGHT_IMPORTANCE = ("l1", "l2", "bn_scale", "fpgm", "random")
+DATA_IMPORTANCE = ("taylor", "activation_mean", "apoz")
+IMPORTANCES = WEIGHT_IMPORTANCE + DATA_IMPORTANCE
+ACTIVATIONS = {
+    "relu",
+    "relu_",
+    "relu6",
+    "hardtanh",
+    "hardtanh_",
+    "gelu",
+    "silu",
+    "hardswish",
+    "leaky_relu",
+    "elu",
+}
 
 
 @dataclass
@@ -110,12 +124,7 @@ def _ignored(group: Group, patterns: Sequence[str]) -> bool:
 
 def _scores(group: Group, model: nn.Module, kind: str, generator: torch.Generator, types) -> torch.Tensor:
     # parameters only: BatchNorm running statistics are not weights and must not sway the ranking
-    params = dict(model.named_parameters())
-    members = [
-        imp.Member(m.name, params[m.name].detach(), m.owner, m.role, types.get(m.name, ""))
-        for m in group.members
-        if m.name in params and m.role != "other"
-    ]
+    members = _members(group, dict(model.named_parameters()), types)
     if kind == "random":
         return imp.random_scores(group.units, generator)
     if kind == "l1":
@@ -129,7 +138,7 @@ def _scores(group: Group, model: nn.Module, kind: str, generator: torch.Generato
             return imp.bn_scale(members, group.units)
         except ValueError:
             return imp.l2_norm(members, group.units)  # no BatchNorm in this group: fall back, logged below
-    raise unknown_name("structured importance", kind, WEIGHT_IMPORTANCE)
+    raise unknown_name("structured importance", kind, IMPORTANCES)
 
 
 def prune_model(
@@ -146,14 +155,22 @@ def prune_model(
     ratios: Mapping[str, float] | None = None,
     seed: int = 0,
     atol: float = 1e-4,
+    calibration: Sequence[tuple] | None = None,
+    loss_fn=None,
 ) -> Result:
     """Remove ``ratio`` of the units of every prunable group; see :func:`prune`."""
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
         raise PrunekitError(f"ratio must be a number in [0, 1), got {ratio!r}")
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise PrunekitError(f"round_to must be an integer >= 1, got {round_to!r}")
-    if importance not in WEIGHT_IMPORTANCE:
-        raise unknown_name("structured importance", importance, WEIGHT_IMPORTANCE)
+    if importance not in IMPORTANCES:
+        raise unknown_name("structured importance", importance, IMPORTANCES)
+    if importance in DATA_IMPORTANCE and not calibration:
+        raise PrunekitError(
+            f"importance '{importance}' needs calibration batches: calibration=[(inputs, target), ...]"
+        )
+    if importance == "taylor" and loss_fn is None:
+        raise PrunekitError("importance 'taylor' needs loss_fn(output, target)")
     patterns = tuple(ignore or ())
     if isinstance(ignore, str):
         patterns = (ignore,)
@@ -169,7 +186,10 @@ def prune_model(
         reasons = sorted({g.blocked for g in groups if g.blocked})
         raise PrunekitError("nothing can be pruned structurally in this model: " + "; ".join(reasons[:3]))
     generator = torch.Generator().manual_seed(seed)
-    scores = {g.index: _scores(g, model, importance, generator, types) for g in prunable}
+    if importance in DATA_IMPORTANCE:
+        scores = _data_scores(prunable, trace, model, importance, calibration, loss_fn, types)
+    else:
+        scores = {g.index: _scores(g, model, importance, generator, types) for g in prunable}
     removed = _allocate(prunable, scores, ratio, round_to, global_ranking, max_ratio, ratios or {})
     plan = plan_removal(groups, {i: torch.tensor(u, dtype=torch.long) for i, u in removed.items()})
     result = Result(model, plan, groups, removed, params_before=_params(model))
@@ -179,6 +199,58 @@ def prune_model(
     if reference is not None:
         result.max_abs_diff = check_equivalence(reference, model, plan, example_inputs, atol)
     return result
+
+
+def _members(group: Group, params: Mapping[str, torch.Tensor], types) -> list:
+    return [
+        imp.Member(m.name, params[m.name].detach(), m.owner, m.role, types.get(m.name, ""))
+        for m in group.members
+        if m.name in params and m.role != "other"
+    ]
+
+
+def _data_scores(groups, trace, model, importance, calibration, loss_fn, types) -> dict[int, torch.Tensor]:
+    """Taylor (|sum w*g| per unit, averaged over batches) or activation statistics of each group's output
+    (after its first activation function when it has one: where APoZ counts the zeros)."""
+    from prunekit.structured.trace import trace_model
+
+    if importance == "taylor":
+        params = dict(model.named_parameters())
+        totals = {g.index: torch.zeros(g.units) for g in groups}
+        was_training = model.training
+        model.eval()
+        try:
+            for inputs, target in calibration:
+                model.zero_grad(set_to_none=True)
+                args = inputs if isinstance(inputs, tuple) else (inputs,)
+                loss_fn(model(*args), target).backward()
+                for g in groups:
+                    members = _members(g, params, types)
+                    grads = [params[m.name].grad for m in members]
+                    totals[g.index] += imp.taylor(members, grads, g.units)
+        finally:
+            model.zero_grad(set_to_none=True)
+            model.train(was_training)
+        return {i: t / len(calibration) for i, t in totals.items()}
+    producers = {v.index: trace.ops[v.producer].name for v in trace.values if v.producer is not None}
+    watch = {}
+    for g in groups:
+        acts = sorted(i for i in g.owners if producers.get(i) in ACTIVATIONS)
+        watch[g.index] = acts[0] if acts else g.seed_value
+    accs = {
+        g.index: (imp.APoZ if importance == "apoz" else imp.ActivationMean)(g.units, g.owners[watch[g.index]])
+        for g in groups
+    }
+    for batch in calibration:
+        inputs = batch[0] if isinstance(batch, tuple) and len(batch) == 2 else batch
+        calib = trace_model(model, inputs, keep_tensors=True)
+        if len(calib.values) != len(trace.values):
+            raise PrunekitError(
+                "the model ran different operations on a calibration batch than on the example"
+            )
+        for g in groups:
+            accs[g.index].add_batch(calib.tensors[watch[g.index]])
+    return {i: acc.value() for i, acc in accs.items()}
 
 
 def _group_ratio(group: Group, ratio: float, ratios: Mapping[str, float]) -> float:
@@ -264,7 +336,9 @@ def prune(
     """Physically remove ``ratio`` of the channels / neurons of every prunable group of ``model``.
 
     ``example_inputs``: a tensor or tuple of tensors the model runs on. ``importance``: ``l1``, ``l2``,
-    ``bn_scale``, ``fpgm`` or ``random``. ``ignore``: module-name globs whose parameters must not change.
+    ``bn_scale``, ``fpgm``, ``random``, or from data (``calibration=[(inputs, target), ...]``) ``taylor``
+    (with ``loss_fn(output, target)``), ``activation_mean``, ``apoz``.
+    ``ignore``: module-name globs whose parameters must not change.
     ``round_to``: kept counts are rounded to this multiple. ``verify``: check that the pruned model equals
     the original with the removed units zeroed. More options in :func:`prune_model`. Prunes in place and
     returns the model.

@@ -68,6 +68,7 @@ class Group:
     blocked: str = ""  # why the group cannot be pruned ("" when it can)
     block: int = 1  # consecutive channels per unit (head_dim for attention heads)
     split: bool = False  # blocked because units would be split across dimensions
+    seed_value: int = -1  # the value index of the seed's output
 
     @property
     def prunable(self) -> bool:
@@ -89,6 +90,7 @@ def _propagate(trace: Trace, uses, seed_op: Op, seed_dim: int, index: int, block
     units = out.shape[dim] // block
     weight = seed_op.args[SEEDS[seed_op.name][1]]
     group = Group(index, f"{seed_op.name} -> {getattr(weight, 'name', '?')}", units, block=block)
+    group.seed_value = out.index
     # activations have one owner; a parameter has one slot per pruned dimension (a conv inside a
     # residual group owns both its rows and its columns)
     owners: dict[int | tuple[int, int], torch.Tensor] = {}

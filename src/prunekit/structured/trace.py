@@ -60,6 +60,7 @@ class Trace:
     inputs: list[Value] = field(default_factory=list)
     outputs: list[Value] = field(default_factory=list)
     params: dict[str, Value] = field(default_factory=dict)  # name -> Value (params and buffers)
+    tensors: list = field(default_factory=list)  # value index -> tensor, when traced with keep_tensors
 
 
 def _user_frame() -> str:
@@ -107,8 +108,8 @@ class _Recorder(TorchFunctionMode):
 
 
 @torch.no_grad()
-def trace_model(model: nn.Module, example_inputs: torch.Tensor | tuple) -> Trace:
-    """Run ``model(*example_inputs)`` once and record every operation."""
+def trace_model(model: nn.Module, example_inputs: torch.Tensor | tuple, keep_tensors: bool = False) -> Trace:
+    """Run ``model(*example_inputs)`` once and record every operation (and every tensor, if asked)."""
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     trace = Trace()
     known: dict[int, Value] = {}
@@ -131,4 +132,6 @@ def trace_model(model: nn.Module, example_inputs: torch.Tensor | tuple) -> Trace
     trace.outputs = [
         known[id(t)] for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and id(t) in known
     ]
+    if keep_tensors:
+        trace.tensors = keep  # keep[i] is the tensor of trace.values[i]
     return trace

@@ -140,6 +140,28 @@ def test_no_matching_layer_names_the_module_types():
         resolve(Net(), SPEC, Targets(include=("decoder.*",)))
 
 
+def test_misspelt_type_is_an_error_not_a_silently_dense_layer():
+    # 'Conv1D' would otherwise leave the conv dense while the Linear layers are pruned
+    with pytest.raises(PrunekitError, match=r"type 'Conv1D'.*did you mean 'Conv1d'") as info:
+        resolve(Net(), SPEC, Targets(types=("Linear", "Conv1D")))
+    assert "\n" not in str(info.value)
+    # a torch.nn type the model does not have is fine (the defaults list Conv2d and Conv3d)
+    assert set(resolve(Net(), SPEC, Targets(types=("Linear", "Conv1d", "Conv3d")))) == BODY
+
+
+@pytest.mark.parametrize("field", ["include", "exclude"])
+def test_glob_that_matches_no_module_is_an_error(field):
+    # 'encoder.block3.*' is a typo for block2: excluding nothing (or including less) silently is wrong
+    targets = Targets(**{field: ("encoder.block1.*", "encoder.block3.*")})
+    with pytest.raises(PrunekitError, match=rf"targets {field} pattern\(s\) \['encoder\.block3\.\*'\]"):
+        resolve(Net(), SPEC, targets)
+    # a glob matching modules that are not targets is fine: it is about names, not about what gets pruned
+    assert set(resolve(Net(), SPEC, Targets(exclude=("norm", "encoder.block2.*")))) == BODY - {
+        "encoder.block2.fc1",
+        "encoder.block2.fc2",
+    }
+
+
 def test_nm_on_layer_with_bad_input_dimension_names_the_layer():
     class Odd(nn.Module):
         def __init__(self) -> None:

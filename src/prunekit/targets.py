@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from prunekit.errors import PrunekitError
+from prunekit.errors import PrunekitError, did_you_mean
 from prunekit.masking import type_name
 from prunekit.spec import Spec, parse
 
@@ -59,6 +59,32 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def _check_types(model: nn.Module, targets: Targets) -> None:
+    """A misspelt type would silently leave its layers dense: refuse it."""
+    kinds = {type_name(m) for m in model.modules()}
+    for kind in targets.types:
+        if kind not in kinds and not isinstance(getattr(nn, kind, None), type):
+            raise PrunekitError(
+                f"targets type '{kind}' is neither a torch.nn module type nor in the model"
+                f"{did_you_mean(kind, kinds | set(DEFAULT_TYPES))}; the model has: {', '.join(sorted(kinds))}"
+            )
+
+
+def _check_patterns(model: nn.Module, patterns: tuple[str, ...], field: str) -> None:
+    """A glob that matches no module name (a typo) would silently prune the wrong layers: refuse it."""
+    names = [name for name, _ in model.named_modules() if name]
+    unused = [p for p in patterns if not _matches_any(p, names)]
+    if unused:
+        raise PrunekitError(
+            f"targets {field} pattern(s) {unused} match no module; module names look like "
+            f"{', '.join(repr(n) for n in names[:3])}"
+        )
+
+
+def _matches_any(pattern: str, names: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(n, pattern) for n in names)
+
+
 def resolve(
     model: nn.Module,
     spec: Spec,
@@ -67,6 +93,8 @@ def resolve(
 ) -> dict[str, Spec]:
     """Map each targeted module name to its spec (overrides win, first matching pattern first)."""
     targets = targets or Targets()
+    _check_types(model, targets)
+    _check_patterns(model, targets.exclude, "exclude")
     overrides = {pattern: parse(value) for pattern, value in (overrides or {}).items()}
     head = None if targets.prune_classifier else classifier_name(model)
     chosen: dict[str, Spec] = {}
@@ -86,6 +114,7 @@ def resolve(
             f"no layer matches the targets (types={list(targets.types)}, include={list(targets.include)}, "
             f"exclude={list(targets.exclude)}); the model has module types: {', '.join(kinds)}"
         )
+    _check_patterns(model, targets.include, "include")  # after the check above: it names all of them
     unused = [p for p in overrides if not any(fnmatch.fnmatchcase(n, p) for n in chosen)]
     if unused:
         raise PrunekitError(f"override pattern(s) {unused} match no targeted layer")

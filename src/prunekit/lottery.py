@@ -31,7 +31,7 @@ from torch.nn.utils import parametrize
 from prunekit.errors import PrunekitError
 from prunekit.masking import apply_masks, get_masks
 from prunekit.schedule import geometric_rounds
-from prunekit.select import GROUPS
+from prunekit.select import check_group
 from prunekit.sparsifier import Sparsifier
 from prunekit.spec import Unstructured
 from prunekit.targets import Targets
@@ -113,8 +113,7 @@ def find_ticket(
     schedule = geometric_rounds(target, rate)  # validates target and rate
     if not callable(train):
         raise PrunekitError(f"train must be a callable taking the model, got {train!r}")
-    if group not in GROUPS:
-        raise PrunekitError(f"comparison group must be one of {', '.join(GROUPS)}, got {group!r}")
+    check_group(group)
     sparsifier = Sparsifier(
         model, Unstructured(schedule[-1]), criterion=criterion, group=group, targets=targets, seed=seed
     )

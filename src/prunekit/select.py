@@ -35,7 +35,8 @@ def _materialise(source: ScoreSource) -> torch.Tensor:
     return source() if callable(source) else source
 
 
-def _check_group(group: str) -> None:
+def check_group(group: str) -> None:
+    """Raise unless ``group`` is one of :data:`GROUPS`."""
     if group not in GROUPS:
         raise PrunekitError(f"comparison group must be one of {', '.join(GROUPS)}, got {group!r}")
 
@@ -206,7 +207,7 @@ def unstructured_masks(
     existing: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Element-wise keep-masks. ``sparsity`` is one number, or one per layer (not with ``"global"``)."""
-    _check_group(group)
+    check_group(group)
     existing = existing or {}
 
     def source(name: str) -> ScoreSource:
@@ -302,10 +303,11 @@ def select_masks(
 ) -> dict[str, torch.Tensor]:
     """Keep-masks for layers that may each have a different spec.
 
-    With ``group="global"`` every layer must share one Unstructured (or one Block) spec; N:M layers are
-    always selected group by group.
+    Layers are grouped by spec and each set is selected on its own: with ``group="global"`` the layers
+    sharing one Unstructured (or Block) spec get one threshold, so an overridden layer is ranked only with
+    layers of the same override; N:M layers are always selected M consecutive weights at a time.
     """
-    _check_group(group)
+    check_group(group)
     existing = existing or {}
     out: dict[str, torch.Tensor] = {}
     by_spec: dict[Spec, list[str]] = {}

@@ -24,7 +24,7 @@ from prunekit.criteria.base import Batch, LossFn, make_criterion
 from prunekit.errors import PrunekitError
 from prunekit.masking import apply_masks, get_masks, mask_of, squash
 from prunekit.schedule import AGP, OneShot, Schedule
-from prunekit.select import GROUPS, select_masks
+from prunekit.select import check_group, select_masks
 from prunekit.spec import NM, Block, Spec, Unstructured, parse
 from prunekit.targets import Targets, resolve
 
@@ -53,8 +53,7 @@ class Sparsifier:
         self.criterion_name = criterion
         self.criterion = make_criterion(criterion, seed=seed)
         self.group = group or self.criterion.default_group
-        if self.group not in GROUPS:
-            raise PrunekitError(f"comparison group must be one of {', '.join(GROUPS)}, got {self.group!r}")
+        check_group(self.group)
         self.targets = targets or Targets()
         self.specs = resolve(model, self.spec, self.targets, overrides)
         self.overridden = {name for name, s in self.specs.items() if s != self.spec}

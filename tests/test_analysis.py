@@ -17,6 +17,7 @@ from prunekit.analysis import (
     layer_table,
     measure_latency,
 )
+from prunekit.errors import PrunekitError
 from prunekit.masking import apply_masks, squash
 from prunekit.models import SmallResNet
 from prunekit.spec import Unstructured
@@ -31,6 +32,8 @@ def test_classification_metrics_by_hand():
     m = classification_metrics(preds, targets, num_classes=4)
     assert m["accuracy"] == pytest.approx(4 / 6)
     assert m["per_class_recall"] == [pytest.approx(2 / 3), 1.0, None, 0.0]
+    # exact ratios of the counts, not float32 means (0.6666666865348816)
+    assert m["accuracy"] == 4 / 6 and m["per_class_recall"][0] == 2 / 3
     assert m["support"] == [3, 2, 0, 1]
     assert m["confusion"] == [
         [2, 1, 0, 0],
@@ -73,6 +76,13 @@ def test_classification_metrics_invariants(case):
     # accuracy is the support-weighted mean of the recalls
     weighted = sum(r * s for r, s in zip(m["per_class_recall"], m["support"]) if r is not None)
     assert m["accuracy"] == pytest.approx(weighted / len(pairs))
+
+
+def test_classification_metrics_rejects_indices_outside_the_classes():
+    with pytest.raises(PrunekitError, match=r"predictions must be class indices in \[0, 3\)"):
+        classification_metrics(torch.tensor([0, 3]), torch.tensor([0, 1]), 3)
+    with pytest.raises(PrunekitError, match="targets"):
+        classification_metrics(torch.tensor([0, 1]), torch.tensor([-1, 1]), 3)
 
 
 def test_classification_metrics_accepts_any_shape_and_empty_input():

@@ -8,18 +8,27 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from prunekit.errors import PrunekitError
+
 
 def classification_metrics(preds: torch.Tensor, targets: torch.Tensor, num_classes: int) -> dict[str, Any]:
-    """``accuracy`` and ``per_class_recall`` as fractions in [0, 1]; recall is None for absent classes."""
+    """``accuracy`` and ``per_class_recall`` as fractions in [0, 1]; recall is None for absent classes.
+
+    The fractions are exact ratios of counts (not float32 means), so equal counts give equal numbers.
+    """
     preds, targets = preds.reshape(-1).long(), targets.reshape(-1).long()
+    for name, values in (("predictions", preds), ("targets", targets)):
+        if len(values) and not (int(values.min()) >= 0 and int(values.max()) < num_classes):
+            seen = values.unique().tolist()
+            raise PrunekitError(f"{name} must be class indices in [0, {num_classes}), got {seen}")
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     confusion.index_put_((targets, preds), torch.ones_like(targets), accumulate=True)
-    support = confusion.sum(dim=1)
-    recall = [float(confusion[c, c] / support[c]) if support[c] else None for c in range(num_classes)]
+    support = confusion.sum(dim=1).tolist()
+    recall = [int(confusion[c, c]) / support[c] if support[c] else None for c in range(num_classes)]
     return {
-        "accuracy": float((preds == targets).float().mean()) if len(targets) else 0.0,
+        "accuracy": int(confusion.trace()) / len(targets) if len(targets) else 0.0,
         "per_class_recall": recall,
-        "support": support.tolist(),
+        "support": support,
         "confusion": confusion.tolist(),
     }
 

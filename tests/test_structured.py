@@ -17,8 +17,6 @@ from prunekit.structured.apply import zero_plan
 from prunekit.structured.core import check_equivalence
 from structured_zoo import ZOO
 
-# cases whose attention layers prunekit cannot see into yet: their residual width stays, the rest prunes
-IGNORE = {"vit": ["blocks.*.attn"]}
 PRUNABLE = [name for name, case in ZOO.items() if case.prunable]
 
 
@@ -34,7 +32,11 @@ def test_architecture_matrix(name, ratio, tmp_path):
     model, args = case.build(), case.example()
     before = _outputs(model, args)
     result = structured.prune_model(
-        model, args, ratio=ratio, round_to=1, verify=True, ignore=IGNORE.get(name)
+        model,
+        args,
+        ratio=ratio,
+        round_to=1,
+        verify=True,
     )
     assert result.max_abs_diff is not None  # verify ran (it raises on a mismatch)
     after = _outputs(model, args)

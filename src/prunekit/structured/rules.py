@@ -320,6 +320,21 @@ def matmul(op: Op, ctx: Context) -> None:
     couple(ctx, b, out, [(-1, -1)] + _batch_pairs(b, out, 2, 2))
 
 
+@register_rule("multi_head_attention_forward")
+def multi_head_attention(op: Op, ctx: Context) -> None:
+    """nn.MultiheadAttention: its embedding width is also its heads x head_dim, and its output projection
+    writes the same width back, so that width cannot shrink without changing every head; sequence and
+    batch dims pass through (inputs are (L, N, E) here: the module transposes batch_first itself)."""
+    query, key, value, out = op.args[0], op.args[1], op.args[2], op.outputs[0]
+    for v in (query, key, value, out):
+        owner = ctx.get(v)
+        if owner is not None and len(v.shape) - 1 in varying_dims(align(owner, len(v.shape))):
+            raise Conflict("nn.MultiheadAttention ties its embedding width to its heads: not pruned")
+    nd = len(query.shape)
+    couple(ctx, query, out, same_dims(nd, skip=[-1]))
+    couple(ctx, key, value, same_dims(len(key.shape), skip=[-1]))
+
+
 @register_rule("addmm")
 def addmm(op: Op, ctx: Context) -> None:
     """bias + mat1 @ mat2 (Hugging Face's GPT-2 Conv1D: weight laid out (in, out))."""
@@ -446,6 +461,11 @@ def cat(op: Op, ctx: Context) -> None:
         for p in parts:
             ctx.put(p, compress(wide.narrow(dim, start, p.shape[dim])))
             start += p.shape[dim]
+    # the other dimensions are shared by every part (a class token concatenated to patch tokens has
+    # the same channels as they do); coupling the parts directly keeps the output's positional owner apart
+    for i, p in enumerate(parts):
+        for q in parts[i + 1 :]:
+            couple(ctx, p, q, same_dims(len(out.shape), skip=[dim]))
 
 
 @register_rule("split", "chunk", "split_with_sizes", "unbind", "tensor_split")

@@ -143,6 +143,23 @@ def test_nm_conv_groups_run_along_input_channels(n, m):
         assert_nm(model.get_submodule(name).weight, n, m)
 
 
+def test_nm_spec_refuses_a_sparsity_instead_of_ignoring_it():
+    model = mlp()
+    sp = Sparsifier(model, "2:4")
+    with pytest.raises(PrunekitError, match="fixes the sparsity at 50%"):
+        sp.prune(0.3)
+    assert get_masks(model) == {}  # nothing was pruned
+    sp.prune()
+    for name in MLP_LAYERS:
+        assert_nm(model.get_submodule(name).weight, 2, 4)
+
+
+@pytest.mark.parametrize("sparsity", [1.0, -0.1, "0.5", float("nan")])
+def test_bad_round_sparsity_raises(sparsity):
+    with pytest.raises(PrunekitError, match="sparsity"):
+        Sparsifier(mlp(), 0.5).prune(sparsity)
+
+
 def test_nm_layer_with_bad_input_dimension_is_refused_up_front():
     model = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 2))
     with pytest.raises(PrunekitError, match="'0'"):

@@ -25,7 +25,7 @@ from prunekit.errors import PrunekitError
 from prunekit.masking import apply_masks, get_masks, mask_of, squash
 from prunekit.schedule import AGP, OneShot, Schedule
 from prunekit.select import check_group, select_masks
-from prunekit.spec import NM, Block, Spec, Unstructured, parse
+from prunekit.spec import NM, Block, Spec, Unstructured, check_sparsity, parse
 from prunekit.targets import Targets, resolve
 
 
@@ -87,14 +87,24 @@ class Sparsifier:
         batches: Iterable[Batch] | None = None,
         loss_fn: LossFn | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Recompute masks at ``sparsity`` (default: the spec's). Pruned weights never come back."""
+        """Recompute masks at ``sparsity`` (default: the spec's). Pruned weights never come back.
+
+        An N:M spec fixes its own sparsity (1 - N/M): giving one is an error, not silently ignored.
+        """
+        if sparsity is not None:
+            if isinstance(self.spec, NM):
+                raise PrunekitError(
+                    f"the N:M pattern {self.spec} fixes the sparsity at {self.spec.sparsity:.0%}: "
+                    "call prune() without a sparsity"
+                )
+            sparsity = check_sparsity(sparsity)
         self.prepare()
         if self.criterion.needs in ("gradients", "activations"):
             if batches is None:
                 raise PrunekitError(f"criterion '{self.criterion_name}' needs calibration batches")
             self.criterion.collect(self.model, self.layers, batches, loss_fn)
         specs = dict(self.specs)
-        if sparsity is not None and not isinstance(self.spec, NM):
+        if sparsity is not None:
             for name in specs:
                 if name not in self.overridden:
                     specs[name] = _at_sparsity(specs[name], sparsity)
@@ -108,7 +118,9 @@ class Sparsifier:
         """Call once after each optimizer step: feeds movement scores and applies AGP pruning steps."""
         self.criterion.on_step(self.layers)
         if isinstance(self.schedule, AGP) and self.schedule.is_pruning_step(self.step_count):
-            self.prune(self.schedule.sparsity_at(self.step_count, self.spec.sparsity), batches, loss_fn)
+            fixed = isinstance(self.spec, NM)  # N:M has no gradual path: its layers are pruned at `start`
+            target = None if fixed else self.schedule.sparsity_at(self.step_count, self.spec.sparsity)
+            self.prune(target, batches, loss_fn)
         self.step_count += 1
 
     def squash(self) -> nn.Module:

@@ -259,6 +259,28 @@ def test_newer_format_version_asks_for_an_upgrade(tmp_path):
         load_artifact(path)
 
 
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        ({"format_version": "1"}, "format_version '1'"),
+        ({"format_version": None}, "format_version None"),
+        ({"model": "resnet-digits"}, "'model' must be null"),
+        ({"model": {"args": {}}}, "'model' must be null"),
+    ],
+)
+def test_hand_made_header_with_bad_fields_is_a_clear_error(tmp_path, changes, needle):
+    # a header with a valid checksum can still be malformed (written by hand or by another tool)
+    tensors = {"fc.weight": torch.zeros(2, 2)}
+    header = {"format": artifact_module.FORMAT, "format_version": 1, "masks": {}, "specs": {}, "model": None}
+    header.update(changes)
+    header["sha256"] = artifact_module._digest(tensors, header)
+    path = tmp_path / "hand.safetensors"
+    safetensors.torch.save_file(tensors, str(path), metadata={"prunekit": json.dumps(header)})
+    with pytest.raises(PrunekitError, match="malformed prunekit header") as info:
+        load_artifact(path)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(PrunekitError, match="artifact not found"):
         load_artifact(tmp_path / "nope.safetensors")

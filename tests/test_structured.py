@@ -268,3 +268,31 @@ def test_data_importance_needs_data():
         structured.prune(
             model, torch.randn(2, 6), importance="taylor", calibration=[(torch.randn(2, 6), None)]
         )
+
+
+def test_structured_recipe_stage_exports_an_artifact_that_reloads(tmp_path):
+    import json
+
+    import yaml
+
+    from prunekit import recipe
+    from prunekit.analysis import evaluate
+    from prunekit.artifact import load_artifact
+    from prunekit.data import load_splits
+    from prunekit.pipeline import run_recipe
+
+    data = yaml.safe_load(recipe.builtin_text("edge-digits-structured"))
+    data["model"]["args"] = {"widths": [16, 32], "blocks": 1}
+    data["stages"][0]["epochs"] = 2
+    data["stages"][3]["finetune"]["epochs"] = 1
+    for i in (1, 4):
+        data["stages"][i]["latency_runs"] = 5
+    run_recipe(recipe.from_dict(data), tmp_path, progress=False)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["pruned"]["params"] < 0.5 * metrics["dense"]["params"]
+    assert metrics["pruned"]["size_bytes"] < 0.5 * metrics["dense"]["size_bytes"]
+    model, info = load_artifact(tmp_path / "pruned.safetensors")  # replays the prune log, then the weights
+    assert len(info.structured) == 1
+    splits = load_splits("digits", seed=0)
+    result = evaluate(model.eval(), splits.loader("test", 64), splits.num_classes)
+    assert result["accuracy"] == metrics["pruned"]["accuracy"]

@@ -33,6 +33,7 @@ from prunekit.recipe import (
     Optim,
     PruneStage,
     Recipe,
+    StructuredStage,
     TrainStage,
     to_dict,
 )
@@ -63,6 +64,7 @@ class Run:
         d = recipe.data
         self.data: Splits = load_splits(d.name, d.path, d.val_fraction, d.test_fraction, seed=recipe.seed)
         self.specs: dict[str, Spec] = {}  # before _model(): a model loaded from an artifact brings its specs
+        self.structured_logs: list[dict] = []  # structured prune logs so far, replayed when reloading
         self.model, self.model_info = self._model()
         self.dense_layers: dict[str, str] = {}
         self.metrics: dict[str, Any] = {}
@@ -77,6 +79,7 @@ class Run:
         if src.artifact is not None:
             model, info = load_artifact(src.artifact)
             self.specs = dict(info.specs)
+            self.structured_logs = list(info.structured)  # keep replaying them in this run's exports
             return model, info.model
         from prunekit.models import build_model
 
@@ -279,6 +282,45 @@ class Run:
             self.metrics[label]["latency_runs"] = entry["runs"]
             self.metrics[label]["threads"] = entry["threads"]
 
+    def structured(self, stage: StructuredStage) -> None:
+        """Physically shrink the model; the prune log goes into every later export."""
+        from prunekit.masking import get_masks
+        from prunekit.structured import prune_model
+
+        if get_masks(self.model):
+            raise PrunekitError(
+                "a structured stage must come before unstructured prune stages (masks present)"
+            )
+        example = self.data.train[: min(2, len(self.data.train))][0]
+        calibration = self._calibration(stage.calibration_batches)
+        before = sum(p.numel() for p in self.model.parameters())
+        result = prune_model(
+            self.model,
+            example,
+            ratio=stage.ratio,
+            importance=stage.importance,
+            ignore=stage.ignore,
+            round_to=stage.round_to,
+            verify=True,
+            calibration=calibration,
+            loss_fn=nn.functional.cross_entropy,
+        )
+        self.structured_logs.append(result.plan)
+        log.info(
+            "structured: %d -> %d parameters (verified, max abs diff %.2g)",
+            before,
+            result.params_after,
+            result.max_abs_diff,
+        )
+        if stage.finetune is not None:
+            train(
+                self.model,
+                self.loader("train", shuffle=True),
+                _train_cfg(stage.finetune),
+                progress=self.progress,
+                desc="fine-tune (structured)",
+            )
+
     def export(self, stage: ExportStage) -> None:
         path = self.out / f"{stage.name}.safetensors"
         self.sizes[stage.name] = save_artifact(
@@ -287,6 +329,7 @@ class Run:
             model_info=self.model_info,
             specs=self.specs,
             extra={"recipe": self.recipe.name, "stages": list(self.done)},
+            structured=self.structured_logs,
         )
 
     def summary(self) -> dict[str, Any]:
@@ -347,13 +390,14 @@ def _run(recipe: Recipe, out: Path, progress: bool) -> dict[str, Any]:
         "train": state.train,
         "finetune": state.train,
         "prune": state.prune,
+        "structured": state.structured,
         "evaluate": state.evaluate,
         "export": state.export,
     }
     for stage in recipe.stages:
         log.info("stage %s", stage.type)
         handlers[stage.type](stage)
-        if stage.type in ("train", "finetune", "prune"):
+        if stage.type in ("train", "finetune", "prune", "structured"):
             state.done.append(stage.model_dump(mode="json", exclude_none=True))
     metrics = state.summary()
     metrics["wall_time_s"] = time.perf_counter() - started

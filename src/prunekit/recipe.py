@@ -173,6 +173,29 @@ class PruneStage(Strict):
         return self
 
 
+class StructuredStage(Strict):
+    """Physically remove channels/neurons/heads (prunekit.structured), then optionally fine-tune."""
+
+    type: Literal["structured"]
+    ratio: float = Field(ge=0, lt=1)  # fraction of the units of every prunable group to remove
+    importance: str = "l2"  # l1, l2, bn_scale, fpgm, random; taylor, activation_mean, apoz (from data)
+    round_to: int = Field(8, ge=1)  # kept counts rounded to this multiple
+    ignore: list[str] = Field(default_factory=list)  # module-name globs whose parameters must not change
+    calibration_batches: int = Field(8, ge=1)  # for the data-driven importances
+    finetune: Optim | None = None
+
+    @field_validator("importance")
+    @classmethod
+    def _importance(cls, value: str) -> str:
+        from prunekit.structured.core import IMPORTANCES
+
+        if value not in IMPORTANCES:
+            from prunekit.errors import unknown_name
+
+            raise unknown_name("structured importance", value, IMPORTANCES)
+        return value
+
+
 class EvaluateStage(Strict):
     type: Literal["evaluate"]
     label: str  # metrics.json key, e.g. "dense" or "pruned"
@@ -193,9 +216,10 @@ class ExportStage(Strict):
 
 
 Stage = Annotated[
-    TrainStage | PruneStage | FinetuneStage | EvaluateStage | ExportStage, Field(discriminator="type")
+    TrainStage | PruneStage | StructuredStage | FinetuneStage | EvaluateStage | ExportStage,
+    Field(discriminator="type"),
 ]
-STAGE_TYPES = ("train", "prune", "finetune", "evaluate", "export")
+STAGE_TYPES = ("train", "prune", "structured", "finetune", "evaluate", "export")
 
 
 class Recipe(Strict):

@@ -45,6 +45,7 @@ class ArtifactInfo:
     masks: dict[str, torch.Tensor]
     extra: dict[str, Any] = field(default_factory=dict)
     size_bytes: int = 0
+    structured: list[dict] = field(default_factory=list)  # structured prune logs, replayed in order
 
 
 def _library_version() -> str:
@@ -96,8 +97,13 @@ def save_artifact(
     model_info: dict[str, Any] | None = None,
     specs: dict[str, Spec] | None = None,
     extra: dict[str, Any] | None = None,
+    structured: list[dict] | None = None,
 ) -> int:
-    """Write the artifact atomically; returns its size in bytes."""
+    """Write the artifact atomically; returns its size in bytes.
+
+    ``structured``: the prune logs (``prunekit.structured`` plans) that turned the built-in architecture
+    into this smaller one; loading replays them before reading the weights.
+    """
     from safetensors.torch import save
 
     tensors = plain_state_dict(model)
@@ -113,6 +119,8 @@ def save_artifact(
         "masks": {name: list(mask.shape) for name, mask in masks.items()},
         "extra": extra or {},
     }
+    if structured:
+        header["structured"] = structured
     header["sha256"] = _digest(tensors, header)
     data = save(tensors, metadata={"prunekit": json.dumps(header)})
     atomic_write_bytes(path, data)
@@ -169,6 +177,7 @@ def read_artifact(path: str | Path) -> tuple[dict[str, torch.Tensor], ArtifactIn
             masks=masks,
             extra=header.get("extra", {}),
             size_bytes=len(raw),
+            structured=list(header.get("structured", [])),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise PrunekitError(f"artifact {path}: malformed prunekit header: {exc}") from None
@@ -191,6 +200,16 @@ def load_artifact(
         from prunekit.models import build_model
 
         model = build_model(info.model["name"], info.model.get("args"))
+    if info.structured:
+        from prunekit.structured.apply import apply_plan
+
+        try:
+            for plan in info.structured:
+                apply_plan(model, plan)
+        except (AttributeError, KeyError, IndexError, RuntimeError) as exc:
+            raise PrunekitError(
+                f"artifact {path}: its structured prune log does not fit the model: {exc}"
+            ) from None
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:

@@ -296,3 +296,16 @@ def test_structured_recipe_stage_exports_an_artifact_that_reloads(tmp_path):
     splits = load_splits("digits", seed=0)
     result = evaluate(model.eval(), splits.loader("test", 64), splits.num_classes)
     assert result["accuracy"] == metrics["pruned"]["accuracy"]
+
+
+def test_a_structured_stage_after_a_prune_stage_is_refused_up_front(tmp_path):
+    import yaml
+
+    from prunekit import recipe
+    from prunekit.pipeline import run_recipe
+
+    data = yaml.safe_load(recipe.builtin_text("edge-digits-structured"))
+    data["stages"].insert(3, {"type": "prune", "pattern": 0.5})
+    with pytest.raises(PrunekitError, match="structured stage must come before"):
+        run_recipe(recipe.from_dict(data), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -129,6 +129,12 @@ class Run:
         so a recipe that cannot work fails in a second, not after the dense training, and leaves no output
         behind."""
         self._check_data()
+        kinds = [stage.type for stage in self.recipe.stages]
+        if "structured" in kinds and "prune" in kinds[: kinds.index("structured")]:
+            raise PrunekitError(
+                f"recipe {self.recipe.name}: stages[{kinds.index('structured')}]: a structured stage must "
+                "come before any prune stage (it removes whole units; earlier masks would not follow)"
+            )
         for i, stage in enumerate(self.recipe.stages):
             if stage.type not in ("train", "finetune", "evaluate", "export", "prune"):
                 break  # a stage that may change the architecture: later ones are checked when they run

@@ -53,11 +53,16 @@ def verdict(dense: dict[str, Any], pruned: dict[str, Any]) -> list[str]:
     elif ratio > SLOWER_THRESHOLD:
         out.append(f"Latency: pruned is **slower**, p50 {ratio:.2f}x of dense.")
     else:
+        why = (
+            "The layers are physically smaller, yet per-call overheads or memory traffic dominate "
+            "at this size."
+            if pruned.get("params", 0) < dense.get("params", 0)
+            else "The zeros are unstructured and the layers still run dense kernels that multiply them; "
+            "speed needs structured pruning or a sparse runtime."
+        )
         out.append(
             f"Latency: **pruning did not make inference faster** (p50 {ratio:.2f}x of dense; the report "
-            f"counts only {FASTER_THRESHOLD:.2f}x or better as a speed-up). The zeros are unstructured "
-            "and the layers still run dense kernels that multiply them; speed needs structured pruning "
-            "or a sparse runtime."
+            f"counts only {FASTER_THRESHOLD:.2f}x or better as a speed-up). {why}"
         )
     if dense.get("size_bytes") and pruned.get("size_bytes"):
         size_ratio = pruned["size_bytes"] / dense["size_bytes"]

@@ -39,8 +39,21 @@ def _owner_and_attr(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(module_name) if module_name else model), attr
 
 
-def apply_plan(model: nn.Module, plan: Mapping[str, Mapping]) -> nn.Module:
-    """Slice the parameters/buffers named in ``plan`` in place and fix the affected modules' attributes."""
+def _aliases(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """Every (module, attribute) holding each parameter/buffer object: a shared weight has several."""
+    holders: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
+    for module in model.modules():
+        for attr, tensor in [*module._parameters.items(), *module._buffers.items()]:
+            if tensor is not None:
+                holders[id(tensor)].append((module, attr))
+    return holders
+
+
+def apply_plan(model: nn.Module, plan: Mapping[str, Mapping]) -> Callable[[], None]:
+    """Slice the parameters/buffers named in ``plan`` in place (in every module that shares them) and fix
+    the affected modules' attributes. Returns ``undo()``, which restores the model exactly."""
+    holders = _aliases(model)
+    saved: list[tuple[nn.Module, str, str, torch.Tensor]] = []
     touched: dict[int, nn.Module] = {}
     for name, dims in plan.items():
         module, attr = _owner_and_attr(model, name)
@@ -52,12 +65,17 @@ def apply_plan(model: nn.Module, plan: Mapping[str, Mapping]) -> nn.Module:
             if keep.numel() == 0:
                 raise PrunekitError(f"the plan removes every unit of {name} along dimension {dim}")
             sliced = sliced.index_select(dim, keep.to(tensor.device))
-        sliced = sliced.clone()
+        new = sliced.clone()
         if isinstance(tensor, nn.Parameter):
-            module._parameters[attr] = nn.Parameter(sliced, requires_grad=tensor.requires_grad)
-        else:
-            module._buffers[attr] = sliced
-        touched[id(module)] = module
+            new = nn.Parameter(new, tensor.requires_grad)
+        for holder, holder_attr in holders.get(id(tensor), [(module, attr)]):
+            kind = "_parameters" if isinstance(tensor, nn.Parameter) else "_buffers"
+            saved.append((holder, kind, holder_attr, tensor))
+            getattr(holder, kind)[holder_attr] = new
+            touched[id(holder)] = holder
+    attributes = {
+        k: {a: v for a, v in m.__dict__.items() if not a.startswith("_")} for k, m in touched.items()
+    }
     for module in touched.values():
         fix = _FIXERS.get(type(module)) or _NAMED_FIXERS.get(type(module).__name__)
         if fix is None:
@@ -67,7 +85,14 @@ def apply_plan(model: nn.Module, plan: Mapping[str, Mapping]) -> nn.Module:
                     break
         if fix is not None:
             fix(module)
-    return model
+
+    def undo() -> None:
+        for holder, kind, attr, tensor in reversed(saved):
+            getattr(holder, kind)[attr] = tensor
+        for key, module in touched.items():
+            module.__dict__.update(attributes[key])
+
+    return undo
 
 
 def _fix_conv(m: nn.modules.conv._ConvNd) -> None:

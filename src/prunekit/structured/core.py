@@ -11,6 +11,7 @@ import copy
 import fnmatch
 import logging
 import math
+from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -22,6 +23,7 @@ from prunekit.masking import type_name
 from prunekit.structured import importance as imp
 from prunekit.structured.apply import apply_plan, plan_removal, zero_plan
 from prunekit.structured.graph import Group, find_groups
+from prunekit.structured.owners import align, varying_dims
 from prunekit.structured.trace import trace_model
 
 log = logging.getLogger(__name__)
@@ -191,14 +193,86 @@ def prune_model(
     else:
         scores = {g.index: _scores(g, model, importance, generator, types) for g in prunable}
     removed = _allocate(prunable, scores, ratio, round_to, global_ranking, max_ratio, ratios or {})
-    plan = plan_removal(groups, {i: torch.tensor(u, dtype=torch.long) for i, u in removed.items()})
-    result = Result(model, plan, groups, removed, params_before=_params(model))
+    params_before = _params(model)
     reference = copy.deepcopy(model) if verify else None
-    apply_plan(model, plan)
-    result.params_after = _params(model)
+    # the rules saw one forward pass; sizes fixed in the model's code (view(b, 4, -1), a cached tensor)
+    # only show when the pruned model runs: re-trace it, and un-prune the groups behind any shape that
+    # differs from what the plan predicts, until the pruned model runs exactly as planned
+    for _ in range(len(prunable) + 1):
+        plan = plan_removal(groups, {i: torch.tensor(u, dtype=torch.long) for i, u in removed.items()})
+        undo = apply_plan(model, plan)
+        culprits = _shape_culprits(model, example_inputs, trace, groups, removed)
+        if not culprits:
+            break
+        undo()
+        for g in groups:
+            if g.index in culprits:
+                g.blocked = culprits[g.index]
+                removed.pop(g.index, None)
+                log.info("group %d (%s) is not pruned: %s", g.index, g.seed, g.blocked)
+        if not removed:
+            raise PrunekitError(
+                "nothing can be pruned structurally in this model: " + next(iter(culprits.values()))
+            )
+    result = Result(model, plan, groups, removed, params_before=params_before, params_after=_params(model))
     if reference is not None:
         result.max_abs_diff = check_equivalence(reference, model, plan, example_inputs, atol)
     return result
+
+
+def _expected_shapes(trace, groups: list[Group], removed: Mapping[int, list[int]]) -> dict[int, tuple]:
+    """The shape every activation should have once the planned units are gone."""
+    gone: dict[int, dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
+    for g in groups:
+        if not removed.get(g.index):
+            continue
+        units = torch.tensor(removed[g.index], dtype=torch.long)
+        for vi, owner in g.owners.items():
+            shape = trace.values[vi].shape
+            hit = torch.isin(align(owner, len(shape)), units)
+            for d in varying_dims(hit):
+                others = [k for k in range(hit.dim()) if k != d]
+                line = hit.any(dim=others) if others else hit
+                gone[vi][d] |= set(line.nonzero().flatten().tolist())
+    expected = {}
+    for vi, dims in gone.items():
+        shape = list(trace.values[vi].shape)
+        for d, positions in dims.items():
+            shape[d] -= len(positions)
+        expected[vi] = tuple(shape)
+    return expected
+
+
+def _shape_culprits(model, example_inputs, trace, groups, removed) -> dict[int, str]:
+    """Groups to blame when the pruned model's operations do not have the planned shapes ({} if all fit)."""
+    from prunekit.structured.trace import Trace
+
+    expected = _expected_shapes(trace, groups, removed)
+    again = Trace()
+    failure = ""
+    try:
+        trace_model(model, example_inputs, into=again)
+    except Exception as exc:  # the model's code fixed a size that pruning changed
+        failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    bad = None
+    for before, after in zip(trace.ops, again.ops):
+        want = [expected.get(v.index, v.shape) for v in before.outputs]
+        got = [v.shape for v in after.outputs]
+        if before.name != after.name or want != got:
+            bad = before
+            where = f" ({before.where})" if before.where else ""
+            reason = f"the model's code fixes a size at '{before.name}'{where}"
+            break
+    if bad is None and failure:
+        bad = trace.ops[min(len(again.ops), len(trace.ops) - 1)]
+        reason = f"the pruned model failed at '{bad.name}' ({failure})"
+    if bad is None:
+        return {}
+    touched = {v.index for v in [*bad.inputs, *bad.outputs]}
+    blamed = {g.index: reason for g in groups if removed.get(g.index) and touched & set(g.owners)}
+    if not blamed:  # nothing obvious: un-prune everything rather than return a broken model
+        blamed = {g.index: reason for g in groups if removed.get(g.index)}
+    return blamed
 
 
 def _members(group: Group, params: Mapping[str, torch.Tensor], types) -> list:

@@ -4,8 +4,9 @@ Most operations are described by *dimension correspondences*: "dimension ``i`` o
 index space as dimension ``j`` of tensor B" (a conv's output channels and its weight's dim 0; an
 element-wise op's operands and result, dimension by dimension). :func:`couple` moves owners across such
 a correspondence in both directions. Concatenation, splitting, reshaping and indexing have their own
-rules. Anything a rule cannot map exactly raises :class:`Conflict`, which leaves the group unpruned:
-never a wrong model.
+rules. Anything a rule cannot map exactly raises :class:`Conflict`, which leaves the group unpruned. Rules
+see one forward pass, so they cannot know sizes the model's code fixes (``view(b, 4, -1)``); the
+re-trace after pruning (``core._check_shapes``) catches those and undoes the pruning.
 
 Rules are registered by torch function name in ``RULES``; :func:`register_rule` adds one for a custom op.
 """
@@ -444,7 +445,7 @@ def reshape(op: Op, ctx: Context) -> None:
 @register_rule("cat", "concat", "concatenate")
 def cat(op: Op, ctx: Context) -> None:
     out = op.outputs[0]
-    dim = _norm(arg(op, 1, "dim", 0), len(out.shape))
+    dim = _norm(arg(op, 1, "dim", op.kwargs.get("axis", 0)), len(out.shape))
     # legacy empty 1-D tensors (e.g. an empty cache) are allowed by torch.cat and hold nothing
     parts = [p for p in arg(op, 0, "tensors") if isinstance(p, Value) and len(p.shape) == len(out.shape)]
     owned = [ctx.get(p) for p in parts]
@@ -489,6 +490,38 @@ def split(op: Op, ctx: Context) -> None:
             couple(ctx, x, piece, same_dims(nd, skip=[dim]))
 
 
+@register_rule("__setitem__")
+def setitem(op: Op, ctx: Context) -> None:
+    """x[index] = value: like getitem, only whole slices along the units; an assigned tensor must not
+    carry units of its own."""
+    x, index, value, out = op.args[0], op.args[1], op.args[2], op.outputs[0]
+    index = index if isinstance(index, tuple) else (index,)
+    couple(ctx, x, out, same_dims(len(x.shape)))
+    owner = ctx.get(x)
+    if owner is None:
+        return
+    varying = set(varying_dims(align(owner, len(x.shape))))
+    if any(isinstance(i, (Value, list, torch.Tensor)) for i in index) or any(
+        dim in varying and entry != slice(None) for dim, entry in _indexed_dims(index, len(x.shape))
+    ):
+        raise Conflict("an assignment writes some of the pruned channels by fixed position")
+    if isinstance(value, Value) and ctx.get(value) is not None:
+        raise Conflict("an assignment copies pruned channels from another tensor")
+
+
+def _indexed_dims(index: tuple, ndim: int) -> list[tuple[int, Any]]:
+    """(input dim, entry) for each int/slice entry of a basic index (Ellipsis expands, None adds a dim)."""
+    explicit = sum(1 for i in index if i is not None and i is not Ellipsis)
+    out, d = [], 0
+    for entry in index:
+        if entry is Ellipsis:
+            d += ndim - explicit
+        elif entry is not None:
+            out.append((d, entry))
+            d += 1
+    return out
+
+
 @register_rule("__getitem__")
 def getitem(op: Op, ctx: Context) -> None:
     x, index, out = op.args[0], op.args[1], op.outputs[0]
@@ -498,12 +531,23 @@ def getitem(op: Op, ctx: Context) -> None:
             if ctx.get(v) is not None:
                 raise Conflict("advanced indexing is not traced through")
         return
+    nd = len(x.shape)
+    entries = _indexed_dims(index, nd)
+
+    def check() -> None:
+        # a fixed int, a partial slice or a step along the units would pick other units once pruned
+        owner = ctx.get(x)
+        varying = set(varying_dims(align(owner, nd))) if owner is not None else set()
+        if any(dim in varying and entry != slice(None) for dim, entry in entries):
+            raise Conflict("indexing selects some of the pruned channels by fixed position")
+
+    check()
     owner = ctx.get(x)
-    # apply the same basic index to a full-size owner: exact for ints, slices, Ellipsis and None
-    if owner is not None:
+    if owner is not None:  # the same basic index applied to a full-size owner
         ctx.put(out, compress(full(owner, x.shape)[index].reshape(out.shape)))
     owner = ctx.get(out)
     if owner is not None:
         whole = torch.full(x.shape, -1, dtype=torch.long)
         whole[index] = full(owner, out.shape).reshape(whole[index].shape)
         ctx.put(x, compress(whole))
+        check()

@@ -94,10 +94,12 @@ class _Recorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        name = getattr(func, "__name__", str(func))
         out_leaves, _ = tree_flatten(out)
+        if name == "__setitem__" and args and isinstance(args[0], torch.Tensor):
+            out_leaves = [args[0]]  # x[i] = v returns None but writes a new version of x
         if not any(isinstance(t, torch.Tensor) for t in out_leaves):
             return out  # shape queries, .item(), ...
-        name = getattr(func, "__name__", str(func))
         if name == "__get__":  # property access such as Tensor.T / .mT / .data
             name = getattr(getattr(func, "__self__", None), "__name__", name)
         recorded = tree_map(lambda x: self.value_of(x) if isinstance(x, torch.Tensor) else x, (args, kwargs))
@@ -108,10 +110,18 @@ class _Recorder(TorchFunctionMode):
 
 
 @torch.no_grad()
-def trace_model(model: nn.Module, example_inputs: torch.Tensor | tuple, keep_tensors: bool = False) -> Trace:
-    """Run ``model(*example_inputs)`` once and record every operation (and every tensor, if asked)."""
+def trace_model(
+    model: nn.Module,
+    example_inputs: torch.Tensor | tuple,
+    keep_tensors: bool = False,
+    into: Trace | None = None,
+) -> Trace:
+    """Run ``model(*example_inputs)`` once and record every operation (and every tensor, if asked).
+
+    ``into``: a Trace to fill, so the operations recorded before an exception remain inspectable.
+    """
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    trace = Trace()
+    trace = into if into is not None else Trace()
     known: dict[int, Value] = {}
     keep: list = []
     recorder = _Recorder(trace, known, keep)

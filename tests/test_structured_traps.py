@@ -1,0 +1,116 @@
+"""Models whose code fixes sizes or positions the trace cannot see: pruning must either keep them exact
+(the pruned model equals the masked original) or leave the affected units alone -- never return a wrong
+or broken model, also with verify=False."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunekit import structured
+from prunekit.errors import PrunekitError
+from prunekit.structured.core import check_equivalence
+
+
+class FixedSlice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        y = self.c1(x)
+        return self.c2(y) * y[:, 3:4]  # one channel chosen by position
+
+
+class SetItem(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        y = self.c1(x)
+        y[:, :2] = 0
+        return self.c2(y)
+
+
+class FixedHeads(nn.Module):
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1))
+
+
+class FixedShuffle(nn.Module):
+    def __init__(self, groups=4):
+        super().__init__()
+        self.groups = groups
+        self.c1, self.c2 = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        y = self.c1(x)
+        b, c, h, w = y.shape
+        return self.c2(y.view(b, self.groups, c // self.groups, h, w).transpose(1, 2).reshape(b, c, h, w))
+
+
+class Cached(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 5, 1)
+        self.scale = nn.Parameter(torch.rand(8))
+        self.cached = None
+
+    def forward(self, x):
+        if self.cached is None:
+            self.cached = self.scale.sigmoid().view(1, -1, 1, 1).detach()
+        return self.c2(self.c1(x) * self.cached)
+
+
+class SharedAcrossModules(nn.Module):  # ALBERT-style: two modules hold one Parameter
+    def __init__(self):
+        super().__init__()
+        self.inp, self.a, self.b, self.out = (
+            nn.Linear(4, 8),
+            nn.Linear(8, 8),
+            nn.Linear(8, 8),
+            nn.Linear(8, 2),
+        )
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.out(torch.relu(self.b(torch.relu(self.a(torch.relu(self.inp(x)))))))
+
+
+CASES = {
+    "fixed_slice": (FixedSlice, (2, 3, 4, 4)),
+    "setitem": (SetItem, (2, 3, 4, 4)),
+    "fixed_heads": (FixedHeads, (2, 5, 32)),
+    "fixed_shuffle": (FixedShuffle, (2, 3, 4, 4)),
+    "cached": (Cached, (2, 3, 4, 4)),
+    "shared_across_modules": (SharedAcrossModules, (2, 4)),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_never_a_wrong_model_without_verify(name):
+    build, shape = CASES[name]
+    torch.manual_seed(0)
+    model = build().eval()
+    x = torch.randn(shape)
+    model(x)  # a first call, as users do (fills the cache of `Cached`)
+    reference = copy.deepcopy(model)
+    try:
+        result = structured.prune_model(model, x, ratio=0.5, round_to=1, verify=False)
+    except PrunekitError as exc:
+        assert "nothing can be pruned" in str(exc)
+        assert all(
+            torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values())
+        )
+        return
+    check_equivalence(reference, model, result.plan, x)  # raises when the pruned model is wrong

@@ -375,6 +375,7 @@ def check_equivalence(
 
     zero_plan(reference, plan)
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    was_training = pruned.training
     with torch.no_grad():
         reference.eval()
         pruned.eval()
@@ -383,6 +384,8 @@ def check_equivalence(
             got = [t for t in tree_flatten(pruned(*args))[0] if isinstance(t, torch.Tensor)]
         except Exception as exc:  # the model's own code may hard-code a size
             raise PrunekitError(f"the pruned model no longer runs: {type(exc).__name__}: {exc}") from exc
+        finally:
+            pruned.train(was_training)
     worst = 0.0
     for e, g in zip(expected, got):
         if e.shape != g.shape:

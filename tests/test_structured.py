@@ -153,6 +153,8 @@ def test_bad_arguments_are_clear_errors():
         ({"ratio": "half"}, "ratio"),
         ({"round_to": 0}, "round_to"),
         ({"importance": "l3"}, "did you mean"),
+        ({"ratios": {"0": 1.5}}, "ratios"),
+        ({"max_ratio": 5}, "max_ratio"),
     ]:
         with pytest.raises(PrunekitError, match=match):
             structured.prune(case.build(), case.example(), **kwargs)

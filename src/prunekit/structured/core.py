@@ -139,7 +139,8 @@ def _scores(group: Group, model: nn.Module, kind: str, generator: torch.Generato
         try:
             return imp.bn_scale(members, group.units)
         except ValueError:
-            return imp.l2_norm(members, group.units)  # no BatchNorm in this group: fall back, logged below
+            log.info("group %d (%s) has no BatchNorm: ranked by its L2 norm instead", group.index, group.seed)
+            return imp.l2_norm(members, group.units)
     raise unknown_name("structured importance", kind, IMPORTANCES)
 
 
@@ -163,6 +164,11 @@ def prune_model(
     """Remove ``ratio`` of the units of every prunable group; see :func:`prune`."""
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
         raise PrunekitError(f"ratio must be a number in [0, 1), got {ratio!r}")
+    for pattern, value in (ratios or {}).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise PrunekitError(f"ratios['{pattern}'] must be a number in [0, 1), got {value!r}")
+    if isinstance(max_ratio, bool) or not isinstance(max_ratio, (int, float)) or not 0.0 < max_ratio <= 1.0:
+        raise PrunekitError(f"max_ratio must be a number in (0, 1], got {max_ratio!r}")
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise PrunekitError(f"round_to must be an integer >= 1, got {round_to!r}")
     if importance not in IMPORTANCES:

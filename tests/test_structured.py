@@ -311,3 +311,24 @@ def test_a_structured_stage_after_a_prune_stage_is_refused_up_front(tmp_path):
     with pytest.raises(PrunekitError, match="structured stage must come before"):
         run_recipe(recipe.from_dict(data), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_blocked_residual_stream_is_explored_once():
+    from prunekit.structured.graph import find_groups
+    from prunekit.structured.trace import trace_model
+
+    class Block(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.a, self.b = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+        def forward(self, x):
+            return x + self.b(torch.relu(self.a(x)))
+
+    def backbone(depth):  # returns its residual stream: every block's output is tied to the model output
+        return nn.Sequential(nn.Linear(16, 16), *[Block(16) for _ in range(depth)]).eval()
+
+    for depth in (10, 40):
+        groups = find_groups(trace_model(backbone(depth), torch.randn(2, 16)))
+        assert sum(bool(g.blocked) for g in groups) == 1  # not one re-exploration per block
+        assert len(groups) == depth + 1  # the stream, plus each block's free hidden width

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from prunekit.structured.owners import Conflict, SplitConflict, merge, to_shape, varying_dims
+from prunekit.structured.owners import Conflict, SplitConflict, align, merge, to_shape, varying_dims
 from prunekit.structured.rules import RULES, Context
 from prunekit.structured.trace import Op, Trace, Value
 
@@ -169,6 +169,11 @@ def find_groups(trace: Trace) -> list[Group]:
     uses = _uses(trace)
     groups: list[Group] = []
     covered: dict[int, torch.Tensor] = {}  # seed output value -> union of owned positions so far
+    seed_dims = {
+        op.outputs[0].index: SEEDS[op.name][0] % len(op.outputs[0].shape)
+        for op in trace.ops
+        if op.name in SEEDS and op.outputs and op.outputs[0].shape
+    }
     for op in trace.ops:
         if op.name not in SEEDS:
             continue
@@ -189,11 +194,19 @@ def find_groups(trace: Trace) -> list[Group]:
                 break
             group = _propagate(trace, uses, op, SEEDS[op.name][0], len(groups), block)
         groups.append(group)
+        # a seed whose output an earlier group already reached belongs to that group's component: the
+        # same coupling would give the same (or the same blocked) group. Blocked groups count too, which
+        # keeps discovery linear on long residual streams that cannot be pruned.
         for vi, owner in group.owners.items():
-            if group.blocked:
-                break
-            mask = torch.broadcast_to(owner >= 0, trace.values[vi].shape)
-            covered[vi] = mask if vi not in covered else covered[vi] | mask
+            dim = seed_dims.get(vi)
+            if dim is None:
+                continue
+            owned = align(owner, len(trace.values[vi].shape)) >= 0
+            if dim not in varying_dims(align(owner, owned.dim())):
+                continue  # this group's units live in another dimension of that tensor
+            others = [k for k in range(owned.dim()) if k != dim]
+            line = owned.any(dim=others) if others else owned
+            covered[vi] = line if vi not in covered else covered[vi] | line
         if group.blocked:
             log.info("group %d (%s) is not pruned: %s", group.index, group.seed, group.blocked)
     return groups

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.weak import WeakIdKeyDictionary
 
 _SKIP_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__)))
 
@@ -74,12 +75,12 @@ def _user_frame() -> str:
 
 
 class _Recorder(TorchFunctionMode):
-    def __init__(self, trace: Trace, known: dict[int, Value], keep: list) -> None:
+    def __init__(self, trace: Trace, known: WeakIdKeyDictionary, keep: list | None) -> None:
         super().__init__()
         self.trace, self.known, self.keep = trace, known, keep
 
     def value_of(self, tensor: torch.Tensor) -> Value:
-        value = self.known.get(id(tensor))
+        value = self.known.get(tensor)
         if value is None:
             value = self.new_value(tensor, "const")
         return value
@@ -87,8 +88,11 @@ class _Recorder(TorchFunctionMode):
     def new_value(self, tensor: torch.Tensor, kind: str, producer: int | None = None) -> Value:
         value = Value(len(self.trace.values), tuple(tensor.shape), kind, producer=producer)
         self.trace.values.append(value)
-        self.known[id(tensor)] = value
-        self.keep.append(tensor)  # keep the object alive so its id is never reused during the trace
+        # weakly keyed by identity: a freed tensor drops out, so a new tensor reusing its id is not
+        # mistaken for it, and activations are not kept alive (peak memory stays that of a forward pass)
+        self.known[tensor] = value
+        if self.keep is not None:
+            self.keep.append(tensor)
         return value
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -122,8 +126,8 @@ def trace_model(
     """
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     trace = into if into is not None else Trace()
-    known: dict[int, Value] = {}
-    keep: list = []
+    known = WeakIdKeyDictionary()
+    keep: list | None = [] if keep_tensors else None
     recorder = _Recorder(trace, known, keep)
     for name, tensor in [*model.named_parameters(remove_duplicate=True), *model.named_buffers()]:
         value = recorder.new_value(tensor, "param" if isinstance(tensor, nn.Parameter) else "buffer")
@@ -139,9 +143,7 @@ def trace_model(
             out = model(*args)
     finally:
         model.train(was_training)
-    trace.outputs = [
-        known[id(t)] for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and id(t) in known
-    ]
+    trace.outputs = [known[t] for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t in known]
     if keep_tensors:
         trace.tensors = keep  # keep[i] is the tensor of trace.values[i]
     return trace

@@ -114,3 +114,28 @@ def test_never_a_wrong_model_without_verify(name):
         )
         return
     check_equivalence(reference, model, result.plan, x)  # raises when the pruned model is wrong
+
+
+class Stats(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.l1, self.l2 = nn.Conv1d(3, 8, 1), nn.Linear(6, 4), nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = self.c1(x)  # (B, 8, 6): the units are channels, the reductions run over them... or not
+        values, indices = h.max(2)  # second output shaped like the first
+        spread = h.var(2, False, True)  # var's third argument is `unbiased`, its fourth keepdim
+        return values.sum(1, keepdim=True) * 0 + self.l1(h.mean(1)) + spread.mean() + indices.float().mean()
+
+
+def test_reductions_with_several_outputs_and_odd_signatures_stay_exact():
+    torch.manual_seed(0)
+    model = Stats().eval()
+    x = torch.randn(2, 3, 6)
+    reference = copy.deepcopy(model)
+    try:
+        result = structured.prune_model(model, x, ratio=0.5, round_to=1)
+    except PrunekitError as exc:
+        assert "nothing can be pruned" in str(exc)
+        return
+    check_equivalence(reference, model, result.plan, x)

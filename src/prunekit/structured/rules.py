@@ -266,22 +266,25 @@ REDUCTIONS = "mean sum amax amin max min std var prod norm logsumexp all any".sp
 
 @register_rule(*REDUCTIONS)
 def reduction(op: Op, ctx: Context) -> None:
-    x, out = op.args[0], op.outputs[0]
+    x = op.args[0]
     dims = arg(op, 1, "dim")
-    keepdim = bool(arg(op, 2, "keepdim", False))
     nd = len(x.shape)
-    if dims is None or isinstance(dims, Value):
-        reduced = set(range(nd))
+    if isinstance(dims, bool) or not isinstance(dims, (int, tuple, list)):
+        reduced = set(range(nd))  # no dim (or one this rule cannot read): treat as a full reduction
     else:
         reduced = {_norm(d, nd) for d in ((dims,) if isinstance(dims, int) else dims)}
-    for v in (x,):
-        owner = ctx.get(v)
-        if owner is not None and reduced & set(varying_dims(align(owner, nd))):
-            raise Conflict(f"{op.name} reduces over the units' dimension")
+    owner = ctx.get(x)
+    if owner is not None and reduced & set(varying_dims(align(owner, nd))):
+        raise Conflict(f"{op.name} reduces over the units' dimension")
     kept = [d for d in range(nd) if d not in reduced]
-    pairs = [(d, d) for d in kept] if keepdim else [(d, i) for i, d in enumerate(kept)]
-    if len(out.shape) == len(pairs) or keepdim:
-        couple(ctx, x, out, pairs)
+    for out in op.outputs:  # max/min with a dim also return indices, shaped like the values
+        # keepdim read off the result (var/std put `unbiased` where others put keepdim)
+        if len(out.shape) == nd:
+            couple(ctx, x, out, [(d, d) for d in kept])
+        elif len(out.shape) == len(kept):
+            couple(ctx, x, out, [(d, i) for i, d in enumerate(kept)])
+        elif ctx.get(out) is not None or owner is not None:
+            raise Conflict(f"cannot tell which dimensions {op.name} keeps")
 
 
 @register_rule("softmax", "log_softmax", "cumsum", "cumprod", "normalize")

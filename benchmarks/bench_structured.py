@@ -44,6 +44,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 import prunekit.structured
 from prunekit.analysis.macs import count_macs
+from prunekit.models.resnet import BasicBlock
 
 RATIOS = (0.3, 0.5, 0.7)
 TARGET_RATIO = 0.5
@@ -51,25 +52,6 @@ TARGET_SHARE = 0.8
 
 
 # --------------------------------------------------------------------------------------------- models
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
-
-
 class ResNet18(nn.Module):
     """He et al. 2016, ImageNet layout: 7x7/2 stem, 3x3/2 max pool, BasicBlock stages [2, 2, 2, 2]."""
 

@@ -11,53 +11,7 @@ from prunekit import structured
 from prunekit.errors import PrunekitError
 
 transformers = pytest.importorskip("transformers")
-
-
-def llama():
-    cfg = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(cfg)
-
-
-def qwen2():
-    cfg = transformers.Qwen2Config(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return transformers.Qwen2ForCausalLM(cfg)
-
-
-def gpt2():
-    cfg = transformers.GPT2Config(
-        vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
-    )
-    return transformers.GPT2LMHeadModel(cfg)
-
-
-def bert():
-    cfg = transformers.BertConfig(
-        vocab_size=128,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=64,
-    )
-    return transformers.BertModel(cfg)
-
+from tiny_hf import bert, gpt2, llama, qwen2  # noqa: E402  (needs transformers)
 
 BUILDERS = {"llama_gqa": llama, "qwen2": qwen2, "gpt2": gpt2, "bert": bert}
 

@@ -65,19 +65,11 @@ def test_drop_layers_bad_count_and_no_blocks():
 
 
 def test_drop_layers_on_a_llama_keeps_generation_and_config_consistent(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
+    from tiny_hf import llama
+
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=64,
-    )
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = llama(layers=4).eval()
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
     dropped = structured.drop_layers(model, (ids,), 2)
     assert len(dropped) == 2 and model.config.num_hidden_layers == 2

@@ -10,7 +10,7 @@ import torch
 from prunekit import structured
 from prunekit.errors import PrunekitError
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 from tiny_hf import bert, gpt2, llama, qwen2  # noqa: E402  (needs transformers)
 
 BUILDERS = {"llama_gqa": llama, "qwen2": qwen2, "gpt2": gpt2, "bert": bert}

@@ -17,8 +17,8 @@ class Hooks:
     def forward(self, module: nn.Module, fn: Callable) -> None:
         self._handles.append(module.register_forward_hook(fn))
 
-    def forward_pre(self, module: nn.Module, fn: Callable) -> None:
-        self._handles.append(module.register_forward_pre_hook(fn))
+    def forward_pre(self, module: nn.Module, fn: Callable, with_kwargs: bool = False) -> None:
+        self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=with_kwargs))
 
     def remove(self) -> None:
         for handle in self._handles:

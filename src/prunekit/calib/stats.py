@@ -32,6 +32,34 @@ class RunningMean:
         return self._mean
 
 
+class RunningGram:
+    """Running mean of ``x x^T`` over the rows ``x`` of 2-D batches, in float32 (SparseGPT's Hessian).
+
+    Updated in place with one ``addmm_`` per batch: ``H <- H * n/(n+t) + X^T X / (n+t)``, the reference
+    code's running form without its 2/n factor (a common scale that changes no OBS step).
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._gram: torch.Tensor | None = None
+        self.count = 0
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+        if self._gram is None:
+            self._gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+        total = self.count + x.shape[0]
+        self._gram.mul_(self.count / total).addmm_(x.T, x, alpha=1.0 / total)
+        self.count = total
+
+    def value(self) -> torch.Tensor:
+        if self._gram is None:
+            raise RuntimeError("no batch was added")
+        return self._gram
+
+
 def input_sq_norms(module_type: str, x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Mean of x_j^2 over all samples/positions for each input feature j, and the sample count.
 

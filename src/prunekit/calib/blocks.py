@@ -1,0 +1,170 @@
+"""Find a model's repeated decoder blocks and capture how the model calls each one.
+
+Nothing here knows a model family. The blocks are the largest ``nn.ModuleList`` of identical modules whose
+length is the config's layer count; the inputs of the first block and the extra arguments of every block
+(attention masks, rotary embeddings, position ids -- whatever that family's forward passes) are recorded
+with forward pre-hooks, so each block can later be re-run alone exactly as the model would have run it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit.calib.hooks import Hooks
+from prunekit.errors import PrunekitError
+from prunekit.masking import type_name
+
+
+class _Captured(Exception):
+    """Raised from a pre-hook to stop the forward once the first block's input is recorded."""
+
+
+@dataclass
+class BlockCall:
+    """How the model calls one block: the arguments besides the hidden states (shared by every sample of
+    the same length, as calibration windows are)."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    hidden_as_keyword: bool
+
+    def run(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        if self.hidden_as_keyword:
+            out = block(*self.args, hidden_states=hidden, **self.kwargs)
+        else:
+            out = block(hidden, *self.args, **self.kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _layer_count(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def find_blocks(model: nn.Module, path: str | None = None) -> tuple[str, nn.ModuleList]:
+    """``(name, blocks)``: the decoder blocks, found generically or at the dotted ``path``."""
+    if path is not None:
+        try:
+            blocks = model.get_submodule(path)
+        except AttributeError as exc:
+            raise PrunekitError(f"no module named '{path}' in {type(model).__name__}") from exc
+        if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+            raise PrunekitError(f"'{path}' is not a non-empty nn.ModuleList of blocks")
+        return path, blocks
+    want = _layer_count(model)
+    found = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) < 1:
+            continue
+        if len({type(child) for child in module}) != 1 or (want is not None and len(module) != want):
+            continue
+        found.append((sum(p.numel() for p in module.parameters()), name, module))
+    if not found:
+        expect = f"{want} " if want is not None else ""
+        raise PrunekitError(
+            f"could not find the decoder blocks of {type(model).__name__}: no nn.ModuleList of {expect}"
+            "identical modules; pass the blocks' dotted path (e.g. 'model.layers')"
+        )
+    _, name, blocks = max(found, key=lambda item: item[0])
+    return name, blocks
+
+
+def linear_layers(block: nn.Module) -> dict[str, nn.Module]:
+    """The prunable linear layers of a block: ``nn.Linear`` and Hugging Face's ``Conv1D`` (GPT-2 style)."""
+    return {
+        name: module
+        for name, module in block.named_modules()
+        if isinstance(module, nn.Linear) or type_name(module) == "Conv1D"
+    }
+
+
+def out_in_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as ``(out, in)``: ``Conv1D`` stores it transposed."""
+    weight = module.weight.detach()
+    return weight.T if type_name(module) == "Conv1D" else weight
+
+
+def set_out_in_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    """Write an ``(out, in)`` weight back in the module's own layout and dtype."""
+    target = module.weight
+    value = weight.T if type_name(module) == "Conv1D" else weight
+    with torch.no_grad():
+        target.copy_(value.to(target.dtype))
+
+
+def _first_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, BlockCall]:
+    if args:
+        return args[0], BlockCall(tuple(args[1:]), dict(kwargs), hidden_as_keyword=False)
+    if "hidden_states" not in kwargs:
+        raise PrunekitError("could not find the hidden states among the block's arguments")
+    rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+    return kwargs["hidden_states"], BlockCall((), rest, hidden_as_keyword=True)
+
+
+def _call_model(model: nn.Module, ids: torch.Tensor) -> None:
+    params = inspect.signature(model.forward).parameters
+    takes_cache = "use_cache" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    # no KV cache: it would only cost memory, and blocks must not carry state from one sample to the next
+    model(ids, use_cache=False) if takes_cache else model(ids)
+
+
+@torch.no_grad()
+def capture_calls(model: nn.Module, blocks: nn.ModuleList, sample: torch.Tensor) -> list[BlockCall]:
+    """How the model calls every block, from one full forward of ``sample`` (one ``(1, L)`` token row)."""
+    calls: list[BlockCall | None] = [None] * len(blocks)
+
+    def hook_for(index: int):
+        def hook(module, args, kwargs):
+            calls[index] = _first_hidden(args, kwargs)[1]
+
+        return hook
+
+    with Hooks() as hooks:
+        for index, block in enumerate(blocks):
+            hooks.forward_pre(block, hook_for(index), with_kwargs=True)
+        _call_model(model, sample)
+    missing = [i for i, call in enumerate(calls) if call is None]
+    if missing:
+        raise PrunekitError(f"the model's forward never called blocks {missing}")
+    return calls  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, blocks: nn.ModuleList, samples: torch.Tensor) -> torch.Tensor:
+    """The first block's hidden-state inputs for each row of ``samples`` ``(N, L)``: a ``(N, L, H)`` tensor.
+
+    The forward stops at the first block, so this costs the embeddings only."""
+    inputs: torch.Tensor | None = None
+    row = 0
+
+    def hook(module, args, kwargs):
+        nonlocal inputs
+        hidden = _first_hidden(args, kwargs)[0]
+        if inputs is None:
+            inputs = hidden.new_empty((samples.shape[0], *hidden.shape[1:]))
+        inputs[row] = hidden[0]
+        raise _Captured
+
+    with Hooks() as hooks:
+        hooks.forward_pre(blocks[0], hook, with_kwargs=True)
+        for row in range(samples.shape[0]):  # noqa: B007 -- read by the hook
+            try:
+                _call_model(model, samples[row : row + 1])
+            except _Captured:
+                continue
+            raise PrunekitError("the model's forward never reached its first block")
+    assert inputs is not None
+    return inputs

@@ -1,0 +1,175 @@
+"""Block-by-block calibration (the SparseGPT / Wanda reference pipeline, generic over model families).
+
+The first block's inputs are captured for every calibration sample; then, for each block in turn:
+forward pre-hooks on the block's linear layers accumulate statistics of their inputs over all samples, a
+callback prunes the block, and the block is re-run on the same inputs to produce the next block's inputs,
+so every block sees what the already-pruned blocks before it produce. Peak memory is the model, two
+``(N, L, hidden)`` activation buffers and one block's statistics.
+
+Two things keep the passes cheap without changing a result: linear layers fed the very same input tensor
+(q/k/v, gate/up) share one statistic, and the statistics pass stops at the block's last linear layer
+(its output and everything after it are not needed).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Literal
+
+import torch
+from torch import nn
+
+from prunekit.calib.blocks import BlockCall, capture_calls, capture_inputs, find_blocks, linear_layers
+from prunekit.calib.hooks import Hooks
+from prunekit.calib.stats import RunningGram, RunningMean
+
+log = logging.getLogger(__name__)
+
+StatKind = Literal["sq_norm", "gram"]
+BlockVisitor = Callable[[int, nn.Module, dict[str, nn.Module], dict[str, torch.Tensor]], None]
+Progress = Callable[[int, int], None]
+
+
+class _Stop(Exception):
+    """Raised by the last linear layer's pre-hook: the rest of the block is not needed for statistics."""
+
+
+class _SqNorm:
+    """Running mean of x_j^2 per input feature (Wanda's ||X_j||^2 up to a constant)."""
+
+    def __init__(self) -> None:
+        self.mean = RunningMean()
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+        self.mean.add_batch(flat.pow(2).mean(dim=0), flat.shape[0])
+
+    def value(self) -> torch.Tensor:
+        return self.mean.value()
+
+
+_STATS = {"sq_norm": _SqNorm, "gram": RunningGram}
+
+
+@torch.no_grad()
+def collect_input_stats(
+    block: nn.Module,
+    linears: Mapping[str, nn.Module],
+    inputs: torch.Tensor,
+    call: BlockCall,
+    kind: StatKind,
+    outputs: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Statistics of each linear layer's input over every sample in ``inputs``.
+
+    With ``outputs`` the block runs to the end and writes its outputs there (one pass for a dense
+    block); without, each forward stops after the last linear layer's statistics."""
+    stats: dict[str, object] = {}
+    order: list[str] = []
+    leader: dict[str, str] = {}  # follower -> the layer whose (identical) input it shares
+    seen: dict[int, tuple[torch.Tensor, str]] = {}  # this sample's inputs, kept alive so ids stay unique
+    first = True
+    last: str | None = None
+
+    def hook_for(name: str):
+        def hook(module, args):
+            x = args[0]
+            entry = seen.get(id(x))
+            if first:
+                order.append(name)
+                if entry is not None and entry[0] is x and entry[1] != name:
+                    leader[name] = entry[1]
+                else:
+                    seen[id(x)] = (x, name)
+                    stats.setdefault(name, _STATS[kind]()).add_batch(x)  # type: ignore[attr-defined]
+            elif name in leader:
+                if entry is None or entry[0] is not x or entry[1] != leader[name]:
+                    raise RuntimeError(f"{name} no longer shares its input with {leader[name]}")
+            else:
+                seen[id(x)] = (x, name)
+                stats[name].add_batch(x)  # type: ignore[attr-defined]
+            if name == last:
+                raise _Stop
+
+        return hook
+
+    with Hooks() as hooks:
+        for name, module in linears.items():
+            hooks.forward_pre(module, hook_for(name))
+        for row in range(inputs.shape[0]):
+            seen.clear()
+            try:
+                out = call.run(block, inputs[row : row + 1])
+            except _Stop:
+                continue
+            if outputs is not None:
+                outputs[row] = out[0]
+            if first:
+                first = False
+                called_once = len(order) == len(set(order))
+                if outputs is None and called_once and order:
+                    last = order[-1]
+    missing = sorted(set(linears) - set(order))
+    if missing:
+        log.warning("linear layers never called by their block (left dense): %s", ", ".join(missing))
+    values = {name: stat.value() for name, stat in stats.items()}  # type: ignore[attr-defined]
+    values.update({name: values[lead] for name, lead in leader.items()})
+    return values
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: torch.Tensor, call: BlockCall, outputs: torch.Tensor) -> None:
+    for row in range(inputs.shape[0]):
+        outputs[row] = call.run(block, inputs[row : row + 1])[0]
+
+
+@torch.no_grad()
+def sequential(
+    model: nn.Module,
+    samples: torch.Tensor,
+    visit: BlockVisitor,
+    kind: StatKind | None,
+    *,
+    modifies: bool = True,
+    blocks_path: str | None = None,
+    progress: Progress | None = None,
+) -> None:
+    """Run ``visit(index, block, linears, stats)`` on every block in order with statistics from ``samples``.
+
+    ``samples`` is a ``(N, L)`` tensor of token ids. ``modifies=False`` (the visitor only reads) lets one
+    forward per block give both the statistics and the next inputs. ``kind=None`` visits without data.
+    """
+    _, blocks = find_blocks(model, blocks_path)
+    was_training = model.training
+    model.eval()
+    try:
+        if kind is None:
+            for index, block in enumerate(blocks):
+                visit(index, block, linear_layers(block), {})
+                if progress:
+                    progress(index + 1, len(blocks))
+            return
+        calls = capture_calls(model, blocks, samples[:1])
+        inputs = capture_inputs(model, blocks, samples)
+        outputs = torch.empty_like(inputs)
+        for index, block in enumerate(blocks):
+            start = time.perf_counter()
+            linears = linear_layers(block)
+            last = index == len(blocks) - 1
+            one_pass = not modifies and not last
+            stats = collect_input_stats(
+                block, linears, inputs, calls[index], kind, outputs=outputs if one_pass else None
+            )
+            visit(index, block, linears, stats)
+            del stats
+            if not last:
+                if not one_pass:
+                    run_block(block, inputs, calls[index], outputs)
+                inputs, outputs = outputs, inputs
+            log.info("block %d/%d done in %.1f s", index + 1, len(blocks), time.perf_counter() - start)
+            if progress:
+                progress(index + 1, len(blocks))
+    finally:
+        model.train(was_training)

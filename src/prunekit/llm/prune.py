@@ -1,0 +1,161 @@
+"""Prune a causal LM's decoder blocks one-shot with a method from :mod:`prunekit.methods`.
+
+Only the linear layers inside the decoder blocks are pruned (embeddings and the LM head stay dense, as in
+the Wanda and SparseGPT papers). Each block is pruned with statistics of the inputs it receives from the
+already-pruned blocks before it (:func:`prunekit.calib.sequential.sequential`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit.calib.blocks import find_blocks, linear_layers, out_in_weight, set_out_in_weight
+from prunekit.calib.sequential import Progress, sequential
+from prunekit.criteria.activation import wanda_scores
+from prunekit.errors import PrunekitError, unknown_name
+from prunekit.methods import magnitude_mask, outlier_ratio, owl_sparsities, sparsegpt_prune, wanda_mask
+from prunekit.methods.pattern import LLM_GROUPS, check_llm_spec
+from prunekit.spec import Spec, Unstructured
+
+log = logging.getLogger(__name__)
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+_STAT = {"magnitude": None, "wanda": "sq_norm", "sparsegpt": "gram"}
+
+
+@dataclass(frozen=True)
+class LLMPruneConfig:
+    """What to prune and how. Validated on construction."""
+
+    method: str  # magnitude | wanda | sparsegpt
+    spec: Spec  # Unstructured(sparsity) or NM(n, m)
+    owl: bool = False  # OWL per-block sparsities (unstructured only)
+    owl_m: float = 5.0  # OWL outlier threshold M: a score is an outlier above M x the block's mean score
+    owl_lambda: float = 0.08  # OWL lambda: block sparsities stay within target +- lambda
+    magnitude_group: str = "layer"  # magnitude compares within each layer or each output row
+    blocksize: int = 128  # SparseGPT: columns per lazy-update block
+    damp: float = 0.01  # SparseGPT: dampening, a fraction of the Hessian's mean diagonal
+    blocks_path: str | None = None  # dotted path of the decoder blocks; found automatically when None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise unknown_name("method", self.method, METHODS)
+        check_llm_spec(self.spec, (8, 8 * getattr(self.spec, "m", 1)))
+        if self.magnitude_group not in LLM_GROUPS:
+            raise unknown_name("magnitude group", self.magnitude_group, LLM_GROUPS)
+        if self.owl:
+            if not isinstance(self.spec, Unstructured):
+                raise PrunekitError("OWL allocates unstructured sparsity per block; it does not apply to N:M")
+            if not self.owl_m > 0:
+                raise PrunekitError(f"OWL M must be > 0, got {self.owl_m}")
+            owl_sparsities([0.0, 1.0], self.spec.sparsity, self.owl_lambda)  # validates lambda
+
+    @property
+    def needs_data(self) -> bool:
+        return self.owl or _STAT[self.method] is not None
+
+
+def _check_fits(model: nn.Module, config: LLMPruneConfig) -> tuple[str, int]:
+    """Check the pattern against every layer before any work; return the blocks' path and count."""
+    path, blocks = find_blocks(model, config.blocks_path)
+    for index, block in enumerate(blocks):
+        layers = linear_layers(block)
+        if not layers:
+            raise PrunekitError(f"block {path}.{index} has no linear layers to prune")
+        for name, module in layers.items():
+            check_llm_spec(config.spec, tuple(out_in_weight(module).shape), f"{path}.{index}.{name}")
+    return path, len(blocks)
+
+
+def owl_block_sparsities(
+    model: nn.Module, calib: torch.Tensor, config: LLMPruneConfig, progress: Progress | None = None
+) -> tuple[list[float], list[float]]:
+    """``(sparsities, outlier_ratios)`` per block from one dense pass (OWL)."""
+    ratios: list[float] = []
+
+    def visit(index: int, block: nn.Module, linears: dict[str, nn.Module], stats: dict) -> None:
+        scores = [
+            wanda_scores(out_in_weight(module).to(torch.float32), stats[name].sqrt().unsqueeze(0))
+            for name, module in linears.items()
+            if name in stats
+        ]
+        ratios.append(outlier_ratio(scores, config.owl_m))
+
+    sequential(
+        model, calib, visit, "sq_norm", modifies=False, blocks_path=config.blocks_path, progress=progress
+    )
+    assert isinstance(config.spec, Unstructured)
+    return owl_sparsities(ratios, config.spec.sparsity, config.owl_lambda), ratios
+
+
+def _prune_layer(config: LLMPruneConfig, spec: Spec, module: nn.Module, stat: torch.Tensor | None) -> None:
+    weight = out_in_weight(module)
+    if config.method == "sparsegpt":
+        assert stat is not None
+        new, _ = sparsegpt_prune(weight, stat, spec, config.blocksize, config.damp)
+    else:
+        if config.method == "wanda":
+            assert stat is not None
+            keep = wanda_mask(weight, stat, spec)
+        else:
+            keep = magnitude_mask(weight, spec, config.magnitude_group)
+        new = weight.masked_fill(~keep, 0)
+    set_out_in_weight(module, new)
+
+
+@torch.no_grad()
+def prune_llm(
+    model: nn.Module,
+    calib: torch.Tensor | None,
+    config: LLMPruneConfig,
+    progress: Progress | None = None,
+    owl_progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Prune ``model`` in place. ``calib`` is a ``(N, L)`` tensor of token ids (not needed for plain
+    magnitude). Returns what was done: the per-block target sparsities and, with OWL, outlier ratios."""
+    path, count = _check_fits(model, config)
+    if config.needs_data and (calib is None or calib.dim() != 2 or calib.shape[0] < 1):
+        raise PrunekitError(
+            f"{config.method}{' with OWL' if config.owl else ''} needs calibration token ids (N, L)"
+        )
+    info: dict[str, Any] = {"blocks": path, "block_count": count}
+    specs: list[Spec] = [config.spec] * count
+    if config.owl:
+        assert calib is not None
+        sparsities, ratios = owl_block_sparsities(model, calib, config, owl_progress)
+        specs = [Unstructured(s) for s in sparsities]
+        info["owl"] = {"m": config.owl_m, "lambda": config.owl_lambda, "outlier_ratios": ratios}
+    info["block_sparsity_targets"] = [getattr(s, "sparsity", None) for s in specs]
+
+    def visit(index: int, block: nn.Module, linears: dict[str, nn.Module], stats: dict) -> None:
+        for name, module in linears.items():
+            stat = stats.get(name)
+            if _STAT[config.method] is not None and stat is None:
+                continue  # never called by the block: nothing to calibrate on (logged by the runner)
+            _prune_layer(config, specs[index], module, stat)
+
+    sequential(
+        model,
+        calib if calib is not None else torch.empty(0, 0, dtype=torch.long),
+        visit,
+        _STAT[config.method],
+        blocks_path=config.blocks_path,
+        progress=progress,  # fmt: skip
+    )
+    return info
+
+
+def zero_counts(model: nn.Module, blocks_path: str | None = None) -> dict[str, tuple[int, int]]:
+    """``(exact zeros, weights)`` of each prunable linear layer of the decoder blocks, by full name."""
+    path, blocks = find_blocks(model, blocks_path)
+    out = {}
+    for index, block in enumerate(blocks):
+        for name, module in linear_layers(block).items():
+            weight = module.weight.detach()
+            out[f"{path}.{index}.{name}"] = (int((weight == 0).sum()), weight.numel())
+    return out

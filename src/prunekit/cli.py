@@ -177,8 +177,14 @@ _MODEL_HELP = "Local Hugging Face directory or .gguf file (default: the packaged
 
 
 def _stage_bars(quiet: bool):
-    """A progress-bar factory for the LLM jobs: one tqdm bar per stage (blocks, evaluation windows)."""
+    """A progress-bar factory for the LLM jobs: one tqdm bar per stage (blocks, evaluation windows).
+    ``quiet`` also silences transformers' own loading bars."""
     from tqdm import tqdm
+
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
     def stage(name: str):
         if quiet:

@@ -8,9 +8,7 @@ temporary directory first and moved into place at the end, so a failed run leave
 from __future__ import annotations
 
 import os
-import resource
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -20,6 +18,7 @@ from typing import Any
 
 import torch
 
+from prunekit.analysis.memory import RssSampler, peak_rss_mb
 from prunekit.errors import PrunekitError
 from prunekit.files import atomic_write_json
 from prunekit.llm.load import load_causal_lm, max_positions
@@ -41,12 +40,6 @@ class TextSettings:
     seed: int = 0  # picks the calibration windows
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
-
-
 def _texts(settings: TextSettings) -> tuple[str, str, str]:
     """``(calibration text, evaluation text, where they came from)``."""
     default_calib, default_eval = pydoc_topics_split()
@@ -54,6 +47,11 @@ def _texts(settings: TextSettings) -> tuple[str, str, str]:
     held = read_text(settings.eval_file, "--eval-file") if settings.eval_file else default_eval
     names = (settings.calib_file or "pydoc_data.topics", settings.eval_file or "pydoc_data.topics (held out)")
     return calib, held, f"calibration: {names[0]}; evaluation: {names[1]}"
+
+
+def vocab(model) -> int:
+    """Rows of the model's input embedding."""
+    return model.get_input_embeddings().weight.shape[0]
 
 
 def _check_seqlen(model, seqlen: int) -> None:
@@ -104,11 +102,14 @@ def run_prune(
         calib = calibration_windows(
             tokenize(tokenizer, calib_text), text.calib_samples, text.seqlen, text.seed
         )
-    windows = eval_windows(tokenize(tokenizer, eval_text), text.seqlen) if evaluate else None
+    windows = eval_windows(tokenize(tokenizer, eval_text, vocab(model)), text.seqlen) if evaluate else None
     ppl_dense = perplexity(model, windows, stage("perplexity (dense)")) if windows is not None else None
 
     begin = time.perf_counter()
-    info = prune_llm(model, calib, config, progress=stage("prune"), owl_progress=stage("OWL outlier pass"))
+    with RssSampler() as sampler:
+        info = prune_llm(
+            model, calib, config, progress=stage("prune"), owl_progress=stage("OWL outlier pass")
+        )
     prune_seconds = time.perf_counter() - begin
     ppl_pruned = perplexity(model, windows, stage("perplexity (pruned)")) if windows is not None else None
 
@@ -135,6 +136,7 @@ def run_prune(
         "wall_seconds": time.perf_counter() - start,
         "peak_rss_mb": peak_rss_mb(),
         "peak_rss_after_load_mb": load_rss,
+        "peak_rss_while_pruning_mb": sampler.peak_mb,
         "threads": torch.get_num_threads(),
         "sparsity_pruned_layers": zeros / pruned_params,
         "sparsity_whole_model": zeros / all_params,
@@ -157,7 +159,7 @@ def run_eval(
     model, tokenizer = load_causal_lm(model_path)
     _check_seqlen(model, text.seqlen)
     _, eval_text, source = _texts(text)
-    windows = eval_windows(tokenize(tokenizer, eval_text), text.seqlen)
+    windows = eval_windows(tokenize(tokenizer, eval_text, vocab(model)), text.seqlen)
     start = time.perf_counter()
     ppl = perplexity(model, windows, stage("perplexity"))
     return {

@@ -97,11 +97,15 @@ def _check_causal(transformers, where: str, path: Path) -> None:
         config = transformers.AutoConfig.from_pretrained(where, local_files_only=True)
     except Exception as exc:  # a corrupt or foreign file: one clear line instead of a parser traceback
         raise PrunekitError(f"could not read the model at {path}: {exc}") from exc
-    known = transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    if config.model_type not in known:
+    auto = transformers.models.auto.modeling_auto
+    # encoders such as BERT also have a causal-LM class, usable only when configured as a decoder
+    encoder = config.model_type in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(
+        config, "is_decoder", False
+    )
+    if config.model_type not in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or encoder:
         raise PrunekitError(
             f"{path} is a '{config.model_type}' model, not a causal language model "
-            "(transformers has no AutoModelForCausalLM class for it)"
+            "(no AutoModelForCausalLM class for it, or an encoder not configured as a decoder)"
         )
 
 

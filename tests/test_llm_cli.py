@@ -1,0 +1,135 @@
+"""``prunekit llm prune`` / ``llm eval`` end to end on a tiny random Llama saved with its own tokenizer."""
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+from prunekit.llm.text import pydoc_topics_split  # noqa: E402
+from test_cli import assert_one_line_error, call_main  # noqa: E402
+from tiny_hf import llama  # noqa: E402
+
+SEQ = 32
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Llama and a byte-level BPE tokenizer trained on some of the calibration text."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    calib, _ = pydoc_topics_split()
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=128,
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()[:120],
+        show_progress=False,
+    )
+    bpe.train_from_iterator([calib[:20000]], trainer)
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe)
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(0)
+    model = llama(layers=2)
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(path)
+    return path
+
+
+def test_llm_prune_writes_a_loadable_model_and_metrics(model_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    args = ["--model", str(model_dir), "--method", "sparsegpt", "--pattern", "2:4", "--calib-samples", "4"]
+    code, stdout, stderr = call_main(
+        monkeypatch, capsys, "llm", "prune", *args, "--seqlen", str(SEQ), "--out", str(out), "--quiet"
+    )
+    assert code == 0, stderr
+    assert "perplexity" in stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == "sparsegpt" and metrics["pattern"] == {"type": "nm", "n": 2, "m": 4}
+    assert metrics["calibration"]["samples"] == 4 and metrics["calibration"]["seqlen"] == SEQ
+    assert metrics["ppl_dense"] > 1 and metrics["ppl_pruned"] > 1
+    assert metrics["sparsity_pruned_layers"] == pytest.approx(0.5, abs=1e-9)
+    assert len(metrics["layer_sparsity"]) == 2 * 7  # q k v o gate up down per block
+    assert metrics["peak_rss_mb"] >= metrics["peak_rss_while_pruning_mb"] > 0
+    assert not list(tmp_path.glob(".out.partial-*")), "the staging directory must be gone"
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    weight = model.model.layers[1].mlp.down_proj.weight
+    groups = (weight != 0).reshape(weight.shape[0], -1, 4).sum(-1)
+    assert int(groups.max()) <= 2
+    tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert tok("def f(): pass")["input_ids"]
+
+    code, stdout, stderr = call_main(
+        monkeypatch, capsys, "llm", "eval", "--model", str(out), "--seqlen", str(SEQ), "--json", "--quiet"
+    )
+    assert code == 0, stderr
+    assert json.loads(stdout)["ppl"] == pytest.approx(metrics["ppl_pruned"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--sparsity", "0.5", "--pattern", "2:4"], "exactly one of --sparsity"),
+        ([], "exactly one of --sparsity"),
+        (["--pattern", "0.5"], "--pattern takes N:M"),
+        (["--sparsity", "1.5"], "sparsity must be in [0, 1)"),
+        (["--sparsity", "0.5", "--method", "wandaa"], "unknown method 'wandaa' (did you mean 'wanda'?)"),
+        (["--pattern", "2:4", "--owl"], "OWL allocates unstructured sparsity"),
+        (["--sparsity", "0.5", "--seqlen", "65"], "above the model's limit of 64"),
+        (["--sparsity", "0.5", "--calib-samples", "100000"], "room for"),
+        (["--pattern", "3:7"], "multiple of M=7"),
+        (["--sparsity", "0.5", "--calib-file", "/nonexistent.txt"], "--calib-file: no such file"),
+    ],
+)
+def test_llm_prune_bad_input_is_one_clear_line(model_dir, tmp_path, monkeypatch, capsys, args, needle):
+    out = tmp_path / "out"
+    code, _, stderr = call_main(
+        monkeypatch, capsys, "llm", "prune", "--model", str(model_dir), "--seqlen", str(SEQ), *args,
+        "--out", str(out), "--quiet",
+    )  # fmt: skip
+    assert code == 2
+    assert_one_line_error(stderr, needle)
+    assert not out.exists()
+
+
+def test_llm_eval_refuses_a_tokenizer_bigger_than_the_model(model_dir, tmp_path, monkeypatch, capsys):
+    small = tmp_path / "small"
+    transformers.AutoTokenizer.from_pretrained(model_dir).save_pretrained(small)
+    llama(layers=1).save_pretrained(small)  # 128 embeddings, a 320-token tokenizer
+    code, _, stderr = call_main(
+        monkeypatch, capsys, "llm", "eval", "--model", str(small), "--seqlen", str(SEQ), "--quiet"
+    )
+    assert code == 2
+    assert_one_line_error(stderr, "token id")
+
+
+def test_llm_prune_refuses_a_model_that_is_not_a_causal_lm(tmp_path, monkeypatch, capsys):
+    vit = transformers.ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=8,
+        patch_size=4,
+    )
+    transformers.ViTModel(vit).save_pretrained(tmp_path / "vit")
+    code, _, stderr = call_main(
+        monkeypatch, capsys, "llm", "prune", "--model", str(tmp_path / "vit"), "--sparsity", "0.5",
+        "--out", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert code == 2
+    assert_one_line_error(stderr, "not a causal language model")
+
+
+def test_llm_prune_reads_an_unreadable_gguf_as_a_clear_error(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("gguf")
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + bytes(range(200)))
+    code, _, stderr = call_main(
+        monkeypatch, capsys, "llm", "eval", "--model", str(bad), "--quiet"
+    )  # fmt: skip
+    assert code == 2
+    assert_one_line_error(stderr, "could not load the model")

@@ -10,6 +10,7 @@ pruned models save and reload bit for bit, the text and perplexity utilities, OW
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
 import random
 
@@ -707,9 +708,21 @@ def test_load_bert_encoder_is_not_a_causal_lm(tmp_path):
 
 
 def test_load_garbage_gguf(tmp_path):
+    pytest.importorskip("gguf")
     path = tmp_path / "model.gguf"
     path.write_bytes(random.Random(0).randbytes(4096))
     with pytest.raises(PrunekitError, match="could not load the model"):
+        load_causal_lm(path)
+
+
+def test_load_gguf_without_the_gguf_package_says_what_to_install(tmp_path, monkeypatch):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real_find_spec(name, *a)
+    )
+    with pytest.raises(PrunekitError, match=r"needs the 'gguf' package: pip install 'prunekit\[hf\]'"):
         load_causal_lm(path)
 
 

@@ -128,7 +128,7 @@ def run_block(block: nn.Module, inputs: torch.Tensor, call: BlockCall, outputs: 
 @torch.no_grad()
 def sequential(
     model: nn.Module,
-    samples: torch.Tensor,
+    samples: torch.Tensor | None,
     visit: BlockVisitor,
     kind: StatKind | None,
     *,
@@ -138,8 +138,9 @@ def sequential(
 ) -> None:
     """Run ``visit(index, block, linears, stats)`` on every block in order with statistics from ``samples``.
 
-    ``samples`` is a ``(N, L)`` tensor of token ids. ``modifies=False`` (the visitor only reads) lets one
-    forward per block give both the statistics and the next inputs. ``kind=None`` visits without data.
+    ``samples`` is a ``(N, L)`` tensor of token ids (None only with ``kind=None``, which visits without
+    data). ``modifies=False`` (the visitor only reads) lets one forward per block give both the
+    statistics and the next inputs.
     """
     _, blocks = find_blocks(model, blocks_path)
     was_training = model.training
@@ -151,6 +152,8 @@ def sequential(
                 if progress:
                     progress(index + 1, len(blocks))
             return
+        if samples is None:
+            raise ValueError("statistics need calibration samples")
         calls = capture_calls(model, blocks, samples[:1])
         inputs = capture_inputs(model, blocks, samples)
         outputs = torch.empty_like(inputs)

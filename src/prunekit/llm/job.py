@@ -71,6 +71,10 @@ def _save(model, tokenizer, out: Path, metrics: dict[str, Any]) -> None:
         if not out.exists():
             os.replace(staging, out)
             return
+        new = {item.name for item in staging.iterdir()}
+        for stale in out.glob("*.safetensors*"):  # weights of an earlier run (other shards, an index)
+            if stale.name not in new:
+                stale.unlink()
         for item in staging.iterdir():  # each file replaced atomically; metrics.json last
             if item.name != "metrics.json":
                 os.replace(item, out / item.name)
@@ -100,7 +104,7 @@ def run_prune(
     calib = None
     if config.needs_data:
         calib = calibration_windows(
-            tokenize(tokenizer, calib_text), text.calib_samples, text.seqlen, text.seed
+            tokenize(tokenizer, calib_text, vocab(model)), text.calib_samples, text.seqlen, text.seed
         )
     windows = eval_windows(tokenize(tokenizer, eval_text, vocab(model)), text.seqlen) if evaluate else None
     ppl_dense = perplexity(model, windows, stage("perplexity (dense)")) if windows is not None else None

@@ -62,9 +62,7 @@ def load_causal_lm(
         if not (path / "config.json").is_file():
             raise PrunekitError(f"{path} has no config.json: not a Hugging Face model directory")
         where, extra = str(path), {}
-    if (
-        not extra
-    ):  # a directory may hold any model; GGUF files hold language models (reading one costs seconds)
+    if path.is_dir():  # any model may sit in a directory; a GGUF file holds a language model
         _check_causal(transformers, where, path)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(where, local_files_only=True, **extra)

@@ -19,7 +19,7 @@ from prunekit.calib.sequential import Progress, sequential
 from prunekit.criteria.activation import wanda_scores
 from prunekit.errors import PrunekitError, unknown_name
 from prunekit.methods import magnitude_mask, outlier_ratio, owl_sparsities, sparsegpt_prune, wanda_mask
-from prunekit.methods.pattern import LLM_GROUPS, check_llm_spec
+from prunekit.methods.pattern import LLM_GROUPS, check_llm_pattern, check_llm_spec
 from prunekit.spec import Spec, Unstructured
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class LLMPruneConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise unknown_name("method", self.method, METHODS)
-        check_llm_spec(self.spec, (8, 8 * getattr(self.spec, "m", 1)))
+        check_llm_pattern(self.spec)
         if self.magnitude_group not in LLM_GROUPS:
             raise unknown_name("magnitude group", self.magnitude_group, LLM_GROUPS)
         if self.owl:
@@ -139,14 +139,7 @@ def prune_llm(
                 continue  # never called by the block: nothing to calibrate on (logged by the runner)
             _prune_layer(config, specs[index], module, stat)
 
-    sequential(
-        model,
-        calib if calib is not None else torch.empty(0, 0, dtype=torch.long),
-        visit,
-        _STAT[config.method],
-        blocks_path=config.blocks_path,
-        progress=progress,  # fmt: skip
-    )
+    sequential(model, calib, visit, _STAT[config.method], blocks_path=config.blocks_path, progress=progress)
     return info
 
 

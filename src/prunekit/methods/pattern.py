@@ -11,10 +11,15 @@ from prunekit.spec import NM, Spec, Unstructured
 LLM_GROUPS = ("layer", "row")
 
 
-def check_llm_spec(spec: Spec, shape: tuple[int, ...], layer: str = "weight") -> None:
-    """Raise unless ``spec`` is unstructured or N:M and fits a ``(out, in)`` weight of ``shape``."""
+def check_llm_pattern(spec: Spec) -> None:
+    """Raise unless ``spec`` is unstructured or N:M (the patterns the one-shot kernels produce)."""
     if not isinstance(spec, (Unstructured, NM)):
         raise PrunekitError(f"one-shot LLM pruning takes an unstructured or N:M pattern, got {spec}")
+
+
+def check_llm_spec(spec: Spec, shape: tuple[int, ...], layer: str = "weight") -> None:
+    """Raise unless ``spec`` is unstructured or N:M and fits a ``(out, in)`` weight of ``shape``."""
+    check_llm_pattern(spec)
     spec.check(tuple(shape), layer)
 
 

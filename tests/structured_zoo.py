@@ -820,8 +820,8 @@ _CASES = [
         "vit",
         _builder(ViT),
         _images(),
-        note="4 heads of 16. nn.MultiheadAttention ties q/k/v width to embed_dim (the residual stream, "
-        "cls/pos Parameters, LayerNorms): whole heads go only with as many residual channels. " + _LN_NOTE,
+        note="4 heads of 16: whole heads go (q/k/v rows and out_proj columns; the module becomes a "
+        "HeadPrunedMultiheadAttention), and MLP width. The residual stream stays: " + _LN_NOTE,
     ),
     Case("conv1d_audio", _builder(Conv1dAudio), _audio, note="input (B, 40 mel bands, 100 frames)"),
     Case(

@@ -11,6 +11,7 @@ from prunekit.structured.apply import register_module_fixer
 from prunekit.structured.core import Result, check_equivalence, prune, prune_model
 from prunekit.structured.hf import save_pretrained
 from prunekit.structured.layers import block_influence, drop_layers
+from prunekit.structured.mha import HeadPrunedMultiheadAttention
 from prunekit.structured.rules import register_rule
 from prunekit.structured.storage import load, save
 
@@ -26,4 +27,5 @@ __all__ = [
     "save_pretrained",
     "drop_layers",
     "block_influence",
+    "HeadPrunedMultiheadAttention",
 ]

@@ -11,6 +11,7 @@ from torch import nn
 
 from prunekit.errors import PrunekitError
 from prunekit.structured.graph import Group
+from prunekit.structured.mha import disable_fused_paths, fix_multihead_attention
 
 Plan = dict[str, dict[str, list[int]]]  # parameter name -> {dim (as a string): [removed indices]}
 
@@ -49,9 +50,13 @@ def _aliases(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
     return holders
 
 
-def apply_plan(model: nn.Module, plan: Mapping[str, Mapping]) -> Callable[[], None]:
+def apply_plan(model: nn.Module, plan: Mapping[str, Mapping], steer: bool = True) -> Callable[[], None]:
     """Slice the parameters/buffers named in ``plan`` in place (in every module that shares them) and fix
-    the affected modules' attributes. Returns ``undo()``, which restores the model exactly."""
+    the affected modules' attributes. Returns ``undo()``, which restores the model exactly.
+
+    ``steer``: also keep PyTorch's fused transformer kernels away from head-pruned attention
+    (:func:`~prunekit.structured.mha.disable_fused_paths`); the pruner defers this until its re-trace of
+    the pruned model is done, so that the trace compares like with like."""
     holders = _aliases(model)
     saved: list[tuple[nn.Module, str, str, torch.Tensor]] = []
     touched: dict[int, nn.Module] = {}
@@ -76,6 +81,7 @@ def apply_plan(model: nn.Module, plan: Mapping[str, Mapping]) -> Callable[[], No
     attributes = {
         k: {a: v for a, v in m.__dict__.items() if not a.startswith("_")} for k, m in touched.items()
     }
+    classes = {k: type(m) for k, m in touched.items()}  # a fixer may change it (MultiheadAttention)
     for module in touched.values():
         fix = _FIXERS.get(type(module)) or _NAMED_FIXERS.get(type(module).__name__)
         if fix is None:
@@ -85,12 +91,16 @@ def apply_plan(model: nn.Module, plan: Mapping[str, Mapping]) -> Callable[[], No
                     break
         if fix is not None:
             fix(module)
+    steering = disable_fused_paths(model) if steer else []
 
     def undo() -> None:
+        for module, attr, value in reversed(steering):
+            setattr(module, attr, value)
         for holder, kind, attr, tensor in reversed(saved):
             getattr(holder, kind)[attr] = tensor
         for key, module in touched.items():
             module.__dict__.update(attributes[key])
+            module.__class__ = classes[key]
 
     return undo
 
@@ -142,6 +152,7 @@ _FIXERS: dict[type, Callable[[nn.Module], None]] = {
     nn.GroupNorm: _fix_groupnorm,
     nn.Embedding: _fix_embedding,
     nn.PReLU: _fix_prelu,
+    nn.MultiheadAttention: fix_multihead_attention,
 }
 
 

@@ -164,6 +164,45 @@ def _propagate(trace: Trace, uses, seed_op: Op, seed_dim: int, index: int, block
     return group
 
 
+_MHA_ARGS = {"in_proj_weight": 5, "in_proj_bias": 6, "bias_k": 7, "bias_v": 8, "out_proj_weight": 11}
+
+
+def _mha_heads(op: Op, index: int) -> Group | None:
+    """The heads of one ``nn.MultiheadAttention``: a group inside the module (Michel et al., 2019). Each
+    head owns ``head_dim`` rows of the q, k and v projections, its slice of their biases and of
+    ``bias_k``/``bias_v``, and ``head_dim`` columns of the output projection; nothing outside the module
+    changes shape (see ``prunekit.structured.mha``)."""
+
+    def arg(name: str, position: int | None = None):
+        if position is not None and len(op.args) > position:
+            return op.args[position]
+        return op.kwargs.get(name)
+
+    num_heads = arg("num_heads", 4)
+    if arg("use_separate_proj_weight", 17):
+        q_w, k_w, v_w = (arg(f"{c}_proj_weight", 18 + i) for i, c in enumerate("qkv"))
+        projections = [q_w, k_w, v_w]
+    else:
+        projections = [arg("in_proj_weight", 5)]
+    out_w = arg("out_proj_weight", 11)
+    if not isinstance(num_heads, int) or not all(isinstance(w, Value) for w in [*projections, out_w]):
+        return None
+    inner = out_w.shape[1]
+    head_dim = inner // num_heads
+    heads = torch.arange(num_heads).repeat_interleave(head_dim)  # unit of each channel of one projection
+    group = Group(index, f"multi_head_attention_forward -> {projections[0].name}", num_heads, block=head_dim)
+    for w in projections:
+        line = heads.repeat(w.shape[0] // inner)  # in_proj_weight stacks q, k and v
+        group.members.append(Member(w.name, line.reshape(-1, 1), "out"))
+    group.members.append(Member(out_w.name, heads.reshape(1, -1), "in"))
+    for name in ("in_proj_bias", "bias_k", "bias_v"):
+        b = arg(name, _MHA_ARGS[name])
+        if isinstance(b, Value):
+            owner = heads.repeat(b.shape[-1] // inner).reshape((1,) * (len(b.shape) - 1) + (-1,))
+            group.members.append(Member(b.name, owner, "bias"))
+    return group
+
+
 def find_groups(trace: Trace) -> list[Group]:
     """All candidate groups, in the order their seeding operations ran."""
     uses = _uses(trace)
@@ -209,4 +248,9 @@ def find_groups(trace: Trace) -> list[Group]:
             covered[vi] = line if vi not in covered else covered[vi] | line
         if group.blocked:
             log.info("group %d (%s) is not pruned: %s", group.index, group.seed, group.blocked)
+    for op in trace.ops:
+        if op.name == "multi_head_attention_forward":
+            heads = _mha_heads(op, len(groups))
+            if heads is not None:
+                groups.append(heads)
     return groups

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from prunekit.compress.encodings import pack_bits, unpack_bits
 from prunekit.errors import PrunekitError
 from prunekit.files import atomic_write_bytes
 from prunekit.masking import apply_masks, get_masks
@@ -48,7 +49,7 @@ class ArtifactInfo:
     structured: list[dict] = field(default_factory=list)  # structured prune logs, replayed in order
 
 
-def _library_version() -> str:
+def library_version() -> str:
     from prunekit import __version__
 
     return __version__
@@ -67,13 +68,11 @@ def _digest(tensors: dict[str, torch.Tensor], header: dict[str, Any]) -> str:
 
 
 def _pack(mask: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(np.packbits(mask.reshape(-1).numpy().astype(np.uint8)))
+    return pack_bits(mask, bitorder="big")  # format_version 1 of this format packs masks big-endian
 
 
 def _unpack(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
-    count = int(np.prod(shape))
-    bits = np.unpackbits(packed.numpy(), count=count)
-    return torch.from_numpy(bits.astype(bool)).reshape(shape)
+    return unpack_bits(packed, int(np.prod(shape)), bitorder="big").reshape(shape)
 
 
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -113,7 +112,7 @@ def save_artifact(
     header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "library_version": _library_version(),
+        "library_version": library_version(),
         "model": model_info,
         "specs": {name: spec.to_dict() for name, spec in (specs or {}).items()},
         "masks": {name: list(mask.shape) for name, mask in masks.items()},

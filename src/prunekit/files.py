@@ -50,3 +50,19 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_json(path: str | Path, data: Any) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a safetensors file (its header only; the tensors are not read)."""
+    from safetensors import SafetensorError, safe_open
+
+    from prunekit.errors import PrunekitError
+
+    path = Path(path)
+    if not path.is_file():
+        raise PrunekitError(f"no such file: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise PrunekitError(f"{path} is not a readable safetensors file: {exc}") from None

@@ -24,7 +24,7 @@ from safetensors.torch import save as st_save
 
 from prunekit.compress.encodings import ENCODINGS, Encoded, decode, nonzero_mask, smallest
 from prunekit.errors import PrunekitError
-from prunekit.files import atomic_write_bytes
+from prunekit.files import atomic_write_bytes, safetensors_metadata
 
 FORMAT = "prunekit.compressed"
 FORMAT_VERSION = 1
@@ -86,12 +86,6 @@ def _nm_of(spec: Mapping | None) -> tuple[int, int] | None:
     return None
 
 
-def _library_version() -> str:
-    from prunekit import __version__
-
-    return __version__
-
-
 def encode_state(
     state: Mapping[str, torch.Tensor],
     value_dtype: str = "keep",
@@ -99,6 +93,8 @@ def encode_state(
     encodings=ENCODINGS,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The tensors and header of a compressed artifact for ``state`` (name -> tensor)."""
+    from prunekit.artifact import library_version  # artifact imports this package's encodings
+
     if value_dtype not in VALUE_DTYPES:
         raise PrunekitError(f"value dtype '{value_dtype}' is not one of: {', '.join(VALUE_DTYPES)}")
     unknown = [e for e in encodings if e not in ENCODINGS]
@@ -141,7 +137,7 @@ def encode_state(
     header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "library_version": _library_version(),
+        "library_version": library_version(),
         "value_dtype": value_dtype,
         "tensors": entries,
     }
@@ -168,24 +164,22 @@ def save_compressed(
 
 def read_header(path: str | Path) -> dict[str, Any]:
     """The JSON header alone (cheap: the tensors are not read)."""
-    import struct
-
     path = Path(path)
+    if not path.is_file():
+        raise PrunekitError(f"no such file: {path}")
     try:
-        with open(path, "rb") as handle:
-            (size,) = struct.unpack("<Q", handle.read(8))
-            if size > path.stat().st_size:
-                raise ArtifactCorrupted(f"{path}: truncated (header longer than the file)")
-            meta = json.loads(handle.read(size)).get("__metadata__") or {}
-    except FileNotFoundError:
-        raise PrunekitError(f"no such file: {path}") from None
-    except (struct.error, ValueError, UnicodeDecodeError) as exc:
-        raise ArtifactCorrupted(f"{path}: not a safetensors file ({exc})") from None
+        meta = safetensors_metadata(path)
+    except PrunekitError as exc:
+        raise ArtifactCorrupted(f"{exc} (truncated or damaged)") from None
     if "prunekit" not in meta:
         raise PrunekitError(f"{path}: not a prunekit compressed artifact (no 'prunekit' header)")
-    header = json.loads(meta["prunekit"])
-    if header.get("format") != FORMAT:
-        raise PrunekitError(f"{path}: format '{header.get('format')}', expected '{FORMAT}'")
+    try:
+        header = json.loads(meta["prunekit"])
+    except ValueError as exc:
+        raise ArtifactCorrupted(f"{path}: damaged 'prunekit' header ({exc})") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        found = header.get("format") if isinstance(header, dict) else header
+        raise PrunekitError(f"{path}: format '{found}', expected '{FORMAT}'")
     if header.get("format_version", 0) > FORMAT_VERSION:
         raise PrunekitError(
             f"{path}: format version {header['format_version']} is newer than this prunekit reads "

@@ -60,12 +60,13 @@ def narrowest_uint(max_value: int) -> torch.dtype:
     return torch.int64
 
 
-def pack_bits(bits: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(np.packbits(bits.reshape(-1).numpy().astype(np.uint8), bitorder="little"))
+def pack_bits(bits: torch.Tensor, bitorder: str = "little") -> torch.Tensor:
+    """Flattened bits packed 8 per byte (this format: little bit order; the dense artifact's masks: big)."""
+    return torch.from_numpy(np.packbits(bits.reshape(-1).numpy().astype(np.uint8), bitorder=bitorder))
 
 
-def unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
-    bits = np.unpackbits(packed.numpy(), count=count, bitorder="little")
+def unpack_bits(packed: torch.Tensor, count: int, bitorder: str = "little") -> torch.Tensor:
+    bits = np.unpackbits(packed.numpy(), count=count, bitorder=bitorder)
     return torch.from_numpy(bits.astype(bool))
 
 

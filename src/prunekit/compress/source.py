@@ -14,19 +14,13 @@ from prunekit.errors import PrunekitError
 
 def read_source(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict[str, Any]]:
     """(state dict, specs keyed by tensor name, header extras to carry over) of ``path``."""
-    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     from prunekit.artifact import read_artifact
+    from prunekit.files import safetensors_metadata
 
     path = Path(path)
-    if not path.is_file():
-        raise PrunekitError(f"source not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
-    except (SafetensorError, OSError) as exc:
-        raise PrunekitError(f"{path} is not a readable safetensors file: {exc}") from None
+    meta = safetensors_metadata(path)
     if "prunekit" not in meta:
         return load_file(str(path)), {}, {"source": path.name}
     if json.loads(meta["prunekit"]).get("format") == "prunekit.compressed":

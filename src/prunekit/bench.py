@@ -1,0 +1,321 @@
+"""``prunekit bench``: what a pruned model costs to run, for every way prunekit can deploy it, in one run.
+
+Variants: ``dense`` (the dense artifact, when the source has one), ``pruned`` (zeros run through dense
+kernels), ``pruned-int8`` (:func:`prunekit.quantize.quantize_model`, dynamic activations), ``compiled`` and
+``compiled-int8`` (:func:`prunekit.runtime.compile` of the two, decided per layer for each batch size and
+thread count). For each thread count and batch size every variant is timed in one interleaved run
+(:func:`prunekit.analysis.compare_latency`): p50/p99/mean latency and throughput. Size is the file a user
+would ship (the dense artifact; the compressed artifact in float32 or int8 values). Peak RSS is measured for
+each variant in a fresh process, since one process cannot un-see another variant's memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit.errors import PrunekitError
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("dense", "pruned", "pruned-int8", "compiled", "compiled-int8")
+
+
+@dataclass(frozen=True)
+class Source:
+    """The artifacts to benchmark and the shape of one input (without the batch dimension)."""
+
+    pruned: Path
+    dense: Path | None
+    sample_shape: tuple[int, ...]
+
+
+def resolve_source(source: str, out: Path, input_shape: tuple[int, ...] | None = None) -> Source:
+    """``source``: a prunekit artifact (.safetensors), a recipe output directory (its ``dense`` export and
+    its last other export), a recipe YAML file or a built-in recipe name (run first, into ``out/run``)."""
+    from prunekit import recipe
+
+    path = Path(source)
+    if path.is_file() and path.suffix in (".yaml", ".yml"):
+        path = _run_recipe(recipe.load(path), out)
+    elif not path.exists() and source in recipe.builtin_names():
+        path = _run_recipe(recipe.load_builtin(source), out)
+    if path.is_dir():
+        pruned, dense = _exports(path)
+    elif path.is_file() and path.suffix == ".safetensors":
+        pruned, dense = path, None
+    else:
+        raise PrunekitError(
+            f"bench: {source!r} is not a .safetensors artifact, a recipe output directory, a recipe "
+            f"YAML file or a built-in recipe ({', '.join(recipe.builtin_names())})"
+        )
+    shape = _sample_shape(pruned, input_shape)
+    return Source(pruned=pruned, dense=dense, sample_shape=shape)
+
+
+def _run_recipe(rec, out: Path) -> Path:
+    from prunekit.pipeline import run_recipe
+
+    run_dir = out / "run"
+    log.info("bench: running recipe %s into %s first", rec.name, run_dir)
+    run_recipe(rec, run_dir, progress=False)
+    return run_dir
+
+
+def _exports(directory: Path) -> tuple[Path, Path | None]:
+    """The recipe's last export that is not ``dense``, and ``dense.safetensors`` if it is there."""
+    metrics = directory / "metrics.json"
+    names: list[str] = []
+    if metrics.is_file():
+        stages = json.loads(metrics.read_text()).get("recipe", {}).get("stages", [])
+        names = [s["name"] for s in stages if s.get("type") == "export"]
+    candidates = [directory / f"{n}.safetensors" for n in names if n != "dense"]
+    candidates = [p for p in candidates if p.is_file()]
+    if not candidates:
+        candidates = sorted(p for p in directory.glob("*.safetensors") if p.name != "dense.safetensors")
+    if not candidates:
+        raise PrunekitError(f"bench: {directory} holds no pruned artifact (*.safetensors besides dense)")
+    dense = directory / "dense.safetensors"
+    return candidates[-1], dense if dense.is_file() else None
+
+
+def _sample_shape(artifact: Path, input_shape: tuple[int, ...] | None) -> tuple[int, ...]:
+    from prunekit.structured.run import load_model_spec
+
+    full = (1, *input_shape[1:]) if input_shape else None
+    _, example = load_model_spec(str(artifact), full)
+    return tuple(example.shape[1:])
+
+
+def load_variant(source: Source, name: str) -> nn.Module:
+    """One uncompiled variant as an eval-mode module (``compiled*`` are built per batch by :func:`bench`)."""
+    from prunekit.structured.run import load_model_spec
+
+    if name == "dense":
+        if source.dense is None:
+            raise PrunekitError("bench: this source has no dense artifact")
+        return load_model_spec(str(source.dense), (1, *source.sample_shape))[0]
+    pruned = load_model_spec(str(source.pruned), (1, *source.sample_shape))[0]
+    if name in ("pruned", "compiled"):
+        return pruned
+    if name in ("pruned-int8", "compiled-int8"):
+        from prunekit.quantize import quantize_model
+
+        return quantize_model(pruned, activations="dynamic").eval()
+    raise PrunekitError(f"bench: unknown variant {name!r}; allowed: {', '.join(VARIANTS)}")
+
+
+def _compile(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, list[dict], float]:
+    from prunekit import runtime
+
+    start = time.perf_counter()
+    compiled = runtime.compile(model, (example,))
+    seconds = time.perf_counter() - start
+    return compiled, list(runtime.report(compiled)), seconds
+
+
+def sizes(source: Source) -> dict[str, int]:
+    """Bytes of the file each variant ships as (the compiled variants load from the compressed files)."""
+    from prunekit.artifact import plain_state_dict
+    from prunekit.compress.container import save_compressed
+
+    state = plain_state_dict(load_variant(source, "pruned"))
+    out: dict[str, int] = {}
+    if source.dense is not None:
+        out["dense"] = source.dense.stat().st_size
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, dtype in (("pruned", "float32"), ("pruned-int8", "int8")):
+            path = save_compressed(state, Path(tmp) / f"{label}.safetensors", value_dtype=dtype)
+            out[label] = path.stat().st_size
+    out["compiled"], out["compiled-int8"] = out["pruned"], out["pruned-int8"]
+    return out
+
+
+def peak_rss(source: Source, name: str, batch: int, runs: int) -> dict[str, float]:
+    """Peak RSS of a fresh process that loads (and compiles) one variant and runs it ``runs`` times."""
+    args = {
+        "pruned": str(source.pruned),
+        "dense": str(source.dense) if source.dense else None,
+        "shape": list(source.sample_shape),
+        "variant": name,
+        "batch": batch,
+        "runs": runs,
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "prunekit.bench", json.dumps(args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise PrunekitError(f"bench: the memory probe for '{name}' failed: {tail}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _rss_child(args: dict[str, Any]) -> dict[str, float]:
+    from prunekit.analysis.memory import current_rss_mb, peak_rss_mb
+
+    torch.set_num_threads(1)
+    source = Source(Path(args["pruned"]), args["dense"] and Path(args["dense"]), tuple(args["shape"]))
+    baseline = current_rss_mb() or 0.0
+    example = torch.randn(args["batch"], *source.sample_shape)
+    model = load_variant(source, args["variant"])
+    if args["variant"].startswith("compiled"):
+        model = _compile(model, example)[0]
+    with torch.inference_mode():
+        for _ in range(args["runs"]):
+            model(example)
+    return {"peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": baseline}
+
+
+def bench(
+    source: Source,
+    batches: Sequence[int] = (1, 8),
+    threads: Sequence[int] = (1, 2),
+    runs: int = 500,
+    warmup: int = 30,
+    variants: Sequence[str] = VARIANTS,
+    memory: bool = True,
+) -> dict[str, Any]:
+    """Measure every variant; returns the JSON-ready table (see the module docstring)."""
+    from prunekit.analysis import compare_latency
+
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise PrunekitError(f"bench: unknown variants {unknown}; allowed: {', '.join(VARIANTS)}")
+    _check_positive(batches, "--batch")
+    _check_positive(threads, "--threads")
+    if runs < 10:
+        raise PrunekitError(f"bench: --runs must be >= 10 for a meaningful p99, got {runs}")
+    variants = [v for v in variants if v != "dense" or source.dense is not None]
+    base = {v: load_variant(source, v) for v in variants if not v.startswith("compiled")}
+    for v in variants:  # the compiled variants start from their uncompiled twin
+        if v.startswith("compiled"):
+            twin = v.replace("compiled", "pruned")
+            base.setdefault(twin, load_variant(source, twin))
+    rows: list[dict[str, Any]] = []
+    decisions: list[dict[str, Any]] = []
+    previous = torch.get_num_threads()
+    try:
+        for t in threads:
+            torch.set_num_threads(t)
+            for b in batches:
+                example = torch.randn(b, *source.sample_shape, generator=torch.Generator().manual_seed(b))
+                models: dict[str, nn.Module] = {}
+                for v in variants:
+                    if v.startswith("compiled"):
+                        twin = base[v.replace("compiled", "pruned")]
+                        compiled, report, seconds = _compile(copy.deepcopy(twin), example)
+                        models[v] = compiled
+                        decisions.append(
+                            {"variant": v, "threads": t, "batch": b, "seconds": seconds, "layers": report}
+                        )
+                    else:
+                        models[v] = base[v]
+                stats = compare_latency(models, example, runs=runs, warmup=warmup)
+                for v, s in stats.items():
+                    rows.append(
+                        {
+                            "variant": v,
+                            "threads": t,
+                            "batch": b,
+                            "p50_ms": s["p50"],
+                            "p99_ms": s["p99"],
+                            "mean_ms": s["mean"],
+                            "throughput_per_s": b / (s["mean"] / 1e3),
+                            "p50_vs_first": s["p50_ratio"],
+                            "runs": s["runs"],
+                        }
+                    )
+    finally:
+        torch.set_num_threads(previous)
+    size = sizes(source)
+    rss = {v: peak_rss(source, v, max(batches), min(runs, 100)) for v in variants} if memory else {}
+    return {
+        "source": {"pruned": str(source.pruned), "dense": str(source.dense) if source.dense else None},
+        "sample_shape": list(source.sample_shape),
+        "variants": list(variants),
+        "runs": runs,
+        "warmup": warmup,
+        "size_bytes": {v: size[v] for v in variants},
+        "peak_rss_mb": rss,
+        "rows": rows,
+        "compile": decisions,
+        "environment": {"torch": torch.__version__, "baseline": variants[0]},
+    }
+
+
+def _check_positive(values: Sequence[int], field: str) -> None:
+    if not values or any(v < 1 for v in values):
+        raise PrunekitError(f"bench: {field} takes positive integers such as 1,8; got {list(values)}")
+
+
+def table(result: dict[str, Any]) -> str:
+    """The measurements as a fixed-width text table."""
+    first = result["variants"][0]
+    lines = [
+        f"{'variant':<14} {'thr':>3} {'batch':>5} {'p50 ms':>9} {'p99 ms':>9} {'mean ms':>9} "
+        f"{'items/s':>10} {'p50 vs ' + first:>16} {'size B':>10} {'peak RSS MB':>11}"
+    ]
+    for r in result["rows"]:
+        rss = result["peak_rss_mb"].get(r["variant"])
+        lines.append(
+            f"{r['variant']:<14} {r['threads']:>3} {r['batch']:>5} {r['p50_ms']:>9.3f} {r['p99_ms']:>9.3f} "
+            f"{r['mean_ms']:>9.3f} {r['throughput_per_s']:>10.0f} {r['p50_vs_first']:>15.2f}x "
+            f"{result['size_bytes'][r['variant']]:>10,} {rss['peak_rss_mb'] if rss else float('nan'):>11.0f}"
+        )
+    lines.append(
+        f"{result['runs']} timed runs per variant and setting after {result['warmup']} warm-up runs, "
+        "interleaved in blocks (p99: the 99th percentile of those runs); peak RSS: a fresh process each"
+    )
+    return "\n".join(lines)
+
+
+def chart(result: dict[str, Any], path: Path) -> Path:
+    """Grouped bars of p50 and p99 latency (two panels, each on its own scale) per setting, written
+    atomically."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed; also keeps a user's interactive backend out of it
+    import matplotlib.pyplot as plt
+
+    from prunekit.files import atomic_write_bytes
+
+    settings = sorted({(r["threads"], r["batch"]) for r in result["rows"]})
+    variants = result["variants"]
+    width = 0.8 / len(variants)
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 3.2 * len(settings)), 4))
+    for ax, key, title in zip(axes, ("p50_ms", "p99_ms"), ("median (p50)", "tail (p99)")):
+        for i, v in enumerate(variants):
+            by = {(r["threads"], r["batch"]): r[key] for r in result["rows"] if r["variant"] == v}
+            xs = [j + (i - (len(variants) - 1) / 2) * width for j in range(len(settings))]
+            ax.bar(xs, [by[s] for s in settings], width, label=v)
+        ax.set_xticks(range(len(settings)), [f"{t} thr\nbatch {b}" for t, b in settings])
+        ax.set_ylabel("ms")
+        ax.set_title(f"latency, {title}")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"prunekit bench: {result['runs']} interleaved runs per bar")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+if __name__ == "__main__":  # the fresh process behind peak_rss(); its one line of JSON is the protocol
+    print(json.dumps(_rss_child(json.loads(sys.argv[1]))))

@@ -1,0 +1,107 @@
+"""prunekit bench: every variant is measured for every setting in one table, sizes are the files a user would
+ship, the JSON and PNG are written, and bad input is one clear error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from prunekit import bench
+from prunekit.artifact import save_artifact
+from prunekit.cli import app
+from prunekit.errors import PrunekitError
+from prunekit.masking import get_masks
+from prunekit.models import build_model
+from prunekit.sparsifier import Sparsifier
+
+ARGS = {"widths": [16, 32], "blocks": 1, "in_channels": 1, "num_classes": 10}
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def outdir(tmp_path_factory) -> Path:
+    """A recipe-like output directory: dense.safetensors and pruned.safetensors (80% sparse convs)."""
+    out = tmp_path_factory.mktemp("bench-src")
+    torch.manual_seed(0)
+    model = build_model("resnet-digits", ARGS)
+    info = {"name": "resnet-digits", "args": ARGS}
+    save_artifact(out / "dense.safetensors", model, model_info=info)
+    sparsifier = Sparsifier(model, 0.8, criterion="magnitude", group="layer")
+    sparsifier.prepare()
+    sparsifier.prune()
+    assert get_masks(model)
+    save_artifact(out / "pruned.safetensors", model, model_info=info, specs=sparsifier.layer_specs())
+    return out
+
+
+def test_resolve_directory_and_artifact(outdir):
+    src = bench.resolve_source(str(outdir), outdir)
+    assert src.pruned == outdir / "pruned.safetensors" and src.dense == outdir / "dense.safetensors"
+    assert src.sample_shape == (1, 8, 8)  # the built-in digits model's default input
+    alone = bench.resolve_source(str(outdir / "pruned.safetensors"), outdir)
+    assert alone.dense is None and alone.pruned == src.pruned
+    shaped = bench.resolve_source(str(outdir / "pruned.safetensors"), outdir, (4, 1, 12, 12))
+    assert shaped.sample_shape == (1, 12, 12)
+
+
+def test_bad_sources_are_clear_errors(tmp_path, outdir):
+    with pytest.raises(PrunekitError, match="not a .safetensors artifact"):
+        bench.resolve_source(str(tmp_path / "nope"), tmp_path)
+    with pytest.raises(PrunekitError, match="holds no pruned artifact"):
+        bench.resolve_source(str(tmp_path), tmp_path)
+    src = bench.resolve_source(str(outdir), outdir)
+    with pytest.raises(PrunekitError, match="unknown variants"):
+        bench.bench(src, variants=("dense", "fast"))
+    with pytest.raises(PrunekitError, match="--batch"):
+        bench.bench(src, batches=(0,), variants=("pruned",))
+    with pytest.raises(PrunekitError, match="--runs"):
+        bench.bench(src, runs=3, variants=("pruned",))
+
+
+def test_table_covers_every_variant_and_setting(outdir):
+    src = bench.resolve_source(str(outdir), outdir)
+    variants = ("dense", "pruned")
+    result = bench.bench(
+        src, batches=(1, 3), threads=(1,), runs=20, warmup=2, variants=variants, memory=False
+    )
+    settings = {(r["variant"], r["threads"], r["batch"]) for r in result["rows"]}
+    assert settings == {(v, 1, b) for v in variants for b in (1, 3)}
+    for r in result["rows"]:
+        assert r["runs"] == 20
+        assert 0 < r["p50_ms"] <= r["p99_ms"]
+        assert r["throughput_per_s"] == pytest.approx(r["batch"] / (r["mean_ms"] / 1e3))
+    dense_rows = [r for r in result["rows"] if r["variant"] == "dense"]
+    assert all(r["p50_vs_first"] == 1.0 for r in dense_rows)
+    # sizes are the shipped files: the dense artifact as it is, the pruned model compressed
+    assert result["size_bytes"]["dense"] == (outdir / "dense.safetensors").stat().st_size
+    assert result["size_bytes"]["pruned"] < 0.5 * result["size_bytes"]["dense"]
+    text = bench.table(result)
+    assert len(text.splitlines()) == 1 + len(result["rows"]) + 1
+    png = bench.chart(result, outdir / "chart.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_peak_rss_probe_runs_in_a_fresh_process(outdir):
+    src = bench.resolve_source(str(outdir), outdir)
+    rss = bench.peak_rss(src, "pruned", batch=2, runs=3)
+    assert rss["peak_rss_mb"] >= rss["baseline_rss_mb"] > 0
+
+
+def test_cli_writes_json_and_png(outdir, tmp_path):
+    out = tmp_path / "b"
+    args = ["bench", str(outdir), "--out", str(out), "--batch", "1", "--threads", "1", "--runs", "10"]
+    result = runner.invoke(app, [*args, "--variants", "dense,pruned", "--no-memory"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "bench.json").read_text())
+    assert {r["variant"] for r in data["rows"]} == {"dense", "pruned"}
+    assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    assert "pruned" in result.output and "p99 ms" in result.output
+
+
+def test_cli_rejects_bad_lists(outdir, tmp_path):
+    result = runner.invoke(app, ["bench", str(outdir), "--out", str(tmp_path), "--batch", "1,x"])
+    assert isinstance(result.exception, PrunekitError) and "--batch" in str(result.exception)

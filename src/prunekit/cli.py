@@ -13,6 +13,7 @@ from typing import Any
 
 import typer
 
+from prunekit.cli_export import export_app
 from prunekit.errors import PrunekitError
 
 app = typer.Typer(
@@ -25,6 +26,7 @@ recipes_app = typer.Typer(no_args_is_help=True, help="Built-in recipes.")
 app.add_typer(recipes_app, name="recipes")
 llm_app = typer.Typer(no_args_is_help=True, help="One-shot pruning of causal language models.")
 app.add_typer(llm_app, name="llm")
+app.add_typer(export_app, name="export")
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,160 @@
+"""``prunekit export onnx SOURCE --out FILE.onnx``: a saved model as one verified ONNX file.
+
+SOURCE is a prunekit artifact (``.safetensors`` from ``prunekit run`` / ``demo``; built-in architectures
+are rebuilt and structured prune logs replayed by :func:`prunekit.artifact.load_artifact`) or the output
+directory of ``prunekit structured`` (its ``metrics.json`` names the original model and input shape).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+
+from prunekit.errors import PrunekitError
+
+if TYPE_CHECKING:  # torch is imported by the command itself, so `prunekit --help` stays fast
+    from torch import nn
+
+export_app = typer.Typer(no_args_is_help=True, help="Export pruned models for deployment.")
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"1,3,224,224"`` -> ``(1, 3, 224, 224)``; anything else is a one-line error."""
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(d < 1 for d in shape):
+        raise PrunekitError(
+            f"--input-shape must be positive integers separated by commas, e.g. 1,3,224,224; got {text!r}"
+        )
+    return shape
+
+
+def _from_artifact(path: Path, shape: tuple[int, ...] | None) -> tuple[nn.Module, tuple[int, ...]]:
+    from prunekit.artifact import load_artifact
+    from prunekit.compress.container import is_compressed
+    from prunekit.files import safetensors_metadata
+
+    if is_compressed(path):
+        raise PrunekitError(
+            f"{path} is a compressed artifact; export the artifact it was compressed from "
+            "(ONNX holds dense weights)"
+        )
+    try:  # the header alone says whether the CLI can rebuild the model (load_artifact reports the rest)
+        recorded = json.loads(safetensors_metadata(path).get("prunekit", "{}")).get("model", True)
+    except (ValueError, AttributeError):
+        recorded = True
+    if recorded is None:
+        raise PrunekitError(
+            f"{path} records no built-in architecture, so the CLI cannot rebuild the model; export it "
+            "from Python: prunekit.export.export_onnx(model, example_inputs, 'model.onnx')"
+        )
+    model, info = load_artifact(path, masked=True)  # masked: export squashes a copy, zeros and all
+    if shape is None and info.model and info.model.get("name") == "resnet-digits":
+        # the built-in digits classifier takes 8x8 images; its channel count is in the recorded args
+        shape = (1, int((info.model.get("args") or {}).get("in_channels", 1)), 8, 8)
+    if shape is None:
+        name = (info.model or {}).get("name", "a model passed in by the caller")
+        raise PrunekitError(
+            f"--input-shape is needed for {path} (its model is {name}, not resnet-digits), "
+            "e.g. --input-shape 1,3,224,224"
+        )
+    return model, shape
+
+
+def _from_structured_dir(path: Path, shape: tuple[int, ...] | None) -> tuple[nn.Module, tuple[int, ...]]:
+    from prunekit.structured.run import load_model_spec
+    from prunekit.structured.storage import LOG, WEIGHTS, load
+
+    missing = [name for name in (LOG, WEIGHTS, "metrics.json") if not (path / name).is_file()]
+    if missing:
+        raise PrunekitError(
+            f"{path} is not a `prunekit structured` output directory (missing {', '.join(missing)}); "
+            "SOURCE must be a .safetensors artifact or such a directory"
+        )
+    try:
+        metrics = json.loads((path / "metrics.json").read_text())
+        spec, recorded = metrics["model"], tuple(int(d) for d in metrics["input_shape"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PrunekitError(
+            f"{path / 'metrics.json'}: cannot read 'model' and 'input_shape': {exc}"
+        ) from None
+    if not spec:
+        raise PrunekitError(f"{path / 'metrics.json'} does not name the original model")
+    shape = shape or recorded
+    model, _ = load_model_spec(spec, shape)  # the unpruned original, rebuilt as `prunekit structured` did
+    return load(model, path), shape
+
+
+def load_source(source: Path, shape: tuple[int, ...] | None) -> tuple[nn.Module, tuple[int, ...]]:
+    """The model saved at ``source`` and the input shape to export it with."""
+    if source.is_dir():
+        return _from_structured_dir(source, shape)
+    if source.is_file() and source.suffix == ".safetensors":
+        return _from_artifact(source, shape)
+    if not source.exists():
+        raise PrunekitError(f"SOURCE not found: {source}")
+    raise PrunekitError(
+        f"SOURCE {source}: give a prunekit .safetensors artifact or a `prunekit structured` output directory"
+    )
+
+
+@export_app.command("onnx")
+def onnx_command(
+    source: Path = typer.Argument(
+        ..., help="A prunekit .safetensors artifact or a `prunekit structured` output directory."
+    ),
+    out: Path = typer.Option(..., "--out", help="The .onnx file to write."),
+    input_shape: str = typer.Option(
+        "", "--input-shape", help="Example input shape, e.g. 1,1,8,8 (default for resnet-digits)."
+    ),
+    opset: int = typer.Option(None, "--opset", help="ONNX opset (default: the exporter's; 18+ is reliable)."),
+    static_batch: bool = typer.Option(False, "--static-batch", help="Fix the batch size to the example's."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the onnxruntime check."),
+    exporter: str = typer.Option("dynamo", "--exporter", help="dynamo (default) or torchscript."),
+    rtol: float = typer.Option(1e-3, "--rtol", help="Relative tolerance of the check."),
+    atol: float = typer.Option(1e-5, "--atol", help="Absolute tolerance of the check."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Export a saved model to one ONNX file, checked with onnxruntime against PyTorch."""
+    import torch
+
+    from prunekit.export.onnx import export_onnx
+
+    shape = parse_shape(input_shape) if input_shape else None
+    model, shape = load_source(source, shape)
+    example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    report = export_onnx(
+        model,
+        example,
+        out,
+        opset=opset,
+        dynamic_batch=not static_batch,
+        verify=not no_verify,
+        rtol=rtol,
+        atol=atol,
+        exporter=exporter,
+    )
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    batch = "dynamic batch" if report["dynamic_batch"] else "static batch"
+    typer.echo(
+        f"wrote {report['path']} ({report['size_bytes']:,} bytes, opset {report['opset']}, {batch}, "
+        f"{report['exporter']} exporter)"
+    )
+    if report["verified"]:
+        sizes = " and ".join(str(b) for b in report["batch_sizes"])
+        typer.echo(
+            f"onnxruntime vs PyTorch: max abs diff {report['max_abs_diff']:.3g} at batch {sizes} "
+            f"(input {','.join(map(str, shape))}; tolerance atol {atol:g} + rtol {rtol:g} x |expected|)"
+        )
+    else:
+        typer.echo("not verified (--no-verify)")
+    z = report["zero_weights"]
+    verdict = "preserved" if z["preserved"] else "NOT all preserved"
+    typer.echo(f"exact-zero weights: {z['model']:,} in the model, {z['onnx']:,} in the ONNX file ({verdict})")

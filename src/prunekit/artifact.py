@@ -8,10 +8,17 @@ happens to be zero), and a JSON header in the safetensors metadata:
      "model": {"name": "resnet-digits", "args": {...}} | null,
      "specs": {"layer": {"type": "unstructured", "sparsity": 0.7}, ...},
      "masks": {"layer": [shape...], ...},
+     "int8": {"layers": {"layer": {"type": "QuantizedConv2d", "static": true, "bias": true}, ...},
+              "folded": {"bn": "conv", ...}}   (INT8 models only, see prunekit.ptq; format_version 2)
      "sha256": "<hash of every tensor's bytes, in key order, then of this header without it>"}
 
 The SHA-256 is checked on load: a corrupted or truncated file is a clear error, never silent garbage.
 Weights are stored dense here; the compressed encodings (bitmask/CSR/N:M) are a separate format.
+
+An INT8 model stores its layers' buffers as they are (``weight_q`` int8, ``weight_scale``, ``act_scale``,
+``bias`` float32), so reloading gives the identical int8 model; the ``int8`` header entry says which
+float layers to turn into int8 ones first. Such files are format_version 2 (a reader of version 1 would
+not know to build the int8 layers, so it is told to upgrade); float artifacts stay version 1.
 """
 
 from __future__ import annotations
@@ -33,9 +40,9 @@ from prunekit.masking import apply_masks, get_masks
 from prunekit.spec import Spec, from_dict
 
 FORMAT = "prunekit.dense"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this code reads and writes (2: INT8 models)
 _MASK_PREFIX = "__mask__."
-_BUFFERS = (".running_mean", ".running_var", ".num_batches_tracked")
+_BUFFERS = (".running_mean", ".running_var", ".num_batches_tracked", ".weight_scale", ".act_scale")
 
 
 @dataclass
@@ -47,6 +54,7 @@ class ArtifactInfo:
     extra: dict[str, Any] = field(default_factory=dict)
     size_bytes: int = 0
     structured: list[dict] = field(default_factory=list)  # structured prune logs, replayed in order
+    int8: dict[str, Any] | None = None  # which layers are int8 (prunekit.ptq.int8_plan), for INT8 models
 
 
 def library_version() -> str:
@@ -105,13 +113,16 @@ def save_artifact(
     """
     from safetensors.torch import save
 
+    from prunekit.ptq import int8_plan
+
     tensors = plain_state_dict(model)
     masks = get_masks(model)
     for name, mask in masks.items():
         tensors[_MASK_PREFIX + name] = _pack(mask.cpu())
+    int8 = int8_plan(model)
     header = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": 2 if int8 else 1,
         "library_version": library_version(),
         "model": model_info,
         "specs": {name: spec.to_dict() for name, spec in (specs or {}).items()},
@@ -120,6 +131,8 @@ def save_artifact(
     }
     if structured:
         header["structured"] = structured
+    if int8:
+        header["int8"] = int8
     header["sha256"] = _digest(tensors, header)
     data = save(tensors, metadata={"prunekit": json.dumps(header)})
     atomic_write_bytes(path, data)
@@ -177,6 +190,7 @@ def read_artifact(path: str | Path) -> tuple[dict[str, torch.Tensor], ArtifactIn
             extra=header.get("extra", {}),
             size_bytes=len(raw),
             structured=list(header.get("structured", [])),
+            int8=header.get("int8"),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise PrunekitError(f"artifact {path}: malformed prunekit header: {exc}") from None
@@ -209,6 +223,13 @@ def load_artifact(
             raise PrunekitError(
                 f"artifact {path}: its structured prune log does not fit the model: {exc}"
             ) from None
+    if info.int8:
+        from prunekit.ptq import build_int8
+
+        try:
+            build_int8(model, info.int8)
+        except (AttributeError, KeyError, TypeError) as exc:
+            raise PrunekitError(f"artifact {path}: its int8 layers do not fit the model: {exc}") from None
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
@@ -225,11 +246,13 @@ def inspect_artifact(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, 
     rows = []
     for key in sorted(tensors):
         value = tensors[key]
-        if not value.is_floating_point() or key.endswith(_BUFFERS):
-            continue  # BatchNorm statistics and counters are buffers, not parameters
+        int8_weight = key.endswith(".weight_q") and value.dtype == torch.int8
+        if (not value.is_floating_point() and not int8_weight) or key.endswith(_BUFFERS):
+            continue  # BatchNorm statistics and counters (and int8 scales) are buffers, not parameters
         layer = key.rsplit(".", 1)[0]
         nonzero = int(torch.count_nonzero(value))
-        pattern = str(info.specs[layer]) if key.endswith(".weight") and layer in info.specs else "dense"
+        is_weight = key.endswith(".weight") or int8_weight
+        pattern = str(info.specs[layer]) if is_weight and layer in info.specs else "dense"
         rows.append(
             {
                 "tensor": key,

@@ -8,6 +8,9 @@ either calibrated (static) or ``max|x| / 127`` of each call (dynamic; 1 when ``x
 Output: ``y = float32(acc) * (s_x * s_w) + bias`` where ``acc`` is the exact integer dot product of
 ``x_q`` and ``q`` (int32 in a kernel; computed here in float64, exact far beyond any layer's size), and
 ``s_x * s_w`` is one float32 vector product. The CPU runtime's int8 kernels reproduce this bit for bit.
+
+Converting a model: :func:`quantize_model` here (the conversion itself is :mod:`prunekit.ptq`, BatchNorm
+folding :mod:`prunekit.fold`, quantization-aware fine-tuning :mod:`prunekit.qat`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prunekit.compress.container import quantize_int8
+
+
+def quantize_model(model: nn.Module, **kwargs) -> nn.Module:
+    """An INT8 copy of ``model``: :func:`prunekit.ptq.quantize` (``activations="static" | "dynamic"``,
+    ``calibration=`` batches, ``calibration_batches``, ``types`` / ``include`` / ``exclude``,
+    ``classifier``), returning only the converted model."""
+    from prunekit.ptq import quantize  # ptq builds on the layers below: imported when called
+
+    return quantize(model, **kwargs).model
 
 
 def quantize_activation(x: Tensor, scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -53,10 +65,20 @@ class _QuantizedLayer(nn.Module):
 class QuantizedLinear(_QuantizedLayer):
     """An ``nn.Linear`` with int8 weights and int8 activations (module docstring)."""
 
-    def __init__(self, linear: nn.Linear, act_scale: Tensor | None = None) -> None:
+    def __init__(
+        self,
+        linear: nn.Linear,
+        act_scale: Tensor | None = None,
+        *,
+        weight: Tensor | None = None,
+        bias: Tensor | None = None,
+    ) -> None:
+        """``weight``/``bias`` replace the layer's own (a folded BatchNorm's); ``linear`` gives the shape."""
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self._init_buffers(linear.weight, linear.bias, act_scale)
+        self._init_buffers(
+            linear.weight if weight is None else weight, linear.bias if bias is None else bias, act_scale
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         xq, s_x = quantize_activation(x, self.act_scale)
@@ -71,14 +93,24 @@ class QuantizedLinear(_QuantizedLayer):
 class QuantizedConv2d(_QuantizedLayer):
     """An ``nn.Conv2d`` (zero padding) with int8 weights and int8 activations (module docstring)."""
 
-    def __init__(self, conv: nn.Conv2d, act_scale: Tensor | None = None) -> None:
+    def __init__(
+        self,
+        conv: nn.Conv2d,
+        act_scale: Tensor | None = None,
+        *,
+        weight: Tensor | None = None,
+        bias: Tensor | None = None,
+    ) -> None:
+        """``weight``/``bias`` replace the layer's own (a folded BatchNorm's); ``conv`` gives the geometry."""
         super().__init__()
         if conv.padding_mode != "zeros":
             raise ValueError(f"QuantizedConv2d: padding_mode must be 'zeros', got '{conv.padding_mode}'")
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
         self.dilation, self.groups = conv.dilation, conv.groups
-        self._init_buffers(conv.weight, conv.bias, act_scale)
+        self._init_buffers(
+            conv.weight if weight is None else weight, conv.bias if bias is None else bias, act_scale
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         xq, s_x = quantize_activation(x, self.act_scale)

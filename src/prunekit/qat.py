@@ -1,0 +1,159 @@
+"""Quantization-aware fine-tuning that keeps the pruning masks.
+
+``prepare_qat(model, ...)`` changes the model in place, like :meth:`Sparsifier.prepare`:
+
+- every chosen layer's ``weight`` gets a :class:`FakeQuantWeight` parametrization, stacked after its
+  :class:`~prunekit.masking.WeightMask` when it has one: the forward sees ``dequantize(quantize_int8(
+  where(mask, w, 0)))``, and the straight-through estimator passes the gradient to the masked weight,
+  so pruned entries get zero gradient and stay exactly zero, as in plain fine-tuning;
+- every chosen layer's input goes through an :class:`InputFakeQuant` (a forward pre-hook calling the
+  submodule ``input_quant``): ``x_q * s_x`` with the same rounding and clamp as the int8 layer.
+
+Static input scales are calibrated once (``max|x| / 127`` over the calibration batches, as in PTQ) and
+then stay fixed during fine-tuning: the weights learn around the grid the int8 model will use, and the
+conversion uses exactly those scales. ``convert_qat(model)`` returns the int8 copy.
+
+Why BatchNorm needs no simulated folding here: weights are quantized per output channel and
+symmetrically, and folding multiplies each output channel by one scalar, so ``quantize_int8(c * W)`` has
+the same integers as ``quantize_int8(W)`` (sign flipped where ``c < 0``) and a scale multiplied by
+``|c|``. Fake-quantizing the unfolded weight trains exactly the integers the folded int8 layer gets
+(up to float32 rounding of the scale).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from prunekit.compress.container import dequantize, quantize_int8
+from prunekit.errors import PrunekitError
+from prunekit.quantize import quantize_activation
+
+
+class FakeQuantWeight(nn.Module):
+    """Parametrization ``w -> q * s`` (per-output-channel int8, :func:`quantize_int8`), gradient passed
+    straight through. ``enabled=False`` makes it the identity (conversion reads the float weight)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enabled = True
+
+    def forward(self, weight: Tensor) -> Tensor:
+        if not self.enabled:
+            return weight
+        q, scale = quantize_int8(weight)
+        fake = dequantize(q, scale, weight.dtype)
+        return weight + (fake - weight).detach()
+
+
+class InputFakeQuant(nn.Module):
+    """``x -> x_q * s_x`` as :func:`prunekit.quantize.quantize_activation` rounds it, gradient passed
+    straight through. ``scale`` is a fixed buffer (static) or None (dynamic: per call)."""
+
+    def __init__(self, scale: Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("scale", None if scale is None else scale.detach().to(torch.float32).reshape(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xq, s = quantize_activation(x.detach(), self.scale)
+        fake = (xq.to(torch.float32) * s).to(x.dtype)
+        return x + (fake - x).detach()
+
+    def extra_repr(self) -> str:
+        return "dynamic" if self.scale is None else f"scale={float(self.scale):.6g}"
+
+
+def _quantize_input(module: nn.Module, args: tuple) -> tuple:
+    # a module-level function, not a closure: deep copies of the model keep a working hook, and
+    # strip_qat can find it by identity
+    return (module.input_quant(args[0]), *args[1:])
+
+
+def prepare_qat(
+    model: nn.Module,
+    *,
+    activations: str = "static",
+    calibration: Iterable | None = None,
+    calibration_batches: int | None = 8,
+    types: Iterable[str] = ("Linear", "Conv2d"),
+    include: Iterable[str] = (),
+    exclude: Iterable[str] = (),
+    classifier: bool = False,
+) -> list[str]:
+    """Add weight and input fake-quant to the layers :func:`prunekit.ptq.quantize` would convert (same
+    arguments); returns their names. Train as usual, then :func:`convert_qat`."""
+    from prunekit.ptq import calibrate, check_activations, choose_layers, input_batches, plain_copy
+
+    check_activations(activations)
+    if any(isinstance(m, (FakeQuantWeight, InputFakeQuant)) for m in model.modules()):
+        raise PrunekitError("the model is already prepared for QAT")
+    layers, _ = choose_layers(model, types, include, exclude, classifier)
+    scales: dict[str, Tensor] = {}
+    if activations == "static":
+        batches = input_batches(calibration, calibration_batches)
+        scales = calibrate(plain_copy(model), layers, batches)  # the float model, as PTQ calibrates
+        missing = [n for n in layers if n not in scales]
+        if missing:
+            raise PrunekitError(f"QAT: layers {missing} are not run by the calibration batches")
+    for name in layers:
+        module = model.get_submodule(name)
+        parametrize.register_parametrization(module, "weight", FakeQuantWeight(), unsafe=True)
+        module.input_quant = InputFakeQuant(scales.get(name))
+        module.register_forward_pre_hook(_quantize_input)
+    return layers
+
+
+def strip_qat(model: nn.Module) -> dict[str, Tensor | None]:
+    """Remove input fake-quant and disable weight fake-quant, in place; returns each layer's input scale
+    (None: dynamic). The weight parametrizations stay (``plain_copy`` writes them in)."""
+    scales: dict[str, Tensor | None] = {}
+    for name, module in model.named_modules():
+        if isinstance(getattr(module, "input_quant", None), InputFakeQuant):
+            scales[name] = module.input_quant.scale
+            for key in [k for k, hook in module._forward_pre_hooks.items() if hook is _quantize_input]:
+                del module._forward_pre_hooks[key]
+            del module.input_quant
+        if parametrize.is_parametrized(module, "weight"):
+            for p in module.parametrizations.weight:
+                if isinstance(p, FakeQuantWeight):
+                    p.enabled = False
+    return scales
+
+
+def convert_qat(model: nn.Module) -> Any:
+    """The int8 copy of a QAT-prepared model (a :class:`prunekit.ptq.Quantized`), with the trained scales:
+    in eval mode the int8 model computes what the fake-quant model computed, up to float rounding."""
+    from prunekit.ptq import FLOAT_TYPES, convert, plain_copy
+    from prunekit.targets import classifier_name
+
+    scales = _scales(model)
+    if not scales:
+        raise PrunekitError("the model is not prepared for QAT (prepare_qat first)")
+    dynamic = [n for n, s in scales.items() if s is None]
+    if dynamic and len(dynamic) != len(scales):
+        raise PrunekitError("QAT layers mix static and dynamic activations; prepare_qat sets one mode")
+    work = plain_copy(model).eval()  # plain_copy strips QAT from the copy only
+    result = convert(work, "dynamic" if dynamic else "static", list(scales), None if dynamic else scales)
+    head = classifier_name(model)
+    for name, module in model.named_modules():
+        if (
+            isinstance(module, FLOAT_TYPES)
+            and name not in scales
+            and "parametrizations" not in name.split(".")
+        ):
+            result.left_float.setdefault(
+                name, "final classifier (float32 by default)" if name == head else "not prepared for QAT"
+            )
+    return result
+
+
+def _scales(model: nn.Module) -> dict[str, Tensor | None]:
+    return {
+        name: m.input_quant.scale
+        for name, m in model.named_modules()
+        if isinstance(getattr(m, "input_quant", None), InputFakeQuant)
+    }

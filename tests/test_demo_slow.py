@@ -38,7 +38,11 @@ def test_demo_meets_its_targets(demo):
     assert removed == round(0.7 * targeted)
     assert [r for r in pruned["layers"] if r["layer"] == "fc"][0]["sparsity"] == 0.0
     assert m["wall_time_s"] < 300
-    for label, entry in (("dense", dense), ("pruned", pruned)):
+    int8 = m["pruned-int8"]
+    assert pruned["accuracy"] - int8["accuracy"] <= 0.005  # INT8 costs at most half a point
+    assert m["int8"]["before"] == "pruned" and m["int8"]["after"] == "pruned-int8"
+    assert int8["size_bytes"] < 0.3 * pruned["size_bytes"]
+    for label, entry in (("dense", dense), ("pruned", pruned), ("pruned-int8", int8)):
         assert len(entry["per_class_recall"]) == 10
         assert all(0.0 <= r <= 1.0 for r in entry["per_class_recall"])
         assert entry["size_bytes"] == (out / f"{label}.safetensors").stat().st_size
@@ -55,7 +59,7 @@ def test_demo_artifacts_reload_to_the_same_accuracy(demo):
 
     data = load_splits("digits", seed=m["recipe"]["seed"])
     torch.set_num_threads(1)
-    for label in ("dense", "pruned"):
+    for label in ("dense", "pruned", "pruned-int8"):
         model, _ = load_artifact(out / f"{label}.safetensors")
         result = evaluate(model.eval(), data.loader("test", 64), data.num_classes)
         assert result["accuracy"] == pytest.approx(m[label]["accuracy"], abs=1e-9)
@@ -69,3 +73,4 @@ def test_report_says_what_did_not_improve(demo):
     if ratio >= 0.9:
         assert "did not make inference faster" in report or "slower" in report
     assert "not smaller" in report  # dense storage of zeros plus the mask: honest about size
+    assert "- INT8 accuracy: " in report and "not the speed of an int8 kernel" in report

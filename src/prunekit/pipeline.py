@@ -32,6 +32,7 @@ from prunekit.recipe import (
     FinetuneStage,
     Optim,
     PruneStage,
+    QuantizeStage,
     Recipe,
     StructuredStage,
     TrainStage,
@@ -73,6 +74,8 @@ class Run:
         self.sizes: dict[str, int] = {}
         self.timed: dict[str, tuple[nn.Module, EvaluateStage]] = {}
         self.groups: dict[str, str] = {}  # comparison group of each pruned layer, for the report
+        self.int8: dict[str, Any] | None = None  # what the quantize stage did (metrics["int8"])
+        self.masks: dict[str, torch.Tensor] | None = None  # the masks an int8 model was made from
 
     def _model(self) -> tuple[nn.Module, dict[str, Any] | None]:
         src = self.recipe.model
@@ -130,12 +133,28 @@ class Run:
         behind."""
         self._check_data()
         kinds = [stage.type for stage in self.recipe.stages]
+        if "quantize" in kinds:
+            first = kinds.index("quantize")
+            after = [(i, k) for i, k in enumerate(kinds) if i > first and k not in ("evaluate", "export")]
+            if after:
+                raise PrunekitError(
+                    f"recipe {self.recipe.name}: stages[{after[0][0]}]: a {after[0][1]} stage cannot follow "
+                    f"the quantize stage (stages[{first}]); after it the model is int8 and only evaluate "
+                    "and export stages may follow"
+                )
         if "structured" in kinds and "prune" in kinds[: kinds.index("structured")]:
             raise PrunekitError(
                 f"recipe {self.recipe.name}: stages[{kinds.index('structured')}]: a structured stage must "
                 "come before any prune stage (it removes whole units; earlier masks would not follow)"
             )
         for i, stage in enumerate(self.recipe.stages):
+            if isinstance(stage, QuantizeStage):  # a glob that matches nothing fails now, not after training
+                from prunekit.ptq import choose_layers
+
+                try:
+                    choose_layers(self.model, include=stage.include, exclude=stage.exclude)
+                except PrunekitError as exc:
+                    raise PrunekitError(f"recipe {self.recipe.name}: stages[{i}]: {exc}") from None
             if stage.type not in ("train", "finetune", "evaluate", "export", "prune"):
                 break  # a stage that may change the architecture: later ones are checked when they run
             if not isinstance(stage, PruneStage):
@@ -247,6 +266,8 @@ class Run:
 
     def evaluate(self, stage: EvaluateStage) -> None:
         result = evaluate(self.model, self.loader("test"), self.data.num_classes)
+        if self.int8 is not None and self.int8["after"] is None:
+            self.int8["after"] = stage.label  # the report compares it with the label before quantize
         # latency is timed later for all labels together (interleaved), on the model a user would deploy:
         # a squashed copy, without the mask parametrization's overhead
         self.timed[stage.label] = (squash(copy.deepcopy(self.model)).eval(), stage)
@@ -287,6 +308,31 @@ class Run:
             self.metrics[label]["latency_p50_vs_first"] = entry["p50_ratio"]
             self.metrics[label]["latency_runs"] = entry["runs"]
             self.metrics[label]["threads"] = entry["threads"]
+
+    def quantize(self, stage: QuantizeStage) -> None:
+        """INT8 conversion (after fake-quant fine-tuning when ``qat`` is given); the masks are squashed
+        into the int8 weights, so later evaluate stages measure the int8 model."""
+        from prunekit.ptq import quantize
+        from prunekit.qat import convert_qat, prepare_qat
+
+        select = {"include": stage.include, "exclude": stage.exclude, "classifier": stage.classifier}
+        calib = self._calibration(stage.calibration_batches) if stage.activations == "static" else None
+        self.masks = get_masks(self.model)
+        before = list(self.metrics)[-1] if self.metrics else None
+        if stage.qat is not None:
+            prepare_qat(self.model, activations=stage.activations, calibration=calib, **select)
+            train(
+                self.model,
+                self.loader("train", shuffle=True),
+                _train_cfg(stage.qat),
+                progress=self.progress,
+                desc="quantization-aware fine-tuning",
+            )
+            result = convert_qat(self.model)
+        else:
+            result = quantize(self.model, activations=stage.activations, calibration=calib, **select)
+        self.model = result.model
+        self.int8 = {"before": before, "after": None, "qat": stage.qat is not None, **result.summary()}
 
     def structured(self, stage: StructuredStage) -> None:
         """Physically shrink the model; the prune log goes into every later export."""
@@ -347,6 +393,7 @@ class Run:
             **self.metrics,
             "rounds": self.rounds,
             "left_dense": self.dense_layers,
+            **({"int8": self.int8} if self.int8 is not None else {}),
             "recipe": to_dict(self.recipe),
             "environment": {
                 "torch": torch.__version__,
@@ -397,17 +444,19 @@ def _run(recipe: Recipe, out: Path, progress: bool) -> dict[str, Any]:
         "finetune": state.train,
         "prune": state.prune,
         "structured": state.structured,
+        "quantize": state.quantize,
         "evaluate": state.evaluate,
         "export": state.export,
     }
     for stage in recipe.stages:
         log.info("stage %s", stage.type)
         handlers[stage.type](stage)
-        if stage.type in ("train", "finetune", "prune", "structured"):
+        if stage.type in ("train", "finetune", "prune", "structured", "quantize"):
             state.done.append(stage.model_dump(mode="json", exclude_none=True))
     metrics = state.summary()
     metrics["wall_time_s"] = time.perf_counter() - started
-    metrics["masks_sha256"] = _masks_digest(get_masks(state.model))
+    # an int8 model has its masks squashed into weight_q: the digest is of the masks it was made from
+    metrics["masks_sha256"] = _masks_digest(get_masks(state.model) if state.masks is None else state.masks)
     atomic_write_json(out / "metrics.json", metrics)
     atomic_write_text(out / "report.md", write_report(metrics))
     return metrics

@@ -3,7 +3,8 @@
 A typo in a key is an error naming the key and suggesting the right one; a wrong type or value names
 its location (``stages[3].sparsity``). Recipes describe: the model source, the data, and stages run in
 order -- ``train`` (dense baseline), ``prune`` (with its schedule and fine-tuning between rounds),
-``finetune``, ``evaluate`` (metrics + latency under a label) and ``export`` (an artifact file).
+``finetune``, ``quantize`` (INT8 after pruning, optionally with quantization-aware fine-tuning),
+``evaluate`` (metrics + latency under a label) and ``export`` (an artifact file).
 """
 
 from __future__ import annotations
@@ -196,6 +197,21 @@ class StructuredStage(Strict):
         return value
 
 
+class QuantizeStage(Strict):
+    """INT8 weights (per output channel) and activations (per tensor), prunekit.ptq / prunekit.qat.
+
+    After it the model is int8: only evaluate and export stages may follow.
+    """
+
+    type: Literal["quantize"]
+    activations: Literal["static", "dynamic"] = "static"  # static: input scales calibrated once
+    calibration_batches: int = Field(8, ge=1)  # training batches for the static input scales (max |x|)
+    classifier: bool = False  # also make the final classifier int8 (float32 by default)
+    include: list[str] = Field(default_factory=list)  # module-name globs; empty: every Linear/Conv2d
+    exclude: list[str] = Field(default_factory=list)
+    qat: Optim | None = None  # fine-tune with fake quantization (masks kept) before converting
+
+
 class EvaluateStage(Strict):
     type: Literal["evaluate"]
     label: str  # metrics.json key, e.g. "dense" or "pruned"
@@ -216,10 +232,10 @@ class ExportStage(Strict):
 
 
 Stage = Annotated[
-    TrainStage | PruneStage | StructuredStage | FinetuneStage | EvaluateStage | ExportStage,
+    TrainStage | PruneStage | StructuredStage | FinetuneStage | QuantizeStage | EvaluateStage | ExportStage,
     Field(discriminator="type"),
 ]
-STAGE_TYPES = ("train", "prune", "structured", "finetune", "evaluate", "export")
+STAGE_TYPES = ("train", "prune", "structured", "finetune", "quantize", "evaluate", "export")
 
 
 class Recipe(Strict):

@@ -1,0 +1,143 @@
+"""The quantize stage: strict recipe fields, its place in a pipeline, and one tiny run end to end (prune ->
+QAT -> int8 evaluate -> export -> reload to the same accuracy, report with the INT8 findings)."""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any
+
+import pytest
+import torch
+
+from prunekit import recipe
+from prunekit.analysis import evaluate
+from prunekit.artifact import load_artifact
+from prunekit.data import load_splits
+from prunekit.errors import PrunekitError
+from prunekit.pipeline import run_recipe
+from prunekit.quantize import QuantizedConv2d
+
+FAST = {"latency_runs": 3, "latency_warmup": 0}
+TINY: dict[str, Any] = {
+    "name": "tiny",
+    "seed": 0,
+    "model": {"builtin": "resnet-digits", "args": {"widths": [8, 16], "blocks": 1}},
+    "data": {"name": "digits", "batch_size": 128},
+    "stages": [
+        {"type": "train", "epochs": 1, "lr": 0.05},
+        {"type": "prune", "pattern": 0.5},
+        {"type": "evaluate", "label": "pruned", **FAST},
+        {"type": "export", "name": "pruned"},
+        {"type": "quantize", "calibration_batches": 2, "qat": {"epochs": 1, "lr": 0.005}},
+        {"type": "evaluate", "label": "pruned-int8", **FAST},
+        {"type": "export", "name": "pruned-int8"},
+    ],
+}
+
+
+def with_quantize(**fields: Any) -> dict[str, Any]:
+    data = copy.deepcopy(TINY)
+    data["stages"][4] = {"type": "quantize", **fields}
+    return data
+
+
+def error_of(data: dict[str, Any]) -> str:
+    with pytest.raises(PrunekitError) as info:
+        recipe.from_dict(data)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("recipe ")
+    return message
+
+
+def test_quantize_stage_fields_and_defaults():
+    stage = recipe.from_dict(with_quantize()).stages[4]
+    assert (stage.activations, stage.calibration_batches, stage.classifier, stage.qat) == (
+        "static",
+        8,
+        False,
+        None,
+    )
+    assert recipe.from_dict(TINY).stages[4].qat.epochs == 1
+
+
+@pytest.mark.parametrize(
+    ("fields", "needles"),
+    [
+        ({"activation": "static"}, ["stages[4]", "unknown key 'activation'", "did you mean 'activations'"]),
+        ({"activations": "int4"}, ["stages[4].activations", "'static' or 'dynamic'"]),
+        ({"calibration_batches": 0}, ["stages[4].calibration_batches", "greater than or equal to 1"]),
+        (
+            {"qat": {"epoch": 1, "lr": 0.01}},
+            ["stages[4].qat", "unknown key 'epoch'", "did you mean 'epochs'"],
+        ),
+        ({"classifier": "maybe"}, ["stages[4].classifier", "boolean"]),
+    ],
+)
+def test_bad_quantize_fields_are_one_line_errors(fields, needles):
+    message = error_of(with_quantize(**fields))
+    assert all(n in message for n in needles), message
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        (
+            lambda s: s.append({"type": "finetune", "epochs": 1, "lr": 0.01}),
+            "stages[7]: a finetune stage cannot",
+        ),
+        (lambda s: s.insert(5, {"type": "prune", "pattern": 0.6}), "stages[5]: a prune stage cannot follow"),
+        (
+            lambda s: s[4].update(include=["decoder.*"]),
+            "stages[4]: quantize include pattern(s) ['decoder.*']",
+        ),
+    ],
+)
+def test_a_quantize_stage_that_cannot_work_fails_before_anything_runs(tmp_path, change, needle):
+    data = copy.deepcopy(TINY)
+    change(data["stages"])
+    started = time.perf_counter()
+    with pytest.raises(PrunekitError) as info:
+        run_recipe(recipe.from_dict(data), tmp_path / "out", progress=False)
+    assert needle in str(info.value), str(info.value)
+    assert not (tmp_path / "out").exists() and time.perf_counter() - started < 20
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("int8")
+    return out, run_recipe(recipe.from_dict(TINY), out, progress=False)
+
+
+def test_the_int8_model_is_evaluated_exported_and_reloads_to_the_same_accuracy(run):
+    out, m = run
+    q = m["int8"]
+    assert (q["before"], q["after"], q["qat"], q["activations"]) == ("pruned", "pruned-int8", True, "static")
+    assert set(q["left_float"]) == {"fc"} and len(q["folded"]) == 6
+    entry = m["pruned-int8"]
+    assert abs(entry["accuracy"] - m["pruned"]["accuracy"]) <= 0.05 and len(entry["per_class_recall"]) == 10
+    assert entry["size_bytes"] == (out / "pruned-int8.safetensors").stat().st_size
+    assert entry["size_bytes"] < 0.5 * m["pruned"]["size_bytes"]
+    assert [s["type"] for s in entry["recipe"]["stages"]] == ["train", "prune", "quantize"]
+    rows = {r["layer"]: r for r in entry["layers"]}
+    pruned_rows = {r["layer"]: r for r in m["pruned"]["layers"]}
+    assert rows["stem.0"]["type"] == "QuantizedConv2d" and rows["fc"]["type"] == "Linear"
+    for name, row in rows.items():  # every pruned zero is still a zero of weight_q
+        assert row["nonzero"] <= pruned_rows[name]["nonzero"], name
+    data = load_splits("digits", seed=0)
+    model, info = load_artifact(out / "pruned-int8.safetensors")
+    assert isinstance(model.stem[0], QuantizedConv2d) and info.int8["layers"]["stem.0"]["static"]
+    torch.set_num_threads(1)
+    again = evaluate(model.eval(), data.loader("test", 128), data.num_classes)
+    assert again["accuracy"] == entry["accuracy"]
+
+
+def test_the_report_states_accuracy_before_and_after_int8(run):
+    out, m = run
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "## INT8" in report
+    line = next(x for x in report.splitlines() if x.startswith("- INT8 accuracy: "))
+    assert f"{100 * m['pruned-int8']['accuracy']:.2f}% pruned-int8 (INT8)" in line
+    assert f"{100 * m['pruned']['accuracy']:.2f}% pruned (float32)" in line
+    assert "fine-tuned with fake quantization (QAT), masks kept" in report
+    assert "- Left float32: `fc`" in report and "not the speed of an int8 kernel" in report

@@ -112,7 +112,9 @@ def onnx_command(
     input_shape: str = typer.Option(
         "", "--input-shape", help="Example input shape, e.g. 1,1,8,8 (default for resnet-digits)."
     ),
-    opset: int = typer.Option(None, "--opset", help="ONNX opset (default: the exporter's; 18+ is reliable)."),
+    opset: int = typer.Option(
+        None, "--opset", help="ONNX opset (default: the exporter's; 18 and newer are native)."
+    ),
     static_batch: bool = typer.Option(False, "--static-batch", help="Fix the batch size to the example's."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the onnxruntime check."),
     exporter: str = typer.Option("dynamo", "--exporter", help="dynamo (default) or torchscript."),

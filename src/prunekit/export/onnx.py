@@ -151,10 +151,21 @@ def _quiet_exporter() -> Iterator[None]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
+            # one "batch" Dim shared by all inputs is what we mean; the exporter warns that it is shared
+            warnings.filterwarnings(
+                "ignore", message=r".*shares the same shape constraints", category=UserWarning
+            )
             yield
     finally:
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
+
+
+def _int8_hint(model: nn.Module) -> str:
+    """INT8 reference layers compute with int8 tensors, which ONNX Runtime's float kernels do not take."""
+    if any(t.dtype == torch.int8 for t in (*model.parameters(), *model.buffers())):
+        return "; the model holds int8 tensors (an INT8 model): export the float model it was quantized from"
+    return ""
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -209,10 +220,12 @@ def _write(
         raise
     except Exception as exc:  # the exporters raise many types; the user needs the cause in one line
         log.debug("ONNX export failed", exc_info=True)
-        hint = " (try exporter='torchscript')" if exporter == "dynamo" else ""
+        hints = ["dynamic_batch=False"] if dynamic_batch else []
+        hints += ["exporter='torchscript'"] if exporter == "dynamo" else []
+        hint = f" (try {' or '.join(hints)})" if hints else ""
         raise PrunekitError(
             f"ONNX export of {type(model).__name__} failed with the {exporter} exporter{hint}: "
-            f"{_root_cause(exc)}"
+            f"{_root_cause(exc)}{_int8_hint(model)}"
         ) from None
     with open(tmp_file, "rb+") as handle:  # on disk before the rename, as prunekit.files does
         os.fsync(handle.fileno())
@@ -321,6 +334,8 @@ def export_onnx(
     path = Path(path)
     _validate(path, opset, exporter, rtol, atol)
     inputs = _as_inputs(example_inputs)
+    if any(t.device.type != "cpu" for t in (*model.parameters(), *model.buffers())):
+        raise PrunekitError("export_onnx runs on the CPU: move the model there first (model.cpu())")
     base_batch = _batch_of(inputs) if dynamic_batch else None
     with _inference_copy(model) as work:
         with torch.no_grad():
@@ -351,7 +366,7 @@ def export_onnx(
                 debug_info=debug_info,
             )
             report = _inspect(onnx, tmp_file, work, opset, exporter)
-            batches = []
+            batches, report["max_abs_diff"], report["max_abs_diff_per_output"] = [], None, None
             if verify:
                 batches, diffs = _verify(ort, tmp_file, work, inputs, names_in, base_batch, rtol, atol)
                 report["max_abs_diff_per_output"] = dict(zip(names_out, diffs))
@@ -391,7 +406,7 @@ def _inspect(onnx, tmp_file: Path, model: nn.Module, opset: int | None, exporter
     if opset is not None and written != opset:
         raise PrunekitError(
             f"the {exporter} exporter could not produce opset {opset} (it wrote opset {written}); "
-            "choose another --opset (18 or newer converts reliably) or leave it unset"
+            "choose another opset (18 and newer are the exporter's own) or leave it unset"
         )
     onnx_zeros, by_name = _onnx_zero_weights(proto)
     model_zeros = count_zero_weights(model)
@@ -427,7 +442,9 @@ def _verify(ort, tmp_file, model, inputs, names_in, base_batch, rtol, atol):
     try:
         session = ort.InferenceSession(str(tmp_file), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise PrunekitError(f"onnxruntime cannot load the exported model: {_root_cause(exc)}") from None
+        raise PrunekitError(
+            f"onnxruntime cannot load the exported model: {_root_cause(exc)}{_int8_hint(model)}"
+        ) from None
     runs = [inputs]
     if base_batch is not None:  # another size than both the example and the trace (2)
         runs.append(_rebatch(inputs, base_batch + 2, seed=2))

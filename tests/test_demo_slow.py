@@ -40,7 +40,7 @@ def test_demo_meets_its_targets(demo):
     assert m["wall_time_s"] < 300
     int8 = m["pruned-int8"]
     assert pruned["accuracy"] - int8["accuracy"] <= 0.005  # INT8 costs at most half a point
-    assert m["int8"]["before"] == "pruned" and m["int8"]["after"] == "pruned-int8"
+    assert m["quantization"]["before"] == "pruned" and m["quantization"]["after"] == "pruned-int8"
     assert int8["size_bytes"] < 0.3 * pruned["size_bytes"]
     for label, entry in (("dense", dense), ("pruned", pruned), ("pruned-int8", int8)):
         assert len(entry["per_class_recall"]) == 10

@@ -111,7 +111,7 @@ def run(tmp_path_factory):
 
 def test_the_int8_model_is_evaluated_exported_and_reloads_to_the_same_accuracy(run):
     out, m = run
-    q = m["int8"]
+    q = m["quantization"]
     assert (q["before"], q["after"], q["qat"], q["activations"]) == ("pruned", "pruned-int8", True, "static")
     assert set(q["left_float"]) == {"fc"} and len(q["folded"]) == 6
     entry = m["pruned-int8"]
@@ -141,3 +141,17 @@ def test_the_report_states_accuracy_before_and_after_int8(run):
     assert f"{100 * m['pruned']['accuracy']:.2f}% pruned (float32)" in line
     assert "fine-tuned with fake quantization (QAT), masks kept" in report
     assert "- Left float32: `fc`" in report and "not the speed of an int8 kernel" in report
+
+
+def test_a_recipe_can_start_from_an_int8_artifact_but_not_train_it(run, tmp_path):
+    out, m = run
+    start = {**TINY, "model": {"artifact": str(out / "pruned-int8.safetensors")}}
+    again = run_recipe(
+        recipe.from_dict({**start, "stages": [{"type": "evaluate", "label": "int8", **FAST}]}),
+        tmp_path / "again",
+        progress=False,
+    )
+    assert again["int8"]["accuracy"] == m["pruned-int8"]["accuracy"]
+    bad = {**start, "stages": [{"type": "finetune", "epochs": 1, "lr": 0.01}]}
+    with pytest.raises(PrunekitError, match=r"stages\[0\]: a finetune stage cannot run on the int8 model"):
+        run_recipe(recipe.from_dict(bad), tmp_path / "bad", progress=False)

@@ -74,7 +74,7 @@ class Run:
         self.sizes: dict[str, int] = {}
         self.timed: dict[str, tuple[nn.Module, EvaluateStage]] = {}
         self.groups: dict[str, str] = {}  # comparison group of each pruned layer, for the report
-        self.int8: dict[str, Any] | None = None  # what the quantize stage did (metrics["int8"])
+        self.int8: dict[str, Any] | None = None  # what the quantize stage did (metrics["quantization"])
         self.masks: dict[str, torch.Tensor] | None = None  # the masks an int8 model was made from
 
     def _model(self) -> tuple[nn.Module, dict[str, Any] | None]:
@@ -133,6 +133,15 @@ class Run:
         behind."""
         self._check_data()
         kinds = [stage.type for stage in self.recipe.stages]
+        from prunekit.ptq import int8_plan
+
+        if int8_plan(self.model) is not None:  # model.artifact is an int8 artifact
+            bad = [(i, k) for i, k in enumerate(kinds) if k not in ("evaluate", "export")]
+            if bad:
+                raise PrunekitError(
+                    f"recipe {self.recipe.name}: stages[{bad[0][0]}]: a {bad[0][1]} stage cannot run on the "
+                    "int8 model the recipe starts from (model.artifact); only evaluate and export stages can"
+                )
         if "quantize" in kinds:
             first = kinds.index("quantize")
             after = [(i, k) for i, k in enumerate(kinds) if i > first and k not in ("evaluate", "export")]
@@ -393,7 +402,7 @@ class Run:
             **self.metrics,
             "rounds": self.rounds,
             "left_dense": self.dense_layers,
-            **({"int8": self.int8} if self.int8 is not None else {}),
+            **({"quantization": self.int8} if self.int8 is not None else {}),
             "recipe": to_dict(self.recipe),
             "environment": {
                 "torch": torch.__version__,

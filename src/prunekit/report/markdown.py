@@ -79,8 +79,8 @@ def verdict(dense: dict[str, Any], pruned: dict[str, Any]) -> list[str]:
 
 
 def int8_findings(m: dict[str, Any]) -> list[str]:
-    """What INT8 cost and what it left float, from ``metrics["int8"]`` and the two labels it names."""
-    q = m["int8"]
+    """What INT8 cost and what it left float, from ``metrics["quantization"]`` and the two labels it names."""
+    q = m["quantization"]
     before, after = m.get(q.get("before") or ""), m.get(q.get("after") or "")
     out = []
     if before and after:
@@ -125,7 +125,7 @@ def write_report(m: dict[str, Any]) -> str:
     dense, pruned = m.get("dense"), m.get("pruned")
     if dense and pruned:
         lines += ["## Verdict", ""] + [f"- {line}" for line in verdict(dense, pruned)] + [""]
-    if m.get("int8"):
+    if m.get("quantization"):
         lines += ["## INT8", ""] + [f"- {line}" for line in int8_findings(m)] + [""]
     if labels:
         lines += ["## Summary (test set)", ""]

@@ -1,0 +1,309 @@
+"""``compile``: swap a model's Linear/Conv2d layers (float32 or prunekit int8) for sparse kernels where that
+is measured to be faster on this machine, layer by layer, and keep dense everywhere else.
+
+How it decides, per layer: one forward pass of ``example_inputs`` records each layer's real input (forward
+hooks); then the dense layer and every sparse candidate run on that input, interleaved (A B C A B C ...),
+after a warm-up that also absorbs numba's JIT compilation (timed separately and logged). A candidate wins
+only when its median is at least ``margin`` below the dense median and its output matches the dense one
+(float32: within 1e-4 of the output's largest magnitude; int8: bit for bit). So a compiled model is never
+slower than dense layer by layer, up to timing noise at the margin, and the decisions are kept in a
+:class:`RuntimeReport` at ``compiled.runtime_report``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from prunekit.errors import PrunekitError
+from prunekit.masking import squash
+from prunekit.quantize import QuantizedConv2d, QuantizedLinear
+
+log = logging.getLogger(__name__)
+
+FLOAT_RTOL = 1e-4
+
+
+@dataclass
+class LayerDecision:
+    """One row of the decision table."""
+
+    name: str
+    kind: str
+    weight_shape: tuple[int, ...]
+    sparsity: float
+    input_shape: tuple[int, ...] | None
+    dense_us: float | None = None
+    sparse_us: float | None = None  # the best sparse candidate's median
+    chosen: str = "dense"
+    candidates: dict[str, float] = field(default_factory=dict)
+    reason: str = ""
+    jit_s: float = 0.0
+
+    @property
+    def speedup(self) -> float | None:
+        if self.dense_us is None or self.chosen == "dense":
+            return 1.0 if self.dense_us is not None else None
+        return self.dense_us / self.candidates[self.chosen]
+
+
+@dataclass
+class RuntimeReport:
+    """The per-layer decisions of one :func:`compile` call."""
+
+    layers: list[LayerDecision]
+    threads: int
+    margin: float
+
+    def table(self) -> str:
+        head = (
+            f"{'layer':<28} {'kind':<16} {'weight':<16} {'sparsity':>8} {'input':<18} "
+            f"{'dense us':>9} {'sparse us':>9} {'chosen':<10} note"
+        )
+        lines = [f"runtime decisions ({self.threads} thread(s), margin {self.margin:.0%})", head]
+        for d in self.layers:
+            dense = "-" if d.dense_us is None else f"{d.dense_us:.1f}"
+            sparse = "-" if d.sparse_us is None else f"{d.sparse_us:.1f}"
+            shape = "x".join(map(str, d.weight_shape))
+            inp = "-" if d.input_shape is None else "x".join(map(str, d.input_shape))
+            lines.append(
+                f"{d.name[:28]:<28} {d.kind:<16} {shape:<16} {d.sparsity:>8.1%} {inp:<18} "
+                f"{dense:>9} {sparse:>9} {d.chosen:<10} {d.reason}"
+            )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def report(model: nn.Module) -> RuntimeReport:
+    """The decision table of a model returned by :func:`compile`."""
+    found = getattr(model, "runtime_report", None)
+    if not isinstance(found, RuntimeReport):
+        raise PrunekitError("this model was not made by prunekit.runtime.compile (no runtime_report)")
+    return found
+
+
+_TARGETS = (nn.Linear, nn.Conv2d, QuantizedLinear, QuantizedConv2d)
+
+
+def _kind(module: nn.Module) -> str:
+    for cls in (QuantizedLinear, QuantizedConv2d, nn.Linear, nn.Conv2d):
+        if isinstance(module, cls):
+            return cls.__name__
+    return type(module).__name__
+
+
+def _weight(module: nn.Module) -> Tensor:
+    return module.weight_q if isinstance(module, (QuantizedLinear, QuantizedConv2d)) else module.weight
+
+
+def _capture(model: nn.Module, example_inputs) -> dict[str, Tensor]:
+    """Each target layer's input from one forward pass (the first call when a layer runs more than once)."""
+    inputs: dict[str, Tensor] = {}
+    handles = []
+
+    def hook(name: str) -> Callable:
+        def record(module: nn.Module, args: tuple, output: object) -> None:
+            if name not in inputs and args and isinstance(args[0], Tensor):
+                inputs[name] = args[0].detach().clone()  # clone: later in-place ops must not change it
+
+        return record
+
+    for name, module in model.named_modules():
+        if isinstance(module, _TARGETS):
+            handles.append(module.register_forward_hook(hook(name)))
+    if isinstance(example_inputs, dict):
+        args, kwargs = (), example_inputs
+    elif isinstance(example_inputs, (tuple, list)):
+        args, kwargs = tuple(example_inputs), {}
+    else:
+        args, kwargs = (example_inputs,), {}
+    try:
+        with torch.inference_mode():
+            model(*args, **kwargs)
+    except Exception as exc:
+        raise PrunekitError(
+            f"compile: example_inputs do not run the model ({type(exc).__name__}: {exc}); pass a tensor, a "
+            "tuple of positional inputs or a dict of keyword inputs that model(...) accepts"
+        ) from exc
+    finally:
+        for h in handles:
+            h.remove()
+    return inputs
+
+
+def _candidates(module: nn.Module, x: Tensor) -> tuple[dict[str, Callable[[], nn.Module]], str]:
+    """Sparse candidates worth timing for this layer and input, as factories; plus why there are none."""
+    from prunekit.runtime import layers as L
+    from prunekit.runtime.formats import int8_row_bound
+
+    quantized = isinstance(module, (QuantizedLinear, QuantizedConv2d))
+    if quantized:
+        q = module.weight_q.reshape(module.weight_q.shape[0], -1).numpy()
+        if not L.int8_exact(q):
+            return {}, f"int8 sums may exceed 2**24 (bound {int8_row_bound(q)})"
+    if isinstance(module, (nn.Conv2d, QuantizedConv2d)):
+        reason = L.conv_supported(module)
+        if reason is not None:
+            return {}, reason
+        if x.dim() not in (3, 4):
+            return {}, "unexpected input rank"
+        n = x.shape[0] if x.dim() == 4 else 1
+        k = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+        cols = n * x.shape[-1] * x.shape[-2]
+        cls = L.SparseQuantizedConv2d if quantized else L.SparseConv2d
+        out = {"xt": lambda: cls(module, "xt")}
+        block = L.default_block(k, cols)
+        if block is not None:
+            out[f"xt/b{block}"] = lambda: cls(module, "xt", block)
+        if quantized:
+            out["int8-gemm"] = lambda: cls(module, "dense")
+        return out, ""
+    m = x.numel() // max(1, x.shape[-1]) if x.dim() else 0
+    cls = L.SparseQuantizedLinear if quantized else L.SparseLinear
+    out = {}
+    if m <= 32:
+        out["rows"] = lambda: cls(module, "rows")
+    if m >= 2:
+        out["xt"] = lambda: cls(module, "xt")
+        block = L.default_block(module.in_features, m)
+        if block is not None:
+            out[f"xt/b{block}"] = lambda: cls(module, "xt", block)
+    if quantized:
+        out["int8-gemm"] = lambda: cls(module, "dense")
+    return out, ""
+
+
+def _time(fns: dict[str, Callable[[], Tensor]], budget_s: float, min_reps: int, max_reps: int) -> dict:
+    """Median microseconds per callable, interleaved; the first (JIT) call and warm-up are excluded."""
+    jit = {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        fn()
+        jit[name] = time.perf_counter() - t0
+    one = {}
+    for name, fn in fns.items():  # warm-up, and a first estimate to size the repetitions
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        one[name] = time.perf_counter() - t0
+    reps = int(min(max_reps, max(min_reps, budget_s / max(sum(one.values()), 1e-9))))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter_ns()
+            fn()
+            samples[name].append((time.perf_counter_ns() - t0) / 1e3)
+    return {name: statistics.median(s) for name, s in samples.items()}, jit
+
+
+def _matches(y: Tensor, ref: Tensor, exact: bool) -> bool:
+    if y.shape != ref.shape:
+        return False
+    if exact:
+        return torch.equal(y, ref)
+    scale = ref.abs().max().item() if ref.numel() else 0.0
+    return (y - ref).abs().max().item() <= FLOAT_RTOL * max(scale, 1e-30) if y.numel() else True
+
+
+def _decide(name: str, module: nn.Module, x: Tensor | None, margin: float, timing: dict) -> tuple:
+    weight = _weight(module)
+    nz = int(torch.count_nonzero(weight)) if weight.numel() else 0
+    decision = LayerDecision(
+        name=name,
+        kind=_kind(module),
+        weight_shape=tuple(weight.shape),
+        sparsity=1.0 - nz / weight.numel() if weight.numel() else 0.0,
+        input_shape=None if x is None else tuple(x.shape),
+    )
+    if x is None:
+        decision.reason = "not called by example_inputs"
+        return decision, None
+    factories, why = _candidates(module, x)
+    if not factories:
+        decision.reason = why
+        return decision, None
+    quantized = isinstance(module, (QuantizedLinear, QuantizedConv2d))
+    with torch.inference_mode():
+        ref = module(x)
+        built = {}
+        for label, make in factories.items():
+            candidate = make()
+            y = candidate(x)
+            if _matches(y, ref, exact=quantized):
+                built[label] = candidate
+            else:
+                log.warning("runtime: %s candidate %s does not match the dense output; not used", name, label)
+        fns = {"dense": lambda: module(x)} | {label: (lambda c=c: c(x)) for label, c in built.items()}
+        medians, jit = _time(fns, **timing)
+    decision.dense_us = medians.pop("dense")
+    decision.candidates = medians
+    decision.jit_s = sum(jit.values()) - jit["dense"]
+    if not medians:
+        decision.reason = "no candidate matched the dense output"
+        return decision, None
+    best = min(medians, key=medians.get)
+    decision.sparse_us = medians[best]
+    if medians[best] < decision.dense_us * (1.0 - margin):
+        decision.chosen = best
+        return decision, built[best]
+    decision.reason = f"best sparse ({best}) not {margin:.0%} faster"
+    return decision, None
+
+
+def compile(  # noqa: A001 - the natural name, namespaced as prunekit.runtime.compile
+    model: nn.Module,
+    example_inputs,
+    *,
+    margin: float = 0.05,
+    budget_s: float = 0.25,
+    min_reps: int = 7,
+    max_reps: int = 300,
+) -> nn.Module:
+    """A new inference model: a deep copy of ``model`` (masks squashed, eval mode) whose ``nn.Linear``,
+    ``nn.Conv2d``, ``QuantizedLinear`` and ``QuantizedConv2d`` layers run sparse kernels where measured
+    faster.
+
+    ``example_inputs``: a tensor, a tuple of positional inputs, or a dict of keyword inputs, shaped like the
+    inputs the model will serve (the decisions depend on the batch size). ``margin``: how much faster a
+    sparse kernel must be to replace dense. ``budget_s``: timing budget per layer (``min_reps`` to
+    ``max_reps`` interleaved repetitions). The original model is not modified.
+    """
+    if not isinstance(model, nn.Module):
+        raise PrunekitError(f"compile: expected an nn.Module, got {type(model).__name__}")
+    if not 0.0 <= margin < 1.0:
+        raise PrunekitError(f"compile: margin must be in [0, 1), got {margin}")
+    compiled = squash(copy.deepcopy(model)).eval()
+    inputs = _capture(compiled, example_inputs)
+    threads = torch.get_num_threads()
+    timing = dict(budget_s=budget_s, min_reps=min_reps, max_reps=max_reps)
+    decisions, replace = [], {}
+    for name, module in list(compiled.named_modules()):
+        if not isinstance(module, _TARGETS):
+            continue
+        decision, new = _decide(name, module, inputs.get(name), margin, timing)
+        decisions.append(decision)
+        log.info(
+            "runtime: %s %s -> %s (dense %s us, sparse %s us, jit %.2f s)",
+            name,
+            decision.kind,
+            decision.chosen,
+            decision.dense_us,
+            decision.sparse_us,
+            decision.jit_s,
+        )
+        if new is not None:
+            replace[name] = new
+    for name, new in replace.items():
+        parent, _, child = name.rpartition(".")
+        setattr(compiled.get_submodule(parent) if parent else compiled, child, new)
+    compiled.runtime_report = RuntimeReport(decisions, threads, margin)
+    return compiled

@@ -1,0 +1,276 @@
+"""Numba kernels: sparse weight (CSR) times dense activations, float32 and int8, and the int8 glue.
+
+Importing this module imports numba but compiles nothing: every kernel is compiled on its first call (and
+cached on disk when a writable cache directory exists, see :func:`_jit`). Kernels are pure: arrays in,
+arrays out, no torch. Two layouts:
+
+* ``rows``: ``y[i, r] = sum_k vals[k] * x[i, idx[k]]`` (one CSR row per output, the activations gathered).
+  For batch 1 this is memory- and load-bound; unsigned 64-bit loop counters and indices matter here: with
+  signed ones LLVM keeps sign-extension and wraparound checks in the inner loop (about 3x slower, measured).
+* ``xt``: ``yT[r, :] = sum_k vals[k] * xT[idx[k], :]`` with the activations transposed (in x P), so each
+  nonzero multiplies one contiguous row: vectorises across P (the batch, or N*Hout*Wout for im2col).
+  The row tile's accumulators stay in vector registers through the LLVM intrinsic :func:`row_tile`.
+  The CSR may be split into column blocks of ``kb`` inputs so the slice of ``xT`` in use stays in cache.
+
+The LLVM intrinsic lives in this file, not a module of its own, on purpose: numba's disk cache is keyed on
+the source file of the cached function, so an intrinsic edited in another file could be served stale.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from functools import cache
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import prange, types
+from numba.extending import intrinsic
+
+log = logging.getLogger(__name__)
+
+
+def _jit(parallel: bool = False, fastmath: bool = True) -> Callable:
+    """``numba.njit`` with ``cache=True`` when a cache location is writable, without it otherwise.
+
+    numba looks for a writable ``__pycache__`` next to this file, then a per-user cache directory; when
+    neither works it raises at decoration time, which must never break ``import``. ``PRUNEKIT_NUMBA_CACHE=0``
+    turns the disk cache off.
+    """
+
+    def wrap(fn: Callable) -> Callable:
+        opts = dict(nogil=True, boundscheck=False, fastmath=fastmath, parallel=parallel)
+        if os.environ.get("PRUNEKIT_NUMBA_CACHE", "1") != "0":
+            try:
+                return numba.njit(cache=True, **opts)(fn)
+            except Exception as exc:  # noqa: BLE001 - any cache failure means: run uncached
+                log.info("numba disk cache unavailable for %s (%s); compiling in memory", fn.__name__, exc)
+        return numba.njit(**opts)(fn)
+
+    return wrap
+
+
+# -- the LLVM row tile ------------------------------------------------------------------------------------
+_F32, _I32, _I64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
+_V8F = ir.VectorType(_F32, 8)
+_ZERO = ir.Constant(_V8F, [0.0] * 8)
+
+
+def _declare(builder: ir.IRBuilder, name: str, ret: ir.Type, args: list[ir.Type]) -> ir.Function:
+    found = builder.module.globals.get(name)
+    return found if found is not None else ir.Function(builder.module, ir.FunctionType(ret, args), name=name)
+
+
+def _to_f32(builder: ir.IRBuilder, value: ir.Value, nbtype: types.Type) -> ir.Value:
+    if isinstance(nbtype, types.Float):
+        return value if nbtype.bitwidth == 32 else builder.fptrunc(value, _F32)
+    return builder.sitofp(value, _F32) if nbtype.signed else builder.uitofp(value, _F32)
+
+
+def _to_i64(builder: ir.IRBuilder, value: ir.Value, nbtype: types.Integer) -> ir.Value:
+    if nbtype.bitwidth == 64:
+        return value
+    return builder.sext(value, _I64) if nbtype.signed else builder.zext(value, _I64)
+
+
+def _loop(builder: ir.IRBuilder, lo: ir.Value, hi: ir.Value, carried: list, body: Callable) -> list:
+    """Emit ``for k in [lo, hi): carried = body(k, carried)``; return the final carried values."""
+    pre = builder.block
+    loop = builder.append_basic_block("tile.loop")
+    done = builder.append_basic_block("tile.done")
+    builder.cbranch(builder.icmp_signed("<", lo, hi), loop, done)
+    builder.position_at_end(loop)
+    k = builder.phi(_I64)
+    phis = [builder.phi(v.type) for v in carried]
+    k.add_incoming(lo, pre)
+    for p, v in zip(phis, carried):
+        p.add_incoming(v, pre)
+    new = body(k, list(phis))
+    k2 = builder.add(k, ir.Constant(_I64, 1))
+    end = builder.block
+    k.add_incoming(k2, end)
+    for p, v in zip(phis, new):
+        p.add_incoming(v, end)
+    builder.cbranch(builder.icmp_signed("<", k2, hi), loop, done)
+    builder.position_at_end(done)
+    out = []
+    for v, n in zip(carried, new):  # all phis first: LLVM wants them grouped at the top of the block
+        res = builder.phi(v.type)
+        res.add_incoming(v, pre)
+        res.add_incoming(n, end)
+        out.append(res)
+    return out
+
+
+@cache
+def row_tile(nv: int, unroll: int, accumulate: bool):
+    """Intrinsic ``(idx, vals, start, stop, x, ldx, j0, y, y_off)`` for one row and ``8 * nv`` columns::
+
+        y[y_off : y_off + 8 nv] (+)= sum_{k in [start, stop)} vals[k] * x.flat[idx[k] * ldx + j0 : ... + 8 nv]
+
+    A plain numba loop would keep these accumulators in memory (LLVM cannot prove ``y`` and ``x`` do not
+    alias): a store-to-load round trip per nonzero. Here they are SSA ``<8 x float>`` values. ``unroll``
+    interleaves that many independent streams of the row's nonzeros: with one vector per tile a single FMA
+    chain is latency-bound. Only target-independent LLVM operations are used (vector loads, llvm.fma).
+    """
+
+    @intrinsic
+    def _row_tile(typingctx, idx, vals, start, stop, x, ldx, j0, y, y_off):
+        sig = types.void(idx, vals, start, stop, x, ldx, j0, y, y_off)
+
+        def codegen(context, builder, signature, args):
+            ia, va, start, stop, xa, ldx, j0, ya, y_off = args
+            it, vt, _, _, xt, _, _, yt, _ = signature.args
+            ip = context.make_array(it)(context, builder, ia).data
+            vp = context.make_array(vt)(context, builder, va).data
+            xp = context.make_array(xt)(context, builder, xa).data
+            yp = context.make_array(yt)(context, builder, ya).data
+            fma = _declare(builder, "llvm.fma.v8f32", _V8F, [_V8F, _V8F, _V8F])
+            splat = ir.Constant(ir.VectorType(_I32, 8), [0] * 8)
+            xcol = builder.gep(xp, [j0])
+
+            def axpy(k: ir.Value, accs: list) -> list:
+                col = _to_i64(builder, builder.load(builder.gep(ip, [k])), it.dtype)
+                v = _to_f32(builder, builder.load(builder.gep(vp, [k])), vt.dtype)
+                one = builder.insert_element(ir.Constant(_V8F, ir.Undefined), v, ir.Constant(_I32, 0))
+                vb = builder.shuffle_vector(one, ir.Constant(_V8F, ir.Undefined), splat)
+                row = builder.gep(xcol, [builder.mul(col, ldx)])
+                out = []
+                for i, acc in enumerate(accs):
+                    load = builder.load(
+                        builder.bitcast(builder.gep(row, [ir.Constant(_I64, 8 * i)]), _V8F.as_pointer())
+                    )
+                    load.align = 4
+                    out.append(builder.call(fma, [load, vb, acc]))
+                return out
+
+            m = builder.sdiv(builder.sub(stop, start), ir.Constant(_I64, unroll))
+
+            def streams(t: ir.Value, accs: list) -> list:
+                out = []
+                for s in range(unroll):
+                    k = builder.add(builder.add(start, builder.mul(m, ir.Constant(_I64, s))), t)
+                    out += axpy(k, accs[s * nv : (s + 1) * nv])
+                return out
+
+            accs = _loop(builder, ir.Constant(_I64, 0), m, [_ZERO] * (nv * unroll), streams)
+            tail = builder.add(start, builder.mul(m, ir.Constant(_I64, unroll)))
+            accs[:nv] = _loop(builder, tail, stop, accs[:nv], axpy)
+            for i in range(nv):
+                total = accs[i]
+                for s in range(1, unroll):
+                    total = builder.fadd(total, accs[s * nv + i])
+                ptr = builder.bitcast(
+                    builder.gep(yp, [builder.add(y_off, ir.Constant(_I64, 8 * i))]), _V8F.as_pointer()
+                )
+                if accumulate:
+                    old = builder.load(ptr)
+                    old.align = 4
+                    total = builder.fadd(old, total)
+                store = builder.store(total, ptr)
+                store.align = 4
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return _row_tile
+
+
+_T64, _T64_ACC = row_tile(8, 1, False), row_tile(8, 1, True)  # 64 columns: 8 chains are enough
+_T8, _T8_ACC = row_tile(1, 4, False), row_tile(1, 4, True)  # 8 columns: 4 streams hide the FMA latency
+
+
+# -- kernels ----------------------------------------------------------------------------------------------
+@_jit()
+def csr_rows(indptr, idx, vals, x, bias, y):
+    """``y[i, r] = bias[r] + sum_k vals[k] * x[i, idx[k]]`` for ``k`` in row ``r`` (one thread)."""
+    m, n = y.shape
+    for i in range(m):
+        for r in range(n):
+            acc = np.float32(0.0)
+            for k in range(np.uint64(indptr[r]), np.uint64(indptr[r + 1])):
+                acc += np.float32(vals[k]) * x[i, np.uint64(idx[k])]
+            y[i, r] = acc + bias[r]
+
+
+@_jit(parallel=True)
+def csr_rows_parallel(indptr, idx, vals, x, bias, y):
+    """:func:`csr_rows` with the (batch, row) pairs split across threads."""
+    m, n = y.shape
+    for t in prange(m * n):
+        i = t // n
+        r = t - i * n
+        acc = np.float32(0.0)
+        for k in range(np.uint64(indptr[r]), np.uint64(indptr[r + 1])):
+            acc += np.float32(vals[k]) * x[i, np.uint64(idx[k])]
+        y[i, r] = acc + bias[r]
+
+
+@_jit(parallel=True)
+def csr_xt(indptr, idx, vals, kb, xT, yT):
+    """``yT[r, :] = sum_k vals[k] * xT[b*kb + idx[k], :]`` over column blocks ``b`` (``indptr``: blocks x
+    rows+1 global offsets, ``idx`` local to the block). ``xT`` needs unit column stride, ``yT`` C order."""
+    nb = indptr.shape[0]
+    n = indptr.shape[1] - 1
+    p = xT.shape[1]
+    ldx = np.int64(xT.strides[0] // 4)
+    ldy = np.int64(yT.strides[0] // 4)
+    p64 = p // 64 * 64
+    p8 = p // 8 * 8
+    for b in range(nb):  # all rows of one block before the next: that block's slice of xT stays cached
+        xb = xT[b * kb :]
+        ptr = indptr[b]
+        for j in range(0, p64, 64):
+            for r in prange(n):
+                if b == 0:
+                    _T64(idx, vals, ptr[r], ptr[r + 1], xb, ldx, np.int64(j), yT, np.int64(r * ldy + j))
+                else:
+                    _T64_ACC(idx, vals, ptr[r], ptr[r + 1], xb, ldx, np.int64(j), yT, np.int64(r * ldy + j))
+        for j in range(p64, p8, 8):
+            for r in prange(n):
+                if b == 0:
+                    _T8(idx, vals, ptr[r], ptr[r + 1], xb, ldx, np.int64(j), yT, np.int64(r * ldy + j))
+                else:
+                    _T8_ACC(idx, vals, ptr[r], ptr[r + 1], xb, ldx, np.int64(j), yT, np.int64(r * ldy + j))
+        if p8 < p:
+            for r in prange(n):
+                for j in range(p8, p):
+                    acc = np.float32(0.0) if b == 0 else yT[r, j]
+                    for k in range(ptr[r], ptr[r + 1]):
+                        acc += np.float32(vals[k]) * xb[np.int64(idx[k]), j]
+                    yT[r, j] = acc
+
+
+# -- int8 glue: no fastmath, these must round exactly like prunekit.quantize ------------------------------
+@_jit(fastmath=False)
+def dynamic_scale(x):
+    """``max|x| / 127`` in float32, 1 when ``x`` is all zero (prunekit.quantize.quantize_activation)."""
+    top = np.float32(0.0)
+    for v in x:
+        a = abs(v)
+        if a > top:
+            top = a
+    return top / np.float32(127.0) if top > 0 else np.float32(1.0)
+
+
+@_jit(fastmath=False)
+def quantize_into(x, scale, out):
+    """``out = clamp(round_half_even(x / scale), -127, 127)`` as float32 (exact small integers)."""
+    for i in range(x.size):
+        q = np.rint(x[i] / scale)
+        out[i] = min(max(q, np.float32(-127.0)), np.float32(127.0))
+
+
+@_jit(fastmath=False)
+def finish_int8(acc, s_x, weight_scale, bias, has_bias, y):
+    """``y[n, r, l] = acc[n, r, l] * (s_x * weight_scale[r]) + bias[r]``: a float32 product, then a float32
+    sum, never fused into an FMA, exactly as the reference ``_finish``."""
+    nn_, nr, nl = acc.shape
+    for n in range(nn_):
+        for r in range(nr):
+            scale = np.float32(s_x) * weight_scale[r]
+            for j in range(nl):
+                v = acc[n, r, j] * scale
+                y[n, r, j] = v + bias[r] if has_bias else v

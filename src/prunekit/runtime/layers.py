@@ -1,0 +1,318 @@
+"""Inference-only layers that run the sparse kernels: float32 and int8, Linear and Conv2d.
+
+Each layer holds its weight as a :class:`~prunekit.runtime.formats.SparseWeight` (numpy arrays, not
+parameters: these modules are a compiled artifact, the original model stays the thing to train and save) and
+one ``kernel`` name, chosen by :func:`prunekit.runtime.compile` by timing:
+
+* ``"rows"`` -- one CSR row per output, activations gathered (batch 1 and small batches),
+* ``"xt"``  -- activations transposed so each nonzero scales a contiguous row (batches, im2col convs),
+* ``"dense"`` (int8 only) -- the exact int8 arithmetic as a float32 GEMM on integer values: exact because
+  every partial sum stays below 2**24 (checked at construction), and as fast as dense float32.
+
+Convolutions are lowered to one sparse GEMM: ``W (Cout x Cin*kh*kw) @ cols (Cin*kh*kw x N*Hout*Wout)`` with
+``cols`` from ``F.unfold`` (for 1x1 convolutions the input itself, no copy at batch 1). The int8 layers
+follow ``prunekit.quantize`` bit for bit: the same activation rounding, exact integer sums, then one float32
+product and one float32 sum.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from prunekit.errors import PrunekitError
+from prunekit.runtime import kernels
+from prunekit.runtime.formats import FLOAT32_EXACT, SparseWeight, int8_row_bound, pack
+
+FLOAT_KERNELS = ("rows", "xt")
+INT8_KERNELS = ("rows", "xt", "dense")
+
+
+def set_threads() -> int:
+    """Follow ``torch.get_num_threads()`` (clipped to numba's pool); returns the count in use."""
+    want = torch.get_num_threads()  # read first: launching numba's OpenMP pool can reset torch's count
+    n = max(1, min(want, numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
+    if torch.get_num_threads() != want:
+        torch.set_num_threads(want)
+    return n
+
+
+def _rows(w: SparseWeight, x: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """``(M, in) -> (M, out)`` with the rows kernel (bias fused)."""
+    y = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
+    kernel = kernels.csr_rows_parallel if set_threads() > 1 else kernels.csr_rows
+    kernel(w.indptr[0], w.idx, w.vals, x, bias, y)
+    return y
+
+
+def _xt(w: SparseWeight, xT: np.ndarray) -> np.ndarray:
+    """``(in, P) -> (out, P)`` with the transposed-activation kernel."""
+    if xT.strides[1] != 4:
+        xT = np.ascontiguousarray(xT)
+    y = np.empty((w.shape[0], xT.shape[1]), dtype=np.float32)
+    set_threads()
+    kernels.csr_xt(w.indptr, w.idx, w.vals, w.block, xT, y)
+    return y
+
+
+class _RuntimeLayer(nn.Module):
+    """Shared checks: these layers compute, they do not learn."""
+
+    kernel: str
+
+    def _check(self, x: Tensor) -> None:
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise PrunekitError(
+                f"{type(self).__name__} is inference-only (no gradients): run it under torch.no_grad() or "
+                "torch.inference_mode(), and train the original model instead"
+            )
+        if x.device.type != "cpu":
+            raise PrunekitError(f"{type(self).__name__} runs on the CPU, got a tensor on {x.device}")
+        if not x.is_floating_point():
+            raise PrunekitError(f"{type(self).__name__} expects floating-point input, got {x.dtype}")
+
+    @staticmethod
+    def _array(x: Tensor) -> np.ndarray:
+        return x.detach().to(torch.float32).contiguous().numpy()
+
+
+class _LinearBase(_RuntimeLayer):
+    def __init__(self, in_features: int, out_features: int, kernel: str, allowed: tuple[str, ...]) -> None:
+        super().__init__()
+        if kernel not in allowed:
+            raise PrunekitError(
+                f"unknown kernel '{kernel}' for {type(self).__name__}; allowed: {', '.join(allowed)}"
+            )
+        self.in_features, self.out_features, self.kernel = in_features, out_features, kernel
+
+    def _flat(self, x: Tensor) -> tuple[np.ndarray, tuple[int, ...]]:
+        self._check(x)
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise PrunekitError(
+                f"{type(self).__name__} expects inputs (..., {self.in_features}), got {tuple(x.shape)}"
+            )
+        return self._array(x.reshape(-1, self.in_features)), tuple(x.shape[:-1])
+
+
+class SparseLinear(_LinearBase):
+    """``nn.Linear`` with a sparse float32 weight; same output within float32 rounding."""
+
+    def __init__(self, linear: nn.Linear, kernel: str = "rows", block: int | None = None) -> None:
+        super().__init__(linear.in_features, linear.out_features, kernel, FLOAT_KERNELS)
+        weight = linear.weight.detach().to(torch.float32).numpy()
+        self.sparse = pack(weight, block if kernel == "xt" else None)
+        bias = linear.bias
+        self.bias = None if bias is None else bias.detach().to(torch.float32).numpy().copy()
+        self._zero_bias = np.zeros(self.out_features, dtype=np.float32)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2, lead = self._flat(x)
+        if self.kernel == "rows":
+            y = _rows(self.sparse, x2, self._zero_bias if self.bias is None else self.bias)
+        else:
+            y = _xt(self.sparse, x2.T).T
+            if self.bias is not None:
+                y = y + self.bias
+        return torch.from_numpy(np.ascontiguousarray(y)).reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}, "
+            f"sparsity={self.sparse.sparsity:.1%}, blocks={self.sparse.blocks}"
+        )
+
+
+def int8_exact(q: np.ndarray) -> bool:
+    """True when float32 accumulation of int8 x int8 products is exact for every row of ``q``."""
+    return int8_row_bound(q) < FLOAT32_EXACT
+
+
+class _QuantizedBase:
+    """Quantize activations and finish exactly like ``prunekit.quantize`` (see its module docstring)."""
+
+    def _init_int8(self, module: nn.Module, block: int | None) -> None:
+        q = module.weight_q.detach().reshape(module.weight_q.shape[0], -1).numpy()
+        if not int8_exact(q):
+            raise PrunekitError(
+                f"{type(self).__name__}: a weight row's int8 sums can exceed 2**24 "
+                f"(bound {int8_row_bound(q)}) (float32 sums would round): keep the reference module"
+            )
+        self.sparse = pack(q, block if self.kernel == "xt" else None)
+        self.dense_q = torch.from_numpy(q.astype(np.float32)) if self.kernel == "dense" else None
+        self.weight_scale = module.weight_scale.detach().to(torch.float32).numpy().copy()
+        self.act_scale = None if module.act_scale is None else np.float32(module.act_scale.item())
+        bias = module.bias
+        self.bias = (
+            np.zeros(0, np.float32) if bias is None else bias.detach().to(torch.float32).numpy().copy()
+        )
+        self.has_bias = bias is not None
+
+    def _quantize(self, x: np.ndarray) -> tuple[np.ndarray, np.float32]:
+        flat = x.reshape(-1)
+        # numba hands a float32 result back as a Python float: make it float32 again, or the division below
+        # would run in float64 and round ties differently from the reference
+        s_x = np.float32(kernels.dynamic_scale(flat) if self.act_scale is None else self.act_scale)
+        xq = np.empty_like(x)
+        kernels.quantize_into(flat, s_x, xq.reshape(-1))
+        return xq, s_x
+
+    def _finish(self, acc: np.ndarray, s_x: np.float32) -> np.ndarray:
+        """``acc``: (N, out, L) view, any strides; returns a C-ordered (N, out, L) float32 array."""
+        y = np.empty(acc.shape, dtype=np.float32)
+        kernels.finish_int8(acc, s_x, self.weight_scale, self.bias, self.has_bias, y)
+        return y
+
+
+class SparseQuantizedLinear(_LinearBase, _QuantizedBase):
+    """``prunekit.quantize.QuantizedLinear`` on the sparse int8 kernels; bit-identical output."""
+
+    def __init__(self, module: nn.Module, kernel: str = "rows", block: int | None = None) -> None:
+        super().__init__(module.in_features, module.out_features, kernel, INT8_KERNELS)
+        self._init_int8(module, block)
+        self._zero = np.zeros(self.out_features, dtype=np.float32)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2, lead = self._flat(x)
+        xq, s_x = self._quantize(x2)
+        if self.kernel == "rows":
+            acc = _rows(self.sparse, xq, self._zero)[:, :, None]
+        elif self.kernel == "xt":
+            acc = _xt(self.sparse, xq.T).T[:, :, None]
+        else:
+            acc = torch.nn.functional.linear(torch.from_numpy(xq), self.dense_q).numpy()[:, :, None]
+        return torch.from_numpy(self._finish(acc, s_x)).reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        mode = "dynamic" if self.act_scale is None else "static"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}, "
+            f"sparsity={self.sparse.sparsity:.1%}, activations={mode}"
+        )
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def conv_supported(conv: nn.Module) -> str | None:
+    """Why a convolution stays dense (None when it can be lowered to one sparse GEMM)."""
+    if getattr(conv, "groups", 1) != 1:
+        return "grouped/depthwise conv"
+    if getattr(conv, "padding_mode", "zeros") != "zeros":
+        return f"padding_mode '{conv.padding_mode}'"
+    if isinstance(conv.padding, str):
+        return f"padding '{conv.padding}'"
+    return None
+
+
+class _ConvBase(_RuntimeLayer):
+    def _init_conv(self, conv: nn.Module, kernel: str, allowed: tuple[str, ...]) -> None:
+        reason = conv_supported(conv)
+        if reason is not None:
+            raise PrunekitError(f"{type(self).__name__} cannot lower a {reason}; keep it dense")
+        if kernel not in allowed:
+            raise PrunekitError(
+                f"unknown kernel '{kernel}' for {type(self).__name__}; allowed: {', '.join(allowed)}"
+            )
+        self.kernel = kernel
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride = _pair(conv.kernel_size), _pair(conv.stride)
+        self.padding, self.dilation = _pair(conv.padding), _pair(conv.dilation)
+        self.pointwise = self.kernel_size == (1, 1) and self.padding == (0, 0)
+
+    def _out_hw(self, h: int, w: int) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+    def _batched(self, x: Tensor) -> tuple[Tensor, bool]:
+        self._check(x)
+        if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
+            raise PrunekitError(
+                f"{type(self).__name__} expects inputs (N, {self.in_channels}, H, W), got {tuple(x.shape)}"
+            )
+        return (x if x.dim() == 4 else x.unsqueeze(0)), x.dim() == 3
+
+    def _cols(self, x: Tensor) -> tuple[np.ndarray, int, int, int]:
+        """``(K, N*L)`` columns for the GEMM, plus N, Hout, Wout."""
+        n = x.shape[0]
+        ho, wo = self._out_hw(x.shape[2], x.shape[3])
+        if self.pointwise:  # 1x1: the (strided) input is already the column matrix
+            xs = x[:, :, :: self.stride[0], :: self.stride[1]]
+            cols = xs.reshape(n, self.in_channels, ho * wo)
+        else:
+            cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
+        cols = cols[0] if n == 1 else cols.permute(1, 0, 2).reshape(cols.shape[1], -1)
+        return cols.contiguous().numpy(), n, ho, wo
+
+    def _unbatch(self, y: Tensor, squeeze: bool) -> Tensor:
+        return y.squeeze(0) if squeeze else y
+
+
+class SparseConv2d(_ConvBase):
+    """``nn.Conv2d`` (groups=1, zero padding) as a sparse GEMM over im2col columns."""
+
+    def __init__(self, conv: nn.Conv2d, kernel: str = "xt", block: int | None = None) -> None:
+        super().__init__()
+        self._init_conv(conv, kernel, ("xt",))
+        weight = conv.weight.detach().to(torch.float32).reshape(conv.out_channels, -1).numpy()
+        self.sparse = pack(weight, block)
+        self.bias = None if conv.bias is None else conv.bias.detach().to(torch.float32).clone()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, squeeze = self._batched(x)
+        cols, n, ho, wo = self._cols(x.to(torch.float32))
+        y = torch.from_numpy(_xt(self.sparse, cols)).reshape(self.out_channels, n, ho * wo)
+        if self.bias is not None:
+            y = y + self.bias[:, None, None]
+        y = y.permute(1, 0, 2) if n > 1 else y.reshape(1, self.out_channels, ho * wo)
+        return self._unbatch(y.reshape(n, self.out_channels, ho, wo).contiguous(), squeeze)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, kernel={self.kernel}, sparsity={self.sparse.sparsity:.1%}"
+        )
+
+
+class SparseQuantizedConv2d(_ConvBase, _QuantizedBase):
+    """``prunekit.quantize.QuantizedConv2d`` on the sparse int8 kernels; bit-identical output."""
+
+    def __init__(self, module: nn.Module, kernel: str = "xt", block: int | None = None) -> None:
+        super().__init__()
+        self._init_conv(module, kernel, ("xt", "dense"))
+        self._init_int8(module, block)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, squeeze = self._batched(x)
+        xq, s_x = self._quantize(self._array(x))
+        cols, n, ho, wo = self._cols(torch.from_numpy(xq))
+        if self.kernel == "xt":
+            acc = _xt(self.sparse, cols).reshape(self.out_channels, n, ho * wo).transpose(1, 0, 2)
+        else:
+            acc = torch.matmul(self.dense_q, torch.from_numpy(cols)).numpy()
+            acc = acc.reshape(self.out_channels, n, ho * wo).transpose(1, 0, 2)
+        y = torch.from_numpy(self._finish(acc, s_x))
+        return self._unbatch(y.reshape(n, self.out_channels, ho, wo), squeeze)
+
+    def extra_repr(self) -> str:
+        mode = "dynamic" if self.act_scale is None else "static"
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, kernel={self.kernel}, sparsity={self.sparse.sparsity:.1%}, "
+            f"activations={mode}"
+        )
+
+
+def default_block(in_features: int, columns: int) -> int | None:
+    """Column-block width for the ``xt`` kernel: keep the active slice of ``xT`` (block x tile columns x
+    4 bytes) within about 128 KiB so it stays in L2 while every row streams over it; None: no blocking."""
+    tile = 64 if columns >= 64 else 8
+    block = max(256, (128 * 1024) // (4 * tile))
+    return None if block >= in_features else int(2 ** math.floor(math.log2(block)))

@@ -1,0 +1,223 @@
+"""prunekit.runtime kernels and layers equal dense math (float32 within 1e-4 relative, int8 bit for bit)."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from prunekit.errors import PrunekitError
+from prunekit.quantize import QuantizedConv2d, QuantizedLinear
+from prunekit.runtime import kernels
+from prunekit.runtime.formats import index_dtype, int8_row_bound, pack, unpack
+from prunekit.runtime.layers import (
+    SparseConv2d,
+    SparseLinear,
+    SparseQuantizedConv2d,
+    SparseQuantizedLinear,
+    default_block,
+)
+
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def close(y: torch.Tensor, ref: torch.Tensor) -> bool:
+    scale = max(ref.abs().max().item(), 1e-30) if ref.numel() else 1.0
+    return y.shape == ref.shape and (y - ref).abs().max().item() <= 1e-4 * scale if ref.numel() else True
+
+
+def sparse_weight(out: int, inn: int, density: float, seed: int, empty_rows: bool = True) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inn, generator=g)
+    w[torch.rand(out, inn, generator=g) >= density] = 0
+    if empty_rows and out > 2:
+        w[out // 2] = 0  # an empty CSR row
+    return w
+
+
+def linear(out: int, inn: int, density: float, seed: int = 0, bias: bool = True) -> nn.Linear:
+    layer = nn.Linear(inn, out, bias=bias)
+    with torch.no_grad():
+        layer.weight.copy_(sparse_weight(out, inn, density, seed))
+    return layer
+
+
+def test_import_compiles_nothing_and_loads_no_numba():
+    code = "import sys, prunekit, prunekit.runtime; assert 'numba' not in sys.modules, 'numba imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_index_dtype_is_the_narrowest_unsigned():
+    assert index_dtype(256) == np.uint8 and index_dtype(257) == np.uint16
+    assert index_dtype(65536) == np.uint16 and index_dtype(65537) == np.uint32
+
+
+@pytest.mark.parametrize("block", [None, 7, 64])
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+def test_pack_round_trips_and_keeps_exact_nonzeros(block, density):
+    w = sparse_weight(9, 70, density, 1).numpy()
+    packed = pack(w, block)
+    assert packed.nnz == int((w != 0).sum())
+    assert packed.idx.dtype == index_dtype(packed.block)
+    np.testing.assert_array_equal(unpack(packed), w)
+
+
+@SETTINGS
+@given(
+    out=st.integers(1, 40),
+    inn=st.integers(1, 300),
+    batch=st.sampled_from([1, 2, 7, 8, 9, 64, 70]),
+    density=st.sampled_from([0.0, 0.1, 0.5, 1.0]),
+    kernel=st.sampled_from(["rows", "xt"]),
+    block=st.sampled_from([None, 16]),
+    seed=st.integers(0, 3),
+)
+def test_sparse_linear_equals_dense(out, inn, batch, density, kernel, block, seed):
+    layer = linear(out, inn, density, seed, bias=seed % 2 == 0)
+    x = torch.randn(batch, inn, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        assert close(SparseLinear(layer, kernel, block)(x), layer(x))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("kernel", ["rows", "xt"])
+def test_sparse_linear_any_leading_dims_and_threads(kernel, threads):
+    layer, x = linear(24, 40, 0.2), torch.randn(2, 3, 5, 40)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            y = SparseLinear(layer, kernel)(x)
+        assert torch.get_num_threads() == threads  # numba's thread pool must not change torch's count
+    finally:
+        torch.set_num_threads(before)
+    assert y.shape == (2, 3, 5, 24)
+    with torch.no_grad():
+        assert close(y, layer(x))
+
+
+def make_conv(spec: dict, density: float = 0.3, seed: int = 2) -> nn.Conv2d:
+    spec = dict(spec)
+    layer = nn.Conv2d(spec.pop("cin"), spec.pop("cout"), spec.pop("k"), **spec)
+    with torch.no_grad():
+        w = sparse_weight(layer.out_channels, layer.weight[0].numel(), density, seed)
+        layer.weight.copy_(w.reshape(layer.weight.shape))
+    return layer
+
+
+CONVS = [
+    dict(cin=6, cout=10, k=1),
+    dict(cin=6, cout=10, k=1, stride=2, bias=False),
+    dict(cin=5, cout=7, k=3, padding=1),
+    dict(cin=5, cout=7, k=3, stride=2, padding=1, dilation=2),
+    dict(cin=3, cout=4, k=(2, 3), padding=(1, 0), bias=False),
+]
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("spec", CONVS)
+@pytest.mark.parametrize("block", [None, 8])
+def test_sparse_conv_equals_dense(spec, n, block):
+    layer = make_conv(spec)
+    x = torch.randn(n, layer.in_channels, 9, 11, generator=torch.Generator().manual_seed(n))
+    with torch.no_grad():
+        assert close(SparseConv2d(layer, "xt", block)(x), layer(x))
+        assert close(SparseConv2d(layer)(x[0]), layer(x[0]))  # unbatched input
+
+
+def test_sparse_conv_refuses_what_it_cannot_lower():
+    with pytest.raises(PrunekitError, match="grouped"):
+        SparseConv2d(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(PrunekitError, match="padding_mode"):
+        SparseConv2d(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"))
+
+
+# -- int8 -----------------------------------------------------------------------------------------------
+def int8_inputs(shape: tuple[int, ...], seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 3
+    ties = torch.randint(-300, 300, shape, generator=g).to(torch.float32) / 2  # exact .5 ties
+    return [x, ties, torch.zeros(shape), x.clamp(min=0)]
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("kernel", ["rows", "xt", "dense"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_sparse_int8_linear_is_bit_exact(kernel, static, bias):
+    layer = linear(33, 70, 0.2, 3, bias=bias)
+    ref = QuantizedLinear(layer, act_scale=torch.tensor(0.05) if static else None)
+    fast = SparseQuantizedLinear(ref, kernel)
+    for batch in (1, 9):
+        for x in int8_inputs((batch, 70), batch):
+            with torch.inference_mode():
+                assert torch.equal(fast(x), ref(x))
+
+
+@pytest.mark.parametrize("kernel", ["xt", "dense"])
+@pytest.mark.parametrize("spec", CONVS[1:4])
+def test_sparse_int8_conv_is_bit_exact(spec, kernel):
+    ref = QuantizedConv2d(make_conv(spec))
+    fast = SparseQuantizedConv2d(ref, kernel)
+    for n in (1, 2):
+        for x in int8_inputs((n, ref.in_channels, 7, 8), n):
+            with torch.no_grad():
+                assert torch.equal(fast(x), ref(x))
+
+
+def test_int8_quantization_matches_the_reference_rounding():
+    from prunekit.quantize import quantize_activation
+
+    g = torch.Generator().manual_seed(0)
+    for x in [
+        torch.randint(-300, 300, (5000,), generator=g) / 2,
+        torch.randn(5000, generator=g) * 10,
+        torch.randn(7, generator=g) * 1e-30,
+        torch.zeros(4),
+    ]:
+        xq_ref, s_ref = quantize_activation(x)
+        s = np.float32(kernels.dynamic_scale(x.numpy()))
+        out = np.empty_like(x.numpy())
+        kernels.quantize_into(x.numpy(), s, out)
+        assert np.float32(s) == s_ref.item()
+        np.testing.assert_array_equal(out, xq_ref.numpy().astype(np.float32))
+
+
+def test_int8_layers_refuse_rows_whose_sums_could_round():
+    layer = nn.Linear(1100, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)  # 1100 * 127 * 127 > 2**24
+    ref = QuantizedLinear(layer)
+    assert int8_row_bound(ref.weight_q.numpy()) >= 2**24
+    with pytest.raises(PrunekitError, match="2\\*\\*24"):
+        SparseQuantizedLinear(ref)
+
+
+# -- clear errors -----------------------------------------------------------------------------------------
+def test_layers_refuse_training_and_bad_inputs():
+    fast = SparseLinear(linear(4, 6, 0.5))
+    with pytest.raises(PrunekitError, match="inference-only"):
+        fast(torch.randn(2, 6, requires_grad=True))
+    with pytest.raises(PrunekitError, match="expects inputs"):
+        fast(torch.randn(2, 5))
+    with pytest.raises(PrunekitError, match="floating-point"):
+        fast(torch.ones(2, 6, dtype=torch.int64))
+    with pytest.raises(PrunekitError, match="unknown kernel"):
+        SparseLinear(linear(4, 6, 0.5), "csc")
+    y = fast(torch.randn(2, 6))  # grad mode on but nothing requires grad: fine
+    assert not y.requires_grad
+
+
+def test_numba_cache_failure_falls_back_to_memory():
+    scope: dict = {}
+    exec("def twice(a):\n    return 2 * a\n", scope)  # no source file: numba cannot cache it
+    assert kernels._jit()(scope["twice"])(21) == 42
+
+
+def test_default_block_only_splits_wide_inputs():
+    assert default_block(256, 64) is None and default_block(3072, 8) is None
+    block = default_block(3072, 64)
+    assert block is not None and block < 3072 and block & (block - 1) == 0

@@ -48,12 +48,13 @@ def _main(
 
 def _summary(metrics: dict[str, Any], out: Path) -> None:
     labels = [k for k, v in metrics.items() if isinstance(v, dict) and "accuracy" in v]
-    typer.echo(f"{'model':<10} {'accuracy':>9} {'sparsity':>9} {'size KiB':>9} {'p50 ms':>8} {'p99 ms':>8}")
+    w = max([len(label) for label in labels] + [10])
+    typer.echo(f"{'model':<{w}} {'accuracy':>9} {'sparsity':>9} {'size KiB':>9} {'p50 ms':>8} {'p99 ms':>8}")
     for label in labels:
         e = metrics[label]
         size = f"{e['size_bytes'] / 1024:.1f}" if e.get("size_bytes") else "-"
         typer.echo(
-            f"{label:<10} {e['accuracy']:>9.4f} {e['sparsity']:>9.4f} {size:>9} "
+            f"{label:<{w}} {e['accuracy']:>9.4f} {e['sparsity']:>9.4f} {size:>9} "
             f"{e['latency_ms']['p50']:>8.3f} {e['latency_ms']['p99']:>8.3f}"
         )
     typer.echo(f"wrote {out / 'metrics.json'}, {out / 'report.md'} (in {metrics['wall_time_s']:.0f} s)")

@@ -130,8 +130,10 @@ def test_structurally_pruned_mlp_with_static_batch(tmp_path):
     model = TinyMLP().eval()
     prune_model(model, torch.randn(1, 20), ratio=0.5, round_to=8)
     assert model.net[0].out_features == 32
+    model.train()  # exported in eval mode, handed back in training mode
     report = export_onnx(model, torch.randn(4, 20), tmp_path / "mlp.onnx", dynamic_batch=False)
     assert report["batch_sizes"] == [4] and report["max_abs_diff"] < 1e-5
+    assert all(m.training for m in model.modules())
     dims = onnx.load(str(tmp_path / "mlp.onnx")).graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_value for d in dims] == [4, 20]
 
@@ -233,6 +235,9 @@ def test_bad_example_inputs(tmp_path):
         export_onnx(TinyMLP(), [1.0, 2.0], tmp_path / "m.onnx")
     with pytest.raises(PrunekitError, match="does not run on example_inputs"):
         export_onnx(TinyMLP(), torch.randn(2, 7), tmp_path / "m.onnx")
+    with pytest.raises(PrunekitError, match="is a directory; give a file name"):
+        export_onnx(TinyMLP(), torch.randn(2, 20), tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_import_prunekit_does_not_import_onnx():

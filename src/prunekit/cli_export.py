@@ -106,7 +106,9 @@ def load_source(source: Path, shape: tuple[int, ...] | None) -> tuple[nn.Module,
 @export_app.command("onnx")
 def onnx_command(
     source: Path = typer.Argument(
-        ..., help="A prunekit .safetensors artifact or a `prunekit structured` output directory."
+        ...,
+        metavar="SOURCE",
+        help="A prunekit .safetensors artifact or a `prunekit structured` output directory.",
     ),
     out: Path = typer.Option(..., "--out", help="The .onnx file to write."),
     input_shape: str = typer.Option(

@@ -11,6 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from prunekit import bench
+from prunekit.analysis.memory import current_rss_mb
 from prunekit.artifact import save_artifact
 from prunekit.cli import app
 from prunekit.errors import PrunekitError
@@ -87,8 +88,13 @@ def test_table_covers_every_variant_and_setting(outdir):
 
 def test_peak_rss_probe_runs_in_a_fresh_process(outdir):
     src = bench.resolve_source(str(outdir), outdir)
+    ballast = bytearray(600 * 2**20)  # this process now holds 600 MB more than the probe ever will
+    ballast[::4096] = b"x" * len(ballast[::4096])  # touch every page so it is resident
     rss = bench.peak_rss(src, "pruned", batch=2, runs=3)
     assert rss["peak_rss_mb"] >= rss["baseline_rss_mb"] > 0
+    # the probe's own peak, not one inherited from this (larger) parent through fork + exec
+    assert rss["peak_rss_mb"] < current_rss_mb() - 300
+    del ballast
 
 
 def test_cli_writes_json_and_png(outdir, tmp_path):

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +123,7 @@ def _compile(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, list[d
     start = time.perf_counter()
     compiled = runtime.compile(model, (example,))
     seconds = time.perf_counter() - start
-    return compiled, list(runtime.report(compiled)), seconds
+    return compiled, [asdict(d) for d in runtime.report(compiled).layers], seconds
 
 
 def sizes(source: Source) -> dict[str, int]:

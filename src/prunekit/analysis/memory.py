@@ -9,16 +9,27 @@ from pathlib import Path
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    """Peak resident memory of this process so far.
+
+    VmHWM from /proc/self/status where there is one: ``ru_maxrss`` survives ``fork`` + ``exec`` on Linux, so
+    a process started by a large parent would report the parent's peak (every ``prunekit bench`` memory
+    probe read the same number). Elsewhere ru_maxrss (KiB on Linux, bytes on macOS)."""
+    hwm = _status_mb("VmHWM:")
+    if hwm is not None:
+        return hwm
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
 def current_rss_mb() -> float | None:
     """VmRSS from /proc/self/status (Linux), or None where there is no /proc."""
+    return _status_mb("VmRSS:")
+
+
+def _status_mb(field: str) -> float | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field):
                 return int(line.split()[1]) / 1024
     except OSError:
         return None

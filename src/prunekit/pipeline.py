@@ -44,6 +44,7 @@ from prunekit.spec import NM, Spec
 from prunekit.targets import Targets, left_dense
 
 log = logging.getLogger(__name__)
+_COMPILED = " (compiled)"  # latency label of an evaluated model's prunekit.runtime.compile twin
 
 
 def seed_everything(seed: int) -> None:
@@ -72,6 +73,7 @@ class Run:
         self.rounds: list[dict[str, Any]] = []
         self.done: list[dict[str, Any]] = []  # stages run so far (the recipe that produced a state)
         self.sizes: dict[str, int] = {}
+        self.compressed_sizes: dict[str, int] = {}  # exports with compressed: true
         self.timed: dict[str, tuple[nn.Module, EvaluateStage]] = {}
         self.groups: dict[str, str] = {}  # comparison group of each pruned layer, for the report
         self.int8: dict[str, Any] | None = None  # what the quantize stage did (metrics["quantization"])
@@ -301,22 +303,54 @@ class Run:
         }
 
     def measure_latency(self) -> None:
-        """Batch-1 latency of every evaluated state, measured in one interleaved run (MEASURING.md)."""
+        """Batch-1 latency of every evaluated state (and of its compiled twin where the evaluate stage asks
+        for one), measured in one interleaved run (MEASURING.md)."""
         if not self.timed:
             return
         example = self.data.test[0][0].unsqueeze(0)
         stages = [stage for _, stage in self.timed.values()]
+        models = {label: model for label, (model, _) in self.timed.items()}
+        for label, (model, stage) in self.timed.items():
+            if stage.compile:
+                models[label + _COMPILED] = self._compiled(label, model, example)
         stats = compare_latency(
-            {label: model for label, (model, _) in self.timed.items()},
+            models,
             example,
             runs=max(s.latency_runs for s in stages),
             warmup=max(s.latency_warmup for s in stages),
         )
-        for label, entry in stats.items():
-            self.metrics[label]["latency_ms"] = {k: entry[k] for k in ("p50", "p99", "mean")}
-            self.metrics[label]["latency_p50_vs_first"] = entry["p50_ratio"]
-            self.metrics[label]["latency_runs"] = entry["runs"]
-            self.metrics[label]["threads"] = entry["threads"]
+        for name, entry in stats.items():
+            label = name.removesuffix(_COMPILED)
+            target = self.metrics[label]["compiled"] if name != label else self.metrics[label]
+            target["latency_ms"] = {k: entry[k] for k in ("p50", "p99", "mean")}
+            target["latency_p50_vs_first"] = entry["p50_ratio"]
+            target["latency_runs"] = entry["runs"]
+            target["threads"] = entry["threads"]
+
+    def _compiled(self, label: str, model: nn.Module, example: torch.Tensor) -> nn.Module:
+        """``prunekit.runtime.compile`` of an evaluated model, with its decisions and a check that it
+        predicts what the uncompiled model predicts on the whole test set."""
+        from dataclasses import asdict
+
+        from prunekit import runtime
+
+        compiled = runtime.compile(model, (example,))
+        decisions = runtime.report(compiled).layers
+        same, total, diff = 0, 0, 0.0
+        with torch.inference_mode():
+            for x, _ in self.loader("test"):
+                a, b = model(x), compiled(x)
+                same += int((a.argmax(1) == b.argmax(1)).sum())
+                total += len(x)
+                diff = max(diff, float((a - b).abs().max()))
+        self.metrics[label]["compiled"] = {
+            "sparse_layers": sum(d.chosen != "dense" for d in decisions),
+            "layers": [asdict(d) for d in decisions],
+            "same_predictions": same,
+            "test_samples": total,
+            "max_abs_logit_diff": diff,
+        }
+        return compiled
 
     def quantize(self, stage: QuantizeStage) -> None:
         """INT8 conversion (after fake-quant fine-tuning when ``qat`` is given); the masks are squashed
@@ -384,19 +418,30 @@ class Run:
 
     def export(self, stage: ExportStage) -> None:
         path = self.out / f"{stage.name}.safetensors"
+        extra = {"recipe": self.recipe.name, "stages": list(self.done)}
         self.sizes[stage.name] = save_artifact(
             path,
             self.model,
             model_info=self.model_info,
             specs=self.specs,
-            extra={"recipe": self.recipe.name, "stages": list(self.done)},
+            extra=extra,
             structured=self.structured_logs,
         )
+        if stage.compressed:
+            from prunekit.artifact import plain_state_dict
+            from prunekit.compress import save_compressed
+
+            target = self.out / f"{stage.name}.compressed.safetensors"
+            specs = {f"{n}.weight": s.to_dict() for n, s in self.specs.items()}
+            extra = {**extra, "model": self.model_info, "structured": self.structured_logs}
+            save_compressed(plain_state_dict(self.model), target, specs=specs, extra=extra)
+            self.compressed_sizes[stage.name] = target.stat().st_size
 
     def summary(self) -> dict[str, Any]:
         self.measure_latency()
         for label, entry in self.metrics.items():
             entry["size_bytes"] = self.sizes.get(label)
+            entry["compressed_size_bytes"] = self.compressed_sizes.get(label)
         return {
             "recipe_name": self.recipe.name,
             **self.metrics,

@@ -217,11 +217,13 @@ class EvaluateStage(Strict):
     label: str  # metrics.json key, e.g. "dense" or "pruned"
     latency_runs: int = Field(200, ge=1)
     latency_warmup: int = Field(20, ge=0)
+    compile: bool = False  # also time the model compiled by prunekit.runtime (sparse kernels where faster)
 
 
 class ExportStage(Strict):
     type: Literal["export"]
     name: str  # writes OUT/<name>.safetensors; an evaluate stage with the same label gets its size
+    compressed: bool = False  # also OUT/<name>.compressed.safetensors (smallest encoding per tensor)
 
     @field_validator("name")
     @classmethod

@@ -13,7 +13,7 @@ from typing import Any
 
 import typer
 
-from prunekit.cli_export import export_app
+from prunekit.cli_export import export_app, parse_ints
 from prunekit.errors import PrunekitError
 
 app = typer.Typer(
@@ -194,16 +194,6 @@ def compress(
     _print_compressed(out, as_json)
 
 
-def _ints(text: str, field: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise PrunekitError(f"{field} must be integers separated by commas, got {text!r}") from None
-    if any(v < 1 for v in values):
-        raise PrunekitError(f"{field} takes positive integers, got {text!r}")
-    return values
-
-
 @app.command()
 def bench(
     source: str = typer.Argument(
@@ -227,11 +217,16 @@ def bench(
     from prunekit import bench as bench_mod
     from prunekit.files import atomic_write_json
 
-    shape = _ints(input_shape, "--input-shape") if input_shape else None
+    shape = parse_ints(input_shape) if input_shape else None
     src = bench_mod.resolve_source(source, out, shape)
     chosen = tuple(v.strip() for v in variants.split(",") if v.strip())
     result = bench_mod.bench(
-        src, _ints(batch, "--batch"), _ints(threads, "--threads"), runs, variants=chosen, memory=not no_memory
+        src,
+        parse_ints(batch, "--batch", "1,8"),
+        parse_ints(threads, "--threads", "1,2"),
+        runs,
+        variants=chosen,
+        memory=not no_memory,
     )
     atomic_write_json(out / "bench.json", result)
     bench_mod.chart(result, out / "bench.png")
@@ -260,7 +255,7 @@ def structured(
     """Physically remove channels/heads/neurons and measure params, MACs and latency before and after."""
     from prunekit.structured.run import load_model_spec, run_structured
 
-    shape = _ints(input_shape, "--input-shape") if input_shape else None
+    shape = parse_ints(input_shape) if input_shape else None
     net, example = load_model_spec(model, shape)
     m = run_structured(
         net, example, out, ratio=ratio, importance=importance, round_to=round_to, runs=runs, model_name=model

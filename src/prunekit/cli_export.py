@@ -21,17 +21,17 @@ if TYPE_CHECKING:  # torch is imported by the command itself, so `prunekit --hel
 export_app = typer.Typer(no_args_is_help=True, help="Export pruned models for deployment.")
 
 
-def parse_shape(text: str) -> tuple[int, ...]:
-    """``"1,3,224,224"`` -> ``(1, 3, 224, 224)``; anything else is a one-line error."""
+def parse_ints(text: str, field: str = "--input-shape", example: str = "1,3,224,224") -> tuple[int, ...]:
+    """``"1,3,224,224"`` -> ``(1, 3, 224, 224)``; anything else is a one-line error naming ``field``."""
     try:
-        shape = tuple(int(part) for part in text.split(","))
+        values = tuple(int(part) for part in text.split(","))
     except ValueError:
-        shape = ()
-    if not shape or any(d < 1 for d in shape):
+        values = ()
+    if not values or any(d < 1 for d in values):
         raise PrunekitError(
-            f"--input-shape must be positive integers separated by commas, e.g. 1,3,224,224; got {text!r}"
+            f"{field} must be positive integers separated by commas, e.g. {example}; got {text!r}"
         )
-    return shape
+    return values
 
 
 def _from_artifact(path: Path, shape: tuple[int, ...] | None) -> tuple[nn.Module, tuple[int, ...]]:
@@ -129,7 +129,7 @@ def onnx_command(
 
     from prunekit.export.onnx import export_onnx
 
-    shape = parse_shape(input_shape) if input_shape else None
+    shape = parse_ints(input_shape) if input_shape else None
     model, shape = load_source(source, shape)
     example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     report = export_onnx(

@@ -12,11 +12,12 @@ from typer.testing import CliRunner
 
 from prunekit import bench
 from prunekit.analysis.memory import current_rss_mb
-from prunekit.artifact import save_artifact
+from prunekit.artifact import load_artifact, save_artifact
 from prunekit.cli import app
 from prunekit.errors import PrunekitError
 from prunekit.masking import get_masks
 from prunekit.models import build_model
+from prunekit.quantize import quantize_model
 from prunekit.sparsifier import Sparsifier
 
 ARGS = {"widths": [16, 32], "blocks": 1, "in_channels": 1, "num_classes": 10}
@@ -39,6 +40,21 @@ def outdir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def with_int8(outdir, tmp_path_factory) -> Path:
+    """The same directory plus a recipe-style INT8 export (static activations, calibrated)."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("bench-int8")
+    for name in ("dense", "pruned"):
+        shutil.copy(outdir / f"{name}.safetensors", out)
+    pruned, _ = load_artifact(out / "pruned.safetensors")
+    calib = [torch.randn(4, 1, 8, 8) for _ in range(2)]
+    int8 = quantize_model(pruned, activations="static", calibration=calib)
+    save_artifact(out / "pruned-int8.safetensors", int8, model_info={"name": "resnet-digits", "args": ARGS})
+    return out
+
+
 def test_resolve_directory_and_artifact(outdir):
     src = bench.resolve_source(str(outdir), outdir)
     assert src.pruned == outdir / "pruned.safetensors" and src.dense == outdir / "dense.safetensors"
@@ -47,6 +63,24 @@ def test_resolve_directory_and_artifact(outdir):
     assert alone.dense is None and alone.pruned == src.pruned
     shaped = bench.resolve_source(str(outdir / "pruned.safetensors"), outdir, (4, 1, 12, 12))
     assert shaped.sample_shape == (1, 12, 12)
+
+
+def test_an_int8_export_serves_the_int8_variants(with_int8):
+    src = bench.resolve_source(str(with_int8), with_int8)
+    assert src.pruned == with_int8 / "pruned.safetensors"
+    assert src.int8 == with_int8 / "pruned-int8.safetensors"
+    int8 = bench.load_variant(src, "pruned-int8")
+    recorded, _ = load_artifact(src.int8)
+    x = torch.randn(3, 1, 8, 8)
+    with torch.inference_mode():
+        assert torch.equal(
+            int8(x), recorded.eval()(x)
+        )  # the recipe's calibrated model, not a re-quantization
+    alone = bench.resolve_source(str(src.int8), with_int8)
+    assert alone.pruned is None and alone.int8 == src.int8
+    assert not alone.available("pruned") and alone.available("compiled-int8")
+    sizes = bench.sizes(src)
+    assert sizes["pruned-int8"] < sizes["pruned"] < sizes["dense"]
 
 
 def test_bad_sources_are_clear_errors(tmp_path, outdir):
@@ -84,6 +118,21 @@ def test_table_covers_every_variant_and_setting(outdir):
     assert len(text.splitlines()) == 1 + len(result["rows"]) + 1
     png = bench.chart(result, outdir / "chart.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_variant_including_compiled(with_int8):
+    src = bench.resolve_source(str(with_int8), with_int8)
+    result = bench.bench(src, batches=(2,), threads=(1,), runs=10, warmup=1, memory=False)
+    assert [r["variant"] for r in result["rows"]] == list(bench.VARIANTS)
+    assert "as the recipe quantized it" in result["int8_from"]
+    compiled = {d["variant"]: d for d in result["compile"]}
+    assert set(compiled) == {"compiled", "compiled-int8"}
+    for d in compiled.values():
+        assert d["batch"] == 2 and d["threads"] == 1 and d["seconds"] > 0
+        assert {layer["chosen"] for layer in d["layers"]} and all(
+            "dense_us" in layer for layer in d["layers"]
+        )
+    assert result["size_bytes"]["compiled-int8"] == result["size_bytes"]["pruned-int8"]
 
 
 def test_peak_rss_probe_runs_in_a_fresh_process(outdir):

@@ -11,7 +11,6 @@ each variant in a fresh process, since one process cannot un-see another variant
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import subprocess
@@ -35,16 +34,27 @@ VARIANTS = ("dense", "pruned", "pruned-int8", "compiled", "compiled-int8")
 
 @dataclass(frozen=True)
 class Source:
-    """The artifacts to benchmark and the shape of one input (without the batch dimension)."""
+    """The artifacts to benchmark and the shape of one input (without the batch dimension). ``int8``: an
+    INT8 artifact (a recipe's quantize stage, calibrated); without one the int8 variants quantize
+    ``pruned`` with dynamic activations."""
 
-    pruned: Path
+    pruned: Path | None
     dense: Path | None
     sample_shape: tuple[int, ...]
+    int8: Path | None = None
+
+    def available(self, variant: str) -> bool:
+        if variant == "dense":
+            return self.dense is not None
+        if variant.endswith("int8"):
+            return self.int8 is not None or self.pruned is not None
+        return self.pruned is not None
 
 
 def resolve_source(source: str, out: Path, input_shape: tuple[int, ...] | None = None) -> Source:
-    """``source``: a prunekit artifact (.safetensors), a recipe output directory (its ``dense`` export and
-    its last other export), a recipe YAML file or a built-in recipe name (run first, into ``out/run``)."""
+    """``source``: a prunekit artifact (.safetensors), a recipe output directory (its ``dense`` export, its
+    last other float export and its last INT8 export), a recipe YAML file or a built-in recipe name (run
+    first, into ``out/run``)."""
     from prunekit import recipe
 
     path = Path(source)
@@ -53,16 +63,16 @@ def resolve_source(source: str, out: Path, input_shape: tuple[int, ...] | None =
     elif not path.exists() and source in recipe.builtin_names():
         path = _run_recipe(recipe.load_builtin(source), out)
     if path.is_dir():
-        pruned, dense = _exports(path)
+        pruned, int8, dense = _exports(path)
     elif path.is_file() and path.suffix == ".safetensors":
-        pruned, dense = path, None
+        pruned, int8, dense = (None, path, None) if _is_int8(path) else (path, None, None)
     else:
         raise PrunekitError(
             f"bench: {source!r} is not a .safetensors artifact, a recipe output directory, a recipe "
             f"YAML file or a built-in recipe ({', '.join(recipe.builtin_names())})"
         )
-    shape = _sample_shape(pruned, input_shape)
-    return Source(pruned=pruned, dense=dense, sample_shape=shape)
+    shape = _sample_shape(pruned or int8, input_shape)
+    return Source(pruned=pruned, dense=dense, sample_shape=shape, int8=int8)
 
 
 def _run_recipe(rec, out: Path) -> Path:
@@ -74,21 +84,38 @@ def _run_recipe(rec, out: Path) -> Path:
     return run_dir
 
 
-def _exports(directory: Path) -> tuple[Path, Path | None]:
-    """The recipe's last export that is not ``dense``, and ``dense.safetensors`` if it is there."""
+def _is_int8(path: Path) -> bool:
+    from prunekit.files import safetensors_metadata
+
+    try:
+        header = json.loads(safetensors_metadata(path).get("prunekit", "{}"))
+    except (PrunekitError, ValueError):
+        return False  # not readable as an artifact: loading it reports why
+    return isinstance(header, dict) and bool(header.get("int8"))
+
+
+def _exports(directory: Path) -> tuple[Path | None, Path | None, Path | None]:
+    """(last float export that is not ``dense``, last INT8 export, ``dense.safetensors``) of a recipe's
+    output directory; compressed files are for shipping, not for loading back here."""
     metrics = directory / "metrics.json"
     names: list[str] = []
     if metrics.is_file():
         stages = json.loads(metrics.read_text()).get("recipe", {}).get("stages", [])
         names = [s["name"] for s in stages if s.get("type") == "export"]
-    candidates = [directory / f"{n}.safetensors" for n in names if n != "dense"]
-    candidates = [p for p in candidates if p.is_file()]
-    if not candidates:
-        candidates = sorted(p for p in directory.glob("*.safetensors") if p.name != "dense.safetensors")
-    if not candidates:
+    files = [directory / f"{n}.safetensors" for n in names if n != "dense"]
+    files = [p for p in files if p.is_file()]
+    if not files:
+        files = sorted(
+            p
+            for p in directory.glob("*.safetensors")
+            if p.name != "dense.safetensors" and not p.name.endswith(".compressed.safetensors")
+        )
+    floats = [p for p in files if not _is_int8(p)]
+    int8 = [p for p in files if p not in floats]
+    if not files:
         raise PrunekitError(f"bench: {directory} holds no pruned artifact (*.safetensors besides dense)")
     dense = directory / "dense.safetensors"
-    return candidates[-1], dense if dense.is_file() else None
+    return (floats or [None])[-1], (int8 or [None])[-1], dense if dense.is_file() else None
 
 
 def _sample_shape(artifact: Path, input_shape: tuple[int, ...] | None) -> tuple[int, ...]:
@@ -103,18 +130,21 @@ def load_variant(source: Source, name: str) -> nn.Module:
     """One uncompiled variant as an eval-mode module (``compiled*`` are built per batch by :func:`bench`)."""
     from prunekit.structured.run import load_model_spec
 
+    if name not in VARIANTS:
+        raise PrunekitError(f"bench: unknown variant {name!r}; allowed: {', '.join(VARIANTS)}")
+    if not source.available(name):
+        raise PrunekitError(f"bench: this source has no artifact for the '{name}' variant")
+    shape = (1, *source.sample_shape)
     if name == "dense":
-        if source.dense is None:
-            raise PrunekitError("bench: this source has no dense artifact")
-        return load_model_spec(str(source.dense), (1, *source.sample_shape))[0]
-    pruned = load_model_spec(str(source.pruned), (1, *source.sample_shape))[0]
-    if name in ("pruned", "compiled"):
-        return pruned
-    if name in ("pruned-int8", "compiled-int8"):
+        return load_model_spec(str(source.dense), shape)[0]
+    if name.endswith("int8") and source.int8 is not None:
+        return load_model_spec(str(source.int8), shape)[0]
+    pruned = load_model_spec(str(source.pruned), shape)[0]
+    if name.endswith("int8"):
         from prunekit.quantize import quantize_model
 
         return quantize_model(pruned, activations="dynamic").eval()
-    raise PrunekitError(f"bench: unknown variant {name!r}; allowed: {', '.join(VARIANTS)}")
+    return pruned
 
 
 def _compile(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, list[dict], float]:
@@ -127,27 +157,32 @@ def _compile(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, list[d
 
 
 def sizes(source: Source) -> dict[str, int]:
-    """Bytes of the file each variant ships as (the compiled variants load from the compressed files)."""
+    """Bytes of the file each variant ships as: the dense artifact; the pruned and INT8 models compressed
+    (each tensor in its smallest encoding). The compiled variants load from those same files."""
     from prunekit.artifact import plain_state_dict
     from prunekit.compress.container import save_compressed
 
-    state = plain_state_dict(load_variant(source, "pruned"))
     out: dict[str, int] = {}
     if source.dense is not None:
         out["dense"] = source.dense.stat().st_size
+    pruned = plain_state_dict(load_variant(source, "pruned")) if source.pruned else None
+    # an INT8 artifact's weights are int8 already; otherwise the pruned weights become int8 on writing
+    int8 = plain_state_dict(load_variant(source, "pruned-int8")) if source.int8 else pruned
     with tempfile.TemporaryDirectory() as tmp:
-        for label, dtype in (("pruned", "float32"), ("pruned-int8", "int8")):
-            path = save_compressed(state, Path(tmp) / f"{label}.safetensors", value_dtype=dtype)
-            out[label] = path.stat().st_size
-    out["compiled"], out["compiled-int8"] = out["pruned"], out["pruned-int8"]
+        for label, state, dtype in (
+            ("pruned", pruned, "float32"),
+            ("pruned-int8", int8, "keep" if source.int8 else "int8"),
+        ):
+            if state is not None:
+                path = save_compressed(state, Path(tmp) / f"{label}.safetensors", value_dtype=dtype)
+                out[label] = out[label.replace("pruned", "compiled")] = path.stat().st_size
     return out
 
 
 def peak_rss(source: Source, name: str, batch: int, runs: int) -> dict[str, float]:
     """Peak RSS of a fresh process that loads (and compiles) one variant and runs it ``runs`` times."""
     args = {
-        "pruned": str(source.pruned),
-        "dense": str(source.dense) if source.dense else None,
+        "paths": {k: str(v) if v else None for k, v in _paths(source).items()},
         "shape": list(source.sample_shape),
         "variant": name,
         "batch": batch,
@@ -169,7 +204,8 @@ def _rss_child(args: dict[str, Any]) -> dict[str, float]:
     from prunekit.analysis.memory import current_rss_mb, peak_rss_mb
 
     torch.set_num_threads(1)
-    source = Source(Path(args["pruned"]), args["dense"] and Path(args["dense"]), tuple(args["shape"]))
+    paths = {k: Path(v) if v else None for k, v in args["paths"].items()}
+    source = Source(sample_shape=tuple(args["shape"]), **paths)
     baseline = current_rss_mb() or 0.0
     example = torch.randn(args["batch"], *source.sample_shape)
     model = load_variant(source, args["variant"])
@@ -200,7 +236,7 @@ def bench(
     _check_positive(threads, "--threads")
     if runs < 10:
         raise PrunekitError(f"bench: --runs must be >= 10 for a meaningful p99, got {runs}")
-    variants = [v for v in variants if v != "dense" or source.dense is not None]
+    variants = [v for v in variants if source.available(v)]
     base = {v: load_variant(source, v) for v in variants if not v.startswith("compiled")}
     for v in variants:  # the compiled variants start from their uncompiled twin
         if v.startswith("compiled"):
@@ -218,7 +254,7 @@ def bench(
                 for v in variants:
                     if v.startswith("compiled"):
                         twin = base[v.replace("compiled", "pruned")]
-                        compiled, report, seconds = _compile(copy.deepcopy(twin), example)
+                        compiled, report, seconds = _compile(twin, example)  # compile copies
                         models[v] = compiled
                         decisions.append(
                             {"variant": v, "threads": t, "batch": b, "seconds": seconds, "layers": report}
@@ -245,7 +281,12 @@ def bench(
     size = sizes(source)
     rss = {v: peak_rss(source, v, max(batches), min(runs, 100)) for v in variants} if memory else {}
     return {
-        "source": {"pruned": str(source.pruned), "dense": str(source.dense) if source.dense else None},
+        "source": {k: str(v) if v else None for k, v in _paths(source).items()},
+        "int8_from": (
+            f"{source.int8} (as the recipe quantized it)"
+            if source.int8
+            else "quantize_model(pruned, activations='dynamic')"
+        ),
         "sample_shape": list(source.sample_shape),
         "variants": list(variants),
         "runs": runs,
@@ -256,6 +297,10 @@ def bench(
         "compile": decisions,
         "environment": {"torch": torch.__version__, "baseline": variants[0]},
     }
+
+
+def _paths(source: Source) -> dict[str, Path | None]:
+    return {"pruned": source.pruned, "dense": source.dense, "int8": source.int8}
 
 
 def _check_positive(values: Sequence[int], field: str) -> None:

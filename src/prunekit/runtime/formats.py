@@ -9,7 +9,7 @@ block, and one dtype there keeps the number of compiled kernel variants down.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -36,6 +36,20 @@ class SparseWeight:
     idx: np.ndarray  # column index within the block
     vals: np.ndarray
     block: int  # inputs per column block
+    _splits: dict = field(default_factory=dict, repr=False)  # row_splits cache
+
+    def row_splits(self, chunks: int) -> np.ndarray:
+        """``chunks + 1`` row boundaries with about the same number of nonzeros between each pair."""
+        found = self._splits.get(chunks)
+        if found is None:
+            per_row = (self.indptr[:, 1:] - self.indptr[:, :-1]).sum(axis=0)
+            cum = np.concatenate([[0], np.cumsum(per_row)])
+            targets = cum[-1] * np.arange(chunks + 1) / max(chunks, 1)
+            found = np.searchsorted(cum, targets, side="left").clip(0, self.shape[0]).astype(np.int64)
+            found[0], found[-1] = 0, self.shape[0]
+            found = np.maximum.accumulate(found)
+            self._splits[chunks] = found
+        return found
 
     @property
     def nnz(self) -> int:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import types as pytypes
 from collections.abc import Callable
 from functools import cache
 
@@ -50,6 +52,51 @@ def _jit(parallel: bool = False, fastmath: bool = True) -> Callable:
         return numba.njit(**opts)(fn)
 
     return wrap
+
+
+_LAUNCH = threading.Lock()
+
+
+def prefer_workqueue() -> None:
+    """Before numba's thread pool starts: pick its ``workqueue`` layer unless the user chose one.
+
+    numba's default OpenMP layer links the system libgomp while torch ships its own libgomp: two OpenMP
+    runtimes in one process spin-wait against each other, and a model alternating torch ops with numba
+    parallel kernels was measured 3-10x slower than either alone on this 2-core machine. The workqueue
+    layer's idle threads sleep instead. It does not support concurrent launches from several threads, so
+    :class:`_Threaded` serialises parallel launches. ``NUMBA_THREADING_LAYER`` overrides this choice.
+    """
+    from numba.np.ufunc import parallel
+
+    if not getattr(parallel, "_is_initialized", False) and "NUMBA_THREADING_LAYER" not in os.environ:
+        numba.config.THREADING_LAYER = "workqueue"
+
+
+class _Threaded:
+    """One kernel compiled twice: ``serial`` for one thread, which never starts numba's thread pool (see
+    :func:`prefer_workqueue` for why that matters), and ``parallel`` (``prange`` across numba's threads).
+
+    The serial twin is a copy of the function under its own name, so that numba's disk cache (keyed by
+    name and line) keeps the two apart.
+    """
+
+    def __init__(self, fn: Callable) -> None:
+        self.parallel = _jit(parallel=True)(fn)
+        twin = pytypes.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__)
+        twin.__qualname__ = fn.__qualname__ + "_serial"
+        twin.__doc__ = fn.__doc__
+        self.serial = _jit()(twin)
+        self.__doc__ = fn.__doc__
+
+    def __call__(self, threads: int, *args):
+        if threads <= 1:
+            return self.serial(*args)
+        with _LAUNCH:
+            return self.parallel(*args)
+
+
+def _threaded(fn: Callable) -> _Threaded:
+    return _Threaded(fn)
 
 
 # -- the LLVM row tile ------------------------------------------------------------------------------------
@@ -178,26 +225,67 @@ def row_tile(nv: int, unroll: int, accumulate: bool):
     return _row_tile
 
 
+@cache
+def transpose_tile(with_bias: bool):
+    """Intrinsic ``(src, s_off, lds, dst, d_off, ldd, bias, b_off)``: an 8x8 float32 block transposed,
+    ``dst[d_off + j*ldd + i] = src[s_off + i*lds + j] (+ bias[b_off + i])``, in registers (the usual
+    unpack / shuffle / 128-bit permute network). A scalar strided copy runs at about 1 ns per element here,
+    as long as the sparse product itself for a batch of 64; this is about ten times faster."""
+
+    def shuffle(builder, a, b, mask):
+        return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, 8), mask))
+
+    @intrinsic
+    def _transpose(typingctx, src, s_off, lds, dst, d_off, ldd, bias, b_off):
+        sig = types.void(src, s_off, lds, dst, d_off, ldd, bias, b_off)
+
+        def codegen(context, builder, signature, args):
+            sa, so, lds, da, do, ldd, ba, bo = args
+            st, _, _, dt, _, _, bt, _ = signature.args
+            sp = context.make_array(st)(context, builder, sa).data
+            dp = context.make_array(dt)(context, builder, da).data
+            rows = []
+            for i in range(8):
+                off = builder.add(so, builder.mul(lds, ir.Constant(_I64, i)))
+                load = builder.load(builder.bitcast(builder.gep(sp, [off]), _V8F.as_pointer()))
+                load.align = 4
+                rows.append(load)
+            lo, hi = [0, 8, 1, 9, 4, 12, 5, 13], [2, 10, 3, 11, 6, 14, 7, 15]
+            t = []
+            for i in range(0, 8, 2):
+                t += [shuffle(builder, rows[i], rows[i + 1], lo), shuffle(builder, rows[i], rows[i + 1], hi)]
+            q0, q1 = [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]
+            u = []
+            for a, b in ((0, 2), (1, 3), (4, 6), (5, 7)):
+                u += [shuffle(builder, t[a], t[b], q0), shuffle(builder, t[a], t[b], q1)]
+            # u[k], k < 4: column k of rows 0-3 (low lanes) and column k+4 (high lanes); u[k+4]: rows 4-7
+            p0, p1 = [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]
+            order = [shuffle(builder, u[k], u[k + 4], p0) for k in (0, 1, 2, 3)]
+            order += [shuffle(builder, u[k], u[k + 4], p1) for k in (0, 1, 2, 3)]
+            if with_bias:
+                bp = context.make_array(bt)(context, builder, ba).data
+                bvec = builder.load(builder.bitcast(builder.gep(bp, [bo]), _V8F.as_pointer()))
+                bvec.align = 4
+                order = [builder.fadd(c, bvec) for c in order]
+            for j, col in enumerate(order):
+                off = builder.add(do, builder.mul(ldd, ir.Constant(_I64, j)))
+                store = builder.store(col, builder.bitcast(builder.gep(dp, [off]), _V8F.as_pointer()))
+                store.align = 4
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return _transpose
+
+
 _T64, _T64_ACC = row_tile(8, 1, False), row_tile(8, 1, True)  # 64 columns: 8 chains are enough
 _T8, _T8_ACC = row_tile(1, 4, False), row_tile(1, 4, True)  # 8 columns: 4 streams hide the FMA latency
 
 
 # -- kernels ----------------------------------------------------------------------------------------------
-@_jit()
+@_threaded
 def csr_rows(indptr, idx, vals, x, bias, y):
-    """``y[i, r] = bias[r] + sum_k vals[k] * x[i, idx[k]]`` for ``k`` in row ``r`` (one thread)."""
-    m, n = y.shape
-    for i in range(m):
-        for r in range(n):
-            acc = np.float32(0.0)
-            for k in range(np.uint64(indptr[r]), np.uint64(indptr[r + 1])):
-                acc += np.float32(vals[k]) * x[i, np.uint64(idx[k])]
-            y[i, r] = acc + bias[r]
-
-
-@_jit(parallel=True)
-def csr_rows_parallel(indptr, idx, vals, x, bias, y):
-    """:func:`csr_rows` with the (batch, row) pairs split across threads."""
+    """``y[i, r] = bias[r] + sum_k vals[k] * x[i, idx[k]]`` for ``k`` in row ``r``."""
     m, n = y.shape
     for t in prange(m * n):
         i = t // n
@@ -208,39 +296,71 @@ def csr_rows_parallel(indptr, idx, vals, x, bias, y):
         y[i, r] = acc + bias[r]
 
 
-@_jit(parallel=True)
-def csr_xt(indptr, idx, vals, kb, xT, yT):
+@_threaded
+def csr_xt(indptr, idx, vals, kb, xT, yT, splits):
     """``yT[r, :] = sum_k vals[k] * xT[b*kb + idx[k], :]`` over column blocks ``b`` (``indptr``: blocks x
-    rows+1 global offsets, ``idx`` local to the block). ``xT`` needs unit column stride, ``yT`` C order."""
+    rows+1 global offsets, ``idx`` local to the block). ``xT`` needs unit column stride, ``yT`` C order.
+
+    ``splits``: row boundaries, one chunk per thread (balanced by nonzeros), so a call is one parallel
+    region whatever the number of blocks and tiles. Column tiles of 64, then 8, then scalar (32-wide tiles
+    were measured slower than 64 at every size here)."""
     nb = indptr.shape[0]
-    n = indptr.shape[1] - 1
     p = xT.shape[1]
     ldx = np.int64(xT.strides[0] // 4)
     ldy = np.int64(yT.strides[0] // 4)
     p64 = p // 64 * 64
     p8 = p // 8 * 8
-    for b in range(nb):  # all rows of one block before the next: that block's slice of xT stays cached
-        xb = xT[b * kb :]
-        ptr = indptr[b]
-        for j in range(0, p64, 64):
-            for r in prange(n):
-                if b == 0:
-                    _T64(idx, vals, ptr[r], ptr[r + 1], xb, ldx, np.int64(j), yT, np.int64(r * ldy + j))
-                else:
-                    _T64_ACC(idx, vals, ptr[r], ptr[r + 1], xb, ldx, np.int64(j), yT, np.int64(r * ldy + j))
-        for j in range(p64, p8, 8):
-            for r in prange(n):
-                if b == 0:
-                    _T8(idx, vals, ptr[r], ptr[r + 1], xb, ldx, np.int64(j), yT, np.int64(r * ldy + j))
-                else:
-                    _T8_ACC(idx, vals, ptr[r], ptr[r + 1], xb, ldx, np.int64(j), yT, np.int64(r * ldy + j))
-        if p8 < p:
-            for r in prange(n):
+    for c in prange(splits.size - 1):
+        r0, r1 = splits[c], splits[c + 1]
+        for b in range(nb):  # all rows of one block before the next: that block's slice of xT stays cached
+            xb = xT[b * kb :]
+            ptr = indptr[b]
+            for j in range(0, p64, 64):
+                for r in range(r0, r1):
+                    lo, hi, col, yo = ptr[r], ptr[r + 1], np.int64(j), np.int64(r * ldy + j)
+                    if b == 0:
+                        _T64(idx, vals, lo, hi, xb, ldx, col, yT, yo)
+                    else:
+                        _T64_ACC(idx, vals, lo, hi, xb, ldx, col, yT, yo)
+            for j in range(p64, p8, 8):
+                for r in range(r0, r1):
+                    lo, hi, col, yo = ptr[r], ptr[r + 1], np.int64(j), np.int64(r * ldy + j)
+                    if b == 0:
+                        _T8(idx, vals, lo, hi, xb, ldx, col, yT, yo)
+                    else:
+                        _T8_ACC(idx, vals, lo, hi, xb, ldx, col, yT, yo)
+            for r in range(r0, r1):
                 for j in range(p8, p):
                     acc = np.float32(0.0) if b == 0 else yT[r, j]
                     for k in range(ptr[r], ptr[r + 1]):
                         acc += np.float32(vals[k]) * xb[np.int64(idx[k]), j]
                     yT[r, j] = acc
+
+
+_TR, _TR_BIAS = transpose_tile(False), transpose_tile(True)
+
+
+@_threaded
+def transpose(src, dst, bias, has_bias):
+    """``dst = src.T (+ bias per dst column)``, float32, C order: 8x8 register tiles, scalar edges."""
+    n, m = src.shape
+    lds = np.int64(src.strides[0] // 4)
+    ldd = np.int64(dst.strides[0] // 4)
+    n8, m8 = n // 8 * 8, m // 8 * 8
+    for g in prange((n8 + 15) // 16):
+        # two 8-row tiles per destination line: each 64-byte line is written whole while it is in L1
+        # (with power-of-two strides the destination lines alias the same few sets and get evicted)
+        for j0 in range(0, m8, 8):
+            for i0 in range(g * 16, min(g * 16 + 16, n8), 8):
+                so, do = np.int64(i0 * lds + j0), np.int64(j0 * ldd + i0)
+                if has_bias:
+                    _TR_BIAS(src, so, lds, dst, do, ldd, bias, np.int64(i0))
+                else:
+                    _TR(src, so, lds, dst, do, ldd, bias, np.int64(0))
+    for i in range(n):  # the edges: rows past n8, columns past m8
+        lo = m8 if i < n8 else 0
+        for j in range(lo, m):
+            dst[j, i] = src[i, j] + bias[i] if has_bias else src[i, j]
 
 
 # -- int8 glue: no fastmath, these must round exactly like prunekit.quantize ------------------------------

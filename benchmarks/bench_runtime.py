@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import time
 import warnings
@@ -32,7 +33,7 @@ SHAPES = [(768, 3072), (3072, 768), (4096, 4096)]  # (out, in)
 
 
 def interleaved(fns: dict, x: torch.Tensor, budget_s: float, min_reps: int = 15, max_reps: int = 400) -> dict:
-    """Median microseconds of each ``fn(x)``, run A B C A B C ... after a warm-up."""
+    """Median microseconds of each ``fn(x)``, interleaved (each round in a shuffled order) after a warm-up."""
     with torch.inference_mode():
         for fn in fns.values():
             fn(x), fn(x)
@@ -41,10 +42,12 @@ def interleaved(fns: dict, x: torch.Tensor, budget_s: float, min_reps: int = 15,
             fn(x)
         reps = int(min(max_reps, max(min_reps, budget_s / max(time.perf_counter() - t0, 1e-9))))
         samples = {name: [] for name in fns}
+        order, rng = list(fns), random.Random(0)
         for _ in range(reps):
-            for name, fn in fns.items():
+            rng.shuffle(order)  # a fixed order would hand whoever runs second the first one's warm caches
+            for name in order:
                 t = time.perf_counter_ns()
-                fn(x)
+                fns[name](x)
                 samples[name].append((time.perf_counter_ns() - t) / 1e3)
     return {name: statistics.median(v) for name, v in samples.items()}
 
@@ -185,7 +188,8 @@ def main() -> None:
     args = parser.parse_args()
     budget = 0.3 if args.quick else 1.0
     pools = os.environ["NUMBA_NUM_THREADS"]
-    print(f"torch {torch.__version__}; thread pools {pools}; the cores are shared with other processes")
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    print(f"torch {torch.__version__}; thread pools {pools}; cores shared with other processes (load {load})")
     for threads in args.threads:
         torch.set_num_threads(threads)
         if "f32" in args.only:

@@ -2,18 +2,19 @@
 is measured to be faster on this machine, layer by layer, and keep dense everywhere else.
 
 How it decides, per layer: one forward pass of ``example_inputs`` records each layer's real input (forward
-hooks); then the dense layer and every sparse candidate run on that input, interleaved (A B C A B C ...),
-after a warm-up that also absorbs numba's JIT compilation (timed separately and logged). A candidate wins
-only when its median is at least ``margin`` below the dense median and its output matches the dense one
-(float32: within 1e-4 of the output's largest magnitude; int8: bit for bit). So a compiled model is never
-slower than dense layer by layer, up to timing noise at the margin, and the decisions are kept in a
-:class:`RuntimeReport` at ``compiled.runtime_report``.
+hooks); then the dense layer and every sparse candidate run on that input, interleaved (every round in a
+shuffled order), after a warm-up that also absorbs numba's JIT compilation (timed separately and
+logged). A candidate wins only when its median is at least ``margin`` below the dense median and its
+output matches the dense one (float32: within 1e-4 of the output's largest magnitude; int8: bit for
+bit). So a compiled model is never slower than dense layer by layer, up to timing noise at the margin,
+and the decisions are kept in a :class:`RuntimeReport` at ``compiled.runtime_report``.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -183,7 +184,8 @@ def _candidates(module: nn.Module, x: Tensor) -> tuple[dict[str, Callable[[], nn
 
 
 def _time(fns: dict[str, Callable[[], Tensor]], budget_s: float, min_reps: int, max_reps: int) -> dict:
-    """Median microseconds per callable, interleaved; the first (JIT) call and warm-up are excluded."""
+    """Median microseconds per callable, interleaved in a shuffled order each round; the first (JIT)
+    call and the warm-up are excluded (the first call's time is returned apart)."""
     jit = {}
     for name, fn in fns.items():
         t0 = time.perf_counter()
@@ -197,10 +199,12 @@ def _time(fns: dict[str, Callable[[], Tensor]], budget_s: float, min_reps: int, 
         one[name] = time.perf_counter() - t0
     reps = int(min(max_reps, max(min_reps, budget_s / max(sum(one.values()), 1e-9))))
     samples: dict[str, list[float]] = {name: [] for name in fns}
+    order, rng = list(fns), random.Random(0)
     for _ in range(reps):
-        for name, fn in fns.items():
+        rng.shuffle(order)  # a fixed order would hand whoever runs second the first one's warm caches
+        for name in order:
             t0 = time.perf_counter_ns()
-            fn()
+            fns[name]()
             samples[name].append((time.perf_counter_ns() - t0) / 1e3)
     return {name: statistics.median(s) for name, s in samples.items()}, jit
 

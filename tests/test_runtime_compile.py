@@ -170,3 +170,10 @@ def test_layers_never_called_are_reported_and_kept():
     rows = {d.name: d for d in rt.report(compiled).layers}
     assert rows["unused"].reason == "not called by example_inputs" and rows["unused"].chosen == "dense"
     assert compiled is not model and copy.deepcopy(compiled) is not None
+
+
+def test_float64_layers_stay_dense_with_a_reason():
+    model = nn.Sequential(nn.Linear(8, 8)).double()
+    compiled = rt.compile(model, torch.randn(2, 8, dtype=torch.float64), **FAST)
+    decision = rt.report(compiled).layers[0]
+    assert decision.chosen == "dense" and "float64" in decision.reason

@@ -146,6 +146,8 @@ def _candidates(module: nn.Module, x: Tensor) -> tuple[dict[str, Callable[[], nn
     from prunekit.runtime import layers as L
     from prunekit.runtime.formats import int8_row_bound
 
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return {}, f"input is {x.dtype} on {x.device} (the kernels are CPU float32)"
     quantized = isinstance(module, (QuantizedLinear, QuantizedConv2d))
     if quantized:
         q = module.weight_q.reshape(module.weight_q.shape[0], -1).numpy()

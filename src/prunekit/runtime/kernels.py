@@ -57,24 +57,35 @@ def _jit(parallel: bool = False, fastmath: bool = True) -> Callable:
 _LAUNCH = threading.Lock()
 
 
-def prefer_workqueue() -> None:
-    """Before numba's thread pool starts: pick its ``workqueue`` layer unless the user chose one.
+def start_pool() -> None:
+    """Start numba's thread pool with its idle threads sleeping instead of spinning.
 
-    numba's default OpenMP layer links the system libgomp while torch ships its own libgomp: two OpenMP
-    runtimes in one process spin-wait against each other, and a model alternating torch ops with numba
-    parallel kernels was measured 3-10x slower than either alone on this 2-core machine. The workqueue
-    layer's idle threads sleep instead. It does not support concurrent launches from several threads, so
-    :class:`_Threaded` serialises parallel launches. ``NUMBA_THREADING_LAYER`` overrides this choice.
+    numba's default OpenMP layer links the system libgomp while torch ships its own: two OpenMP runtimes in
+    one process, each spin-waiting after its parallel regions. Alternating torch ops with numba parallel
+    kernels on 2 shared cores was measured 3-10x slower at times. ``OMP_WAIT_POLICY=PASSIVE`` is set only
+    while numba's libgomp initialises (torch's runtime is already running and keeps its own policy), and
+    only if the user has not set it. numba's ``workqueue`` layer, the other option without tbb, was measured
+    not to scale at all here (2 threads no faster than 1). ``NUMBA_THREADING_LAYER`` is respected.
     """
     from numba.np.ufunc import parallel
 
-    if not getattr(parallel, "_is_initialized", False) and "NUMBA_THREADING_LAYER" not in os.environ:
-        numba.config.THREADING_LAYER = "workqueue"
+    if getattr(parallel, "_is_initialized", False):
+        return
+    added = "OMP_WAIT_POLICY" not in os.environ
+    if added:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        numba.get_num_threads()  # starts the pool
+    finally:
+        if added:
+            del os.environ["OMP_WAIT_POLICY"]
 
 
 class _Threaded:
     """One kernel compiled twice: ``serial`` for one thread, which never starts numba's thread pool (see
-    :func:`prefer_workqueue` for why that matters), and ``parallel`` (``prange`` across numba's threads).
+    :func:`start_pool` for why that matters), and ``parallel`` (``prange`` across numba's threads).
+    Parallel launches are serialised: some numba threading layers (workqueue) do not support concurrent
+    launches from several Python threads.
 
     The serial twin is a copy of the function under its own name, so that numba's disk cache (keyed by
     name and line) keeps the two apart.

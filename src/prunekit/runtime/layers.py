@@ -38,7 +38,7 @@ def set_threads() -> int:
     want = torch.get_num_threads()
     n = max(1, min(want, numba.config.NUMBA_NUM_THREADS))
     if n > 1:
-        kernels.prefer_workqueue()
+        kernels.start_pool()
         if numba.get_num_threads() != n:
             numba.set_num_threads(n)
         if torch.get_num_threads() != want:  # starting numba's OpenMP pool can reset torch's count

@@ -12,7 +12,7 @@ from torch import nn
 
 from prunekit.errors import PrunekitError
 from prunekit.quantize import QuantizedConv2d, QuantizedLinear
-from prunekit.runtime import kernels
+from prunekit.runtime import kernels, threads
 from prunekit.runtime.formats import index_dtype, int8_row_bound, pack, unpack
 from prunekit.runtime.layers import (
     SparseConv2d,
@@ -83,21 +83,48 @@ def test_sparse_linear_equals_dense(out, inn, batch, density, kernel, block, see
         assert close(SparseLinear(layer, kernel, block)(x), layer(x))
 
 
-@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("kernel", ["rows", "xt"])
-def test_sparse_linear_any_leading_dims_and_threads(kernel, threads):
+def test_sparse_linear_any_leading_dims(kernel):
     layer, x = linear(24, 40, 0.2), torch.randn(2, 3, 5, 40)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.inference_mode():
-            y = SparseLinear(layer, kernel)(x)
-        assert torch.get_num_threads() == threads  # numba's thread pool must not change torch's count
-    finally:
-        torch.set_num_threads(before)
+    with torch.inference_mode():
+        y = SparseLinear(layer, kernel)(x)
     assert y.shape == (2, 3, 5, 24)
     with torch.no_grad():
         assert close(y, layer(x))
+
+
+def test_two_threads_split_rows_and_give_identical_results(monkeypatch):
+    """Threads split output rows; each row's arithmetic is unchanged, so results are bit-identical."""
+    monkeypatch.setattr(threads, "MIN_PARALLEL_WORK", 0)
+    layer, x = linear(37, 50, 0.3), torch.randn(9, 50)
+    conv = make_conv(CONVS[2])
+    xc = torch.randn(2, conv.in_channels, 9, 11)
+    modules = [
+        (SparseLinear(layer, "rows"), x),
+        (SparseLinear(layer, "xt", 16), x),
+        (SparseConv2d(conv), xc),
+        (SparseQuantizedLinear(QuantizedLinear(layer), "xt"), x),
+        (SparseQuantizedConv2d(QuantizedConv2d(conv)), xc),
+    ]
+    before = torch.get_num_threads()
+    try:
+        with torch.inference_mode():
+            torch.set_num_threads(1)
+            one = [m(inp) for m, inp in modules]
+            torch.set_num_threads(2)
+            two = [m(inp) for m, inp in modules]
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("n, parts", [(0, 2), (5, 2), (40, 2), (64, 3), (1000, 7)])
+def test_even_splits_cover_every_row_once(n, parts):
+    cuts = threads.even_splits(n, parts)
+    assert cuts[0] == 0 and cuts[-1] == n and cuts == sorted(cuts)
+    assert all(c % 16 == 0 for c in cuts[1:-1])
 
 
 def make_conv(spec: dict, density: float = 0.3, seed: int = 2) -> nn.Conv2d:

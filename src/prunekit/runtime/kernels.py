@@ -20,21 +20,19 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
-import types as pytypes
 from collections.abc import Callable
 from functools import cache
 
 import numba
 import numpy as np
 from llvmlite import ir
-from numba import prange, types
+from numba import types
 from numba.extending import intrinsic
 
 log = logging.getLogger(__name__)
 
 
-def _jit(parallel: bool = False, fastmath: bool = True) -> Callable:
+def _jit(fastmath: bool = True) -> Callable:
     """``numba.njit`` with ``cache=True`` when a cache location is writable, without it otherwise.
 
     numba looks for a writable ``__pycache__`` next to this file, then a per-user cache directory; when
@@ -43,7 +41,7 @@ def _jit(parallel: bool = False, fastmath: bool = True) -> Callable:
     """
 
     def wrap(fn: Callable) -> Callable:
-        opts = dict(nogil=True, boundscheck=False, fastmath=fastmath, parallel=parallel)
+        opts = dict(nogil=True, boundscheck=False, fastmath=fastmath)
         if os.environ.get("PRUNEKIT_NUMBA_CACHE", "1") != "0":
             try:
                 return numba.njit(cache=True, **opts)(fn)
@@ -52,62 +50,6 @@ def _jit(parallel: bool = False, fastmath: bool = True) -> Callable:
         return numba.njit(**opts)(fn)
 
     return wrap
-
-
-_LAUNCH = threading.Lock()
-
-
-def start_pool() -> None:
-    """Start numba's thread pool with its idle threads sleeping instead of spinning.
-
-    numba's default OpenMP layer links the system libgomp while torch ships its own: two OpenMP runtimes in
-    one process, each spin-waiting after its parallel regions. Alternating torch ops with numba parallel
-    kernels on 2 shared cores was measured 3-10x slower at times. ``OMP_WAIT_POLICY=PASSIVE`` is set only
-    while numba's libgomp initialises (torch's runtime is already running and keeps its own policy), and
-    only if the user has not set it. numba's ``workqueue`` layer, the other option without tbb, was measured
-    not to scale at all here (2 threads no faster than 1). ``NUMBA_THREADING_LAYER`` is respected.
-    """
-    from numba.np.ufunc import parallel
-
-    if getattr(parallel, "_is_initialized", False):
-        return
-    added = "OMP_WAIT_POLICY" not in os.environ
-    if added:
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    try:
-        numba.get_num_threads()  # starts the pool
-    finally:
-        if added:
-            del os.environ["OMP_WAIT_POLICY"]
-
-
-class _Threaded:
-    """One kernel compiled twice: ``serial`` for one thread, which never starts numba's thread pool (see
-    :func:`start_pool` for why that matters), and ``parallel`` (``prange`` across numba's threads).
-    Parallel launches are serialised: some numba threading layers (workqueue) do not support concurrent
-    launches from several Python threads.
-
-    The serial twin is a copy of the function under its own name, so that numba's disk cache (keyed by
-    name and line) keeps the two apart.
-    """
-
-    def __init__(self, fn: Callable) -> None:
-        self.parallel = _jit(parallel=True)(fn)
-        twin = pytypes.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__)
-        twin.__qualname__ = fn.__qualname__ + "_serial"
-        twin.__doc__ = fn.__doc__
-        self.serial = _jit()(twin)
-        self.__doc__ = fn.__doc__
-
-    def __call__(self, threads: int, *args):
-        if threads <= 1:
-            return self.serial(*args)
-        with _LAUNCH:
-            return self.parallel(*args)
-
-
-def _threaded(fn: Callable) -> _Threaded:
-    return _Threaded(fn)
 
 
 # -- the LLVM row tile ------------------------------------------------------------------------------------
@@ -294,81 +236,76 @@ _T8, _T8_ACC = row_tile(1, 4, False), row_tile(1, 4, True)  # 8 columns: 4 strea
 
 
 # -- kernels ----------------------------------------------------------------------------------------------
-@_threaded
-def csr_rows(indptr, idx, vals, x, bias, y):
-    """``y[i, r] = bias[r] + sum_k vals[k] * x[i, idx[k]]`` for ``k`` in row ``r``."""
-    m, n = y.shape
-    for t in prange(m * n):
-        i = t // n
-        r = t - i * n
-        acc = np.float32(0.0)
-        for k in range(np.uint64(indptr[r]), np.uint64(indptr[r + 1])):
-            acc += np.float32(vals[k]) * x[i, np.uint64(idx[k])]
-        y[i, r] = acc + bias[r]
+@_jit()
+def csr_rows(indptr, idx, vals, x, bias, y, r0, r1):
+    """``y[i, r] = bias[r] + sum_k vals[k] * x[i, idx[k]]`` for output rows ``r`` in ``[r0, r1)``."""
+    for i in range(y.shape[0]):
+        for r in range(r0, r1):
+            acc = np.float32(0.0)
+            for k in range(np.uint64(indptr[r]), np.uint64(indptr[r + 1])):
+                acc += np.float32(vals[k]) * x[i, np.uint64(idx[k])]
+            y[i, r] = acc + bias[r]
 
 
-@_threaded
-def csr_xt(indptr, idx, vals, kb, xT, yT, splits):
-    """``yT[r, :] = sum_k vals[k] * xT[b*kb + idx[k], :]`` over column blocks ``b`` (``indptr``: blocks x
-    rows+1 global offsets, ``idx`` local to the block). ``xT`` needs unit column stride, ``yT`` C order.
-
-    ``splits``: row boundaries, one chunk per thread (balanced by nonzeros), so a call is one parallel
-    region whatever the number of blocks and tiles. Column tiles of 64, then 8, then scalar (32-wide tiles
-    were measured slower than 64 at every size here)."""
+@_jit()
+def csr_xt(indptr, idx, vals, kb, xT, yT, r0, r1):
+    """``yT[r, :] = sum_k vals[k] * xT[b*kb + idx[k], :]`` over column blocks ``b``, for output rows ``r`` in
+    ``[r0, r1)`` (``indptr``: blocks x rows+1 global offsets, ``idx`` local to the block). ``xT`` needs unit
+    column stride, ``yT`` C order. Column tiles of 64, then 8, then scalar (32-wide tiles were measured
+    slower than 64 at every size here)."""
     nb = indptr.shape[0]
     p = xT.shape[1]
     ldx = np.int64(xT.strides[0] // 4)
     ldy = np.int64(yT.strides[0] // 4)
     p64 = p // 64 * 64
     p8 = p // 8 * 8
-    for c in prange(splits.size - 1):
-        r0, r1 = splits[c], splits[c + 1]
-        for b in range(nb):  # all rows of one block before the next: that block's slice of xT stays cached
-            xb = xT[b * kb :]
-            ptr = indptr[b]
-            for j in range(0, p64, 64):
-                for r in range(r0, r1):
-                    lo, hi, col, yo = ptr[r], ptr[r + 1], np.int64(j), np.int64(r * ldy + j)
-                    if b == 0:
-                        _T64(idx, vals, lo, hi, xb, ldx, col, yT, yo)
-                    else:
-                        _T64_ACC(idx, vals, lo, hi, xb, ldx, col, yT, yo)
-            for j in range(p64, p8, 8):
-                for r in range(r0, r1):
-                    lo, hi, col, yo = ptr[r], ptr[r + 1], np.int64(j), np.int64(r * ldy + j)
-                    if b == 0:
-                        _T8(idx, vals, lo, hi, xb, ldx, col, yT, yo)
-                    else:
-                        _T8_ACC(idx, vals, lo, hi, xb, ldx, col, yT, yo)
+    for b in range(nb):  # all rows of one block before the next: that block's slice of xT stays cached
+        xb = xT[b * kb :]
+        ptr = indptr[b]
+        for j in range(0, p64, 64):
             for r in range(r0, r1):
-                for j in range(p8, p):
-                    acc = np.float32(0.0) if b == 0 else yT[r, j]
-                    for k in range(ptr[r], ptr[r + 1]):
-                        acc += np.float32(vals[k]) * xb[np.int64(idx[k]), j]
-                    yT[r, j] = acc
+                lo, hi, col, yo = ptr[r], ptr[r + 1], np.int64(j), np.int64(r * ldy + j)
+                if b == 0:
+                    _T64(idx, vals, lo, hi, xb, ldx, col, yT, yo)
+                else:
+                    _T64_ACC(idx, vals, lo, hi, xb, ldx, col, yT, yo)
+        for j in range(p64, p8, 8):
+            for r in range(r0, r1):
+                lo, hi, col, yo = ptr[r], ptr[r + 1], np.int64(j), np.int64(r * ldy + j)
+                if b == 0:
+                    _T8(idx, vals, lo, hi, xb, ldx, col, yT, yo)
+                else:
+                    _T8_ACC(idx, vals, lo, hi, xb, ldx, col, yT, yo)
+        for r in range(r0, r1):
+            for j in range(p8, p):
+                acc = np.float32(0.0) if b == 0 else yT[r, j]
+                for k in range(ptr[r], ptr[r + 1]):
+                    acc += np.float32(vals[k]) * xb[np.int64(idx[k]), j]
+                yT[r, j] = acc
 
 
 _TR, _TR_BIAS = transpose_tile(False), transpose_tile(True)
 
 
-@_threaded
-def transpose(src, dst, bias, has_bias):
-    """``dst = src.T (+ bias per dst column)``, float32, C order: 8x8 register tiles, scalar edges."""
+@_jit()
+def transpose(src, dst, bias, has_bias, i0, i1):
+    """``dst[:, i] = src[i, :] (+ bias[i])`` for source rows ``i`` in ``[i0, i1)`` (``i0`` a multiple of 16),
+    float32, C order: 8x8 register tiles, scalar edges."""
     n, m = src.shape
     lds = np.int64(src.strides[0] // 4)
     ldd = np.int64(dst.strides[0] // 4)
-    n8, m8 = n // 8 * 8, m // 8 * 8
-    for g in prange((n8 + 15) // 16):
+    n8, m8 = min(i1, n // 8 * 8), m // 8 * 8
+    for g in range(i0, n8, 16):
         # two 8-row tiles per destination line: each 64-byte line is written whole while it is in L1
         # (with power-of-two strides the destination lines alias the same few sets and get evicted)
         for j0 in range(0, m8, 8):
-            for i0 in range(g * 16, min(g * 16 + 16, n8), 8):
-                so, do = np.int64(i0 * lds + j0), np.int64(j0 * ldd + i0)
+            for a in range(g, min(g + 16, n8), 8):
+                so, do = np.int64(a * lds + j0), np.int64(j0 * ldd + a)
                 if has_bias:
-                    _TR_BIAS(src, so, lds, dst, do, ldd, bias, np.int64(i0))
+                    _TR_BIAS(src, so, lds, dst, do, ldd, bias, np.int64(a))
                 else:
                     _TR(src, so, lds, dst, do, ldd, bias, np.int64(0))
-    for i in range(n):  # the edges: rows past n8, columns past m8
+    for i in range(i0, i1):  # the edges: rows past the last full tile, columns past m8
         lo = m8 if i < n8 else 0
         for j in range(lo, m):
             dst[j, i] = src[i, j] + bias[i] if has_bias else src[i, j]

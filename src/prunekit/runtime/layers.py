@@ -17,39 +17,25 @@ product and one float32 sum.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prunekit.errors import PrunekitError
-from prunekit.runtime import kernels
+from prunekit.runtime import kernels, threads
 from prunekit.runtime.formats import FLOAT32_EXACT, SparseWeight, int8_row_bound, pack
 
 FLOAT_KERNELS = ("rows", "xt")
 INT8_KERNELS = ("rows", "xt", "dense")
 
 
-def set_threads() -> int:
-    """The thread count to run with: ``torch.get_num_threads()``, clipped to numba's pool size.
-
-    With one thread numba's pool is never touched (the serial kernels run), see ``kernels._Threaded``."""
-    want = torch.get_num_threads()
-    n = max(1, min(want, numba.config.NUMBA_NUM_THREADS))
-    if n > 1:
-        kernels.start_pool()
-        if numba.get_num_threads() != n:
-            numba.set_num_threads(n)
-        if torch.get_num_threads() != want:  # starting numba's OpenMP pool can reset torch's count
-            torch.set_num_threads(want)
-    return n
-
-
 def _rows(w: SparseWeight, x: np.ndarray, bias: np.ndarray) -> np.ndarray:
     """``(M, in) -> (M, out)`` with the rows kernel (bias fused)."""
     y = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
-    kernels.csr_rows(set_threads(), w.indptr[0], w.idx, w.vals, x, bias, y)
+    cuts = w.row_splits(threads.chunks(w.nnz * x.shape[0]))
+    parts = [(w.indptr[0], w.idx, w.vals, x, bias, y, cuts[c], cuts[c + 1]) for c in range(cuts.size - 1)]
+    threads.run(kernels.csr_rows, parts)
     return y
 
 
@@ -57,7 +43,10 @@ def _transpose(x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
     """``x.T`` (+ bias per output column) in C order; numpy's strided copy is several times slower."""
     out = np.empty((x.shape[1], x.shape[0]), dtype=np.float32)
     has_bias = bias is not None
-    kernels.transpose(set_threads(), x, out, bias if has_bias else np.zeros(0, np.float32), has_bias)
+    b = bias if has_bias else np.zeros(0, np.float32)
+    cuts = threads.even_splits(x.shape[0], threads.chunks(x.size // 4))
+    parts = [(x, out, b, has_bias, cuts[c], cuts[c + 1]) for c in range(len(cuts) - 1)]
+    threads.run(kernels.transpose, parts)
     return out
 
 
@@ -66,8 +55,9 @@ def _xt(w: SparseWeight, xT: np.ndarray) -> np.ndarray:
     if xT.strides[1] != 4:
         xT = np.ascontiguousarray(xT)
     y = np.empty((w.shape[0], xT.shape[1]), dtype=np.float32)
-    threads = set_threads()
-    kernels.csr_xt(threads, w.indptr, w.idx, w.vals, w.block, xT, y, w.row_splits(threads))
+    cuts = w.row_splits(threads.chunks(w.nnz * xT.shape[1]))
+    parts = [(w.indptr, w.idx, w.vals, w.block, xT, y, cuts[c], cuts[c + 1]) for c in range(cuts.size - 1)]
+    threads.run(kernels.csr_xt, parts)
     return y
 
 

@@ -129,10 +129,24 @@ def test_every_variant_including_compiled(with_int8):
     assert set(compiled) == {"compiled", "compiled-int8"}
     for d in compiled.values():
         assert d["batch"] == 2 and d["threads"] == 1 and d["seconds"] > 0
-        assert {layer["chosen"] for layer in d["layers"]} and all(
-            "dense_us" in layer for layer in d["layers"]
-        )
+        assert all("dense_us" in layer and layer["chosen"] for layer in d["layers"])
+        assert d["max_abs_diff_vs_uncompiled"] <= 1e-4  # the same function as its uncompiled twin
+    # each compiled variant was built from its own twin: the int8 one from the int8 model's layers
+    kinds = {v: {layer["kind"] for layer in d["layers"]} for v, d in compiled.items()}
+    assert "QuantizedConv2d" in kinds["compiled-int8"] and "QuantizedConv2d" not in kinds["compiled"]
     assert result["size_bytes"]["compiled-int8"] == result["size_bytes"]["pruned-int8"]
+
+
+def test_variants_the_source_cannot_serve(with_int8):
+    alone = bench.resolve_source(str(with_int8 / "pruned-int8.safetensors"), with_int8)
+    with pytest.raises(PrunekitError, match="none of the variants asked for"):
+        bench.bench(alone, variants=("dense", "pruned"), runs=10, memory=False)
+    with pytest.raises(PrunekitError, match="none of the variants"):
+        bench.bench(alone, variants=(), runs=10, memory=False)
+    result = bench.bench(
+        alone, batches=(1,), threads=(1,), runs=10, variants=("pruned", "pruned-int8"), memory=False
+    )
+    assert result["variants"] == ["pruned-int8"] and result["skipped"] == ["pruned"]
 
 
 def test_peak_rss_probe_runs_in_a_fresh_process(outdir):
@@ -140,7 +154,7 @@ def test_peak_rss_probe_runs_in_a_fresh_process(outdir):
     ballast = bytearray(600 * 2**20)  # this process now holds 600 MB more than the probe ever will
     ballast[::4096] = b"x" * len(ballast[::4096])  # touch every page so it is resident
     rss = bench.peak_rss(src, "pruned", batch=2, runs=3)
-    assert rss["peak_rss_mb"] >= rss["baseline_rss_mb"] > 0
+    assert rss["load_peak_rss_mb"] >= rss["baseline_rss_mb"] > 0 and rss["peak_rss_mb"] > 0
     # the probe's own peak, not one inherited from this (larger) parent through fork + exec
     assert rss["peak_rss_mb"] < current_rss_mb() - 300
     del ballast

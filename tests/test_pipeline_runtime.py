@@ -13,6 +13,7 @@ import torch
 from prunekit import recipe
 from prunekit.artifact import read_artifact
 from prunekit.compress import load_compressed, read_header
+from prunekit.errors import PrunekitError
 from prunekit.pipeline import run_recipe
 
 RECIPE: dict[str, Any] = {
@@ -27,6 +28,9 @@ RECIPE: dict[str, Any] = {
         {"type": "prune", "pattern": 0.9},
         {"type": "evaluate", "label": "pruned", "latency_runs": 10, "latency_warmup": 1, "compile": True},
         {"type": "export", "name": "pruned", "compressed": True},
+        {"type": "quantize", "activations": "dynamic"},
+        {"type": "evaluate", "label": "int8", "latency_runs": 10, "latency_warmup": 1, "compile": True},
+        {"type": "export", "name": "int8", "compressed": True},
     ],
 }
 
@@ -68,6 +72,21 @@ def test_compressed_export_decodes_to_the_exported_weights(result):
     assert weights and all(n.endswith(".weight") for n in weights)
 
 
+def test_compressed_int8_export_keeps_specs_and_the_int8_plan(result):
+    out, m = result
+    tensors, info = read_artifact(out / "int8.safetensors")
+    header = read_header(out / "int8.compressed.safetensors")
+    assert header["extra"]["int8"] == info.int8 and info.int8["layers"]
+    decoded = load_compressed(out / "int8.compressed.safetensors")
+    for name, t in tensors.items():
+        assert torch.equal(decoded[name], t), name
+    # every pruned layer's spec is recorded on the tensor that holds its weight (weight_q once int8)
+    for layer in info.int8["layers"]:
+        if layer in info.specs:
+            assert header["tensors"][f"{layer}.weight_q"]["spec"] == info.specs[layer].to_dict()
+    assert m["int8"]["compiled"]["same_predictions"] == m["int8"]["compiled"]["test_samples"]
+
+
 def test_report_shows_the_compiled_numbers(result):
     out, m = result
     report = (out / "report.md").read_text()
@@ -83,5 +102,8 @@ def test_report_shows_the_compiled_numbers(result):
 
 def test_unknown_keys_on_the_new_fields_are_errors():
     bad = {**RECIPE, "stages": [*RECIPE["stages"][:4], {"type": "evaluate", "label": "x", "compiled": True}]}
-    with pytest.raises(Exception, match="compiled"):
+    with pytest.raises(PrunekitError, match="compiled.*did you mean 'compile'"):
+        recipe.from_dict(bad)
+    bad["stages"][-1] = {"type": "export", "name": "x", "compress": True}
+    with pytest.raises(PrunekitError, match="compress.*did you mean 'compressed'"):
         recipe.from_dict(bad)

@@ -157,30 +157,32 @@ def _compile(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, list[d
 
 
 def sizes(source: Source) -> dict[str, int]:
-    """Bytes of the file each variant ships as: the dense artifact; the pruned and INT8 models compressed
-    (each tensor in its smallest encoding). The compiled variants load from those same files."""
-    from prunekit.artifact import plain_state_dict
+    """Bytes of the file each variant ships as: the dense artifact; the pruned and INT8 models (the very
+    models timed) compressed, each tensor in its smallest encoding under its layer's spec. The compiled
+    variants load from those same files."""
+    from prunekit.artifact import plain_state_dict, read_artifact
     from prunekit.compress.container import save_compressed
+    from prunekit.compress.source import tensor_specs
 
     out: dict[str, int] = {}
     if source.dense is not None:
         out["dense"] = source.dense.stat().st_size
-    pruned = plain_state_dict(load_variant(source, "pruned")) if source.pruned else None
-    # an INT8 artifact's weights are int8 already; otherwise the pruned weights become int8 on writing
-    int8 = plain_state_dict(load_variant(source, "pruned-int8")) if source.int8 else pruned
     with tempfile.TemporaryDirectory() as tmp:
-        for label, state, dtype in (
-            ("pruned", pruned, "float32"),
-            ("pruned-int8", int8, "keep" if source.int8 else "int8"),
-        ):
-            if state is not None:
-                path = save_compressed(state, Path(tmp) / f"{label}.safetensors", value_dtype=dtype)
-                out[label] = out[label.replace("pruned", "compiled")] = path.stat().st_size
+        for label in ("pruned", "pruned-int8"):
+            if not source.available(label):
+                continue
+            state = plain_state_dict(load_variant(source, label))
+            artifact = source.int8 if label == "pruned-int8" and source.int8 else source.pruned
+            specs = tensor_specs(read_artifact(artifact)[1].specs, state)
+            path = save_compressed(state, Path(tmp) / f"{label}.safetensors", value_dtype="keep", specs=specs)
+            out[label] = out[label.replace("pruned", "compiled")] = path.stat().st_size
     return out
 
 
-def peak_rss(source: Source, name: str, batch: int, runs: int) -> dict[str, float]:
-    """Peak RSS of a fresh process that loads (and compiles) one variant and runs it ``runs`` times."""
+def peak_rss(source: Source, name: str, batch: int, runs: int, timeout_s: float = 600) -> dict[str, float]:
+    """Memory of a fresh process that builds one variant (loads; quantizes or compiles it) and runs it
+    ``runs`` times: ``load_peak_rss_mb`` while building, ``peak_rss_mb`` while running (the high-water
+    mark is reset in between, after the build's temporaries are freed), ``baseline_rss_mb`` after imports."""
     args = {
         "paths": {k: str(v) if v else None for k, v in _paths(source).items()},
         "shape": list(source.sample_shape),
@@ -188,12 +190,15 @@ def peak_rss(source: Source, name: str, batch: int, runs: int) -> dict[str, floa
         "batch": batch,
         "runs": runs,
     }
-    done = subprocess.run(
-        [sys.executable, "-m", "prunekit.bench", json.dumps(args)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "prunekit.bench", json.dumps(args)],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+    except subprocess.TimeoutExpired:
+        raise PrunekitError(f"bench: the memory probe for '{name}' took over {timeout_s:.0f} s") from None
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise PrunekitError(f"bench: the memory probe for '{name}' failed: {tail}")
@@ -201,6 +206,8 @@ def peak_rss(source: Source, name: str, batch: int, runs: int) -> dict[str, floa
 
 
 def _rss_child(args: dict[str, Any]) -> dict[str, float]:
+    import gc
+
     from prunekit.analysis.memory import current_rss_mb, peak_rss_mb
 
     torch.set_num_threads(1)
@@ -210,11 +217,28 @@ def _rss_child(args: dict[str, Any]) -> dict[str, float]:
     example = torch.randn(args["batch"], *source.sample_shape)
     model = load_variant(source, args["variant"])
     if args["variant"].startswith("compiled"):
-        model = _compile(model, example)[0]
+        model = _compile(model, example)[0]  # the uncompiled model it copied is dropped here
+    gc.collect()
+    load_peak = peak_rss_mb()
+    reset = _reset_peak()
     with torch.inference_mode():
         for _ in range(args["runs"]):
             model(example)
-    return {"peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": baseline}
+    run_peak = peak_rss_mb()
+    return {
+        "peak_rss_mb": run_peak if reset else max(run_peak, load_peak),
+        "load_peak_rss_mb": load_peak,
+        "baseline_rss_mb": baseline,
+    }
+
+
+def _reset_peak() -> bool:
+    """Reset this process's RSS high-water mark (Linux: ``clear_refs`` value 5); False where it cannot."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
 
 
 def bench(
@@ -236,7 +260,15 @@ def bench(
     _check_positive(threads, "--threads")
     if runs < 10:
         raise PrunekitError(f"bench: --runs must be >= 10 for a meaningful p99, got {runs}")
+    missing = [v for v in variants if not source.available(v)]
     variants = [v for v in variants if source.available(v)]
+    if missing:
+        log.warning("bench: the source has no artifact for %s; measuring %s", missing, variants)
+    if not variants:
+        raise PrunekitError(
+            f"bench: none of the variants asked for ({', '.join(missing) or 'none'}) can be built from this "
+            "source (dense needs a dense artifact; pruned/compiled a float pruned one)"
+        )
     base = {v: load_variant(source, v) for v in variants if not v.startswith("compiled")}
     for v in variants:  # the compiled variants start from their uncompiled twin
         if v.startswith("compiled"):
@@ -256,9 +288,10 @@ def bench(
                         twin = base[v.replace("compiled", "pruned")]
                         compiled, report, seconds = _compile(twin, example)  # compile copies
                         models[v] = compiled
-                        decisions.append(
-                            {"variant": v, "threads": t, "batch": b, "seconds": seconds, "layers": report}
-                        )
+                        with torch.inference_mode():
+                            diff = float((compiled(example) - twin(example)).abs().max())
+                        entry = {"variant": v, "threads": t, "batch": b, "seconds": seconds, "layers": report}
+                        decisions.append({**entry, "max_abs_diff_vs_uncompiled": diff})
                     else:
                         models[v] = base[v]
                 stats = compare_latency(models, example, runs=runs, warmup=warmup)
@@ -289,6 +322,7 @@ def bench(
         ),
         "sample_shape": list(source.sample_shape),
         "variants": list(variants),
+        "skipped": missing,
         "runs": runs,
         "warmup": warmup,
         "size_bytes": {v: size[v] for v in variants},
@@ -324,8 +358,14 @@ def table(result: dict[str, Any]) -> str:
         )
     lines.append(
         f"{result['runs']} timed runs per variant and setting after {result['warmup']} warm-up runs, "
-        "interleaved in blocks (p99: the 99th percentile of those runs); peak RSS: a fresh process each"
+        "interleaved in blocks (p99: the 99th percentile of those runs); peak RSS: a fresh process each, "
+        "while running (after building)"
     )
+    if "pruned-int8" in result["variants"]:
+        lines.append(
+            "pruned-int8 runs prunekit's reference int8 layers (exact integer products in float64): it "
+            "checks the arithmetic, it is not an int8 kernel's speed; compiled-int8 is the runtime's kernels"
+        )
     return "\n".join(lines)
 
 

@@ -163,7 +163,9 @@ class Run:
                 from prunekit.ptq import choose_layers
 
                 try:
-                    choose_layers(self.model, include=stage.include, exclude=stage.exclude)
+                    choose_layers(
+                        self.model, include=stage.include, exclude=stage.exclude, classifier=stage.classifier
+                    )
                 except PrunekitError as exc:
                     raise PrunekitError(f"recipe {self.recipe.name}: stages[{i}]: {exc}") from None
             if stage.type not in ("train", "finetune", "evaluate", "export", "prune"):
@@ -430,11 +432,15 @@ class Run:
         if stage.compressed:
             from prunekit.artifact import plain_state_dict
             from prunekit.compress import save_compressed
+            from prunekit.compress.source import tensor_specs
+            from prunekit.ptq import int8_plan
 
             target = self.out / f"{stage.name}.compressed.safetensors"
-            specs = {f"{n}.weight": s.to_dict() for n, s in self.specs.items()}
+            state = plain_state_dict(self.model)
             extra = {**extra, "model": self.model_info, "structured": self.structured_logs}
-            save_compressed(plain_state_dict(self.model), target, specs=specs, extra=extra)
+            if int8_plan(self.model):
+                extra["int8"] = int8_plan(self.model)  # which layers to rebuild as int8 ones
+            save_compressed(state, target, specs=tensor_specs(self.specs, state), extra=extra)
             self.compressed_sizes[stage.name] = target.stat().st_size
 
     def summary(self) -> dict[str, Any]:

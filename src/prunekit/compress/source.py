@@ -4,12 +4,14 @@ model's recipe for rebuilding it) or any safetensors file of tensors."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from prunekit.errors import PrunekitError
+from prunekit.spec import Spec
 
 
 def read_source(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict[str, Any]]:
@@ -26,6 +28,19 @@ def read_source(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, di
     if json.loads(meta["prunekit"]).get("format") == "prunekit.compressed":
         raise PrunekitError(f"{path} is already compressed")
     tensors, info = read_artifact(path)
-    specs = {f"{layer}.weight": spec.to_dict() for layer, spec in info.specs.items()}
     extra = {"source": path.name, "model": info.model, "structured": info.structured}
-    return tensors, specs, extra
+    if info.int8:
+        extra["int8"] = info.int8
+    return tensors, tensor_specs(info.specs, tensors), extra
+
+
+def tensor_specs(specs: Mapping[str, Spec], tensors: Iterable[str]) -> dict[str, dict]:
+    """Layer specs keyed by the tensor that holds the layer's weight: ``<layer>.weight``, or
+    ``<layer>.weight_q`` for an int8 layer (whose zeros are the same pruned positions)."""
+    names = set(tensors)
+    out = {}
+    for layer, spec in specs.items():
+        for key in (f"{layer}.weight", f"{layer}.weight_q"):
+            if key in names:
+                out[key] = spec.to_dict()
+    return out

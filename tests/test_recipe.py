@@ -74,7 +74,7 @@ def test_builtin_recipe_loads_and_is_what_it_says():
         "train", "evaluate", "export", "prune", "evaluate", "export", "quantize", "evaluate", "export"
     ]  # fmt: skip
     prune = next(s for s in r.stages if isinstance(s, PruneStage))
-    assert float(prune.pattern) == 0.7 and prune.group == "global" and prune.schedule.type == "iterative"
+    assert float(prune.pattern) == 0.9 and prune.group == "global" and prune.schedule.type == "iterative"
     assert [s.label for s in r.stages if s.type == "evaluate"] == ["dense", "pruned", "pruned-int8"]
     # every evaluate label has an export with the same name, so metrics get the artifact size
     assert {s.label for s in r.stages if s.type == "evaluate"} == {

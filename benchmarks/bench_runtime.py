@@ -19,7 +19,7 @@ import statistics
 import time
 import warnings
 
-for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):  # the pool size; set per test below
+for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # torch's pool size; threads are set per table below
     os.environ.setdefault(var, "2")
 
 import torch  # noqa: E402
@@ -187,9 +187,11 @@ def main() -> None:
     parser.add_argument("--only", choices=["f32", "int8", "mlp"], nargs="+", default=["f32", "int8", "mlp"])
     args = parser.parse_args()
     budget = 0.3 if args.quick else 1.0
-    pools = os.environ["NUMBA_NUM_THREADS"]
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    print(f"torch {torch.__version__}; thread pools {pools}; cores shared with other processes (load {load})")
+    print(
+        f"torch {torch.__version__}, OMP/MKL pool {os.environ['OMP_NUM_THREADS']}, prunekit kernels follow "
+        f"torch.get_num_threads(); cores shared with other processes (load average {load})"
+    )
     for threads in args.threads:
         torch.set_num_threads(threads)
         if "f32" in args.only:

@@ -103,6 +103,7 @@ def test_two_threads_split_rows_and_give_identical_results(monkeypatch):
         (SparseLinear(layer, "rows"), x),
         (SparseLinear(layer, "xt", 16), x),
         (SparseConv2d(conv), xc),
+        (SparseConv2d(conv, "xt-nchw"), xc),
         (SparseQuantizedLinear(QuantizedLinear(layer), "xt"), x),
         (SparseQuantizedConv2d(QuantizedConv2d(conv)), xc),
     ]
@@ -148,11 +149,12 @@ CONVS = [
 @pytest.mark.parametrize("n", [1, 3])
 @pytest.mark.parametrize("spec", CONVS)
 @pytest.mark.parametrize("block", [None, 8])
-def test_sparse_conv_equals_dense(spec, n, block):
+@pytest.mark.parametrize("kernel", ["xt", "xt-nchw"])
+def test_sparse_conv_equals_dense(spec, n, block, kernel):
     layer = make_conv(spec)
     x = torch.randn(n, layer.in_channels, 9, 11, generator=torch.Generator().manual_seed(n))
     with torch.no_grad():
-        assert close(SparseConv2d(layer, "xt", block)(x), layer(x))
+        assert close(SparseConv2d(layer, kernel, block)(x), layer(x))
         assert close(SparseConv2d(layer)(x[0]), layer(x[0]))  # unbatched input
 
 
@@ -184,7 +186,7 @@ def test_sparse_int8_linear_is_bit_exact(kernel, static, bias):
                 assert torch.equal(fast(x), ref(x))
 
 
-@pytest.mark.parametrize("kernel", ["xt", "dense"])
+@pytest.mark.parametrize("kernel", ["xt", "xt-nchw", "dense"])
 @pytest.mark.parametrize("spec", CONVS[1:4])
 def test_sparse_int8_conv_is_bit_exact(spec, kernel):
     ref = QuantizedConv2d(make_conv(spec))

@@ -167,6 +167,8 @@ def _candidates(module: nn.Module, x: Tensor) -> tuple[dict[str, Callable[[], nn
         block = L.default_block(k, cols)
         if block is not None:
             out[f"xt/b{block}"] = lambda: cls(module, "xt", block)
+        if n > 1:  # image by image: no permuted copies, but only Hout*Wout columns per tile
+            out["xt-nchw"] = lambda: cls(module, "xt-nchw", block)
         if quantized:
             out["int8-gemm"] = lambda: cls(module, "dense")
         return out, ""

@@ -284,6 +284,14 @@ def csr_xt(indptr, idx, vals, kb, xT, yT, r0, r1):
                 yT[r, j] = acc
 
 
+@_jit()
+def csr_xt_images(indptr, idx, vals, kb, cols, y, r0, r1):
+    """:func:`csr_xt` image by image: ``cols`` (N, K, L) and ``y`` (N, out, L), both C order. Convolutions
+    in NCHW need no permuted copies this way, but each image only has L = Hout*Wout columns to tile."""
+    for n in range(cols.shape[0]):
+        csr_xt(indptr, idx, vals, kb, cols[n], y[n], r0, r1)
+
+
 _TR, _TR_BIAS = transpose_tile(False), transpose_tile(True)
 
 

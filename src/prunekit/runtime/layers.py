@@ -6,6 +6,7 @@ one ``kernel`` name, chosen by :func:`prunekit.runtime.compile` by timing:
 
 * ``"rows"`` -- one CSR row per output, activations gathered (batch 1 and small batches),
 * ``"xt"``  -- activations transposed so each nonzero scales a contiguous row (batches, im2col convs),
+* ``"xt-nchw"`` (convolutions) -- the same kernel image by image, with no permuted copies,
 * ``"dense"`` (int8 only) -- the exact int8 arithmetic as a float32 GEMM on integer values: exact because
   every partial sum stays below 2**24 (checked at construction), and as fast as dense float32.
 
@@ -48,6 +49,15 @@ def _transpose(x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
     parts = [(x, out, b, has_bias, cuts[c], cuts[c + 1]) for c in range(len(cuts) - 1)]
     threads.run(kernels.transpose, parts)
     return out
+
+
+def _xt_images(w: SparseWeight, cols: np.ndarray) -> np.ndarray:
+    """``(N, in, L) -> (N, out, L)``: the ``xt`` kernel per image (NCHW convolutions without permutes)."""
+    y = np.empty((cols.shape[0], w.shape[0], cols.shape[2]), dtype=np.float32)
+    cuts = w.row_splits(threads.chunks(w.nnz * cols.shape[0] * cols.shape[2]))
+    parts = [(w.indptr, w.idx, w.vals, w.block, cols, y, cuts[c], cuts[c + 1]) for c in range(cuts.size - 1)]
+    threads.run(kernels.csr_xt_images, parts)
+    return y
 
 
 def _xt(w: SparseWeight, xT: np.ndarray) -> np.ndarray:
@@ -141,7 +151,7 @@ class _QuantizedBase:
                 f"{type(self).__name__}: a weight row's int8 sums can exceed 2**24 "
                 f"(bound {int8_row_bound(q)}) (float32 sums would round): keep the reference module"
             )
-        self.sparse = pack(q, block if self.kernel == "xt" else None)
+        self.sparse = pack(q, block if self.kernel.startswith("xt") else None)
         self.dense_q = torch.from_numpy(q.astype(np.float32)) if self.kernel == "dense" else None
         self.weight_scale = module.weight_scale.detach().to(torch.float32).numpy().copy()
         self.act_scale = None if module.act_scale is None else np.float32(module.act_scale.item())
@@ -237,7 +247,8 @@ class _ConvBase(_RuntimeLayer):
         return (x if x.dim() == 4 else x.unsqueeze(0)), x.dim() == 3
 
     def _cols(self, x: Tensor) -> tuple[np.ndarray, int, int, int]:
-        """``(K, N*L)`` columns for the GEMM, plus N, Hout, Wout."""
+        """The GEMM's columns, plus N, Hout, Wout: ``(N, K, L)`` for the ``xt-nchw`` kernel, else ``(K, N*L)``
+        (all images side by side: more columns per tile, at the price of permuted copies)."""
         n = x.shape[0]
         ho, wo = self._out_hw(x.shape[2], x.shape[3])
         if self.pointwise:  # 1x1: the (strided) input is already the column matrix
@@ -245,8 +256,18 @@ class _ConvBase(_RuntimeLayer):
             cols = xs.reshape(n, self.in_channels, ho * wo)
         else:
             cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
-        cols = cols[0] if n == 1 else cols.permute(1, 0, 2).reshape(cols.shape[1], -1)
+        if self.kernel == "xt" or (self.kernel == "dense" and n == 1):
+            cols = cols[0] if n == 1 else cols.permute(1, 0, 2).reshape(cols.shape[1], -1)
         return cols.contiguous().numpy(), n, ho, wo
+
+    def _product(self, cols: np.ndarray, n: int, hw: int) -> np.ndarray:
+        """``W @ cols`` as an ``(N, out, L)`` array (a strided view for the ``xt`` kernel)."""
+        if self.kernel == "xt-nchw":
+            return _xt_images(self.sparse, cols)
+        if self.kernel == "xt":
+            return _xt(self.sparse, cols).reshape(self.out_channels, n, hw).transpose(1, 0, 2)
+        acc = torch.matmul(self.dense_q, torch.from_numpy(cols)).numpy()  # int8 "dense": exact float32 GEMM
+        return acc.reshape(self.out_channels, n, hw).transpose(1, 0, 2) if acc.ndim == 2 else acc
 
     def _unbatch(self, y: Tensor, squeeze: bool) -> Tensor:
         return y.squeeze(0) if squeeze else y
@@ -257,7 +278,7 @@ class SparseConv2d(_ConvBase):
 
     def __init__(self, conv: nn.Conv2d, kernel: str = "xt", block: int | None = None) -> None:
         super().__init__()
-        self._init_conv(conv, kernel, ("xt",))
+        self._init_conv(conv, kernel, ("xt", "xt-nchw"))
         weight = conv.weight.detach().to(torch.float32).reshape(conv.out_channels, -1).numpy()
         self.sparse = pack(weight, block)
         self.bias = None if conv.bias is None else conv.bias.detach().to(torch.float32).clone()
@@ -265,10 +286,9 @@ class SparseConv2d(_ConvBase):
     def forward(self, x: Tensor) -> Tensor:
         x, squeeze = self._batched(x)
         cols, n, ho, wo = self._cols(x.to(torch.float32))
-        y = torch.from_numpy(_xt(self.sparse, cols)).reshape(self.out_channels, n, ho * wo)
+        y = torch.from_numpy(self._product(cols, n, ho * wo))
         if self.bias is not None:
-            y = y + self.bias[:, None, None]
-        y = y.permute(1, 0, 2) if n > 1 else y.reshape(1, self.out_channels, ho * wo)
+            y = y + self.bias[None, :, None]
         return self._unbatch(y.reshape(n, self.out_channels, ho, wo).contiguous(), squeeze)
 
     def extra_repr(self) -> str:
@@ -283,19 +303,14 @@ class SparseQuantizedConv2d(_ConvBase, _QuantizedBase):
 
     def __init__(self, module: nn.Module, kernel: str = "xt", block: int | None = None) -> None:
         super().__init__()
-        self._init_conv(module, kernel, ("xt", "dense"))
+        self._init_conv(module, kernel, ("xt", "xt-nchw", "dense"))
         self._init_int8(module, block)
 
     def forward(self, x: Tensor) -> Tensor:
         x, squeeze = self._batched(x)
         xq, s_x = self._quantize(self._array(x))
         cols, n, ho, wo = self._cols(torch.from_numpy(xq))
-        if self.kernel == "xt":
-            acc = _xt(self.sparse, cols).reshape(self.out_channels, n, ho * wo).transpose(1, 0, 2)
-        else:
-            acc = torch.matmul(self.dense_q, torch.from_numpy(cols)).numpy()
-            acc = acc.reshape(self.out_channels, n, ho * wo).transpose(1, 0, 2)
-        y = torch.from_numpy(self._finish(acc, s_x))
+        y = torch.from_numpy(self._finish(self._product(cols, n, ho * wo), s_x))
         return self._unbatch(y.reshape(n, self.out_channels, ho, wo), squeeze)
 
     def extra_repr(self) -> str:

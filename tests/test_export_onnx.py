@@ -161,6 +161,116 @@ def test_torchscript_exporter_and_external_data(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_external_data_fsyncs_the_side_file_too(tmp_path, monkeypatch):
+    import os
+
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.fstat(fd).st_ino)  # a rename keeps the inode: compared with the final files
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    target = tmp_path / "m.onnx"
+    report = export_onnx(tiny_resnet(), torch.randn(2, 1, 8, 8), target, external_data=True)
+    side = tmp_path / "m.onnx.data"
+    assert report["files"] == [str(side), str(target)]
+    assert {side.stat().st_ino, target.stat().st_ino} <= set(synced)
+
+
+def test_a_single_file_export_removes_the_side_file_of_an_earlier_one(tmp_path):
+    target = tmp_path / "m.onnx"
+    export_onnx(tiny_resnet(), torch.randn(2, 1, 8, 8), target, external_data=True)
+    assert (tmp_path / "m.onnx.data").is_file()
+    # the same name again in one file: the old side file would pass for this model's weights
+    report = export_onnx(tiny_resnet(seed=1), torch.randn(2, 1, 8, 8), target)
+    assert report["files"] == [str(target)] and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    assert report["size_bytes"] == target.stat().st_size
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        np.testing.assert_allclose(run_onnx(target, x), tiny_resnet(seed=1)(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_int8_model_is_refused_up_front_with_a_one_line_hint(tmp_path):
+    from prunekit.quantize import quantize_model
+
+    model = quantize_model(tiny_resnet(), activations="dynamic")
+    with pytest.raises(PrunekitError) as info:
+        export_onnx(model, torch.randn(1, 1, 8, 8), tmp_path / "q.onnx")
+    message = str(info.value)
+    assert (
+        message.startswith("SmallResNet is an INT8 model (stem.0, ") and "export the float model" in message
+    )
+    assert "aten_amax" not in message and "try dynamic_batch" not in message and "\n" not in message
+    assert list(tmp_path.iterdir()) == []
+
+
+class TwoParams(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.kept = nn.Parameter(torch.ones(3, 4))
+        self.renamed = nn.Parameter(torch.ones(5, 4))
+        with torch.no_grad():
+            self.kept[0, :2] = 0  # 2 zeros
+            self.renamed[:, 0] = 0  # 5 zeros
+            self.renamed[0, 1] = 0  # 6 zeros
+
+
+def inspect_with(tmp_path, model: nn.Module, initializers: dict[str, np.ndarray]) -> dict:
+    """The exporter's zero accounting on a hand-built file holding ``initializers``."""
+    from onnx import TensorProto, helper
+
+    from prunekit.export.onnx import _inspect
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        [numpy_helper.from_array(a.astype(np.float32), name) for name, a in initializers.items()],
+    )
+    path = tmp_path / "hand.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return _inspect(onnx, path, model, None, "dynamo")["zero_weights"]
+
+
+def test_zero_weights_need_every_tensor_matched_not_only_the_total(tmp_path):
+    model = TwoParams()
+    kept, renamed = model.kept.detach().numpy(), model.renamed.detach().numpy()
+    # "kept" gained 6 zeros, the renamed tensor lost all 6: the totals (8 and 8) hide the loss
+    gained = kept.copy()
+    gained.flat[2:8] = 0
+    z = inspect_with(tmp_path, model, {"kept": gained, "onnx::MatMul_7": np.ones((5, 4))})
+    assert z["model"] == z["onnx"] == 8
+    assert z["preserved"] is False and z["unmatched"] == ["renamed"]
+    # renamed with its values: matched by shape and values
+    z = inspect_with(tmp_path, model, {"kept": kept, "onnx::MatMul_7": renamed})
+    assert z["preserved"] is True and z["unmatched"] == [] and z["matched_renamed"] == ["renamed"]
+    # renamed and scaled per row (a folded BatchNorm): matched by its zero positions
+    z = inspect_with(tmp_path, model, {"kept": kept, "onnx::Gemm_3": renamed * np.arange(1, 6)[:, None]})
+    assert z["preserved"] is True and z["matched_renamed"] == ["renamed"]
+    # a tensor of the right shape with zeros elsewhere does not count
+    elsewhere = np.ones((5, 4))
+    elsewhere[:, 3], elsewhere[0, 2] = 0, 0
+    z = inspect_with(tmp_path, model, {"kept": kept, "onnx::Gemm_3": elsewhere})
+    assert z["preserved"] is False and z["unmatched"] == ["renamed"]
+    # the same name with fewer zeros stays an error
+    with pytest.raises(PrunekitError, match="lost exact zeros in kept"):
+        inspect_with(tmp_path, model, {"kept": np.ones((3, 4)), "renamed": renamed})
+
+
+def test_torchscript_renamed_folded_convs_count_as_preserved(tmp_path):
+    model = tiny_resnet()
+    sparsifier = Sparsifier(model, 0.5, criterion="magnitude")
+    sparsifier.prepare()
+    sparsifier.prune(0.5)
+    report = export_onnx(model, torch.randn(2, 1, 8, 8), tmp_path / "ts.onnx", exporter="torchscript")
+    z = report["zero_weights"]
+    assert z["preserved"] and z["unmatched"] == [] and "stem.0.weight" in z["matched_renamed"]
+    assert "stem.0.weight" not in initializers(tmp_path / "ts.onnx")  # renamed (and BatchNorm folded)
+
+
 class TwoInTwoOut(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -365,6 +475,26 @@ def test_cli_bad_options_exit_2(monkeypatch, capsys, artifact, tmp_path, args, m
     out = tmp_path / "m.onnx"
     code, _, err = call_main(monkeypatch, capsys, "export", "onnx", str(artifact), "--out", str(out), *args)
     assert code == 2 and err.startswith(message) and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_cli_refuses_an_int8_artifact_in_one_line(monkeypatch, capsys, tmp_path):
+    from prunekit.quantize import quantize_model
+
+    path = tmp_path / "q.safetensors"
+    save_artifact(
+        path,
+        quantize_model(tiny_resnet(), activations="dynamic"),
+        model_info={"name": "resnet-digits", "args": WIDTHS},
+    )
+    out = tmp_path / "q.onnx"
+    code, _, err = call_main(monkeypatch, capsys, "export", "onnx", str(path), "--out", str(out))
+    assert (
+        code == 2
+        and err.startswith(f"error: {path} is an INT8 artifact")
+        and len(err.strip().splitlines()) == 1
+    )
+    assert "export the float artifact it was quantized from" in err and "aten_amax" not in err
     assert not out.exists()
 
 

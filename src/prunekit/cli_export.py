@@ -34,6 +34,13 @@ def parse_ints(text: str, field: str = "--input-shape", example: str = "1,3,224,
     return values
 
 
+def _refuse_int8(path: Path) -> None:
+    raise PrunekitError(
+        f"{path} is an INT8 artifact; ONNX export takes float models: "
+        "export the float artifact it was quantized from"
+    )
+
+
 def _from_artifact(path: Path, shape: tuple[int, ...] | None) -> tuple[nn.Module, tuple[int, ...]]:
     from prunekit.artifact import load_artifact
     from prunekit.compress.container import is_compressed
@@ -45,15 +52,20 @@ def _from_artifact(path: Path, shape: tuple[int, ...] | None) -> tuple[nn.Module
             "(ONNX holds dense weights)"
         )
     try:  # the header alone says whether the CLI can rebuild the model (load_artifact reports the rest)
-        recorded = json.loads(safetensors_metadata(path).get("prunekit", "{}")).get("model", True)
+        header = json.loads(safetensors_metadata(path).get("prunekit", "{}"))
+        recorded, int8 = header.get("model", True), header.get("int8")
     except (ValueError, AttributeError):
-        recorded = True
+        recorded, int8 = True, None
+    if int8:
+        _refuse_int8(path)
     if recorded is None:
         raise PrunekitError(
             f"{path} records no built-in architecture, so the CLI cannot rebuild the model; export it "
             "from Python: prunekit.export.export_onnx(model, example_inputs, 'model.onnx')"
         )
     model, info = load_artifact(path, masked=True)  # masked: export squashes a copy, zeros and all
+    if info.int8:  # a header the quick read above could not parse
+        _refuse_int8(path)
     if shape is None and info.model and info.model.get("name") == "resnet-digits":
         # the built-in digits classifier takes 8x8 images; its channel count is in the recorded args
         shape = (1, int((info.model.get("args") or {}).get("in_channels", 1)), 8, 8)
@@ -160,5 +172,10 @@ def onnx_command(
     else:
         typer.echo("not verified (--no-verify)")
     z = report["zero_weights"]
+    unmatched = z.get("unmatched") or []
     verdict = "preserved" if z["preserved"] else "NOT all preserved"
+    if unmatched:
+        verdict += f"; not found in the file: {', '.join(unmatched[:3])}" + (
+            ", ..." if len(unmatched) > 3 else ""
+        )
     typer.echo(f"exact-zero weights: {z['model']:,} in the model, {z['onnx']:,} in the ONNX file ({verdict})")

@@ -15,8 +15,10 @@ Two traps of that exporter are handled here rather than left to users:
 ``exporter="torchscript"`` remains available for models that ``torch.export`` cannot trace
 (data-dependent Python control flow).
 
-The file is written to a temporary directory next to ``path``, verified there, and only then renamed
-into place: a failed export or verification leaves no file and does not touch an existing one.
+The file is written to a temporary directory next to ``path``, fsynced (with its side file, if any),
+verified there, and only then renamed into place: a failed export or verification leaves no file and
+does not touch an existing one. A ``<path>.data`` left by an earlier export with external data is
+removed once a single-file export is in place (the new file does not read it).
 """
 
 from __future__ import annotations
@@ -161,11 +163,23 @@ def _quiet_exporter() -> Iterator[None]:
             logging.getLogger(name).setLevel(level)
 
 
-def _int8_hint(model: nn.Module) -> str:
-    """INT8 reference layers compute with int8 tensors, which ONNX Runtime's float kernels do not take."""
-    if any(t.dtype == torch.int8 for t in (*model.parameters(), *model.buffers())):
-        return "; the model holds int8 tensors (an INT8 model): export the float model it was quantized from"
-    return ""
+def _int8_layers(model: nn.Module) -> list[str]:
+    """Names of prunekit INT8 layers (or other modules holding int8 tensors) in ``model``.
+
+    Their forward quantizes activations with ops the exporter cannot convert (``amax`` over all dims) and
+    computes with int8 tensors ONNX Runtime's float kernels do not take, so such a model is refused up front.
+    """
+    from prunekit.quantize import QuantizedConv2d, QuantizedLinear
+
+    return [
+        name or type(model).__name__
+        for name, m in model.named_modules()
+        if isinstance(m, (QuantizedLinear, QuantizedConv2d))
+        or any(t.dtype == torch.int8 for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)))
+    ]
+
+
+INT8_HINT = "ONNX export takes float models: export the float model (or artifact) it was quantized from"
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -225,10 +239,20 @@ def _write(
         hint = f" (try {' or '.join(hints)})" if hints else ""
         raise PrunekitError(
             f"ONNX export of {type(model).__name__} failed with the {exporter} exporter{hint}: "
-            f"{_root_cause(exc)}{_int8_hint(model)}"
+            f"{_root_cause(exc)}"
         ) from None
-    with open(tmp_file, "rb+") as handle:  # on disk before the rename, as prunekit.files does
-        os.fsync(handle.fileno())
+    for f in tmp_file.parent.iterdir():  # the model and any side file on disk before the rename
+        with open(f, "rb+") as handle:
+            os.fsync(handle.fileno())
+
+
+def _remove_stale_side_file(path: Path, files: list[Path]) -> None:
+    """An earlier export with external data left ``<path>.data``; the new file, now in place, does not
+    read it, so it goes (a reader would otherwise take the stale weights for this model's)."""
+    stale = path.parent / f"{path.name}.data"
+    if stale.name not in {f.name for f in files} and stale.is_file():
+        stale.unlink()
+        log.info("removed %s: a side file of an earlier export that %s does not use", stale, path.name)
 
 
 def count_zero_weights(model: nn.Module) -> int:
@@ -237,9 +261,8 @@ def count_zero_weights(model: nn.Module) -> int:
     return sum(int((p == 0).sum()) for p in model.parameters() if p.is_floating_point() and p.dim() >= 2)
 
 
-def _onnx_zero_weights(proto) -> tuple[int, dict[str, tuple[int, int]]]:
-    """Exact zeros in float initializers and constants with >= 2 dims; per initializer name also
-    ``(numel, zeros)`` for matching against the model's parameters."""
+def _onnx_weights(proto) -> list[tuple[str, Any]]:
+    """``(name, array)`` of the float initializers and constants with >= 2 dims: where weights live."""
     import numpy as np
     from onnx import numpy_helper
 
@@ -247,17 +270,65 @@ def _onnx_zero_weights(proto) -> tuple[int, dict[str, tuple[int, int]]]:
     for node in proto.graph.node:
         if node.op_type == "Constant":
             tensors += [a.t for a in node.attribute if a.name == "value" and a.t.dims]
-    total, by_name = 0, {}
+    out = []
     for t in tensors:
         if len(t.dims) < 2:
             continue
         array = numpy_helper.to_array(t)
-        if not np.issubdtype(array.dtype, np.floating):
-            continue
-        zeros = int((array == 0).sum())
-        total += zeros
-        by_name[t.name] = (array.size, zeros)
-    return total, by_name
+        if np.issubdtype(array.dtype, np.floating):
+            out.append((t.name, array))
+    return out
+
+
+def _match_zero_weights(model: nn.Module, weights: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Match every model weight tensor holding exact zeros to one tensor of the file, each file tensor used
+    once: by name (same size), else (exporters rename, e.g. the TorchScript one's ``onnx::Conv_12``) by
+    shape and identical values, else by shape with zeros at least at every zero position of the model's
+    (a BatchNorm folded into a conv scales its channels: values change, zeros stay put). A name match with
+    fewer zeros is an error; a tensor left unmatched makes ``preserved`` False and is listed."""
+    import numpy as np
+
+    by_name = {name: i for i, (name, _) in enumerate(weights) if name}  # Constant tensors may be unnamed
+    params = [(n, p.detach()) for n, p in model.named_parameters() if p.is_floating_point() and p.dim() >= 2]
+    lost, by_value, used, pending = [], [], set(), []  # used: indices into weights
+    for name, p in params:
+        zeros = int((p == 0).sum())
+        index = by_name.get(name)
+        if index is not None and weights[index][1].size == p.numel():
+            used.add(index)
+            if int((weights[index][1] == 0).sum()) < zeros:
+                lost.append(name)
+        elif zeros:
+            pending.append((name, p.float().numpy()))
+    for exact in (True, False):  # identical values first, so a zero-position match cannot take their tensor
+        left = []
+        for name, w in pending:
+            hit = next(
+                (
+                    i
+                    for i, (_, a) in enumerate(weights)
+                    if i not in used
+                    and a.shape == w.shape
+                    and (np.array_equal(a, w) if exact else bool(np.all(a[w == 0] == 0)))
+                ),
+                None,
+            )
+            if hit is None:
+                left.append((name, w))
+            else:
+                used.add(hit)
+                by_value.append(name)
+        pending = left
+    unmatched = [name for name, _ in pending]
+    return {
+        "model": sum(int((p == 0).sum()) for _, p in params),
+        "onnx": sum(int((a == 0).sum()) for _, a in weights),
+        "matched_tensors": sum(1 for name, _ in params if name in by_name),
+        "matched_renamed": sorted(by_value),
+        "unmatched": unmatched,
+        "preserved": not lost and not unmatched,
+        "_lost": lost,
+    }
 
 
 def _check(session, model, inputs, names_in, rtol, atol) -> list[float]:
@@ -328,12 +399,23 @@ def export_onnx(
 
     Returns a report: path, files, size_bytes, opset, exporter, input/output names, batch sizes checked,
     max_abs_diff (overall and per output), rtol, atol and zero_weights (exact zeros in the model's weight
-    tensors vs in the ONNX initializers; ``preserved`` is False only if the file lost zeros).
+    tensors vs in the ONNX initializers; ``preserved`` only if every model weight tensor holding zeros
+    has a tensor in the file holding them, found by name or, renamed, by shape and values or zero
+    positions; the others are listed in ``unmatched``).
+
+    An INT8 model (:mod:`prunekit.quantize` layers, int8 tensors) is refused before anything is traced:
+    export the float model it was quantized from.
     """
     onnx, ort = _require_onnx()
     path = Path(path)
     _validate(path, opset, exporter, rtol, atol)
     inputs = _as_inputs(example_inputs)
+    int8 = _int8_layers(model)
+    if int8:
+        more = f" and {len(int8) - 3} more" if len(int8) > 3 else ""
+        raise PrunekitError(
+            f"{type(model).__name__} is an INT8 model ({', '.join(int8[:3])}{more}); {INT8_HINT}"
+        )
     if any(t.device.type != "cpu" for t in (*model.parameters(), *model.buffers())):
         raise PrunekitError("export_onnx runs on the CPU: move the model there first (model.cpu())")
     base_batch = _batch_of(inputs) if dynamic_batch else None
@@ -374,6 +456,7 @@ def export_onnx(
             files = sorted(tmp_dir.iterdir(), key=lambda f: f.name == path.name)  # the model file last
             for f in files:  # side files first, so a model file in place always finds its weights
                 os.replace(f, path.parent / f.name)
+            _remove_stale_side_file(path, files)
         finally:
             shutil.rmtree(tmp_dir, ignore_errors=True)
     report.update(
@@ -408,31 +491,21 @@ def _inspect(onnx, tmp_file: Path, model: nn.Module, opset: int | None, exporter
             f"the {exporter} exporter could not produce opset {opset} (it wrote opset {written}); "
             "choose another opset (18 and newer are the exporter's own) or leave it unset"
         )
-    onnx_zeros, by_name = _onnx_zero_weights(proto)
-    model_zeros = count_zero_weights(model)
-    lost = [
-        name
-        for name, p in model.named_parameters()
-        if name in by_name and by_name[name][0] == p.numel() and by_name[name][1] < int((p == 0).sum())
-    ]
+    zero_weights = _match_zero_weights(model, _onnx_weights(proto))
+    lost = zero_weights.pop("_lost")
     if lost:  # the same tensor, by name and size, with fewer zeros: sparsity lost on the way
         raise PrunekitError(
-            f"the ONNX file lost exact zeros in {', '.join(lost[:3])}: {onnx_zeros} zeros in its "
-            f"initializers, {model_zeros} in the model"
+            f"the ONNX file lost exact zeros in {', '.join(lost[:3])}: {zero_weights['onnx']} zeros in its "
+            f"initializers, {zero_weights['model']} in the model"
         )
-    preserved = onnx_zeros >= model_zeros
-    if not preserved:  # e.g. parameters the forward never uses are not exported at all
-        log.warning("the ONNX file holds %d exact zeros, the model %d", onnx_zeros, model_zeros)
-    return {
-        "opset": written,
-        "exporter": exporter,
-        "zero_weights": {
-            "model": model_zeros,
-            "onnx": onnx_zeros,
-            "matched_tensors": sum(1 for name, _ in model.named_parameters() if name in by_name),
-            "preserved": preserved,
-        },
-    }
+    if zero_weights["unmatched"]:  # e.g. parameters the forward never uses are not exported at all
+        names = zero_weights["unmatched"]
+        log.warning(
+            "%d weight tensor(s) with exact zeros have no tensor in the ONNX file holding those zeros: %s",
+            len(names),
+            ", ".join(names[:5]) + (", ..." if len(names) > 5 else ""),
+        )
+    return {"opset": written, "exporter": exporter, "zero_weights": zero_weights}
 
 
 def _verify(ort, tmp_file, model, inputs, names_in, base_batch, rtol, atol):
@@ -442,9 +515,7 @@ def _verify(ort, tmp_file, model, inputs, names_in, base_batch, rtol, atol):
     try:
         session = ort.InferenceSession(str(tmp_file), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise PrunekitError(
-            f"onnxruntime cannot load the exported model: {_root_cause(exc)}{_int8_hint(model)}"
-        ) from None
+        raise PrunekitError(f"onnxruntime cannot load the exported model: {_root_cause(exc)}") from None
     runs = [inputs]
     if base_batch is not None:  # another size than both the example and the trace (2)
         runs.append(_rebatch(inputs, base_batch + 2, seed=2))

@@ -297,6 +297,23 @@ def test_wrong_architecture_is_an_error(saved):
         load_artifact(path, model=torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
+def test_a_misfit_names_the_missing_and_unexpected_keys(saved):
+    path, _, _, _ = saved
+    with pytest.raises(PrunekitError) as info:
+        load_artifact(path, model=SmallResNet(widths=[4, 8], blocks=2))
+    message = str(info.value)
+    assert "\n" not in message and "does not fit the model: Error(s) in loading state_dict" in message
+    assert "Missing key(s) in state_dict: " in message and '"layers.2.conv1.weight"' in message
+    with pytest.raises(PrunekitError) as info:
+        load_artifact(path, model=torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    message = str(info.value)
+    assert "\n" not in message and 'Missing key(s) in state_dict: "0.weight", "0.bias"' in message
+    assert 'Unexpected key(s) in state_dict: "' in message and message.endswith("...")  # long: shortened
+    with pytest.raises(PrunekitError) as info:
+        load_artifact(path, model=SmallResNet(widths=[8, 16], blocks=1))
+    assert "\n" not in str(info.value) and "size mismatch for stem.0.weight" in str(info.value)
+
+
 def test_artifact_without_architecture_needs_a_model(tmp_path):
     model, _ = pruned_model()
     path = tmp_path / "anon.safetensors"

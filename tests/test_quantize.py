@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from prunekit.analysis import count_params, layer_table
 from prunekit.artifact import inspect_artifact, load_artifact, read_artifact, save_artifact
@@ -14,9 +15,16 @@ from prunekit.errors import PrunekitError
 from prunekit.fold import find_conv_bn, fold_conv_bn
 from prunekit.masking import apply_masks, get_masks, weight_parameter
 from prunekit.models import build_model
-from prunekit.ptq import FoldedBatchNorm, int8_plan, quantize
-from prunekit.qat import FakeQuantWeight, convert_qat, prepare_qat
-from prunekit.quantize import QuantizedConv2d, QuantizedLinear, quantize_activation, quantize_model
+from prunekit.ptq import CLASSIFIER_REASON, FoldedBatchNorm, calibrate, int8_plan, quantize
+from prunekit.qat import FakeQuantWeight, convert_qat, prepare_qat, strip_qat
+from prunekit.quantize import (
+    QuantizedConv2d,
+    QuantizedLinear,
+    activation_scale,
+    quantize_activation,
+    quantize_model,
+)
+from prunekit.structured.mha import HeadPrunedMultiheadAttention
 
 # conversion is "close to float" when no logit moves by more than this fraction of the largest |logit|:
 # 8-bit rounding of weights and activations through 5-7 layers costs about 1%
@@ -88,6 +96,22 @@ def test_static_scale_clamps_and_an_all_zero_input_gets_scale_one():
     assert xq.tolist() == [127, -127, 50] and float(s) == pytest.approx(0.01)
     xq, s = quantize_activation(torch.zeros(3))
     assert float(s) == 1.0 and xq.tolist() == [0, 0, 0]
+
+
+def test_dynamic_and_calibrated_scales_follow_one_rule():
+    """quantize_activation (dynamic) and ptq.calibrate (static) both take activation_scale of max|x|."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, generator=g) * 7
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2)).eval()
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].bias.fill_(-1.0)  # everything after the ReLU is exactly zero
+    scales = calibrate(model, ["0", "2"], [x])
+    top = x.abs().amax()
+    assert torch.equal(activation_scale(top), top / 127.0) and torch.equal(scales["0"], activation_scale(top))
+    assert torch.equal(quantize_activation(x)[1], scales["0"])
+    assert float(activation_scale(torch.zeros(()))) == 1.0 and float(scales["2"]) == 1.0
+    assert torch.equal(quantize_activation(torch.zeros(2, 3))[1], scales["2"])
 
 
 # -------------------------------------------------------------------------------------- BN folding
@@ -190,6 +214,41 @@ def test_static_calibrates_max_abs_input_and_dynamic_needs_no_data():
     assert isinstance(quantize_model(model, calibration=data, classifier=True).fc, QuantizedLinear)
 
 
+def every_batchnorm_is_accounted_for(model: nn.Module, result) -> None:
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    for name in names:
+        assert (name in result.folded) != (name in result.left_float), name
+    for name, reason in result.left_float.items():
+        if name in names:
+            assert reason.startswith("BatchNorm kept float: "), (name, reason)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"exclude": ["stem.0"]},
+        {"exclude": ["layers.1.*"]},
+        {"include": ["layers.0.conv1", "fc"], "classifier": True},
+        {"types": ["Linear"], "classifier": True},
+    ],
+)
+def test_a_batchnorm_whose_convolution_stays_float_is_reported(kwargs):
+    model = tiny()
+    result = quantize(model, activations="dynamic", **kwargs)
+    every_batchnorm_is_accounted_for(model, result)
+    for bn_name, reason in result.left_float.items():
+        if "its convolution" in reason:
+            conv = reason.split("'")[1]
+            assert conv in result.left_float and conv not in result.int8, (bn_name, reason)
+    if "exclude" in kwargs and kwargs["exclude"] == ["stem.0"]:
+        assert result.left_float["stem.1"] == "BatchNorm kept float: its convolution 'stem.0' stays float"
+    every_batchnorm_is_accounted_for(model, quantize(model, calibration=batches()))  # all converted
+    x = batches(1)[0]
+    with torch.no_grad():  # an unfolded BatchNorm after a float convolution still runs
+        y, yq = model(x), result.model(x)
+    assert (y - yq).abs().max() <= FLOAT_TOLERANCE * y.abs().max()
+
+
 def test_calibration_batches_limits_the_data_used():
     model = tiny()
     data = batches(3)
@@ -223,6 +282,111 @@ def test_an_int8_model_is_not_quantized_twice():
     q = quantize_model(tiny(), activations="dynamic")
     with pytest.raises(PrunekitError, match="already has int8 layers"):
         quantize(q, activations="dynamic")
+
+
+# ------------------------------------------------------------- modules that read their layers' weights
+
+
+class Attention(nn.Module):
+    """Every PyTorch module whose forward reads its Linear children's weights (the fused fast path)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 16)
+        self.encoder = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.decoder = nn.TransformerDecoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.pruned = HeadPrunedMultiheadAttention(16, 2, batch_first=True)
+        self.mid = nn.Linear(16, 16)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        h = self.decoder(self.encoder(h), h)
+        h = self.attn(h, h, h, need_weights=False)[0]
+        h = self.pruned(h, h, h, need_weights=False)[0]
+        return self.fc(self.mid(h).mean(1))
+
+
+def attention_data(n: int = 2) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return [torch.randn(2, 5, 4, generator=g) for _ in range(n)]
+
+
+@pytest.mark.parametrize("activations", ["static", "dynamic"])
+def test_linears_inside_transformer_layers_and_attention_stay_float_and_the_model_runs(activations):
+    torch.manual_seed(0)
+    model = Attention().eval()
+    data = attention_data()
+    result = quantize(model, activations=activations, calibration=data)
+    assert result.int8 == ["embed", "mid"]
+    owners = {  # each Linear that stays float -> the innermost module that reads its weight
+        "encoder.self_attn.out_proj": ("MultiheadAttention", "encoder.self_attn"),
+        "encoder.linear1": ("TransformerEncoderLayer", "encoder"),
+        "encoder.linear2": ("TransformerEncoderLayer", "encoder"),
+        "decoder.self_attn.out_proj": ("MultiheadAttention", "decoder.self_attn"),
+        "decoder.multihead_attn.out_proj": ("MultiheadAttention", "decoder.multihead_attn"),
+        "decoder.linear1": ("TransformerDecoderLayer", "decoder"),
+        "decoder.linear2": ("TransformerDecoderLayer", "decoder"),
+        "attn.out_proj": ("MultiheadAttention", "attn"),
+        "pruned.out_proj": ("HeadPrunedMultiheadAttention", "pruned"),
+    }
+    assert result.left_float.keys() == {*owners, "fc"}
+    for name, (kind, owner) in owners.items():
+        assert result.left_float[name].startswith(f"inside {kind} '{owner}', whose forward reads"), name
+        assert type(result.model.get_submodule(name)) is type(model.get_submodule(name)), name
+    assert result.left_float["fc"] == CLASSIFIER_REASON
+    with torch.no_grad():  # eval + no_grad: the fused fast path, which reads linear1.weight directly
+        for x in data:
+            y, yq = model(x), result.model(x)
+            assert (y - yq).abs().max() <= FLOAT_TOLERANCE * y.abs().max()
+
+
+def test_qat_leaves_linears_inside_transformer_layers_alone():
+    torch.manual_seed(0)
+    model = Attention().eval()
+    data = attention_data()
+    assert prepare_qat(model, calibration=data) == ["embed", "mid"]
+    assert not parametrize.is_parametrized(model.encoder.linear1)
+    with torch.no_grad():
+        fake = model(data[0])
+    result = convert_qat(model, example=data[0])
+    assert result.int8 == ["embed", "mid"] and result.left_float["fc"] == CLASSIFIER_REASON
+    assert result.left_float["encoder.linear1"].startswith("inside TransformerEncoderLayer 'encoder'")
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(data[0]), fake, rtol=1e-4, atol=1e-4)
+
+
+class ReadsWeight(nn.Module):
+    """A user module that calls its child and also uses the child's weight directly (as weight tying or a
+    fused op does): calibration sees the child run, so it is converted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.inner(x) + nn.functional.linear(x, self.inner.weight.T)
+
+
+@pytest.mark.parametrize("activations", ["static", "dynamic"])
+def test_a_forward_that_reads_an_int8_layers_weight_is_a_one_line_error(activations):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), ReadsWeight(), nn.Linear(4, 2)).eval()
+    x = torch.randn(3, 4)
+    with pytest.raises(PrunekitError) as info:
+        quantize(model, activations=activations, calibration=[x], example=x)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(
+        "the int8 model fails on a test run in '1' (ReadsWeight)"
+    )
+    assert "'QuantizedLinear' object has no attribute 'weight'" in message and "exclude=" in message
+    assert isinstance(quantize_model(model, calibration=[x], exclude=["1.inner"])[1].inner, nn.Linear)
+    model = nn.Sequential(nn.Linear(4, 4), ReadsWeight(), nn.Linear(4, 2)).eval()
+    prepare_qat(model, activations=activations, calibration=[x])
+    with pytest.raises(PrunekitError, match="in '1' \\(ReadsWeight\\)"):
+        convert_qat(model, example=x)
+    assert isinstance(convert_qat(model).model[1].inner, QuantizedLinear)  # no example, no check
 
 
 # ------------------------------------------------------------------------------------------------- QAT
@@ -266,7 +430,8 @@ def test_qat_keeps_masks_through_optimizer_steps_and_converts_to_what_was_traine
     # same integers and scales; only float32 summation order differs from the fake-quant forward
     torch.testing.assert_close(converted, trained, rtol=1e-4, atol=1e-4 * float(trained.abs().max()))
     assert isinstance(model.stem[0].parametrizations.weight[-1], FakeQuantWeight)  # the QAT model is intact
-    assert result.left_float["fc"].startswith("final classifier")
+    # one reason for the classifier, whichever way the model was converted
+    assert result.left_float["fc"] == CLASSIFIER_REASON == quantize(model, calibration=data).left_float["fc"]
 
 
 def test_qat_needs_data_for_static_and_refuses_a_second_prepare():
@@ -312,6 +477,35 @@ def test_int8_artifact_reloads_bit_identical(tmp_path, activations):
     assert size < 0.5 * dense_size  # int8 weights, no mask, no BatchNorm statistics
 
 
+@pytest.mark.parametrize("activations", ["static", "dynamic"])
+def test_a_qat_prepared_model_is_not_saved(tmp_path, activations):
+    model = tiny()
+    masks = magnitude_masks(model)
+    apply_masks(model, masks)
+    prepare_qat(model, activations=activations, calibration=batches(2))
+    with torch.no_grad():
+        for m in model.modules():  # latent weights that are visibly off the int8 grid
+            if isinstance(m, nn.Conv2d):
+                weight_parameter(m).mul_(1.0 + 1e-3)
+    latent = {n: weight_parameter(model.get_submodule(n)).detach().clone() for n in masks}
+    path = tmp_path / "qat.safetensors"
+    with pytest.raises(PrunekitError) as info:
+        save_artifact(path, model, model_info=INFO)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("cannot save a QAT-prepared model")
+    assert "'stem.0'" in message and "convert_qat(model) first" in message and "strip_qat" in message
+    assert not path.exists()
+    save_artifact(path, convert_qat(model).model, model_info=INFO)  # the int8 model saves
+    assert load_artifact(path)[1].int8 is not None
+    strip_qat(model)  # the float model saves too, with its latent weights and masks
+    save_artifact(path, model, model_info=INFO)
+    again, info = load_artifact(path)
+    assert info.int8 is None and info.masks.keys() == masks.keys()
+    for name, mask in masks.items():
+        assert torch.equal(info.masks[name], mask)
+        assert torch.equal(weight_parameter(again.get_submodule(name)), latent[name]), name
+
+
 def test_an_int8_artifact_that_does_not_fit_is_a_clear_error(tmp_path):
     q = quantize_model(tiny(), activations="dynamic")
     path = tmp_path / "int8.safetensors"
@@ -327,3 +521,24 @@ def test_parameter_counts_of_an_int8_model():
     assert count_params(q)["params"] == count_params(model)["params"] - folded_channels
     # random-init weights below half a quantization step (max|w_row| / 254) round to zero: well under 1%
     assert 0.0 <= count_params(q)["sparsity"] < 0.01
+
+
+class Lookup(nn.Module):
+    """Not an int8 layer, though it has an int8 buffer named weight_q (a user's own lookup table)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("weight_q", torch.ones(4, 4, dtype=torch.int8))
+        self.proj = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def test_int8_layers_are_found_by_type_not_by_a_buffer_name():
+    model = Lookup()
+    assert count_params(model)["params"] == 4 * 2 + 2  # the buffer is not a parameter
+    assert [r["layer"] for r in layer_table(model)] == ["proj"]
+    q = quantize_model(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), activations="dynamic")
+    assert count_params(q)["params"] == 4 * 4 + 4 + 4 * 2 + 2
+    assert [(r["layer"], r["type"]) for r in layer_table(q)] == [("0", "QuantizedLinear"), ("1", "Linear")]

@@ -19,6 +19,10 @@ An INT8 model stores its layers' buffers as they are (``weight_q`` int8, ``weigh
 ``bias`` float32), so reloading gives the identical int8 model; the ``int8`` header entry says which
 float layers to turn into int8 ones first. Such files are format_version 2 (a reader of version 1 would
 not know to build the int8 layers, so it is told to upgrade); float artifacts stay version 1.
+
+A QAT-prepared model (:mod:`prunekit.qat`) is refused: its ``weight`` is the fake-quantized one, so the
+trained float weights would be lost. Save ``convert_qat(model).model`` (int8) or, after ``strip_qat``, the
+float model.
 """
 
 from __future__ import annotations
@@ -115,6 +119,7 @@ def save_artifact(
 
     from prunekit.ptq import int8_plan
 
+    _refuse_qat(model)
     tensors = plain_state_dict(model)
     masks = get_masks(model)
     for name, mask in masks.items():
@@ -137,6 +142,29 @@ def save_artifact(
     data = save(tensors, metadata={"prunekit": json.dumps(header)})
     atomic_write_bytes(path, data)
     return len(data)
+
+
+def _refuse_qat(model: nn.Module) -> None:
+    """A QAT-prepared model would be stored with its fake-quantized weights (the trained latent float ones
+    lost) and reload as a plain float model or not at all: refuse it."""
+    from prunekit.qat import fake_quantized  # imported when called, like prunekit.ptq
+
+    layers = fake_quantized(model)
+    if layers:
+        shown = ", ".join(f"'{n}'" for n in layers[:5]) + (
+            f" and {len(layers) - 5} more" if len(layers) > 5 else ""
+        )
+        raise PrunekitError(
+            f"cannot save a QAT-prepared model (fake quantization on {shown}): its weights would be stored "
+            f"fake-quantized and the trained float weights lost; convert_qat(model) first to save the int8 "
+            f"model, or prunekit.qat.strip_qat(model) to save the float one"
+        )
+
+
+def _fit_error(exc: RuntimeError) -> str:
+    """load_state_dict's message in one line: its heading and every line naming keys (each shortened)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return " ".join(line if len(line) <= 400 else line[:397] + "..." for line in lines)
 
 
 def read_artifact(path: str | Path) -> tuple[dict[str, torch.Tensor], ArtifactInfo]:
@@ -233,8 +261,7 @@ def load_artifact(
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise PrunekitError(f"artifact {path} does not fit the model: {first}") from None
+        raise PrunekitError(f"artifact {path} does not fit the model: {_fit_error(exc)}") from None
     if masked and info.masks:
         apply_masks(model, info.masks)
     return model, info

@@ -7,14 +7,20 @@ with what was done to each layer; the model passed in is not touched. In order:
    per-channel symmetric rounding maps zero to zero, so every pruned position is 0 in ``weight_q``.
 2. ``nn.Linear`` and ``nn.Conv2d`` layers are chosen like pruning targets: ``types``, ``include`` /
    ``exclude`` globs, and the final classifier stays float32 unless ``classifier=True`` (it is a few
-   weights and the layer whose rounding moves the logits most; one switch to include it).
+   weights and the layer whose rounding moves the logits most; one switch to include it). A Linear
+   inside ``nn.TransformerEncoderLayer`` / ``TransformerDecoderLayer`` / ``MultiheadAttention`` (and its
+   subclasses, such as the head-pruned one) stays float: their forward reads ``linear1.weight`` and
+   ``out_proj.weight`` directly (the fused fast path), which an int8 layer does not have. A dequantized
+   ``weight`` property would make that work by silently running float kernels, so there is none.
 3. Static activations: each chosen layer's input scale is ``max|x| / 127`` over the calibration batches,
    run through the float model in eval mode (max, not a percentile: these small ReLU networks have no
    outliers worth clipping, and max never clips an input the calibration saw). Dynamic activations
    compute ``max|x| / 127`` per call instead and need no data.
 4. BatchNorm that follows a chosen convolution is folded into its int8 weights and float32 bias where
    that is safe (:mod:`prunekit.fold`); its place is taken by :class:`FoldedBatchNorm`. Other BatchNorms
-   stay float.
+   stay float, each in ``left_float`` with its reason (including one whose convolution stays float).
+5. The converted model is run once on the first calibration batch (or ``example``), so a module whose
+   forward reads a converted layer's float ``weight`` is a one-line error here, not at the first use.
 
 The converted model describes itself: :func:`int8_plan` reads which layers are int8 (and which BatchNorms
 were folded) off the modules, and :func:`build_int8` rebuilds that skeleton from a fresh float model, so a
@@ -37,7 +43,7 @@ from torch.nn.utils import parametrize
 from prunekit.errors import PrunekitError, did_you_mean
 from prunekit.fold import find_conv_bn, fold_conv_bn
 from prunekit.masking import _own_class, type_name
-from prunekit.quantize import QuantizedConv2d, QuantizedLinear, _QuantizedLayer
+from prunekit.quantize import QuantizedConv2d, QuantizedLinear, _QuantizedLayer, activation_scale
 from prunekit.targets import classifier_name
 
 log = logging.getLogger(__name__)
@@ -45,6 +51,10 @@ log = logging.getLogger(__name__)
 ACTIVATIONS = ("static", "dynamic")
 QUANTIZABLE = {"Linear": QuantizedLinear, "Conv2d": QuantizedConv2d}
 FLOAT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Embedding)
+# modules whose forward reads their Linear children's ``weight`` (and ``bias``) directly instead of calling
+# them; subclasses count too (prunekit.structured.mha.HeadPrunedMultiheadAttention is a MultiheadAttention)
+WEIGHT_READERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.MultiheadAttention)
+CLASSIFIER_REASON = "final classifier (float32 by default; classifier=True makes it int8)"
 
 
 class FoldedBatchNorm(nn.Identity):
@@ -110,6 +120,23 @@ def input_batches(calibration: Iterable | None, limit: int | None) -> list[Tenso
     return out
 
 
+def weight_readers(model: nn.Module) -> dict[str, str]:
+    """Layer name -> why it stays float, for every weighted layer inside a :data:`WEIGHT_READERS` module
+    (the innermost such owner is named)."""
+    out = {}
+    for owner, module in model.named_modules():
+        if not isinstance(module, WEIGHT_READERS):
+            continue
+        kind = type_name(module)
+        for sub, child in module.named_modules():
+            if sub and isinstance(child, FLOAT_TYPES) and "parametrizations" not in sub.split("."):
+                out[f"{owner}.{sub}" if owner else sub] = (
+                    f"inside {kind} '{owner}', whose forward reads the Linear weights directly "
+                    f"(an int8 layer has none)"
+                )
+    return out
+
+
 def choose_layers(
     model: nn.Module,
     types: Iterable[str] = tuple(QUANTIZABLE),
@@ -135,15 +162,18 @@ def choose_layers(
         if unused:
             raise PrunekitError(f"quantize {pattern_field} pattern(s) {unused} match no module")
     head = None if classifier else classifier_name(model)
+    owned = weight_readers(model)
     chosen, left = [], {}
     for name, module in model.named_modules():
         kind = type_name(module)
         if not isinstance(module, FLOAT_TYPES) or "parametrizations" in name.split("."):
             continue
-        if kind not in QUANTIZABLE:
+        if name in owned:
+            left[name] = owned[name]
+        elif kind not in QUANTIZABLE:
             left[name] = f"{kind} has no int8 layer"
         elif name == head:
-            left[name] = "final classifier (float32 by default; classifier=True makes it int8)"
+            left[name] = CLASSIFIER_REASON
         elif kind not in types or (include and not any(fnmatch.fnmatchcase(name, p) for p in include)):
             left[name] = "not selected by types/include"
         elif any(fnmatch.fnmatchcase(name, p) for p in exclude):
@@ -192,7 +222,7 @@ def calibrate(model: nn.Module, layers: Iterable[str], batches: list[Tensor]) ->
     finally:
         model.train(was_training)
     # the same rule as a dynamic scale (quantize_activation): an all-zero input gets scale 1
-    return {n: torch.where(t > 0, t / 127.0, torch.ones((), dtype=torch.float32)) for n, t in top.items()}
+    return {n: activation_scale(t) for n, t in top.items()}
 
 
 def plain_copy(model: nn.Module) -> nn.Module:
@@ -241,6 +271,9 @@ def convert(
         result.int8.append(name)
     for bn_name, reason in kept.items():
         result.left_float[bn_name] = f"BatchNorm kept float: {reason}"
+    for conv_name, bn_name in pairs.items():
+        if bn_name not in result.folded:  # its convolution was excluded, left float or never calibrated
+            result.left_float[bn_name] = f"BatchNorm kept float: its convolution '{conv_name}' stays float"
     log.info(
         "int8 (%s activations): %d layers, %d BatchNorms folded",
         activations,
@@ -261,11 +294,13 @@ def quantize(
     include: Iterable[str] = (),
     exclude: Iterable[str] = (),
     classifier: bool = False,
+    example: Tensor | None = None,
 ) -> Quantized:
     """Convert a copy of ``model`` to INT8 (module docstring); returns it with what was done per layer.
 
     ``calibration``: input batches, or (x, y) batches, for static activations; the first
-    ``calibration_batches`` are used (None: all of them).
+    ``calibration_batches`` are used (None: all of them). ``example``: an input the converted model is
+    run on once as a check (default: the first calibration batch; dynamic without one: no check).
     """
     check_activations(activations)
     if any(isinstance(m, _QuantizedLayer) for m in model.modules()):
@@ -276,7 +311,45 @@ def quantize(
     scales = calibrate(work, layers, batches) if activations == "static" else None
     result = convert(work, activations, layers, scales)
     result.left_float = {**left, **result.left_float}
+    check_runs(result.model, example if example is not None else (batches[0] if batches else None))
     return result
+
+
+@torch.no_grad()
+def check_runs(model: nn.Module, example: Tensor | None) -> None:
+    """Run the converted ``model`` once on ``example`` (nothing when None); a failure becomes a one-line
+    PrunekitError naming the module whose forward failed (typically one reading an int8 layer's
+    ``weight``: int8 layers hold ``weight_q``)."""
+    if example is None:
+        return
+    try:
+        model(example)
+    except Exception as exc:  # any failure of a user's forward: reported, with its type, in one line
+        where = _failing_module(model, exc)
+        first = (str(exc).strip().splitlines() or [""])[0]
+        hint = (
+            " (its forward reads the float weight of a layer now int8, which holds weight_q: "
+            "exclude= that layer)"
+            if isinstance(exc, AttributeError) and "Quantized" in first
+            else ""
+        )
+        raise PrunekitError(
+            f"the int8 model fails on a test run{where}: {type(exc).__name__}: {first}{hint}"
+        ) from None
+
+
+def _failing_module(model: nn.Module, exc: BaseException) -> str:
+    """`` in 'name' (Type)`` for the innermost module whose ``forward`` is in the traceback, or ''."""
+    names = {id(m): n for n, m in model.named_modules()}
+    found = ""
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        owner = frame.f_locals.get("self")
+        if frame.f_code.co_name == "forward" and id(owner) in names:
+            found = f" in '{names[id(owner)] or 'the model'}' ({type_name(owner)})"
+        tb = tb.tb_next
+    return found
 
 
 def int8_plan(model: nn.Module) -> dict[str, Any] | None:

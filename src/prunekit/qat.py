@@ -9,6 +9,10 @@
 - every chosen layer's input goes through an :class:`InputFakeQuant` (a forward pre-hook calling the
   submodule ``input_quant``): ``x_q * s_x`` with the same rounding and clamp as the int8 layer.
 
+The layers are chosen as :func:`prunekit.ptq.choose_layers` chooses them, so a Linear inside a
+Transformer layer or MultiheadAttention is not prepared: their fused fast path reads the weights directly
+and would skip the input fake-quant hook, and such a layer could not be converted anyway.
+
 Static input scales are calibrated once (``max|x| / 127`` over the calibration batches, as in PTQ) and
 then stay fixed during fine-tuning: the weights learn around the grid the int8 model will use, and the
 conversion uses exactly those scales. ``convert_qat(model)`` returns the int8 copy.
@@ -124,10 +128,25 @@ def strip_qat(model: nn.Module) -> dict[str, Tensor | None]:
     return scales
 
 
-def convert_qat(model: nn.Module) -> Any:
+def fake_quantized(model: nn.Module) -> list[str]:
+    """The layers of ``model`` with active fake quantization (input hooks, or enabled weight fake-quant);
+    empty for a model never prepared or after :func:`strip_qat`."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "input_quant", None), InputFakeQuant)
+        or (
+            parametrize.is_parametrized(module, "weight")
+            and any(isinstance(p, FakeQuantWeight) and p.enabled for p in module.parametrizations.weight)
+        )
+    ]
+
+
+def convert_qat(model: nn.Module, *, example: Tensor | None = None) -> Any:
     """The int8 copy of a QAT-prepared model (a :class:`prunekit.ptq.Quantized`), with the trained scales:
-    in eval mode the int8 model computes what the fake-quant model computed, up to float rounding."""
-    from prunekit.ptq import FLOAT_TYPES, convert, plain_copy
+    in eval mode the int8 model computes what the fake-quant model computed, up to float rounding.
+    ``example``: an input the int8 model is run on once as a check (:func:`prunekit.ptq.check_runs`)."""
+    from prunekit.ptq import CLASSIFIER_REASON, FLOAT_TYPES, check_runs, convert, plain_copy, weight_readers
     from prunekit.targets import classifier_name
 
     scales = _scales(model)
@@ -138,16 +157,16 @@ def convert_qat(model: nn.Module) -> Any:
         raise PrunekitError("QAT layers mix static and dynamic activations; prepare_qat sets one mode")
     work = plain_copy(model).eval()  # plain_copy strips QAT from the copy only
     result = convert(work, "dynamic" if dynamic else "static", list(scales), None if dynamic else scales)
-    head = classifier_name(model)
+    head, owned = classifier_name(model), weight_readers(model)
     for name, module in model.named_modules():
         if (
             isinstance(module, FLOAT_TYPES)
             and name not in scales
             and "parametrizations" not in name.split(".")
         ):
-            result.left_float.setdefault(
-                name, "final classifier (float32 by default)" if name == head else "not prepared for QAT"
-            )
+            reason = owned.get(name, CLASSIFIER_REASON if name == head else "not prepared for QAT")
+            result.left_float.setdefault(name, reason)
+    check_runs(result.model, example)
     return result
 
 

@@ -3,7 +3,8 @@
 Weights: per-output-channel symmetric int8, ``q = round(w / s_w)`` in [-127, 127] with
 ``s_w = max|w_row| / 127`` (:func:`prunekit.compress.container.quantize_int8`), so pruned zeros stay exactly
 zero. Activations: per-tensor symmetric int8, ``x_q = clamp(round(x / s_x), -127, 127)``, with ``s_x``
-either calibrated (static) or ``max|x| / 127`` of each call (dynamic; 1 when ``x`` is all zero).
+either calibrated (static) or ``max|x| / 127`` of each call (dynamic; 1 when ``x`` is all zero), both by
+:func:`activation_scale`.
 
 Output: ``y = float32(acc) * (s_x * s_w) + bias`` where ``acc`` is the exact integer dot product of
 ``x_q`` and ``q`` (int32 in a kernel; computed here in float64, exact far beyond any layer's size), and
@@ -31,12 +32,18 @@ def quantize_model(model: nn.Module, **kwargs) -> nn.Module:
     return quantize(model, **kwargs).model
 
 
+def activation_scale(top: Tensor) -> Tensor:
+    """The activation scale for the largest input magnitude ``top`` (float32): ``top / 127``, and 1 when
+    ``top`` is 0 (an all-zero input). The one rule for dynamic scales and static calibration alike."""
+    return torch.where(top > 0, top / 127.0, torch.ones((), dtype=torch.float32))
+
+
 def quantize_activation(x: Tensor, scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``(x_q, s_x)``: int8 values and the float32 scalar scale (``scale`` if given, else dynamic)."""
     x = x.to(torch.float32)
     if scale is None:
         top = x.abs().amax() if x.numel() else torch.zeros((), dtype=torch.float32)
-        scale = torch.where(top > 0, top / 127.0, torch.ones((), dtype=torch.float32))
+        scale = activation_scale(top)
     scale = scale.to(torch.float32).reshape(())
     return torch.round(x / scale).clamp_(-127, 127).to(torch.int8), scale
 

@@ -1,9 +1,9 @@
 """Parameter counts and the per-layer sparsity table, on effective (masked) weights.
 
-INT8 layers (:mod:`prunekit.quantize`) hold their weights and bias as buffers (``weight_q``, ``bias``):
-they count as that layer's parameters, so a quantized model counts like its float source, except that a
-folded BatchNorm's two parameters per channel become the convolution's one bias. Scales are not
-parameters.
+INT8 layers (:mod:`prunekit.quantize`, recognised by their base class, not by a buffer name) hold their
+weights and bias as buffers (``weight_q``, ``bias``): they count as that layer's parameters, so a quantized
+model counts like its float source, except that a folded BatchNorm's two parameters per channel become the
+convolution's one bias. Scales are not parameters.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from prunekit.masking import type_name
+from prunekit.quantize import _QuantizedLayer
 from prunekit.spec import Spec
 
 
@@ -26,7 +27,7 @@ def effective_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
         if "parametrizations" in mname.split("."):
             continue  # the stored originals behind a parametrization are reported through their owner
         names = [n for n, p in module._parameters.items() if p is not None]
-        if isinstance(module._buffers.get("weight_q"), torch.Tensor):  # an int8 layer
+        if isinstance(module, _QuantizedLayer):
             names += [n for n in ("weight_q", "bias") if module._buffers.get(n) is not None]
         if parametrize.is_parametrized(module):
             names += list(module.parametrizations.keys())
@@ -50,9 +51,8 @@ def layer_table(model: nn.Module, specs: Mapping[str, Spec] | None = None) -> li
     specs = specs or {}
     rows = []
     for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if weight is None:
-            weight = module._buffers.get("weight_q")  # an int8 layer: zeros of weight_q are its zeros
+        # an int8 layer has no weight: the zeros of weight_q are its zeros
+        weight = module.weight_q if isinstance(module, _QuantizedLayer) else getattr(module, "weight", None)
         if "parametrizations" in name.split(".") or not isinstance(weight, torch.Tensor) or weight.dim() < 2:
             continue
         weight = weight.detach()

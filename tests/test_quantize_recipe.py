@@ -4,6 +4,8 @@ QAT -> int8 evaluate -> export -> reload to the same accuracy, report with the I
 from __future__ import annotations
 
 import copy
+import logging
+import re
 import time
 from typing import Any
 
@@ -12,7 +14,7 @@ import torch
 
 from prunekit import recipe
 from prunekit.analysis import evaluate
-from prunekit.artifact import load_artifact
+from prunekit.artifact import load_artifact, read_artifact
 from prunekit.data import load_splits
 from prunekit.errors import PrunekitError
 from prunekit.pipeline import run_recipe
@@ -103,14 +105,54 @@ def test_a_quantize_stage_that_cannot_work_fails_before_anything_runs(tmp_path, 
     assert not (tmp_path / "out").exists() and time.perf_counter() - started < 20
 
 
+class Rounded(logging.Handler):
+    """Collects prunekit.ptq's "int8: <layer>: <n> non-zero weights round to zero" lines: the one
+    documented case of a kept weight (mask True) that is a zero of weight_q."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lost: dict[str, int] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        found = re.fullmatch(r"int8: (.+): (\d+) non-zero weights round to zero", record.getMessage())
+        if found:
+            self.lost[found[1]] = self.lost.get(found[1], 0) + int(found[2])
+
+
+def run_logged(data: dict[str, Any], out) -> tuple[dict[str, Any], dict[str, int]]:
+    """Run the recipe; returns its metrics and the kept weights each layer's int8 rounding lost (logged)."""
+    logger, handler = logging.getLogger("prunekit.ptq"), Rounded()
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        return run_recipe(recipe.from_dict(data), out, progress=False), handler.lost
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("int8")
-    return out, run_recipe(recipe.from_dict(TINY), out, progress=False)
+    return (out, *run_logged(TINY, out))
+
+
+def zeros_match_masks(int8_path, pruned_path, lost: dict[str, int]) -> None:
+    """Every pruned weight is a zero of weight_q, and a kept weight is one only as often as conversion
+    logged (a weight below half a quantization step of its row rounds to zero)."""
+    model, _ = load_artifact(int8_path)
+    masks = read_artifact(pruned_path)[1].masks
+    assert masks and masks.keys() <= {n for n, m in model.named_modules() if isinstance(m, QuantizedConv2d)}
+    for name, mask in masks.items():
+        zero = model.get_submodule(name).weight_q == 0
+        assert bool(zero[~mask].all()), name  # exactly the pruned positions, and then
+        assert int(zero[mask].sum()) == lost.get(name, 0), name  # only the logged kept ones
+    assert set(lost) <= set(masks)
 
 
 def test_the_int8_model_is_evaluated_exported_and_reloads_to_the_same_accuracy(run):
-    out, m = run
+    out, m, lost = run
     q = m["quantization"]
     assert (q["before"], q["after"], q["qat"], q["activations"]) == ("pruned", "pruned-int8", True, "static")
     assert set(q["left_float"]) == {"fc"} and len(q["folded"]) == 6
@@ -120,10 +162,9 @@ def test_the_int8_model_is_evaluated_exported_and_reloads_to_the_same_accuracy(r
     assert entry["size_bytes"] < 0.5 * m["pruned"]["size_bytes"]
     assert [s["type"] for s in entry["recipe"]["stages"]] == ["train", "prune", "quantize"]
     rows = {r["layer"]: r for r in entry["layers"]}
-    pruned_rows = {r["layer"]: r for r in m["pruned"]["layers"]}
     assert rows["stem.0"]["type"] == "QuantizedConv2d" and rows["fc"]["type"] == "Linear"
-    for name, row in rows.items():  # every pruned zero is still a zero of weight_q
-        assert row["nonzero"] <= pruned_rows[name]["nonzero"], name
+    # QAT moved the kept weights: one that ended below half a step rounds to zero, and is logged
+    zeros_match_masks(out / "pruned-int8.safetensors", out / "pruned.safetensors", lost)
     data = load_splits("digits", seed=0)
     model, info = load_artifact(out / "pruned-int8.safetensors")
     assert isinstance(model.stem[0], QuantizedConv2d) and info.int8["layers"]["stem.0"]["static"]
@@ -132,8 +173,20 @@ def test_the_int8_model_is_evaluated_exported_and_reloads_to_the_same_accuracy(r
     assert again["accuracy"] == entry["accuracy"]
 
 
+def test_without_qat_the_zeros_of_weight_q_are_exactly_the_masks(run, tmp_path):
+    out, _, _ = run
+    start = {**TINY, "model": {"artifact": str(out / "pruned.safetensors")}}  # the masked, pruned model
+    stages = [{"type": "quantize", "calibration_batches": 2}, {"type": "export", "name": "int8"}]
+    metrics, lost = run_logged({**start, "stages": stages}, tmp_path)
+    assert not metrics["quantization"]["qat"] and not lost  # magnitude pruning keeps no weight that small
+    zeros_match_masks(tmp_path / "int8.safetensors", out / "pruned.safetensors", lost)
+    model, _ = load_artifact(tmp_path / "int8.safetensors")
+    for name, mask in read_artifact(out / "pruned.safetensors")[1].masks.items():
+        assert torch.equal(model.get_submodule(name).weight_q == 0, ~mask), name
+
+
 def test_the_report_states_accuracy_before_and_after_int8(run):
-    out, m = run
+    out, m, _ = run
     report = (out / "report.md").read_text(encoding="utf-8")
     assert "## INT8" in report
     line = next(x for x in report.splitlines() if x.startswith("- INT8 accuracy: "))
@@ -144,7 +197,7 @@ def test_the_report_states_accuracy_before_and_after_int8(run):
 
 
 def test_a_recipe_can_start_from_an_int8_artifact_but_not_train_it(run, tmp_path):
-    out, m = run
+    out, m, _ = run
     start = {**TINY, "model": {"artifact": str(out / "pruned-int8.safetensors")}}
     again = run_recipe(
         recipe.from_dict({**start, "stages": [{"type": "evaluate", "label": "int8", **FAST}]}),

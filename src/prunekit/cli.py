@@ -78,7 +78,7 @@ def demo(
     out: Path = typer.Option(Path("prunekit-demo"), "--out", help="Output directory."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or log lines."),
 ) -> None:
-    """Run the built-in edge-digits recipe: dense CNN -> iterative pruning to 90% -> INT8 -> report (sparse runtime timed)."""
+    """Run the built-in edge-digits recipe: dense CNN -> pruning to 90% -> INT8 -> report (runtime timed)."""
     from prunekit import recipe
 
     _run(recipe.load_builtin("edge-digits"), out, quiet)

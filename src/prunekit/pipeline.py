@@ -362,6 +362,7 @@ class Run:
 
         select = {"include": stage.include, "exclude": stage.exclude, "classifier": stage.classifier}
         calib = self._calibration(stage.calibration_batches) if stage.activations == "static" else None
+        example = self.data.train[: min(2, len(self.data.train))][0]  # the int8 model is test-run on it
         self.masks = get_masks(self.model)
         before = list(self.metrics)[-1] if self.metrics else None
         if stage.qat is not None:
@@ -373,9 +374,11 @@ class Run:
                 progress=self.progress,
                 desc="quantization-aware fine-tuning",
             )
-            result = convert_qat(self.model)
+            result = convert_qat(self.model, example=example)
         else:
-            result = quantize(self.model, activations=stage.activations, calibration=calib, **select)
+            result = quantize(
+                self.model, activations=stage.activations, calibration=calib, example=example, **select
+            )
         self.model = result.model
         self.int8 = {"before": before, "after": None, "qat": stage.qat is not None, **result.summary()}
 

@@ -80,6 +80,6 @@ def test_report_says_what_did_not_improve(demo):
     # the sparse runtime's twins were timed and agree with their models on every test image
     for label in ("pruned", "pruned-int8"):
         c = m[label]["compiled"]
-        assert c["same_predictions"] == c["test_samples"] == 360
+        assert c["same_predictions"] == c["samples"] == 360
         assert f"| {label} (compiled) | {c['latency_ms']['p50']:.3f} |" in report
     assert "- INT8 accuracy: " in report and "not the speed of an int8 kernel" in report

@@ -44,9 +44,9 @@ def result(tmp_path_factory):
 def test_compiled_twin_is_timed_and_agrees(result):
     _, m = result
     c = m["pruned"]["compiled"]
-    assert c["test_samples"] == sum(m["pruned"]["support"])
-    assert c["same_predictions"] == c["test_samples"]
-    assert c["max_abs_logit_diff"] <= 1e-3
+    assert c["samples"] == sum(m["pruned"]["support"])
+    assert c["same_predictions"] == c["samples"]
+    assert c["max_abs_diff"] <= 1e-3
     # one decision per Linear/Conv2d layer of the model (stem, 2 blocks' convs, shortcut, fc)
     names = [d["name"] for d in c["layers"]]
     assert len(names) == len(set(names)) and "fc" in names and "stem.0" in names
@@ -84,7 +84,7 @@ def test_compressed_int8_export_keeps_specs_and_the_int8_plan(result):
     for layer in info.int8["layers"]:
         if layer in info.specs:
             assert header["tensors"][f"{layer}.weight_q"]["spec"] == info.specs[layer].to_dict()
-    assert m["int8"]["compiled"]["same_predictions"] == m["int8"]["compiled"]["test_samples"]
+    assert m["int8"]["compiled"]["same_predictions"] == m["int8"]["compiled"]["samples"]
 
 
 def test_report_shows_the_compiled_numbers(result):
@@ -95,7 +95,7 @@ def test_report_shows_the_compiled_numbers(result):
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert float(cells[1]) == pytest.approx(c["latency_ms"]["p50"], abs=5e-4)
     assert cells[4] == f"{c['sparse_layers']}/{len(c['layers'])}"
-    assert cells[5].startswith(f"{c['same_predictions']}/{c['test_samples']}")
+    assert cells[5].startswith(f"{c['same_predictions']}/{c['samples']}")
     assert re.search(r"Sparse runtime \(`prunekit.runtime.compile`\): p50 \d+\.\d\dx of dense", report)
     assert "Size on disk: the compressed artifact is" in report
 

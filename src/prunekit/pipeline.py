@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from prunekit.analysis import compare_latency, count_params, evaluate, layer_table
+from prunekit.analysis import compare_latency, count_params, evaluate, layer_table, prediction_agreement
 from prunekit.artifact import load_artifact, save_artifact
 from prunekit.data import Splits, load_splits
 from prunekit.errors import PrunekitError
@@ -338,19 +338,10 @@ class Run:
 
         compiled = runtime.compile(model, (example,))
         decisions = runtime.report(compiled).layers
-        same, total, diff = 0, 0, 0.0
-        with torch.inference_mode():
-            for x, _ in self.loader("test"):
-                a, b = model(x), compiled(x)
-                same += int((a.argmax(1) == b.argmax(1)).sum())
-                total += len(x)
-                diff = max(diff, float((a - b).abs().max()))
         self.metrics[label]["compiled"] = {
             "sparse_layers": sum(d.chosen != "dense" for d in decisions),
             "layers": [asdict(d) for d in decisions],
-            "same_predictions": same,
-            "test_samples": total,
-            "max_abs_logit_diff": diff,
+            **prediction_agreement(model, compiled, self.loader("test")),
         }
         return compiled
 

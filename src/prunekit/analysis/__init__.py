@@ -2,7 +2,7 @@
 
 from prunekit.analysis.latency import compare_latency, measure_latency
 from prunekit.analysis.macs import count_macs
-from prunekit.analysis.metrics import classification_metrics, evaluate
+from prunekit.analysis.metrics import classification_metrics, evaluate, prediction_agreement
 from prunekit.analysis.sparsity import count_params, layer_table
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "measure_latency",
     "classification_metrics",
     "evaluate",
+    "prediction_agreement",
     "count_params",
     "layer_table",
 ]

@@ -48,3 +48,20 @@ def predict(model: nn.Module, loader: DataLoader) -> tuple[torch.Tensor, torch.T
 def evaluate(model: nn.Module, loader: DataLoader, num_classes: int) -> dict[str, Any]:
     preds, targets = predict(model, loader)
     return classification_metrics(preds, targets, num_classes)
+
+
+@torch.inference_mode()
+def prediction_agreement(reference: nn.Module, candidate: nn.Module, loader: DataLoader) -> dict[str, Any]:
+    """How often ``candidate`` predicts the class ``reference`` predicts over ``loader``'s inputs, and the
+    largest absolute difference between their outputs (both models are run in eval mode)."""
+    states = reference.training, candidate.training
+    reference.eval(), candidate.eval()
+    same = total = 0
+    diff = 0.0
+    for inputs, _ in loader:
+        a, b = reference(inputs), candidate(inputs)
+        same += int((a.argmax(dim=1) == b.argmax(dim=1)).sum())
+        total += len(inputs)
+        diff = max(diff, float((a - b).abs().max())) if len(inputs) else diff
+    reference.train(states[0]), candidate.train(states[1])
+    return {"same_predictions": same, "samples": total, "max_abs_diff": diff}

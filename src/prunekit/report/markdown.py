@@ -155,8 +155,7 @@ def _runtime_section(m: dict[str, Any], labels: list[str]) -> list[str]:
                     f"{c['latency_ms']['p99']:.3f}",
                     f"{c['latency_p50_vs_first']:.2f}x",
                     f"{c['sparse_layers']}/{len(c['layers'])}",
-                    f"{c['same_predictions']}/{c['test_samples']} "
-                    f"(max logit diff {c['max_abs_logit_diff']:.1e})",
+                    f"{c['same_predictions']}/{c['samples']} (max logit diff {c['max_abs_diff']:.1e})",
                 ]
             )
     lines = ["## Sparse runtime", ""]

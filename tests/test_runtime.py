@@ -249,3 +249,46 @@ def test_numba_cache_failure_falls_back_to_memory():
 def test_default_block_only_splits_wide_inputs():
     assert default_block(256, 64) is None and default_block(512, 8) is None
     assert default_block(3072, 64) == 256 and default_block(3072, 8) == 512
+
+
+# -- the xt kernel's fused bias and the Linear -> activation -> Linear chain ------------------------------
+@pytest.mark.parametrize("block", [None, 16])
+@pytest.mark.parametrize("p", [1, 7, 8, 9, 64, 72, 130])
+def test_xt_bias_is_bit_identical_to_a_separate_add(block, p):
+    from prunekit.runtime.layers import _xt
+
+    w = pack(sparse_weight(37, 70, 0.3, 4).numpy(), block)  # with an empty row
+    g = torch.Generator().manual_seed(p)
+    xT, bias = torch.randn(70, p, generator=g).numpy(), torch.randn(37, generator=g).numpy()
+    np.testing.assert_array_equal(_xt(w, xT, bias), _xt(w, xT) + bias[:, None])
+
+
+@pytest.mark.parametrize("act", [nn.GELU(), nn.GELU(approximate="tanh"), nn.ReLU(), nn.SiLU(), nn.Tanh()])
+@pytest.mark.parametrize("block", [None, 16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_chain_equals_the_unfused_layers(act, block, bias):
+    from prunekit.runtime.layers import SparseLinearChain
+
+    first, second = linear(45, 33, 0.3, 5, bias=bias), linear(19, 45, 0.2, 6, bias=bias)  # empty rows
+    a, b = SparseLinear(first, "xt", block), SparseLinear(second, "xt", block)
+    chain = SparseLinearChain(a, act, b)
+    for shape in [(1, 33), (9, 33), (64, 33), (70, 33), (2, 5, 33)]:
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(shape[0]))
+        with torch.inference_mode():
+            y = chain(x)
+            assert y.shape == (*shape[:-1], 19)
+            assert close(y, b(act(a(x)))) and close(y, second(act(first(x))))
+
+
+def test_linear_chain_refuses_what_it_cannot_chain():
+    from prunekit.runtime.layers import SparseLinearChain
+
+    a, b = SparseLinear(linear(8, 6, 0.5), "xt"), SparseLinear(linear(4, 8, 0.5), "xt")
+    with pytest.raises(PrunekitError, match="xt"):
+        SparseLinearChain(SparseLinear(linear(8, 6, 0.5), "rows"), nn.ReLU(), b)
+    with pytest.raises(PrunekitError, match="sizes"):
+        SparseLinearChain(a, nn.ReLU(), SparseLinear(linear(4, 9, 0.5), "xt"))
+    with pytest.raises(PrunekitError, match="transposed layout"):
+        SparseLinearChain(a, nn.Softmax(dim=-1), b)
+    with pytest.raises(PrunekitError, match="inference-only"):
+        SparseLinearChain(a, nn.ReLU(), b)(torch.randn(2, 6, requires_grad=True))

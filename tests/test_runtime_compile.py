@@ -177,3 +177,53 @@ def test_float64_layers_stay_dense_with_a_reason():
     compiled = rt.compile(model, torch.randn(2, 8, dtype=torch.float64), **FAST)
     decision = rt.report(compiled).layers[0]
     assert decision.chosen == "dense" and "float64" in decision.reason
+
+
+def _prefer(kernel: str):
+    """A stand-in for compile's timer that makes ``kernel`` the fastest candidate and dense the slowest."""
+    return lambda fns, **kw: (
+        {n: 1e9 if n == "dense" else (1.0 if n == kernel else 2.0) for n in fns},
+        {n: 0.0 for n in fns},
+    )
+
+
+def test_compile_chains_xt_linears_around_activations(monkeypatch):
+    """Linear -> GELU/ReLU/SiLU/Tanh -> Linear in an nn.Sequential, both xt: one chain layer, same output."""
+    import prunekit.runtime.compiler as compiler
+    from prunekit.runtime.layers import SparseLinearChain
+
+    monkeypatch.setattr(compiler, "_time", _prefer("xt"))
+    torch.manual_seed(6)
+    inner = nn.Sequential(nn.Linear(40, 24), nn.SiLU(), nn.Linear(24, 40))
+    model = squash(
+        prune_all(nn.Sequential(nn.Linear(33, 40), nn.GELU(), nn.Linear(40, 40), nn.Tanh(), inner, nn.ReLU()))
+    )
+    x = torch.randn(9, 33)
+    fast = rt.compile(model, x)
+    assert isinstance(fast[0], SparseLinearChain) and isinstance(fast[1], nn.Identity)
+    assert isinstance(fast[2], nn.Identity) and isinstance(fast[4][0], SparseLinearChain)
+    notes = {d.name: d.reason for d in rt.report(fast).layers}
+    assert "chained" in notes["0"] and "chained" in notes["2"] and "chained" in notes["4.2"]
+    plain = rt.compile(model, x, chain=False)
+    assert isinstance(plain[0], SparseLinear) and isinstance(plain[2], SparseLinear)
+    for shape in [(1, 33), (9, 33), (64, 33), (2, 3, 33)]:
+        xs = torch.randn(shape)
+        with torch.inference_mode():
+            assert close(fast(xs), model(xs)) and close(fast(xs), plain(xs))
+
+
+def test_compile_does_not_chain_rows_kernels_or_other_modules(monkeypatch):
+    import prunekit.runtime.compiler as compiler
+
+    monkeypatch.setattr(compiler, "_time", _prefer("rows"))
+    torch.manual_seed(7)
+    model = squash(prune_all(nn.Sequential(nn.Linear(20, 30), nn.GELU(), nn.Linear(30, 10))))
+    fast = rt.compile(model, torch.randn(1, 20))
+    assert [type(m) for m in fast] == [SparseLinear, nn.GELU, SparseLinear]
+    monkeypatch.setattr(compiler, "_time", _prefer("xt"))
+    odd = squash(prune_all(nn.Sequential(nn.Linear(20, 30), nn.Softmax(-1), nn.Linear(30, 10))))
+    fast = rt.compile(odd, torch.randn(5, 20))
+    assert [type(m) for m in fast] == [SparseLinear, nn.Softmax, SparseLinear]
+    x = torch.randn(5, 20)
+    with torch.inference_mode():
+        assert close(fast(x), odd(x))

@@ -267,6 +267,49 @@ def _decide(name: str, module: nn.Module, x: Tensor | None, margin: float, timin
     return decision, None
 
 
+def _fuse_chains(model: nn.Module, inputs: dict[str, Tensor], decisions: list[LayerDecision]) -> None:
+    """In every ``nn.Sequential``, replace runs ``xt`` SparseLinear -> GELU/ReLU/SiLU/Tanh -> ``xt``
+    SparseLinear by one :class:`~prunekit.runtime.layers.SparseLinearChain` (at the first Linear's index;
+    the activation and second Linear become ``nn.Identity``), when its output on the recorded input matches
+    the unfused layers'."""
+    from prunekit.runtime.layers import CHAIN_ACTIVATIONS, SparseLinear, SparseLinearChain
+
+    by_name = {d.name: d for d in decisions}
+    for seq_name, seq in list(model.named_modules()):
+        if not isinstance(seq, nn.Sequential):
+            continue
+        keys, i = list(seq._modules), 0
+        while i + 2 < len(keys):
+            first, act, second = (seq._modules[k] for k in keys[i : i + 3])
+            names = [f"{seq_name}.{k}" if seq_name else k for k in keys[i : i + 3]]
+            x = inputs.get(names[0])
+            if not (
+                type(first) is SparseLinear
+                and type(second) is SparseLinear
+                and type(act) in CHAIN_ACTIVATIONS
+                and first.kernel == second.kernel == "xt"
+                and first.out_features == second.in_features
+                and x is not None
+            ):
+                i += 1
+                continue
+            chain = SparseLinearChain(first, act, second)
+            with torch.inference_mode():
+                if not _matches(chain(x), second(act(first(x))), exact=False):
+                    log.warning(
+                        "runtime: %s..%s chain does not match the unfused layers; not used", *names[::2]
+                    )
+                    i += 1
+                    continue
+            seq._modules[keys[i]] = chain
+            seq._modules[keys[i + 1]], seq._modules[keys[i + 2]] = nn.Identity(), nn.Identity()
+            note = f"chained {names[0]} -> {type(act).__name__} -> {names[2]} (xT kept)"
+            for name in names[::2]:
+                if name in by_name:
+                    by_name[name].reason = note
+            i += 3
+
+
 def compile(  # noqa: A001 - the natural name, namespaced as prunekit.runtime.compile
     model: nn.Module,
     example_inputs,
@@ -275,6 +318,7 @@ def compile(  # noqa: A001 - the natural name, namespaced as prunekit.runtime.co
     budget_s: float = 0.25,
     min_reps: int = 7,
     max_reps: int = 300,
+    chain: bool = True,
 ) -> nn.Module:
     """A new inference model: a deep copy of ``model`` (masks squashed, eval mode) whose ``nn.Linear``,
     ``nn.Conv2d``, ``QuantizedLinear`` and ``QuantizedConv2d`` layers run sparse kernels where measured
@@ -283,7 +327,9 @@ def compile(  # noqa: A001 - the natural name, namespaced as prunekit.runtime.co
     ``example_inputs``: a tensor, a tuple of positional inputs, or a dict of keyword inputs, shaped like the
     inputs the model will serve (the decisions depend on the batch size). ``margin``: how much faster a
     sparse kernel must be to replace dense. ``budget_s``: timing budget per layer (``min_reps`` to
-    ``max_reps`` interleaved repetitions). The original model is not modified.
+    ``max_reps`` interleaved repetitions). ``chain``: fuse ``nn.Sequential`` runs of two ``xt`` sparse
+    Linears around a GELU/ReLU/SiLU/Tanh into one layer that keeps the transposed activations in between
+    (:class:`~prunekit.runtime.layers.SparseLinearChain`). The original model is not modified.
     """
     if not isinstance(model, nn.Module):
         raise PrunekitError(f"compile: expected an nn.Module, got {type(model).__name__}")
@@ -313,5 +359,7 @@ def compile(  # noqa: A001 - the natural name, namespaced as prunekit.runtime.co
     for name, new in replace.items():
         parent, _, child = name.rpartition(".")
         setattr(compiled.get_submodule(parent) if parent else compiled, child, new)
+    if chain:
+        _fuse_chains(compiled, inputs, decisions)
     compiled.runtime_report = RuntimeReport(decisions, threads, margin)
     return compiled

@@ -56,6 +56,8 @@ def _jit(fastmath: bool = True) -> Callable:
 _F32, _I32, _I64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
 _V8F = ir.VectorType(_F32, 8)
 _ZERO = ir.Constant(_V8F, [0.0] * 8)
+# numba's fastmath pass gives every float op that has no flags all of them; an op given these keeps them
+_NO_REASSOC = ("nnan", "ninf", "nsz", "arcp", "contract", "afn")
 
 
 def _declare(builder: ir.IRBuilder, name: str, ret: ir.Type, args: list[ir.Type]) -> ir.Function:
@@ -105,10 +107,13 @@ def _loop(builder: ir.IRBuilder, lo: ir.Value, hi: ir.Value, carried: list, body
 
 
 @cache
-def row_tile(nv: int, unroll: int, accumulate: bool):
+def row_tile(nv: int, unroll: int, accumulate: bool, with_bias: bool = False):
     """Intrinsic ``(idx, vals, start, stop, x, ldx, j0, y, y_off)`` for one row and ``8 * nv`` columns::
 
         y[y_off : y_off + 8 nv] (+)= sum_{k in [start, stop)} vals[k] * x.flat[idx[k] * ldx + j0 : ... + 8 nv]
+
+    ``with_bias`` adds two arguments ``(bias, r)`` and stores ``(old +) sum + bias[r]``: the bias added last,
+    in its own rounding (as a separate pass would), never reassociated into the sum.
 
     A plain numba loop would keep these accumulators in memory (LLVM cannot prove ``y`` and ``x`` do not
     alias): a store-to-load round trip per nonzero. Here they are SSA ``<8 x float>`` values. ``unroll``
@@ -116,13 +121,19 @@ def row_tile(nv: int, unroll: int, accumulate: bool):
     chain is latency-bound. Only target-independent LLVM operations are used (vector loads, llvm.fma).
     """
 
-    @intrinsic
-    def _row_tile(typingctx, idx, vals, start, stop, x, ldx, j0, y, y_off):
-        sig = types.void(idx, vals, start, stop, x, ldx, j0, y, y_off)
+    def declare(typingctx, idx, vals, start, stop, x, ldx, j0, y, y_off, *extra):
+        sig = types.void(idx, vals, start, stop, x, ldx, j0, y, y_off, *extra)
 
         def codegen(context, builder, signature, args):
-            ia, va, start, stop, xa, ldx, j0, ya, y_off = args
-            it, vt, _, _, xt, _, _, yt, _ = signature.args
+            ia, va, start, stop, xa, ldx, j0, ya, y_off = args[:9]
+            it, vt, _, _, xt, _, _, yt, _ = signature.args[:9]
+            if with_bias:
+                bp = context.make_array(signature.args[9])(context, builder, args[9]).data
+                b = builder.load(builder.gep(bp, [args[10]]))
+                one = builder.insert_element(ir.Constant(_V8F, ir.Undefined), b, ir.Constant(_I32, 0))
+                bvec = builder.shuffle_vector(
+                    one, ir.Constant(_V8F, ir.Undefined), ir.Constant(ir.VectorType(_I32, 8), [0] * 8)
+                )
             ip = context.make_array(it)(context, builder, ia).data
             vp = context.make_array(vt)(context, builder, va).data
             xp = context.make_array(xt)(context, builder, xa).data
@@ -169,11 +180,25 @@ def row_tile(nv: int, unroll: int, accumulate: bool):
                     old = builder.load(ptr)
                     old.align = 4
                     total = builder.fadd(old, total)
+                if with_bias:
+                    total = builder.fadd(total, bvec, flags=_NO_REASSOC)
                 store = builder.store(total, ptr)
                 store.align = 4
             return context.get_dummy_value()
 
         return sig, codegen
+
+    if with_bias:
+
+        @intrinsic
+        def _row_tile_bias(typingctx, idx, vals, start, stop, x, ldx, j0, y, y_off, bias, r):
+            return declare(typingctx, idx, vals, start, stop, x, ldx, j0, y, y_off, bias, r)
+
+        return _row_tile_bias
+
+    @intrinsic
+    def _row_tile(typingctx, idx, vals, start, stop, x, ldx, j0, y, y_off):
+        return declare(typingctx, idx, vals, start, stop, x, ldx, j0, y, y_off)
 
     return _row_tile
 
@@ -233,6 +258,8 @@ def transpose_tile(with_bias: bool):
 
 _T64, _T64_ACC = row_tile(8, 1, False), row_tile(8, 1, True)  # 64 columns: 8 chains are enough
 _T8, _T8_ACC = row_tile(1, 4, False), row_tile(1, 4, True)  # 8 columns: 4 streams hide the FMA latency
+_T64_B, _T64_ACC_B = row_tile(8, 1, False, True), row_tile(8, 1, True, True)  # + bias, in the last block
+_T8_B, _T8_ACC_B = row_tile(1, 4, False, True), row_tile(1, 4, True, True)
 
 
 # -- kernels ----------------------------------------------------------------------------------------------
@@ -248,11 +275,12 @@ def csr_rows(indptr, idx, vals, x, bias, y, r0, r1):
 
 
 @_jit()
-def csr_xt(indptr, idx, vals, kb, xT, yT, r0, r1):
-    """``yT[r, :] = sum_k vals[k] * xT[b*kb + idx[k], :]`` over column blocks ``b``, for output rows ``r`` in
-    ``[r0, r1)`` (``indptr``: blocks x rows+1 global offsets, ``idx`` local to the block). ``xT`` needs unit
-    column stride, ``yT`` C order. Column tiles of 64, then 8, then scalar (32-wide tiles were measured
-    slower than 64 at every size here)."""
+def csr_xt(indptr, idx, vals, kb, xT, yT, bias, has_bias, r0, r1):
+    """``yT[r, :] = sum_k vals[k] * xT[b*kb + idx[k], :] (+ bias[r])`` over column blocks ``b``, for output
+    rows ``r`` in ``[r0, r1)`` (``indptr``: blocks x rows+1 global offsets, ``idx`` local to the block).
+    ``xT`` needs unit column stride, ``yT`` C order. Column tiles of 64, then 8, then scalar (32-wide tiles
+    were measured slower than 64 at every size here). The bias is added after the last block's sums, so
+    the result equals the unbiased one plus the bias in a separate pass, bit for bit."""
     nb = indptr.shape[0]
     p = xT.shape[1]
     ldx = np.int64(xT.strides[0] // 4)
@@ -262,18 +290,29 @@ def csr_xt(indptr, idx, vals, kb, xT, yT, r0, r1):
     for b in range(nb):  # all rows of one block before the next: that block's slice of xT stays cached
         xb = xT[b * kb :]
         ptr = indptr[b]
+        add = has_bias and b == nb - 1
         for j in range(0, p64, 64):
             for r in range(r0, r1):
-                lo, hi, col, yo = ptr[r], ptr[r + 1], np.int64(j), np.int64(r * ldy + j)
+                lo, hi, col, yo, ri = ptr[r], ptr[r + 1], np.int64(j), np.int64(r * ldy + j), np.int64(r)
                 if b == 0:
-                    _T64(idx, vals, lo, hi, xb, ldx, col, yT, yo)
+                    if add:
+                        _T64_B(idx, vals, lo, hi, xb, ldx, col, yT, yo, bias, ri)
+                    else:
+                        _T64(idx, vals, lo, hi, xb, ldx, col, yT, yo)
+                elif add:
+                    _T64_ACC_B(idx, vals, lo, hi, xb, ldx, col, yT, yo, bias, ri)
                 else:
                     _T64_ACC(idx, vals, lo, hi, xb, ldx, col, yT, yo)
         for j in range(p64, p8, 8):
             for r in range(r0, r1):
-                lo, hi, col, yo = ptr[r], ptr[r + 1], np.int64(j), np.int64(r * ldy + j)
+                lo, hi, col, yo, ri = ptr[r], ptr[r + 1], np.int64(j), np.int64(r * ldy + j), np.int64(r)
                 if b == 0:
-                    _T8(idx, vals, lo, hi, xb, ldx, col, yT, yo)
+                    if add:
+                        _T8_B(idx, vals, lo, hi, xb, ldx, col, yT, yo, bias, ri)
+                    else:
+                        _T8(idx, vals, lo, hi, xb, ldx, col, yT, yo)
+                elif add:
+                    _T8_ACC_B(idx, vals, lo, hi, xb, ldx, col, yT, yo, bias, ri)
                 else:
                     _T8_ACC(idx, vals, lo, hi, xb, ldx, col, yT, yo)
         for r in range(r0, r1):
@@ -281,15 +320,15 @@ def csr_xt(indptr, idx, vals, kb, xT, yT, r0, r1):
                 acc = np.float32(0.0) if b == 0 else yT[r, j]
                 for k in range(ptr[r], ptr[r + 1]):
                     acc += np.float32(vals[k]) * xb[np.int64(idx[k]), j]
-                yT[r, j] = acc
+                yT[r, j] = acc + bias[r] if add else acc
 
 
 @_jit()
-def csr_xt_images(indptr, idx, vals, kb, cols, y, r0, r1):
+def csr_xt_images(indptr, idx, vals, kb, cols, y, bias, has_bias, r0, r1):
     """:func:`csr_xt` image by image: ``cols`` (N, K, L) and ``y`` (N, out, L), both C order. Convolutions
     in NCHW need no permuted copies this way, but each image only has L = Hout*Wout columns to tile."""
     for n in range(cols.shape[0]):
-        csr_xt(indptr, idx, vals, kb, cols[n], y[n], r0, r1)
+        csr_xt(indptr, idx, vals, kb, cols[n], y[n], bias, has_bias, r0, r1)
 
 
 _TR, _TR_BIAS = transpose_tile(False), transpose_tile(True)

@@ -51,22 +51,32 @@ def _transpose(x: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
+_NO_BIAS = np.zeros(0, np.float32)
+
+
 def _xt_images(w: SparseWeight, cols: np.ndarray) -> np.ndarray:
     """``(N, in, L) -> (N, out, L)``: the ``xt`` kernel per image (NCHW convolutions without permutes)."""
     y = np.empty((cols.shape[0], w.shape[0], cols.shape[2]), dtype=np.float32)
     cuts = w.row_splits(threads.chunks(w.nnz * cols.shape[0] * cols.shape[2]))
-    parts = [(w.indptr, w.idx, w.vals, w.block, cols, y, cuts[c], cuts[c + 1]) for c in range(cuts.size - 1)]
+    parts = [
+        (w.indptr, w.idx, w.vals, w.block, cols, y, _NO_BIAS, False, cuts[c], cuts[c + 1])
+        for c in range(cuts.size - 1)
+    ]
     threads.run(kernels.csr_xt_images, parts)
     return y
 
 
-def _xt(w: SparseWeight, xT: np.ndarray) -> np.ndarray:
-    """``(in, P) -> (out, P)`` with the transposed-activation kernel."""
+def _xt(w: SparseWeight, xT: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """``(in, P) -> (out, P)`` (+ bias per output row) with the transposed-activation kernel."""
     if xT.strides[1] != 4:
         xT = np.ascontiguousarray(xT)
     y = np.empty((w.shape[0], xT.shape[1]), dtype=np.float32)
     cuts = w.row_splits(threads.chunks(w.nnz * xT.shape[1]))
-    parts = [(w.indptr, w.idx, w.vals, w.block, xT, y, cuts[c], cuts[c + 1]) for c in range(cuts.size - 1)]
+    b, has_bias = (_NO_BIAS, False) if bias is None else (bias, True)
+    parts = [
+        (w.indptr, w.idx, w.vals, w.block, xT, y, b, has_bias, cuts[c], cuts[c + 1])
+        for c in range(cuts.size - 1)
+    ]
     threads.run(kernels.csr_xt, parts)
     return y
 
@@ -134,6 +144,35 @@ class SparseLinear(_LinearBase):
             f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}, "
             f"sparsity={self.sparse.sparsity:.1%}, blocks={self.sparse.blocks}"
         )
+
+
+# Elementwise activations the transposed layout can pass through unchanged (see SparseLinearChain).
+CHAIN_ACTIVATIONS = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh)
+
+
+class SparseLinearChain(_RuntimeLayer):
+    """``second(act(first(x)))`` for two ``xt`` :class:`SparseLinear` layers around an elementwise
+    activation, with the activations kept transposed in between: ``first``'s output transpose and
+    ``second``'s input transpose (two passes over a P x hidden array) are skipped, ``first``'s bias is added
+    in the transposed layout and ``act`` runs on it there. Made by :func:`prunekit.runtime.compile` for
+    ``nn.Sequential`` runs Linear -> activation -> Linear; same output within float32 rounding."""
+
+    kernel = "xt-chain"
+
+    def __init__(self, first: SparseLinear, act: nn.Module, second: SparseLinear) -> None:
+        super().__init__()
+        if first.kernel != "xt" or second.kernel != "xt" or first.out_features != second.in_features:
+            raise PrunekitError("SparseLinearChain needs two xt SparseLinear layers whose sizes chain")
+        if not isinstance(act, CHAIN_ACTIVATIONS):
+            raise PrunekitError(f"SparseLinearChain cannot keep the transposed layout across {type(act)}")
+        self.first, self.act, self.second = first, act, second
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2, lead = self.first._flat(x)
+        hT = torch.from_numpy(_xt(self.first.sparse, _transpose(x2), self.first.bias))  # (hidden, P)
+        aT = self.act(hT)
+        y = _transpose(_xt(self.second.sparse, self._array(aT)), self.second.bias)
+        return torch.from_numpy(y).reshape(*lead, self.second.out_features)
 
 
 def int8_exact(q: np.ndarray) -> bool:

@@ -292,3 +292,25 @@ def test_linear_chain_refuses_what_it_cannot_chain():
         SparseLinearChain(a, nn.Softmax(dim=-1), b)
     with pytest.raises(PrunekitError, match="inference-only"):
         SparseLinearChain(a, nn.ReLU(), b)(torch.randn(2, 6, requires_grad=True))
+
+
+def test_gelu_kernel_is_within_float32_rounding_of_the_exact_erf(monkeypatch):
+    from prunekit.runtime.layers import _gelu
+
+    g = torch.Generator().manual_seed(8)
+    extremes = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 6.0, -6.0, 8.5, -8.5, 30.0, -30.0, 1e30, -1e30])
+    x = torch.cat([torch.randn(3001, generator=g) * 4, torch.linspace(-10, 10, 2001), extremes])
+    ref = torch.nn.functional.gelu(x.double())
+    a = x.numpy().copy()
+    _gelu(a)
+    err = (torch.from_numpy(a).double() - ref).abs()
+    assert (err <= 2e-6 * ref.abs().clamp(min=1.0)).all(), err.max()
+    monkeypatch.setattr(threads, "MIN_PARALLEL_WORK", 0)  # split over two threads: the same values
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        b = x.numpy().copy()
+        _gelu(b)
+    finally:
+        torch.set_num_threads(before)
+    np.testing.assert_array_equal(a, b)

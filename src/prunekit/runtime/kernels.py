@@ -32,7 +32,7 @@ from numba.extending import intrinsic
 log = logging.getLogger(__name__)
 
 
-def _jit(fastmath: bool = True) -> Callable:
+def _jit(fastmath: bool = True, **extra) -> Callable:
     """``numba.njit`` with ``cache=True`` when a cache location is writable, without it otherwise.
 
     numba looks for a writable ``__pycache__`` next to this file, then a per-user cache directory; when
@@ -41,7 +41,7 @@ def _jit(fastmath: bool = True) -> Callable:
     """
 
     def wrap(fn: Callable) -> Callable:
-        opts = dict(nogil=True, boundscheck=False, fastmath=fastmath)
+        opts = dict(nogil=True, boundscheck=False, fastmath=fastmath, **extra)
         if os.environ.get("PRUNEKIT_NUMBA_CACHE", "1") != "0":
             try:
                 return numba.njit(cache=True, **opts)(fn)
@@ -356,6 +356,32 @@ def transpose(src, dst, bias, has_bias, i0, i1):
         lo = m8 if i < n8 else 0
         for j in range(lo, m):
             dst[j, i] = src[i, j] + bias[i] if has_bias else src[i, j]
+
+
+# Abramowitz & Stegun 7.1.28: erf(z) = 1 - (1 + a1 z + ... + a6 z^6)^-16 for z >= 0, |error| <= 3e-7; only
+# multiply-adds and one division, so LLVM vectorises it (libm's erff is a scalar call)
+_ERF = (0.0705230784, 0.0422820123, 0.0092705272, 0.0001520143, 0.0002765672, 0.0000430638)
+
+
+@_jit(error_model="numpy")  # no ZeroDivisionError check in the loop: it would stop the vectorisation
+def gelu(a, i0, i1):
+    """``a[i] = a[i] * Phi(a[i])`` (the exact-erf GELU, erf to within 3e-7) in place for ``i`` in
+    ``[i0, i1)`` of a 1-D float32 array. Written as ``0.5 (x + |x| erf(|x| / sqrt 2))``: no branch, so it
+    vectorises (torch's GELU takes about 1 ns per element on one core here)."""
+    c1, c2, c3 = np.float32(_ERF[0]), np.float32(_ERF[1]), np.float32(_ERF[2])
+    c4, c5, c6 = np.float32(_ERF[3]), np.float32(_ERF[4]), np.float32(_ERF[5])
+    inv_sqrt2, half, one = np.float32(0.7071067811865476), np.float32(0.5), np.float32(1.0)
+    top, zero = np.float32(6.0), np.float32(0.0)
+    for i in range(np.uint64(i0), np.uint64(i1)):  # unsigned: no negative-index wraparound in the loop
+        x = a[i]
+        ax = abs(x)
+        z = min(ax * inv_sqrt2, top)  # erf(6) is 1 in float32; the clip keeps p**16 finite
+        p = one + z * (c1 + z * (c2 + z * (c3 + z * (c4 + z * (c5 + z * c6)))))
+        p2 = p * p
+        p4 = p2 * p2
+        p8 = p4 * p4
+        q = one / (p8 * p8) if z < top else zero  # erfc(z)
+        a[i] = half * (x + (ax - ax * q))
 
 
 # -- int8 glue: no fastmath, these must round exactly like prunekit.quantize ------------------------------

@@ -146,6 +146,13 @@ class SparseLinear(_LinearBase):
         )
 
 
+def _gelu(a: np.ndarray) -> None:
+    """The exact-erf GELU in place on a C-ordered float32 array (kernels.gelu), split over threads."""
+    flat = a.reshape(-1)
+    cuts = threads.even_splits(flat.size, threads.chunks(flat.size * 8))
+    threads.run(kernels.gelu, [(flat, cuts[c], cuts[c + 1]) for c in range(len(cuts) - 1)])
+
+
 # Elementwise activations the transposed layout can pass through unchanged (see SparseLinearChain).
 CHAIN_ACTIVATIONS = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh)
 
@@ -166,12 +173,17 @@ class SparseLinearChain(_RuntimeLayer):
         if not isinstance(act, CHAIN_ACTIVATIONS):
             raise PrunekitError(f"SparseLinearChain cannot keep the transposed layout across {type(act)}")
         self.first, self.act, self.second = first, act, second
+        # the exact-erf GELU runs on our own vectorised kernel (erf within 3e-7), in place
+        self._gelu = type(act) is nn.GELU and act.approximate == "none"
 
     def forward(self, x: Tensor) -> Tensor:
         x2, lead = self.first._flat(x)
-        hT = torch.from_numpy(_xt(self.first.sparse, _transpose(x2), self.first.bias))  # (hidden, P)
-        aT = self.act(hT)
-        y = _transpose(_xt(self.second.sparse, self._array(aT)), self.second.bias)
+        hT = _xt(self.first.sparse, _transpose(x2), self.first.bias)  # (hidden, P)
+        if self._gelu:
+            _gelu(hT)
+        else:
+            hT = self._array(self.act(torch.from_numpy(hT)))
+        y = _transpose(_xt(self.second.sparse, hT), self.second.bias)
         return torch.from_numpy(y).reshape(*lead, self.second.out_features)
 
 

@@ -19,6 +19,7 @@ _EXPORTS = {
     "RuntimeReport": "prunekit.runtime.compiler",
     "LayerDecision": "prunekit.runtime.compiler",
     "SparseLinear": "prunekit.runtime.layers",
+    "SparseLinearChain": "prunekit.runtime.layers",
     "SparseConv2d": "prunekit.runtime.layers",
     "SparseQuantizedLinear": "prunekit.runtime.layers",
     "SparseQuantizedConv2d": "prunekit.runtime.layers",

@@ -10,6 +10,9 @@ one ``kernel`` name, chosen by :func:`prunekit.runtime.compile` by timing:
 * ``"dense"`` (int8 only) -- the exact int8 arithmetic as a float32 GEMM on integer values: exact because
   every partial sum stays below 2**24 (checked at construction), and as fast as dense float32.
 
+:class:`SparseLinearChain` runs two ``xt`` Linears around an elementwise activation with the activations
+kept transposed in between (made by ``compile`` for ``nn.Sequential`` runs Linear -> activation -> Linear).
+
 Convolutions are lowered to one sparse GEMM: ``W (Cout x Cin*kh*kw) @ cols (Cin*kh*kw x N*Hout*Wout)`` with
 ``cols`` from ``F.unfold`` (for 1x1 convolutions the input itself, no copy at batch 1). The int8 layers
 follow ``prunekit.quantize`` bit for bit: the same activation rounding, exact integer sums, then one float32

@@ -314,3 +314,12 @@ def test_gelu_kernel_is_within_float32_rounding_of_the_exact_erf(monkeypatch):
     finally:
         torch.set_num_threads(before)
     np.testing.assert_array_equal(a, b)
+
+
+def test_gelu_kernel_keeps_torch_results_at_infinities_and_nan():
+    from prunekit.runtime.layers import _gelu
+
+    x = torch.tensor([float("inf"), float("-inf"), float("nan"), 3.0])
+    a = x.numpy().copy()
+    _gelu(a)
+    np.testing.assert_array_equal(a[:3], torch.nn.functional.gelu(x).numpy()[:3])  # inf, nan, nan

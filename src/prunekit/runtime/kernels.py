@@ -381,7 +381,7 @@ def gelu(a, i0, i1):
         p4 = p2 * p2
         p8 = p4 * p4
         q = one / (p8 * p8) if z < top else zero  # erfc(z)
-        a[i] = half * (x + (ax - ax * q))
+        a[i] = half * (x + ax * (one - q))  # not ax - ax*q: inf * 0 would turn GELU(+inf) into NaN
 
 
 # -- int8 glue: no fastmath, these must round exactly like prunekit.quantize ------------------------------

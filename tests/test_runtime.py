@@ -158,6 +158,71 @@ def test_sparse_conv_equals_dense(spec, n, block, kernel):
         assert close(SparseConv2d(layer)(x[0]), layer(x[0]))  # unbatched input
 
 
+DIRECT_CONVS = CONVS + [
+    dict(cin=5, cout=7, k=3, padding=2, dilation=2),
+    dict(cin=9, cout=3, k=3, stride=2, padding=0),
+    dict(cin=4, cout=5, k=(3, 1), stride=(1, 2), padding=(2, 0), bias=False),
+    dict(cin=3, cout=6, k=(1, 3), dilation=(1, 2), padding=(0, 1)),
+    dict(cin=7, cout=5, k=3, stride=2, dilation=2, padding=2),
+]
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("spec", DIRECT_CONVS)
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.5])
+def test_direct_sparse_conv_equals_dense(spec, n, density):
+    layer = make_conv(spec, density=density, seed=n)
+    for hw in ((9, 11), (4, 4), (8, 8)):
+        x = torch.randn(n, layer.in_channels, *hw, generator=torch.Generator().manual_seed(n))
+        with torch.inference_mode():
+            fast = SparseConv2d(layer, "direct")
+            assert close(fast(x), layer(x))
+            assert close(fast(x[0]), layer(x[0]))  # unbatched input
+            assert close(fast(x.transpose(2, 3).contiguous().transpose(2, 3)), layer(x))  # non-contiguous
+
+
+@SETTINGS
+@given(
+    cin=st.integers(1, 9),
+    cout=st.integers(1, 9),
+    kh=st.integers(1, 3),
+    kw=st.integers(1, 3),
+    stride=st.integers(1, 2),
+    dilation=st.integers(1, 2),
+    padding=st.integers(0, 2),
+    n=st.sampled_from([1, 3]),
+    h=st.integers(4, 10),
+    w=st.integers(4, 10),
+    density=st.sampled_from([0.0, 0.05, 0.3]),
+    bias=st.booleans(),
+)
+def test_direct_sparse_conv_random_shapes(
+    cin, cout, kh, kw, stride, dilation, padding, n, h, w, density, bias
+):
+    layer = make_conv(
+        dict(cin=cin, cout=cout, k=(kh, kw), stride=stride, dilation=dilation, padding=padding, bias=bias),
+        density=density,
+        seed=cin + cout,
+    )
+    x = torch.randn(n, cin, h, w, generator=torch.Generator().manual_seed(h * w))
+    with torch.inference_mode():
+        assert close(SparseConv2d(layer, "direct")(x), layer(x))
+
+
+def test_direct_sparse_conv_all_zero_weight_gives_the_bias():
+    layer = nn.Conv2d(6, 4, 3, padding=1)
+    with torch.no_grad():
+        layer.weight.zero_()
+    x = torch.randn(2, 6, 5, 5)
+    with torch.inference_mode():
+        y = SparseConv2d(layer, "direct")(x)
+        assert close(y, layer(x)) and torch.equal(y, layer.bias[None, :, None, None].expand(2, 4, 5, 5))
+    with pytest.raises(PrunekitError, match="expects inputs"):
+        SparseConv2d(layer, "direct")(torch.randn(1, 5, 4, 4))
+    with pytest.raises(PrunekitError, match="inference-only"):
+        SparseConv2d(layer, "direct")(torch.randn(1, 6, 4, 4, requires_grad=True))
+
+
 def test_sparse_conv_refuses_what_it_cannot_lower():
     with pytest.raises(PrunekitError, match="grouped"):
         SparseConv2d(nn.Conv2d(4, 4, 3, groups=2))

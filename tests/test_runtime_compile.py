@@ -59,6 +59,37 @@ def test_compile_pruned_resnet_keeps_outputs_and_leaves_the_original_alone():
     assert "stem.0" in str(table)
 
 
+def test_compile_90pct_small_resnet_with_direct_convs_keeps_outputs(monkeypatch):
+    """SmallResNet (16, 32, 64) pruned to 90%: compiled outputs within tolerance, as timed and with every
+    convolution forced onto the direct sparse kernel."""
+    torch.manual_seed(6)
+    model = squash(prune_all(SmallResNet(widths=(16, 32, 64)).eval()))
+    x = torch.randn(1, 1, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+    compiled = rt.compile(model, x, **FAST)
+    rows = rt.report(compiled).layers
+    assert all("direct" in d.candidates for d in rows if d.kind == "Conv2d")
+    import prunekit.runtime.compiler as compiler
+
+    monkeypatch.setattr(
+        compiler,
+        "_time",
+        lambda fns, **kw: (
+            {n: (0.5 if n == "direct" else 1e9 if n == "dense" else 1.0) for n in fns},
+            {n: 0.0 for n in fns},
+        ),
+    )
+    forced = rt.compile(model, x)
+    convs = [m for m in forced.modules() if isinstance(m, SparseConv2d)]
+    assert len(convs) == sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert all(m.kernel == "direct" for m in convs)
+    with torch.inference_mode():
+        assert close(compiled(x), ref) and close(forced(x), ref)
+        x3 = torch.randn(3, 1, 8, 8)
+        assert close(forced(x3), model(x3))
+
+
 def test_compile_mlp_at_other_batch_sizes_and_leading_dims():
     torch.manual_seed(1)
     mlp = prune_all(nn.Sequential(nn.Linear(48, 96), nn.GELU(), nn.Linear(96, 48)))

@@ -171,6 +171,8 @@ def _candidates(module: nn.Module, x: Tensor) -> tuple[dict[str, Callable[[], nn
             out["xt-nchw"] = lambda: cls(module, "xt-nchw", block)
         if quantized:
             out["int8-gemm"] = lambda: cls(module, "dense")
+        else:  # direct sparse convolution: no im2col (small feature maps, where unfold dominates)
+            out["direct"] = lambda: cls(module, "direct")
         return out, ""
     m = x.numel() // max(1, x.shape[-1]) if x.dim() else 0
     cls = L.SparseQuantizedLinear if quantized else L.SparseLinear

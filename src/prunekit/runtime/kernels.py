@@ -415,3 +415,67 @@ def finish_int8(acc, s_x, weight_scale, bias, has_bias, y):
             for j in range(nl):
                 v = acc[n, r, j] * scale
                 y[n, r, j] = v + bias[r] if has_bias else v
+
+
+@_jit()
+def direct_conv(x, indptr, taps, vals, bias, geom):
+    """Direct sparse convolution (Park et al. 2017, "Faster CNNs with Direct Sparse Convolutions and Guided
+    Pruning"): no im2col. ``x`` (N, C, H, W) C-ordered float32 is zero-padded once into a fresh buffer;
+    ``indptr``/``vals`` is the weight as CSR over output channels and ``taps`` (3, nnz) uint64 holds each
+    nonzero's input channel and its ``kh*dilation_h``, ``kw*dilation_w`` offsets, so
+    ``y[n, co, oy, ox] = bias[co] + sum_k vals[k] * xpad[n, chan[k], oy*sh + dy[k], ox*sw + dx[k]]``.
+    ``geom`` (int64): padding h, w, stride h, w, output h, w, has_bias (few arguments: numba's dispatch
+    costs per argument). Stride 1 runs each nonzero as one contiguous multiply-add over the output's span
+    in the padded layout (``(ho-1)*Wpad + wo`` values, accumulated per output channel in a small buffer,
+    vectorised); other strides loop over ``oy`` then ``ox``. Returns the (N, Cout, ho, wo) float32 output."""
+    n, c, h, w = x.shape
+    ph, pw, sh, sw, ho, wo = geom[0], geom[1], geom[2], geom[3], geom[4], geom[5]
+    has_bias = geom[6] != 0
+    xp = np.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=np.float32)
+    for i in range(n):
+        for ci in range(c):
+            for r in range(h):
+                for q in range(w):
+                    xp[i, ci, ph + r, pw + q] = x[i, ci, r, q]
+    cout = indptr.shape[0] - 1
+    y = np.empty((n, cout, ho, wo), dtype=np.float32)
+    xf = xp.reshape(-1)
+    yf = y.reshape(-1)
+    wp = np.uint64(w + 2 * pw)
+    plane = np.uint64(h + 2 * ph) * wp
+    hw = np.uint64(ho * wo)
+    uho, uwo, ush, usw = np.uint64(ho), np.uint64(wo), np.uint64(sh), np.uint64(sw)
+    uc, ucout = np.uint64(c), np.uint64(cout)
+    chan, dy, dx = taps[0], taps[1], taps[2]
+    one = np.uint64(1)
+    span = (uho - one) * wp + uwo if ho > 0 and wo > 0 else np.uint64(0)
+    acc = np.empty(span, dtype=np.float32)
+    for i in range(np.uint64(n)):
+        xi = i * uc * plane
+        for co in range(ucout):
+            yo = (i * ucout + co) * hw
+            b = bias[co] if has_bias else np.float32(0.0)
+            lo, hi = np.uint64(indptr[co]), np.uint64(indptr[co + 1])
+            if sh == 1 and sw == 1:
+                for p in range(span):
+                    acc[p] = 0.0
+                for k in range(lo, hi):
+                    v = vals[k]
+                    base = xi + chan[k] * plane + dy[k] * wp + dx[k]
+                    for p in range(span):
+                        acc[p] += v * xf[base + p]
+                for oy in range(uho):
+                    for ox in range(uwo):
+                        yf[yo + oy * uwo + ox] = acc[oy * wp + ox] + b
+            else:
+                for p in range(hw):
+                    yf[yo + p] = b
+                for k in range(lo, hi):
+                    v = vals[k]
+                    base = xi + chan[k] * plane + dy[k] * wp + dx[k]
+                    for oy in range(uho):
+                        src = base + oy * ush * wp
+                        dst = yo + oy * uwo
+                        for ox in range(uwo):
+                            yf[dst + ox] += v * xf[src + ox * usw]
+    return y

@@ -7,14 +7,17 @@ one ``kernel`` name, chosen by :func:`prunekit.runtime.compile` by timing:
 * ``"rows"`` -- one CSR row per output, activations gathered (batch 1 and small batches),
 * ``"xt"``  -- activations transposed so each nonzero scales a contiguous row (batches, im2col convs),
 * ``"xt-nchw"`` (convolutions) -- the same kernel image by image, with no permuted copies,
+* ``"direct"`` (float32 convolutions) -- direct sparse convolution, no im2col (Park et al. 2017, "Faster CNNs
+  with Direct Sparse Convolutions and Guided Pruning"; :func:`kernels.direct_conv`),
 * ``"dense"`` (int8 only) -- the exact int8 arithmetic as a float32 GEMM on integer values: exact because
   every partial sum stays below 2**24 (checked at construction), and as fast as dense float32.
 
 :class:`SparseLinearChain` runs two ``xt`` Linears around an elementwise activation with the activations
 kept transposed in between (made by ``compile`` for ``nn.Sequential`` runs Linear -> activation -> Linear).
 
-Convolutions are lowered to one sparse GEMM: ``W (Cout x Cin*kh*kw) @ cols (Cin*kh*kw x N*Hout*Wout)`` with
-``cols`` from ``F.unfold`` (for 1x1 convolutions the input itself, no copy at batch 1). The int8 layers
+Convolutions (but ``direct``) are lowered to one sparse GEMM: ``W (Cout x Cin*kh*kw) @ cols
+(Cin*kh*kw x N*Hout*Wout)`` with ``cols`` from ``F.unfold`` (for 1x1 convolutions the input itself, no copy
+at batch 1). The int8 layers
 follow ``prunekit.quantize`` bit for bit: the same activation rounding, exact integer sums, then one float32
 product and one float32 sum.
 """
@@ -328,16 +331,50 @@ class _ConvBase(_RuntimeLayer):
 
 
 class SparseConv2d(_ConvBase):
-    """``nn.Conv2d`` (groups=1, zero padding) as a sparse GEMM over im2col columns."""
+    """``nn.Conv2d`` (groups=1, zero padding) as a sparse GEMM over im2col columns (``xt``, ``xt-nchw``), or,
+    with ``kernel="direct"``, as a direct sparse convolution (Park et al. 2017, "Faster CNNs with Direct
+    Sparse Convolutions and Guided Pruning"): no im2col, the input zero-padded once per call and each
+    nonzero of the CSR (over output channels) read as an offset into it (:func:`kernels.direct_conv`)."""
 
     def __init__(self, conv: nn.Conv2d, kernel: str = "xt", block: int | None = None) -> None:
         super().__init__()
-        self._init_conv(conv, kernel, ("xt", "xt-nchw"))
+        self._init_conv(conv, kernel, ("xt", "xt-nchw", "direct"))
         weight = conv.weight.detach().to(torch.float32).reshape(conv.out_channels, -1).numpy()
-        self.sparse = pack(weight, block)
+        self.sparse = pack(weight, None if kernel == "direct" else block)
         self.bias = None if conv.bias is None else conv.bias.detach().to(torch.float32).clone()
+        if kernel == "direct":
+            (kh, kw), (dh, dw) = self.kernel_size, self.dilation
+            col = self.sparse.idx.astype(np.uint64)
+            chan, tap = col // np.uint64(kh * kw), col % np.uint64(kh * kw)
+            taps = np.stack([chan, tap // np.uint64(kw) * np.uint64(dh), tap % np.uint64(kw) * np.uint64(dw)])
+            self._taps = np.ascontiguousarray(taps)
+            self._indptr = np.ascontiguousarray(self.sparse.indptr[0])
+            self._bias_np = _NO_BIAS if self.bias is None else self.bias.numpy()
+            self._geom: dict[tuple[int, int], np.ndarray] = {}  # per input (H, W)
+
+    def _direct_forward(self, x: Tensor) -> Tensor:
+        squeeze = x.dim() == 3
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.to(torch.float32).contiguous()
+        a = x.numpy()
+        if squeeze:
+            a = a[None]
+        geom = self._geom.get(a.shape[2:])
+        if geom is None:
+            ho, wo = self._out_hw(a.shape[2], a.shape[3])
+            geom = np.array([*self.padding, *self.stride, ho, wo, self.bias is not None], dtype=np.int64)
+            self._geom[a.shape[2:]] = geom
+        y = torch.from_numpy(
+            kernels.direct_conv(a, self._indptr, self._taps, self.sparse.vals, self._bias_np, geom)
+        )
+        return y[0] if squeeze else y
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.kernel == "direct":
+            self._check(x)
+            if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
+                self._batched(x)  # raises the shape error
+            return self._direct_forward(x)
         x, squeeze = self._batched(x)
         cols, n, ho, wo = self._cols(x.to(torch.float32))
         y = torch.from_numpy(self._product(cols, n, ho * wo))

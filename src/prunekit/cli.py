@@ -13,7 +13,9 @@ from typing import Any
 
 import typer
 
+from prunekit.cli_analyze import analyze_app
 from prunekit.cli_export import export_app, parse_ints
+from prunekit.cli_store import store_app
 from prunekit.errors import PrunekitError
 
 app = typer.Typer(
@@ -27,6 +29,8 @@ app.add_typer(recipes_app, name="recipes")
 llm_app = typer.Typer(no_args_is_help=True, help="One-shot pruning of causal language models.")
 app.add_typer(llm_app, name="llm")
 app.add_typer(export_app, name="export")
+app.add_typer(analyze_app, name="analyze")
+app.add_typer(store_app, name="store")
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,158 @@
+"""Per-layer allocation: the global target is met exactly in pruned weights, bounds hold, the greedy is the
+optimum for convex curves (brute force), more sensitive layers get less, and a case worked by hand."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from prunekit.allocate import (
+    global_count,
+    monotone_curve,
+    predicted_drop,
+    sensitivity_allocation,
+    uniform_allocation,
+)
+from prunekit.errors import PrunekitError
+
+GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+
+
+def test_by_hand_the_cheapest_weights_go_first():
+    curves = {"a": ((0.5, 0.9), (0.0, 0.5)), "b": ((0.5, 0.9), (0.2, 0.6))}
+    sizes = {"a": 100, "b": 100}
+    # marginal costs per weight: a 0..50 free, b 0..50 0.004, b 50..90 0.01, a 50..90 0.0125
+    assert sensitivity_allocation(curves, sizes, 0.5).sparsity == {"a": 0.5, "b": 0.5}
+    plan = sensitivity_allocation(curves, sizes, 0.6)  # 120 weights: 50 + 50, then 20 more from b
+    assert plan.pruned == {"a": 50, "b": 70}
+    assert plan.predicted_drop == pytest.approx({"a": 0.0, "b": 0.4})  # a at 0.7 and b at 0.5 costs 0.45
+    plan = sensitivity_allocation(curves, sizes, 0.85)  # 170: both first segments, all of b's 40, 30 of a
+    assert plan.pruned == {"a": 80, "b": 90}
+
+
+def test_monotone_curve_is_a_cumulative_max_through_the_origin():
+    s, d = monotone_curve((0.3, 0.1, 0.2), (0.05, -0.01, 0.02))
+    assert s.tolist() == [0.0, 0.1, 0.2, 0.3] and d.tolist() == [0.0, 0.0, 0.02, 0.05]
+    s, d = monotone_curve((0.1, 0.2, 0.3), (0.04, 0.01, 0.03))
+    assert d.tolist() == [0.0, 0.04, 0.04, 0.04]
+
+
+curve_st = st.lists(st.floats(-0.05, 1.0), min_size=len(GRID), max_size=len(GRID))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    drops=st.lists(curve_st, min_size=1, max_size=6),
+    sizes=st.lists(st.integers(1, 5000), min_size=6, max_size=6),
+    target=st.floats(0.0, 0.95),
+    cap=st.sampled_from([None, 0.9, 0.95]),
+)
+def test_the_global_target_is_met_exactly_and_bounds_hold(drops, sizes, target, cap):
+    names = [f"l{i}" for i in range(len(drops))]
+    curves = {n: (GRID, d) for n, d in zip(names, drops)}
+    size = {n: s for n, s in zip(names, sizes)}
+    hi = 0.95 if cap is None else cap
+    if global_count(size, target) > sum(int(np.floor(hi * n + 1e-9)) for n in size.values()):
+        with pytest.raises(PrunekitError, match="out of reach"):
+            sensitivity_allocation(curves, size, target, max_sparsity=cap)
+        return
+    plan = sensitivity_allocation(curves, size, target, max_sparsity=cap)
+    assert sum(int(round(plan.sparsity[n] * size[n])) for n in names) == int(
+        round(target * sum(sizes[: len(names)]))
+    )
+    assert sum(plan.pruned.values()) == plan.target_pruned
+    for n in names:
+        assert int(round(plan.sparsity[n] * size[n])) == plan.pruned[n]
+        assert 0 <= plan.pruned[n] <= np.floor(hi * size[n] + 1e-9)
+
+
+def _convex_curve(increments):
+    # non-decreasing slopes over the grid steps -> a convex, non-decreasing drop curve through the origin
+    widths = np.diff((0.0, *GRID))
+    return tuple(np.cumsum(np.sort(increments) * widths).tolist())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    incs=st.lists(st.lists(st.floats(0.0, 3.0), min_size=10, max_size=10), min_size=2, max_size=3),
+    sizes=st.lists(st.integers(1, 12), min_size=3, max_size=3),
+    target=st.floats(0.0, 0.9),
+)
+def test_for_convex_curves_the_greedy_is_the_optimum(incs, sizes, target):
+    names = [f"l{i}" for i in range(len(incs))]
+    curves = {n: (GRID, _convex_curve(inc)) for n, inc in zip(names, incs)}
+    size = dict(zip(names, sizes))
+    assume(global_count(size, target) <= sum(int(np.floor(0.95 * n + 1e-9)) for n in size.values()))
+    plan = sensitivity_allocation(curves, size, target)
+    best = min(
+        predicted_drop(curves, {n: k / size[n] for n, k in zip(names, ks)})
+        for ks in itertools.product(*(range(int(np.floor(0.95 * size[n] + 1e-9)) + 1) for n in names))
+        if sum(ks) == plan.target_pruned
+    )
+    assert predicted_drop(curves, plan.sparsity) == pytest.approx(best, abs=1e-9)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    inc=st.lists(st.floats(0.0, 2.0), min_size=10, max_size=10),
+    factor=st.floats(1.01, 20.0),
+    n=st.integers(10, 3000),
+    target=st.floats(0.0, 0.95),
+)
+def test_a_more_sensitive_layer_gets_no_more_sparsity(inc, factor, n, target):
+    base = _convex_curve(inc)
+    curves = {"fragile": (GRID, [factor * d for d in base]), "robust": (GRID, base)}
+    plan = sensitivity_allocation(curves, {"fragile": n, "robust": n}, target)
+    assert plan.pruned["fragile"] <= plan.pruned["robust"] + 1  # one weight: the shared partial step
+
+
+def test_a_larger_layer_with_the_same_curve_takes_more_of_the_cut():
+    curves = {"small": (GRID, [s**2 for s in GRID]), "large": (GRID, [s**2 for s in GRID])}
+    plan = sensitivity_allocation(curves, {"small": 100, "large": 10_000}, 0.5)
+    assert plan.sparsity["large"] > 0.5 > plan.sparsity["small"]
+
+
+def test_flat_ties_are_shared_not_given_to_the_first_layer():
+    curves = {name: (GRID, [0.0] * 9 + [0.3]) for name in ("a", "b", "c")}
+    plan = sensitivity_allocation(curves, {"a": 1000, "b": 1000, "c": 1000}, 0.5)
+    assert plan.pruned == {"a": 500, "b": 500, "c": 500}
+
+
+def test_minimum_sparsity_is_kept_and_counts_towards_the_target():
+    curves = {"a": (GRID, [0.0] * 10), "b": (GRID, list(GRID))}
+    plan = sensitivity_allocation(curves, {"a": 100, "b": 100}, 0.6, min_sparsity={"b": 0.5})
+    assert plan.pruned == {"a": 70, "b": 50}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"target": 0.96}, "out of reach"),
+        ({"target": 0.5, "max_sparsity": 0.99}, "beyond its curve"),
+        ({"target": 0.1, "min_sparsity": 0.5}, "out of reach"),
+        ({"target": 1.0}, "target sparsity must be in [0, 1)"),
+    ],
+)
+def test_bad_input_is_one_clear_error(kwargs, needle):
+    curves = {"a": (GRID, [0.1] * 10), "b": (GRID, [0.2] * 10)}
+    with pytest.raises(PrunekitError, match=None) as info:
+        sensitivity_allocation(curves, {"a": 10, "b": 10}, **kwargs)
+    assert needle in str(info.value)
+
+
+def test_mismatched_layers_and_bad_curves_are_refused():
+    with pytest.raises(PrunekitError, match="same layers"):
+        sensitivity_allocation({"a": (GRID, [0.0] * 10)}, {"b": 10}, 0.5)
+    with pytest.raises(PrunekitError, match="as many drops"):
+        sensitivity_allocation({"a": (GRID, [0.0] * 3)}, {"a": 10}, 0.5)
+    with pytest.raises(PrunekitError, match="NaN"):
+        sensitivity_allocation({"a": (GRID, [float("nan")] * 10)}, {"a": 10}, 0.5)
+
+
+def test_uniform_allocation_is_the_target_everywhere():
+    assert uniform_allocation({"a": 10, "b": 7}, 0.3) == {"a": 0.3, "b": 0.3}
+    assert global_count({"a": 10, "b": 7}, 0.3) == 5

@@ -1,0 +1,163 @@
+"""Sensitivity analysis: the model comes back bit for bit, each value is the metric of the model with that one
+layer pruned (checked by hand), curves of a trained model rise with sparsity, and the outputs round-trip."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from prunekit.analysis.sensitivity import (
+    DEFAULT_GRID,
+    Metric,
+    Sensitivity,
+    accuracy,
+    heatmap_png,
+    mean_loss,
+    sensitivity_analysis,
+    write_csv,
+    write_heatmap,
+    write_json,
+)
+from prunekit.data import load_splits
+from prunekit.errors import PrunekitError
+from prunekit.masking import apply_masks
+from prunekit.select import unstructured_masks
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A small MLP trained on digits for a few hundred steps (about a second), and validation batches."""
+    torch.manual_seed(0)
+    data = load_splits("digits", seed=0)
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 10)
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    loader = data.loader("train", 128, shuffle=True)
+    for _ in range(25):
+        for x, y in loader:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    return model, list(data.loader("val", 64))
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_model_is_bit_identical_afterwards_masked_or_not(trained):
+    model, val = trained
+    model = copy.deepcopy(model)
+    model.train()
+    before = _state(model)
+    result = sensitivity_analysis(model, val)
+    assert _same(before, _state(model)) and model.training
+    assert [c.name for c in result.layers] == ["1", "3"]  # the classifier "5" stays dense by default
+    # with a mask already attached (a model from an earlier prune stage): original and mask both restored
+    mask = torch.rand(model[1].weight.shape, generator=torch.Generator().manual_seed(1)) > 0.3
+    apply_masks(model, {"1": mask})
+    before = _state(model)
+    sensitivity_analysis(model, val, sparsities=(0.1, 0.5, 0.9))
+    assert _same(before, _state(model))
+
+
+def test_each_value_is_the_metric_with_that_layer_alone_pruned(trained):
+    model, val = trained
+    result = sensitivity_analysis(copy.deepcopy(model), val, sparsities=(0.3, 0.8))
+    assert result.baseline == accuracy(model, val)
+    for layer, s, value in (("3", 0.8, result.layer("3").values[1]), ("1", 0.3, result.layer("1").values[0])):
+        pruned = copy.deepcopy(model)
+        w = pruned.get_submodule(layer).weight
+        keep = unstructured_masks({layer: w.detach().abs()}, s, "layer")[layer]
+        assert int((~keep).sum()) == round(s * w.numel())
+        with torch.no_grad():
+            w.mul_(keep)
+        assert value == accuracy(pruned, val)
+    assert result.samples == sum(len(y) for _, y in val)
+    assert result.layer("1").params == 64 * 48 and result.layer("3").params == 48 * 32
+
+
+def test_curves_of_a_trained_model_rise_with_sparsity(trained):
+    model, val = trained
+    result = sensitivity_analysis(copy.deepcopy(model), val)
+    assert result.sparsities == DEFAULT_GRID
+    for c in result.layers:
+        drops = result.drops(c.name)
+        assert drops[-1] > 0.05 and drops[-1] >= max(drops[:3])  # 95% alone hurts; 10-30% barely does
+        assert min(drops[:3]) > -0.03  # "monotone enough": early noise is a couple of samples at most
+
+
+def test_loss_and_a_custom_metric_plug_in(trained):
+    model, val = trained
+    loss = sensitivity_analysis(copy.deepcopy(model), val, metric="loss", sparsities=(0.5, 0.95))
+    assert not loss.higher_is_better and loss.baseline == pytest.approx(mean_loss(model, val))
+    assert loss.drops("1") == tuple(v - loss.baseline for v in loss.layer("1").values)
+    assert loss.drops("1")[-1] > 0
+
+    def perplexity(m, batches):
+        return math.exp(mean_loss(m, batches))
+
+    ppl = sensitivity_analysis(
+        copy.deepcopy(model), val, metric=Metric("perplexity", perplexity, False), sparsities=(0.5, 0.95)
+    )
+    assert ppl.layer("3").values == pytest.approx(tuple(math.exp(v) for v in loss.layer("3").values))
+
+
+def test_a_data_criterion_scores_from_calibration_and_still_restores(trained):
+    model, val = trained
+    model = copy.deepcopy(model)
+    before = _state(model)
+    result = sensitivity_analysis(
+        model,
+        val,
+        criterion="taylor",
+        calibration=val[:2],
+        loss_fn=nn.CrossEntropyLoss(),
+        sparsities=(0.5, 0.9),
+    )
+    assert _same(before, _state(model)) and all(p.grad is None for p in model.parameters())
+    assert result.criterion == "taylor" and len(result.layers) == 2
+
+
+def test_bad_requests_are_one_line_errors(trained):
+    model, val = trained
+    with pytest.raises(PrunekitError, match="scores weights while they train"):
+        sensitivity_analysis(model, val, criterion="movement")
+    with pytest.raises(PrunekitError, match="needs calibration batches"):
+        sensitivity_analysis(model, val, criterion="wanda")
+    with pytest.raises(PrunekitError, match="increasing sparsities"):
+        sensitivity_analysis(model, val, sparsities=(0.5, 0.3))
+    with pytest.raises(PrunekitError, match="grid sparsity must be in"):
+        sensitivity_analysis(model, val, sparsities=(0.5, 1.0))
+    with pytest.raises(PrunekitError, match="unknown sensitivity metric 'acc'"):
+        sensitivity_analysis(model, val, metric="acc")
+
+
+def test_json_csv_and_heat_map_round_trip(trained, tmp_path):
+    model, val = trained
+    result = sensitivity_analysis(copy.deepcopy(model), val, sparsities=(0.2, 0.6, 0.9), max_batches=2)
+    assert result.samples == sum(len(y) for _, y in val[:2])
+    write_json(result, tmp_path / "s.json")
+    assert Sensitivity.from_dict(json.loads((tmp_path / "s.json").read_text())) == result
+    write_csv(result, tmp_path / "s.csv")
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "s.csv").read_text())))
+    assert len(rows) == 2 * 3
+    assert [float(r["drop"]) for r in rows[:3]] == list(result.drops("1"))
+    write_heatmap(result, tmp_path / "s.png", allocation={"1": 0.7, "3": 0.9})
+    data = (tmp_path / "s.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data == heatmap_png(result, {"1": 0.7, "3": 0.9})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.csv", "s.json", "s.png"]  # no temp files left
+    table = result.table().splitlines()
+    assert len(table) == 2 + 2 and table[2].split()[:2] == ["1", str(64 * 48)]

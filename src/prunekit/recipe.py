@@ -128,6 +128,31 @@ class TargetsCfg(Strict):
     prune_classifier: bool = False
 
 
+class SensitivityCfg(Strict):
+    """How ``allocation: sensitivity`` measures its curves (prunekit.analysis.sensitivity)."""
+
+    grid: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95])
+    metric: Literal["accuracy", "loss"] = "accuracy"  # measured on the validation split
+    batches: int | None = Field(None, ge=1)  # validation batches per measurement (None: all of them)
+    max_sparsity: float | None = Field(None, gt=0, lt=1)  # per-layer cap (None: the grid's largest)
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, value: list[float]) -> list[float]:
+        if not value or any(not 0 < s < 1 for s in value) or any(b <= a for a, b in zip(value, value[1:])):
+            raise ValueError(f"grid must be increasing sparsities in (0, 1), got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _cap(self) -> SensitivityCfg:
+        if self.max_sparsity is not None and self.max_sparsity > self.grid[-1]:
+            raise ValueError(
+                f"max_sparsity {self.max_sparsity} is beyond the grid (largest {self.grid[-1]}): the curves "
+                "say nothing there; add it to the grid"
+            )
+        return self
+
+
 class PruneStage(Strict):
     type: Literal["prune"]
     pattern: str | float  # "0.7" / "70%" (unstructured), "2:4" (N:M), "block:4x4@0.5"
@@ -138,6 +163,11 @@ class PruneStage(Strict):
     overrides: dict[str, str | float] = Field(default_factory=dict)  # layer-name glob -> pattern
     calibration_batches: int = Field(8, ge=1)  # for taylor / obd / wanda
     finetune: Optim | None = None  # after each round (iterative) or during the schedule (agp)
+    # per-layer sparsities: 'uniform' (the pattern's everywhere, or one global threshold with group: global)
+    # or 'sensitivity' (measured per-layer curves -> least predicted loss at exactly the pattern's sparsity
+    # overall, prunekit.allocate); `sensitivity` configures the measurement
+    allocation: Literal["uniform", "sensitivity"] = "uniform"
+    sensitivity: SensitivityCfg | None = None
 
     @field_validator("pattern", mode="before")
     @classmethod
@@ -173,17 +203,54 @@ class PruneStage(Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _sensitivity_allocation(self) -> PruneStage:
+        if self.allocation != "sensitivity":
+            if self.sensitivity is not None:
+                raise ValueError("'sensitivity' settings are for allocation 'sensitivity' (this stage is uniform)")
+            return self
+        from prunekit.criteria import CRITERIA
+        from prunekit.spec import Unstructured
+
+        if not isinstance(parse_spec(self.pattern), Unstructured):
+            raise ValueError(
+                f"allocation 'sensitivity' chooses per-layer sparsities for an unstructured pattern; "
+                f"'{self.pattern}' fixes its own layout (N:M or blocks)"
+            )
+        criterion = CRITERIA.get(self.criterion)
+        if criterion.needs == "training":
+            raise ValueError(
+                f"allocation 'sensitivity' prunes without training to measure; criterion '{self.criterion}' "
+                "scores weights while they train"
+            )
+        group = self.group or criterion.default_group
+        if group != "layer":
+            raise ValueError(
+                f"allocation 'sensitivity' sets each layer's sparsity, so weights compete within their layer: "
+                f"use group 'layer' (or leave it out), not '{group}'"
+            )
+        if self.overrides:
+            raise ValueError("allocation 'sensitivity' sets every targeted layer's sparsity: remove 'overrides'")
+        return self
+
 
 class StructuredStage(Strict):
     """Physically remove channels/neurons/heads (prunekit.structured), then optionally fine-tune."""
 
     type: Literal["structured"]
-    ratio: float = Field(ge=0, lt=1)  # fraction of the units of every prunable group to remove
+    # fraction of the units of every prunable group to remove (allocation 'uniform'; omit it for 'latency')
+    ratio: float | None = Field(None, ge=0, lt=1)
     importance: str = "l2"  # l1, l2, bn_scale, fpgm, random; taylor, activation_mean, apoz (from data)
     round_to: int = Field(8, ge=1)  # kept counts rounded to this multiple
     ignore: list[str] = Field(default_factory=list)  # module-name globs whose parameters must not change
     calibration_batches: int = Field(8, ge=1)  # for the data-driven importances
     finetune: Optim | None = None
+    # 'latency': per-group ratios chosen to meet target_latency as measured on this machine, with the least
+    # predicted loss (prunekit.structured.latency)
+    allocation: Literal["uniform", "latency"] = "uniform"
+    target_latency: float | str | None = None  # 0.6: 60% of the dense p50; "2.5ms": absolute (batch 1)
+    latency_grid: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75])  # ratios tried per group
+    latency_runs: int = Field(60, ge=5)  # timed calls per variant for the tables
 
     @field_validator("importance")
     @classmethod
@@ -195,6 +262,28 @@ class StructuredStage(Strict):
 
             raise unknown_name("structured importance", value, IMPORTANCES)
         return value
+
+    @model_validator(mode="after")
+    def _allocation(self) -> StructuredStage:
+        if self.allocation == "uniform":
+            if self.ratio is None:
+                raise ValueError("allocation 'uniform' needs 'ratio' (fraction of units to remove)")
+            if self.target_latency is not None:
+                raise ValueError("'target_latency' is for allocation 'latency' (this stage is 'uniform')")
+            return self
+        if self.ratio is not None:
+            raise ValueError("allocation 'latency' chooses the ratios itself: remove 'ratio'")
+        if self.target_latency is None:
+            raise ValueError("allocation 'latency' needs 'target_latency' (e.g. 0.6 or '2.5ms')")
+        from prunekit.structured.latency import resolve_budget
+
+        try:
+            resolve_budget(self.target_latency, 1.0)
+        except PrunekitError as exc:
+            raise ValueError(str(exc)) from None
+        if not self.latency_grid or any(not 0 < r < 1 for r in self.latency_grid):
+            raise ValueError(f"latency_grid: ratios must be in (0, 1), got {self.latency_grid}")
+        return self
 
 
 class QuantizeStage(Strict):

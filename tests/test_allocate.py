@@ -18,6 +18,7 @@ from prunekit.allocate import (
     uniform_allocation,
 )
 from prunekit.errors import PrunekitError
+from prunekit.spec import Unstructured
 
 GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
@@ -106,6 +107,7 @@ def test_for_convex_curves_the_greedy_is_the_optimum(incs, sizes, target):
 def test_a_more_sensitive_layer_gets_no_more_sparsity(inc, factor, n, target):
     base = _convex_curve(inc)
     curves = {"fragile": (GRID, [factor * d for d in base]), "robust": (GRID, base)}
+    assume(global_count({"a": n, "b": n}, target) <= 2 * int(np.floor(0.95 * n + 1e-9)))
     plan = sensitivity_allocation(curves, {"fragile": n, "robust": n}, target)
     assert plan.pruned["fragile"] <= plan.pruned["robust"] + 1  # one weight: the shared partial step
 
@@ -156,3 +158,61 @@ def test_mismatched_layers_and_bad_curves_are_refused():
 def test_uniform_allocation_is_the_target_everywhere():
     assert uniform_allocation({"a": 10, "b": 7}, 0.3) == {"a": 0.3, "b": 0.3}
     assert global_count({"a": 10, "b": 7}, 0.3) == 5
+
+
+# ------------------------------------------------------------------------------------- the Sparsifier side
+
+
+def _mlp():
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 40), nn.ReLU(), nn.Linear(40, 5))
+
+
+def _pruned(model, name):
+    from prunekit.masking import get_masks
+
+    return int((~get_masks(model)[name]).sum())
+
+
+def test_the_sparsifier_scales_an_allocation_along_the_schedule_and_lands_on_it():
+    from prunekit.schedule import Iterative
+    from prunekit.sparsifier import Sparsifier
+
+    model = _mlp()
+    sizes = {"0": 600, "2": 1200}
+    curves = {"0": (GRID, [s**3 for s in GRID]), "2": (GRID, [0.2 * s**3 for s in GRID])}
+    plan = sensitivity_allocation(curves, sizes, 0.7)
+    assert plan.sparsity["2"] > 0.7 > plan.sparsity["0"]
+    sp = Sparsifier(model, 0.7, schedule=Iterative(0.5), allocation=plan.sparsity)
+    sp.prepare()
+    rounds = sp.schedule.rounds(0.7)  # 0.5, 0.7
+    sp.prune(rounds[0])
+    assert _pruned(model, "0") == round(plan.sparsity["0"] * 0.5 / 0.7 * 600)
+    assert _pruned(model, "2") == round(plan.sparsity["2"] * 0.5 / 0.7 * 1200)
+    sp.prune(rounds[1])
+    assert {n: _pruned(model, n) for n in sizes} == plan.pruned
+    assert sum(plan.pruned.values()) == round(0.7 * 1800)
+    assert sp.layer_specs() == {n: Unstructured(s) for n, s in plan.sparsity.items()}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"spec": "1:2"}, "needs an unstructured pattern"),
+        ({"group": "global"}, "it needs group 'layer', got 'global'"),
+        ({"overrides": {"0": 0.5}}, "either as overrides or as an allocation"),
+        ({"allocation": {"0": 0.5}}, "missing ['2']"),
+        ({"allocation": {"0": 0.5, "2": 0.5, "4": 0.5}}, "not targeted ['4']"),
+        ({"allocation": {"0": 0.5, "2": 1.0}}, "allocated sparsity of '2' must be in [0, 1)"),
+    ],
+)
+def test_the_sparsifier_refuses_allocations_that_make_no_sense(kwargs, needle):
+    from prunekit.sparsifier import Sparsifier
+
+    args = {"spec": 0.5, "allocation": {"0": 0.4, "2": 0.6}, **kwargs}
+    with pytest.raises(PrunekitError) as info:
+        Sparsifier(_mlp(), args.pop("spec"), **args)
+    assert needle in str(info.value)

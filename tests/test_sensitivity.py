@@ -161,3 +161,73 @@ def test_json_csv_and_heat_map_round_trip(trained, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.csv", "s.json", "s.png"]  # no temp files left
     table = result.table().splitlines()
     assert len(table) == 2 + 2 and table[2].split()[:2] == ["1", str(64 * 48)]
+
+
+# ---------------------------------------------------------------------------------- recipes and pipeline
+
+TINY = {
+    "name": "tiny-sens",
+    "seed": 0,
+    "model": {"builtin": "resnet-digits", "args": {"widths": [8, 16], "blocks": 1}},
+    "data": {"name": "digits", "batch_size": 128},
+    "stages": [
+        {"type": "train", "epochs": 2, "lr": 0.05},
+        {
+            "type": "prune",
+            "pattern": 0.8,
+            "allocation": "sensitivity",
+            "sensitivity": {"grid": [0.5, 0.7, 0.8, 0.9, 0.95], "batches": 2},
+            "schedule": {"type": "iterative", "rate": 0.5},  # rounds at 0.5, 0.75, 0.8 of the target
+        },
+        {"type": "evaluate", "label": "pruned", "latency_runs": 2, "latency_warmup": 0},
+        {"type": "export", "name": "pruned"},
+    ],
+}
+
+
+def test_a_recipe_with_sensitivity_allocation_meets_the_global_target_exactly(tmp_path):
+    from prunekit import recipe
+    from prunekit.artifact import load_artifact
+    from prunekit.pipeline import run_recipe
+
+    metrics = run_recipe(recipe.from_dict(TINY), tmp_path / "out", progress=False)
+    (entry,) = metrics["allocation"]
+    layers = entry["layers"]
+    _, info = load_artifact(tmp_path / "out" / "pruned.safetensors")
+    pruned = {n: int((~m).sum()) for n, m in info.masks.items()}
+    sizes = {n: m.numel() for n, m in info.masks.items()}
+    assert set(pruned) == set(layers)
+    assert sum(pruned.values()) == round(0.8 * sum(sizes.values())) == entry["target_pruned"]
+    assert pruned == {n: v["pruned"] for n, v in layers.items()}
+    assert len({round(v["sparsity"], 3) for v in layers.values()}) > 1  # layers differ
+    assert all(v["sparsity"] <= 0.95 for v in layers.values())
+    targeted = [r["targeted_sparsity"] for r in metrics["rounds"]]
+    assert targeted[1:] == pytest.approx([0.5, 0.75, 0.8], abs=2e-3)  # the schedule is followed globally
+    assert targeted[-1] == sum(pruned.values()) / sum(sizes.values())
+    sens = Sensitivity.from_dict(entry["sensitivity"])
+    assert sens.sparsities == (0.5, 0.7, 0.8, 0.9, 0.95) and {c.name for c in sens.layers} == set(layers)
+    assert (tmp_path / "out" / "sensitivity.png").read_bytes()[:4] == b"\x89PNG"
+    assert {n: s.sparsity for n, s in info.specs.items()} == {n: v["sparsity"] for n, v in layers.items()}
+
+
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        ({"pattern": "2:4"}, "fixes its own layout"),
+        ({"group": "global"}, "use group 'layer' (or leave it out), not 'global'"),
+        ({"criterion": "wanda"}, "not 'row'"),  # wanda compares per row by default
+        ({"overrides": {"stem.*": 0.5}}, "no 'overrides'"),
+        ({"allocation": "uniform"}, "'sensitivity' settings need allocation 'sensitivity'"),
+        ({"sensitivity": {"grid": [0.5, 0.4]}}, "grid must be increasing"),
+        ({"sensitivity": {"grid": [0.5, 0.9], "max_sparsity": 0.95}}, "beyond the grid"),
+        ({"sensitivity": {"grids": [0.5]}}, "unknown key 'grids' (did you mean 'grid'?)"),
+    ],
+)
+def test_recipes_refuse_sensitivity_allocation_that_makes_no_sense(fields, needle):
+    from prunekit import recipe
+
+    data = copy.deepcopy(TINY)
+    data["stages"][1] = {**data["stages"][1], **fields}
+    with pytest.raises(PrunekitError) as info:
+        recipe.from_dict(data)
+    assert needle in str(info.value) and str(info.value).startswith("recipe <dict>: stages[1]")

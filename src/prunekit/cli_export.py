@@ -34,6 +34,17 @@ def parse_ints(text: str, field: str = "--input-shape", example: str = "1,3,224,
     return values
 
 
+def parse_floats(text: str, field: str = "--grid", example: str = "0.5,0.8,0.9") -> tuple[float, ...]:
+    """``"0.5,0.8"`` -> ``(0.5, 0.8)``; anything else is a one-line error naming ``field``."""
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if not values:
+        raise PrunekitError(f"{field} must be numbers separated by commas, e.g. {example}; got {text!r}")
+    return values
+
+
 def _refuse_int8(path: Path) -> None:
     raise PrunekitError(
         f"{path} is an INT8 artifact; ONNX export takes float models: "

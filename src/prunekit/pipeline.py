@@ -1,8 +1,8 @@
 """Run a recipe: load data and model, run the stages in order, write metrics, artifacts and the report.
 
-Outputs in ``out``: ``metrics.json``, ``report.md``, and ``<name>.safetensors`` per export stage. Every file
-is written atomically. The same seed on the same machine gives the same masks and accuracy numbers
-(latency is measured, so it varies).
+Outputs in ``out``: ``metrics.json``, ``report.md`` and ``report.html`` (with ``report-*.png`` charts),
+and ``<name>.safetensors`` per export stage. Every file is written atomically. The same seed on the same
+machine gives the same masks and accuracy numbers (latency is measured, so it varies).
 """
 
 from __future__ import annotations
@@ -19,12 +19,16 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from prunekit import checkpoint as ckpt
 from prunekit.analysis import compare_latency, count_params, evaluate, layer_table, prediction_agreement
+from prunekit.analysis.perclass import DEFAULT_THRESHOLD_POINTS, check_metrics, evaluated_labels
 from prunekit.artifact import load_artifact, save_artifact
 from prunekit.data import Splits, load_splits
+from prunekit.distributed import Context
 from prunekit.errors import PrunekitError
-from prunekit.files import atomic_write_json, atomic_write_text
+from prunekit.files import atomic_write_json
 from prunekit.masking import get_masks, squash
 from prunekit.recipe import (
     EvaluateStage,
@@ -39,6 +43,7 @@ from prunekit.recipe import (
     to_dict,
 )
 from prunekit.recovery import TrainConfig, train
+from prunekit.runlog import RunLog
 from prunekit.sparsifier import Sparsifier
 from prunekit.spec import NM, Spec
 from prunekit.targets import Targets, left_dense
@@ -60,24 +65,47 @@ def _train_cfg(cfg: Optim) -> TrainConfig:
 class Run:
     """The state a recipe threads through its stages."""
 
-    def __init__(self, recipe: Recipe, out: Path, progress: bool) -> None:
+    def __init__(
+        self,
+        recipe: Recipe,
+        out: Path,
+        progress: bool,
+        ctx: Context | None = None,
+        runlog: RunLog | None = None,
+    ) -> None:
         self.recipe, self.out, self.progress = recipe, out, progress
+        self.ctx = ctx or Context()  # torch.distributed rank and world (prunekit.distributed)
+        self.runlog = runlog or RunLog(out / "log.jsonl", enabled=False)
         seed_everything(recipe.seed)
         d = recipe.data
         self.data: Splits = load_splits(d.name, d.path, d.val_fraction, d.test_fraction, seed=recipe.seed)
         self.specs: dict[str, Spec] = {}  # before _model(): a model loaded from an artifact brings its specs
         self.structured_logs: list[dict] = []  # structured prune logs so far, replayed when reloading
         self.model, self.model_info = self._model()
+        self.initial_structured = len(self.structured_logs)  # from the artifact the run starts from
         self.dense_layers: dict[str, str] = {}
         self.metrics: dict[str, Any] = {}
         self.rounds: list[dict[str, Any]] = []
         self.done: list[dict[str, Any]] = []  # stages run so far (the recipe that produced a state)
         self.sizes: dict[str, int] = {}
         self.compressed_sizes: dict[str, int] = {}  # exports with compressed: true
+        self.compressed_parts: dict[str, dict[str, int]] = {}  # their bytes: values, index, scales, header
         self.timed: dict[str, tuple[nn.Module, EvaluateStage]] = {}
+        self.timed_structured: dict[str, int] = {}  # structured logs applied when each label was timed
         self.groups: dict[str, str] = {}  # comparison group of each pruned layer, for the report
         self.int8: dict[str, Any] | None = None  # what the quantize stage did (metrics["quantization"])
         self.masks: dict[str, torch.Tensor] | None = None  # the masks an int8 model was made from
+        # checkpoint and resume (prunekit.checkpoint)
+        self.stage_index = 0
+        self.global_step = 0  # optimizer steps in this run's training: checkpoint.every_steps counts them
+        self.checkpoints = 0  # checkpoints written (or resumed from)
+        self.pending: dict[str, Any] | None = None  # where inside a stage a resumed run continues
+        self.started = time.perf_counter()
+        self.resumed_elapsed = 0.0  # seconds the run had taken before the checkpoint it resumed from
+        self.last_loss: float | None = None  # the last training epoch's mean loss, for the round log
+        self.round_started = time.perf_counter()
+        self.latency_allocation: dict[str, Any] | None = None  # a structured stage's allocation: latency
+        self.allocations: list[dict[str, Any]] = []  # prune stages' allocation: sensitivity, in order
 
     def _model(self) -> tuple[nn.Module, dict[str, Any] | None]:
         src = self.recipe.model
@@ -95,22 +123,55 @@ class Run:
         return build_model(src.builtin, args), {"name": src.builtin, "args": args}
 
     def loader(self, part: str, shuffle: bool = False):
+        if shuffle and part == "train" and self.ctx.enabled:  # this rank's shard, order f(seed, epoch)
+            return self.ctx.train_loader(self.data.train, self.recipe.data.batch_size, self.recipe.seed)
         return self.data.loader(part, self.recipe.data.batch_size, shuffle=shuffle, seed=self.recipe.seed)
 
     def val_accuracy(self) -> float:
         return evaluate(self.model, self.loader("val"), self.data.num_classes)["accuracy"]
 
     # -- stages ----------------------------------------------------------------------------------------
-    def train(self, stage: TrainStage | FinetuneStage) -> None:
-        train(
-            self.model,
-            self.loader("train", shuffle=True),
-            _train_cfg(stage),
-            progress=self.progress,
-            desc=stage.type,
-        )
+    def elapsed(self) -> float:
+        return self.resumed_elapsed + time.perf_counter() - self.started
 
-    def _sparsifier(self, stage: PruneStage) -> Sparsifier:
+    def checkpoint(self, stage: int, rounds: int = 0, train_state=None, sparsifier=None) -> None:
+        """Checkpoint at ``stage`` (the next stage to run, or the one running with ``rounds`` done); none
+        once a quantize stage ran (an int8 model is rebuilt by rerunning that stage)."""
+        if self.recipe.checkpoint.enabled and self.int8 is None:
+            ckpt.save_run(self, {"stage": stage, "round": rounds}, train_state, sparsifier)
+
+    def _recovery(self, rounds: int, sparsifier: Sparsifier | None = None) -> dict[str, Any]:
+        """``train()`` keywords: checkpoint every ``checkpoint.every_steps`` optimizer steps, log every
+        epoch, and (first call after a resume) continue the interrupted training."""
+        resume = None
+        if self.pending is not None:
+            resume, self.pending = self.pending.get("train"), None
+        every = self.recipe.checkpoint.every_steps
+        stage = self.stage_index
+
+        def on_step(state) -> None:
+            self.global_step += 1
+            if every is not None and self.global_step % every == 0:
+                self.checkpoint(stage, rounds, state, sparsifier)
+
+        def on_epoch(epoch: int, loss: float) -> None:
+            self.last_loss = loss
+            self.runlog.write("epoch", stage=stage, round=rounds, epoch=epoch, loss=loss)
+
+        return {"resume": resume, "on_step": on_step, "on_epoch": on_epoch}
+
+    def train(self, stage: TrainStage | FinetuneStage) -> None:
+        with self.ctx.wrap(self.model) as model:
+            train(
+                model,
+                self.loader("train", shuffle=True),
+                _train_cfg(stage),
+                progress=self.progress,
+                desc=stage.type,
+                **self._recovery(0),
+            )
+
+    def _sparsifier(self, stage: PruneStage, allocation: dict[str, float] | None = None) -> Sparsifier:
         """The stage's sparsifier; constructing it checks targets, patterns and schedule on the model."""
         targets = Targets(
             tuple(stage.targets.types),
@@ -127,7 +188,47 @@ class Run:
             overrides=stage.overrides,
             schedule=stage.schedule.build(),
             seed=self.recipe.seed,
+            allocation=allocation,
         )
+
+    def _sensitivity_allocation(self, stage: PruneStage) -> dict[str, float]:
+        """``allocation: sensitivity``: per-layer curves on the validation split, then per-layer sparsities
+        meeting the stage's sparsity exactly (prunekit.allocate); the curves and the choice go to
+        ``metrics["allocation"]``, the heat map to ``sensitivity.png`` (``sensitivity-2.png``, ... for later
+        stages). Layers already pruned by an earlier stage are not allocated less than they have."""
+        from prunekit.allocate import sensitivity_allocation
+        from prunekit.analysis.sensitivity import sensitivity_analysis, write_heatmap
+        from prunekit.recipe import SensitivityCfg
+
+        probe = self._sparsifier(stage)  # the targeted layers and the criterion, nothing attached
+        cfg = stage.sensitivity or SensitivityCfg()
+        needs_data = probe.criterion.needs != "weights"
+        result = sensitivity_analysis(
+            self.model,
+            self.loader("val"),
+            layers=list(probe.layers),
+            sparsities=cfg.grid,
+            criterion=stage.criterion,
+            metric=cfg.metric,
+            max_batches=cfg.batches,
+            calibration=self._calibration(stage.calibration_batches) if needs_data else None,
+            loss_fn=nn.CrossEntropyLoss(),
+            seed=self.recipe.seed,
+        )
+        masks = get_masks(self.model)
+        already = {n: float((~m).sum()) / m.numel() for n, m in masks.items() if n in probe.layers}
+        plan = sensitivity_allocation(
+            result.curves(),
+            result.params(),
+            probe.spec.sparsity,
+            max_sparsity=cfg.max_sparsity,
+            min_sparsity=already,
+        )
+        name = "sensitivity.png" if not self.allocations else f"sensitivity-{len(self.allocations) + 1}.png"
+        if self.ctx.main:  # only rank 0 writes
+            write_heatmap(result, self.out / name, plan.sparsity)
+        self.allocations.append({**plan.to_dict(), "heatmap": name, "sensitivity": result.to_dict()})
+        return plan.sparsity
 
     def check(self) -> None:
         """Check the model against the data and every prune stage against the model before any stage runs,
@@ -175,7 +276,7 @@ class Run:
             try:
                 self._sparsifier(stage)
                 if stage.schedule.type == "agp":
-                    steps = stage.finetune.epochs * len(self.loader("train"))
+                    steps = stage.finetune.epochs * len(self.loader("train", shuffle=True))
                     if stage.schedule.end >= steps:
                         raise PrunekitError(
                             f"schedule agp: end={stage.schedule.end} is never reached: the fine-tuning runs "
@@ -208,9 +309,18 @@ class Run:
             )
 
     def prune(self, stage: PruneStage) -> None:
-        sparsifier = self._sparsifier(stage)
+        pending, self.pending = self.pending, None  # resuming inside this stage: rounds done, training
+        if pending is not None and stage.allocation == "sensitivity":
+            self.allocations.pop()  # this stage's, restored from the checkpoint: recomputed (same) below
+        allocation = self._sensitivity_allocation(stage) if stage.allocation == "sensitivity" else None
+        sparsifier = self._sparsifier(stage, allocation)
         targets, schedule = sparsifier.targets, sparsifier.schedule
         sparsifier.prepare()
+        ckpt.restore_sparsifier(sparsifier, pending and pending.get("sparsifier"))
+        first = pending["round"] + 1 if pending else 1  # the first round still to run
+        pruned_first = pending is not None and pending.get("train") is not None  # it was pruned already
+        if pruned_first:
+            self.pending = {"train": pending["train"]}  # for _recovery
         self.specs.update(sparsifier.layer_specs())
         self.groups.update({name: sparsifier.group for name in sparsifier.layers})
         calib = (
@@ -220,32 +330,50 @@ class Run:
         if not self.rounds:
             self._round()  # round 0, the starting point: validation accuracy before any pruning
         if stage.schedule.type == "agp":
-            train(
-                self.model,
-                self.loader("train", shuffle=True),
-                _train_cfg(stage.finetune),
-                sparsifier=sparsifier,
-                calibration=calib,
-                progress=self.progress,
-                desc="prune (agp)",
-            )
+            with self.ctx.wrap(self.model) as model:
+                train(
+                    model,
+                    self.loader("train", shuffle=True),
+                    _train_cfg(stage.finetune),
+                    sparsifier=sparsifier,
+                    calibration=calib,
+                    progress=self.progress,
+                    desc="prune (agp)",
+                    **self._recovery(0, sparsifier),
+                )
             self._round()
         else:
             targets_seq = (
                 [None] if isinstance(sparsifier.spec, NM) else schedule.rounds(sparsifier.spec.sparsity)
             )
+            bar = tqdm(
+                total=len(targets_seq),
+                initial=first - 1,
+                desc="rounds",
+                unit="round",
+                disable=not self.progress,
+            )
             for i, sparsity in enumerate(targets_seq, start=1):
-                sparsifier.prune(sparsity, batches=calib, loss_fn=loss_fn)
+                if i < first:
+                    continue  # done before the checkpoint this run resumed from
+                if not (pruned_first and i == first):
+                    sparsifier.prune(sparsity, batches=calib, loss_fn=loss_fn)
                 if stage.finetune is not None:
-                    train(
-                        self.model,
-                        self.loader("train", shuffle=True),
-                        _train_cfg(stage.finetune),
-                        sparsifier=sparsifier,
-                        progress=self.progress,
-                        desc=f"fine-tune round {i}/{len(targets_seq)}",
-                    )
+                    with self.ctx.wrap(self.model) as model:
+                        train(
+                            model,
+                            self.loader("train", shuffle=True),
+                            _train_cfg(stage.finetune),
+                            sparsifier=sparsifier,
+                            progress=self.progress,
+                            desc=f"fine-tune round {i}/{len(targets_seq)}",
+                            **self._recovery(i - 1, sparsifier),
+                        )
                 self._round()
+                bar.update(1)
+                if i < len(targets_seq):  # the last round is followed by the stage's checkpoint
+                    self.checkpoint(self.stage_index, i, sparsifier=sparsifier)
+            bar.close()
         self.dense_layers = left_dense(self.model, self.specs, targets)
 
     def _calibration(self, batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -267,15 +395,30 @@ class Run:
             "round": index,
             "targeted_sparsity": pruned / targeted if targeted else 0.0,
             "model_sparsity": counts["sparsity"],
-            "val_accuracy": self.val_accuracy(),
+            "val_accuracy": self.val_accuracy() if self.ctx.main else None,  # rank 0 evaluates
         }
+        if self.ctx.enabled:  # every rank computed its masks itself: prove they agree
+            digests = self.ctx.gather_strings(_masks_digest(get_masks(self.model)))
+            if len(set(digests)) != 1:
+                raise PrunekitError(f"round {index}: the ranks' masks differ (sha256 per rank: {digests})")
+            entry["masks_sha256_per_rank"] = digests
         self.rounds.append(entry)
-        log.info(
-            "round %d: targeted sparsity %.4f, val accuracy %.4f",
-            index,
-            entry["targeted_sparsity"],
-            entry["val_accuracy"],
+        now = time.perf_counter()
+        self.runlog.write(
+            "round",
+            **{k: v for k, v in entry.items() if k != "masks_sha256_per_rank"},
+            loss=self.last_loss,
+            time_s=now - self.round_started,
         )
+        self.round_started = now
+        if self.ctx.main:
+            log.info(
+                "round %d: targeted sparsity %.4f, val accuracy %.4f",
+                index,
+                entry["targeted_sparsity"],
+                entry["val_accuracy"],
+            )
+        self.ctx.barrier()
 
     def evaluate(self, stage: EvaluateStage) -> None:
         result = evaluate(self.model, self.loader("test"), self.data.num_classes)
@@ -284,6 +427,7 @@ class Run:
         # latency is timed later for all labels together (interleaved), on the model a user would deploy:
         # a squashed copy, without the mask parametrization's overhead
         self.timed[stage.label] = (squash(copy.deepcopy(self.model)).eval(), stage)
+        self.timed_structured[stage.label] = len(self.structured_logs)
         layers = layer_table(self.model, self.specs)
         for row in layers:
             if row["layer"] in self.groups:
@@ -303,6 +447,20 @@ class Run:
                 "stages": list(self.done),
             },
         }
+        first = next(iter(self.timed))
+        if first != stage.label:  # a regression check against the first evaluated model (dense)
+            from prunekit.analysis.agreement import agreement_report
+
+            self.metrics[stage.label]["agreement"] = {
+                "reference": first,
+                **agreement_report(
+                    self.timed[first][0],
+                    self.timed[stage.label][0],
+                    self.loader("test"),
+                    self.data.num_classes,
+                    seed=self.recipe.seed,
+                ),
+            }
 
     def measure_latency(self) -> None:
         """Batch-1 latency of every evaluated state (and of its compiled twin where the evaluate stage asks
@@ -358,13 +516,14 @@ class Run:
         before = list(self.metrics)[-1] if self.metrics else None
         if stage.qat is not None:
             prepare_qat(self.model, activations=stage.activations, calibration=calib, **select)
-            train(
-                self.model,
-                self.loader("train", shuffle=True),
-                _train_cfg(stage.qat),
-                progress=self.progress,
-                desc="quantization-aware fine-tuning",
-            )
+            with self.ctx.wrap(self.model) as model:
+                train(
+                    model,
+                    self.loader("train", shuffle=True),
+                    _train_cfg(stage.qat),
+                    progress=self.progress,
+                    desc="quantization-aware fine-tuning",
+                )
             result = convert_qat(self.model, example=example)
         else:
             result = quantize(
@@ -385,17 +544,20 @@ class Run:
         example = self.data.train[: min(2, len(self.data.train))][0]
         calibration = self._calibration(stage.calibration_batches)
         before = sum(p.numel() for p in self.model.parameters())
-        result = prune_model(
-            self.model,
-            example,
-            ratio=stage.ratio,
-            importance=stage.importance,
-            ignore=stage.ignore,
-            round_to=stage.round_to,
-            verify=True,
-            calibration=calibration,
-            loss_fn=nn.functional.cross_entropy,
-        )
+        if stage.allocation == "latency":
+            result = self._structured_for_latency(stage, example, calibration)
+        else:
+            result = prune_model(
+                self.model,
+                example,
+                ratio=stage.ratio,
+                importance=stage.importance,
+                ignore=stage.ignore,
+                round_to=stage.round_to,
+                verify=True,
+                calibration=calibration,
+                loss_fn=nn.functional.cross_entropy,
+            )
         self.structured_logs.append(result.plan)
         log.info(
             "structured: %d -> %d parameters (verified, max abs diff %.2g)",
@@ -404,13 +566,53 @@ class Run:
             result.max_abs_diff,
         )
         if stage.finetune is not None:
-            train(
-                self.model,
-                self.loader("train", shuffle=True),
-                _train_cfg(stage.finetune),
-                progress=self.progress,
-                desc="fine-tune (structured)",
-            )
+            with self.ctx.wrap(self.model) as model:
+                train(
+                    model,
+                    self.loader("train", shuffle=True),
+                    _train_cfg(stage.finetune),
+                    progress=self.progress,
+                    desc="fine-tune (structured)",
+                )
+
+    def _structured_for_latency(self, stage: StructuredStage, example, calibration):
+        """Per-group ratios meeting ``target_latency`` at batch 1 (the latency the evaluate stages time),
+        predicted loss = validation cross-entropy increase with one group pruned alone; the tables, the
+        choice and the predicted and measured latency go to ``metrics["latency_allocation"]``."""
+        from prunekit.structured.latency import prune_for_latency
+
+        val = self.loader("val")
+
+        @torch.inference_mode()
+        def val_loss(model: nn.Module) -> float:
+            model.eval()
+            total = sum(float(nn.functional.cross_entropy(model(x), y, reduction="sum")) for x, y in val)
+            return total / len(self.data.val)
+
+        result, report = prune_for_latency(
+            self.model,
+            example,
+            stage.target_latency,
+            self.data.test[0][0].unsqueeze(0),
+            grid=stage.latency_grid,
+            loss=val_loss,
+            runs=stage.latency_runs,
+            importance=stage.importance,
+            ignore=stage.ignore,
+            round_to=stage.round_to,
+            calibration=calibration,
+            loss_fn=nn.functional.cross_entropy,
+        )
+        report["predicted_loss_kind"] = "validation cross-entropy increase, each group pruned alone"
+        self.latency_allocation = report
+        log.info(
+            "latency allocation: target %.3f ms, predicted %.3f ms, measured %.3f ms (dense %.3f ms)",
+            report["budget_ms"],
+            report["predicted_ms"],
+            report["measured_ms"],
+            report["dense_ms"],
+        )
+        return result
 
     def export(self, stage: ExportStage) -> None:
         path = self.out / f"{stage.name}.safetensors"
@@ -436,18 +638,27 @@ class Run:
                 extra["int8"] = int8_plan(self.model)  # which layers to rebuild as int8 ones
             save_compressed(state, target, specs=tensor_specs(self.specs, state), extra=extra)
             self.compressed_sizes[stage.name] = target.stat().st_size
+            from prunekit.compress.inspect import inspect_compressed
+
+            totals = inspect_compressed(target)[1]
+            parts = ("value_bytes", "index_bytes", "scale_bytes", "file_overhead_bytes", "dense_bytes")
+            self.compressed_parts[stage.name] = {k: totals[k] for k in parts}
 
     def summary(self) -> dict[str, Any]:
         self.measure_latency()
         for label, entry in self.metrics.items():
             entry["size_bytes"] = self.sizes.get(label)
             entry["compressed_size_bytes"] = self.compressed_sizes.get(label)
+            if label in self.compressed_parts:
+                entry["compressed_parts"] = self.compressed_parts[label]
         return {
             "recipe_name": self.recipe.name,
             **self.metrics,
             "rounds": self.rounds,
             "left_dense": self.dense_layers,
             **({"quantization": self.int8} if self.int8 is not None else {}),
+            **({"latency_allocation": self.latency_allocation} if self.latency_allocation else {}),
+            **({"allocation": self.allocations} if self.allocations else {}),
             "recipe": to_dict(self.recipe),
             "environment": {
                 "torch": torch.__version__,
@@ -459,15 +670,36 @@ class Run:
         }
 
 
-def run_recipe(recipe: Recipe, out: str | Path, progress: bool = True) -> dict[str, Any]:
-    """Run every stage and write ``metrics.json`` and ``report.md`` into ``out``; returns the metrics."""
+def run_recipe(
+    recipe: Recipe,
+    out: str | Path,
+    progress: bool = True,
+    class_drop: float = DEFAULT_THRESHOLD_POINTS,
+    resume: bool = False,
+    tensorboard: str | Path | None = None,
+) -> dict[str, Any]:
+    """Run every stage and write ``metrics.json``, ``report.md`` and ``report.html`` into ``out``; returns
+    the metrics. ``class_drop``: recall points a class may lose against the first evaluated model before
+    ``metrics["per_class_check"]`` names it.
+
+    ``out/log.jsonl`` logs every round and epoch (and ``tensorboard``, a directory, gets them as
+    TensorBoard scalars); ``out/checkpoint/`` holds the last two checkpoints, and ``resume=True``
+    continues from the newest one (the recipe must be the one it was written with). Under torchrun the
+    run is distributed (prunekit.distributed); only rank 0 writes, and every rank returns its metrics."""
+    if not class_drop >= 0:
+        raise PrunekitError(f"--class-drop must be >= 0 recall points, got {class_drop}")
     out = Path(out)
     _check_out(out)
     threads = torch.get_num_threads()
     if recipe.threads is not None:
         torch.set_num_threads(recipe.threads)
+    from prunekit.distributed import session
+
     try:
-        return _run(recipe, out, progress)
+        with session() as ctx:
+            return _run(
+                recipe, out, progress, class_drop=class_drop, resume=resume, tensorboard=tensorboard, ctx=ctx
+            )
     finally:
         torch.set_num_threads(threads)
 
@@ -483,16 +715,48 @@ def _check_out(out: Path) -> None:
         raise PrunekitError(f"--out {out}: {existing} is not writable")
 
 
-def _run(recipe: Recipe, out: Path, progress: bool) -> dict[str, Any]:
+def _run(
+    recipe: Recipe,
+    out: Path,
+    progress: bool,
+    class_drop: float = DEFAULT_THRESHOLD_POINTS,
+    resume: bool = False,
+    tensorboard: str | Path | None = None,
+    ctx: Context | None = None,
+) -> dict[str, Any]:
     from prunekit.report import write_report
+    from prunekit.report.html import write_reports
+    from prunekit.report.plots import run_figures
 
-    started = time.perf_counter()
-    state = Run(recipe, out, progress)
+    ctx = ctx or Context()
+    saved = ckpt.load_latest(out) if resume else None  # before any work: a bad --resume fails at once
+    if saved is not None:
+        ckpt.check_resumable(saved[0], saved[1], to_dict(recipe), ctx.world_size)
+    state = Run(recipe, out, progress and ctx.main, ctx=ctx)
     state.check()
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        if ctx.main:
+            out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise PrunekitError(f"--out {out}: cannot create the directory: {exc.strerror or exc}") from None
+    start = 0
+    if saved is None and ctx.main:
+        ckpt.clear(out)
+    if saved is not None:
+        position = ckpt.restore_run(state, saved[0])
+        start = position["stage"]
+        if position["round"] or position["train"] is not None:
+            state.pending = position
+        log_at = tuple(saved[0]["log"])
+    state.runlog = RunLog(
+        out / "log.jsonl",
+        enabled=ctx.main,
+        tensorboard=Path(tensorboard) if tensorboard is not None else None,
+        resume_at=log_at if saved is not None else None,
+    )
+    if saved is not None:
+        state.runlog.write("resume", checkpoint=state.checkpoints, stage=start, path=str(saved[1]))
+        log.info("resuming from %s (checkpoint %d, stage %d)", saved[1], state.checkpoints, start)
     handlers = {
         "train": state.train,
         "finetune": state.train,
@@ -502,18 +766,41 @@ def _run(recipe: Recipe, out: Path, progress: bool) -> dict[str, Any]:
         "evaluate": state.evaluate,
         "export": state.export,
     }
-    for stage in recipe.stages:
+    bar = tqdm(
+        total=len(recipe.stages), initial=start, desc="stages", unit="stage", disable=not state.progress
+    )
+    for index, stage in enumerate(recipe.stages):
+        if index < start:
+            continue  # done before the checkpoint
+        state.stage_index = index
         log.info("stage %s", stage.type)
-        handlers[stage.type](stage)
+        if stage.type in ("evaluate", "export") and ctx.enabled:
+            if ctx.main:  # evaluation, latency and files are rank 0's; the others wait
+                handlers[stage.type](stage)
+            ctx.barrier()
+        else:
+            handlers[stage.type](stage)
         if stage.type in ("train", "finetune", "prune", "structured", "quantize"):
             state.done.append(stage.model_dump(mode="json", exclude_none=True))
+        state.runlog.write("stage", stage=index, type=stage.type, elapsed_s=state.elapsed())
+        bar.update(1)
+        if stage.type in ("train", "finetune", "prune", "structured"):
+            state.checkpoint(index + 1)
+    bar.close()
+    if not ctx.main:
+        state.runlog.close()
+        return ctx.broadcast_json(None)  # rank 0's metrics
     metrics = state.summary()
-    metrics["wall_time_s"] = time.perf_counter() - started
+    metrics["wall_time_s"] = state.elapsed()
     # an int8 model has its masks squashed into weight_q: the digest is of the masks it was made from
     metrics["masks_sha256"] = _masks_digest(get_masks(state.model) if state.masks is None else state.masks)
+    if evaluated_labels(metrics):
+        metrics["per_class_check"] = check_metrics(metrics, class_drop)
     atomic_write_json(out / "metrics.json", metrics)
-    atomic_write_text(out / "report.md", write_report(metrics))
-    return metrics
+    write_reports(out, write_report(metrics), run_figures(metrics))  # report.md, report.html, PNGs
+    state.runlog.write("done", wall_time_s=metrics["wall_time_s"], masks_sha256=metrics["masks_sha256"])
+    state.runlog.close()
+    return ctx.broadcast_json(metrics)
 
 
 def _masks_digest(masks: dict[str, torch.Tensor]) -> str:

@@ -207,7 +207,7 @@ class PruneStage(Strict):
     def _sensitivity_allocation(self) -> PruneStage:
         if self.allocation != "sensitivity":
             if self.sensitivity is not None:
-                raise ValueError("'sensitivity' settings are for allocation 'sensitivity' (this stage is uniform)")
+                raise ValueError("'sensitivity' settings need allocation 'sensitivity' (this one is uniform)")
             return self
         from prunekit.criteria import CRITERIA
         from prunekit.spec import Unstructured
@@ -226,11 +226,11 @@ class PruneStage(Strict):
         group = self.group or criterion.default_group
         if group != "layer":
             raise ValueError(
-                f"allocation 'sensitivity' sets each layer's sparsity, so weights compete within their layer: "
-                f"use group 'layer' (or leave it out), not '{group}'"
+                "allocation 'sensitivity' sets each layer's sparsity, so weights compete within their "
+                f"layer: use group 'layer' (or leave it out), not '{group}'"
             )
         if self.overrides:
-            raise ValueError("allocation 'sensitivity' sets every targeted layer's sparsity: remove 'overrides'")
+            raise ValueError("allocation 'sensitivity' sets every targeted layer's sparsity: no 'overrides'")
         return self
 
 
@@ -329,6 +329,15 @@ Stage = Annotated[
 STAGE_TYPES = ("train", "prune", "structured", "finetune", "quantize", "evaluate", "export")
 
 
+class CheckpointCfg(Strict):
+    """Checkpoints in ``OUT/checkpoint/`` for ``prunekit run --resume`` (prunekit.checkpoint): after every
+    training/pruning stage and pruning round, and every ``every_steps`` optimizer steps inside training.
+    Not part of the recipe's identity: a run may resume with other values here."""
+
+    enabled: bool = True
+    every_steps: int | None = Field(200, ge=1)  # None: only after stages and rounds
+
+
 class Recipe(Strict):
     name: str = "recipe"
     description: str = ""
@@ -339,6 +348,7 @@ class Recipe(Strict):
     model: ModelSource
     data: DataSource = Field(default_factory=DataSource)
     stages: list[Stage] = Field(min_length=1)
+    checkpoint: CheckpointCfg = Field(default_factory=lambda: CheckpointCfg())
 
     @field_validator("stages", mode="before")
     @classmethod

@@ -9,6 +9,11 @@
     sparsifier.squash()                  # zeros made permanent, plain modules again
 
 Data-driven criteria (taylor, obd, wanda) take calibration batches in ``prune(batches=..., loss_fn=...)``.
+
+``allocation={layer: sparsity}`` (from :mod:`prunekit.allocate`) gives every targeted layer its own final
+sparsity; the spec's sparsity is then the global target. A round at sparsity ``s`` of a schedule (iterative,
+AGP) prunes each layer to ``s_l * s / target``: every layer is the same fraction of the way to its own
+target, so the global sparsity follows the schedule and the last round lands on each ``s_l`` exactly.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ class Sparsifier:
         overrides: Mapping[str, Spec | str | float] | None = None,
         schedule: Schedule | None = None,
         seed: int = 0,
+        allocation: Mapping[str, float] | None = None,
     ) -> None:
         self.model = model
         self.spec = parse(spec)
@@ -57,6 +63,7 @@ class Sparsifier:
         self.targets = targets or Targets()
         self.specs = resolve(model, self.spec, self.targets, overrides)
         self.overridden = {name for name, s in self.specs.items() if s != self.spec}
+        self.allocation = None if allocation is None else self._allocation(allocation, overrides)
         if self.group == "row" and any(isinstance(s, Block) for s in self.specs.values()):
             raise PrunekitError("block patterns compare within a layer or globally, not per row")
         self.schedule = schedule or OneShot()
@@ -66,6 +73,36 @@ class Sparsifier:
         self.step_count = 0
         self._started = False
         self.layers = {name: model.get_submodule(name) for name in self.specs}
+
+    def _allocation(
+        self, allocation: Mapping[str, float], overrides: Mapping[str, object] | None
+    ) -> dict[str, float]:
+        if not isinstance(self.spec, Unstructured):
+            raise PrunekitError(f"a per-layer allocation needs an unstructured pattern, got {self.spec}")
+        if self.group != "layer":
+            raise PrunekitError(
+                f"a per-layer allocation sets each layer's sparsity, so weights compete within their layer: "
+                f"it needs group 'layer', got '{self.group}'"
+            )
+        if overrides:
+            raise PrunekitError("give per-layer sparsities either as overrides or as an allocation, not both")
+        missing, unknown = set(self.specs) - set(allocation), set(allocation) - set(self.specs)
+        if missing or unknown:
+            raise PrunekitError(
+                f"the allocation must name exactly the targeted layers; missing {sorted(missing)}, "
+                f"not targeted {sorted(unknown)}"
+            )
+        chosen = {n: check_sparsity(allocation[n], f"allocated sparsity of '{n}'") for n in self.specs}
+        self.specs = {n: Unstructured(s) for n, s in chosen.items()}
+        self.overridden = set()
+        return chosen
+
+    def _allocated(self, name: str, sparsity: float) -> float:
+        """Layer ``name``'s sparsity in a round at global ``sparsity`` (exactly its own at the target)."""
+        final, target = self.allocation[name], self.spec.sparsity
+        if sparsity >= target or target == 0.0:
+            return final
+        return min(final, final * sparsity / target)
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def prepare(self) -> Sparsifier:
@@ -103,11 +140,7 @@ class Sparsifier:
             if batches is None:
                 raise PrunekitError(f"criterion '{self.criterion_name}' needs calibration batches")
             self.criterion.collect(self.model, self.layers, batches, loss_fn)
-        specs = dict(self.specs)
-        if sparsity is not None:
-            for name in specs:
-                if name not in self.overridden:
-                    specs[name] = _at_sparsity(specs[name], sparsity)
+        specs = dict(self.specs) if sparsity is None else self.layer_specs(sparsity)
         existing = get_masks(self.model)
         scores = {name: (lambda n=name: self.criterion.scores(n, self.layers[n])) for name in self.layers}
         masks = select_masks(scores, specs, self.group, {n: existing[n] for n in self.layers})
@@ -142,6 +175,8 @@ class Sparsifier:
         """The spec each layer was pruned with (at ``sparsity`` for the non-overridden ones)."""
         if sparsity is None:
             return dict(self.specs)
+        if self.allocation is not None:
+            return {n: Unstructured(self._allocated(n, sparsity)) for n in self.specs}
         return {n: s if n in self.overridden else _at_sparsity(s, sparsity) for n, s in self.specs.items()}
 
 

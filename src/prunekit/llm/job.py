@@ -1,8 +1,9 @@
 """The ``prunekit llm prune`` and ``prunekit llm eval`` jobs: load, calibrate, prune, evaluate, save.
 
 ``prune`` writes into ``OUT`` a directory that ``transformers.AutoModelForCausalLM.from_pretrained(OUT)``
-loads as is (safetensors, config, tokenizer) plus ``metrics.json``. Everything is written into a sibling
-temporary directory first and moved into place at the end, so a failed run leaves no half-written model.
+loads as is (safetensors, config, tokenizer) plus ``metrics.json``, ``report.md`` and ``report.html``.
+Everything is written into a sibling temporary directory first and moved into place at the end, so a failed
+run leaves no half-written model.
 """
 
 from __future__ import annotations
@@ -67,7 +68,13 @@ def _save(model, tokenizer, out: Path, metrics: dict[str, Any]) -> None:
     try:
         model.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
+        metrics["size"] = _sizes(model, staging)
         atomic_write_json(staging / "metrics.json", metrics)
+        from prunekit.report.html import write_reports
+        from prunekit.report.llm import llm_report
+        from prunekit.report.plots import llm_figures
+
+        write_reports(staging, llm_report(metrics), llm_figures(metrics))  # report.md, report.html, PNGs
         if not out.exists():
             os.replace(staging, out)
             return
@@ -81,6 +88,15 @@ def _save(model, tokenizer, out: Path, metrics: dict[str, Any]) -> None:
         os.replace(staging / "metrics.json", out / "metrics.json")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _sizes(model, saved: Path) -> dict[str, int]:
+    """Bytes of the saved weight files, and of the model's tensors stored densely (tied ones once)."""
+    tensors = {t.data_ptr(): t for t in model.state_dict().values() if t.numel()}
+    return {
+        "file_bytes": sum(p.stat().st_size for p in saved.glob("*.safetensors")),
+        "dense_tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+    }
 
 
 def run_prune(

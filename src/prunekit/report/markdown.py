@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from prunekit.report.sections import agreement_section, per_class_check_section, size_section
+
 # a pruned p50 must beat dense by more than this ratio before the report calls it faster
 FASTER_THRESHOLD = 0.90
 SLOWER_THRESHOLD = 1.10
@@ -192,6 +194,7 @@ def write_report(m: dict[str, Any]) -> str:
     dense, pruned = m.get("dense"), m.get("pruned")
     if dense and pruned:
         lines += ["## Verdict", ""] + [f"- {line}" for line in verdict(dense, pruned)] + [""]
+    lines += per_class_check_section(m)
     if m.get("quantization"):
         lines += ["## INT8", ""] + [f"- {line}" for line in int8_findings(m)] + [""]
     if labels:
@@ -234,6 +237,7 @@ def write_report(m: dict[str, Any]) -> str:
             for c in range(n)
         ]
         lines += _table(["class", "support", *labels], rows) + [""]
+    lines += agreement_section(m) + size_section(m)
     lines += _runtime_section(m, labels)
     if m.get("rounds"):
         lines += ["## Pruning rounds", ""]

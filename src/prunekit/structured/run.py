@@ -2,7 +2,7 @@
 
 Writes ``OUT/metrics.json`` (params, MACs, batch-1 latency p50/p99 before and after, measured in one
 interleaved run), ``OUT/prune_log.json`` + ``OUT/model.safetensors`` (replay with
-``prunekit.structured.load``) and ``OUT/report.md``.
+``prunekit.structured.load``), ``OUT/report.md`` and ``OUT/report.html`` (with ``report-*.png``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from prunekit.errors import PrunekitError
-from prunekit.files import atomic_write_json, atomic_write_text
+from prunekit.files import atomic_write_json
 from prunekit.structured.core import prune_model
 from prunekit.structured.storage import save
 
@@ -68,8 +68,11 @@ def run_structured(
     runs: int = 200,
     model_name: str = "",
 ) -> dict[str, Any]:
-    from prunekit.analysis import compare_latency
+    from prunekit.analysis import compare_latency, layer_table
     from prunekit.analysis.macs import count_macs
+    from prunekit.report.html import write_reports
+    from prunekit.report.plots import structured_figures
+    from prunekit.report.sections import layer_changes
 
     out = Path(out)
     dense = copy.deepcopy(model).eval()
@@ -78,6 +81,11 @@ def run_structured(
     pruned_macs = count_macs(model, example)["total"]
     latency = compare_latency({"dense": dense, "pruned": model}, example, runs=runs, warmup=20)
     save(model, result.plan, out)
+    # the dense model's tensor bytes (shared storage once, as save_model stores tied weights once)
+    dense_bytes = sum(
+        t.numel() * t.element_size()
+        for t in {t.data_ptr(): t for t in dense.state_dict().values() if t.numel()}.values()
+    )
     metrics = {
         "model": model_name,
         "ratio": ratio,
@@ -103,9 +111,11 @@ def run_structured(
         "threads": torch.get_num_threads(),
         "latency_runs": latency["dense"]["runs"],
         "groups": result.summary(),
+        "layers": layer_changes(layer_table(dense), layer_table(model)),
+        "size": {"dense_bytes": dense_bytes, "pruned_file_bytes": (out / "model.safetensors").stat().st_size},
     }
     atomic_write_json(out / "metrics.json", metrics)
-    atomic_write_text(out / "report.md", _report(metrics))
+    write_reports(out, _report(metrics), structured_figures(metrics))  # report.md, report.html, PNGs
     return metrics
 
 
@@ -144,4 +154,10 @@ def _report(m: dict[str, Any]) -> str:
         f"| {g['group']} | `{g['seed']}` | {g['units']} | {g['removed']} | {g['blocked']} |"
         for g in m["groups"]
     ]
+    from prunekit.report.sections import settings_section, structured_layers_section, structured_verdict
+
+    lines[2:2] = structured_verdict(m)
+    lines += ["", *structured_layers_section(m)]
+    keys = ("model", "ratio", "importance", "round_to", "input_shape", "threads", "latency_runs")
+    lines += settings_section({k: m[k] for k in keys if k in m})
     return "\n".join(lines) + "\n"

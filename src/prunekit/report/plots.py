@@ -1,0 +1,173 @@
+"""The report's charts as PNG bytes (matplotlib, Agg canvas, no pyplot global state).
+
+Each chart names the report section it belongs under (``Figure.section``, a heading prefix), so the HTML
+and Markdown writers can place it next to the table that holds the same numbers.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure as MplFigure
+
+MAX_BARS = 48  # more layers than this are averaged per block, one bar per block
+
+
+@dataclass(frozen=True)
+class Figure:
+    name: str  # file stem: report-<name>.png
+    section: str  # heading prefix of the Markdown section it goes under
+    title: str  # alt text and caption
+    png: bytes
+
+
+def _png(fig: MplFigure) -> bytes:
+    FigureCanvasAgg(fig)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})  # no version stamp: stable bytes
+    return buf.getvalue()
+
+
+def sparsity_bars(names: list[str], sparsity: list[float], title: str) -> bytes:
+    """Horizontal bars, one per layer, sparsity in percent, top to bottom in the order given."""
+    fig = MplFigure(figsize=(8, 1.2 + 0.28 * len(names)))
+    ax = fig.add_subplot()
+    y = list(range(len(names)))
+    ax.barh(y, [100 * s for s in sparsity], color="#3b6ea8")
+    ax.set_yticks(y, names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("sparsity (% of weights that are zero)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    for yi, s in zip(y, sparsity):
+        ax.text(min(100 * s + 1, 88), yi, f"{100 * s:.1f}%", va="center", fontsize=7)
+    return _png(fig)
+
+
+def grouped_bars(groups: list[str], series: dict[str, list[float | None]], ylabel: str, title: str) -> bytes:
+    """Vertical bars: one group per entry of ``groups``, one bar per series inside it (None: no bar)."""
+    fig = MplFigure(figsize=(8, 3.6))
+    ax = fig.add_subplot()
+    width = 0.8 / max(len(series), 1)
+    for i, (label, values) in enumerate(series.items()):
+        xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        kept = [(x, v) for x, v in zip(xs, values) if v is not None]
+        ax.bar([x for x, _ in kept], [v for _, v in kept], width=width, label=label)
+    ax.set_xticks(range(len(groups)), groups, fontsize=8)
+    shown = [v for values in series.values() for v in values if v is not None]
+    if shown and min(shown) >= 0:  # zoom on the range the bars span: a 3-point loss must be visible
+        low, high = min(shown), max(shown)
+        ax.set_ylim(max(0.0, low - 0.15 * max(high - low, 1.0) - 1), high + 0.05 * max(high - low, 1.0))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _png(fig)
+
+
+def latency_bars(rows: dict[str, tuple[float, float]], title: str) -> bytes:
+    """p50 bars with the p99 drawn as a tick above each, one row per model, in milliseconds."""
+    fig = MplFigure(figsize=(8, 1.4 + 0.4 * len(rows)))
+    ax = fig.add_subplot()
+    names = list(rows)
+    y = list(range(len(names)))
+    ax.barh(y, [rows[n][0] for n in names], color="#5a9e6f", label="p50")
+    ax.scatter([rows[n][1] for n in names], y, marker="|", s=300, color="#b03a2e", label="p99", zorder=3)
+    ax.set_yticks(y, names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("latency, ms (batch 1)")
+    ax.set_xlim(0, 1.1 * max(max(v) for v in rows.values()))
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return _png(fig)
+
+
+def per_block(names: list[str], values: list[float]) -> tuple[list[str], list[float]]:
+    """Mean of ``values`` per decoder block (the first ``.<number>.`` in each name); names without one
+    keep their own bar. Keeps the chart readable for a model with hundreds of layers."""
+    groups: dict[str, list[float]] = {}
+    for name, value in zip(names, values):
+        match = re.search(r"^(.*?\.\d+)\.", name)
+        groups.setdefault(match.group(1) if match else name, []).append(value)
+    return list(groups), [sum(v) / len(v) for v in groups.values()]
+
+
+def _layer_chart(names: list[str], sparsity: list[float], section: str, what: str) -> Figure:
+    title = f"Per-layer sparsity ({what})"
+    if len(names) > MAX_BARS:
+        names, sparsity = per_block(names, sparsity)
+        title = f"Per-block mean sparsity ({what}; {len(names)} blocks)"
+    return Figure("layer-sparsity", section, title, sparsity_bars(names, sparsity, title))
+
+
+def run_figures(m: dict[str, Any]) -> list[Figure]:
+    """Charts of a ``prunekit run``/``demo`` metrics.json: per-layer sparsity of the last evaluated model,
+    per-class recall of every evaluated model, latency p50/p99 of every model timed (compiled included)."""
+    labels = [k for k, v in m.items() if isinstance(v, dict) and "per_class_recall" in v]
+    if not labels:
+        return []
+    out = []
+    last = m[labels[-1]]
+    if last.get("layers"):
+        rows = last["layers"]
+        out.append(
+            _layer_chart(
+                [r["layer"] for r in rows], [r["sparsity"] for r in rows], "Per-layer sparsity", labels[-1]
+            )
+        )
+    classes = [str(c) for c in range(len(m[labels[0]]["per_class_recall"]))]
+    series = {
+        label: [None if r is None else 100 * r for r in m[label]["per_class_recall"]] for label in labels
+    }
+    png = grouped_bars(classes, series, "recall (%)", "Per-class recall (test set)")
+    out.append(
+        Figure("per-class-recall", "Per-class recall", "Per-class recall of every evaluated model", png)
+    )
+    timed = {}
+    for label in labels:
+        e = m[label]
+        if e.get("latency_ms"):
+            timed[label] = (e["latency_ms"]["p50"], e["latency_ms"]["p99"])
+        compiled = e.get("compiled") or {}
+        if compiled.get("latency_ms"):
+            timed[f"{label} (compiled)"] = (compiled["latency_ms"]["p50"], compiled["latency_ms"]["p99"])
+    if timed:
+        png = latency_bars(timed, "Latency p50 (bar) and p99 (tick), batch 1")
+        out.append(Figure("latency", "Summary", "Latency p50 and p99 of every model timed", png))
+    return out
+
+
+def structured_figures(m: dict[str, Any]) -> list[Figure]:
+    """Charts of a ``prunekit structured`` metrics.json: fraction of each layer's weights removed, and
+    latency dense vs pruned."""
+    out = []
+    if m.get("layers"):
+        rows = m["layers"]
+        out.append(
+            _layer_chart(
+                [r["layer"] for r in rows],
+                [r["removed_fraction"] for r in rows],
+                "Per-layer",
+                "fraction of weights removed",
+            )
+        )
+    timed = {k: (m[k]["latency_ms"]["p50"], m[k]["latency_ms"]["p99"]) for k in ("dense", "pruned")}
+    out.append(
+        Figure("latency", "Measured", "Latency dense vs pruned", latency_bars(timed, "Latency, batch 1"))
+    )
+    return out
+
+
+def llm_figures(m: dict[str, Any]) -> list[Figure]:
+    """Charts of a ``prunekit llm prune`` metrics.json: per-layer (or per-block) sparsity."""
+    layers = m.get("layer_sparsity") or {}
+    if not layers:
+        return []
+    return [_layer_chart(list(layers), list(layers.values()), "Per-layer sparsity", "decoder linear layers")]

@@ -28,16 +28,18 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def flatten(data: Any, prefix: str = "") -> dict[str, float | int]:
-    """The numbers of a nested dict/list structure under dotted keys."""
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, float | int]:
+    """The numbers of nested dicts under dotted keys; lists only when all numbers (per-class recall), so
+    per-layer timing tables and the like (lists of dicts) stay out of the comparison."""
     out: dict[str, float | int] = {}
-    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else []
-    for key, value in items:
+    for key, value in data.items():
         name = f"{prefix}{key}"
         if _number(value):
             out[name] = value
-        elif isinstance(value, dict | list):
+        elif isinstance(value, dict):
             out.update(flatten(value, name + "."))
+        elif isinstance(value, list) and value and all(_number(v) for v in value):
+            out.update({f"{name}.{i}": v for i, v in enumerate(value)})
     return out
 
 
@@ -57,8 +59,13 @@ def _layer_sparsity(entry: Entry) -> dict[str, float]:
 
 def diff_entries(a: Entry, b: Entry) -> dict[str, Any]:
     """{a, b, metrics: [{key, a, b, delta}], layers: [...], files: [...], same_files: bool}."""
-    metrics_a = flatten(a.manifest.get("metrics") or {})
-    metrics_b = flatten(b.manifest.get("metrics") or {})
+    # support: the test set's class counts, a property of the data, not of either model
+    metrics_a = {
+        k: v for k, v in flatten(a.manifest.get("metrics") or {}).items() if not k.startswith("support.")
+    }
+    metrics_b = {
+        k: v for k, v in flatten(b.manifest.get("metrics") or {}).items() if not k.startswith("support.")
+    }
     for side, entry in ((metrics_a, a), (metrics_b, b)):
         recovery = entry.manifest.get("recovery")
         side["recovery_epochs"] = recovery["epochs"] if recovery else None

@@ -107,6 +107,13 @@ def _file_map(files: Mapping[str, str | Path] | Sequence[str | Path]) -> dict[st
     return out
 
 
+def _foreign(path: Path) -> bool:
+    """Whether a directory holds anything but what a store's first writer creates (another first writer
+    may be creating the store right now, so its lock, subdirectories and store.json temp are expected)."""
+    ours = {"lock", "entries", "tmp", "store.json"}
+    return any(p.name not in ours and not p.name.startswith(".store.json.") for p in path.iterdir())
+
+
 class Store:
     """An artifact store directory (created by the first :meth:`add`)."""
 
@@ -146,12 +153,13 @@ class Store:
     def _init(self) -> None:
         if self.exists():
             return
-        if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
+        if self.path.exists() and (not self.path.is_dir() or _foreign(self.path)):
             raise PrunekitError(f"{self.path} exists and is not an artifact store (no store.json)")
-        for sub in (self._entries, self._tmp):
-            sub.mkdir(parents=True, exist_ok=True)
+        self.path.mkdir(parents=True, exist_ok=True)
         with disk.locked(self._lockfile):
             if not self.exists():  # two first writers: the second finds it done
+                for sub in (self._entries, self._tmp):
+                    sub.mkdir(exist_ok=True)
                 atomic_write_json(
                     self.path / "store.json", {"format": STORE_FORMAT, "format_version": FORMAT_VERSION}
                 )

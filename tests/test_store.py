@@ -474,3 +474,53 @@ def test_cli_session(tmp_path, monkeypatch, capsys):
     assert code == 2 and err.count("\n") == 1 and "did you mean 'tiny-run/pruned'" in err
     code, _, err = cli("add", str(run / "dense.safetensors"))
     assert code == 2 and "--name is needed" in err
+
+
+TINY_RECIPE = """\
+name: tiny
+seed: 0
+model: {builtin: resnet-digits, args: {widths: [8, 16], blocks: 1}}
+data: {name: digits, batch_size: 128}
+stages:
+  - {type: train, epochs: 1, lr: 0.05}
+  - {type: evaluate, label: dense, latency_runs: 5, latency_warmup: 1}
+  - {type: export, name: dense}
+  - {type: prune, pattern: 0.6, criterion: magnitude, group: global, finetune: {epochs: 1, lr: 0.01}}
+  - {type: evaluate, label: pruned, latency_runs: 5, latency_warmup: 1}
+  - {type: export, name: pruned, compressed: true}
+"""
+
+
+def test_run_with_a_bad_store_fails_before_running(tmp_path, monkeypatch, capsys):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(TINY_RECIPE, encoding="utf-8")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    out = tmp_path / "out"
+    code, _, err = call_main(
+        monkeypatch, capsys, "run", str(recipe), "--out", str(out), "--store", str(foreign)
+    )
+    assert code == 2 and "is not an artifact store" in err and not out.exists()
+
+
+@pytest.mark.slow
+def test_run_store_option_stores_the_real_exports(tmp_path, monkeypatch, capsys):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(TINY_RECIPE, encoding="utf-8")
+    out, store = tmp_path / "out", Store(tmp_path / "store")
+    code, stdout, err = call_main(
+        monkeypatch, capsys, "run", str(recipe), "--out", str(out), "-q", "--store", str(store.path)
+    )
+    assert code == 0, err
+    assert "stored out/dense" in stdout and "stored out/pruned" in stdout
+    dense, pruned = store.list()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert pruned.parent == dense.hash and pruned.manifest["recipe"]["name"] == "tiny"
+    assert pruned.manifest["metrics"]["accuracy"] == metrics["pruned"]["accuracy"]
+    assert pruned.manifest["layers"] == metrics["pruned"]["layers"]
+    assert pruned.manifest["recovery"]["epochs"] == 1  # one-shot: one round of one epoch
+    assert set(pruned.files) == {"pruned.safetensors", "pruned.compressed.safetensors"}
+    for name in pruned.files:
+        assert pruned.file(name).read_bytes() == (out / name).read_bytes()
+    assert store.verify().ok

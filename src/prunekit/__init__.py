@@ -40,6 +40,7 @@ _EXPORTS = {
     "convert_qat": "prunekit.qat",
     "save_artifact": "prunekit.artifact",
     "load_artifact": "prunekit.artifact",
+    "Store": "prunekit.store",
     "run_recipe": "prunekit.pipeline",
     "load_recipe": ("prunekit.recipe", "load"),
     "measure_latency": "prunekit.analysis",

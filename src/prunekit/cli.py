@@ -78,6 +78,7 @@ def _run(
     class_drop: float = 2.0,
     resume: bool = False,
     tensorboard: Path | None = None,
+    store: Path | None = None,
 ) -> None:
     import os
 
@@ -86,6 +87,10 @@ def _run(
     from prunekit.pipeline import run_recipe
 
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks
+    if store is not None and main_rank:
+        from prunekit.store import Store
+
+        Store(store).create()  # a bad --store fails now, not after the run
     logging.basicConfig(
         level=logging.WARNING if quiet or not main_rank else logging.INFO,
         format="%(message)s",
@@ -99,6 +104,13 @@ def _run(
         return
     _summary(metrics, out)
     per_class_outcome(metrics, strict)  # warning lines; exit 3 with --strict
+    if store is not None:  # after the check: a run that fails --strict is not stored
+        from prunekit.cli_store import store_run
+
+        store_run(store, out)
+
+
+STORE_HELP = "Then add the exports to this artifact store (see `prunekit store --help`)."
 
 
 @app.command()
@@ -107,11 +119,12 @@ def demo(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or log lines."),
     strict: bool = typer.Option(False, "--strict", help=STRICT_HELP),
     class_drop: float = typer.Option(2.0, "--class-drop", metavar="POINTS", help=CLASS_DROP_HELP),
+    store: Path = typer.Option(None, "--store", metavar="DIR", help=STORE_HELP),
 ) -> None:
     """Run the built-in edge-digits recipe: dense CNN -> pruning to 90% -> INT8 -> report (runtime timed)."""
     from prunekit import recipe
 
-    _run(recipe.load_builtin("edge-digits"), out, quiet, strict, class_drop)
+    _run(recipe.load_builtin("edge-digits"), out, quiet, strict, class_drop, store=store)
 
 
 @app.command()
@@ -127,12 +140,13 @@ def run(
     tensorboard: Path = typer.Option(
         None, "--tensorboard", metavar="DIR", help="Also log rounds and epochs as TensorBoard scalars."
     ),
+    store: Path = typer.Option(None, "--store", metavar="DIR", help=STORE_HELP),
 ) -> None:
     """Run a recipe file (see `prunekit recipes show edge-digits` for an example). Under
     `torchrun --nproc-per-node N -m prunekit run ...` the training is distributed (DDP)."""
     from prunekit import recipe
 
-    _run(recipe.load(recipe_file), out, quiet, strict, class_drop, resume, tensorboard)
+    _run(recipe.load(recipe_file), out, quiet, strict, class_drop, resume, tensorboard, store=store)
 
 
 @recipes_app.command("list")

@@ -281,3 +281,12 @@ def verify(
         f"ok: {report.entries} entries, {report.files} files, {report.bytes:,} bytes match their "
         f"manifests in {store}{leftovers}"
     )
+
+
+def store_run(store: Path, out: Path) -> None:
+    """``prunekit run/demo --store DIR``: add the finished run's exports, one line per entry."""
+    s = _open(store)
+    before = {e.hash for e in s.list()} if s.exists() else set()
+    for entry in s.add_run(out):
+        verb = "stored" if entry.hash not in before else "already stored"
+        typer.echo(f"{verb} {_label(entry)} in {store}")

@@ -150,7 +150,8 @@ class Store:
                 f"`prunekit store add RUN_DIR --store {self.path}`"
             )
 
-    def _init(self) -> None:
+    def create(self) -> None:
+        """Make the directory a store (the first add does it); an existing store is left as it is."""
         if self.exists():
             return
         if self.path.exists() and (not self.path.is_dir() or _foreign(self.path)):
@@ -263,8 +264,8 @@ class Store:
         sources = _file_map(files)
         check_name(name)
         meta = normalize_meta(meta)
-        self._init()
-        parent_hash = self.get(parent).hash if parent is not None else None
+        parent_hash = self.get(parent).hash if parent is not None else None  # before creating a store
+        self.create()
         with self._staging() as tmp:
             (tmp / "files").mkdir()
             records = {}
@@ -353,12 +354,12 @@ class Store:
         problems = check_entry(self, entry)
         if problems:
             raise PrunekitError(f"refusing to roll back to a damaged entry: {problems[0]}")
+        if to is not None:  # first: a failed copy leaves the pointer where it was
+            self.export(entry.hash, to)
         with disk.locked(self._lockfile):
             current = self.current()
             if current is None or current.hash != entry.hash:
                 self._record("rollback", entry)
-        if to is not None:
-            self.export(entry.name, to)
         return entry
 
     def export(self, ref: str, to: str | Path) -> list[Path]:

@@ -168,3 +168,35 @@ def test_agreement_counts_match_their_definition(rows):
         assert out["per_class_same"][k] == sum(r == c for r, c in inputs)
         assert out["per_class"][k] == (out["per_class_same"][k] / len(inputs) if inputs else None)
     assert sum(out["per_class_same"]) == out["same"]
+
+
+def test_analyze_agreement_cli_compares_two_artifacts_on_the_digits_test_split(tmp_path, monkeypatch, capsys):
+    import json
+
+    from prunekit.artifact import save_artifact
+    from prunekit.data import load_splits
+    from prunekit.models import build_model
+    from test_cli import assert_one_line_error, call_main
+
+    info = {"name": "resnet-digits", "args": {"widths": [8], "blocks": 1}}
+    torch.manual_seed(0)
+    dense = build_model(info["name"], info["args"]).eval()
+    pruned = build_model(info["name"], info["args"]).eval()
+    pruned.load_state_dict(dense.state_dict())
+    with torch.no_grad():
+        for p in pruned.parameters():
+            if p.dim() > 1:
+                p.mul_(p.abs() > p.abs().median())  # half the weights of every kernel to zero
+    save_artifact(tmp_path / "dense.safetensors", dense, model_info=info)
+    save_artifact(tmp_path / "pruned.safetensors", pruned, model_info=info)
+    args = ["analyze", "agreement", str(tmp_path / "dense.safetensors"), str(tmp_path / "pruned.safetensors")]
+    code, out, err = call_main(monkeypatch, capsys, *args, "--json", "--sigmas", "0.1")
+    assert code == 0, err
+    splits = load_splits("digits")
+    expected = agreement_report(dense, pruned, splits.loader("test", 256), splits.num_classes, (0.1,))
+    assert json.loads(out) == expected and len(expected["perturbed"]) == 1 + len(SHIFTS)
+    code, out, err = call_main(monkeypatch, capsys, *args[:3], args[2], "--no-shifts")  # itself
+    assert code == 0 and "clean" in out and "100.00%" in out.splitlines()[1]
+    code, _, err = call_main(monkeypatch, capsys, *args, "--sigmas", "0,x")
+    assert code == 2
+    assert_one_line_error(err, "--sigmas takes comma-separated numbers")

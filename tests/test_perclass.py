@@ -140,9 +140,9 @@ def test_the_pipeline_records_the_check_and_agreement_with_the_given_threshold(t
         "model": {"builtin": "resnet-digits", "args": {"widths": [8], "blocks": 1}},
         "data": {"name": "digits", "batch_size": 256},
         "stages": [
-            {"type": "train", "epochs": 2, "lr": 0.1},
+            {"type": "train", "epochs": 1, "lr": 0.1},
             {"type": "evaluate", "label": "dense", "latency_runs": 2, "latency_warmup": 0},
-            {"type": "export", "name": "dense", "compressed": True},
+            {"type": "export", "name": "dense"},
             {"type": "prune", "pattern": 0.8},
             {"type": "evaluate", "label": "pruned", "latency_runs": 2, "latency_warmup": 0},
             {"type": "export", "name": "pruned", "compressed": True},

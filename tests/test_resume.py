@@ -1,0 +1,256 @@
+"""Checkpoint and resume: a run killed (SIGKILL) at a checkpoint and resumed ends with exactly the masks,
+metrics and log of an uninterrupted run with the same seed (bit-exact on CPU); a kill in the middle of
+writing a checkpoint keeps the last good one; a resume with another recipe is refused in one line;
+the checkpoint format round-trips nested training state exactly and holds no pickle."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from prunekit import checkpoint as ckpt
+from prunekit import recipe
+from prunekit.errors import PrunekitError
+from prunekit.pipeline import run_recipe
+from prunekit.runlog import read_log
+
+# 1,078 training images in batches of 32: 34 steps per epoch; 68 dense steps, then 2 pruning rounds
+# (50%, 75%) of 34 fine-tuning steps each: 136 steps, so checkpoints 1-4 (every 16 steps) fall in the
+# dense training, 5 after it, 6-7 in round 1's fine-tuning, 8 after round 1, 9-10 in round 2's, 11 at
+# the end of the prune stage
+TINY: dict[str, Any] = {
+    "name": "tiny-resume",
+    "seed": 0,
+    "threads": 1,
+    "model": {"builtin": "resnet-digits", "args": {"widths": [8, 16], "blocks": 1}},
+    "data": {"name": "digits", "batch_size": 32},
+    "checkpoint": {"every_steps": 16},
+    "stages": [
+        {"type": "train", "epochs": 2, "lr": 0.01, "optimizer": "adam"},
+        {"type": "evaluate", "label": "dense", "latency_runs": 2, "latency_warmup": 0},
+        {
+            "type": "prune",
+            "pattern": 0.75,
+            "schedule": {"type": "iterative", "rate": 0.5},
+            "finetune": {"epochs": 1, "lr": 0.002, "optimizer": "adam"},
+        },
+        {"type": "evaluate", "label": "pruned", "latency_runs": 2, "latency_warmup": 0},
+        {"type": "export", "name": "pruned"},
+    ],
+}
+CHECKPOINTS = 11
+LABELS = ("dense", "pruned")
+
+
+def comparable(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Everything a run determines (latency and wall time are measured, so they vary)."""
+    out = {"masks_sha256": metrics["masks_sha256"], "rounds": metrics["rounds"]}
+    for label in LABELS:
+        e = metrics[label]
+        out[label] = {k: e[k] for k in ("accuracy", "per_class_recall", "nonzero_params", "layers")}
+    out["size"] = metrics["pruned"]["size_bytes"]
+    return out
+
+
+def log_events(out: Path) -> list[dict[str, Any]]:
+    """The log without its clock fields and without the resume marker."""
+    drop = {"time", "time_s", "elapsed_s", "wall_time_s", "seq"}
+    return [
+        {k: v for k, v in e.items() if k not in drop}
+        for e in read_log(out / "log.jsonl")
+        if e["event"] != "resume"
+    ]
+
+
+def run_cli(
+    recipe_file: Path, out: Path, *extra: str, kill_at: str | None = None
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop(ckpt.KILL_ENV, None)
+    if kill_at is not None:
+        env[ckpt.KILL_ENV] = kill_at
+    cmd = [sys.executable, "-m", "prunekit", "run", str(recipe_file), "--out", str(out), "-q", *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    recipe_file = root / "tiny.yaml"
+    recipe_file.write_text(yaml.safe_dump(TINY))
+    out = root / "baseline"
+    metrics = run_recipe(recipe.from_dict(TINY), out, progress=False)
+    return recipe_file, out, metrics
+
+
+def test_the_baseline_learns_and_checkpoints_as_counted(baseline):
+    _, out, metrics = baseline
+    assert metrics["dense"]["accuracy"] > 0.8  # a model that learned: equality below is not vacuous
+    assert ckpt.read(out / "checkpoint" / "last.safetensors")["count"] == CHECKPOINTS
+    assert ckpt.read(out / "checkpoint" / "previous.safetensors")["count"] == CHECKPOINTS - 1
+    events = [e["event"] for e in read_log(out / "log.jsonl")]
+    assert events.count("round") == 3 and events.count("epoch") == 4 and events[-1] == "done"
+    assert [e["seq"] for e in read_log(out / "log.jsonl")] == list(range(len(events)))
+
+
+@pytest.mark.slow  # a second full run (tests/test_cli.py checks the same for masks and accuracy)
+def test_same_seed_twice_gives_identical_masks_metrics_and_losses(baseline, tmp_path):
+    _, out, metrics = baseline
+    again = run_recipe(recipe.from_dict(TINY), tmp_path / "again", progress=False)
+    assert comparable(again) == comparable(metrics)
+    assert log_events(tmp_path / "again") == log_events(out)
+
+
+def _resume_equals_baseline(baseline, out: Path) -> None:
+    _, base_out, metrics = baseline
+    resumed = run_recipe(recipe.from_dict(TINY), out, progress=False, resume=True)
+    assert comparable(resumed) == comparable(metrics)
+    assert log_events(out) == log_events(base_out)  # no line lost, none repeated
+    assert [e["seq"] for e in read_log(out / "log.jsonl")] == list(range(len(read_log(out / "log.jsonl"))))
+    for name in ("pruned.safetensors",):
+        assert (out / name).read_bytes() == (base_out / name).read_bytes()
+
+
+# 6: inside round 1's fine-tuning (the optimizer's moments, the loader position mid-epoch)
+@pytest.mark.parametrize("kill_at", ["6"])
+def test_sigkill_at_a_checkpoint_then_resume_equals_the_uninterrupted_run(baseline, tmp_path, kill_at):
+    recipe_file, _, _ = baseline
+    out = tmp_path / "killed"
+    killed = run_cli(recipe_file, out, kill_at=kill_at)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (out / "metrics.json").exists()
+    assert ckpt.read(out / "checkpoint" / "last.safetensors")["count"] == int(kill_at)
+    _resume_equals_baseline(baseline, out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at", [str(n) for n in range(1, CHECKPOINTS + 1)])
+def test_sigkill_at_every_checkpoint_then_resume_equals_the_uninterrupted_run(baseline, tmp_path, kill_at):
+    test_sigkill_at_a_checkpoint_then_resume_equals_the_uninterrupted_run(baseline, tmp_path, kill_at)
+
+
+@pytest.mark.slow
+def test_a_kill_while_writing_a_checkpoint_keeps_the_last_good_one(baseline, tmp_path):
+    recipe_file, _, _ = baseline
+    out = tmp_path / "torn"
+    killed = run_cli(recipe_file, out, kill_at="9:before-rename")  # checkpoint 9 written, not yet renamed
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    folder = out / "checkpoint"
+    assert [p.name for p in folder.glob(".next.*.tmp")]  # the torn write is there, under a temporary name
+    assert ckpt.read(folder / "last.safetensors")["count"] == 8
+    assert ckpt.read(folder / "previous.safetensors")["count"] == 7
+    _resume_equals_baseline(baseline, out)
+    assert not list(folder.glob(".next.*.tmp"))
+
+
+def test_an_unreadable_last_checkpoint_falls_back_to_previous(baseline, tmp_path):
+    _, base_out, _ = baseline
+    out = tmp_path / "fallback"
+    shutil.copytree(base_out / "checkpoint", out / "checkpoint")
+    (out / "checkpoint" / "last.safetensors").write_bytes(b"\x00" * 100)
+    state, path = ckpt.load_latest(out)
+    assert path.name == "previous.safetensors" and state["count"] == CHECKPOINTS - 1
+
+
+def _copy_checkpoint(base_out: Path, out: Path) -> None:
+    shutil.copytree(base_out / "checkpoint", out / "checkpoint")
+
+
+def test_resume_with_another_recipe_is_refused_naming_the_difference(baseline, tmp_path):
+    _, base_out, _ = baseline
+    out = tmp_path / "other"
+    _copy_checkpoint(base_out, out)
+    changed = copy.deepcopy(TINY)
+    changed["stages"][2]["pattern"] = 0.8
+    changed["checkpoint"] = {"every_steps": 5}  # how often to checkpoint is not part of the identity
+    with pytest.raises(PrunekitError) as info:
+        run_recipe(recipe.from_dict(changed), out, progress=False, resume=True)
+    message = str(info.value)
+    assert "\n" not in message and "stages[2].pattern: 0.75 -> 0.8" in message
+    assert "checkpoint" not in message.split(":", 1)[1].split("was written with")[1]
+    assert not (out / "metrics.json").exists()
+
+
+def test_the_cli_refuses_a_mismatching_resume_with_one_line_and_exit_2(
+    baseline, tmp_path, monkeypatch, capsys
+):
+    from prunekit.cli import main
+
+    _, base_out, _ = baseline
+    out = tmp_path / "cli"
+    _copy_checkpoint(base_out, out)
+    changed = copy.deepcopy(TINY)
+    changed["seed"] = 1
+    recipe_file = tmp_path / "changed.yaml"
+    recipe_file.write_text(yaml.safe_dump(changed))
+    monkeypatch.setattr(
+        sys, "argv", ["prunekit", "run", str(recipe_file), "--out", str(out), "-q", "--resume"]
+    )
+    with pytest.raises(SystemExit) as info:
+        main()
+    assert info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(lines) == 1
+        and lines[0].startswith("error: --resume: the recipe differs")
+        and "seed: 0 -> 1" in lines[0]
+    )
+
+
+def test_resume_without_a_checkpoint_says_so(tmp_path):
+    with pytest.raises(PrunekitError, match="no checkpoint to resume from"):
+        run_recipe(recipe.from_dict(TINY), tmp_path / "empty", progress=False, resume=True)
+
+
+def test_pack_round_trips_nested_training_state_exactly():
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    state = {
+        "optimizer": opt.state_dict(),
+        "rng": ckpt.rng_state(),
+        "t": (1, 2.5, None, "x"),
+        "e": {},
+        "l": [],
+    }
+    tensors: dict[str, torch.Tensor] = {}
+    packed = ckpt.pack(state, tensors)
+    back = ckpt.unpack(json.loads(json.dumps(packed)), tensors)
+    assert back["t"] == state["t"] and back["e"] == {} and back["l"] == []
+    assert set(back["optimizer"]["state"]) == {0, 1}  # int keys stay ints
+    for key, entry in state["optimizer"]["state"].items():
+        for name, value in entry.items():
+            assert torch.equal(back["optimizer"]["state"][key][name], value)
+    assert back["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
+    assert back["rng"]["python"] == state["rng"]["python"]
+    numpy_back, numpy_state = back["rng"]["numpy"], state["rng"]["numpy"]
+    assert numpy_back[0] == numpy_state[0] and np.array_equal(numpy_back[1], numpy_state[1])
+    assert numpy_back[1].dtype == np.uint32 and numpy_back[2:] == numpy_state[2:]
+    assert torch.equal(back["rng"]["torch"], state["rng"]["torch"])
+    opt.load_state_dict(back["optimizer"])  # torch accepts it back
+
+
+def test_a_checkpoint_file_is_safetensors_without_pickle(baseline):
+    _, out, _ = baseline
+    data = (out / "checkpoint" / "last.safetensors").read_bytes()
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    assert header["__metadata__"]["format"] == ckpt.FORMAT
+    assert b"\x80\x04" not in data[: 8 + header_len]  # no pickle protocol marker in the header
+    with pytest.raises(PrunekitError, match="not a readable prunekit checkpoint"):
+        bad = out.parent / "pickle.safetensors"
+        torch.save({"x": 1}, bad)
+        ckpt.read(bad)

@@ -231,3 +231,69 @@ def test_recipes_refuse_sensitivity_allocation_that_makes_no_sense(fields, needl
     with pytest.raises(PrunekitError) as info:
         recipe.from_dict(data)
     assert needle in str(info.value) and str(info.value).startswith("recipe <dict>: stages[1]")
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    from prunekit.artifact import save_artifact
+    from prunekit.models import build_model
+
+    args = {"widths": [8, 16], "blocks": 1, "in_channels": 1, "num_classes": 10}
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("art") / "dense.safetensors"
+    save_artifact(
+        path, build_model("resnet-digits", args), model_info={"name": "resnet-digits", "args": args}
+    )
+    return path
+
+
+def _main(monkeypatch, capsys, *args):
+    import sys
+
+    from prunekit.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["prunekit", "analyze", "sensitivity", *args])
+    with pytest.raises(SystemExit) as info:
+        main()
+    out = capsys.readouterr()
+    return info.value.code or 0, out.out, out.err
+
+
+def test_the_cli_writes_the_table_files_and_an_exact_allocation(artifact, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "sens"
+    code, stdout, err = _main(
+        monkeypatch, capsys, str(artifact), "--grid", "0.5,0.9", "--batches", "2", "--target", "0.7",
+        "--out", str(out),
+    )  # fmt: skip
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == [
+        "allocation.json", "sensitivity.csv", "sensitivity.json", "sensitivity.png",
+    ]  # fmt: skip
+    result = Sensitivity.from_dict(json.loads((out / "sensitivity.json").read_text()))
+    plan = json.loads((out / "allocation.json").read_text())
+    sizes = result.params()
+    assert sum(v["pruned"] for v in plan["layers"].values()) == round(0.7 * sum(sizes.values()))
+    assert result.sparsities == (0.5, 0.9) and result.samples == 128  # two batches of 64
+    assert result.table().splitlines()[1] in stdout and "allocation for 70.00% overall" in stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--grid", "0.5,x"], "--grid must be numbers separated by commas"),
+        (["--grid", "0.9,0.5"], "increasing sparsities"),
+        (["--data", "mnist"], "--data must be digits or npz"),
+        (["--criterion", "magnitud"], "did you mean 'magnitude'"),
+        (["--target", "0.97"], "out of reach"),
+        (["--max-sparsity", "0.9"], "give --target too"),
+    ],
+)
+def test_the_cli_refuses_bad_options_in_one_line(artifact, tmp_path, monkeypatch, capsys, args, needle):
+    code, _, err = _main(
+        monkeypatch, capsys, str(artifact), "--batches", "1", "--out", str(tmp_path / "o"), *args
+    )
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()

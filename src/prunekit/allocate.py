@@ -166,7 +166,10 @@ def sensitivity_allocation(
         k_lo, k_hi = math.ceil(lo * n - 1e-9), math.floor(hi * n + 1e-9)
         if k_lo > k_hi:
             raise PrunekitError(f"layer '{name}': min_sparsity {lo} exceeds max_sparsity {hi}")
-        ks = np.unique(np.concatenate([[k_lo, k_hi], np.round(s * n)]).clip(k_lo, k_hi)).astype(np.int64)
+        # both integers around every grid point: between them the loss is linear in the count, so the
+        # piecewise-linear curve through these points equals f(k / n) at every integer k
+        near = np.concatenate([np.floor(s * n + 1e-9), np.ceil(s * n - 1e-9)])
+        ks = np.unique(np.concatenate([[k_lo, k_hi], near]).clip(k_lo, k_hi)).astype(np.int64)
         fs = np.interp(ks / n, s, d)
         hull = _lower_hull(ks.astype(np.float64), fs)
         for order, (a, b) in enumerate(zip(hull[:-1], hull[1:])):

@@ -58,6 +58,15 @@ def sensitivity(
         if value is not None and value < 1:
             raise PrunekitError(f"{name} must be >= 1, got {value}")
     sparsities = sens.check_grid(parse_floats(grid))
+    if max_sparsity is not None and target is None:
+        raise PrunekitError("--max-sparsity caps the allocation: give --target too")
+    if target is not None:  # the cheap checks before the analysis; the allocator checks the rest
+        cap = sparsities[-1] if max_sparsity is None else max_sparsity
+        if not 0 <= target <= cap:
+            raise PrunekitError(
+                f"--target {target} is out of reach: every layer is capped at {cap} (--max-sparsity, "
+                "default the grid's largest)"
+            )
     if not artifact.is_file():
         raise PrunekitError(f"ARTIFACT {artifact}: no such file")
     model, _ = load_artifact(artifact, masked=True)  # earlier pruning counts: masks only shrink
@@ -85,8 +94,6 @@ def sensitivity(
         plan = sensitivity_allocation(
             result.curves(), result.params(), target, max_sparsity=max_sparsity, min_sparsity=already
         )
-    elif max_sparsity is not None:
-        raise PrunekitError("--max-sparsity caps the allocation: give --target too")
     out.mkdir(parents=True, exist_ok=True)
     sens.write_json(result, out / "sensitivity.json")
     sens.write_csv(result, out / "sensitivity.csv")

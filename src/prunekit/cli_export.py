@@ -190,3 +190,76 @@ def onnx_command(
             ", ..." if len(unmatched) > 3 else ""
         )
     typer.echo(f"exact-zero weights: {z['model']:,} in the model, {z['onnx']:,} in the ONNX file ({verdict})")
+
+
+@export_app.command("c")
+def c_command(
+    source: Path = typer.Argument(
+        ...,
+        metavar="ARTIFACT_OR_RECIPE_OUTPUT",
+        help="An INT8 .safetensors artifact or a recipe's --out directory.",
+    ),
+    out: Path = typer.Option(..., "--out", help="Directory for model.c, model.h, Makefile, budget.json."),
+    name: str = typer.Option("model", "--name", help="File stem and C prefix (model_run, ...)."),
+    sparse: str = typer.Option("auto", "--sparse", help="auto (smaller flash per layer), always or never."),
+    flash_limit: str = typer.Option("", "--flash-limit", help="Fail when flash exceeds this, e.g. 256K."),
+    ram_limit: str = typer.Option("", "--ram-limit", help="Fail when RAM exceeds this, e.g. 64K."),
+    data: str = typer.Option(None, "--data", help="digits or an .npz file (default: the recipe's data)."),
+    check: bool = typer.Option(
+        True, "--check/--no-check", help="Run make check (gcc) and the Cortex-M4 build."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the budget and checks as JSON."),
+) -> None:
+    """Export an INT8 model as portable C99 (no heap, no dependencies), with budgets and a host check."""
+    from prunekit.export.c import arm_size, export_c, run_check
+    from prunekit.export.c.budget import table
+    from prunekit.export.c.harness import have
+    from prunekit.export.c.source import load_source, parse_bytes
+
+    flash, ram = parse_bytes(flash_limit, "--flash-limit"), parse_bytes(ram_limit, "--ram-limit")
+    model, splits, artifact = load_source(source, data)
+    x_train, x_test, y_test = splits.train[:][0], splits.test[:][0], splits.test[:][1]
+    result = export_c(
+        model,
+        out,
+        calibration=[x_train],
+        test=(x_test, y_test),
+        name=name,
+        sparse=sparse,
+        flash_limit=flash,
+        ram_limit=ram,
+    )
+    checks: dict = {}
+    if check:
+        checks["host"] = (
+            run_check(out) if have("gcc") and have("make") else {"skipped": "gcc or make not on PATH"}
+        )
+        checks["arm"] = arm_size(out, name)
+    if as_json:
+        typer.echo(json.dumps({**result, "checks": checks}, indent=2))
+        return
+    typer.echo(f"wrote {out}/{{{', '.join(result['files'])}}} from {artifact}")
+    for line in table(result):
+        typer.echo(line)
+    ref = result["reference"]
+    typer.echo(
+        f"NumPy reference on {ref['samples']} test inputs: agreement {ref['agreement']:.4f} with PyTorch "
+        "INT8, "
+        f"accuracy {ref['accuracy_reference']:.4f} (PyTorch {ref['accuracy_torch']:.4f})"
+    )
+    host, arm = checks.get("host", {}), checks.get("arm", {})
+    if "last_line" in host:
+        typer.echo(
+            f"make -C {out} check: bit-exact {host['bitexact']}/{host['samples']}; {host['last_line']}"
+        )
+    elif host:
+        typer.echo(f"host check skipped: {host['skipped']}")
+    if "text" in arm:
+        typer.echo(
+            f"arm-none-eabi-size ({arm['flags']}): "
+            f"text {arm['text']:,} data {arm['data']:,} bss {arm['bss']:,}"
+        )
+    elif arm:
+        typer.echo(f"Cortex-M4 build skipped: {arm['skipped']}")
+    if host.get("returncode"):
+        raise typer.Exit(1)

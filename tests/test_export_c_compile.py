@@ -1,0 +1,244 @@
+"""The generated C compiled with gcc -std=c99 -Wall -Wextra -Werror -O2 (and arm-none-eabi-gcc for
+Cortex-M4): bit-exact with the NumPy reference on nets covering every operator, budgets against `size`."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+from typer.testing import CliRunner
+
+from prunekit.errors import PrunekitError
+from prunekit.export.c import arm_size, export_c, run_check
+from prunekit.ptq import quantize
+
+needs_gcc = pytest.mark.skipif(
+    shutil.which("gcc") is None or shutil.which("make") is None,
+    reason="gcc and make are needed to compile the C",
+)
+needs_arm = pytest.mark.skipif(
+    shutil.which("arm-none-eabi-gcc") is None or shutil.which("arm-none-eabi-size") is None,
+    reason="arm-none-eabi-gcc not installed (Debian: apt-get install gcc-arm-none-eabi)",
+)
+
+
+class AllOps(nn.Module):
+    """Every operator the export supports, each at least once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8)  # depthwise, strided
+        self.gc = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=2)  # grouped, dilated
+        self.relu6 = nn.ReLU6()
+        self.hs = nn.Hardswish()
+        self.mp = nn.MaxPool2d(3, stride=1, padding=1)
+        self.ap = nn.AvgPool2d(3, stride=1, padding=1)  # zero padding counts in the mean
+        self.pw = nn.Conv2d(8, 6, 1)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Linear(6, 16)
+        self.drop = nn.Dropout(0.1)
+        self.fc2 = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.c1(x)))  # folded BatchNorm, fused ReLU
+        y = self.relu6(self.dw(x))  # fused ReLU6
+        z = self.hs(self.gc(y)) + y  # hard-swish table, residual add
+        r = torch.relu(z)  # a ReLU whose input is read twice: its own requantization
+        z = self.ap(self.mp(r)) + z
+        z = self.pw(z)
+        a = torch.flatten(self.gap(z), 1)  # global average pooling + flatten
+        b = z.mean((2, 3))  # the same by mean
+        h = self.drop(F.relu(self.fc1(a + b)))
+        return self.fc2(h)
+
+
+def _randomize_bn(model: nn.Module) -> None:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.3, 0.3)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+
+
+def _prune(model: nn.Module, sparsity: float, gen: torch.Generator) -> None:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and sparsity > 0:
+                keep = torch.rand(m.weight.shape, generator=gen) >= sparsity
+                m.weight.mul_(keep)
+
+
+def _check(q: nn.Module, x: torch.Tensor, out, sparse: str = "auto") -> dict:
+    labels = torch.zeros(len(x), dtype=torch.long)
+    result = export_c(q, out, calibration=x, test=(x, labels), sparse=sparse, min_agreement=0.0)
+    check = run_check(out)
+    assert check["returncode"] == 0 and check["bitexact"] == len(x), check
+    return result
+
+
+@pytest.fixture(scope="module")
+def allops():
+    torch.manual_seed(0)
+    model = AllOps().eval()
+    _randomize_bn(model)
+    _prune(model, 0.6, torch.Generator().manual_seed(1))
+    x = torch.randn(48, 2, 9, 9) * 2
+    return quantize(model, calibration=[x], classifier=True).model, x
+
+
+@needs_gcc
+@pytest.mark.parametrize("sparse", ["never", "always"])
+def test_every_operator_is_bit_exact(allops, tmp_path, sparse):
+    q, x = allops
+    result = _check(q, x, tmp_path, sparse)
+    kinds = {r["op"] for r in result["layers"]}
+    assert kinds == {"conv", "add", "requant", "lut", "maxpool", "avgpool"}
+    storages = {r["storage"] for r in result["layers"] if r["op"] == "conv"}
+    assert storages == ({"dense"} if sparse == "never" else storages - {"dense"})
+    assert result["reference"]["agreement"] >= 0.9  # the reference tracks PyTorch (not bit-exact: float)
+
+
+@st.composite
+def nets(draw):
+    """A small random network: conv blocks (any kernel, stride, padding, dilation, groups), an activation,
+    an optional residual and pooling, then global pooling or flatten into one or two Linears."""
+    cin = draw(st.integers(1, 3))
+    size = draw(st.integers(4, 9))
+    layers: list[nn.Module] = []
+    shape = (cin, size, size)
+    for _ in range(draw(st.integers(1, 3))):
+        c, h, w = shape
+        k = draw(st.sampled_from([1, 2, 3]))
+        d = draw(st.sampled_from([1, 2])) if k > 1 and h > 2 * k else 1
+        pad = draw(st.integers(0, (k * d) // 2))
+        stride = draw(st.sampled_from([1, 2]))
+        groups = draw(st.sampled_from([g for g in (1, 2, c) if c % g == 0]))
+        cout = groups * draw(st.integers(1, 4))
+        oh = (h + 2 * pad - d * (k - 1) - 1) // stride + 1
+        if oh < 1:
+            continue
+        act = draw(st.sampled_from(["relu", "relu6", "hardswish", "none"]))
+        residual = draw(st.booleans()) and stride == 1 and cout == c and oh == h
+        layers.append(Block(c, cout, k, stride, pad, d, groups, act, residual, draw(st.booleans())))
+        shape = (cout, oh, oh)
+        pool = draw(st.sampled_from(["none", "max", "avg"]))
+        if pool != "none" and oh >= 2:
+            layers.append(nn.MaxPool2d(2, 1) if pool == "max" else nn.AvgPool2d(2, 1))
+            shape = (cout, oh - 1, oh - 1)
+    flat = draw(st.sampled_from(["gap", "flatten"]))
+    feats = shape[0] if flat == "gap" else int(np.prod(shape))
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()] if flat == "gap" else [nn.Flatten()]
+    if draw(st.booleans()):
+        hidden = draw(st.integers(2, 12))
+        layers += [nn.Linear(feats, hidden), nn.ReLU()]
+        feats = hidden
+    layers.append(nn.Linear(feats, draw(st.integers(2, 7))))
+    return (
+        nn.Sequential(*layers).eval(),
+        (cin, size, size),
+        draw(st.floats(0.0, 0.97)),
+        draw(st.sampled_from(["auto", "always", "never"])),
+    )
+
+
+class Block(nn.Module):
+    def __init__(self, cin, cout, k, stride, pad, dil, groups, act, residual, bn) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, stride, pad, dil, groups, bias=not bn)
+        self.bn = nn.BatchNorm2d(cout) if bn else nn.Identity()
+        self.act = {
+            "relu": nn.ReLU(),
+            "relu6": nn.ReLU6(),
+            "hardswish": nn.Hardswish(),
+            "none": nn.Identity(),
+        }[act]
+        self.residual = residual
+
+    def forward(self, x):
+        y = self.act(self.bn(self.conv(x)))
+        return y + x if self.residual else y
+
+
+@needs_gcc
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(nets(), st.integers(0, 2**16))
+def test_random_nets_are_bit_exact(tmp_path_factory, net, seed):
+    model, shape, sparsity, sparse = net
+    gen = torch.Generator().manual_seed(seed)
+    _randomize_bn(model)
+    _prune(model, sparsity, gen)
+    x = torch.randn((24, *shape), generator=gen) * 3
+    q = quantize(model, calibration=[x], classifier=True).model
+    _check(q, x, tmp_path_factory.mktemp("net"), sparse)
+
+
+def _nm_sizes(tool: str, obj) -> dict[str, int]:
+    out = subprocess.run([tool, "-S", str(obj)], capture_output=True, text=True, check=True).stdout
+    sizes = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 4:
+            sizes[parts[3]] = int(parts[1], 16)
+    return sizes
+
+
+@needs_arm
+def test_budget_matches_the_cortex_m4_object(allops, tmp_path):
+    q, x = allops
+    result = export_c(q, tmp_path, calibration=x)
+    size = arm_size(tmp_path, "model")
+    assert size["data"] == 0
+    assert size["bss"] == result["ram"]["total"]  # arena + scratch, nothing else in RAM
+    syms = _nm_sizes(shutil.which("arm-none-eabi-nm") or "arm-none-eabi-nm", tmp_path / "model_cm4.o")
+    weights = sum(v for k, v in syms.items() if re.fullmatch(r"pk_[wip]\d+", k))
+    consts = sum(v for k, v in syms.items() if re.fullmatch(r"pk_[msbt]\d+", k))
+    assert weights == result["flash"]["weights"]
+    assert consts == result["flash"]["constants"]
+    code = size["text"] - weights - consts
+    # the code estimate is an estimate: within a factor of two of the real thing
+    assert 0.5 * code <= result["flash"]["code_estimate"] <= 2 * code, (code, result["flash"])
+
+
+@needs_gcc
+def test_cli_exports_an_artifact(tmp_path):
+    from prunekit.artifact import save_artifact
+    from prunekit.cli import app
+    from prunekit.data import load_splits
+    from prunekit.models import build_model
+
+    torch.manual_seed(0)
+    args = {"in_channels": 1, "num_classes": 10, "widths": [4, 8], "blocks": 1}
+    model = build_model("resnet-digits", args).eval()
+    _randomize_bn(model)
+    x = load_splits("digits").train[:][0]
+    q = quantize(model, calibration=[x[:128]], classifier=True).model
+    artifact = tmp_path / "m.safetensors"
+    save_artifact(artifact, q, model_info={"name": "resnet-digits", "args": args})
+    out = tmp_path / "c"
+    runner = CliRunner()
+    res = runner.invoke(app, ["export", "c", str(artifact), "--out", str(out), "--name", "digits", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    assert report["checks"]["host"]["bitexact"] == report["checks"]["host"]["samples"] == 360
+    assert (out / "digits.c").is_file() and (out / "digits.h").is_file()
+    assert json.loads((out / "budget.json").read_text())["flash"] == report["flash"]
+    # a float artifact is refused with the way to quantize it
+    save_artifact(tmp_path / "f.safetensors", model, model_info={"name": "resnet-digits", "args": args})
+    res = runner.invoke(app, ["export", "c", str(tmp_path / "f.safetensors"), "--out", str(tmp_path / "f")])
+    # (prunekit.cli.main turns a PrunekitError into `error: ...` and exit code 2)
+    assert isinstance(res.exception, PrunekitError) and "classifier: true" in str(res.exception)
+    assert not (tmp_path / "f").exists()
+    res = runner.invoke(app, ["export", "c", str(artifact), "--out", str(out), "--ram-limit", "64"])
+    assert isinstance(res.exception, PrunekitError) and "--ram-limit 64" in str(res.exception)

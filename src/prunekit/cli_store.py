@@ -153,7 +153,8 @@ def show(
         what = model.get("builtin") or model.get("artifact") or "?"
         data = (recipe.get("data") or {}).get("name", "?")
         typer.echo(f"recipe     {recipe.get('name', '?')}: {what} on {data}, seed {recipe.get('seed')}")
-    typer.echo(f"method     {'; '.join(_method(st) for st in m.get('method') or []) or 'none (dense)'}")
+    methods = "; ".join(_method(st) for st in m.get("method") or [])
+    typer.echo(f"method     {methods or ('none (dense)' if m.get('stages') else '-')}")
     recovery = m.get("recovery")
     if recovery is not None:
         parts = [
@@ -275,7 +276,8 @@ def verify(
     if not report.ok:
         for problem in report.problems:
             typer.echo(f"error: {problem}", err=True)
-        typer.echo(f"verify: {len(report.problems)} problems in {store}{leftovers}", err=True)
+        n = len(report.problems)
+        typer.echo(f"verify: {n} problem{'s' if n != 1 else ''} in {store}{leftovers}", err=True)
         raise typer.Exit(1)
     typer.echo(
         f"ok: {report.entries} entries, {report.files} files, {report.bytes:,} bytes match their "

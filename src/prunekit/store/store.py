@@ -387,6 +387,7 @@ class Store:
             {"time": _now(), "action": action, "name": entry.name, "hash": entry.hash, "previous": previous}
         )
         atomic_write_json(self._history, events)
+        disk.fsync_dir(self.path)  # the rename that replaced history.json, made durable
 
     @contextmanager
     def _staging(self) -> Iterator[Path]:

@@ -33,7 +33,9 @@ def _png(fig: MplFigure) -> bytes:
     return buf.getvalue()
 
 
-def sparsity_bars(names: list[str], sparsity: list[float], title: str) -> bytes:
+def sparsity_bars(
+    names: list[str], sparsity: list[float], title: str, xlabel: str = "sparsity (% of weights that are zero)"
+) -> bytes:
     """Horizontal bars, one per layer, sparsity in percent, top to bottom in the order given."""
     fig = MplFigure(figsize=(8, 1.2 + 0.28 * len(names)))
     ax = fig.add_subplot()
@@ -42,7 +44,7 @@ def sparsity_bars(names: list[str], sparsity: list[float], title: str) -> bytes:
     ax.set_yticks(y, names, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, 100)
-    ax.set_xlabel("sparsity (% of weights that are zero)")
+    ax.set_xlabel(xlabel)
     ax.set_title(title, fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     for yi, s in zip(y, sparsity):
@@ -99,12 +101,12 @@ def per_block(names: list[str], values: list[float]) -> tuple[list[str], list[fl
     return list(groups), [sum(v) / len(v) for v in groups.values()]
 
 
-def _layer_chart(names: list[str], sparsity: list[float], section: str, what: str) -> Figure:
+def _layer_chart(names: list[str], sparsity: list[float], section: str, what: str, **kwargs) -> Figure:
     title = f"Per-layer sparsity ({what})"
     if len(names) > MAX_BARS:
         names, sparsity = per_block(names, sparsity)
         title = f"Per-block mean sparsity ({what}; {len(names)} blocks)"
-    return Figure("layer-sparsity", section, title, sparsity_bars(names, sparsity, title))
+    return Figure("layer-sparsity", section, title, sparsity_bars(names, sparsity, title, **kwargs))
 
 
 def run_figures(m: dict[str, Any]) -> list[Figure]:
@@ -156,12 +158,12 @@ def structured_figures(m: dict[str, Any]) -> list[Figure]:
                 [r["removed_fraction"] for r in rows],
                 "Per-layer",
                 "fraction of weights removed",
+                xlabel="% of the layer's weights removed",
             )
         )
     timed = {k: (m[k]["latency_ms"]["p50"], m[k]["latency_ms"]["p99"]) for k in ("dense", "pruned")}
-    out.append(
-        Figure("latency", "Measured", "Latency dense vs pruned", latency_bars(timed, "Latency, batch 1"))
-    )
+    png = latency_bars(timed, "Latency p50 (bar) and p99 (tick), batch 1")
+    out.append(Figure("latency", "Verdict", "Latency dense vs pruned", png))  # next to the measured table
     return out
 
 

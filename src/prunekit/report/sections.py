@@ -203,4 +203,5 @@ def settings_section(settings: dict[str, Any], title: str = "Settings") -> list[
     """The settings a job ran with, as YAML (the counterpart of a run report's recipe)."""
     import yaml
 
-    return [f"## {title}", "", "```yaml", yaml.safe_dump(settings, sort_keys=False).rstrip(), "```", ""]
+    text = yaml.safe_dump(settings, sort_keys=False, default_flow_style=None).rstrip()  # short lists inline
+    return [f"## {title}", "", "```yaml", text, "```", ""]

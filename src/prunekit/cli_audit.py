@@ -114,6 +114,8 @@ def agreement(
     pruned: Path = typer.Argument(..., help="The compressed model's artifact (.safetensors)."),
     data: str = typer.Option("digits", "--data", help="Data set (as in a recipe's data.name)."),
     data_path: Path = typer.Option(None, "--data-path", help="File for data sets read from disk."),
+    val_fraction: float = typer.Option(0.2, "--val-fraction", help="As the recipe's data.val_fraction."),
+    test_fraction: float = typer.Option(0.2, "--test-fraction", help="As the recipe's data.test_fraction."),
     sigmas: str = typer.Option(
         "0.05,0.1,0.25", "--sigmas", help="Noise std as fractions of the inputs' std."
     ),
@@ -130,7 +132,7 @@ def agreement(
     noise = _floats(sigmas, "--sigmas")
     reference, _ = load_artifact(dense, masked=False)
     candidate, _ = load_artifact(pruned, masked=False)
-    splits = load_splits(data, data_path, seed=seed)
+    splits = load_splits(data, data_path, val_fraction, test_fraction, seed=seed)
     result = agreement_report(
         reference, candidate, splits.loader("test", 256), splits.num_classes, noise, not no_shifts, seed
     )

@@ -79,7 +79,8 @@ def _save(model, tokenizer, out: Path, metrics: dict[str, Any]) -> None:
             os.replace(staging, out)
             return
         new = {item.name for item in staging.iterdir()}
-        for stale in out.glob("*.safetensors*"):  # weights of an earlier run (other shards, an index)
+        old = [*out.glob("*.safetensors*"), *out.glob("report-*.png")]  # other shards, an index, charts
+        for stale in old:  # of an earlier run
             if stale.name not in new:
                 stale.unlink()
         for item in staging.iterdir():  # each file replaced atomically; metrics.json last

@@ -11,6 +11,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from prunekit.allocate import (
+    erk_allocation,
     global_count,
     monotone_curve,
     predicted_drop,
@@ -219,3 +220,28 @@ def test_the_sparsifier_refuses_allocations_that_make_no_sense(kwargs, needle):
     with pytest.raises(PrunekitError) as info:
         Sparsifier(_mlp(), args.pop("spec"), **args)
     assert needle in str(info.value)
+
+
+def test_erk_matches_the_definition_by_hand():
+    # densities eps * sum(shape) / prod(shape): (10+20)/200 = 0.15 eps and (20+40)/800 = 0.075 eps;
+    # overall density 0.5 of 1000 weights: eps * (0.15 * 200 + 0.075 * 800) = 500 -> eps = 500 / 90
+    s = erk_allocation({"a": (10, 20), "b": (40, 20)}, 0.5)
+    eps = 500 / 90
+    assert s == pytest.approx({"a": 1 - 0.15 * eps, "b": 1 - 0.075 * eps})
+    # a tiny layer whose density would exceed 1 is dense, the rest take the whole budget
+    s = erk_allocation({"tiny": (2, 2), "big": (100, 100)}, 0.5)
+    assert s["tiny"] == 0.0 and s["big"] == pytest.approx(1 - (0.5 * 10004 - 4) / 10000)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    shapes=st.lists(st.lists(st.integers(1, 64), min_size=2, max_size=4), min_size=1, max_size=6),
+    target=st.floats(0.0, 0.99),
+)
+def test_erk_meets_the_overall_density(shapes, target):
+    named = {f"l{i}": tuple(s) for i, s in enumerate(shapes)}
+    s = erk_allocation(named, target)
+    sizes = {n: int(np.prod(v)) for n, v in named.items()}
+    assert all(0.0 <= v < 1.0 for v in s.values())
+    kept = sum((1 - s[n]) * sizes[n] for n in named)
+    assert kept == pytest.approx((1 - target) * sum(sizes.values()), rel=1e-9)

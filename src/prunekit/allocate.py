@@ -1,6 +1,7 @@
 """Per-layer sparsity allocation: how much of each layer to remove so the whole meets one global target.
 
 * :func:`uniform_allocation` -- every layer at the target (the recipes' default, ``allocation: uniform``).
+* :func:`erk_allocation` -- Erdos-Renyi-Kernel sparsities from the weight shapes alone (RigL's default).
 * :func:`sensitivity_allocation` -- per-layer sparsities from measured sensitivity curves
   (:mod:`prunekit.analysis.sensitivity`) that meet the global target exactly with the least predicted
   loss (``allocation: sensitivity``).
@@ -55,6 +56,26 @@ def uniform_allocation(sizes: Mapping[str, int], target: float) -> dict[str, flo
     from :func:`global_count` by up to half a weight per layer)."""
     target = check_sparsity(target, "target sparsity")
     return {name: target for name in sizes}
+
+
+def erk_allocation(shapes: Mapping[str, Sequence[int]], target: float) -> dict[str, float]:
+    """Erdos-Renyi-Kernel sparsities (Evci et al., "Rigging the Lottery", ICML 2020, Sec. 3): the density
+    of a layer with weight shape ``(d_1, ..., d_k)`` is ``eps * sum(d) / prod(d)``, with one ``eps`` chosen
+    so the overall density is ``1 - target``; a layer whose density would exceed 1 is kept dense and
+    ``eps`` is solved again over the others (as the paper's code does). Fractions, not exact counts."""
+    target = check_sparsity(target, "target sparsity")
+    sizes = {n: math.prod(int(d) for d in s) for n, s in shapes.items()}
+    raw = {n: sum(int(d) for d in s) / sizes[n] for n, s in shapes.items()}
+    dense: set[str] = set()
+    eps = 0.0
+    while len(dense) < len(sizes):  # (every layer dense only at target 0)
+        budget = (1.0 - target) * sum(sizes.values()) - sum(sizes[n] for n in dense)
+        eps = budget / sum(raw[n] * sizes[n] for n in sizes if n not in dense)
+        over = {n for n in sizes if n not in dense and eps * raw[n] > 1.0}
+        if not over:
+            break
+        dense |= over
+    return {n: 0.0 if n in dense else 1.0 - eps * raw[n] for n in shapes}
 
 
 def monotone_curve(sparsities: Sequence[float], drops: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:

@@ -175,11 +175,13 @@ def test_report_md_links_the_charts_written_next_to_it(written):
     text = (written / "report.md").read_text()
     links = re.findall(r"!\[[^\]]+\]\((report-[\w-]+\.png)\)", text)
     assert sorted(links) == sorted(p.name for p in written.glob("report-*.png"))
-    assert set(links) == {"report-layer-sparsity.png", "report-per-class-recall.png", "report-latency.png"}
+    charts = {"layer-sparsity", "per-class-recall", "latency", "agreement"}
+    assert set(links) == {f"report-{name}.png" for name in charts}
     for name in links:
         assert (written / name).read_bytes().startswith(PNG_MAGIC)
     section = text.split("## Per-class recall")[1].split("\n## ")[0]
     assert "report-per-class-recall.png" in section  # each chart sits in the section of its numbers
+    assert "report-agreement.png" in text.split("## Prediction agreement")[1].split("\n## ")[0]
 
 
 def test_report_html_is_self_contained(written):
@@ -188,7 +190,7 @@ def test_report_html_is_self_contained(written):
     assert "<link" not in page and "<script" not in page and "<style>" in page
     embedded = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
     files = {p.read_bytes() for p in written.glob("report-*.png")}
-    assert len(embedded) == 3 and {base64.b64decode(e) for e in embedded} == files
+    assert len(embedded) == 4 and {base64.b64decode(e) for e in embedded} == files
     assert 'src="report-' not in page
 
 

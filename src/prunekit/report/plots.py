@@ -132,6 +132,23 @@ def run_figures(m: dict[str, Any]) -> list[Figure]:
     out.append(
         Figure("per-class-recall", "Per-class recall", "Per-class recall of every evaluated model", png)
     )
+    agreed = [label for label in labels if isinstance(m[label].get("agreement"), dict)]
+    if agreed:
+        first = m[agreed[0]]["agreement"]
+        conditions = ["clean", *first["perturbed"]]
+
+        def share(label: str, cond: str) -> float | None:
+            a = m[label]["agreement"]
+            e = a["clean"] if cond == "clean" else a["perturbed"].get(cond)
+            return None if e is None else 100 * e["agreement"]
+
+        series = {f"{x} agrees with {first['reference']}": [share(x, c) for c in conditions] for x in agreed}
+        series[f"{first['reference']} keeps its prediction"] = [None] + [
+            100 * first["perturbed"][c]["reference_stable"] for c in conditions[1:]
+        ]
+        names = [_short(c) for c in conditions]
+        png = grouped_bars(names, series, "% of test inputs", "Prediction agreement, clean and perturbed")
+        out.append(Figure("agreement", "Prediction agreement", "Agreement under perturbations", png))
     timed = {}
     for label in labels:
         e = m[label]
@@ -144,6 +161,16 @@ def run_figures(m: dict[str, Any]) -> list[Figure]:
         png = latency_bars(timed, "Latency p50 (bar) and p99 (tick), batch 1")
         out.append(Figure("latency", "Summary", "Latency p50 and p99 of every model timed", png))
     return out
+
+
+def _short(condition: str) -> str:
+    """``noise 0.05 std`` -> ``noise 0.05``, ``shift dx=+1 dy=+0`` -> ``right 1`` (axis labels that fit)."""
+    shift = re.fullmatch(r"shift dx=([+-]\d+) dy=([+-]\d+)", condition)
+    if not shift:
+        return condition.removesuffix(" std")
+    dx, dy = int(shift.group(1)), int(shift.group(2))
+    words = [f"{'right' if dx > 0 else 'left'} {abs(dx)}"] if dx else []
+    return " ".join(words + ([f"{'down' if dy > 0 else 'up'} {abs(dy)}"] if dy else []))
 
 
 def structured_figures(m: dict[str, Any]) -> list[Figure]:

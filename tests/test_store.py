@@ -430,6 +430,12 @@ def test_add_run_errors(tmp_path):
     ):
         store.add_run(run)
     assert not store.exists() or store.list() == []
+    (run / "pruned.compressed.safetensors").write_bytes(b"restored")
+    store.add([write_bytes(tmp_path / "x.bin", 10, 0)], name="r/pruned")  # taken by other files
+    with pytest.raises(PrunekitError, match="already has an entry 'r/pruned'.*another name \\(--name\\)"):
+        store.add_run(run)
+    assert [e.name for e in store.list()] == ["r/pruned"]  # refused up front: r/dense was not stored either
+    assert [e.name for e in store.add_run(run, name="r2")] == ["r2/dense", "r2/pruned"]
 
 
 # -- the command line -------------------------------------------------------------------------------

@@ -319,6 +319,7 @@ class Store:
 
         plans = plan_run(Path(run_dir))
         run_name = name if name is not None else Path(run_dir).resolve().name
+        self._refuse_renamed_runs(run_name, plans)
         if parent is None:
             parent = self._entry_holding(plans[0].base_artifact)
         added: list[Entry] = []
@@ -327,6 +328,22 @@ class Store:
             added.append(entry)
             parent = entry.hash
         return added
+
+    def _refuse_renamed_runs(self, run_name: str, plans: list) -> None:
+        """Fail before storing anything when one of the run's names is taken by other files (add would
+        find it only at that export, after storing the ones before it)."""
+        existing = {e.name: e for e in self.list()} if self.exists() else {}
+        for plan in plans:
+            name = check_name(f"{run_name}/{plan.export}")
+            entry = existing.get(name)
+            if entry is None:
+                continue
+            digests = {fname: disk.sha256_file(path)[0] for fname, path in plan.files.items()}
+            if digests != {fname: rec["sha256"] for fname, rec in entry.files.items()}:
+                raise PrunekitError(
+                    f"the store already has an entry '{name}' ({entry.short}) with other files; "
+                    "store this run under another name (--name)"
+                )
 
     def _entry_holding(self, path: Path | None) -> str | None:
         """The hash of the newest entry that stores a file with ``path``'s content, if any."""

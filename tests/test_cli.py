@@ -143,7 +143,17 @@ def test_real_process_exit_codes(tmp_path):
 def test_run_writes_every_output(run):
     out, metrics, stdout = run
     names = {p.name for p in out.iterdir()}
-    assert names == {"metrics.json", "report.md", "dense.safetensors", "pruned.safetensors"}  # no temp files
+    reports = {n for n in names if n.startswith("report")}  # report.md, report.html and its charts
+    assert {"report.md", "report.html"} <= reports
+    # no temp files; log.jsonl and checkpoint/ from prunekit.runlog and prunekit.checkpoint
+    assert names - reports == {
+        "metrics.json",
+        "log.jsonl",
+        "checkpoint",
+        "dense.safetensors",
+        "pruned.safetensors",
+    }
+    assert {p.name for p in (out / "checkpoint").iterdir()} == {"last.safetensors", "previous.safetensors"}
     for label in LABELS:
         assert re.search(rf"^{label}\s+\d\.\d{{4}}", stdout, re.MULTILINE), stdout
     assert "metrics.json" in stdout

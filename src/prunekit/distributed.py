@@ -120,7 +120,12 @@ class Context:
 
         model.to(self.device)
         ids = [self.local_rank] if self.device.type == "cuda" else None
-        ddp = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=True)
+        import inspect
+
+        # rank 0's buffers before every forward; torch 2.13 renamed broadcast_buffers to forward_sync_buffers
+        new_name = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+        sync = {"forward_sync_buffers" if new_name else "broadcast_buffers": True}
+        ddp = DistributedDataParallel(model, device_ids=ids, **sync)
         try:
             yield ddp
         finally:

@@ -476,6 +476,8 @@ def test_cli_session(tmp_path, monkeypatch, capsys):
     stored.write_bytes(bytes(raw))
     code, _, err = cli("verify")
     assert code == 1 and "files/dense.safetensors is corrupted" in err and "tiny-run/dense" in err
+    code, out, _ = cli("verify", "tiny-run/pruned")  # only the entries named
+    assert code == 0 and out.startswith("ok: 1 entries, 2 files")
     code, _, err = cli("show", "tiny-run/prunde")
     assert code == 2 and err.count("\n") == 1 and "did you mean 'tiny-run/pruned'" in err
     code, _, err = cli("add", str(run / "dense.safetensors"))

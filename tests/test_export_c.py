@@ -142,9 +142,10 @@ def test_scales_mirror_the_int8_layers(residual):
     # each int8 layer reads a buffer at exactly its own act_scale (what PyTorch quantizes with)
     for op, name in zip(convs, ("c1", "c2", "fc")):
         assert g.buffers[op.inputs[0]].scale == float(q.get_submodule(name).act_scale)
-    # BatchNorm folded, ReLUs fused: conv, conv, add(+relu), gap, flatten alias, fc
-    assert [op.kind for op in g.ops] == ["conv", "conv", "add", "avgpool", "conv"]
-    assert g.ops[0].lo == 0 and g.ops[2].lo == 0 and g.buffers["output"].wide
+    # BatchNorm folded, ReLUs fused, the residual add fused into c2: conv, conv(+add+relu), gap, fc
+    assert [op.kind for op in g.ops] == ["conv", "conv", "avgpool", "conv"]
+    assert g.ops[1].inputs[1] == g.ops[0].output and "res_mult" in g.ops[1].arrays
+    assert g.ops[0].lo == 0 and g.ops[1].lo == 0 and g.buffers["output"].wide
 
 
 def test_reference_tracks_pytorch(residual):

@@ -44,6 +44,7 @@ class AllOps(nn.Module):
         self.hs = nn.Hardswish()
         self.mp = nn.MaxPool2d(3, stride=1, padding=1)
         self.ap = nn.AvgPool2d(3, stride=1, padding=1)  # zero padding counts in the mean
+        self.res = nn.Conv2d(8, 8, 1)  # its add is fused into it (residual)
         self.pw = nn.Conv2d(8, 6, 1)
         self.gap = nn.AdaptiveAvgPool2d(1)
         self.fc1 = nn.Linear(6, 16)
@@ -56,7 +57,7 @@ class AllOps(nn.Module):
         z = self.hs(self.gc(y)) + y  # hard-swish table, residual add
         r = torch.relu(z)  # a ReLU whose input is read twice: its own requantization
         z = self.ap(self.mp(r)) + z
-        z = self.pw(z)
+        z = self.pw(F.relu(self.res(z) + z))
         a = torch.flatten(self.gap(z), 1)  # global average pooling + flatten
         b = z.mean((2, 3))  # the same by mean
         h = self.drop(F.relu(self.fc1(a + b)))
@@ -104,8 +105,8 @@ def test_every_operator_is_bit_exact(allops, tmp_path, sparse):
     q, x = allops
     result = _check(q, x, tmp_path, sparse)
     kinds = {r["op"] for r in result["layers"]}
-    assert kinds == {"conv", "add", "requant", "lut", "maxpool", "avgpool"}
-    storages = {r["storage"] for r in result["layers"] if r["op"] == "conv"}
+    assert kinds == {"conv", "conv+add", "add", "requant", "lut", "maxpool", "avgpool"}
+    storages = {r["storage"] for r in result["layers"] if r["op"].startswith("conv")}
     assert storages == ({"dense"} if sparse == "never" else storages - {"dense"})
     assert result["reference"]["agreement"] >= 0.9  # the reference tracks PyTorch (not bit-exact: float)
 
@@ -203,7 +204,7 @@ def test_budget_matches_the_cortex_m4_object(allops, tmp_path):
     assert size["bss"] == result["ram"]["total"]  # arena + scratch, nothing else in RAM
     syms = _nm_sizes(shutil.which("arm-none-eabi-nm") or "arm-none-eabi-nm", tmp_path / "model_cm4.o")
     weights = sum(v for k, v in syms.items() if re.fullmatch(r"pk_[wip]\d+", k))
-    consts = sum(v for k, v in syms.items() if re.fullmatch(r"pk_[msbt]\d+", k))
+    consts = sum(v for k, v in syms.items() if re.fullmatch(r"pk_[msbrt]\d+", k))
     assert weights == result["flash"]["weights"]
     assert consts == result["flash"]["constants"]
     code = size["text"] - weights - consts
@@ -242,3 +243,24 @@ def test_cli_exports_an_artifact(tmp_path):
     assert not (tmp_path / "f").exists()
     res = runner.invoke(app, ["export", "c", str(artifact), "--out", str(out), "--ram-limit", "64"])
     assert isinstance(res.exception, PrunekitError) and "--ram-limit 64" in str(res.exception)
+
+
+@needs_gcc
+def test_structurally_pruned_model_exports_as_smaller_dense_layers(tmp_path):
+    from prunekit.models import build_model
+    from prunekit.structured import prune_model
+
+    torch.manual_seed(0)
+    args = {"in_channels": 1, "num_classes": 10, "widths": [8, 16], "blocks": 1}
+    model = build_model("resnet-digits", args).eval()
+    _randomize_bn(model)
+    x = torch.randn(32, 1, 8, 8)
+    full = export_c(quantize(model, calibration=[x], classifier=True).model, tmp_path / "full", calibration=x)
+    prune_model(model, x[:2], ratio=0.5, round_to=1)
+    q = quantize(model.eval(), calibration=[x], classifier=True).model
+    small = _check(q, x, tmp_path / "small", "never")
+    convs = {r["layer"]: r for r in small["layers"] if r["op"].startswith("conv")}
+    params = {n: m.weight_q.numel() for n, m in q.named_modules() if hasattr(m, "weight_q")}
+    assert {n: r["params"] for n, r in convs.items()} == params  # the shrunken shapes, nothing padded back
+    assert small["flash"]["weights"] == sum(params.values()) < full["flash"]["weights"]
+    assert small["ram"]["total"] < full["ram"]["total"]

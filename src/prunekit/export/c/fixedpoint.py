@@ -13,7 +13,8 @@ on a negative ``y`` is written out in C so as not to rely on the implementation-
 negative numbers.
 
 Bounds that keep every sum inside int64: ``|x| < 2**31`` (an int32 accumulator), ``M < 2**31``, and the
-shift is lowered until ``|B| < 2**61`` (:func:`multiplier`), so ``|x * M + B + 2**61| < 2**63``.
+shift is lowered until ``|B|`` plus any fused residual term stays below ``2**60`` (:func:`multiplier`),
+so ``|x * M + B + r * R + 2**61| < 2**63``.
 """
 
 from __future__ import annotations
@@ -26,14 +27,15 @@ MAX_SHIFT = 62
 BIAS_LIMIT = 2.0**61
 
 
-def multiplier(m: float, offset: float = 0.0) -> tuple[int, int, int]:
+def multiplier(m: float, offset: float = 0.0, extra: float = 0.0) -> tuple[int, int, int]:
     """``(M, sh, B)`` for the real multiplier ``m >= 0`` and an additive real ``offset`` (in output units):
-    ``x * m + offset ~= (x * M + B) / 2**sh``."""
+    ``x * m + offset ~= (x * M + B) / 2**sh``. ``extra``: the largest further term (in output units) the
+    caller adds at the same shift (a fused residual), kept below ``2**60`` together with ``B``."""
     if not (math.isfinite(m) and math.isfinite(offset)) or m < 0:
         raise ValueError(f"multiplier: m must be finite and >= 0, offset finite; got {m}, {offset}")
     sh = MAX_SHIFT if m == 0 else 31 - math.frexp(m)[1]  # m = f * 2**e, f in [0.5, 1): M = f * 2**31
-    if offset:  # keep |B| = |offset| * 2**sh below 2**61
-        sh = min(sh, 60 - math.frexp(abs(offset))[1])
+    if offset or extra:  # keep (|offset| + extra) * 2**sh below 2**60
+        sh = min(sh, 60 - math.frexp(abs(offset) + abs(extra))[1])
     sh = max(0, min(MAX_SHIFT, sh))
     big = round(m * 2.0**sh)
     while big >= 2**31 and sh > 0:  # rounding reached 2**31: one bit less

@@ -33,6 +33,7 @@ typedef struct {
     const int32_t *mult;
     const int8_t *shift;
     const int64_t *bias;
+    const int64_t *rmul; /* a fused residual add: out += res * rmul before the rounding shift */
 } pk_conv_t;
 
 /* output positions o in [a, b) whose input position o * s + off lies in [0, n_in) */
@@ -65,7 +66,7 @@ static void pk_tap(const int8_t *x, int32_t *acc, const pk_conv_t *L, int32_t t,
     }
 }
 
-static void pk_conv(const int8_t *x, void *out, int32_t *acc, const pk_conv_t *L)
+static void pk_conv(const int8_t *x, const int8_t *res, void *out, int32_t *acc, const pk_conv_t *L)
 {
     const int32_t cpg = L->cin / L->groups, opg = L->cout / L->groups;
     const int32_t k = cpg * L->kh * L->kw, np = (int32_t)L->oh * L->ow;
@@ -89,8 +90,10 @@ static void pk_conv(const int8_t *x, void *out, int32_t *acc, const pk_conv_t *L
             }
         }
         for (p = 0; p < np; ++p) {
-            const int64_t y = (int64_t)acc[p] * L->mult[o] + L->bias[o];
-            const int32_t q = pk_clamp(pk_rshift(y, L->shift[o]), L->lo, L->hi);
+            int64_t y = (int64_t)acc[p] * L->mult[o] + L->bias[o];
+            int32_t q;
+            if (res != 0) y += (int64_t)res[o * np + p] * L->rmul[o];
+            q = pk_clamp(pk_rshift(y, L->shift[o]), L->lo, L->hi);
             if (L->wide)
                 ((int32_t *)out)[o * np + p] = q;
             else

@@ -62,6 +62,7 @@ class _Lowering:
         self.ops: list[Op] = []
         self.produced: dict[str, str] = {}
         self.fused: set[str] = set()
+        self.pending: dict[str, Node] = {}  # add -> the conv whose sole reader it is (fused residual)
 
     def buffer(self, name: str, shape: tuple[int, ...], scale: float, **kw) -> str:
         self.buffers[name] = Buffer(name, tuple(int(d) for d in shape), float(scale), **kw)
@@ -104,6 +105,18 @@ class _Lowering:
 
     # -- operators -------------------------------------------------------------------------------------
     def _conv(self, n: Node) -> None:
+        us = self.users[n.name]
+        if (
+            n.name != self.g.output
+            and len(us) == 1
+            and us[0].kind == "add"
+            and us[0].name not in self.pending
+        ):
+            self.pending[us[0].name] = n  # emitted by the add, with the other operand as its residual
+            return
+        self._emit_conv(n, None)
+
+    def _emit_conv(self, n: Node, residual: tuple[Node, Buffer] | None) -> None:
         a = n.attrs
         src = self.src(n.inputs[0])
         linear = len(n.shape) == 1
@@ -119,12 +132,14 @@ class _Lowering:
         cin, h, w = (src.shape[0], 1, 1) if linear else src.shape
         cout, oh, ow = (n.shape[0], 1, 1) if linear else n.shape
         wide = n.name == self.g.output
-        t, lo, hi = (n, INT32_LO, INT32_HI) if wide else self.target(n)
+        node = n if residual is None else residual[0]  # the add, when the residual is fused
+        t, lo, hi = (n, INT32_LO, INT32_HI) if wide else self.target(node)
         s_out = self.scale[t.name] / (WIDE if wide else 1)
         out = self.buffer("output" if wide else t.name, t.shape, s_out, wide=wide)
         prod = (np.float32(a["act_scale"]) * a["weight_scale"]).astype(np.float64)  # float32, as torch
         bias = np.zeros(cout) if a["bias"] is None else a["bias"].astype(np.float64)
-        consts = [multiplier(float(p) / s_out, float(b) / s_out) for p, b in zip(prod, bias)]
+        ratio = 0.0 if residual is None else residual[1].scale / s_out
+        consts = [multiplier(float(p) / s_out, float(b) / s_out, 127 * ratio) for p, b in zip(prod, bias)]
         kh, kw = a["kernel"]
         params = dict(cin=cin, h=h, w=w, cout=cout, oh=oh, ow=ow, kh=kh, kw=kw, groups=a["groups"])
         params.update(sy=a["stride"][0], sx=a["stride"][1], py=a["padding"][0], px=a["padding"][1])
@@ -135,9 +150,33 @@ class _Lowering:
             "shift": np.array([c[1] for c in consts], dtype=np.int8),
             "bias": np.array([c[2] for c in consts], dtype=np.int64),
         }
-        self.emit(n, Op("conv", n.path, [src.name], out, lo, hi, params, arrays), t)
+        inputs = [src.name]
+        if (
+            residual is not None
+        ):  # out = requant(acc * M + B + r * R): the add without rounding the conv first
+            if residual[1].shape != t.shape and residual[1].numel != self.buffers[out].numel:
+                raise PrunekitError(f"add at '{node.path}': shapes {residual[1].shape} and {t.shape} differ")
+            arrays["res_mult"] = np.array([round(ratio * 2.0 ** int(c[1])) for c in consts], dtype=np.int64)
+            inputs.append(residual[1].name)
+        op = Op(
+            "conv",
+            n.path,
+            inputs,
+            out,
+            lo,
+            hi,
+            params,
+            arrays,
+        )
+        self.ops.append(op)
+        self.produced[n.name] = self.produced[node.name] = self.produced[t.name] = out
 
     def _add(self, n: Node) -> None:
+        conv = self.pending.pop(n.name, None)
+        if conv is not None:
+            other = n.inputs[1] if n.inputs[0] == conv.name else n.inputs[0]
+            self._emit_conv(conv, (n, self.src(other)))
+            return
         a, b = (self.src(i) for i in n.inputs)
         t, lo, hi = self.target(n)
         s_out = self.scale[t.name]

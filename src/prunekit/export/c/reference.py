@@ -12,7 +12,7 @@ from prunekit.export.c.fixedpoint import requantize
 from prunekit.export.c.ir import IntGraph, Op
 
 
-def _conv(x: np.ndarray, op: Op) -> np.ndarray:
+def _conv(x: np.ndarray, op: Op, residual: np.ndarray | None = None) -> np.ndarray:
     p = op.params
     n = x.shape[0]
     x = x.reshape(n, p["cin"], p["h"], p["w"]).astype(np.int64)
@@ -37,6 +37,12 @@ def _conv(x: np.ndarray, op: Op) -> np.ndarray:
                 )
     shape = (1, -1, 1, 1)
     a = op.arrays
+    if residual is not None:  # a fused residual add: r * R joins the sum before the one rounding
+        acc = acc * a["mult"].reshape(shape).astype(np.int64) + residual.reshape(acc.shape).astype(
+            np.int64
+        ) * a["res_mult"].reshape(shape)
+        y = requantize(acc, 1, a["shift"].reshape(shape), a["bias"].reshape(shape), op.lo, op.hi)
+        return y.reshape(n, -1)
     y = requantize(
         acc, a["mult"].reshape(shape), a["shift"].reshape(shape), a["bias"].reshape(shape), op.lo, op.hi
     )
@@ -70,7 +76,7 @@ def _pool(x: np.ndarray, op: Op) -> np.ndarray:
 def run_op(op: Op, args: list[np.ndarray]) -> np.ndarray:
     p = op.params
     if op.kind == "conv":
-        return _conv(args[0], op)
+        return _conv(args[0], op, args[1] if len(args) > 1 else None)
     if op.kind == "add":
         y = args[0].astype(np.int64) * p["ma"] + args[1].astype(np.int64) * p["mb"]
         return requantize(y, 1, p["shift"], 0, op.lo, op.hi)

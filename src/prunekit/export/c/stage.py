@@ -23,7 +23,7 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
     return {
         "flash": result["flash"],
         "ram": result["ram"],
-        "storage": {r["layer"]: r["storage"] for r in result["layers"] if r["op"] == "conv"},
+        "storage": {r["layer"]: r["storage"] for r in result["layers"] if r["op"].startswith("conv")},
     }
 
 

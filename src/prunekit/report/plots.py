@@ -134,21 +134,7 @@ def run_figures(m: dict[str, Any]) -> list[Figure]:
     )
     agreed = [label for label in labels if isinstance(m[label].get("agreement"), dict)]
     if agreed:
-        first = m[agreed[0]]["agreement"]
-        conditions = ["clean", *first["perturbed"]]
-
-        def share(label: str, cond: str) -> float | None:
-            a = m[label]["agreement"]
-            e = a["clean"] if cond == "clean" else a["perturbed"].get(cond)
-            return None if e is None else 100 * e["agreement"]
-
-        series = {f"{x} agrees with {first['reference']}": [share(x, c) for c in conditions] for x in agreed}
-        series[f"{first['reference']} keeps its prediction"] = [None] + [
-            100 * first["perturbed"][c]["reference_stable"] for c in conditions[1:]
-        ]
-        names = [_short(c) for c in conditions]
-        png = grouped_bars(names, series, "% of test inputs", "Prediction agreement, clean and perturbed")
-        out.append(Figure("agreement", "Prediction agreement", "Agreement under perturbations", png))
+        out.append(_agreement_chart(m, agreed))
     timed = {}
     for label in labels:
         e = m[label]
@@ -161,6 +147,26 @@ def run_figures(m: dict[str, Any]) -> list[Figure]:
         png = latency_bars(timed, "Latency p50 (bar) and p99 (tick), batch 1")
         out.append(Figure("latency", "Summary", "Latency p50 and p99 of every model timed", png))
     return out
+
+
+def _agreement_chart(m: dict[str, Any], agreed: list[str]) -> Figure:
+    """Each model's agreement with the reference per input condition, and how often the reference keeps
+    its own clean prediction (a fragile task rather than a fragile compressed model)."""
+    first = m[agreed[0]]["agreement"]
+    conditions = ["clean", *first["perturbed"]]
+
+    def share(label: str, cond: str) -> float | None:
+        a = m[label]["agreement"]
+        e = a["clean"] if cond == "clean" else a["perturbed"].get(cond)
+        return None if e is None else 100 * e["agreement"]
+
+    series = {f"{x} agrees with {first['reference']}": [share(x, c) for c in conditions] for x in agreed}
+    series[f"{first['reference']} keeps its prediction"] = [None] + [
+        100 * first["perturbed"][c]["reference_stable"] for c in conditions[1:]
+    ]
+    names = [_short(c) for c in conditions]
+    png = grouped_bars(names, series, "% of test inputs", "Prediction agreement, clean and perturbed")
+    return Figure("agreement", "Prediction agreement", "Agreement under perturbations", png)
 
 
 def _short(condition: str) -> str:

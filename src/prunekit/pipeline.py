@@ -59,7 +59,7 @@ def seed_everything(seed: int) -> None:
 
 
 def _train_cfg(cfg: Optim) -> TrainConfig:
-    return TrainConfig(**cfg.model_dump(exclude={"type"}))
+    return TrainConfig(**cfg.model_dump(exclude={"type", "distill"}))
 
 
 class Run:
@@ -106,6 +106,7 @@ class Run:
         self.round_started = time.perf_counter()
         self.latency_allocation: dict[str, Any] | None = None  # a structured stage's allocation: latency
         self.allocations: list[dict[str, Any]] = []  # prune stages' allocation: sensitivity, in order
+        self.teacher: nn.Module | None = None  # frozen copy for distillation, taken by _keep_teacher
 
     def _model(self) -> tuple[nn.Module, dict[str, Any] | None]:
         src = self.recipe.model
@@ -168,8 +169,52 @@ class Run:
                 _train_cfg(stage),
                 progress=self.progress,
                 desc=stage.type,
+                distill=self._distill(stage),
                 **self._recovery(0),
             )
+
+    # -- distillation (prunekit.recovery.distill) --------------------------------------------------------
+    def _keep_teacher(self) -> None:
+        """At the first prune / structured / quantize stage, copy the model as the teacher if any stage
+        distills (frozen; masks squashed into the copy, so it shares no parametrization with the model)."""
+        from prunekit.recipe import TEACHER_STAGES
+
+        kinds = [s.type for s in self.recipe.stages]
+        first = next((i for i, k in enumerate(kinds) if k in TEACHER_STAGES), None)
+        wants = any(
+            getattr(getattr(s, "finetune", None) or getattr(s, "qat", None) or s, "distill", None)
+            for s in self.recipe.stages
+        )
+        if self.teacher is None and wants and self.stage_index == first:
+            self.teacher = squash(copy.deepcopy(self.model)).eval().requires_grad_(False)
+
+    def _check_distill_features(self) -> None:
+        """Feature-matching layer names must name modules of the model (structured pruning keeps names)."""
+        from prunekit.errors import did_you_mean
+
+        names = {n for n, _ in self.model.named_modules() if n}
+        for i, s in enumerate(self.recipe.stages):
+            cfg = getattr(getattr(s, "finetune", None) or getattr(s, "qat", None) or s, "distill", None)
+            for name in cfg.features if cfg is not None else ():
+                if name not in names:
+                    raise PrunekitError(
+                        f"recipe {self.recipe.name}: stages[{i}]: distill feature '{name}': the model has no "
+                        f"module of that name{did_you_mean(name, names)}"
+                    )
+
+    def _distill(self, cfg: Optim | None):
+        """The Distiller for a training config that asks for one (else None)."""
+        if cfg is None or cfg.distill is None:
+            return None
+        from prunekit.recovery.distill import Distiller
+
+        if self.teacher is None:  # resumed past the stage that took it: checkpoints do not hold it
+            raise PrunekitError(
+                "distill: the teacher (the model before the first prune / structured / quantize stage) is "
+                "not in the checkpoint this run resumed from; run the recipe again without --resume"
+            )
+        d = cfg.distill
+        return Distiller(self.teacher, d.alpha, d.temperature, d.features, d.feature_weight)
 
     def _sparsifier(self, stage: PruneStage, allocation: dict[str, float] | None = None) -> Sparsifier:
         """The stage's sparsifier; constructing it checks targets, patterns and schedule on the model."""
@@ -235,6 +280,7 @@ class Run:
         so a recipe that cannot work fails in a second, not after the dense training, and leaves no output
         behind."""
         self._check_data()
+        self._check_distill_features()
         kinds = [stage.type for stage in self.recipe.stages]
         from prunekit.ptq import int8_plan
 
@@ -313,8 +359,11 @@ class Run:
         if pending is not None and stage.allocation == "sensitivity":
             self.allocations.pop()  # this stage's, restored from the checkpoint: recomputed (same) below
         allocation = self._sensitivity_allocation(stage) if stage.allocation == "sensitivity" else None
+        self._keep_teacher()
         sparsifier = self._sparsifier(stage, allocation)
         targets, schedule = sparsifier.targets, sparsifier.schedule
+        if sparsifier.criterion.needs == "gates":  # L0: gate settings before prepare() attaches them
+            self._configure_gates(stage, sparsifier)
         sparsifier.prepare()
         ckpt.restore_sparsifier(sparsifier, pending and pending.get("sparsifier"))
         first = pending["round"] + 1 if pending else 1  # the first round still to run
@@ -329,7 +378,9 @@ class Run:
         loss_fn = nn.CrossEntropyLoss()
         if not self.rounds:
             self._round()  # round 0, the starting point: validation accuracy before any pruning
-        if stage.schedule.type == "agp":
+        if sparsifier.criterion.needs == "gates":
+            self._learn_masks(stage, sparsifier)
+        elif stage.schedule.type == "agp":
             with self.ctx.wrap(self.model) as model:
                 train(
                     model,
@@ -339,6 +390,7 @@ class Run:
                     calibration=calib,
                     progress=self.progress,
                     desc="prune (agp)",
+                    distill=self._distill(stage.finetune),
                     **self._recovery(0, sparsifier),
                 )
             self._round()
@@ -367,6 +419,7 @@ class Run:
                             sparsifier=sparsifier,
                             progress=self.progress,
                             desc=f"fine-tune round {i}/{len(targets_seq)}",
+                            distill=self._distill(stage.finetune),
                             **self._recovery(i - 1, sparsifier),
                         )
                 self._round()
@@ -375,6 +428,41 @@ class Run:
                     self.checkpoint(self.stage_index, i, sparsifier=sparsifier)
             bar.close()
         self.dense_layers = left_dense(self.model, self.specs, targets)
+
+    def _configure_gates(self, stage: PruneStage, sparsifier: Sparsifier) -> None:
+        from prunekit.recipe import L0Cfg
+
+        cfg = stage.l0 or L0Cfg()
+        steps = stage.finetune.epochs * len(self.loader("train", shuffle=True))
+        sparsifier.criterion.configure(
+            sparsifier.specs,
+            sparsifier.group,
+            granularity=cfg.granularity,
+            penalty=cfg.penalty,
+            lr=cfg.lr,
+            warmup=round(cfg.warmup * steps),
+        )
+
+    def _learn_masks(self, stage: PruneStage, sparsifier: Sparsifier) -> None:
+        """Criterion 'l0': the gates train with the weights during the stage's fine-tuning (the density
+        penalty added to the loss, the gates' own Adam), then become exact masks at the stage's sparsity.
+        Not checkpointed inside that training (a resume reruns the stage)."""
+        gates = sparsifier.criterion
+        with self.ctx.wrap(self.model) as model:
+            train(
+                model,
+                self.loader("train", shuffle=True),
+                _train_cfg(stage.finetune),
+                sparsifier=sparsifier,
+                progress=self.progress,
+                desc="prune (l0 gates)",
+                distill=self._distill(stage.finetune),
+                extra_optimizer=gates.optimizer(),
+                extra_loss=gates.penalty,
+            )
+        log.info("l0: expected density %.4f before the exact masks", gates.expected_density()["*"])
+        gates.finish(self.model)
+        self._round()
 
     def _calibration(self, batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         out = []
@@ -514,6 +602,7 @@ class Run:
         example = self.data.train[: min(2, len(self.data.train))][0]  # the int8 model is test-run on it
         self.masks = get_masks(self.model)
         before = list(self.metrics)[-1] if self.metrics else None
+        self._keep_teacher()
         if stage.qat is not None:
             prepare_qat(self.model, activations=stage.activations, calibration=calib, **select)
             with self.ctx.wrap(self.model) as model:
@@ -523,6 +612,7 @@ class Run:
                     _train_cfg(stage.qat),
                     progress=self.progress,
                     desc="quantization-aware fine-tuning",
+                    distill=self._distill(stage.qat),
                 )
             result = convert_qat(self.model, example=example)
         else:
@@ -541,6 +631,7 @@ class Run:
             raise PrunekitError(
                 "a structured stage must come before unstructured prune stages (masks present)"
             )
+        self._keep_teacher()
         example = self.data.train[: min(2, len(self.data.train))][0]
         calibration = self._calibration(stage.calibration_batches)
         before = sum(p.numel() for p in self.model.parameters())
@@ -573,6 +664,7 @@ class Run:
                     _train_cfg(stage.finetune),
                     progress=self.progress,
                     desc="fine-tune (structured)",
+                    distill=self._distill(stage.finetune),
                 )
 
     def _structured_for_latency(self, stage: StructuredStage, example, calibration):
@@ -597,6 +689,7 @@ class Run:
             grid=stage.latency_grid,
             loss=val_loss,
             runs=stage.latency_runs,
+            passes=stage.latency_passes,
             importance=stage.importance,
             ignore=stage.ignore,
             round_to=stage.round_to,
@@ -643,6 +736,10 @@ class Run:
             totals = inspect_compressed(target)[1]
             parts = ("value_bytes", "index_bytes", "scale_bytes", "file_overhead_bytes", "dense_bytes")
             self.compressed_parts[stage.name] = {k: totals[k] for k in parts}
+        if stage.c:  # OUT/<name>-c/: the INT8 model as C99 (prunekit.export.c), budgets in metrics[name]
+            from prunekit.export.c.stage import export_c_stage
+
+            export_c_stage(self, stage)
 
     def summary(self) -> dict[str, Any]:
         self.measure_latency()

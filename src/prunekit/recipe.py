@@ -73,6 +73,16 @@ class DataSource(Strict):
         return self
 
 
+class DistillCfg(Strict):
+    """Knowledge distillation from the dense model (prunekit.recovery.distill): the teacher is a frozen
+    copy of the model taken when the recipe's first prune / structured / quantize stage starts."""
+
+    alpha: float = Field(0.9, ge=0, le=1)  # weight of the soft-target term (1 - alpha: the labels)
+    temperature: float = Field(4.0, gt=0)
+    features: list[str] = Field(default_factory=list)  # module names whose outputs are matched (MSE)
+    feature_weight: float = Field(1.0, ge=0)
+
+
 class Optim(Strict):
     epochs: int = Field(ge=0)
     lr: float = Field(gt=0)
@@ -80,10 +90,21 @@ class Optim(Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    distill: DistillCfg | None = None  # learn from the dense teacher too (not in the dense train stage)
 
 
 class TrainStage(Optim):
     type: Literal["train"]
+
+    @model_validator(mode="after")
+    def _no_teacher(self) -> TrainStage:
+        if self.distill is not None:
+            raise ValueError(
+                "'distill' needs a teacher: the dense model, copied when the first prune / structured / "
+                "quantize stage starts; the dense 'train' stage has none (use it in a later 'finetune' "
+                "or a prune stage's 'finetune')"
+            )
+        return self
 
 
 class FinetuneStage(Optim):
@@ -153,6 +174,15 @@ class SensitivityCfg(Strict):
         return self
 
 
+class L0Cfg(Strict):
+    """Hard-concrete L0 gates (criterion 'l0', prunekit.criteria.l0)."""
+
+    granularity: Literal["weight", "channel"] = "weight"  # one gate per weight, or per output unit
+    penalty: float = Field(0.05, gt=0)  # lam in lam * N * (E[L0]/N - density)^2
+    lr: float = Field(0.05, gt=0)  # Adam learning rate of the gates' log_alpha
+    warmup: float = Field(0.75, ge=0, le=1)  # fraction of the fine-tuning steps the target falls over
+
+
 class PruneStage(Strict):
     type: Literal["prune"]
     pattern: str | float  # "0.7" / "70%" (unstructured), "2:4" (N:M), "block:4x4@0.5"
@@ -168,6 +198,7 @@ class PruneStage(Strict):
     # overall, prunekit.allocate); `sensitivity` configures the measurement
     allocation: Literal["uniform", "sensitivity"] = "uniform"
     sensitivity: SensitivityCfg | None = None
+    l0: L0Cfg | None = None  # criterion 'l0': gate settings (defaults when left out)
 
     @field_validator("pattern", mode="before")
     @classmethod
@@ -201,6 +232,28 @@ class PruneStage(Strict):
                 f"criterion '{self.criterion}' scores weights while they train: it needs schedule "
                 "'agp' (with 'finetune'), which prunes during training"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _learned_masks(self) -> PruneStage:
+        from prunekit.criteria import CRITERIA
+
+        if CRITERIA.get(self.criterion).needs != "gates":
+            if self.l0 is not None:
+                raise ValueError(f"'l0' settings need criterion 'l0', not '{self.criterion}'")
+            return self
+        if self.finetune is None or self.finetune.epochs == 0:
+            raise ValueError(
+                f"criterion '{self.criterion}' learns its masks while the model trains: give 'finetune' "
+                "with epochs >= 1 (the gates train during it and become exact masks at its end)"
+            )
+        if self.schedule.type != "one-shot" or self.allocation != "uniform":
+            raise ValueError(
+                f"criterion '{self.criterion}': the density penalty is its schedule; use schedule "
+                "'one-shot' and allocation 'uniform' (the defaults)"
+            )
+        if self.group == "row":
+            raise ValueError(f"criterion '{self.criterion}' compares within a layer or globally, not per row")
         return self
 
     @model_validator(mode="after")
@@ -251,6 +304,7 @@ class StructuredStage(Strict):
     target_latency: float | str | None = None  # 0.6: 60% of the dense p50; "2.5ms": absolute (batch 1)
     latency_grid: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75])  # ratios tried per group
     latency_runs: int = Field(60, ge=5)  # timed calls per variant for the tables
+    latency_passes: int = Field(3, ge=1)  # times every variant is timed; the median is kept
 
     @field_validator("importance")
     @classmethod
@@ -313,6 +367,7 @@ class ExportStage(Strict):
     type: Literal["export"]
     name: str  # writes OUT/<name>.safetensors; an evaluate stage with the same label gets its size
     compressed: bool = False  # also OUT/<name>.compressed.safetensors (smallest encoding per tensor)
+    c: bool = False  # also OUT/<name>-c/: the INT8 model as C99 + Makefile + budget.json (prunekit export c)
 
     @field_validator("name")
     @classmethod
@@ -326,6 +381,7 @@ Stage = Annotated[
     TrainStage | PruneStage | StructuredStage | FinetuneStage | QuantizeStage | EvaluateStage | ExportStage,
     Field(discriminator="type"),
 ]
+TEACHER_STAGES = ("prune", "structured", "quantize")  # the first of these copies the distillation teacher
 STAGE_TYPES = ("train", "prune", "structured", "finetune", "quantize", "evaluate", "export")
 
 
@@ -361,6 +417,20 @@ class Recipe(Strict):
                     f"{did_you_mean(str(kind), STAGE_TYPES)}"
                 )
         return value
+
+    @model_validator(mode="after")
+    def _distill_has_a_teacher(self) -> Recipe:
+        """The teacher is the model as the first prune / structured / quantize stage finds it: a
+        ``finetune`` stage before that has no teacher yet."""
+        kinds = [stage.type for stage in self.stages]
+        first = next((i for i, k in enumerate(kinds) if k in TEACHER_STAGES), len(kinds))
+        for i, stage in enumerate(self.stages[:first]):
+            if isinstance(stage, FinetuneStage) and stage.distill is not None:
+                raise ValueError(
+                    f"stages[{i}]: 'distill' needs a teacher, the model copied when the first prune / "
+                    "structured / quantize stage starts; this finetune stage runs before any"
+                )
+        return self
 
 
 def _where(loc: tuple) -> str:

@@ -198,7 +198,8 @@ def _time(dense, model, example, runs, compile_too) -> dict[str, Any]:
         from prunekit import runtime
 
         models["compiled"] = runtime.compile(copy.deepcopy(model), (example,))
-    return compare_latency(models, example, runs=runs, warmup=max(5, runs // 10))
+    # two calls per model per block: bursts of load on a shared machine hit every model alike
+    return compare_latency(models, example, runs=runs, warmup=max(5, runs // 10), blocks=max(1, runs // 2))
 
 
 def run_sweep(

@@ -117,6 +117,8 @@ def train(
     try:
         for epoch in range(start_epoch, cfg.epochs):
             resumed = resume is not None and epoch == start_epoch
+            if cfg.epochs > 1:
+                bar.set_description(f"{desc} (epoch {epoch + 1}/{cfg.epochs})")
             order_state = resume["order"] if resumed else _order_state(loader)
             if resumed:
                 _set_order_state(loader, order_state)

@@ -300,3 +300,21 @@ def test_chromium_renders_the_verdict_and_the_tables(written, metrics, tmp_path)
     runtime = table_by_header(page.tables, ["model", "p50 ms", "p99 ms"])
     compiled = {r[0]: r for r in runtime[1:]}["pruned (compiled)"]
     assert float(compiled[1]) == pytest.approx(metrics["pruned"]["compiled"]["latency_ms"]["p50"], abs=5e-4)
+
+
+def test_per_block_means_and_short_labels():
+    from prunekit.report.plots import _short, per_block
+
+    names, values = per_block(["m.0.q", "m.0.k", "m.1.q", "head"], [0.2, 0.4, 0.6, 0.0])
+    assert names == ["m.0", "m.1", "head"] and values == pytest.approx([0.3, 0.6, 0.0])
+    assert [_short(c) for c in ["clean", "noise 0.1 std", "shift dx=-1 dy=+0", "shift dx=+0 dy=+1"]] == [
+        "clean",
+        "noise 0.1",
+        "left 1",
+        "down 1",
+    ]
+
+
+def test_charts_are_the_same_bytes_for_the_same_metrics(metrics):
+    first, second = run_figures(metrics), run_figures(metrics)
+    assert [f.png for f in first] == [f.png for f in second]  # no timestamp or version in the PNGs

@@ -264,3 +264,41 @@ def test_structurally_pruned_model_exports_as_smaller_dense_layers(tmp_path):
     assert {n: r["params"] for n, r in convs.items()} == params  # the shrunken shapes, nothing padded back
     assert small["flash"]["weights"] == sum(params.values()) < full["flash"]["weights"]
     assert small["ram"]["total"] < full["ram"]["total"]
+
+
+RECIPE = """\
+name: tiny-c
+seed: 0
+model:
+  builtin: resnet-digits
+  args: {widths: [4, 8], blocks: 1}
+data: {name: digits, batch_size: 128}
+stages:
+  - {type: train, epochs: 1, lr: 0.05}
+  - {type: evaluate, label: dense, latency_runs: 3, latency_warmup: 1}
+  - {type: prune, pattern: 0.8, criterion: magnitude, group: global}
+  - {type: quantize, activations: static, calibration_batches: 2, classifier: true}
+  - {type: evaluate, label: small, latency_runs: 3, latency_warmup: 1}
+  - {type: export, name: small, c: true}
+"""
+
+
+@needs_gcc
+@pytest.mark.slow  # a whole (tiny) recipe run: about 5 s
+def test_recipe_export_stage_writes_c_and_reports_dense_vs_pruned(tmp_path):
+    import yaml
+
+    from prunekit import recipe
+    from prunekit.pipeline import run_recipe
+
+    r = recipe.Recipe.model_validate(yaml.safe_load(RECIPE))
+    m = run_recipe(r, tmp_path / "run", progress=False)
+    e = m["small"]["c_export"]
+    out = tmp_path / "run" / "small-c"
+    assert (out / "model.c").is_file() and (out / "Makefile").is_file()
+    assert json.loads((out / "budget.json").read_text())["flash"] == e["flash"]
+    assert e["host_check"]["bitexact"] == e["host_check"]["samples"] == 360
+    assert e["dense"]["label"] == "dense-int8"
+    assert e["flash"]["weights"] < e["dense"]["flash"]["weights"]  # 80% pruned, stored sparse
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "## Microcontroller (C export)" in report and "| dense-int8 |" in report and "| small |" in report

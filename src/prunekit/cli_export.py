@@ -214,11 +214,11 @@ def c_command(
     from prunekit.export.c import arm_size, export_c, run_check
     from prunekit.export.c.budget import table
     from prunekit.export.c.harness import have
-    from prunekit.export.c.source import load_source, parse_bytes
+    from prunekit.export.c.source import calibration_inputs, load_source, parse_bytes
 
     flash, ram = parse_bytes(flash_limit, "--flash-limit"), parse_bytes(ram_limit, "--ram-limit")
     model, splits, artifact = load_source(source, data)
-    x_train, x_test, y_test = splits.train[:][0], splits.test[:][0], splits.test[:][1]
+    x_train, x_test, y_test = calibration_inputs(splits), splits.test[:][0], splits.test[:][1]
     result = export_c(
         model,
         out,

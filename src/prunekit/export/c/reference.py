@@ -18,8 +18,9 @@ def _conv(x: np.ndarray, op: Op, residual: np.ndarray | None = None) -> np.ndarr
     x = x.reshape(n, p["cin"], p["h"], p["w"]).astype(np.int64)
     g, kh, kw = p["groups"], p["kh"], p["kw"]
     cpg, opg = p["cin"] // g, p["cout"] // g
-    weight = op.arrays["weight"].astype(np.int64).reshape(p["cout"], cpg, kh, kw)
-    xp = np.pad(x, ((0, 0), (0, 0), (p["py"], p["py"]), (p["px"], p["px"])))
+    # products summed in float64 (BLAS): exact, every partial sum is an integer below 2**53
+    weight = op.arrays["weight"].astype(np.float64).reshape(p["cout"], cpg, kh, kw)
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (p["py"], p["py"]), (p["px"], p["px"])))
     acc = np.zeros((n, p["cout"], p["oh"], p["ow"]), dtype=np.int64)
     for ky in range(kh):
         for kx in range(kw):
@@ -32,9 +33,8 @@ def _conv(x: np.ndarray, op: Op, residual: np.ndarray | None = None) -> np.ndarr
             ]
             for gi in range(g):
                 wk = weight[gi * opg : (gi + 1) * opg, :, ky, kx]  # (opg, cpg)
-                acc[:, gi * opg : (gi + 1) * opg] += np.einsum(
-                    "oc,nchw->nohw", wk, win[:, gi * cpg : (gi + 1) * cpg]
-                )
+                part = np.tensordot(wk, win[:, gi * cpg : (gi + 1) * cpg], axes=([1], [1]))  # o, n, h, w
+                acc[:, gi * opg : (gi + 1) * opg] += np.rint(part.transpose(1, 0, 2, 3)).astype(np.int64)
     shape = (1, -1, 1, 1)
     a = op.arrays
     if residual is not None:  # a fused residual add: r * R joins the sum before the one rounding

@@ -2,8 +2,8 @@
 
 A recipe output directory (``prunekit run`` / ``prunekit demo``) names its data split in
 ``metrics.json``, and its last export stage is the model exported. A bare artifact uses ``--data``
-(default: ``digits`` for the built-in ``resnet-digits``) with the default split. The training split
-calibrates the scales no int8 layer fixes; the test split is the harness's.
+(default: ``digits`` for the built-in ``resnet-digits``) with the default split. The first 512
+training inputs calibrate the scales no int8 layer fixes; the test split is the harness's.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 
 from prunekit.errors import PrunekitError
 
+CALIBRATION_INPUTS = 512  # training inputs that calibrate the scales no int8 layer fixes (8 batches of 64)
 _SIZE = re.compile(r"(\d+)\s*([kKmM]i?[bB]?|[bB])?")
 
 
@@ -46,6 +47,11 @@ def _recipe_dir(path: Path) -> tuple[Path, dict[str, Any], int]:
     if not names:
         raise PrunekitError(f"{path}: the recipe has no export stage, so there is no artifact to export")
     return path / f"{names[-1]}.safetensors", recipe.get("data") or {}, int(recipe.get("seed", 0))
+
+
+def calibration_inputs(splits) -> Any:
+    """The first :data:`CALIBRATION_INPUTS` training inputs (the CLI and the recipe stage use the same)."""
+    return splits.train[: min(CALIBRATION_INPUTS, len(splits.train))][0]
 
 
 def load_source(source: Path, data: str | None):

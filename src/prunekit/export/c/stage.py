@@ -15,6 +15,7 @@ from typing import Any
 
 from prunekit.export.c.api import export_c
 from prunekit.export.c.harness import arm_size, have, run_check
+from prunekit.export.c.source import calibration_inputs
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def _dense_int8(run) -> tuple[str, Any] | None:
 
 def export_c_stage(run, stage) -> dict[str, Any]:
     out = run.out / f"{stage.name}-c"
-    x_train = run.data.train[:][0]
+    x_train = calibration_inputs(run.data)
     x_test, y_test = run.data.test[:][0], run.data.test[:][1]
     result = export_c(run.model, out, calibration=[x_train], test=(x_test, y_test))
     entry: dict[str, Any] = {"dir": out.name, **_summary(result), "reference": result["reference"]}

@@ -70,6 +70,11 @@ def load_causal_lm(
             where, local_files_only=True, dtype=dtype, **extra, **load_extra
         )
     except Exception as exc:
+        if "Weights only load failed" in str(exc):  # transformers reads *.bin with torch's weights_only=True
+            raise PrunekitError(
+                f"could not load the model at {path}: refused to unpickle its PyTorch weights file: it holds "
+                "more than tensors, and unpickling it could run code; convert it to safetensors"
+            ) from None
         raise PrunekitError(f"could not load the model at {path}: {exc}") from exc
     _forget_gguf(model)
     model.eval()

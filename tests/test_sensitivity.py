@@ -143,6 +143,10 @@ def test_bad_requests_are_one_line_errors(trained):
         sensitivity_analysis(model, val, sparsities=(0.5, 1.0))
     with pytest.raises(PrunekitError, match="unknown sensitivity metric 'acc'"):
         sensitivity_analysis(model, val, metric="acc")
+    with pytest.raises(PrunekitError, match="no module named 'fc9'"):
+        sensitivity_analysis(model, val, layers=["fc9"])
+    with pytest.raises(PrunekitError, match="module '2' has no weight"):
+        sensitivity_analysis(model, val, layers=["2"])  # the ReLU
 
 
 def test_json_csv_and_heat_map_round_trip(trained, tmp_path):

@@ -228,7 +228,14 @@ def sensitivity_analysis(
     chosen = make_metric(metric)
     if layers is None:
         layers = list(resolve(model, Unstructured(0.5), targets))
-    modules = {name: model.get_submodule(name) for name in layers}
+    modules = {}
+    for name in layers:
+        try:
+            modules[name] = model.get_submodule(name)
+        except AttributeError:
+            raise PrunekitError(f"sensitivity analysis: the model has no module named '{name}'") from None
+        if not isinstance(getattr(modules[name], "weight", None), torch.Tensor):
+            raise PrunekitError(f"sensitivity analysis: module '{name}' has no weight to prune")
     crit = make_criterion(criterion, seed=seed)
     if crit.needs == "training":
         raise PrunekitError(

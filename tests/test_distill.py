@@ -154,3 +154,48 @@ def test_distillation_beats_plain_fine_tuning_on_a_fixed_low_data_case():
         torch.set_num_threads(threads)
     assert min(gaps) > 0.004, gaps
     assert sum(gaps) / len(gaps) > 0.02, gaps
+
+
+# -- recipes -------------------------------------------------------------------------------------------
+def _recipe(*stages: dict) -> dict:
+    return {
+        "name": "t",
+        "model": {"builtin": "resnet-digits", "args": {"widths": [4, 4, 4], "blocks": 1}},
+        "stages": [{"type": "train", "epochs": 1, "lr": 0.05}, *stages],
+    }
+
+
+def test_recipe_distill_is_validated_strictly():
+    from prunekit import recipe
+
+    prune = {"type": "prune", "pattern": 0.5, "finetune": {"epochs": 1, "lr": 0.01, "distill": {}}}
+    got = recipe.from_dict(_recipe(prune)).stages[1].finetune.distill
+    assert (got.alpha, got.temperature, got.features) == (0.9, 4.0, [])
+    with pytest.raises(PrunekitError, match=r"stages\[0\]: 'distill' needs a teacher.*dense 'train' stage"):
+        recipe.from_dict({**_recipe(), "stages": [{"type": "train", "epochs": 1, "lr": 0.1, "distill": {}}]})
+    early = {"type": "finetune", "epochs": 1, "lr": 0.01, "distill": {"alpha": 0.5}}
+    with pytest.raises(PrunekitError, match=r"stages\[1\]: 'distill' needs a teacher.*runs before any"):
+        recipe.from_dict(_recipe(early, prune))
+    recipe.from_dict(_recipe(prune, early))  # after a prune stage the teacher exists
+    bad = {**prune, "finetune": {"epochs": 1, "lr": 0.01, "distill": {"alpah": 0.5}}}
+    with pytest.raises(PrunekitError, match="unknown key 'alpah' \\(did you mean 'alpha'\\?\\)"):
+        recipe.from_dict(_recipe(bad))
+    bad = {**prune, "finetune": {"epochs": 1, "lr": 0.01, "distill": {"alpha": 1.5}}}
+    with pytest.raises(PrunekitError, match=r"stages\[1\]\.finetune\.distill\.alpha"):
+        recipe.from_dict(_recipe(bad))
+
+
+def test_a_recipe_feature_that_names_no_module_fails_before_any_training(tmp_path):
+    from prunekit import recipe
+    from prunekit.pipeline import run_recipe
+
+    prune = {
+        "type": "prune",
+        "pattern": 0.5,
+        "finetune": {"epochs": 1, "lr": 0.01, "distill": {"features": ["layer1"]}},
+    }
+    with pytest.raises(
+        PrunekitError, match=r"stages\[1\]: distill feature 'layer1'.*did you mean 'layers.1'"
+    ):
+        run_recipe(recipe.from_dict(_recipe(prune)), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

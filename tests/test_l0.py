@@ -160,3 +160,63 @@ def test_configure_refuses_what_the_gates_cannot_learn():
         L0Gates().configure({}, group="row")
     with pytest.raises(PrunekitError, match="call configure"):
         Sparsifier(model, 0.5, criterion="l0").prepare()
+
+
+# -- recipes -------------------------------------------------------------------------------------------
+def _recipe(**prune) -> dict:
+    stage = {
+        "type": "prune",
+        "pattern": 0.8,
+        "criterion": "l0",
+        "finetune": {"epochs": 1, "lr": 0.01},
+        **prune,
+    }
+    return {
+        "name": "l0",
+        "threads": 1,
+        "model": {"builtin": "resnet-digits", "args": {"widths": [4, 4, 4], "blocks": 1}},
+        "stages": [{"type": "train", "epochs": 1, "lr": 0.05}, stage],
+    }
+
+
+def test_recipe_l0_is_validated():
+    from prunekit import recipe
+
+    got = recipe.from_dict(_recipe(l0={"granularity": "channel"})).stages[1].l0
+    assert (got.granularity, got.penalty, got.warmup) == ("channel", 0.05, 0.75)
+    with pytest.raises(PrunekitError, match="learns its masks while the model trains: give 'finetune'"):
+        recipe.from_dict(_recipe(finetune=None))
+    with pytest.raises(PrunekitError, match="the density penalty is its schedule"):
+        recipe.from_dict(_recipe(schedule={"type": "iterative", "rate": 0.2}))
+    with pytest.raises(PrunekitError, match="not per row"):
+        recipe.from_dict(_recipe(group="row"))
+    with pytest.raises(PrunekitError, match="'l0' settings need criterion 'l0', not 'magnitude'"):
+        recipe.from_dict(_recipe(criterion="magnitude", l0={}))
+    with pytest.raises(PrunekitError, match=r"stages\[1\]\.l0: unknown key 'lamda'"):
+        recipe.from_dict(_recipe(l0={"lamda": 1.0}))
+
+
+@pytest.mark.slow  # a whole (tiny) recipe run: ~20 s on a busy machine
+def test_recipe_run_with_l0_and_distillation_gives_exact_masks_and_a_reloadable_artifact(tmp_path):
+    from prunekit import recipe
+    from prunekit.artifact import load_artifact
+    from prunekit.pipeline import run_recipe
+
+    data = _recipe(
+        group="global",
+        finetune={"epochs": 2, "lr": 0.01, "distill": {"alpha": 0.5, "features": ["layers.0"]}},
+    )
+    data["stages"] += [
+        {"type": "finetune", "epochs": 1, "lr": 0.01, "distill": {}},
+        {"type": "evaluate", "label": "pruned", "latency_runs": 1, "latency_warmup": 0},
+        {"type": "export", "name": "pruned"},
+    ]
+    metrics = run_recipe(recipe.from_dict(data), tmp_path / "out", progress=False)
+    model, info = load_artifact(tmp_path / "out" / "pruned.safetensors")
+    weights = sum(m.numel() for m in info.masks.values())
+    pruned = sum(int((~m).sum()) for m in info.masks.values())
+    assert pruned == round(0.8 * weights)  # exact, one global count
+    assert metrics["rounds"][-1]["targeted_sparsity"] >= pruned / weights - 1e-9
+    assert all(gate_of(m) is None for m in model.modules())
+    for name, mask in info.masks.items():
+        assert torch.all(model.get_submodule(name).weight[~mask] == 0)

@@ -112,6 +112,13 @@ def capture(
             handle.remove()
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """DistributedDataParallel holds the user's model as ``.module``: feature names are the user's."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
 class Distiller:
     """A frozen teacher and the distillation settings; ``distiller(student, inputs, targets)`` is the loss.
 
@@ -144,7 +151,7 @@ class Distiller:
         task_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         self.teacher.eval()  # a caller's model.train() on a container holding the teacher must not leak
-        with capture(student, self.features, "student") as s_feats:
+        with capture(_unwrap(student), self.features, "student") as s_feats:
             logits = student(inputs)
         with torch.no_grad(), capture(self.teacher, self.features, "teacher") as t_feats:
             t_logits = self.teacher(inputs)

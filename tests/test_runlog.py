@@ -71,6 +71,19 @@ def test_tensorboard_without_the_package_is_a_one_line_error(tmp_path):
     assert "pip install tensorboard" in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.skipif(
+    HAS_TENSORBOARD, reason="tensorboard is installed: the missing-package error cannot occur"
+)
+def test_a_run_asking_for_tensorboard_without_it_fails_before_any_output(tmp_path):
+    from prunekit import recipe
+    from prunekit.pipeline import run_recipe
+    from test_resume import TINY
+
+    with pytest.raises(PrunekitError, match="pip install tensorboard"):
+        run_recipe(recipe.from_dict(TINY), tmp_path / "out", progress=False, tensorboard=tmp_path / "tb")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.skipif(not HAS_TENSORBOARD, reason="the tensorboard package is not installed")
 def test_tensorboard_gets_the_numeric_fields_as_scalars(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -83,3 +96,4 @@ def test_tensorboard_gets_the_numeric_fields_as_scalars(tmp_path):
     events.Reload()
     values = [(s.step, s.value) for s in events.Scalars("round/val_accuracy")]
     assert values == [(0, 0.5), (1, 0.75)]
+    assert "round/round" not in events.Tags()["scalars"]  # positions are not plotted

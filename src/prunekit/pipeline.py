@@ -826,6 +826,10 @@ def _run(
     from prunekit.report.plots import run_figures
 
     ctx = ctx or Context()
+    if tensorboard is not None:
+        from prunekit.runlog import check_tensorboard
+
+        check_tensorboard()
     saved = ckpt.load_latest(out) if resume else None  # before any work: a bad --resume fails at once
     if saved is not None:
         ckpt.check_resumable(saved[0], saved[1], to_dict(recipe), ctx.world_size)

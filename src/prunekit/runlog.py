@@ -22,14 +22,21 @@ from typing import Any
 
 from prunekit.errors import PrunekitError
 
+_INDEX_FIELDS = ("round", "stage", "epoch")  # positions, not measurements: no TensorBoard scalar
+
+
+def check_tensorboard() -> None:
+    """Fail now, before any work, when TensorBoard logging cannot work."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        raise PrunekitError("TensorBoard logging needs the tensorboard package: pip install tensorboard")
+
 
 def _tensorboard_writer(folder: Path, purge_step: int | None):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise PrunekitError(
-            "TensorBoard logging needs the tensorboard package: pip install tensorboard"
-        ) from None
+    check_tensorboard()
+    from torch.utils.tensorboard import SummaryWriter
+
     return SummaryWriter(log_dir=str(folder), purge_step=purge_step)
 
 
@@ -78,7 +85,8 @@ class RunLog:
         self._handle.flush()
         if self._tb is not None:
             for key, value in fields.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "round":
+                number = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if number and key not in _INDEX_FIELDS:
                     self._tb.add_scalar(f"{event}/{key}", value, global_step=self.seq)
             self._tb.flush()
         self.seq += 1
@@ -97,4 +105,4 @@ def read_log(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
 
 
-__all__ = ["RunLog", "read_log"]
+__all__ = ["RunLog", "check_tensorboard", "read_log"]

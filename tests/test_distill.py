@@ -199,3 +199,30 @@ def test_a_recipe_feature_that_names_no_module_fails_before_any_training(tmp_pat
     ):
         run_recipe(recipe.from_dict(_recipe(prune)), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # two tiny recipe runs
+def test_a_resumed_run_keeps_its_teacher_and_ends_as_the_uninterrupted_one(tmp_path):
+    """The teacher is in the checkpoint: resuming after the prune stage (from the checkpoint before the
+    last) distills from the same dense teacher and ends bit-exact with the uninterrupted run."""
+    import shutil
+
+    from prunekit import recipe
+    from prunekit.pipeline import run_recipe
+
+    prune = {"type": "prune", "pattern": 0.5, "finetune": {"epochs": 1, "lr": 0.01, "distill": {}}}
+    data = _recipe(
+        prune,
+        {"type": "finetune", "epochs": 1, "lr": 0.01, "distill": {"alpha": 0.7, "temperature": 2.0}},
+        {"type": "evaluate", "label": "pruned", "latency_runs": 1, "latency_warmup": 0},
+    )
+    data.update(seed=3, threads=1, checkpoint={"every_steps": None})
+    r = recipe.from_dict(data)
+    whole = run_recipe(r, tmp_path / "a", progress=False)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    folder = tmp_path / "b" / "checkpoint"
+    (folder / "previous.safetensors").replace(folder / "last.safetensors")  # as if killed in the finetune
+    resumed = run_recipe(r, tmp_path / "b", progress=False, resume=True)
+    assert resumed["masks_sha256"] == whole["masks_sha256"]
+    assert resumed["pruned"]["accuracy"] == whole["pruned"]["accuracy"]
+    assert resumed["rounds"] == whole["rounds"]

@@ -280,6 +280,9 @@ def save_run(run, position: dict[str, Any], train_state=None, sparsifier=None) -
         "run": {name: getattr(run, name) for name in RUN_FIELDS if hasattr(run, name)},
         "specs": {name: spec.to_dict() for name, spec in run.specs.items()},
         "model": run.model.state_dict(),
+        # the distillation teacher (prunekit.recovery.distill): a plain copy of the model at the run's first
+        # prune / structured / quantize stage, so of the run's starting architecture
+        "teacher": None if getattr(run, "teacher", None) is None else run.teacher.state_dict(),
         "timed": [
             {"label": label, "stage": stage.model_dump(mode="json"), "state": model.state_dict()}
             for label, (model, stage) in run.timed.items()
@@ -343,6 +346,10 @@ def restore_run(run, state: dict[str, Any]) -> dict[str, Any]:
         model = _architecture(run, run.timed_structured.get(entry["label"], run.initial_structured))
         model.load_state_dict(entry["state"], strict=True)
         run.timed[entry["label"]] = (model.eval(), EvaluateStage(**entry["stage"]))
+    if state.get("teacher") is not None:
+        teacher = _architecture(run, run.initial_structured)
+        teacher.load_state_dict(state["teacher"], strict=True)
+        run.teacher = teacher.eval().requires_grad_(False)
     run.checkpoints = int(state["count"])
     run.resumed_elapsed = float(state.get("elapsed_s", 0.0))
     set_rng_state(state["rng"])  # last: building the models above drew from the global generator

@@ -151,6 +151,9 @@ class Distiller:
         task_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         self.teacher.eval()  # a caller's model.train() on a container holding the teacher must not leak
+        first = next(self.teacher.parameters(), None)
+        if first is not None and first.device != inputs.device:  # a teacher restored on the CPU, say
+            self.teacher.to(inputs.device)
         with capture(_unwrap(student), self.features, "student") as s_feats:
             logits = student(inputs)
         with torch.no_grad(), capture(self.teacher, self.features, "teacher") as t_feats:

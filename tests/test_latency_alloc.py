@@ -154,6 +154,19 @@ def test_recipe_fields_are_validated():
             _recipe(fields)
 
 
+def test_builtin_latency_recipe_is_the_structured_one_with_a_latency_stage():
+    import yaml
+
+    from prunekit import recipe
+
+    latency = yaml.safe_load(recipe.builtin_text("edge-digits-latency"))
+    uniform = yaml.safe_load(recipe.builtin_text("edge-digits-structured"))
+    assert [s["type"] for s in latency["stages"]] == [s["type"] for s in uniform["stages"]]
+    assert latency["model"] == uniform["model"] and latency["data"] == uniform["data"]
+    stage = recipe.load_builtin("edge-digits-latency").stages[3]
+    assert stage.allocation == "latency" and stage.target_latency == 0.75 and stage.ratio is None
+
+
 def test_pipeline_records_the_allocation(tmp_path):
     from prunekit.pipeline import run_recipe
 
@@ -184,3 +197,40 @@ def test_pipeline_records_the_allocation(tmp_path):
     assert la["budget_ms"] == pytest.approx(0.8 * la["dense_ms"])
     assert metrics["pruned"]["params"] <= metrics["dense"]["params"]
     assert (metrics["pruned"]["params"] < metrics["dense"]["params"]) == any(la["ratios"].values())
+
+
+@pytest.mark.slow  # the built-in recipe, shrunk, with fine-tuning and exports: ~10-60 s on the shared machine
+def test_builtin_latency_recipe_runs_and_its_artifact_replays(tmp_path):
+    import json
+
+    import yaml
+
+    from prunekit import recipe
+    from prunekit.analysis import evaluate
+    from prunekit.artifact import load_artifact
+    from prunekit.data import load_splits
+    from prunekit.pipeline import run_recipe
+
+    data = yaml.safe_load(recipe.builtin_text("edge-digits-latency"))
+    data["model"]["args"] = {"widths": [8, 16], "blocks": 1}
+    data["stages"][0]["epochs"] = 1
+    data["stages"][3].update(
+        {"latency_grid": [0.5], "latency_runs": 5, "latency_passes": 1, "round_to": 4, "target_latency": 0.8}
+    )
+    data["stages"][3]["finetune"]["epochs"] = 1
+    for i in (1, 4):
+        data["stages"][i]["latency_runs"] = 5
+    metrics = run_recipe(recipe.from_dict(data), tmp_path, progress=False)
+    la = metrics["latency_allocation"]
+    for key in ("budget_ms", "predicted_ms", "measured_ms", "ratios", "kept", "tables", "target_met"):
+        assert key in la
+    assert la["budget_ms"] == pytest.approx(0.8 * la["dense_ms"])
+    assert la == json.loads((tmp_path / "metrics.json").read_text())["latency_allocation"]
+    assert metrics["pruned"]["params"] <= metrics["dense"]["params"]
+    assert (metrics["pruned"]["params"] < metrics["dense"]["params"]) == any(la["ratios"].values())
+    # the exported artifact replays the chosen removal: same kept counts, same accuracy
+    model, _ = load_artifact(tmp_path / "pruned.safetensors")
+    for name, keep in la["kept"].items():
+        assert model.get_submodule(name).out_channels == keep
+    splits = load_splits("digits", seed=0)
+    assert evaluate(model.eval(), splits.loader("test", 64), 10)["accuracy"] == metrics["pruned"]["accuracy"]

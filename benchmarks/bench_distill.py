@@ -11,7 +11,8 @@ dense model):
     plain      cross-entropy only
     distill    alpha * KL(teacher/T || student/T) * T^2 + (1 - alpha) * CE
 
-and, with ``--l0``, a one-shot prune stage with criterion ``l0`` (gates trained for as many epochs as the
+(``--sparsity`` / ``--schedule one-shot`` make the pruning harder than the demo's) and, with ``--l0``,
+a one-shot prune stage with criterion ``l0`` (gates trained for as many epochs as the
 iterative variant fine-tunes in total) followed by ``--finetune-epochs`` of plain fine-tuning.
 
 Printed: validation accuracy after the last round and test accuracy of every run, and per seed the
@@ -59,22 +60,23 @@ def pruned(seed: int, artifact: Path, variant: str, args, out: Path) -> dict:
     finetune = {"epochs": args.finetune_epochs, "lr": 0.01}
     if variant == "distill":
         finetune["distill"] = {"alpha": args.alpha, "temperature": args.temperature}
+    schedule = {"type": "iterative", "rate": 0.2} if args.schedule == "iterative" else {"type": "one-shot"}
     stage = {
         "type": "prune",
-        "pattern": 0.9,
+        "pattern": args.sparsity,
         "criterion": "magnitude",
         "group": "global",
-        "schedule": {"type": "iterative", "rate": 0.2},
+        "schedule": schedule,
         "finetune": finetune,
     }
     stages = [stage]
     if variant == "l0":
         from prunekit.schedule import geometric_rounds
 
-        rounds = len(geometric_rounds(0.9, 0.2))
+        rounds = len(geometric_rounds(args.sparsity, 0.2)) if args.schedule == "iterative" else 1
         stage = {
             "type": "prune",
-            "pattern": 0.9,
+            "pattern": args.sparsity,
             "criterion": "l0",
             "group": "global",
             "finetune": {"epochs": rounds * args.finetune_epochs, "lr": 0.01},
@@ -108,6 +110,8 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, default=6)
     parser.add_argument("--alpha", type=float, default=0.9)
     parser.add_argument("--temperature", type=float, default=4.0)
+    parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--schedule", choices=["iterative", "one-shot"], default="iterative")
     parser.add_argument("--l0", action="store_true", help="also learned L0 masks (criterion l0)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -119,7 +123,10 @@ def main() -> None:
             artifact = dense(seed, args.dense_epochs, Path(tmp) / f"dense-{seed}")
             for variant in variants:
                 rows.append(pruned(seed, artifact, variant, args, Path(tmp) / f"{variant}-{seed}"))
-    print(f"\nalpha {args.alpha}, T {args.temperature}, finetune {args.finetune_epochs} epochs per round")
+    print(
+        f"\n{args.schedule} to {args.sparsity:.0%}, alpha {args.alpha}, T {args.temperature}, "
+        f"finetune {args.finetune_epochs} epochs per round, dense {args.dense_epochs} epochs"
+    )
     print(f"{'seed':>4} {'variant':>8} {'val acc':>8} {'test acc':>9} {'sparsity':>9} {'s':>6}")
     for r in rows:
         print(

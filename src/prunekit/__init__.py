@@ -35,6 +35,7 @@ _EXPORTS = {
     "Ticket": "prunekit.lottery",
     "TrainConfig": "prunekit.recovery",
     "train": "prunekit.recovery",
+    "Distiller": "prunekit.recovery",
     "quantize_model": "prunekit.quantize",
     "prepare_qat": "prunekit.qat",
     "convert_qat": "prunekit.qat",

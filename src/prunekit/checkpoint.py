@@ -253,6 +253,7 @@ RUN_FIELDS = (
     "latency_allocation",
     "timed_structured",
     "global_step",
+    "last_loss",
 )
 
 

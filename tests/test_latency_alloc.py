@@ -124,7 +124,17 @@ def test_prune_for_latency_on_a_tiny_model():
     assert model(x).shape == before.shape
     assert result.max_abs_diff is not None  # verified against the masked original
     assert report["target_met"] == (report["measured_ratio"] <= 0.9)
-    assert report["predicted_feasible"] == (report["predicted_ms"] <= 0.9 * report["tables"]["dense_ms"])
+    assert report["budget_ms"] == pytest.approx(0.9 * report["dense_ms"])
+    # the closed loop: the first attempt aims at the goal, each retry lower by the measured miss, and it
+    # stops at the first attempt that meets the goal; the kept one is that, else the fastest measured
+    attempts = report["attempts"]
+    assert 1 <= len(attempts) <= 3 and attempts[0]["aim_ratio"] == pytest.approx(0.9)
+    for before, after in zip(attempts, attempts[1:]):
+        assert before["measured_ratio"] > 0.9
+        assert after["aim_ratio"] == pytest.approx(before["aim_ratio"] - (before["measured_ratio"] - 0.9))
+    kept = next((a for a in attempts if a["measured_ratio"] <= 0.9), None)
+    kept = kept or min(attempts, key=lambda a: a["measured_ratio"])
+    assert report["ratios"] == kept["ratios"] and report["measured_ratio"] == kept["measured_ratio"]
 
 
 STRUCTURED = {"type": "structured", "importance": "l2"}

@@ -340,6 +340,59 @@ def allocate_latency(
     return tables, allocation
 
 
+def closed_loop(
+    dense: nn.Module,
+    example,
+    tables: Tables,
+    goal: float,
+    timing_input,
+    runs: int = 60,
+    warmup: int = 10,
+    passes: int = 3,
+    refine: int = 2,
+    **prune_kwargs,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Allocate for ``goal`` (a fraction of the dense p50), prune a copy of ``dense``, measure it; while
+    the measured ratio misses, lower the aim by the miss and retry (up to ``refine`` times). Returns the
+    kept attempt (the first that meets the goal, else the fastest measured) and all attempts."""
+    from prunekit.structured.core import prune_model
+
+    attempts, aim, tried = [], goal, set()
+    for _ in range(1 + max(0, refine)):
+        _, allocation = allocate(tables.groups, tables.base_ms, aim * tables.dense_ms)
+        chosen = {name: r for name, r in allocation.ratios.items() if r > 0}
+        key = tuple(sorted(chosen.items()))
+        if key in tried:  # the lower budget chose the same ratios: nothing left to correct with
+            break
+        tried.add(key)
+        candidate = copy.deepcopy(dense)
+        prune_model(candidate, example, ratio=0.0, ratios=chosen, **prune_kwargs)
+        ratios, dense_p50, pruned_p50 = paired_ratios(
+            {"pruned": (dense, candidate.eval())}, timing_input, runs, warmup, passes
+        )
+        measured = ratios["pruned"]
+        attempts.append(
+            {
+                "aim_ratio": aim,
+                "ratios": allocation.ratios,
+                "predicted_ratio": allocation.predicted_ms / tables.dense_ms,
+                "predicted_loss": allocation.predicted_loss,
+                "predicted_feasible": allocation.feasible,
+                "exact": allocation.exact,
+                "measured_ratio": measured,
+                "dense_ms": dense_p50["pruned"],
+                "measured_ms": pruned_p50["pruned"],
+            }
+        )
+        if measured <= goal or not allocation.feasible:
+            break
+        aim -= measured - goal
+        if aim <= 0:
+            break
+    met = [a for a in attempts if a["measured_ratio"] <= goal]
+    return (met[0] if met else min(attempts, key=lambda a: a["measured_ratio"])), attempts
+
+
 def prune_for_latency(
     model: nn.Module,
     example: torch.Tensor | tuple,
@@ -351,10 +404,17 @@ def prune_for_latency(
     runs: int = 60,
     warmup: int = 10,
     passes: int = 3,
+    refine: int = 2,
     verify: bool = True,
     **prune_kwargs,
 ):
     """Allocate, prune ``model`` in place with the chosen ratios and measure it against the dense original.
+
+    The additive prediction misses (a convolution's cost is the product of its input and output widths,
+    so pruning two neighbouring groups saves less than the sum of what each saves alone): when the
+    measured ratio is above the goal, the budget is lowered by the miss and the allocation redone, up to
+    ``refine`` times (NetAdapt's closed loop: decide on predictions, check by measurement). The first
+    attempt that meets the goal is kept, else the fastest measured one; every attempt is reported.
 
     Returns ``(result, report)``: the :class:`prunekit.structured.Result` and a JSON-ready dict with the
     tables, the chosen ratios, the predicted and the measured latency.
@@ -363,10 +423,9 @@ def prune_for_latency(
 
     timing_input = example if timing_input is None else timing_input
     dense = copy.deepcopy(model).eval()
-    tables, allocation = allocate_latency(
+    tables = measure_tables(
         model,
         example,
-        target,
         timing_input,
         grid=grid,
         loss=loss,
@@ -375,22 +434,32 @@ def prune_for_latency(
         passes=passes,
         **prune_kwargs,
     )
-    chosen = {name: r for name, r in allocation.ratios.items() if r > 0}
-    result = prune_model(model, example, ratio=0.0, ratios=chosen, verify=verify, **prune_kwargs)
-    ratios, dense_p50, pruned_p50 = paired_ratios(
-        {"pruned": (dense, model.eval())}, timing_input, runs, warmup, passes
+    budget = resolve_budget(target, tables.dense_ms)
+    goal = budget / tables.dense_ms  # everything is judged by ratios measured within one pair
+    best, attempts = closed_loop(
+        dense, example, tables, goal, timing_input, runs, warmup, passes, refine, **prune_kwargs
     )
-    measured_ratio, dense_ms, measured = ratios["pruned"], dense_p50["pruned"], pruned_p50["pruned"]
-    # a fraction is judged by the ratio measured within each pair (robust to drift between pairs); an
-    # absolute target by the measured p50 itself
-    budget = resolve_budget(target, dense_ms)
-    met = measured_ratio <= float(target) if not isinstance(target, str) else measured <= budget
+    chosen = {name: r for name, r in best["ratios"].items() if r > 0}
+    result = prune_model(model, example, ratio=0.0, ratios=chosen, verify=verify, **prune_kwargs)
+    allocation = Allocation(
+        best["ratios"],
+        best["predicted_ratio"] * tables.dense_ms,
+        best["predicted_loss"],
+        best["aim_ratio"] * tables.dense_ms,
+        best["predicted_feasible"],
+        best["exact"],
+    )
+    measured_ratio, dense_ms, measured = best["measured_ratio"], best["dense_ms"], best["measured_ms"]
+    met = measured_ratio <= goal
     report = {
         "target": target,
+        "goal_ratio": goal,
         "budget_ms": budget,
-        "dense_ms": dense_ms,
-        "measured_ms": measured,
-        "measured_ratio": measured_ratio,
+        "dense_ms": tables.dense_ms,  # the one absolute scale: the dense p50 measured with the tables
+        "measured_ms": measured_ratio * tables.dense_ms,
+        "measured_ratio": measured_ratio,  # pruned / dense p50 within one pair, median over passes
+        "measured_p50_ms": measured,  # the raw p50s of that final pair (they drift between pairs)
+        "dense_p50_ms": dense_ms,
         "predicted_ms": allocation.predicted_ms,
         "predicted_ratio": allocation.predicted_ms / tables.dense_ms,
         "prediction_error": measured_ratio - allocation.predicted_ms / tables.dense_ms,
@@ -404,6 +473,7 @@ def prune_for_latency(
             for t in tables.groups
         },
         "tables": tables.to_dict(),
+        "attempts": attempts,
         "runs": runs,
         "passes": passes,
         "threads": torch.get_num_threads(),

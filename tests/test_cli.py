@@ -113,7 +113,11 @@ def test_demo_runs_the_builtin_recipe(monkeypatch, tmp_path):
     import prunekit.cli as cli
 
     seen = {}
-    monkeypatch.setattr(cli, "_run", lambda r, out, quiet: seen.update(recipe=r, out=out, quiet=quiet))
+
+    def fake_run(r, out, quiet, *options, **named):  # options: --strict, --class-drop, --store, ...
+        seen.update(recipe=r, out=out, quiet=quiet)
+
+    monkeypatch.setattr(cli, "_run", fake_run)
     result = runner.invoke(app, ["demo", "--out", str(tmp_path / "d"), "-q"])
     assert result.exit_code == 0, result.output
     assert seen == {"recipe": recipe.load_builtin("edge-digits"), "out": tmp_path / "d", "quiet": True}

@@ -61,8 +61,9 @@ def _check_seqlen(model, seqlen: int) -> None:
         raise PrunekitError(f"seqlen {seqlen} is above the model's limit of {limit} positions")
 
 
-def _save(model, tokenizer, out: Path, metrics: dict[str, Any]) -> None:
-    """Write model, tokenizer and metrics into a temporary sibling directory, then move them into ``out``."""
+def _save(model, tokenizer, out: Path, metrics: dict[str, Any], report: bool = False) -> None:
+    """Write model, tokenizer and metrics (and with ``report`` the prune job's report.md/report.html) into a
+    temporary sibling directory, then move them into ``out``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -70,11 +71,12 @@ def _save(model, tokenizer, out: Path, metrics: dict[str, Any]) -> None:
         tokenizer.save_pretrained(str(staging))
         metrics["size"] = _sizes(model, staging)
         atomic_write_json(staging / "metrics.json", metrics)
-        from prunekit.report.html import write_reports
-        from prunekit.report.llm import llm_report
-        from prunekit.report.plots import llm_figures
+        if report:
+            from prunekit.report.html import write_reports
+            from prunekit.report.llm import llm_report
+            from prunekit.report.plots import llm_figures
 
-        write_reports(staging, llm_report(metrics), llm_figures(metrics))  # report.md, report.html, PNGs
+            write_reports(staging, llm_report(metrics), llm_figures(metrics))  # report.md, report.html, PNGs
         if not out.exists():
             os.replace(staging, out)
             return
@@ -168,7 +170,7 @@ def run_prune(
         "layer_sparsity": {name: z / n for name, (z, n) in counts.items()},
         "versions": _versions(),
     }
-    _save(model, tokenizer, out, metrics)
+    _save(model, tokenizer, out, metrics, report=True)
     return metrics
 
 

@@ -21,7 +21,9 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class Criterion:
-    """Base class. ``needs`` is ``"weights"``, ``"gradients"``, ``"activations"`` or ``"training"``."""
+    """Base class. ``needs`` is ``"weights"``, ``"gradients"``, ``"activations"``, ``"training"`` (scores
+    accumulate while the model trains: AGP prunes by them), or ``"gates"`` (learned masks, read once at the
+    end of training: :mod:`prunekit.criteria.l0`)."""
 
     needs = "weights"
     default_group = "layer"

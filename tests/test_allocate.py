@@ -46,7 +46,7 @@ def test_monotone_curve_is_a_cumulative_max_through_the_origin():
 curve_st = st.lists(st.floats(-0.05, 1.0), min_size=len(GRID), max_size=len(GRID))
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     drops=st.lists(curve_st, min_size=1, max_size=6),
     sizes=st.lists(st.integers(1, 5000), min_size=6, max_size=6),
@@ -101,7 +101,7 @@ def test_for_convex_curves_the_greedy_is_the_optimum(incs, sizes, target):
     assert predicted_drop(curves, plan.sparsity) == pytest.approx(best, abs=1e-9)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     inc=st.lists(st.floats(0.0, 2.0), min_size=10, max_size=10),
     factor=st.floats(1.01, 20.0),
@@ -200,6 +200,23 @@ def test_the_sparsifier_scales_an_allocation_along_the_schedule_and_lands_on_it(
     assert {n: _pruned(model, n) for n in sizes} == plan.pruned
     assert sum(plan.pruned.values()) == round(0.7 * 1800)
     assert sp.layer_specs() == {n: Unstructured(s) for n, s in plan.sparsity.items()}
+
+
+def test_agp_steps_follow_the_cubic_globally_and_end_on_the_allocation():
+    from prunekit.schedule import AGP
+    from prunekit.sparsifier import Sparsifier
+
+    model = _mlp()
+    plan = {"0": 0.5, "2": 0.85}  # 300 + 1020 of 1800 weights: 1320 = round(0.7333 * 1800)
+    sp = Sparsifier(model, 1320 / 1800, schedule=AGP(end=6, every=2), allocation=plan)
+    sp.prepare()
+    for step in range(7):
+        sp.step()
+        if step in (2, 4):  # mid-way, each layer is the same fraction of the way to its own target
+            fraction = sp.schedule.sparsity_at(step, sp.spec.sparsity) / sp.spec.sparsity
+            assert _pruned(model, "0") == round(0.5 * fraction * 600)
+            assert _pruned(model, "2") == round(0.85 * fraction * 1200)
+    assert (_pruned(model, "0"), _pruned(model, "2")) == (300, 1020)
 
 
 @pytest.mark.parametrize(

@@ -83,3 +83,34 @@ def test_report_says_what_did_not_improve(demo):
         assert c["same_predictions"] == c["samples"] == 360
         assert f"| {label} (compiled) | {c['latency_ms']['p50']:.3f} |" in report
     assert "- INT8 accuracy: " in report and "not the speed of an int8 kernel" in report
+
+
+def test_demo_exports_c_that_agrees_with_pytorch(demo):
+    out, m = demo
+    e = m["pruned-int8"]["c_export"]
+    assert (out / "pruned-int8-c" / "model.c").is_file() and (out / "pruned-int8-c" / "Makefile").is_file()
+    host = e["host_check"]
+    if "skipped" not in host:  # gcc present: the C itself was run on the whole test set
+        assert host["returncode"] == 0 and host["bitexact"] == host["samples"] == 360
+        assert host["agreement"] >= 0.995 and host["accuracy_torch"] == round(m["pruned-int8"]["accuracy"], 4)
+    assert e["reference"]["agreement"] >= 0.995
+    # the 90%-pruned model stored sparse takes far less flash than the dense INT8 model; RAM does not shrink
+    assert e["flash"]["weights"] < 0.35 * e["dense"]["flash"]["weights"]
+    assert e["ram"]["total"] <= e["dense"]["ram"]["total"]
+    report = (out / "report.md").read_text()
+    assert "## Microcontroller (C export)" in report and "| dense-int8 |" in report
+
+
+def test_demo_report_html_is_self_contained_and_the_class_check_is_recorded(demo):
+    import re
+
+    from prunekit.analysis.perclass import check_metrics
+
+    out, m = demo
+    page = (out / "report.html").read_text()
+    assert not re.search(r"https?://", page) and page.count('src="data:image/png;base64,') == 4
+    assert m["per_class_check"] == check_metrics(m)  # the warning the CLI prints comes from it
+    for label in ("pruned", "pruned-int8"):
+        agreement = m[label]["agreement"]
+        assert agreement["reference"] == "dense" and agreement["clean"]["samples"] == 360
+        assert len(agreement["perturbed"]) == 7

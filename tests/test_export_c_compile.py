@@ -302,3 +302,50 @@ def test_recipe_export_stage_writes_c_and_reports_dense_vs_pruned(tmp_path):
     assert e["flash"]["weights"] < e["dense"]["flash"]["weights"]  # 80% pruned, stored sparse
     report = (tmp_path / "run" / "report.md").read_text()
     assert "## Microcontroller (C export)" in report and "| dense-int8 |" in report and "| small |" in report
+
+
+@needs_gcc
+def test_float_wrapper_quantizes_like_prunekit(allops, tmp_path):
+    """model_run_float (-DMODEL_FLOAT_API) rounds its input as prunekit.quantize does (half to even)."""
+    from prunekit.export.c import build
+
+    q, x = allops
+    export_c(q, tmp_path, calibration=x)
+    cm = build(q, x)
+    # inputs on rounding ties too: k + 0.5 steps must round to the even neighbour, as torch.round does
+    s = np.float32(cm.input_scale)
+    xs = x[:4].clone()
+    xs.view(-1)[:8] = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, 126.5, 200.0, -300.0]) * float(s)
+    xq = cm.quantize_input(xs)
+    ref = cm.run_reference(xs)
+    fl = ", ".join(f"{float(v):.9g}f" for v in xs.reshape(-1).tolist())
+    qs = ", ".join(str(int(v)) for v in xq.reshape(-1))
+    rs = ", ".join(str(int(v)) for v in ref.reshape(-1))
+    (tmp_path / "main.c").write_text(
+        f"""#include <stdio.h>
+#include "model.h"
+static const float X[] = {{{fl}}};
+static const int8_t Q[] = {{{qs}}};
+static const int32_t R[] = {{{rs}}};
+int main(void)
+{{
+    float y[MODEL_OUTPUT_SIZE];
+    int32_t yi[MODEL_OUTPUT_SIZE];
+    int i, j, bad = 0;
+    for (i = 0; i < 4; ++i) {{
+        model_run_float(X + i * MODEL_INPUT_SIZE, y);
+        model_run_i32(Q + i * MODEL_INPUT_SIZE, yi);
+        for (j = 0; j < MODEL_OUTPUT_SIZE; ++j) {{
+            bad += yi[j] != R[i * MODEL_OUTPUT_SIZE + j];
+            bad += y[j] != (float)yi[j] * (MODEL_OUTPUT_SCALE / 65536.0f);
+        }}
+    }}
+    printf("%d\\n", bad);
+    return bad != 0;
+}}
+"""
+    )
+    exe = tmp_path / "main"
+    cmd = ["gcc", "-std=c99", "-Wall", "-Wextra", "-Werror", "-O2", "-DMODEL_FLOAT_API", "-o", str(exe)]
+    subprocess.run([*cmd, str(tmp_path / "main.c"), str(tmp_path / "model.c")], check=True, cwd=tmp_path)
+    assert subprocess.run([str(exe)], capture_output=True, text=True).stdout.strip() == "0"

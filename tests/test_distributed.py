@@ -108,3 +108,22 @@ def test_each_rank_trains_on_its_own_shard(ddp_run):
     state = ckpt.read(outs[0] / "checkpoint" / "last.safetensors")
     assert state["world_size"] == WORLD and state["run"]["global_step"] == 68
     assert state["count"] == 9
+
+
+def test_the_fsdp_example_keeps_pruned_weights_zero_and_rank_0_saves(tmp_path):
+    """examples/fsdp_finetune.py under torchrun: FSDP (fully_shard) on CPU with gloo, masks as buffers."""
+    from prunekit.artifact import read_artifact
+
+    example = Path(__file__).parents[1] / "examples" / "fsdp_finetune.py"
+    out = tmp_path / "fsdp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD)]
+    cmd += ["--master-port", str(free_port()), str(example), "--out", str(out), "--epochs", "1"]
+    result = subprocess.run(
+        cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=400
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "pruned weights still exactly zero" in result.stdout
+    assert result.stdout.count("epoch 0: loss") == 1  # printed by rank 0 only
+    tensors, info = read_artifact(out / "fsdp.safetensors")
+    kept = sum(int(m.sum()) for m in info.masks.values()) / sum(m.numel() for m in info.masks.values())
+    assert abs(kept - 0.2) < 0.01  # the 80% pruning survived the sharded fine-tuning and the gather

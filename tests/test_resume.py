@@ -254,3 +254,73 @@ def test_a_checkpoint_file_is_safetensors_without_pickle(baseline):
         bad = out.parent / "pickle.safetensors"
         torch.save({"x": 1}, bad)
         ckpt.read(bad)
+
+
+def _variant(stages: list[dict[str, Any]], seed: int) -> dict[str, Any]:
+    data = copy.deepcopy(TINY)
+    data.update(seed=seed, stages=stages, checkpoint={"every_steps": 10})
+    return data
+
+
+EVAL = {"latency_runs": 2, "latency_warmup": 0}
+TRAIN = {"type": "train", "epochs": 1, "lr": 0.01, "optimizer": "adam"}
+VARIANTS = {
+    # AGP with movement: the criterion's running scores and the sparsifier's step are in the checkpoint;
+    # checkpoint 10 is inside the AGP fine-tuning (34 dense steps, then 68 AGP steps)
+    "agp-movement": (
+        _variant(
+            [
+                TRAIN,
+                {
+                    "type": "prune",
+                    "pattern": 0.6,
+                    "criterion": "movement",
+                    "schedule": {"type": "agp", "end": 50, "every": 5},
+                    "finetune": {"epochs": 2, "lr": 0.002},
+                },
+                {"type": "evaluate", "label": "pruned", **EVAL},
+            ],
+            seed=3,
+        ),
+        "10",
+    ),
+    # a structured stage before the pruning: the architecture is rebuilt from the prune log on resume,
+    # and the dense model evaluated before it is kept for the latency timing; checkpoint 12 is in round 2
+    "structured-then-prune": (
+        _variant(
+            [
+                TRAIN,
+                {"type": "evaluate", "label": "dense", **EVAL},
+                {"type": "structured", "ratio": 0.25, "round_to": 1, "finetune": {"epochs": 1, "lr": 0.002}},
+                {"type": "evaluate", "label": "slim", **EVAL},
+                {
+                    "type": "prune",
+                    "pattern": 0.5,
+                    "schedule": {"type": "iterative", "rate": 0.3},
+                    "finetune": {"epochs": 1, "lr": 0.002},
+                },
+                {"type": "evaluate", "label": "pruned", **EVAL},
+            ],
+            seed=1,
+        ),
+        "12",
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_resume_is_exact_for_agp_movement_and_after_a_structured_stage(tmp_path, name):
+    data, kill_at = VARIANTS[name]
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(data))
+    base = run_recipe(recipe.from_dict(data), tmp_path / "base", progress=False)
+    killed = run_cli(recipe_file, tmp_path / "killed", kill_at=kill_at)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    resumed = run_recipe(recipe.from_dict(data), tmp_path / "killed", progress=False, resume=True)
+    labels = [k for k, v in base.items() if isinstance(v, dict) and "accuracy" in v]
+    assert resumed["masks_sha256"] == base["masks_sha256"] and resumed["rounds"] == base["rounds"]
+    for label in labels:
+        assert resumed[label]["accuracy"] == base[label]["accuracy"]
+        assert resumed[label]["layers"] == base[label]["layers"]
+    assert log_events(tmp_path / "killed") == log_events(tmp_path / "base")

@@ -157,7 +157,9 @@ class Run:
 
         def on_epoch(epoch: int, loss: float) -> None:
             self.last_loss = loss
-            self.runlog.write("epoch", stage=stage, round=rounds, epoch=epoch, loss=loss)
+            # round: the index the round this training leads to gets in metrics["rounds"] (None: no pruning)
+            upcoming = len(self.rounds) if sparsifier is not None else None
+            self.runlog.write("epoch", stage=stage, round=upcoming, epoch=epoch, loss=loss)
 
         return {"resume": resume, "on_step": on_step, "on_epoch": on_epoch}
 

@@ -23,8 +23,8 @@ from pathlib import Path
 from prunekit.export.c import arm_size, build, export_c
 from prunekit.export.c.source import calibration_inputs, load_source
 
-ROUNDS = 15
-REPEAT = 20  # passes over the test set per timing
+ROUNDS = 7
+REPEAT = 2  # passes over the test set per timing
 
 TIMER = r"""
 #define _POSIX_C_SOURCE 199309L

@@ -223,3 +223,21 @@ def test_budget_sums_and_sparse_choice(residual):
     assert dense["flash"]["weights"] == dense["flash"]["weights_if_dense"] == 8 * 9 + 8 * 72 + 4 * 8
     assert auto["flash"]["weights"] <= dense["flash"]["weights"]
     assert auto["ram"] == dense["ram"]
+
+
+def test_recipe_refuses_a_c_export_of_a_float_model_before_training():
+    import yaml
+
+    from prunekit import recipe
+
+    text = """
+model: {builtin: resnet-digits}
+stages:
+  - {type: train, epochs: 1, lr: 0.05}
+  - {type: quantize, activations: static}
+  - {type: export, name: m, c: true}
+"""
+    with pytest.raises(PrunekitError, match=r"stages\[2\]: export 'c: true' needs .* classifier: true"):
+        recipe.from_dict(yaml.safe_load(text))
+    ok = recipe.from_dict(yaml.safe_load(text.replace("static}", "static, classifier: true}")))
+    assert ok.stages[-1].c is True

@@ -432,6 +432,22 @@ class Recipe(Strict):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _c_export_needs_int8(self) -> Recipe:
+        """``export: {c: true}`` (prunekit.export.c, integer-only) needs the model INT8 throughout by then:
+        said when the recipe loads, not after the training."""
+        quantize = None
+        for i, stage in enumerate(self.stages):
+            if isinstance(stage, QuantizeStage):
+                quantize = stage
+            int8 = quantize is not None and quantize.activations == "static" and quantize.classifier
+            if isinstance(stage, ExportStage) and stage.c and not int8:
+                raise ValueError(
+                    f"stages[{i}]: export 'c: true' needs an earlier quantize stage with activations: "
+                    "static and classifier: true (the C export runs integer-only, no float layer)"
+                )
+        return self
+
 
 def _where(loc: tuple) -> str:
     out, previous = "", None

@@ -131,7 +131,11 @@ def test_prune_for_latency_on_a_tiny_model():
     assert 1 <= len(attempts) <= 3 and attempts[0]["aim_ratio"] == pytest.approx(0.9)
     for before, after in zip(attempts, attempts[1:]):
         assert before["measured_ratio"] > 0.9
-        assert after["aim_ratio"] == pytest.approx(before["aim_ratio"] - (before["measured_ratio"] - 0.9))
+        lowered = min(
+            before["aim_ratio"] - (before["measured_ratio"] - 0.9), before["predicted_ratio"] - 1e-9
+        )
+        assert after["aim_ratio"] == pytest.approx(lowered)
+        assert after["ratios"] != before["ratios"]
     kept = next((a for a in attempts if a["measured_ratio"] <= 0.9), None)
     kept = kept or min(attempts, key=lambda a: a["measured_ratio"])
     assert report["ratios"] == kept["ratios"] and report["measured_ratio"] == kept["measured_ratio"]
@@ -244,3 +248,33 @@ def test_builtin_latency_recipe_runs_and_its_artifact_replays(tmp_path):
         assert model.get_submodule(name).out_channels == keep
     splits = load_splits("digits", seed=0)
     assert evaluate(model.eval(), splits.loader("test", 64), 10)["accuracy"] == metrics["pruned"]["accuracy"]
+
+
+def test_closed_loop_corrects_an_optimistic_prediction(monkeypatch):
+    """With 'measurements' always 0.1 of dense slower than predicted, the loop retries at lower aims and
+    keeps the first choice that truly meets the goal (pruning and timing are faked: no clock involved)."""
+    from prunekit.structured import core, latency
+
+    spec = [[(10.0 - 1.5 * (i + 1), 0.1 * (i + 1) * (g + 1)) for i in range(3)] for g in range(3)]
+    tables = latency.Tables(10.0, 10.0, _tables(spec, 10.0), runs=1, threads=1)
+    predicted = []
+    real_allocate = latency.allocate
+
+    def recording_allocate(*args, **kwargs):
+        choice, alloc = real_allocate(*args, **kwargs)
+        predicted.append(alloc.predicted_ms / 10.0)
+        return choice, alloc
+
+    def fake_pairs(pairs, inputs, runs, warmup, passes=3):
+        ratio = predicted[-1] + 0.1
+        return {"pruned": ratio}, {"pruned": 10.0}, {"pruned": 10.0 * ratio}
+
+    monkeypatch.setattr(latency, "allocate", recording_allocate)
+    monkeypatch.setattr(latency, "paired_ratios", fake_pairs)
+    monkeypatch.setattr(core, "prune_model", lambda *args, **kwargs: None)
+    best, attempts = latency.closed_loop(torch.nn.Identity(), None, tables, 0.7, None, refine=4)
+    assert len(attempts) >= 2 and attempts[0]["measured_ratio"] > 0.7
+    assert best["measured_ratio"] <= 0.7 + 1e-12
+    assert best is next(a for a in attempts if a["measured_ratio"] <= 0.7 + 1e-12)
+    assert all(b["aim_ratio"] < a["aim_ratio"] for a, b in zip(attempts, attempts[1:]))
+    assert all(b["ratios"] != a["ratios"] for a, b in zip(attempts, attempts[1:]))

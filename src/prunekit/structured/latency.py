@@ -353,7 +353,8 @@ def closed_loop(
     **prune_kwargs,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Allocate for ``goal`` (a fraction of the dense p50), prune a copy of ``dense``, measure it; while
-    the measured ratio misses, lower the aim by the miss and retry (up to ``refine`` times). Returns the
+    the measured ratio misses, lower the aim by the miss (at least below the missed choice's prediction)
+    and retry (up to ``refine`` times). Returns the
     kept attempt (the first that meets the goal, else the fastest measured) and all attempts."""
     from prunekit.structured.core import prune_model
 
@@ -386,7 +387,9 @@ def closed_loop(
         )
         if measured <= goal or not allocation.feasible:
             break
-        aim -= measured - goal
+        # lower by the miss, and at least below this choice's prediction, so that the retry is a
+        # different, faster-predicted choice (a small miss would otherwise give the same ratios again)
+        aim = min(aim - (measured - goal), attempts[-1]["predicted_ratio"] - 1e-9)
         if aim <= 0:
             break
     met = [a for a in attempts if a["measured_ratio"] <= goal]

@@ -168,6 +168,30 @@ def test_verify_names_the_file_with_any_flipped_byte(stored, data):
     assert store.verify().ok
 
 
+def test_verify_catches_every_flipped_bit_of_a_manifest(tmp_path):
+    # two bits of every byte (all eight take ~30 s): bit 5 is ASCII's case bit, whose flips JSON can read
+    # back as the same data ("\u00e9" -> "\u00E9"), which a hash of the parsed content alone does not see
+    store = Store(tmp_path / "store")
+    art = tmp_path / "model.safetensors"
+    save_artifact(art, tiny_model())
+    entry = store.add([art], name="run/dense", meta={"metrics": {"lr": 1e-05}, "note": "café"})
+    manifest = entry.path / "manifest.json"
+    original = manifest.read_bytes()
+    assert b"\\u00e9" in original and b"1e-05" in original
+    os.chmod(manifest, 0o644)
+    missed = []
+    for where in range(len(original)):
+        for bit in (0, 5):
+            flipped = bytearray(original)
+            flipped[where] ^= 1 << bit
+            manifest.write_bytes(bytes(flipped))
+            if store.verify().ok:
+                missed.append((where, bit, bytes(flipped[where - 5 : where + 5])))
+    manifest.write_bytes(original)
+    assert missed == []
+    assert store.verify().ok
+
+
 def test_verify_catches_edited_manifest_missing_and_extra_files(stored, tmp_path):
     store, entry = stored
     manifest = entry.path / "manifest.json"

@@ -69,10 +69,15 @@ def copy_hashed(src: Path, dst: Path, expected: str | None = None) -> tuple[str,
     return digest, size
 
 
+def json_text(data: Any) -> str:
+    """The exact text a store JSON file holds (``verify`` compares a manifest's bytes with it)."""
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
 def write_json_synced(path: Path, data: Any) -> None:
     """Write a new JSON file and fsync it (inside a temp directory that is renamed into place later)."""
     with open(path, "x", encoding="utf-8") as handle:
-        handle.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        handle.write(json_text(data))
         handle.flush()
         os.fsync(handle.fileno())
 

@@ -30,6 +30,11 @@ def check_entry(store: Store, entry: Entry, report: VerifyReport | None = None) 
             f"{where}: {rel}/manifest.json was changed: its content hashes to {recomputed[:SHORT]}, "
             f"it records {entry.hash[:SHORT]}"
         )
+    elif (entry.path / "manifest.json").read_bytes() != disk.json_text(entry.manifest).encode("utf-8"):
+        # same content, other bytes: a flip JSON reads back as the same data ("\u00e9" -> "\u00E9")
+        problems.append(
+            f"{where}: {rel}/manifest.json was changed: its bytes are not the ones the store wrote"
+        )
     if entry.path.name != entry.hash:
         problems.append(f"{where}: directory {rel} does not carry the manifest's hash {entry.hash[:SHORT]}")
     files_dir = entry.path / "files"

@@ -320,3 +320,44 @@ def test_charts_are_the_same_bytes_for_the_same_numbers():
 
     first, second = (latency_bars({"dense": (2.0, 3.0), "pruned": (1.5, 2.5)}, "t") for _ in range(2))
     assert first == second and first.startswith(PNG_MAGIC)  # no timestamp or version in the PNG
+
+
+def test_a_sensitivity_allocation_shows_its_table_and_heat_map(metrics, tmp_path):
+    from prunekit.allocate import sensitivity_allocation
+    from prunekit.analysis.sensitivity import LayerCurve, Sensitivity, heatmap_png
+
+    grid = (0.5, 0.8, 0.9)
+    sens = Sensitivity(
+        "accuracy",
+        True,
+        "magnitude",
+        0.9,
+        grid,
+        (LayerCurve("conv", 300, (0.88, 0.8, 0.5)), LayerCurve("fc", 1000, (0.9, 0.89, 0.87))),
+        256,
+    )
+    plan = sensitivity_allocation(sens.curves(), sens.params(), 0.7)
+    m = {
+        **metrics,
+        "allocation": [{**plan.to_dict(), "heatmap": "sensitivity.png", "sensitivity": sens.to_dict()}],
+    }
+    write_reports(tmp_path, write_report(m), run_figures(m))
+    text = (tmp_path / "report.md").read_text()
+    section = text.split("## Sensitivity allocation")[1].split("\n## ")[0]
+    (rows,) = md_tables(text)["Sensitivity allocation"]
+    assert rows[0] == ["layer", "weights", "drop at 50%", "drop at 80%", "drop at 90%", "chosen", "pruned",
+                       "predicted drop"]  # fmt: skip
+    for row, curve in zip(rows[1:], sens.layers, strict=True):
+        assert row[0] == curve.name and int(row[1].replace(",", "")) == curve.params
+        assert [float(c) for c in row[2:5]] == pytest.approx(
+            [100 * d for d in sens.drops(curve.name)], abs=5e-3
+        )
+        assert pct(row[5]) == pytest.approx(plan.sparsity[curve.name], abs=5e-5)
+        assert int(row[6].replace(",", "")) == plan.pruned[curve.name]
+    assert sum(plan.pruned.values()) == plan.target_pruned == round(0.7 * 1300)
+    assert f"{plan.target_pruned:,} of 1,300 weights pruned (met exactly)" in section
+    assert "![" in section and "(report-sensitivity.png)" in section  # the heat map under its table
+    png = (tmp_path / "report-sensitivity.png").read_bytes()
+    assert png == heatmap_png(sens, plan.sparsity)
+    page = (tmp_path / "report.html").read_text()
+    assert base64.b64encode(png).decode() in page.split("Sensitivity allocation</h2>")[1]

@@ -12,7 +12,12 @@ from typing import Any
 import yaml
 
 from prunekit.export.c.report import c_section as c_export_section
-from prunekit.report.sections import agreement_section, per_class_check_section, size_section
+from prunekit.report.sections import (
+    agreement_section,
+    allocation_section,
+    per_class_check_section,
+    size_section,
+)
 
 # a pruned p50 must beat dense by more than this ratio before the report calls it faster
 FASTER_THRESHOLD = 0.90
@@ -266,6 +271,7 @@ def write_report(m: dict[str, Any]) -> str:
             for r in last["layers"]
         ]
         lines += _table(["layer", "type", "shape", "params", "non-zero", "sparsity", "pattern"], rows) + [""]
+    lines += allocation_section(m)  # allocation: sensitivity -- the curves and the per-layer choice
     if m.get("left_dense"):
         lines += ["## Layers left dense", ""] + [f"- `{k}`: {v}" for k, v in m["left_dense"].items()] + [""]
     if m.get("recipe"):

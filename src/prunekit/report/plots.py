@@ -146,6 +146,24 @@ def run_figures(m: dict[str, Any]) -> list[Figure]:
     if timed:
         png = latency_bars(timed, "Latency p50 (bar) and p99 (tick), batch 1")
         out.append(Figure("latency", "Summary", "Latency p50 and p99 of every model timed", png))
+    return out + _sensitivity_charts(m)
+
+
+def _sensitivity_charts(m: dict[str, Any]) -> list[Figure]:
+    """The heat map of every ``allocation: sensitivity`` stage, drawn again from the curves in the metrics
+    (the run also writes it as ``sensitivity.png``), with the chosen sparsities on the layer labels."""
+    if not m.get("allocation"):
+        return []  # (and no torch import for the other reports)
+    from prunekit.analysis.sensitivity import Sensitivity, heatmap_png
+    from prunekit.report.sections import allocation_heading
+
+    out = []
+    for i, a in enumerate(m.get("allocation") or []):
+        chosen = {name: v["sparsity"] for name, v in a["layers"].items()}
+        png = heatmap_png(Sensitivity.from_dict(a["sensitivity"]), chosen)
+        heading = allocation_heading(m, i)
+        name = "sensitivity" if i == 0 else f"sensitivity-{i + 1}"
+        out.append(Figure(name, heading, f"{heading}: drop per layer and sparsity, chosen sparsity", png))
     return out
 
 

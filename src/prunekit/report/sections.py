@@ -205,3 +205,63 @@ def settings_section(settings: dict[str, Any], title: str = "Settings") -> list[
 
     text = yaml.safe_dump(settings, sort_keys=False, default_flow_style=None).rstrip()  # short lists inline
     return [f"## {title}", "", "```yaml", text, "```", ""]
+
+
+def allocation_heading(m: dict[str, Any], index: int) -> str:
+    """The heading (without ``## ``) of the ``index``-th ``allocation: sensitivity`` entry; unique per
+    entry, so its heat map (``plots.run_figures``) lands under its own table."""
+    count = len(m.get("allocation") or [])
+    return "Sensitivity allocation" + (f" {index + 1} of {count}" if count > 1 else "")
+
+
+def _points(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def _general(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def allocation_section(m: dict[str, Any]) -> list[str]:
+    """Per prune stage with ``allocation: sensitivity``: the measured drops (the heat map's numbers), the
+    sparsity chosen per layer and its predicted drop, and whether the global target was met exactly."""
+    lines: list[str] = []
+    for i, a in enumerate(m.get("allocation") or []):
+        sens = a["sensitivity"]
+        accuracy = sens["metric"] == "accuracy"
+
+        drop = _points if accuracy else _general
+
+        unit = "points of accuracy" if accuracy else sens["metric"]
+        baseline = _pct(sens["baseline"]) if accuracy else f"{sens['baseline']:.4g}"
+        layers = a["layers"]
+        params = {c["name"]: c["params"] for c in sens["layers"]}
+        pruned = sum(v["pruned"] for v in layers.values())
+        total = sum(params[n] for n in layers)
+        met = "met exactly" if pruned == a["target_pruned"] else f"**missed** ({a['target_pruned']:,} wanted)"
+        grid = [f"{s:.0%}" for s in sens["sparsities"]]
+        rows = [
+            [
+                c["name"],
+                f"{c['params']:,}",
+                *(drop(d) for d in c["drops"]),
+                _pct(layers[c["name"]]["sparsity"]),
+                f"{layers[c['name']]['pruned']:,}",
+                drop(layers[c["name"]]["predicted_drop"]),
+            ]
+            for c in sens["layers"]
+            if c["name"] in layers
+        ]
+        header = ["layer", "weights", *(f"drop at {g}" for g in grid), "chosen", "pruned", "predicted drop"]
+        lines += [
+            f"## {allocation_heading(m, i)}",
+            "",
+            f"Each layer pruned alone ({sens['criterion']}, no fine-tuning) on {sens['samples']} validation "
+            f"samples, baseline {sens['metric']} {baseline}; "
+            f"drops in {unit}. Target {_pct(a['target'])} of these layers: {pruned:,} of {total:,} weights "
+            f"pruned ({met}), predicted drop {drop(a['predicted_drop_total'])} in all (the sum over layers).",
+            "",
+            *_table(header, rows),
+            "",
+        ]
+    return lines

@@ -292,6 +292,8 @@ def test_the_cli_writes_the_table_files_and_an_exact_allocation(artifact, tmp_pa
         (["--data", "mnist"], "--data must be digits or npz"),
         (["--criterion", "magnitud"], "did you mean 'magnitude'"),
         (["--target", "0.97"], "out of reach"),
+        (["--target", "1.5"], "--target must be in [0, 1), got 1.5"),
+        (["--metric", "acc"], "did you mean 'accuracy'"),
         (["--max-sparsity", "0.9"], "give --target too"),
     ],
 )
@@ -301,3 +303,12 @@ def test_the_cli_refuses_bad_options_in_one_line(artifact, tmp_path, monkeypatch
     )
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_cli_refuses_an_out_it_cannot_create_in_one_line(artifact, tmp_path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("x")
+    code, _, err = _main(
+        monkeypatch, capsys, str(artifact), "--batches", "1", "--out", str(tmp_path / "file" / "o")
+    )
+    assert code == 2 and "--out " in err and "cannot create the directory" in err, err
+    assert len(err.strip().splitlines()) == 1, err

@@ -12,6 +12,7 @@ import typer
 from prunekit.cli_analyze import analyze_app
 from prunekit.cli_export import parse_floats
 from prunekit.errors import PrunekitError
+from prunekit.spec import check_sparsity
 
 _GRID = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95"
 
@@ -61,6 +62,7 @@ def sensitivity(
     if max_sparsity is not None and target is None:
         raise PrunekitError("--max-sparsity caps the allocation: give --target too")
     if target is not None:  # the cheap checks before the analysis; the allocator checks the rest
+        check_sparsity(target, "--target")
         cap = sparsities[-1] if max_sparsity is None else max_sparsity
         if not 0 <= target <= cap:
             raise PrunekitError(
@@ -76,6 +78,11 @@ def sensitivity(
 
     if make_criterion(criterion).needs in ("gradients", "activations"):
         calibration = [b for _, b in zip(range(calibration_batches), splits.loader("train", batch_size))]
+    sens.make_metric(metric)
+    try:  # before the analysis, which takes minutes: an --out that cannot be made fails at once
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PrunekitError(f"--out {out}: cannot create the directory: {exc.strerror or exc}") from None
     result = sens.sensitivity_analysis(
         model,
         splits.loader("val", batch_size),
@@ -94,7 +101,6 @@ def sensitivity(
         plan = sensitivity_allocation(
             result.curves(), result.params(), target, max_sparsity=max_sparsity, min_sparsity=already
         )
-    out.mkdir(parents=True, exist_ok=True)
     sens.write_json(result, out / "sensitivity.json")
     sens.write_csv(result, out / "sensitivity.csv")
     sens.write_heatmap(result, out / "sensitivity.png", plan.sparsity if plan else None)

@@ -54,6 +54,9 @@ def test_check_errors_name_what_is_wrong():
         class_drops([0.9], [0.9], threshold_points=-1)
     with pytest.raises(PrunekitError, match="no evaluated model"):
         check_metrics({"recipe_name": "x"})
+    only_dense = {"dense": held_accuracy_metrics()["dense"]}
+    with pytest.raises(PrunekitError, match=">= 0 points"):  # also with nothing to compare
+        check_metrics(only_dense, threshold_points=-1)
     with pytest.raises(PrunekitError, match="reference 'nope' is not an evaluated label"):
         check_metrics(held_accuracy_metrics(), reference="nope")
 
@@ -84,6 +87,14 @@ def test_analyze_classes_warns_and_exits_3_only_with_strict(tmp_path, monkeypatc
     assert code == 0 and err == "" and "ok: no class lost more than 6 points" in out
     code, out, err = call_main(monkeypatch, capsys, "analyze", "classes", str(path), "--json")
     assert code == 0 and json.loads(out) == check_metrics(held_accuracy_metrics())
+
+
+def test_analyze_classes_with_one_evaluated_model_says_nothing_was_checked(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps({"dense": held_accuracy_metrics()["dense"]}))
+    code, out, err = call_main(monkeypatch, capsys, "analyze", "classes", str(path), "--strict")
+    assert code == 0 and err == "" and "ok:" not in out
+    assert "nothing to check: dense is the only evaluated model" in out
 
 
 def test_analyze_classes_rejects_what_is_not_a_run_metrics_file(tmp_path, monkeypatch, capsys):

@@ -88,7 +88,9 @@ def classes(
             typer.echo(
                 f"{c:>5} {'-' if support[c] is None else support[c]:>7} {ref_cell:>{w}} " + " ".join(cells)
             )
-        if not check["failed"]:
+        if not labels:  # not an "ok": nothing was checked
+            typer.echo(f"nothing to check: {ref} is the only evaluated model in {metrics_json}")
+        elif not check["failed"]:
             typer.echo(f"ok: no class lost more than {threshold:g} points of recall against {ref}")
     for line in warning_lines(check):
         typer.echo(line, err=True)

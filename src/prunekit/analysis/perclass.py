@@ -16,6 +16,11 @@ DEFAULT_THRESHOLD_POINTS = 2.0
 STRICT_EXIT_CODE = 3  # `--strict` exit status when a class lost too much (2 is a usage error, 1 a crash)
 
 
+def _check_threshold(threshold_points: float) -> None:
+    if not threshold_points >= 0:
+        raise PrunekitError(f"the per-class threshold must be >= 0 points, got {threshold_points}")
+
+
 def class_drops(
     reference: Sequence[float | None],
     candidate: Sequence[float | None],
@@ -28,8 +33,7 @@ def class_drops(
     A class with no test inputs (recall None on either side) cannot be judged and is skipped. Losses are
     rounded to 1e-9 points before comparing, so 0.90 -> 0.88 is exactly 2 points, not 2.0000000000000018.
     """
-    if not threshold_points >= 0:
-        raise PrunekitError(f"the per-class threshold must be >= 0 points, got {threshold_points}")
+    _check_threshold(threshold_points)
     if len(reference) != len(candidate):
         raise PrunekitError(
             f"per-class recall lists differ in length: {len(reference)} classes vs {len(candidate)}"
@@ -57,6 +61,7 @@ def check_metrics(
 ) -> dict[str, Any]:
     """Every evaluated label after ``reference`` (default: the first, the dense baseline) checked against
     it: ``{"reference", "threshold_points", "labels": {label: [offending classes]}, "failed"}``."""
+    _check_threshold(threshold_points)  # also when there is nothing to compare
     labels = evaluated_labels(metrics)
     if not labels:
         raise PrunekitError("the metrics hold no evaluated model (no entry with per_class_recall)")

@@ -506,6 +506,10 @@ def test_cli_session(tmp_path, monkeypatch, capsys):
     assert code == 2 and err.count("\n") == 1 and "did you mean 'tiny-run/pruned'" in err
     code, _, err = cli("add", str(run / "dense.safetensors"))
     assert code == 2 and "--name is needed" in err
+    code, _, err = cli("add", str(run / "nope.safetensors"), "--name", "x")
+    assert code == 2 and err.count("\n") == 1 and "nope.safetensors: no such file or directory" in err
+    code, _, err = cli("add", str(tmp_path / "no-run"))  # a mistyped run directory: not "--name is needed"
+    assert code == 2 and err.count("\n") == 1 and "no-run: no such file or directory" in err
 
 
 TINY_RECIPE = """\

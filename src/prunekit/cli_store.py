@@ -84,6 +84,9 @@ def add(
     note: str = typer.Option(None, "--note", help="Files only: a free-text note kept in the manifest."),
 ) -> None:
     """Store a run's exports (dense first, each later one the child of the one before) or some files."""
+    missing = [str(p) for p in sources if not p.exists()]
+    if missing:  # before guessing files vs run directory (a mistyped run dir is not "--name is needed")
+        raise PrunekitError(f"{', '.join(missing)}: no such file or directory")
     s = _open(store)
     before = {e.hash for e in s.list()} if s.exists() else set()
     if len(sources) == 1 and sources[0].is_dir():

@@ -20,11 +20,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 from prunekit.artifact import load_artifact, plain_state_dict, save_artifact
-from prunekit.cli import main
 from prunekit.errors import PrunekitError
 from prunekit.masking import apply_masks
 from prunekit.store import Store
 from prunekit.store.manifest import manifest_hash
+from test_cli import call_main
 
 
 def tiny_model(seed: int = 0) -> nn.Module:
@@ -36,15 +36,6 @@ def write_bytes(path: Path, size: int, seed: int) -> Path:
     path.write_bytes(torch.randint(0, 256, (size,), generator=torch.Generator().manual_seed(seed)).to(
         torch.uint8).numpy().tobytes())  # fmt: skip
     return path
-
-
-def call_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["prunekit", *args])
-    with pytest.raises(SystemExit) as info:
-        main()
-    captured = capsys.readouterr()
-    code = info.value.code
-    return (0 if code is None else code), captured.out, captured.err
 
 
 # -- a fake `prunekit run` output directory: real artifacts, metrics.json shaped like the pipeline's ----

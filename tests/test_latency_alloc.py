@@ -178,7 +178,7 @@ def test_builtin_latency_recipe_is_the_structured_one_with_a_latency_stage():
     assert [s["type"] for s in latency["stages"]] == [s["type"] for s in uniform["stages"]]
     assert latency["model"] == uniform["model"] and latency["data"] == uniform["data"]
     stage = recipe.load_builtin("edge-digits-latency").stages[3]
-    assert stage.allocation == "latency" and stage.target_latency == 0.75 and stage.ratio is None
+    assert stage.allocation == "latency" and stage.target_latency == 0.8 and stage.ratio is None
 
 
 def test_pipeline_records_the_allocation(tmp_path):

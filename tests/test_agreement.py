@@ -200,3 +200,14 @@ def test_analyze_agreement_cli_compares_two_artifacts_on_the_digits_test_split(t
     code, _, err = call_main(monkeypatch, capsys, *args, "--sigmas", "0,x")
     assert code == 2
     assert_one_line_error(err, "--sigmas takes comma-separated numbers")
+    import numpy as np
+
+    flat, twelve = tmp_path / "flat.npz", tmp_path / "twelve.npz"
+    rng = np.random.default_rng(0)
+    np.savez(flat, x=rng.random((60, 5), dtype=np.float32), y=np.arange(60) % 3)
+    np.savez(twelve, x=rng.random((120, 1, 8, 8), dtype=np.float32), y=np.arange(120) % 12)
+    for path, needle in ((flat, "does not take the data's samples of shape (5,)"), (twelve, "(batch, 12)")):
+        code, _, err = call_main(monkeypatch, capsys, *args, "--data", "npz", "--data-path", str(path))
+        assert code == 2  # data the models were not made for: one line, not a torch traceback
+        assert_one_line_error(err, needle)
+        assert "DENSE " in err

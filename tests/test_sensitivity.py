@@ -305,6 +305,27 @@ def test_the_cli_refuses_bad_options_in_one_line(artifact, tmp_path, monkeypatch
     assert not (tmp_path / "o").exists()
 
 
+def test_the_cli_refuses_data_the_model_was_not_made_for(artifact, tmp_path, monkeypatch, capsys):
+    import numpy as np
+
+    path = tmp_path / "twelve.npz"  # 12 classes; the model has 10 outputs
+    x = np.random.default_rng(0).random((120, 1, 8, 8), dtype=np.float32)
+    np.savez(path, x=x, y=np.arange(120) % 12)
+    code, _, err = _main(
+        monkeypatch,
+        capsys,
+        str(artifact),
+        "--data",
+        "npz",
+        "--data-path",
+        str(path),
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert code == 2 and "one logit per class, shape (batch, 12)" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
 def test_the_cli_refuses_an_out_it_cannot_create_in_one_line(artifact, tmp_path, monkeypatch, capsys):
     (tmp_path / "file").write_text("x")
     code, _, err = _main(

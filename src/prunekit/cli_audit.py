@@ -130,11 +130,14 @@ def agreement(
     from prunekit.analysis.agreement import agreement_report
     from prunekit.artifact import load_artifact
     from prunekit.data import load_splits
+    from prunekit.data.arrays import check_model_fits
 
     noise = _floats(sigmas, "--sigmas")
     reference, _ = load_artifact(dense, masked=False)
     candidate, _ = load_artifact(pruned, masked=False)
     splits = load_splits(data, data_path, val_fraction, test_fraction, seed=seed)
+    check_model_fits(reference, splits, f"DENSE {dense}")
+    check_model_fits(candidate, splits, f"PRUNED {pruned}")
     result = agreement_report(
         reference, candidate, splits.loader("test", 256), splits.num_classes, noise, not no_shifts, seed
     )

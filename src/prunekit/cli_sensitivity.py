@@ -44,6 +44,7 @@ def sensitivity(
     from prunekit.analysis import sensitivity as sens
     from prunekit.artifact import load_artifact
     from prunekit.data import load_splits
+    from prunekit.data.arrays import check_model_fits
     from prunekit.files import atomic_write_json
     from prunekit.masking import get_masks
 
@@ -73,6 +74,7 @@ def sensitivity(
         raise PrunekitError(f"ARTIFACT {artifact}: no such file")
     model, _ = load_artifact(artifact, masked=True)  # earlier pruning counts: masks only shrink
     splits = load_splits(data, data_path, val_fraction, test_fraction, seed=seed)
+    check_model_fits(model, splits, f"ARTIFACT {artifact}")
     calibration = None
     from prunekit.criteria.base import make_criterion
 

@@ -90,3 +90,27 @@ def load_splits(
         return TensorDataset(torch.from_numpy(x[ids]), torch.from_numpy(y[ids]))
 
     return Splits(part(train_idx), part(val_idx), part(test_idx), int(y.max()) + 1, tuple(x.shape[1:]))
+
+
+def check_model_fits(model: torch.nn.Module, splits: Splits, what: str) -> None:
+    """One line naming ``what`` (e.g. an artifact) when ``model`` does not take the splits' samples or does
+    not return one logit per class: a classifier for other data fails here, not deep inside torch."""
+    example = splits.test[0][0].unsqueeze(0)
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            logits = model.eval()(example)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PrunekitError(
+            f"{what}: the model does not take the data's samples of shape {tuple(example.shape[1:])}: {first}"
+        ) from None
+    finally:
+        model.train(was_training)
+    n = splits.num_classes
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (1, n):
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise PrunekitError(
+            f"{what}: the model must return one logit per class, shape (batch, {n}) for the data's {n} "
+            f"classes; got {shape}"
+        )

@@ -335,26 +335,9 @@ class Run:
                 raise PrunekitError(f"recipe {self.recipe.name}: stages[{i}]: {exc}") from None
 
     def _check_data(self) -> None:
-        example = self.data.train[0][0].unsqueeze(0)
-        was_training = self.model.training
-        try:
-            with torch.no_grad():
-                logits = self.model.eval()(example)
-        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise PrunekitError(
-                f"recipe {self.recipe.name}: the model does not take the data's samples of shape "
-                f"{tuple(example.shape[1:])}: {first}"
-            ) from None
-        finally:
-            self.model.train(was_training)
-        if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (1, self.data.num_classes):
-            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-            n = self.data.num_classes
-            raise PrunekitError(
-                f"recipe {self.recipe.name}: the model must return one logit per class, shape "
-                f"(batch, {n}) for the data's {n} classes; got {shape}"
-            )
+        from prunekit.data.arrays import check_model_fits
+
+        check_model_fits(self.model, self.data, f"recipe {self.recipe.name}")
 
     def prune(self, stage: PruneStage) -> None:
         pending, self.pending = self.pending, None  # resuming inside this stage: rounds done, training

@@ -21,19 +21,33 @@ def _grid(text: str) -> list[float]:
 
 @analyze_app.command("sweep")
 def sweep(
-    artifact: Path = typer.Argument(..., help="A prunekit artifact (.safetensors) of a classifier."),
-    out: Path = typer.Option(..., "--out", help="Directory for sweep.png, sweep.csv and sweep.json."),
-    methods: str = typer.Option(
-        "magnitude,random,wanda,2:4",
-        help="Comma-separated: criteria (magnitude, random, wanda, taylor, "
-        "obd), N:M patterns (2:4), channels (structured).",
+    artifact: Path = typer.Argument(
+        ...,
+        help="A prunekit artifact (.safetensors) of a classifier; with --llm a local HF directory or .gguf.",
     ),
-    grid: str = typer.Option("0.5,0.7,0.8,0.9,0.95", help="Comma-separated sparsities in (0, 1)."),
-    data: str = typer.Option("digits", help="digits or npz."),
+    out: Path = typer.Option(..., "--out", help="Directory for sweep.png, sweep.csv and sweep.json."),
+    methods: str | None = typer.Option(
+        None,
+        help="Comma-separated: criteria (magnitude, random, wanda, taylor, "
+        "obd), N:M patterns (2:4), channels (structured) [default: magnitude,random,wanda,2:4]. "
+        "With --llm: magnitude, wanda, sparsegpt, N:M (magnitude) or METHOD:N:M "
+        "[default: magnitude,wanda,sparsegpt,2:4].",
+    ),
+    grid: str | None = typer.Option(
+        None, help="Comma-separated sparsities in (0, 1) [default: 0.5,0.7,0.8,0.9,0.95; --llm 0.3,0.5,0.7]."
+    ),
+    llm: bool = typer.Option(False, "--llm", help="ARTIFACT is a causal language model: sweep perplexity."),
+    calib_file: Path | None = typer.Option(None, help="--llm: calibration text (default: pydoc topics)."),
+    eval_file: Path | None = typer.Option(None, help="--llm: evaluation text (default: held-out pydoc)."),
+    seqlen: int = typer.Option(256, help="--llm: tokens per calibration / evaluation / timed window."),
+    calib_samples: int = typer.Option(32, help="--llm: calibration windows (wanda, sparsegpt)."),
+    data: str | None = typer.Option(None, help="digits or npz [default: digits]; not with --llm."),
     data_path: Path | None = typer.Option(None, "--data-path", help="For --data npz: file with arrays x, y."),
     finetune_epochs: int = typer.Option(0, help="Fine-tune each pruned copy this many epochs (masks kept)."),
     lr: float = typer.Option(0.01, help="Fine-tuning learning rate."),
-    latency_runs: int = typer.Option(100, help="Timed batch-1 calls per model (interleaved with dense)."),
+    latency_runs: int | None = typer.Option(
+        None, help="Timed batch-1 calls per model, interleaved with dense [default: 100; --llm 20]."
+    ),
     compile: bool = typer.Option(False, "--compile", help="Also time prunekit.runtime.compile'd models."),  # noqa: A002
     round_to: int = typer.Option(8, help="channels: kept counts rounded to this multiple."),
     threads: int = typer.Option(1, help="torch threads for fine-tuning and timing."),
@@ -46,6 +60,18 @@ def sweep(
     from prunekit.artifact import load_artifact
     from prunekit.data import load_splits
 
+    if llm:
+        _check_llm_flags(data, data_path, finetune_epochs, compile)
+        return _llm_sweep(artifact, out, methods, grid, calib_file, eval_file, seqlen, calib_samples,
+                          latency_runs, threads, seed)  # fmt: skip
+    given = {"--calib-file": calib_file, "--eval-file": eval_file}
+    for flag, value in given.items():
+        if value is not None:
+            raise PrunekitError(f"{flag} is for language models: add --llm")
+    data = data or "digits"
+    latency_runs = 100 if latency_runs is None else latency_runs
+    methods = methods or "magnitude,random,wanda,2:4"
+    grid = grid or "0.5,0.7,0.8,0.9,0.95"
     if data not in ("digits", "npz"):
         raise PrunekitError(f"--data must be digits or npz, got {data!r}")
     if data == "npz" and data_path is None:
@@ -84,4 +110,60 @@ def sweep(
     paths = write_sweep(result, out)
     typer.echo(f"Pareto front (accuracy vs latency): {', '.join(result['pareto']['latency'])}")
     typer.echo(f"Pareto front (accuracy vs size): {', '.join(result['pareto']['size'])}")
+    typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def _check_llm_flags(data, data_path, finetune_epochs, compile_too) -> None:  # noqa: ANN001
+    if data is not None or data_path is not None:
+        raise PrunekitError("--data/--data-path are for classifiers; --llm evaluates on --eval-file text")
+    if finetune_epochs:
+        raise PrunekitError("--finetune-epochs is for classifiers; the --llm sweep is one-shot")
+    if compile_too:
+        raise PrunekitError("--compile is for classifiers; the --llm sweep times the model as loaded")
+
+
+def _llm_sweep(model, out, methods, grid, calib_file, eval_file, seqlen, calib_samples, runs, threads, seed):  # noqa: ANN001
+    import torch
+
+    from prunekit.analysis.sweep import write_sweep
+    from prunekit.analysis.sweep_llm import (
+        DEFAULT_GRID,
+        DEFAULT_METHODS,
+        parse_llm_methods,
+        run_llm_sweep_from_path,
+    )
+    from prunekit.llm.job import TextSettings
+
+    runs = 20 if runs is None else runs
+    if runs < 1 or threads < 1:
+        raise PrunekitError("--latency-runs and --threads must be >= 1")
+    if seqlen < 2 or calib_samples < 1:
+        raise PrunekitError(
+            f"--seqlen must be >= 2 and --calib-samples >= 1, got {seqlen} and {calib_samples}"
+        )
+    chosen = parse_llm_methods(methods or DEFAULT_METHODS)
+    sparsities = _grid(grid) if grid else list(DEFAULT_GRID)
+    text = TextSettings(
+        calib_samples, seqlen, calib_file and str(calib_file), eval_file and str(eval_file), seed
+    )
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        result = run_llm_sweep_from_path(
+            str(model),
+            chosen,
+            sparsities,
+            text,
+            latency_runs=runs,
+            on_point=lambda p, _model: typer.echo(
+                f"{p['method']:>13} @ {p['sparsity']:.3f}: perplexity {p['perplexity']:.3f}, "
+                f"{p['size_bytes']:,} B (dense {p['dense_size_bytes']:,} B), "
+                f"p50 {p['latency_p50_ms']:.2f} ms ({p['latency_ratio']:.2f}x dense)"
+            ),
+        )
+    finally:
+        torch.set_num_threads(before)
+    paths = write_sweep(result, out)
+    typer.echo(f"Pareto front (perplexity vs latency): {', '.join(result['pareto']['latency'])}")
+    typer.echo(f"Pareto front (perplexity vs size): {', '.join(result['pareto']['size'])}")
     typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -55,10 +55,13 @@ COLUMNS = (
 )
 
 
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+def pareto_front(points: Sequence[tuple[float, float]], higher_is_better: bool = True) -> list[int]:
     """Indices of the points no other point dominates, for ``(cost, value)`` pairs where lower cost and
-    higher value are better, ordered by cost. A point is dominated by one with cost <= and value >= and
-    at least one strictly better; of exact duplicates the first is kept."""
+    higher value (lower with ``higher_is_better=False``, e.g. perplexity) are better, ordered by cost. A
+    point is dominated by one with cost <= and a value at least as good and at least one strictly better;
+    of exact duplicates the first is kept."""
+    if not higher_is_better:
+        points = [(cost, -value) for cost, value in points]
     order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1], i))
     front, best = [], float("-inf")
     for i in order:
@@ -264,12 +267,7 @@ def run_sweep(
     rows = [asdict(p) for p in points]
     return {
         "points": rows,
-        "pareto": {
-            "latency": [
-                rows[i]["method"] + f"@{rows[i]['sparsity']:g}" for i in _front(rows, "latency_ratio")
-            ],
-            "size": [rows[i]["method"] + f"@{rows[i]['sparsity']:g}" for i in _front(rows, "size_bytes")],
-        },
+        "pareto": pareto_names({"points": rows}),
         "grid": grid,
         "finetune_epochs": finetune_epochs,
         "latency_runs": latency_runs,
@@ -278,25 +276,43 @@ def run_sweep(
     }
 
 
-def _front(rows: Sequence[dict], cost: str) -> list[int]:
-    return pareto_front([(r[cost], r["accuracy"]) for r in rows])
+def _front(rows: Sequence[dict], cost: str, metric: str = "accuracy", higher: bool = True) -> list[int]:
+    return pareto_front([(r[cost], r[metric]) for r in rows], higher)
+
+
+def metric_of(result: dict[str, Any]) -> tuple[str, bool]:
+    """The quality column of a sweep result and whether higher is better (classifier sweeps: accuracy)."""
+    return result.get("metric", "accuracy"), result.get("higher_is_better", True)
+
+
+def pareto_names(result: dict[str, Any]) -> dict[str, list[str]]:
+    """``{"latency": [...], "size": [...]}``: the front's points as ``method@sparsity``."""
+    rows = result["points"]
+    metric, higher = metric_of(result)
+    return {
+        name: [rows[i]["method"] + f"@{rows[i]['sparsity']:g}" for i in _front(rows, cost, metric, higher)]
+        for name, cost in (("latency", "latency_ratio"), ("size", "size_bytes"))
+    }
 
 
 def to_csv(result: dict[str, Any]) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    columns = result.get("columns", COLUMNS)
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in result["points"]:
-        writer.writerow({k: "" if row[k] is None else row[k] for k in COLUMNS})
+        writer.writerow({k: "" if row[k] is None else row[k] for k in columns})
     return buf.getvalue()
 
 
 def plot_png(result: dict[str, Any]) -> bytes:
-    """Accuracy against sparsity, latency p50 and compressed size, one panel each, Pareto fronts marked."""
+    """The quality metric (accuracy, or perplexity for language models) against sparsity, latency p50 and
+    compressed size, one panel each, Pareto fronts marked."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     rows = result["points"]
+    metric, higher = metric_of(result)
     fig = Figure(figsize=(15, 4.6), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3)
@@ -312,12 +328,12 @@ def plot_png(result: dict[str, Any]) -> bytes:
         for m in methods:
             mine = sorted((r for r in rows if r["method"] == m), key=lambda r: r["sparsity"])
             xs = [r[key] * scale for r in mine]
-            ax.plot(xs, [r["accuracy"] for r in mine], "o-", color=colors[m], label=m, ms=5)
+            ax.plot(xs, [r[metric] for r in mine], "o-", color=colors[m], label=m, ms=5)
         if front_key:
-            idx = _front(rows, front_key)
+            idx = _front(rows, front_key, metric, higher)
             ax.step(
                 [rows[i][key] * scale for i in idx],
-                [rows[i]["accuracy"] for i in idx],
+                [rows[i][metric] for i in idx],
                 where="post",
                 color="black",
                 lw=1,
@@ -326,18 +342,21 @@ def plot_png(result: dict[str, Any]) -> bytes:
             )
             ax.scatter(
                 [rows[i][key] * scale for i in idx],
-                [rows[i]["accuracy"] for i in idx],
+                [rows[i][metric] for i in idx],
                 s=110,
                 facecolors="none",
                 edgecolors="black",
                 zorder=3,
             )
         ax.set_xlabel(label)
-        ax.set_ylabel("test accuracy")
+        ax.set_ylabel(result.get("metric_label", "test accuracy"))
+        if metric == "perplexity":
+            ax.set_yscale("log")  # pruned perplexities span orders of magnitude
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     axes[1].legend(fontsize=8)
-    extra = f", {result['finetune_epochs']} fine-tune epoch(s)" if result["finetune_epochs"] else ", one-shot"
+    epochs = result.get("finetune_epochs", 0)
+    extra = f", {epochs} fine-tune epoch(s)" if epochs else ", one-shot"
     fig.suptitle(f"prunekit sweep ({result['threads']} thread(s){extra})")
     fig.tight_layout()
     buf = io.BytesIO()

@@ -318,13 +318,15 @@ def plot_png(result: dict[str, Any]) -> bytes:
     axes = fig.subplots(1, 3)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     colors = {m: f"C{i}" for i, m in enumerate(methods)}
+    mib = max(r["size_bytes"] for r in rows) > 64 << 20  # language models: MiB, not hundreds of thousands
+    unit, size_scale = ("MiB", 1 / (1 << 20)) if mib else ("KiB", 1 / 1024)
     panels = (
         ("sparsity", "sparsity", None),
         ("latency_ratio", "latency p50 / dense p50 (batch 1, interleaved pairs)", "latency_ratio"),
-        ("size_bytes", "compressed size (KiB)", "size_bytes"),
+        ("size_bytes", f"compressed size ({unit})", "size_bytes"),
     )
     for ax, (key, label, front_key) in zip(axes, panels):
-        scale = 1 / 1024 if key == "size_bytes" else 1.0
+        scale = size_scale if key == "size_bytes" else 1.0
         for m in methods:
             mine = sorted((r for r in rows if r["method"] == m), key=lambda r: r["sparsity"])
             xs = [r[key] * scale for r in mine]

@@ -6,8 +6,6 @@ from __future__ import annotations
 from prunekit.artifact import save_artifact
 from prunekit.masking import get_masks
 from prunekit.recipe import ExportStage, QuantizeStage
-from prunekit.recovery import train
-from prunekit.stages.train import _train_cfg
 
 
 class OutputStages:
@@ -27,15 +25,7 @@ class OutputStages:
         self._keep_teacher()
         if stage.qat is not None:
             prepare_qat(self.model, activations=stage.activations, calibration=calib, **select)
-            with self.ctx.wrap(self.model) as model:
-                train(
-                    model,
-                    self.loader("train", shuffle=True),
-                    _train_cfg(stage.qat),
-                    progress=self.progress,
-                    desc="quantization-aware fine-tuning",
-                    distill=self._distill(stage.qat),
-                )
+            self._fit(stage.qat, "quantization-aware fine-tuning")
             result = convert_qat(self.model, example=example)
         else:
             result = quantize(

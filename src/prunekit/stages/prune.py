@@ -12,10 +12,8 @@ from tqdm.auto import tqdm
 from prunekit import checkpoint as ckpt
 from prunekit.masking import get_masks
 from prunekit.recipe import PruneStage
-from prunekit.recovery import train
 from prunekit.sparsifier import Sparsifier
 from prunekit.spec import NM
-from prunekit.stages.train import _train_cfg
 from prunekit.targets import Targets, left_dense
 
 log = logging.getLogger("prunekit.pipeline")  # the run's messages keep the logger they always had
@@ -110,18 +108,13 @@ class PruneStages:
         if sparsifier.criterion.needs == "gates":
             self._learn_masks(stage, sparsifier)
         elif stage.schedule.type == "agp":
-            with self.ctx.wrap(self.model) as model:
-                train(
-                    model,
-                    self.loader("train", shuffle=True),
-                    _train_cfg(stage.finetune),
-                    sparsifier=sparsifier,
-                    calibration=calib,
-                    progress=self.progress,
-                    desc="prune (agp)",
-                    distill=self._distill(stage.finetune),
-                    **self._recovery(0, sparsifier),
-                )
+            self._fit(
+                stage.finetune,
+                "prune (agp)",
+                sparsifier=sparsifier,
+                calibration=calib,
+                **self._recovery(0, sparsifier),
+            )
             self._round()
         else:
             targets_seq = (
@@ -140,17 +133,12 @@ class PruneStages:
                 if not (pruned_first and i == first):
                     sparsifier.prune(sparsity, batches=calib, loss_fn=loss_fn)
                 if stage.finetune is not None:
-                    with self.ctx.wrap(self.model) as model:
-                        train(
-                            model,
-                            self.loader("train", shuffle=True),
-                            _train_cfg(stage.finetune),
-                            sparsifier=sparsifier,
-                            progress=self.progress,
-                            desc=f"fine-tune round {i}/{len(targets_seq)}",
-                            distill=self._distill(stage.finetune),
-                            **self._recovery(i - 1, sparsifier),
-                        )
+                    self._fit(
+                        stage.finetune,
+                        f"fine-tune round {i}/{len(targets_seq)}",
+                        sparsifier=sparsifier,
+                        **self._recovery(i - 1, sparsifier),
+                    )
                 self._round()
                 bar.update(1)
                 if i < len(targets_seq):  # the last round is followed by the stage's checkpoint
@@ -177,18 +165,13 @@ class PruneStages:
         penalty added to the loss, the gates' own Adam), then become exact masks at the stage's sparsity.
         Not checkpointed inside that training (a resume reruns the stage)."""
         gates = sparsifier.criterion
-        with self.ctx.wrap(self.model) as model:
-            train(
-                model,
-                self.loader("train", shuffle=True),
-                _train_cfg(stage.finetune),
-                sparsifier=sparsifier,
-                progress=self.progress,
-                desc="prune (l0 gates)",
-                distill=self._distill(stage.finetune),
-                extra_optimizer=gates.optimizer(),
-                extra_loss=gates.penalty,
-            )
+        self._fit(
+            stage.finetune,
+            "prune (l0 gates)",
+            sparsifier=sparsifier,
+            extra_optimizer=gates.optimizer(),
+            extra_loss=gates.penalty,
+        )
         log.info("l0: expected density %.4f before the exact masks", gates.expected_density()["*"])
         gates.finish(self.model)
         self._round()

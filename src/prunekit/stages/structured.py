@@ -11,8 +11,6 @@ from torch import nn
 
 from prunekit.errors import PrunekitError
 from prunekit.recipe import StructuredStage
-from prunekit.recovery import train
-from prunekit.stages.train import _train_cfg
 
 log = logging.getLogger("prunekit.pipeline")  # the run's messages keep the logger they always had
 
@@ -55,15 +53,10 @@ class StructuredStages:
             result.max_abs_diff,
         )
         if stage.finetune is not None:
-            with self.ctx.wrap(self.model) as model:
-                train(
-                    model,
-                    self.loader("train", shuffle=True),
-                    _train_cfg(stage.finetune),
-                    progress=self.progress,
-                    desc="fine-tune (structured)",
-                    distill=self._distill(stage.finetune),
-                )
+            self._fit(
+                stage.finetune,
+                "fine-tune (structured)",
+            )
 
     def _structured_for_latency(self, stage: StructuredStage, example, calibration):
         """Per-group ratios meeting ``target_latency`` at batch 1 (the latency the evaluate stages time),

@@ -43,17 +43,22 @@ class TrainStages:
 
         return {"resume": resume, "on_step": on_step, "on_epoch": on_epoch}
 
-    def train(self, stage: TrainStage | FinetuneStage) -> None:
+    def _fit(self, cfg: Optim, desc: str, **kwargs: Any) -> None:
+        """Every training of a run: the model (DDP-wrapped under torchrun) on the shuffled training split
+        with ``cfg``'s optimizer settings, distilling when ``cfg`` asks for it; ``kwargs`` go to train()."""
         with self.ctx.wrap(self.model) as model:
             train(
                 model,
                 self.loader("train", shuffle=True),
-                _train_cfg(stage),
+                _train_cfg(cfg),
                 progress=self.progress,
-                desc=stage.type,
-                distill=self._distill(stage),
-                **self._recovery(0),
+                desc=desc,
+                distill=self._distill(cfg),
+                **kwargs,
             )
+
+    def train(self, stage: TrainStage | FinetuneStage) -> None:
+        self._fit(stage, stage.type, **self._recovery(0))
 
     # -- distillation (prunekit.recovery.distill) --------------------------------------------------------
     def _keep_teacher(self) -> None:

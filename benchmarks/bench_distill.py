@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from prunekit import recipe
-from prunekit.pipeline import run_recipe
+from prunekit.jobs import recipe
+from prunekit.jobs.run import run_recipe
 
 MODEL = {"builtin": "resnet-digits", "args": {"widths": [16, 32, 64], "blocks": 2}}
 

@@ -9,7 +9,7 @@ as prunekit's default targets say), then timed in one interleaved run (MEASURING
     dense            the original float32 model
     pruned           zeros in place, run through the same dense kernels
     compiled         prunekit.runtime.compile(pruned): sparse kernels where measured faster, per layer
-    int8             pruned + prunekit.quantize.quantize_model (dynamic activations), reference kernels
+    int8             pruned + prunekit.quant.layers.quantize_model (dynamic activations), reference kernels
     compiled-int8    prunekit.runtime.compile(int8)
 
 Printed per model and thread count: p50/p99 ms, p50 ratio against dense, how many layers compile put on
@@ -32,7 +32,7 @@ import torch
 from prunekit import runtime
 from prunekit.analysis import compare_latency
 from prunekit.masking import squash
-from prunekit.quantize import quantize_model
+from prunekit.quant.layers import quantize_model
 from prunekit.sparsifier import Sparsifier
 
 

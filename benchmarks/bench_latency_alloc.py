@@ -19,10 +19,10 @@ import time
 
 import torch
 
+from prunekit.allocate.latency import closed_loop, measure_tables, resolve_budget
 from prunekit.analysis import count_macs
 from prunekit.models import SmallResNet
 from prunekit.structured import prune_model
-from prunekit.structured.latency import closed_loop, measure_tables, resolve_budget
 
 
 def bench(label: str, model, example, timing, targets, runs: int, grid, passes: int) -> None:

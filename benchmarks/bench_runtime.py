@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import prunekit.runtime as rt  # noqa: E402
-from prunekit.quantize import QuantizedLinear  # noqa: E402
+from prunekit.quant.layers import QuantizedLinear  # noqa: E402
 from prunekit.runtime.compiler import _candidates  # noqa: E402
 
 SHAPES = [(768, 3072), (3072, 768), (4096, 4096)]  # (out, in)

@@ -17,7 +17,7 @@ import time
 import torch
 from torch import nn
 
-from prunekit.allocate import sensitivity_allocation
+from prunekit.allocate.sensitivity import sensitivity_allocation
 from prunekit.analysis import evaluate
 from prunekit.analysis.sensitivity import sensitivity_analysis
 from prunekit.artifact import load_artifact

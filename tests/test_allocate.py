@@ -10,7 +10,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from prunekit.allocate import (
+from prunekit.allocate.sensitivity import (
     erk_allocation,
     global_count,
     monotone_curve,

@@ -10,14 +10,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from prunekit import bench
 from prunekit.analysis.memory import current_rss_mb
 from prunekit.artifact import load_artifact, save_artifact
-from prunekit.cli import app
+from prunekit.cli.commands import app
 from prunekit.errors import PrunekitError
+from prunekit.jobs import bench
 from prunekit.masking import get_masks
 from prunekit.models import build_model
-from prunekit.quantize import quantize_model
+from prunekit.quant.layers import quantize_model
 from prunekit.sparsifier import Sparsifier
 
 ARGS = {"widths": [16, 32], "blocks": 1, "in_channels": 1, "num_classes": 10}

@@ -15,10 +15,10 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from prunekit import recipe
 from prunekit.artifact import inspect_artifact, read_artifact
-from prunekit.cli import app, main
-from prunekit.pipeline import run_recipe
+from prunekit.cli.commands import app, main
+from prunekit.jobs import recipe
+from prunekit.jobs.run import run_recipe
 
 TINY_RECIPE = """\
 name: tiny
@@ -65,7 +65,8 @@ def run(tmp_path_factory):
 
 
 def call_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """Run ``prunekit.cli.main`` (the console entry point) in process; returns (exit code, stdout, stderr)."""
+    """Run ``prunekit.cli.commands.main`` (the console entry point) in process; returns (exit code,
+    stdout, stderr)."""
     monkeypatch.setattr(sys, "argv", ["prunekit", *args])
     with pytest.raises(SystemExit) as info:
         main()
@@ -110,7 +111,7 @@ def test_recipes_show_prints_a_valid_recipe():
 
 
 def test_demo_runs_the_builtin_recipe(monkeypatch, tmp_path):
-    import prunekit.cli as cli
+    import prunekit.cli.commands as cli
 
     seen = {}
 
@@ -149,7 +150,7 @@ def test_run_writes_every_output(run):
     names = {p.name for p in out.iterdir()}
     reports = {n for n in names if n.startswith("report")}  # report.md, report.html and its charts
     assert {"report.md", "report.html"} <= reports
-    # no temp files; log.jsonl and checkpoint/ from prunekit.runlog and prunekit.checkpoint
+    # no temp files; log.jsonl and checkpoint/ from prunekit.jobs.runlog and prunekit.jobs.checkpoint
     assert names - reports == {
         "metrics.json",
         "log.jsonl",

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from prunekit.cli import app
+from prunekit.cli.commands import app
 from prunekit.compress import ArtifactCorrupted, load_compressed, read_header, save_compressed
 from prunekit.compress.container import dequantize, quantize_int8
 from prunekit.compress.encodings import (

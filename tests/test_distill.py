@@ -166,7 +166,7 @@ def _recipe(*stages: dict) -> dict:
 
 
 def test_recipe_distill_is_validated_strictly():
-    from prunekit import recipe
+    from prunekit.jobs import recipe
 
     prune = {"type": "prune", "pattern": 0.5, "finetune": {"epochs": 1, "lr": 0.01, "distill": {}}}
     got = recipe.from_dict(_recipe(prune)).stages[1].finetune.distill
@@ -186,8 +186,8 @@ def test_recipe_distill_is_validated_strictly():
 
 
 def test_a_recipe_feature_that_names_no_module_fails_before_any_training(tmp_path):
-    from prunekit import recipe
-    from prunekit.pipeline import run_recipe
+    from prunekit.jobs import recipe
+    from prunekit.jobs.run import run_recipe
 
     prune = {
         "type": "prune",
@@ -207,8 +207,8 @@ def test_a_resumed_run_keeps_its_teacher_and_ends_as_the_uninterrupted_one(tmp_p
     last) distills from the same dense teacher and ends bit-exact with the uninterrupted run."""
     import shutil
 
-    from prunekit import recipe
-    from prunekit.pipeline import run_recipe
+    from prunekit.jobs import recipe
+    from prunekit.jobs.run import run_recipe
 
     prune = {"type": "prune", "pattern": 0.5, "finetune": {"epochs": 1, "lr": 0.01, "distill": {}}}
     data = _recipe(

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from prunekit.runlog import read_log
+from prunekit.jobs.runlog import read_log
 from test_resume import TINY  # the same tiny digits recipe: dense training, 2 pruning rounds
 
 WORLD = 2
@@ -103,7 +103,7 @@ def test_each_rank_trains_on_its_own_shard(ddp_run):
     # in all (not 136): checkpoints every 10 steps -> 3 in the dense training, 1 after it, 3 inside the
     # rounds, 1 after round 1, 1 after the prune stage
     outs, _ = ddp_run
-    from prunekit import checkpoint as ckpt
+    from prunekit.jobs import checkpoint as ckpt
 
     state = ckpt.read(outs[0] / "checkpoint" / "last.safetensors")
     assert state["world_size"] == WORLD and state["run"]["global_step"] == 68

@@ -19,7 +19,7 @@ from prunekit.export.c import build, export_c
 from prunekit.export.c.budget import lifetimes, plan_arena
 from prunekit.export.c.fixedpoint import multiplier, rshift_round
 from prunekit.export.c.storage import choose, decode, encode, sizes
-from prunekit.ptq import quantize
+from prunekit.quant.ptq import quantize
 
 
 # -- fixed point --------------------------------------------------------------------------------------
@@ -228,7 +228,7 @@ def test_budget_sums_and_sparse_choice(residual):
 def test_recipe_refuses_a_c_export_of_a_float_model_before_training():
     import yaml
 
-    from prunekit import recipe
+    from prunekit.jobs import recipe
 
     text = """
 model: {builtin: resnet-digits}

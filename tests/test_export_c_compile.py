@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from prunekit.errors import PrunekitError
 from prunekit.export.c import arm_size, export_c, run_check
-from prunekit.ptq import quantize
+from prunekit.quant.ptq import quantize
 
 needs_gcc = pytest.mark.skipif(
     shutil.which("gcc") is None or shutil.which("make") is None,
@@ -215,7 +215,7 @@ def test_budget_matches_the_cortex_m4_object(allops, tmp_path):
 @needs_gcc
 def test_cli_exports_an_artifact(tmp_path):
     from prunekit.artifact import save_artifact
-    from prunekit.cli import app
+    from prunekit.cli.commands import app
     from prunekit.data import load_splits
     from prunekit.models import build_model
 
@@ -238,7 +238,7 @@ def test_cli_exports_an_artifact(tmp_path):
     # a float artifact is refused with the way to quantize it
     save_artifact(tmp_path / "f.safetensors", model, model_info={"name": "resnet-digits", "args": args})
     res = runner.invoke(app, ["export", "c", str(tmp_path / "f.safetensors"), "--out", str(tmp_path / "f")])
-    # (prunekit.cli.main turns a PrunekitError into `error: ...` and exit code 2)
+    # (prunekit.cli.commands.main turns a PrunekitError into `error: ...` and exit code 2)
     assert isinstance(res.exception, PrunekitError) and "classifier: true" in str(res.exception)
     assert not (tmp_path / "f").exists()
     res = runner.invoke(app, ["export", "c", str(artifact), "--out", str(out), "--ram-limit", "64"])
@@ -288,8 +288,8 @@ stages:
 def test_recipe_export_stage_writes_c_and_reports_dense_vs_pruned(tmp_path):
     import yaml
 
-    from prunekit import recipe
-    from prunekit.pipeline import run_recipe
+    from prunekit.jobs import recipe
+    from prunekit.jobs.run import run_recipe
 
     r = recipe.Recipe.model_validate(yaml.safe_load(RECIPE))
     m = run_recipe(r, tmp_path / "run", progress=False)
@@ -306,7 +306,7 @@ def test_recipe_export_stage_writes_c_and_reports_dense_vs_pruned(tmp_path):
 
 @needs_gcc
 def test_float_wrapper_quantizes_like_prunekit(allops, tmp_path):
-    """model_run_float (-DMODEL_FLOAT_API) rounds its input as prunekit.quantize does (half to even)."""
+    """model_run_float (-DMODEL_FLOAT_API) rounds its input as prunekit.quant.layers does (half to even)."""
     from prunekit.export.c import build
 
     q, x = allops

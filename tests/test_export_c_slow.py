@@ -15,7 +15,7 @@ from torch import nn
 from prunekit.data import load_splits
 from prunekit.export.c import export_c, run_check
 from prunekit.models import build_model
-from prunekit.ptq import quantize
+from prunekit.quant.ptq import quantize
 
 pytestmark = [
     pytest.mark.slow,

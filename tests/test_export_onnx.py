@@ -22,7 +22,7 @@ from onnx import numpy_helper  # noqa: E402
 
 from prunekit import Sparsifier  # noqa: E402
 from prunekit.artifact import save_artifact  # noqa: E402
-from prunekit.cli import app, main  # noqa: E402
+from prunekit.cli.commands import app, main  # noqa: E402
 from prunekit.errors import PrunekitError  # noqa: E402
 from prunekit.export import export_onnx  # noqa: E402
 from prunekit.masking import get_masks  # noqa: E402
@@ -193,7 +193,7 @@ def test_a_single_file_export_removes_the_side_file_of_an_earlier_one(tmp_path):
 
 
 def test_int8_model_is_refused_up_front_with_a_one_line_hint(tmp_path):
-    from prunekit.quantize import quantize_model
+    from prunekit.quant.layers import quantize_model
 
     model = quantize_model(tiny_resnet(), activations="dynamic")
     with pytest.raises(PrunekitError) as info:
@@ -354,7 +354,7 @@ def test_import_prunekit_does_not_import_onnx():
     import subprocess
 
     code = (
-        "import sys, prunekit, prunekit.export, prunekit.cli; "
+        "import sys, prunekit, prunekit.export, prunekit.cli.commands; "
         "print('onnx' in sys.modules, 'onnxruntime' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -418,7 +418,7 @@ def test_cli_exports_an_artifact_with_the_default_digits_shape(artifact, tmp_pat
 
 
 def test_cli_exports_a_structured_output_directory(tmp_path):
-    from prunekit.structured.run import run_structured
+    from prunekit.jobs.structured import run_structured
 
     torch.manual_seed(0)
     run_structured(
@@ -479,7 +479,7 @@ def test_cli_bad_options_exit_2(monkeypatch, capsys, artifact, tmp_path, args, m
 
 
 def test_cli_refuses_an_int8_artifact_in_one_line(monkeypatch, capsys, tmp_path):
-    from prunekit.quantize import quantize_model
+    from prunekit.quant.layers import quantize_model
 
     path = tmp_path / "q.safetensors"
     save_artifact(

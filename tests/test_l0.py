@@ -180,7 +180,7 @@ def _recipe(**prune) -> dict:
 
 
 def test_recipe_l0_is_validated():
-    from prunekit import recipe
+    from prunekit.jobs import recipe
 
     got = recipe.from_dict(_recipe(l0={"granularity": "channel"})).stages[1].l0
     assert (got.granularity, got.penalty, got.warmup) == ("channel", 0.05, 0.75)
@@ -198,9 +198,9 @@ def test_recipe_l0_is_validated():
 
 @pytest.mark.slow  # a whole (tiny) recipe run: ~20 s on a busy machine
 def test_recipe_run_with_l0_and_distillation_gives_exact_masks_and_a_reloadable_artifact(tmp_path):
-    from prunekit import recipe
     from prunekit.artifact import load_artifact
-    from prunekit.pipeline import run_recipe
+    from prunekit.jobs import recipe
+    from prunekit.jobs.run import run_recipe
 
     data = _recipe(
         group="global",

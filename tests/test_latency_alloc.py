@@ -10,10 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prunekit.errors import PrunekitError
-from prunekit.models import SmallResNet
-from prunekit.recipe import from_dict
-from prunekit.structured.latency import (
+from prunekit.allocate.latency import (
     GroupTable,
     Option,
     allocate,
@@ -21,6 +18,9 @@ from prunekit.structured.latency import (
     prune_for_latency,
     resolve_budget,
 )
+from prunekit.errors import PrunekitError
+from prunekit.jobs.recipe import from_dict
+from prunekit.models import SmallResNet
 
 
 def _tables(spec: list[list[tuple[float, float]]], base: float) -> list[GroupTable]:
@@ -171,7 +171,7 @@ def test_recipe_fields_are_validated():
 def test_builtin_latency_recipe_is_the_structured_one_with_a_latency_stage():
     import yaml
 
-    from prunekit import recipe
+    from prunekit.jobs import recipe
 
     latency = yaml.safe_load(recipe.builtin_text("edge-digits-latency"))
     uniform = yaml.safe_load(recipe.builtin_text("edge-digits-structured"))
@@ -182,7 +182,7 @@ def test_builtin_latency_recipe_is_the_structured_one_with_a_latency_stage():
 
 
 def test_pipeline_records_the_allocation(tmp_path):
-    from prunekit.pipeline import run_recipe
+    from prunekit.jobs.run import run_recipe
 
     recipe = from_dict(
         {
@@ -219,11 +219,11 @@ def test_builtin_latency_recipe_runs_and_its_artifact_replays(tmp_path):
 
     import yaml
 
-    from prunekit import recipe
     from prunekit.analysis import evaluate
     from prunekit.artifact import load_artifact
     from prunekit.data import load_splits
-    from prunekit.pipeline import run_recipe
+    from prunekit.jobs import recipe
+    from prunekit.jobs.run import run_recipe
 
     data = yaml.safe_load(recipe.builtin_text("edge-digits-latency"))
     data["model"]["args"] = {"widths": [8, 16], "blocks": 1}
@@ -253,7 +253,8 @@ def test_builtin_latency_recipe_runs_and_its_artifact_replays(tmp_path):
 def test_closed_loop_corrects_an_optimistic_prediction(monkeypatch):
     """With 'measurements' always 0.1 of dense slower than predicted, the loop retries at lower aims and
     keeps the first choice that truly meets the goal (pruning and timing are faked: no clock involved)."""
-    from prunekit.structured import core, latency
+    from prunekit.allocate import latency
+    from prunekit.structured import core
 
     spec = [[(10.0 - 1.5 * (i + 1), 0.1 * (i + 1) * (g + 1)) for i in range(3)] for g in range(3)]
     tables = latency.Tables(10.0, 10.0, _tables(spec, 10.0), runs=1, threads=1)

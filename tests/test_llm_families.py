@@ -30,7 +30,7 @@ from prunekit.calib.blocks import (  # noqa: E402
 )
 from prunekit.calib.sequential import sequential  # noqa: E402
 from prunekit.errors import PrunekitError  # noqa: E402
-from prunekit.llm.job import TextSettings, _save, run_prune  # noqa: E402
+from prunekit.jobs.llm import TextSettings, _save, run_prune  # noqa: E402
 from prunekit.llm.load import load_causal_lm  # noqa: E402
 from prunekit.llm.perplexity import perplexity  # noqa: E402
 from prunekit.llm.prune import LLMPruneConfig, prune_llm, zero_counts  # noqa: E402

@@ -115,7 +115,7 @@ def test_analyze_classes_rejects_what_is_not_a_run_metrics_file(tmp_path, monkey
 def test_run_and_demo_print_the_warning_and_exit_3_with_strict(command, tmp_path, monkeypatch, capsys):
     """The pipeline itself is stubbed with the real demo metrics (a class really lost 2.78 points there):
     the CLI's part is to print the warning and choose the exit code."""
-    import prunekit.pipeline
+    import prunekit.jobs.run
 
     seen = {}
 
@@ -125,9 +125,9 @@ def test_run_and_demo_print_the_warning_and_exit_3_with_strict(command, tmp_path
         m["per_class_check"] = check_metrics(m, class_drop)
         return m
 
-    monkeypatch.setattr(prunekit.pipeline, "run_recipe", fake_run)
+    monkeypatch.setattr(prunekit.jobs.run, "run_recipe", fake_run)
     recipe_file = tmp_path / "r.yaml"
-    from prunekit import recipe
+    from prunekit.jobs import recipe
 
     recipe_file.write_text(recipe.builtin_text("edge-digits"))
     args = [str(recipe_file) if a == "RECIPE" else a for a in command] + ["--out", str(tmp_path / "o"), "-q"]
@@ -142,8 +142,8 @@ def test_run_and_demo_print_the_warning_and_exit_3_with_strict(command, tmp_path
 def test_the_pipeline_records_the_check_and_agreement_with_the_given_threshold(tmp_path):
     """A tiny real run: metrics.json holds the per-class check at --class-drop and, for the second evaluated
     model, its agreement with the first; a negative threshold is refused before anything runs."""
-    from prunekit import recipe
-    from prunekit.pipeline import run_recipe
+    from prunekit.jobs import recipe
+    from prunekit.jobs.run import run_recipe
 
     data = {
         "name": "tiny",

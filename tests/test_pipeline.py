@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import yaml
 
-from prunekit import recipe
-from prunekit.cli import main
+from prunekit.cli.commands import main
 from prunekit.errors import PrunekitError
-from prunekit.pipeline import run_recipe
+from prunekit.jobs import recipe
+from prunekit.jobs.run import run_recipe
 
 TINY: dict[str, Any] = {
     "name": "tiny",

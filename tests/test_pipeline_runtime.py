@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 import torch
 
-from prunekit import recipe
 from prunekit.artifact import read_artifact
 from prunekit.compress import load_compressed, read_header
 from prunekit.errors import PrunekitError
-from prunekit.pipeline import run_recipe
+from prunekit.jobs import recipe
+from prunekit.jobs.run import run_recipe
 
 RECIPE: dict[str, Any] = {
     "name": "tiny-runtime",

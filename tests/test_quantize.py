@@ -12,18 +12,18 @@ from torch.nn.utils import parametrize
 from prunekit.analysis import count_params, layer_table
 from prunekit.artifact import inspect_artifact, load_artifact, read_artifact, save_artifact
 from prunekit.errors import PrunekitError
-from prunekit.fold import find_conv_bn, fold_conv_bn
 from prunekit.masking import apply_masks, get_masks, weight_parameter
 from prunekit.models import build_model
-from prunekit.ptq import CLASSIFIER_REASON, FoldedBatchNorm, calibrate, int8_plan, quantize
-from prunekit.qat import FakeQuantWeight, convert_qat, prepare_qat, strip_qat
-from prunekit.quantize import (
+from prunekit.quant.fold import find_conv_bn, fold_conv_bn
+from prunekit.quant.layers import (
     QuantizedConv2d,
     QuantizedLinear,
     activation_scale,
     quantize_activation,
     quantize_model,
 )
+from prunekit.quant.ptq import CLASSIFIER_REASON, FoldedBatchNorm, calibrate, int8_plan, quantize
+from prunekit.quant.qat import FakeQuantWeight, convert_qat, prepare_qat, strip_qat
 from prunekit.structured.mha import HeadPrunedMultiheadAttention
 
 # conversion is "close to float" when no logit moves by more than this fraction of the largest |logit|:

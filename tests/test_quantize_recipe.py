@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 import torch
 
-from prunekit import recipe
 from prunekit.analysis import evaluate
 from prunekit.artifact import load_artifact, read_artifact
 from prunekit.data import load_splits
 from prunekit.errors import PrunekitError
-from prunekit.pipeline import run_recipe
-from prunekit.quantize import QuantizedConv2d
+from prunekit.jobs import recipe
+from prunekit.jobs.run import run_recipe
+from prunekit.quant.layers import QuantizedConv2d
 
 FAST = {"latency_runs": 3, "latency_warmup": 0}
 TINY: dict[str, Any] = {
@@ -106,7 +106,7 @@ def test_a_quantize_stage_that_cannot_work_fails_before_anything_runs(tmp_path, 
 
 
 class Rounded(logging.Handler):
-    """Collects prunekit.ptq's "int8: <layer>: <n> non-zero weights round to zero" lines: the one
+    """Collects prunekit.quant.ptq's "int8: <layer>: <n> non-zero weights round to zero" lines: the one
     documented case of a kept weight (mask True) that is a zero of weight_q."""
 
     def __init__(self) -> None:
@@ -121,7 +121,7 @@ class Rounded(logging.Handler):
 
 def run_logged(data: dict[str, Any], out) -> tuple[dict[str, Any], dict[str, int]]:
     """Run the recipe; returns its metrics and the kept weights each layer's int8 rounding lost (logged)."""
-    logger, handler = logging.getLogger("prunekit.ptq"), Rounded()
+    logger, handler = logging.getLogger("prunekit.quant.ptq"), Rounded()
     level = logger.level
     logger.setLevel(logging.INFO)
     logger.addHandler(handler)

@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from prunekit import recipe
-from prunekit.cli import app
+from prunekit.cli.commands import app
 from prunekit.errors import PrunekitError
-from prunekit.recipe import PruneStage, Recipe, from_dict, load, to_dict
+from prunekit.jobs import recipe
+from prunekit.jobs.recipe import PruneStage, Recipe, from_dict, load, to_dict
 
 TINY: dict[str, Any] = {
     "name": "tiny",

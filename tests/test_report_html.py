@@ -245,7 +245,7 @@ def test_llm_report_shows_perplexity_sparsity_and_size(tmp_path):
 
 
 def test_structured_job_writes_both_reports_with_its_numbers(tmp_path):
-    from prunekit.structured.run import run_structured
+    from prunekit.jobs.structured import run_structured
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
@@ -323,7 +323,7 @@ def test_charts_are_the_same_bytes_for_the_same_numbers():
 
 
 def test_a_sensitivity_allocation_shows_its_table_and_heat_map(metrics, tmp_path):
-    from prunekit.allocate import sensitivity_allocation
+    from prunekit.allocate.sensitivity import sensitivity_allocation
     from prunekit.analysis.sensitivity import LayerCurve, Sensitivity, heatmap_png
 
     grid = (0.5, 0.8, 0.9)

@@ -20,11 +20,11 @@ import pytest
 import torch
 import yaml
 
-from prunekit import checkpoint as ckpt
-from prunekit import recipe
 from prunekit.errors import PrunekitError
-from prunekit.pipeline import run_recipe
-from prunekit.runlog import read_log
+from prunekit.jobs import checkpoint as ckpt
+from prunekit.jobs import recipe
+from prunekit.jobs.run import run_recipe
+from prunekit.jobs.runlog import read_log
 
 # 1,078 training images in batches of 32: 34 steps per epoch; 68 dense steps, then 2 pruning rounds
 # (50%, 75%) of 34 fine-tuning steps each: 136 steps, so checkpoints 1-4 (every 16 steps) fall in the
@@ -186,7 +186,7 @@ def test_resume_with_another_recipe_is_refused_naming_the_difference(baseline, t
 def test_the_cli_refuses_a_mismatching_resume_with_one_line_and_exit_2(
     baseline, tmp_path, monkeypatch, capsys
 ):
-    from prunekit.cli import main
+    from prunekit.cli.commands import main
 
     _, base_out, _ = baseline
     out = tmp_path / "cli"

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from prunekit.errors import PrunekitError
-from prunekit.runlog import RunLog, read_log
+from prunekit.jobs.runlog import RunLog, read_log
 
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 
@@ -80,8 +80,8 @@ def test_tensorboard_without_the_package_is_a_one_line_error(tmp_path, no_tensor
 
 
 def test_a_run_asking_for_tensorboard_without_it_fails_before_any_output(tmp_path, no_tensorboard):
-    from prunekit import recipe
-    from prunekit.pipeline import run_recipe
+    from prunekit.jobs import recipe
+    from prunekit.jobs.run import run_recipe
     from test_resume import TINY
 
     with pytest.raises(PrunekitError, match="pip install tensorboard"):

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from prunekit.errors import PrunekitError
-from prunekit.quantize import QuantizedConv2d, QuantizedLinear
+from prunekit.quant.layers import QuantizedConv2d, QuantizedLinear
 from prunekit.runtime import kernels, threads
 from prunekit.runtime.formats import index_dtype, int8_row_bound, pack, unpack
 from prunekit.runtime.layers import (
@@ -265,7 +265,7 @@ def test_sparse_int8_conv_is_bit_exact(spec, kernel):
 
 
 def test_int8_quantization_matches_the_reference_rounding():
-    from prunekit.quantize import quantize_activation
+    from prunekit.quant.layers import quantize_activation
 
     g = torch.Generator().manual_seed(0)
     for x in [

@@ -14,7 +14,7 @@ from prunekit import Sparsifier, apply_masks
 from prunekit.errors import PrunekitError
 from prunekit.masking import get_masks, mask_of, squash
 from prunekit.models import SmallResNet
-from prunekit.quantize import QuantizedConv2d, QuantizedLinear
+from prunekit.quant.layers import QuantizedConv2d, QuantizedLinear
 from prunekit.runtime.layers import SparseConv2d, SparseLinear, SparseQuantizedConv2d, SparseQuantizedLinear
 
 FAST = dict(budget_s=0.01, min_reps=3, max_reps=5)  # decisions are not under test here, only correctness

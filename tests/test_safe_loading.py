@@ -71,11 +71,11 @@ def _tiny() -> nn.Module:
 
 def _loaders(tmp_path: pathlib.Path, data: bytes):
     """(name, call) for every loader of model/weight files, each pointed at the malicious ``data``."""
-    from prunekit import checkpoint
     from prunekit.artifact import inspect_artifact, load_artifact, read_artifact
     from prunekit.compress import load_compressed
     from prunekit.compress.container import read_header
     from prunekit.compress.source import read_source
+    from prunekit.jobs import checkpoint
     from prunekit.structured import storage
 
     file = tmp_path / "model.safetensors"
@@ -129,7 +129,7 @@ def test_npz_data_with_pickled_objects_is_refused(tmp_path, evil):
 def test_a_pickled_checkpoint_inside_a_safetensors_zip_is_still_refused(tmp_path):
     """torch.save writes a zip; a file that *is* a zip of a pickle with a .safetensors name is refused
     by the safetensors parser, not handed to torch."""
-    from prunekit import checkpoint
+    from prunekit.jobs import checkpoint
 
     marker = tmp_path / "pwned"
     path = tmp_path / "last.safetensors"
@@ -150,7 +150,7 @@ def test_a_pickled_checkpoint_inside_a_safetensors_zip_is_still_refused(tmp_path
     ],
 )
 def test_recipe_yaml_with_a_python_tag_is_refused(tmp_path, tag):
-    from prunekit import recipe
+    from prunekit.jobs import recipe
 
     marker = tmp_path / "pwned"
     text = (
@@ -170,7 +170,7 @@ def test_recipe_yaml_with_a_python_tag_is_refused(tmp_path, tag):
 
 def test_recipe_yaml_parsing_is_the_safe_loader():
     """Plain YAML still works (the safe loader is no stricter about ordinary values)."""
-    from prunekit import recipe
+    from prunekit.jobs import recipe
 
     r = recipe.load_builtin("edge-digits")
     assert r.name == "edge-digits"

@@ -190,9 +190,9 @@ TINY = {
 
 
 def test_a_recipe_with_sensitivity_allocation_meets_the_global_target_exactly(tmp_path):
-    from prunekit import recipe
     from prunekit.artifact import load_artifact
-    from prunekit.pipeline import run_recipe
+    from prunekit.jobs import recipe
+    from prunekit.jobs.run import run_recipe
 
     metrics = run_recipe(recipe.from_dict(TINY), tmp_path / "out", progress=False)
     (entry,) = metrics["allocation"]
@@ -228,7 +228,7 @@ def test_a_recipe_with_sensitivity_allocation_meets_the_global_target_exactly(tm
     ],
 )
 def test_recipes_refuse_sensitivity_allocation_that_makes_no_sense(fields, needle):
-    from prunekit import recipe
+    from prunekit.jobs import recipe
 
     data = copy.deepcopy(TINY)
     data["stages"][1] = {**data["stages"][1], **fields}
@@ -257,7 +257,7 @@ def artifact(tmp_path_factory):
 def _main(monkeypatch, capsys, *args):
     import sys
 
-    from prunekit.cli import main
+    from prunekit.cli.commands import main
 
     monkeypatch.setattr(sys, "argv", ["prunekit", "analyze", "sensitivity", *args])
     with pytest.raises(SystemExit) as info:

@@ -204,7 +204,7 @@ def test_cli_structured_writes_measurements(tmp_path):
 
     from typer.testing import CliRunner
 
-    from prunekit.cli import app
+    from prunekit.cli.commands import app
 
     out = tmp_path / "out"
     args = ["structured", "--model", "resnet-digits", "--out", str(out), "--ratio", "0.5", "--runs", "5"]
@@ -277,11 +277,11 @@ def test_structured_recipe_stage_exports_an_artifact_that_reloads(tmp_path):
 
     import yaml
 
-    from prunekit import recipe
     from prunekit.analysis import evaluate
     from prunekit.artifact import load_artifact
     from prunekit.data import load_splits
-    from prunekit.pipeline import run_recipe
+    from prunekit.jobs import recipe
+    from prunekit.jobs.run import run_recipe
 
     data = yaml.safe_load(recipe.builtin_text("edge-digits-structured"))
     data["model"]["args"] = {"widths": [16, 32], "blocks": 1}
@@ -303,8 +303,8 @@ def test_structured_recipe_stage_exports_an_artifact_that_reloads(tmp_path):
 def test_a_structured_stage_after_a_prune_stage_is_refused_up_front(tmp_path):
     import yaml
 
-    from prunekit import recipe
-    from prunekit.pipeline import run_recipe
+    from prunekit.jobs import recipe
+    from prunekit.jobs.run import run_recipe
 
     data = yaml.safe_load(recipe.builtin_text("edge-digits-structured"))
     data["stages"].insert(3, {"type": "prune", "pattern": 0.5})

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from prunekit.analysis.sweep import COLUMNS, pareto_front, parse_methods
 from prunekit.errors import PrunekitError
+from prunekit.jobs.sweep import COLUMNS, pareto_front, parse_methods
 
 
 def _dominated(p, q) -> bool:
@@ -59,7 +59,7 @@ def test_sweep_cli_writes_png_csv_json(tmp_path):
     import torch
 
     from prunekit.artifact import save_artifact
-    from prunekit.cli import app
+    from prunekit.cli.commands import app
     from prunekit.models import build_model
 
     torch.manual_seed(0)
@@ -108,9 +108,9 @@ def test_sweep_cli_writes_png_csv_json(tmp_path):
 
 
 def test_sweep_cli_errors_are_one_line(tmp_path):
-    from prunekit.cli import app
+    from prunekit.cli.commands import app
 
-    # prunekit.cli.main prints a PrunekitError as one line; here the exception itself is checked
+    # prunekit.cli.commands.main prints a PrunekitError as one line; here the exception itself is checked
     cases = [
         ([str(tmp_path / "none.safetensors")], "no such file"),
         (["a.safetensors", "--grid", "0.5,1.2"], "--grid"),

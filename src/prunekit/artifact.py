@@ -9,7 +9,7 @@ happens to be zero), and a JSON header in the safetensors metadata:
      "specs": {"layer": {"type": "unstructured", "sparsity": 0.7}, ...},
      "masks": {"layer": [shape...], ...},
      "int8": {"layers": {"layer": {"type": "QuantizedConv2d", "static": true, "bias": true}, ...},
-              "folded": {"bn": "conv", ...}}   (INT8 models only, see prunekit.ptq; format_version 2)
+              "folded": {"bn": "conv", ...}}   (INT8 models only, see prunekit.quant.ptq; format_version 2)
      "sha256": "<hash of every tensor's bytes, in key order, then of this header without it>"}
 
 The SHA-256 is checked on load: a corrupted or truncated file is a clear error, never silent garbage.
@@ -20,7 +20,7 @@ An INT8 model stores its layers' buffers as they are (``weight_q`` int8, ``weigh
 float layers to turn into int8 ones first. Such files are format_version 2 (a reader of version 1 would
 not know to build the int8 layers, so it is told to upgrade); float artifacts stay version 1.
 
-A QAT-prepared model (:mod:`prunekit.qat`) is refused: its ``weight`` is the fake-quantized one, so the
+A QAT-prepared model (:mod:`prunekit.quant.qat`) is refused: its ``weight`` is the fake-quantized one, so the
 trained float weights would be lost. Save ``convert_qat(model).model`` (int8) or, after ``strip_qat``, the
 float model.
 """
@@ -58,7 +58,9 @@ class ArtifactInfo:
     extra: dict[str, Any] = field(default_factory=dict)
     size_bytes: int = 0
     structured: list[dict] = field(default_factory=list)  # structured prune logs, replayed in order
-    int8: dict[str, Any] | None = None  # which layers are int8 (prunekit.ptq.int8_plan), for INT8 models
+    int8: dict[str, Any] | None = (
+        None  # which layers are int8 (prunekit.quant.ptq.int8_plan), for INT8 models
+    )
 
 
 def library_version() -> str:
@@ -117,7 +119,7 @@ def save_artifact(
     """
     from safetensors.torch import save
 
-    from prunekit.ptq import int8_plan
+    from prunekit.quant.ptq import int8_plan
 
     _refuse_qat(model)
     tensors = plain_state_dict(model)
@@ -147,7 +149,7 @@ def save_artifact(
 def _refuse_qat(model: nn.Module) -> None:
     """A QAT-prepared model would be stored with its fake-quantized weights (the trained latent float ones
     lost) and reload as a plain float model or not at all: refuse it."""
-    from prunekit.qat import fake_quantized  # imported when called, like prunekit.ptq
+    from prunekit.quant.qat import fake_quantized  # imported when called, like prunekit.quant.ptq
 
     layers = fake_quantized(model)
     if layers:
@@ -157,7 +159,7 @@ def _refuse_qat(model: nn.Module) -> None:
         raise PrunekitError(
             f"cannot save a QAT-prepared model (fake quantization on {shown}): its weights would be stored "
             f"fake-quantized and the trained float weights lost; convert_qat(model) first to save the int8 "
-            f"model, or prunekit.qat.strip_qat(model) to save the float one"
+            f"model, or prunekit.quant.qat.strip_qat(model) to save the float one"
         )
 
 
@@ -252,7 +254,7 @@ def load_artifact(
                 f"artifact {path}: its structured prune log does not fit the model: {exc}"
             ) from None
     if info.int8:
-        from prunekit.ptq import build_int8
+        from prunekit.quant.ptq import build_int8
 
         try:
             build_int8(model, info.int8)

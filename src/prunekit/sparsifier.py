@@ -10,10 +10,10 @@
 
 Data-driven criteria (taylor, obd, wanda) take calibration batches in ``prune(batches=..., loss_fn=...)``.
 
-``allocation={layer: sparsity}`` (from :mod:`prunekit.allocate`) gives every targeted layer its own final
-sparsity; the spec's sparsity is then the global target. A round at sparsity ``s`` of a schedule (iterative,
-AGP) prunes each layer to ``s_l * s / target``: every layer is the same fraction of the way to its own
-target, so the global sparsity follows the schedule and the last round lands on each ``s_l`` exactly.
+``allocation={layer: sparsity}`` (from :mod:`prunekit.allocate.sensitivity`) gives every targeted layer its
+own final sparsity; the spec's sparsity is then the global target. A round at sparsity ``s`` of a schedule
+(iterative, AGP) prunes each layer to ``s_l * s / target``: every layer is the same fraction of the way to
+its own target, so the global sparsity follows the schedule and the last round lands on each ``s_l`` exactly.
 """
 
 from __future__ import annotations

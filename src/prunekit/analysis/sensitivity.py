@@ -6,7 +6,7 @@ Networks", NeurIPS 2015, Fig. 6) and of Distiller's ``perform_sensitivity_analys
 each targeted layer is pruned by itself (every other layer as it is) to each sparsity of the grid with a
 weight criterion (magnitude by default, anything registered in :mod:`prunekit.criteria` that needs no
 training), the metric is measured, and the layer is restored bit for bit. The curves feed
-:func:`prunekit.allocate.sensitivity_allocation`.
+:func:`prunekit.allocate.sensitivity.sensitivity_allocation`.
 
 Masks come from :func:`prunekit.select.unstructured_masks` (per layer, exactly ``round(s * n)`` weights,
 already-pruned weights counted), so "sparsity 0.8" here is the sparsity a prune stage would give the layer.

@@ -1,6 +1,6 @@
 """Parameter counts and the per-layer sparsity table, on effective (masked) weights.
 
-INT8 layers (:mod:`prunekit.quantize`, recognised by their base class, not by a buffer name) hold their
+INT8 layers (:mod:`prunekit.quant.layers`, recognised by their base class, not by a buffer name) hold their
 weights and bias as buffers (``weight_q``, ``bias``): they count as that layer's parameters, so a quantized
 model counts like its float source, except that a folded BatchNorm's two parameters per channel become the
 convolution's one bias. Scales are not parameters.
@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from prunekit.masking import type_name
-from prunekit.quantize import _QuantizedLayer
+from prunekit.quant.layers import _QuantizedLayer
 from prunekit.spec import Spec
 
 

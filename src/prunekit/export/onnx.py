@@ -169,7 +169,7 @@ def _int8_layers(model: nn.Module) -> list[str]:
     Their forward quantizes activations with ops the exporter cannot convert (``amax`` over all dims) and
     computes with int8 tensors ONNX Runtime's float kernels do not take, so such a model is refused up front.
     """
-    from prunekit.quantize import QuantizedConv2d, QuantizedLinear
+    from prunekit.quant.layers import QuantizedConv2d, QuantizedLinear
 
     return [
         name or type(model).__name__
@@ -403,7 +403,7 @@ def export_onnx(
     has a tensor in the file holding them, found by name or, renamed, by shape and values or zero
     positions; the others are listed in ``unmatched``).
 
-    An INT8 model (:mod:`prunekit.quantize` layers, int8 tensors) is refused before anything is traced:
+    An INT8 model (:mod:`prunekit.quant.layers` layers, int8 tensors) is refused before anything is traced:
     export the float model it was quantized from.
     """
     onnx, ort = _require_onnx()

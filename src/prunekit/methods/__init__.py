@@ -2,8 +2,8 @@
 a keep-mask (and, for SparseGPT, reconstructed weights) out. No hooks, no models: see
 :mod:`prunekit.llm` for the block-by-block runner that feeds them."""
 
+from prunekit.allocate.owl import outlier_ratio, owl_sparsities
 from prunekit.methods.magnitude import magnitude_mask
-from prunekit.methods.owl import outlier_ratio, owl_sparsities
 from prunekit.methods.sparsegpt import sparsegpt_prune
 from prunekit.methods.wanda import wanda_mask
 

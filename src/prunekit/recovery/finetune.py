@@ -17,8 +17,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from prunekit.checkpoint import rng_state, set_rng_state
 from prunekit.errors import PrunekitError
+from prunekit.jobs.checkpoint import rng_state, set_rng_state
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 

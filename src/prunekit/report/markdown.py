@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from prunekit.export.c.report import c_section as c_export_section
+from prunekit.report.c_export import c_section as c_export_section
 from prunekit.report.sections import (
     agreement_section,
     allocation_section,
@@ -245,7 +245,7 @@ def write_report(m: dict[str, Any]) -> str:
         lines += _table(["class", "support", *labels], rows) + [""]
     lines += agreement_section(m) + size_section(m)
     lines += _runtime_section(m, labels)
-    lines += c_export_section(m)  # prunekit.export.c.report: flash/RAM of the C export
+    lines += c_export_section(m)  # prunekit.report.c_export: flash/RAM of the C export
     if m.get("rounds"):
         lines += ["## Pruning rounds", ""]
         rows = [

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from prunekit.errors import PrunekitError
 from prunekit.masking import squash
-from prunekit.quantize import QuantizedConv2d, QuantizedLinear
+from prunekit.quant.layers import QuantizedConv2d, QuantizedLinear
 
 log = logging.getLogger(__name__)
 

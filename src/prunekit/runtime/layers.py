@@ -18,8 +18,8 @@ kept transposed in between (made by ``compile`` for ``nn.Sequential`` runs Linea
 Convolutions (but ``direct``) are lowered to one sparse GEMM: ``W (Cout x Cin*kh*kw) @ cols
 (Cin*kh*kw x N*Hout*Wout)`` with ``cols`` from ``F.unfold`` (for 1x1 convolutions the input itself, no copy
 at batch 1). The int8 layers
-follow ``prunekit.quantize`` bit for bit: the same activation rounding, exact integer sums, then one float32
-product and one float32 sum.
+follow ``prunekit.quant.layers`` bit for bit: the same activation rounding, exact integer sums, then one
+float32 product and one float32 sum.
 """
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ def int8_exact(q: np.ndarray) -> bool:
 
 
 class _QuantizedBase:
-    """Quantize activations and finish exactly like ``prunekit.quantize`` (see its module docstring)."""
+    """Quantize activations and finish exactly like ``prunekit.quant.layers`` (see its module docstring)."""
 
     def _init_int8(self, module: nn.Module, block: int | None) -> None:
         q = module.weight_q.detach().reshape(module.weight_q.shape[0], -1).numpy()
@@ -235,7 +235,7 @@ class _QuantizedBase:
 
 
 class SparseQuantizedLinear(_LinearBase, _QuantizedBase):
-    """``prunekit.quantize.QuantizedLinear`` on the sparse int8 kernels; bit-identical output."""
+    """``prunekit.quant.layers.QuantizedLinear`` on the sparse int8 kernels; bit-identical output."""
 
     def __init__(self, module: nn.Module, kernel: str = "rows", block: int | None = None) -> None:
         super().__init__(module.in_features, module.out_features, kernel, INT8_KERNELS)
@@ -390,7 +390,7 @@ class SparseConv2d(_ConvBase):
 
 
 class SparseQuantizedConv2d(_ConvBase, _QuantizedBase):
-    """``prunekit.quantize.QuantizedConv2d`` on the sparse int8 kernels; bit-identical output."""
+    """``prunekit.quant.layers.QuantizedConv2d`` on the sparse int8 kernels; bit-identical output."""
 
     def __init__(self, module: nn.Module, kernel: str = "xt", block: int | None = None) -> None:
         super().__init__()

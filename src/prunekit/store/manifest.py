@@ -6,7 +6,7 @@
      "created": "2026-12-01T11:30:00.123456Z",
      "files": {"pruned.safetensors": {"sha256": "...", "bytes": 737834}, ...},
      "versions": {"prunekit": "0.1.0", "torch": "2.13.0+cpu", "python": "3.11.7"},
-     "recipe": {...} | null,                # the recipe that made it (prunekit.recipe.to_dict)
+     "recipe": {...} | null,                # the recipe that made it (prunekit.jobs.recipe.to_dict)
      "stages": [...],                       # the recipe stages done before it was exported, in order
      "method": [...],                       # the compression stages among them (criterion, pattern, ...)
      "layers": [{"layer": "fc", "sparsity": 0.9, ...}, ...],

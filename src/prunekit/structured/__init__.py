@@ -9,8 +9,8 @@ Custom operations get a rule with ``register_rule``; custom modules' size attrib
 
 from prunekit.structured.apply import register_module_fixer
 from prunekit.structured.core import Result, check_equivalence, prune, prune_model
+from prunekit.structured.depth import block_influence, drop_layers
 from prunekit.structured.hf import save_pretrained
-from prunekit.structured.layers import block_influence, drop_layers
 from prunekit.structured.mha import HeadPrunedMultiheadAttention
 from prunekit.structured.rules import register_rule
 from prunekit.structured.storage import load, save

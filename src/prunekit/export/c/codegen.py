@@ -6,7 +6,7 @@ API (``model`` is the export's ``name``)::
     int model_run_i32(const int8_t *in, int32_t *out); /* int32 scores at MODEL_OUTPUT_SCALE / 65536 */
     int model_run_float(const float *in, float *out);  /* with -DMODEL_FLOAT_API: quantizes the input */
 
-``in`` holds ``round(x / MODEL_INPUT_SCALE)`` clamped to [-127, 127] (``prunekit.quantize``'s rule).
+``in`` holds ``round(x / MODEL_INPUT_SCALE)`` clamped to [-127, 127] (``prunekit.quant.layers``'s rule).
 The functions return 0, or -1 for a NULL pointer. They are not reentrant (one static arena).
 """
 
@@ -228,7 +228,7 @@ class _Writer:
             "",
             "static int8_t pk_quantize(float v)",
             "{",
-            "    /* round half to even and clamp to [-127, 127], as torch.round in prunekit.quantize */",
+            "    /* round half to even and clamp to [-127, 127], as torch.round in prunekit.quant.layers */",
             "    int32_t t;",
             "    float f;",
             "    if (!(v == v)) return 0;",

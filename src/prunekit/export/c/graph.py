@@ -4,7 +4,7 @@ The model is traced once with ``torch.fx`` (int8 layers and standard ``torch.nn`
 shapes come from one batch-1 example, and every node's largest output magnitude over the calibration
 inputs is recorded by running the int8 model itself (the scales of tensors no int8 layer quantizes come
 from these, :mod:`prunekit.export.c.lower`). Identity-like modules (``nn.Identity``, ``nn.Dropout`` in
-eval mode, a :class:`prunekit.ptq.FoldedBatchNorm`) are dropped here.
+eval mode, a :class:`prunekit.quant.ptq.FoldedBatchNorm`) are dropped here.
 
 Anything else is a one-line :class:`PrunekitError` naming the operator and its module path, and a model
 with a float Linear/Conv2d or an unfolded BatchNorm is told how to quantize it.
@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from prunekit.errors import PrunekitError
-from prunekit.ptq import FoldedBatchNorm
-from prunekit.quantize import QuantizedConv2d, QuantizedLinear, _QuantizedLayer
+from prunekit.quant.layers import QuantizedConv2d, QuantizedLinear, _QuantizedLayer
+from prunekit.quant.ptq import FoldedBatchNorm
 
 SUPPORTED = (
     "QuantizedConv2d (incl. depthwise/grouped), QuantizedLinear, ReLU, ReLU6, Hardswish, add, "
@@ -32,7 +32,7 @@ SUPPORTED = (
 QUANTIZE_HINT = (
     "quantize it first with static activations and the classifier included: a recipe stage "
     "`{type: quantize, activations: static, classifier: true}`, or "
-    "prunekit.ptq.quantize(model, calibration=batches, classifier=True)"
+    "prunekit.quant.ptq.quantize(model, calibration=batches, classifier=True)"
 )
 
 

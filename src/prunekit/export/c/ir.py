@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 WIDE = 65536  # the int32 model output is at OUTPUT_SCALE / WIDE
-INT8_LO, INT8_HI = -127, 127  # symmetric, as prunekit.quantize.quantize_activation clamps
+INT8_LO, INT8_HI = -127, 127  # symmetric, as prunekit.quant.layers.quantize_activation clamps
 INT32_LO, INT32_HI = -(2**31), 2**31 - 1
 
 

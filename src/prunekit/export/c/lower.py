@@ -6,7 +6,7 @@ layer's ``act_scale`` (so the int8 values the layer sees are the ones PyTorch co
 moves back through ReLU, ReLU6, max pooling and flatten, which commute with a positive scale and with
 rounding (a value they clip or drop cannot reach their output). Any other tensor (a residual branch
 before the add, the input of global average pooling, the logits) gets ``max|x| / 127`` over the
-calibration inputs, the rule of :func:`prunekit.quantize.activation_scale`.
+calibration inputs, the rule of :func:`prunekit.quant.layers.activation_scale`.
 
 A final int8 layer writes int32 logits at ``scale / 65536``; any other final operator is widened to
 that form, so the C API always has one int32 output.
@@ -21,7 +21,7 @@ from prunekit.errors import PrunekitError
 from prunekit.export.c.fixedpoint import multiplier
 from prunekit.export.c.graph import Graph, Node
 from prunekit.export.c.ir import INT8_HI, INT8_LO, INT32_HI, INT32_LO, WIDE, Buffer, IntGraph, Op
-from prunekit.quantize import activation_scale
+from prunekit.quant.layers import activation_scale
 
 TRANSPARENT = ("relu", "relu6", "maxpool", "flatten")
 FUSABLE = ("conv", "add", "lut", "maxpool", "avgpool", "gap", "requant")

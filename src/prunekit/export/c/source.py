@@ -83,7 +83,7 @@ def load_source(source: Path, data: str | None):
         raise PrunekitError(
             f"{artifact} is a float model; the C export needs INT8: add a stage "
             "`{type: quantize, activations: static, classifier: true}` before the export, or use "
-            "prunekit.ptq.quantize(model, calibration=batches, classifier=True)"
+            "prunekit.quant.ptq.quantize(model, calibration=batches, classifier=True)"
         )
     name, path = data or recorded.get("name"), recorded.get("path") if data is None else None
     if data is not None and data.endswith(".npz"):

@@ -30,8 +30,8 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
 
 def _dense_int8(run) -> tuple[str, Any] | None:
     """(label, INT8 copy) of the first evaluated model, quantized as the run's quantize stage did."""
-    from prunekit.ptq import quantize
-    from prunekit.recipe import QuantizeStage
+    from prunekit.jobs.recipe import QuantizeStage
+    from prunekit.quant.ptq import quantize
 
     stages = [s for s in run.recipe.stages if isinstance(s, QuantizeStage)]
     if not run.timed or not stages:

@@ -9,7 +9,7 @@
 - every chosen layer's input goes through an :class:`InputFakeQuant` (a forward pre-hook calling the
   submodule ``input_quant``): ``x_q * s_x`` with the same rounding and clamp as the int8 layer.
 
-The layers are chosen as :func:`prunekit.ptq.choose_layers` chooses them, so a Linear inside a
+The layers are chosen as :func:`prunekit.quant.ptq.choose_layers` chooses them, so a Linear inside a
 Transformer layer or MultiheadAttention is not prepared: their fused fast path reads the weights directly
 and would skip the input fake-quant hook, and such a layer could not be converted anyway.
 
@@ -35,7 +35,7 @@ from torch.nn.utils import parametrize
 
 from prunekit.compress.container import dequantize, quantize_int8
 from prunekit.errors import PrunekitError
-from prunekit.quantize import quantize_activation
+from prunekit.quant.layers import quantize_activation
 
 
 class FakeQuantWeight(nn.Module):
@@ -55,7 +55,7 @@ class FakeQuantWeight(nn.Module):
 
 
 class InputFakeQuant(nn.Module):
-    """``x -> x_q * s_x`` as :func:`prunekit.quantize.quantize_activation` rounds it, gradient passed
+    """``x -> x_q * s_x`` as :func:`prunekit.quant.layers.quantize_activation` rounds it, gradient passed
     straight through. ``scale`` is a fixed buffer (static) or None (dynamic: per call)."""
 
     def __init__(self, scale: Tensor | None) -> None:
@@ -88,9 +88,9 @@ def prepare_qat(
     exclude: Iterable[str] = (),
     classifier: bool = False,
 ) -> list[str]:
-    """Add weight and input fake-quant to the layers :func:`prunekit.ptq.quantize` would convert (same
+    """Add weight and input fake-quant to the layers :func:`prunekit.quant.ptq.quantize` would convert (same
     arguments); returns their names. Train as usual, then :func:`convert_qat`."""
-    from prunekit.ptq import calibrate, check_activations, choose_layers, input_batches, plain_copy
+    from prunekit.quant.ptq import calibrate, check_activations, choose_layers, input_batches, plain_copy
 
     check_activations(activations)
     if any(isinstance(m, (FakeQuantWeight, InputFakeQuant)) for m in model.modules()):
@@ -143,10 +143,17 @@ def fake_quantized(model: nn.Module) -> list[str]:
 
 
 def convert_qat(model: nn.Module, *, example: Tensor | None = None) -> Any:
-    """The int8 copy of a QAT-prepared model (a :class:`prunekit.ptq.Quantized`), with the trained scales:
-    in eval mode the int8 model computes what the fake-quant model computed, up to float rounding.
-    ``example``: an input the int8 model is run on once as a check (:func:`prunekit.ptq.check_runs`)."""
-    from prunekit.ptq import CLASSIFIER_REASON, FLOAT_TYPES, check_runs, convert, plain_copy, weight_readers
+    """The int8 copy of a QAT-prepared model (a :class:`prunekit.quant.ptq.Quantized`), with the trained
+    scales: in eval mode the int8 model computes what the fake-quant model computed, up to float rounding.
+    ``example``: an input the int8 model is run on once as a check (:func:`prunekit.quant.ptq.check_runs`)."""
+    from prunekit.quant.ptq import (
+        CLASSIFIER_REASON,
+        FLOAT_TYPES,
+        check_runs,
+        convert,
+        plain_copy,
+        weight_readers,
+    )
     from prunekit.targets import classifier_name
 
     scales = _scales(model)

@@ -1,6 +1,6 @@
 """Sparsity sweeps of causal language models: perplexity, size and measured latency against sparsity.
 
-The language-model counterpart of :mod:`prunekit.analysis.sweep` (whose Pareto front, CSV, plot and atomic
+The language-model counterpart of :mod:`prunekit.jobs.sweep` (whose Pareto front, CSV, plot and atomic
 writing it shares; lower perplexity is better). For each method and sparsity a fresh copy of the dense model
 is pruned one-shot with :func:`prunekit.llm.prune.prune_llm` (magnitude, Wanda or SparseGPT; N:M patterns
 as ``2:4`` = magnitude 2:4 or ``wanda:2:4``), its perplexity measured on the evaluation text, its state
@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.analysis.sweep import check_grid, pareto_names
 from prunekit.errors import PrunekitError
+from prunekit.jobs.sweep import check_grid, pareto_names
 
 log = logging.getLogger(__name__)
 DEFAULT_GRID = (0.3, 0.5, 0.7)
@@ -225,13 +225,13 @@ def run_llm_sweep_from_path(
     model_path: str | None,
     methods: Sequence[LLMMethod],
     grid: Sequence[float],
-    text,  # prunekit.llm.job.TextSettings
+    text,  # prunekit.jobs.llm.TextSettings
     latency_runs: int = 20,
     on_point: Callable[[dict[str, Any], nn.Module], None] | None = None,
 ) -> dict[str, Any]:
     """Load a local HF directory or GGUF file (default: the packaged SmolLM2), cut the calibration and
     evaluation windows as ``prunekit llm prune`` does, and sweep."""
-    from prunekit.llm.job import _check_seqlen, _texts, vocab
+    from prunekit.jobs.llm import _check_seqlen, _texts, vocab
     from prunekit.llm.load import load_causal_lm
     from prunekit.llm.text import calibration_windows, eval_windows, tokenize
 

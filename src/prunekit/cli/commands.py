@@ -14,10 +14,10 @@ from typing import Any
 
 import typer
 
-from prunekit.cli_analyze import analyze_app
-from prunekit.cli_audit import STRICT_HELP, per_class_outcome
-from prunekit.cli_export import export_app, parse_ints
-from prunekit.cli_store import store_app
+from prunekit.cli.analyze import analyze_app
+from prunekit.cli.audit import STRICT_HELP, per_class_outcome
+from prunekit.cli.export import export_app, parse_ints
+from prunekit.cli.store import store_app
 from prunekit.errors import PrunekitError
 
 app = typer.Typer(
@@ -84,7 +84,7 @@ def _run(
 
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from prunekit.pipeline import run_recipe
+    from prunekit.jobs.run import run_recipe
 
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 talks
     if store is not None and main_rank:
@@ -105,7 +105,7 @@ def _run(
     _summary(metrics, out)
     per_class_outcome(metrics, strict)  # warning lines; exit 3 with --strict
     if store is not None:  # after the check: a run that fails --strict is not stored
-        from prunekit.cli_store import store_run
+        from prunekit.cli.store import store_run
 
         store_run(store, out)
 
@@ -122,7 +122,7 @@ def demo(
     store: Path = typer.Option(None, "--store", metavar="DIR", help=STORE_HELP),
 ) -> None:
     """Run the built-in edge-digits recipe: dense CNN -> pruning to 90% -> INT8 -> report (runtime timed)."""
-    from prunekit import recipe
+    from prunekit.jobs import recipe
 
     _run(recipe.load_builtin("edge-digits"), out, quiet, strict, class_drop, store=store)
 
@@ -144,7 +144,7 @@ def run(
 ) -> None:
     """Run a recipe file (see `prunekit recipes show edge-digits` for an example). Under
     `torchrun --nproc-per-node N -m prunekit run ...` the training is distributed (DDP)."""
-    from prunekit import recipe
+    from prunekit.jobs import recipe
 
     _run(recipe.load(recipe_file), out, quiet, strict, class_drop, resume, tensorboard, store=store)
 
@@ -152,7 +152,7 @@ def run(
 @recipes_app.command("list")
 def recipes_list() -> None:
     """Name the built-in recipes."""
-    from prunekit import recipe
+    from prunekit.jobs import recipe
 
     for name in recipe.builtin_names():
         typer.echo(f"{name:<16} {recipe.load_builtin(name).description}")
@@ -161,7 +161,7 @@ def recipes_list() -> None:
 @recipes_app.command("show")
 def recipes_show(name: str = typer.Argument(..., help="A built-in recipe name.")) -> None:
     """Print a built-in recipe's YAML (accepted unchanged by `prunekit run`)."""
-    from prunekit import recipe
+    from prunekit.jobs import recipe
 
     typer.echo(recipe.builtin_text(name), nl=False)
 
@@ -267,8 +267,8 @@ def bench(
     no_memory: bool = typer.Option(False, "--no-memory", help="Skip the peak-RSS probes."),
 ) -> None:
     """Latency p50/p99/mean, throughput, peak RSS and size of dense, pruned, pruned+INT8 and compiled."""
-    from prunekit import bench as bench_mod
     from prunekit.files import atomic_write_json
+    from prunekit.jobs import bench as bench_mod
 
     shape = parse_ints(input_shape) if input_shape else None
     src = bench_mod.resolve_source(source, out, shape)
@@ -306,7 +306,7 @@ def structured(
     runs: int = typer.Option(200, "--runs", help="Timed runs per model for latency."),
 ) -> None:
     """Physically remove channels/heads/neurons and measure params, MACs and latency before and after."""
-    from prunekit.structured.run import load_model_spec, run_structured
+    from prunekit.jobs.structured import load_model_spec, run_structured
 
     shape = parse_ints(input_shape) if input_shape else None
     net, example = load_model_spec(model, shape)
@@ -359,7 +359,7 @@ def _stage_bars(quiet: bool):
 
 
 def _text_settings(calib_samples: int, seqlen: int, calib_file, eval_file, seed: int):
-    from prunekit.llm.job import TextSettings
+    from prunekit.jobs.llm import TextSettings
 
     return TextSettings(
         calib_samples=calib_samples,
@@ -403,7 +403,7 @@ def llm_prune(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Prune a causal LM one-shot (magnitude, Wanda, SparseGPT; unstructured or N:M; optional OWL)."""
-    from prunekit.llm.job import run_prune
+    from prunekit.jobs.llm import run_prune
     from prunekit.llm.prune import LLMPruneConfig
     from prunekit.spec import NM, Unstructured, parse
 
@@ -450,7 +450,7 @@ def llm_eval(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Perplexity of a causal LM on held-out text (non-overlapping windows of --seqlen tokens)."""
-    from prunekit.llm.job import run_eval
+    from prunekit.jobs.llm import run_eval
 
     _threads(threads)
     m = run_eval(model, _text_settings(1, seqlen, None, eval_file, 0), progress=_stage_bars(quiet))

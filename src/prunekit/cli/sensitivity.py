@@ -1,6 +1,7 @@
 """`prunekit analyze sensitivity ARTIFACT`: per-layer sensitivity curves (prunekit.analysis.sensitivity) as a
 table, ``sensitivity.json``, ``sensitivity.csv`` and ``sensitivity.png``; with ``--target`` also the
-per-layer allocation that meets it (prunekit.allocate), printed and written to ``allocation.json``.
+per-layer allocation that meets it (prunekit.allocate.sensitivity), printed and written to
+``allocation.json``.
 """
 
 from __future__ import annotations
@@ -9,15 +10,13 @@ from pathlib import Path
 
 import typer
 
-from prunekit.cli_analyze import analyze_app
-from prunekit.cli_export import parse_floats
+from prunekit.cli.export import parse_floats
 from prunekit.errors import PrunekitError
 from prunekit.spec import check_sparsity
 
 _GRID = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95"
 
 
-@analyze_app.command("sensitivity")
 def sensitivity(
     artifact: Path = typer.Argument(..., help="A prunekit artifact (.safetensors) of a classifier."),
     data: str = typer.Option("digits", "--data", help="digits or npz."),
@@ -40,7 +39,7 @@ def sensitivity(
     """Prune each layer alone at each sparsity (no fine-tuning) and measure the validation metric drop."""
     from torch import nn
 
-    from prunekit.allocate import sensitivity_allocation
+    from prunekit.allocate.sensitivity import sensitivity_allocation
     from prunekit.analysis import sensitivity as sens
     from prunekit.artifact import load_artifact
     from prunekit.data import load_splits

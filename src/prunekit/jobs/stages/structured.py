@@ -1,6 +1,6 @@
 """The structured stage of a recipe run: the model physically shrunk (prunekit.structured), by ratio or,
 with ``allocation: latency``, by per-group ratios meeting a batch-1 latency target
-(prunekit.structured.latency); optional fine-tuning afterwards."""
+(prunekit.allocate.latency); optional fine-tuning afterwards."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import torch
 from torch import nn
 
 from prunekit.errors import PrunekitError
-from prunekit.recipe import StructuredStage
+from prunekit.jobs.recipe import StructuredStage
 
-log = logging.getLogger("prunekit.pipeline")  # the run's messages keep the logger they always had
+log = logging.getLogger("prunekit.jobs.run")  # the run's messages keep the logger they always had
 
 
 class StructuredStages:
-    """The structured stage of a :class:`prunekit.pipeline.Run`."""
+    """The structured stage of a :class:`prunekit.jobs.run.Run`."""
 
     def structured(self, stage: StructuredStage) -> None:
         """Physically shrink the model; the prune log goes into every later export."""
@@ -62,7 +62,7 @@ class StructuredStages:
         """Per-group ratios meeting ``target_latency`` at batch 1 (the latency the evaluate stages time),
         predicted loss = validation cross-entropy increase with one group pruned alone; the tables, the
         choice and the predicted and measured latency go to ``metrics["latency_allocation"]``."""
-        from prunekit.structured.latency import prune_for_latency
+        from prunekit.allocate.latency import prune_for_latency
 
         val = self.loader("val")
 

@@ -10,14 +10,14 @@ import torch
 from torch import nn
 
 from prunekit.analysis import compare_latency, count_params, evaluate, layer_table, prediction_agreement
+from prunekit.jobs.recipe import EvaluateStage, to_dict
 from prunekit.masking import squash
-from prunekit.recipe import EvaluateStage, to_dict
 
 _COMPILED = " (compiled)"  # latency label of an evaluated model's prunekit.runtime.compile twin
 
 
 class MeasureStages:
-    """The evaluate stage and latency measurement of a :class:`prunekit.pipeline.Run`."""
+    """The evaluate stage and latency measurement of a :class:`prunekit.jobs.run.Run`."""
 
     def evaluate(self, stage: EvaluateStage) -> None:
         result = evaluate(self.model, self.loader("test"), self.data.num_classes)

@@ -10,8 +10,8 @@ Output: ``y = float32(acc) * (s_x * s_w) + bias`` where ``acc`` is the exact int
 ``x_q`` and ``q`` (int32 in a kernel; computed here in float64, exact far beyond any layer's size), and
 ``s_x * s_w`` is one float32 vector product. The CPU runtime's int8 kernels reproduce this bit for bit.
 
-Converting a model: :func:`quantize_model` here (the conversion itself is :mod:`prunekit.ptq`, BatchNorm
-folding :mod:`prunekit.fold`, quantization-aware fine-tuning :mod:`prunekit.qat`).
+Converting a model: :func:`quantize_model` here (the conversion itself is :mod:`prunekit.quant.ptq`, BatchNorm
+folding :mod:`prunekit.quant.fold`, quantization-aware fine-tuning :mod:`prunekit.quant.qat`).
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from prunekit.compress.container import quantize_int8
 
 
 def quantize_model(model: nn.Module, **kwargs) -> nn.Module:
-    """An INT8 copy of ``model``: :func:`prunekit.ptq.quantize` (``activations="static" | "dynamic"``,
+    """An INT8 copy of ``model``: :func:`prunekit.quant.ptq.quantize` (``activations="static" | "dynamic"``,
     ``calibration=`` batches, ``calibration_batches``, ``types`` / ``include`` / ``exclude``,
     ``classifier``), returning only the converted model."""
-    from prunekit.ptq import quantize  # ptq builds on the layers below: imported when called
+    from prunekit.quant.ptq import quantize  # ptq builds on the layers below: imported when called
 
     return quantize(model, **kwargs).model
 

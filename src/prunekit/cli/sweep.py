@@ -1,5 +1,5 @@
 """`prunekit analyze sweep`: accuracy, size and measured latency against sparsity for several methods, as
-one PNG with the trade-off curves and Pareto fronts plus the table as CSV and JSON (prunekit.analysis.sweep).
+one PNG with the trade-off curves and Pareto fronts plus the table as CSV and JSON (prunekit.jobs.sweep).
 """
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ from pathlib import Path
 
 import typer
 
-from prunekit.cli_analyze import analyze_app
 from prunekit.errors import PrunekitError
 
 
@@ -19,7 +18,6 @@ def _grid(text: str) -> list[float]:
         raise PrunekitError(f"--grid: comma-separated sparsities such as 0.5,0.8,0.9, got {text!r}") from None
 
 
-@analyze_app.command("sweep")
 def sweep(
     artifact: Path = typer.Argument(
         ...,
@@ -56,9 +54,9 @@ def sweep(
     """Prune copies of a model with each method at each sparsity and measure accuracy, size and latency."""
     import torch
 
-    from prunekit.analysis.sweep import check_grid, parse_methods, run_sweep, write_sweep
     from prunekit.artifact import load_artifact
     from prunekit.data import load_splits
+    from prunekit.jobs.sweep import check_grid, parse_methods, run_sweep, write_sweep
 
     if llm:
         _check_llm_flags(data, data_path, finetune_epochs, compile)
@@ -125,14 +123,14 @@ def _check_llm_flags(data, data_path, finetune_epochs, compile_too) -> None:  # 
 def _llm_sweep(model, out, methods, grid, calib_file, eval_file, seqlen, calib_samples, runs, threads, seed):  # noqa: ANN001
     import torch
 
-    from prunekit.analysis.sweep import write_sweep
-    from prunekit.analysis.sweep_llm import (
+    from prunekit.jobs.llm import TextSettings
+    from prunekit.jobs.sweep import write_sweep
+    from prunekit.jobs.sweep_llm import (
         DEFAULT_GRID,
         DEFAULT_METHODS,
         parse_llm_methods,
         run_llm_sweep_from_path,
     )
-    from prunekit.llm.job import TextSettings
 
     runs = 20 if runs is None else runs
     if runs < 1 or threads < 1:

@@ -5,11 +5,11 @@ prune targets and AGP schedules), so a recipe that cannot work fails at once and
 from __future__ import annotations
 
 from prunekit.errors import PrunekitError
-from prunekit.recipe import PruneStage, QuantizeStage
+from prunekit.jobs.recipe import PruneStage, QuantizeStage
 
 
 class RecipeChecks:
-    """The up-front checks of a :class:`prunekit.pipeline.Run`'s recipe."""
+    """The up-front checks of a :class:`prunekit.jobs.run.Run`'s recipe."""
 
     def check(self) -> None:
         """Check the model against the data and every prune stage against the model before any stage runs,
@@ -18,7 +18,7 @@ class RecipeChecks:
         self._check_data()
         self._check_distill_features()
         kinds = [stage.type for stage in self.recipe.stages]
-        from prunekit.ptq import int8_plan
+        from prunekit.quant.ptq import int8_plan
 
         if int8_plan(self.model) is not None:  # model.artifact is an int8 artifact
             bad = [(i, k) for i, k in enumerate(kinds) if k not in ("evaluate", "export")]
@@ -43,7 +43,7 @@ class RecipeChecks:
             )
         for i, stage in enumerate(self.recipe.stages):
             if isinstance(stage, QuantizeStage):  # a glob that matches nothing fails now, not after training
-                from prunekit.ptq import choose_layers
+                from prunekit.quant.ptq import choose_layers
 
                 try:
                     choose_layers(

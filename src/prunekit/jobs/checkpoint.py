@@ -237,7 +237,7 @@ def load_latest(out: str | Path) -> tuple[dict[str, Any], Path]:
     raise PrunekitError(f"--resume: no checkpoint to resume from in {folder}{why}")
 
 
-# -- recipe runs (prunekit.pipeline.Run) -------------------------------------------------------------------
+# -- recipe runs (prunekit.jobs.run.Run) -------------------------------------------------------------------
 # the Run attributes a checkpoint carries (JSON-able); a new piece of run state must be added here
 RUN_FIELDS = (
     "rounds",
@@ -258,11 +258,11 @@ RUN_FIELDS = (
 
 
 def save_run(run, position: dict[str, Any], train_state=None, sparsifier=None) -> None:
-    """Checkpoint a :class:`prunekit.pipeline.Run` at ``position`` (``stage``: the stage to run or being
+    """Checkpoint a :class:`prunekit.jobs.run.Run` at ``position`` (``stage``: the stage to run or being
     run, ``round``: its rounds done); ``train_state``: the interrupted training's ``state`` function.
 
     Every rank calls this (the training state sums the loss over the ranks); only rank 0 writes."""
-    from prunekit.recipe import to_dict
+    from prunekit.jobs.recipe import to_dict
 
     run.checkpoints += 1
     train = train_state() if train_state is not None else None
@@ -331,8 +331,8 @@ def _architecture(run, structured: int):
 
 def restore_run(run, state: dict[str, Any]) -> dict[str, Any]:
     """Put a checkpoint's state into a freshly built ``run``; returns the position to continue from."""
+    from prunekit.jobs.recipe import EvaluateStage
     from prunekit.masking import load_masked_state_dict
-    from prunekit.recipe import EvaluateStage
     from prunekit.spec import from_dict as spec_from_dict
     from prunekit.structured.apply import apply_plan
 

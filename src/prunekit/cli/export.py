@@ -90,7 +90,7 @@ def _from_artifact(path: Path, shape: tuple[int, ...] | None) -> tuple[nn.Module
 
 
 def _from_structured_dir(path: Path, shape: tuple[int, ...] | None) -> tuple[nn.Module, tuple[int, ...]]:
-    from prunekit.structured.run import load_model_spec
+    from prunekit.jobs.structured import load_model_spec
     from prunekit.structured.storage import LOG, WEIGHTS, load
 
     missing = [name for name in (LOG, WEIGHTS, "metrics.json") if not (path / name).is_file()]

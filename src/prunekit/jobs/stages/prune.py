@@ -9,18 +9,18 @@ import logging
 from torch import nn
 from tqdm.auto import tqdm
 
-from prunekit import checkpoint as ckpt
+from prunekit.jobs import checkpoint as ckpt
+from prunekit.jobs.recipe import PruneStage
 from prunekit.masking import get_masks
-from prunekit.recipe import PruneStage
 from prunekit.sparsifier import Sparsifier
 from prunekit.spec import NM
 from prunekit.targets import Targets, left_dense
 
-log = logging.getLogger("prunekit.pipeline")  # the run's messages keep the logger they always had
+log = logging.getLogger("prunekit.jobs.run")  # the run's messages keep the logger they always had
 
 
 class PruneStages:
-    """The prune stage of a :class:`prunekit.pipeline.Run`."""
+    """The prune stage of a :class:`prunekit.jobs.run.Run`."""
 
     def _sparsifier(self, stage: PruneStage, allocation: dict[str, float] | None = None) -> Sparsifier:
         """The stage's sparsifier; constructing it checks targets, patterns and schedule on the model."""
@@ -44,12 +44,12 @@ class PruneStages:
 
     def _sensitivity_allocation(self, stage: PruneStage) -> dict[str, float]:
         """``allocation: sensitivity``: per-layer curves on the validation split, then per-layer sparsities
-        meeting the stage's sparsity exactly (prunekit.allocate); the curves and the choice go to
+        meeting the stage's sparsity exactly (prunekit.allocate.sensitivity); the curves and the choice go to
         ``metrics["allocation"]``, the heat map to ``sensitivity.png`` (``sensitivity-2.png``, ... for later
         stages). Layers already pruned by an earlier stage are not allocated less than they have."""
-        from prunekit.allocate import sensitivity_allocation
+        from prunekit.allocate.sensitivity import sensitivity_allocation
         from prunekit.analysis.sensitivity import sensitivity_analysis, write_heatmap
-        from prunekit.recipe import SensitivityCfg
+        from prunekit.jobs.recipe import SensitivityCfg
 
         probe = self._sparsifier(stage)  # the targeted layers and the criterion, nothing attached
         cfg = stage.sensitivity or SensitivityCfg()
@@ -147,7 +147,7 @@ class PruneStages:
         self.dense_layers = left_dense(self.model, self.specs, targets)
 
     def _configure_gates(self, stage: PruneStage, sparsifier: Sparsifier) -> None:
-        from prunekit.recipe import L0Cfg
+        from prunekit.jobs.recipe import L0Cfg
 
         cfg = stage.l0 or L0Cfg()
         steps = stage.finetune.epochs * len(self.loader("train", shuffle=True))

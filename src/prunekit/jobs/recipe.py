@@ -195,7 +195,7 @@ class PruneStage(Strict):
     finetune: Optim | None = None  # after each round (iterative) or during the schedule (agp)
     # per-layer sparsities: 'uniform' (the pattern's everywhere, or one global threshold with group: global)
     # or 'sensitivity' (measured per-layer curves -> least predicted loss at exactly the pattern's sparsity
-    # overall, prunekit.allocate); `sensitivity` configures the measurement
+    # overall, prunekit.allocate.sensitivity); `sensitivity` configures the measurement
     allocation: Literal["uniform", "sensitivity"] = "uniform"
     sensitivity: SensitivityCfg | None = None
     l0: L0Cfg | None = None  # criterion 'l0': gate settings (defaults when left out)
@@ -299,7 +299,7 @@ class StructuredStage(Strict):
     calibration_batches: int = Field(8, ge=1)  # for the data-driven importances
     finetune: Optim | None = None
     # 'latency': per-group ratios chosen to meet target_latency as measured on this machine, with the least
-    # predicted loss (prunekit.structured.latency)
+    # predicted loss (prunekit.allocate.latency)
     allocation: Literal["uniform", "latency"] = "uniform"
     target_latency: float | str | None = None  # 0.6: 60% of the dense p50; "2.5ms": absolute (batch 1)
     latency_grid: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75])  # ratios tried per group
@@ -329,7 +329,7 @@ class StructuredStage(Strict):
             raise ValueError("allocation 'latency' chooses the ratios itself: remove 'ratio'")
         if self.target_latency is None:
             raise ValueError("allocation 'latency' needs 'target_latency' (e.g. 0.6 or '2.5ms')")
-        from prunekit.structured.latency import resolve_budget
+        from prunekit.allocate.latency import resolve_budget
 
         try:
             resolve_budget(self.target_latency, 1.0)
@@ -341,7 +341,8 @@ class StructuredStage(Strict):
 
 
 class QuantizeStage(Strict):
-    """INT8 weights (per output channel) and activations (per tensor), prunekit.ptq / prunekit.qat.
+    """INT8 weights (per output channel) and activations (per tensor): prunekit.quant.ptq and
+    prunekit.quant.qat.
 
     After it the model is int8: only evaluate and export stages may follow.
     """
@@ -386,8 +387,8 @@ STAGE_TYPES = ("train", "prune", "structured", "finetune", "quantize", "evaluate
 
 
 class CheckpointCfg(Strict):
-    """Checkpoints in ``OUT/checkpoint/`` for ``prunekit run --resume`` (prunekit.checkpoint): after every
-    training/pruning stage and pruning round, and every ``every_steps`` optimizer steps inside training.
+    """Checkpoints in ``OUT/checkpoint/`` for ``prunekit run --resume`` (prunekit.jobs.checkpoint): after
+    every training/pruning stage and pruning round, and every ``every_steps`` optimizer steps inside training.
     Not part of the recipe's identity: a run may resume with other values here."""
 
     enabled: bool = True

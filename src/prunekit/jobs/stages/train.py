@@ -8,8 +8,8 @@ import copy
 from typing import Any
 
 from prunekit.errors import PrunekitError
+from prunekit.jobs.recipe import FinetuneStage, Optim, TrainStage
 from prunekit.masking import squash
-from prunekit.recipe import FinetuneStage, Optim, TrainStage
 from prunekit.recovery import TrainConfig, train
 from prunekit.sparsifier import Sparsifier
 
@@ -64,7 +64,7 @@ class TrainStages:
     def _keep_teacher(self) -> None:
         """At the first prune / structured / quantize stage, copy the model as the teacher if any stage
         distills (frozen; masks squashed into the copy, so it shares no parametrization with the model)."""
-        from prunekit.recipe import TEACHER_STAGES
+        from prunekit.jobs.recipe import TEACHER_STAGES
 
         kinds = [s.type for s in self.recipe.stages]
         first = next((i for i, k in enumerate(kinds) if k in TEACHER_STAGES), None)

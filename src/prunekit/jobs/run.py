@@ -20,26 +20,26 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from prunekit import checkpoint as ckpt
 from prunekit.analysis import count_params, evaluate, layer_table
 from prunekit.analysis.perclass import DEFAULT_THRESHOLD_POINTS, check_metrics, evaluated_labels
 from prunekit.artifact import load_artifact
 from prunekit.data import Splits, load_splits
-from prunekit.distributed import Context
 from prunekit.errors import PrunekitError
 from prunekit.files import atomic_write_json
+from prunekit.jobs import checkpoint as ckpt
+from prunekit.jobs.distributed import Context
+from prunekit.jobs.recipe import EvaluateStage, Recipe, to_dict
+from prunekit.jobs.runlog import RunLog
+from prunekit.jobs.stages.checks import RecipeChecks
+from prunekit.jobs.stages.measure import _COMPILED as _COMPILED  # re-exported: prunekit.jobs.run._COMPILED
+from prunekit.jobs.stages.measure import MeasureStages
+from prunekit.jobs.stages.output import OutputStages
+from prunekit.jobs.stages.prune import PruneStages
+from prunekit.jobs.stages.structured import StructuredStages
+from prunekit.jobs.stages.train import TrainStages
+from prunekit.jobs.stages.train import _train_cfg as _train_cfg  # re-exported: prunekit.jobs.run._train_cfg
 from prunekit.masking import get_masks
-from prunekit.recipe import EvaluateStage, Recipe, to_dict
-from prunekit.runlog import RunLog
 from prunekit.spec import Spec
-from prunekit.stages.checks import RecipeChecks
-from prunekit.stages.measure import _COMPILED as _COMPILED  # re-exported: prunekit.pipeline._COMPILED
-from prunekit.stages.measure import MeasureStages
-from prunekit.stages.output import OutputStages
-from prunekit.stages.prune import PruneStages
-from prunekit.stages.structured import StructuredStages
-from prunekit.stages.train import TrainStages
-from prunekit.stages.train import _train_cfg as _train_cfg  # re-exported: prunekit.pipeline._train_cfg
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def seed_everything(seed: int) -> None:
 
 
 class Run(TrainStages, PruneStages, StructuredStages, MeasureStages, OutputStages, RecipeChecks):
-    """The state a recipe threads through its stages; the stages themselves are in prunekit.stages."""
+    """The state a recipe threads through its stages; the stages themselves are in prunekit.jobs.stages."""
 
     def __init__(
         self,
@@ -62,7 +62,7 @@ class Run(TrainStages, PruneStages, StructuredStages, MeasureStages, OutputStage
         runlog: RunLog | None = None,
     ) -> None:
         self.recipe, self.out, self.progress = recipe, out, progress
-        self.ctx = ctx or Context()  # torch.distributed rank and world (prunekit.distributed)
+        self.ctx = ctx or Context()  # torch.distributed rank and world (prunekit.jobs.distributed)
         self.runlog = runlog or RunLog(out / "log.jsonl", enabled=False)
         seed_everything(recipe.seed)
         d = recipe.data
@@ -83,7 +83,7 @@ class Run(TrainStages, PruneStages, StructuredStages, MeasureStages, OutputStage
         self.groups: dict[str, str] = {}  # comparison group of each pruned layer, for the report
         self.int8: dict[str, Any] | None = None  # what the quantize stage did (metrics["quantization"])
         self.masks: dict[str, torch.Tensor] | None = None  # the masks an int8 model was made from
-        # checkpoint and resume (prunekit.checkpoint)
+        # checkpoint and resume (prunekit.jobs.checkpoint)
         self.stage_index = 0
         self.global_step = 0  # optimizer steps in this run's training: checkpoint.every_steps counts them
         self.checkpoints = 0  # checkpoints written (or resumed from)
@@ -213,7 +213,7 @@ def run_recipe(
     ``out/log.jsonl`` logs every round and epoch (and ``tensorboard``, a directory, gets them as
     TensorBoard scalars); ``out/checkpoint/`` holds the last two checkpoints, and ``resume=True``
     continues from the newest one (the recipe must be the one it was written with). Under torchrun the
-    run is distributed (prunekit.distributed); only rank 0 writes, and every rank returns its metrics."""
+    run is distributed (prunekit.jobs.distributed); only rank 0 writes, and every rank returns its metrics."""
     if not class_drop >= 0:
         raise PrunekitError(f"--class-drop must be >= 0 recall points, got {class_drop}")
     out = Path(out)
@@ -221,7 +221,7 @@ def run_recipe(
     threads = torch.get_num_threads()
     if recipe.threads is not None:
         torch.set_num_threads(recipe.threads)
-    from prunekit.distributed import session
+    from prunekit.jobs.distributed import session
 
     try:
         with session() as ctx:
@@ -258,7 +258,7 @@ def _run(
 
     ctx = ctx or Context()
     if tensorboard is not None:
-        from prunekit.runlog import check_tensorboard
+        from prunekit.jobs.runlog import check_tensorboard
 
         check_tensorboard()
     saved = ckpt.load_latest(out) if resume else None  # before any work: a bad --resume fails at once

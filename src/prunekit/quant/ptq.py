@@ -1,6 +1,6 @@
-"""Post-training INT8 conversion of a (pruned) model into :mod:`prunekit.quantize` layers.
+"""Post-training INT8 conversion of a (pruned) model into :mod:`prunekit.quant.layers` layers.
 
-:func:`quantize` (and its short form :func:`prunekit.quantize.quantize_model`) returns a converted copy
+:func:`quantize` (and its short form :func:`prunekit.quant.layers.quantize_model`) returns a converted copy
 with what was done to each layer; the model passed in is not touched. In order:
 
 1. Masks are squashed (and QAT fake-quant removed), so a pruned weight is an exact zero before rounding;
@@ -17,7 +17,7 @@ with what was done to each layer; the model passed in is not touched. In order:
    outliers worth clipping, and max never clips an input the calibration saw). Dynamic activations
    compute ``max|x| / 127`` per call instead and need no data.
 4. BatchNorm that follows a chosen convolution is folded into its int8 weights and float32 bias where
-   that is safe (:mod:`prunekit.fold`); its place is taken by :class:`FoldedBatchNorm`. Other BatchNorms
+   that is safe (:mod:`prunekit.quant.fold`); its place is taken by :class:`FoldedBatchNorm`. Other BatchNorms
    stay float, each in ``left_float`` with its reason (including one whose convolution stays float).
 5. The converted model is run once on the first calibration batch (or ``example``), so a module whose
    forward reads a converted layer's float ``weight`` is a one-line error here, not at the first use.
@@ -41,9 +41,9 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from prunekit.errors import PrunekitError, did_you_mean
-from prunekit.fold import find_conv_bn, fold_conv_bn
 from prunekit.masking import _own_class, type_name
-from prunekit.quantize import QuantizedConv2d, QuantizedLinear, _QuantizedLayer, activation_scale
+from prunekit.quant.fold import find_conv_bn, fold_conv_bn
+from prunekit.quant.layers import QuantizedConv2d, QuantizedLinear, _QuantizedLayer, activation_scale
 from prunekit.targets import classifier_name
 
 log = logging.getLogger(__name__)
@@ -227,7 +227,7 @@ def calibrate(model: nn.Module, layers: Iterable[str], batches: list[Tensor]) ->
 
 def plain_copy(model: nn.Module) -> nn.Module:
     """A copy with every weight parametrization (masks, fake-quant) written in and removed."""
-    from prunekit.qat import strip_qat
+    from prunekit.quant.qat import strip_qat
 
     work = copy.deepcopy(model)
     strip_qat(work)

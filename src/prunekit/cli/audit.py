@@ -20,7 +20,6 @@ from prunekit.analysis.perclass import (
     evaluated_labels,
     warning_lines,
 )
-from prunekit.cli_analyze import analyze_app
 from prunekit.errors import PrunekitError
 
 STRICT_HELP = f"Exit with code {STRICT_EXIT_CODE} when a class loses more than the threshold."
@@ -54,7 +53,6 @@ def _read_metrics(path: Path) -> dict[str, Any]:
     return data
 
 
-@analyze_app.command("classes")
 def classes(
     metrics_json: Path = typer.Argument(
         ..., metavar="METRICS_JSON", help="A run's metrics.json (or its dir)."
@@ -110,7 +108,6 @@ def _floats(text: str, option: str) -> tuple[float, ...]:
     return values
 
 
-@analyze_app.command("agreement")
 def agreement(
     dense: Path = typer.Argument(..., help="The reference artifact (.safetensors), e.g. dense."),
     pruned: Path = typer.Argument(..., help="The compressed model's artifact (.safetensors)."),

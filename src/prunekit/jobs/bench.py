@@ -1,9 +1,9 @@
 """``prunekit bench``: what a pruned model costs to run, for every way prunekit can deploy it, in one run.
 
 Variants: ``dense`` (the dense artifact, when the source has one), ``pruned`` (zeros run through dense
-kernels), ``pruned-int8`` (:func:`prunekit.quantize.quantize_model`, dynamic activations), ``compiled`` and
-``compiled-int8`` (:func:`prunekit.runtime.compile` of the two, decided per layer for each batch size and
-thread count). For each thread count and batch size every variant is timed in one interleaved run
+kernels), ``pruned-int8`` (:func:`prunekit.quant.layers.quantize_model`, dynamic activations), ``compiled``
+and ``compiled-int8`` (:func:`prunekit.runtime.compile` of the two, decided per layer for each batch size
+and thread count). For each thread count and batch size every variant is timed in one interleaved run
 (:func:`prunekit.analysis.compare_latency`): p50/p99/mean latency and throughput. Size is the file a user
 would ship (the dense artifact; the compressed artifact in float32 or int8 values). Peak RSS is measured for
 each variant in a fresh process, since one process cannot un-see another variant's memory.
@@ -55,7 +55,7 @@ def resolve_source(source: str, out: Path, input_shape: tuple[int, ...] | None =
     """``source``: a prunekit artifact (.safetensors), a recipe output directory (its ``dense`` export, its
     last other float export and its last INT8 export), a recipe YAML file or a built-in recipe name (run
     first, into ``out/run``)."""
-    from prunekit import recipe
+    from prunekit.jobs import recipe
 
     path = Path(source)
     if path.is_file() and path.suffix in (".yaml", ".yml"):
@@ -76,7 +76,7 @@ def resolve_source(source: str, out: Path, input_shape: tuple[int, ...] | None =
 
 
 def _run_recipe(rec, out: Path) -> Path:
-    from prunekit.pipeline import run_recipe
+    from prunekit.jobs.run import run_recipe
 
     run_dir = out / "run"
     log.info("bench: running recipe %s into %s first", rec.name, run_dir)
@@ -119,7 +119,7 @@ def _exports(directory: Path) -> tuple[Path | None, Path | None, Path | None]:
 
 
 def _sample_shape(artifact: Path, input_shape: tuple[int, ...] | None) -> tuple[int, ...]:
-    from prunekit.structured.run import load_model_spec
+    from prunekit.jobs.structured import load_model_spec
 
     full = (1, *input_shape[1:]) if input_shape else None
     _, example = load_model_spec(str(artifact), full)
@@ -128,7 +128,7 @@ def _sample_shape(artifact: Path, input_shape: tuple[int, ...] | None) -> tuple[
 
 def load_variant(source: Source, name: str) -> nn.Module:
     """One uncompiled variant as an eval-mode module (``compiled*`` are built per batch by :func:`bench`)."""
-    from prunekit.structured.run import load_model_spec
+    from prunekit.jobs.structured import load_model_spec
 
     if name not in VARIANTS:
         raise PrunekitError(f"bench: unknown variant {name!r}; allowed: {', '.join(VARIANTS)}")
@@ -141,7 +141,7 @@ def load_variant(source: Source, name: str) -> nn.Module:
         return load_model_spec(str(source.int8), shape)[0]
     pruned = load_model_spec(str(source.pruned), shape)[0]
     if name.endswith("int8"):
-        from prunekit.quantize import quantize_model
+        from prunekit.quant.layers import quantize_model
 
         return quantize_model(pruned, activations="dynamic").eval()
     return pruned
@@ -192,7 +192,7 @@ def peak_rss(source: Source, name: str, batch: int, runs: int, timeout_s: float 
     }
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "prunekit.bench", json.dumps(args)],
+            [sys.executable, "-m", "prunekit.jobs.bench", json.dumps(args)],
             capture_output=True,
             text=True,
             timeout=timeout_s,

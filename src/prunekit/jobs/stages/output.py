@@ -4,18 +4,18 @@ the safetensors artifact, the compressed artifact and the C99 export (prunekit.e
 from __future__ import annotations
 
 from prunekit.artifact import save_artifact
+from prunekit.jobs.recipe import ExportStage, QuantizeStage
 from prunekit.masking import get_masks
-from prunekit.recipe import ExportStage, QuantizeStage
 
 
 class OutputStages:
-    """The quantize and export stages of a :class:`prunekit.pipeline.Run`."""
+    """The quantize and export stages of a :class:`prunekit.jobs.run.Run`."""
 
     def quantize(self, stage: QuantizeStage) -> None:
         """INT8 conversion (after fake-quant fine-tuning when ``qat`` is given); the masks are squashed
         into the int8 weights, so later evaluate stages measure the int8 model."""
-        from prunekit.ptq import quantize
-        from prunekit.qat import convert_qat, prepare_qat
+        from prunekit.quant.ptq import quantize
+        from prunekit.quant.qat import convert_qat, prepare_qat
 
         select = {"include": stage.include, "exclude": stage.exclude, "classifier": stage.classifier}
         calib = self._calibration(stage.calibration_batches) if stage.activations == "static" else None
@@ -49,7 +49,7 @@ class OutputStages:
             from prunekit.artifact import plain_state_dict
             from prunekit.compress import save_compressed
             from prunekit.compress.source import tensor_specs
-            from prunekit.ptq import int8_plan
+            from prunekit.quant.ptq import int8_plan
 
             target = self.out / f"{stage.name}.compressed.safetensors"
             state = plain_state_dict(self.model)
@@ -64,6 +64,6 @@ class OutputStages:
             parts = ("value_bytes", "index_bytes", "scale_bytes", "file_overhead_bytes", "dense_bytes")
             self.compressed_parts[stage.name] = {k: totals[k] for k in parts}
         if stage.c:  # OUT/<name>-c/: the INT8 model as C99 (prunekit.export.c), budgets in metrics[name]
-            from prunekit.export.c.stage import export_c_stage
+            from prunekit.jobs.export_c import export_c_stage
 
             export_c_stage(self, stage)

@@ -32,7 +32,7 @@ import torch
 from prunekit import runtime
 from prunekit.analysis import compare_latency
 from prunekit.masking import squash
-from prunekit.quant.layers import quantize_model
+from prunekit.quant.ptq import quantize_model
 from prunekit.sparsifier import Sparsifier
 
 

@@ -17,7 +17,7 @@ from prunekit.errors import PrunekitError
 from prunekit.jobs import bench
 from prunekit.masking import get_masks
 from prunekit.models import build_model
-from prunekit.quant.layers import quantize_model
+from prunekit.quant.ptq import quantize_model
 from prunekit.sparsifier import Sparsifier
 
 ARGS = {"widths": [16, 32], "blocks": 1, "in_channels": 1, "num_classes": 10}

@@ -14,7 +14,6 @@ from typer.testing import CliRunner
 
 from prunekit.cli.commands import app
 from prunekit.compress import ArtifactCorrupted, load_compressed, read_header, save_compressed
-from prunekit.compress.container import dequantize, quantize_int8
 from prunekit.compress.encodings import (
     ENCODINGS,
     candidates,
@@ -27,6 +26,7 @@ from prunekit.compress.encodings import (
 )
 from prunekit.compress.inspect import inspect_compressed
 from prunekit.errors import PrunekitError
+from prunekit.quant.rounding import dequantize, quantize_int8
 from prunekit.select import nm_mask
 from test_cli import call_main
 

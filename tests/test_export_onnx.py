@@ -193,7 +193,7 @@ def test_a_single_file_export_removes_the_side_file_of_an_earlier_one(tmp_path):
 
 
 def test_int8_model_is_refused_up_front_with_a_one_line_hint(tmp_path):
-    from prunekit.quant.layers import quantize_model
+    from prunekit.quant.ptq import quantize_model
 
     model = quantize_model(tiny_resnet(), activations="dynamic")
     with pytest.raises(PrunekitError) as info:
@@ -479,7 +479,7 @@ def test_cli_bad_options_exit_2(monkeypatch, capsys, artifact, tmp_path, args, m
 
 
 def test_cli_refuses_an_int8_artifact_in_one_line(monkeypatch, capsys, tmp_path):
-    from prunekit.quant.layers import quantize_model
+    from prunekit.quant.ptq import quantize_model
 
     path = tmp_path / "q.safetensors"
     save_artifact(

@@ -14,16 +14,19 @@ from prunekit.artifact import inspect_artifact, load_artifact, read_artifact, sa
 from prunekit.errors import PrunekitError
 from prunekit.masking import apply_masks, get_masks, weight_parameter
 from prunekit.models import build_model
+from prunekit.quant.fake import FakeQuantWeight, strip_qat
 from prunekit.quant.fold import find_conv_bn, fold_conv_bn
-from prunekit.quant.layers import (
-    QuantizedConv2d,
-    QuantizedLinear,
-    activation_scale,
-    quantize_activation,
+from prunekit.quant.layers import QuantizedConv2d, QuantizedLinear
+from prunekit.quant.ptq import (
+    CLASSIFIER_REASON,
+    FoldedBatchNorm,
+    calibrate,
+    int8_plan,
+    quantize,
     quantize_model,
 )
-from prunekit.quant.ptq import CLASSIFIER_REASON, FoldedBatchNorm, calibrate, int8_plan, quantize
-from prunekit.quant.qat import FakeQuantWeight, convert_qat, prepare_qat, strip_qat
+from prunekit.quant.qat import convert_qat, prepare_qat
+from prunekit.quant.rounding import activation_scale, quantize_activation
 from prunekit.structured.mha import HeadPrunedMultiheadAttention
 
 # conversion is "close to float" when no logit moves by more than this fraction of the largest |logit|:

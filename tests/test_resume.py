@@ -25,6 +25,7 @@ from prunekit.jobs import checkpoint as ckpt
 from prunekit.jobs import recipe
 from prunekit.jobs.run import run_recipe
 from prunekit.jobs.runlog import read_log
+from prunekit.rng import rng_state
 
 # 1,078 training images in batches of 32: 34 steps per epoch; 68 dense steps, then 2 pruning rounds
 # (50%, 75%) of 34 fine-tuning steps each: 136 steps, so checkpoints 1-4 (every 16 steps) fall in the
@@ -221,7 +222,7 @@ def test_pack_round_trips_nested_training_state_exactly():
     opt.step()
     state = {
         "optimizer": opt.state_dict(),
-        "rng": ckpt.rng_state(),
+        "rng": rng_state(),
         "t": (1, 2.5, None, "x"),
         "e": {},
         "l": [],

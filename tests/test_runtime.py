@@ -265,7 +265,7 @@ def test_sparse_int8_conv_is_bit_exact(spec, kernel):
 
 
 def test_int8_quantization_matches_the_reference_rounding():
-    from prunekit.quant.layers import quantize_activation
+    from prunekit.quant.rounding import quantize_activation
 
     g = torch.Generator().manual_seed(0)
     for x in [

@@ -36,7 +36,7 @@ _EXPORTS = {
     "TrainConfig": "prunekit.recovery",
     "train": "prunekit.recovery",
     "Distiller": "prunekit.recovery",
-    "quantize_model": "prunekit.quant.layers",
+    "quantize_model": "prunekit.quant.ptq",
     "prepare_qat": "prunekit.quant.qat",
     "convert_qat": "prunekit.quant.qat",
     "save_artifact": "prunekit.artifact",

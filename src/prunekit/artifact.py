@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from prunekit import __version__
 from prunekit.compress.encodings import pack_bits, unpack_bits
 from prunekit.errors import PrunekitError
 from prunekit.files import atomic_write_bytes
@@ -61,12 +62,6 @@ class ArtifactInfo:
     int8: dict[str, Any] | None = (
         None  # which layers are int8 (prunekit.quant.ptq.int8_plan), for INT8 models
     )
-
-
-def library_version() -> str:
-    from prunekit import __version__
-
-    return __version__
 
 
 def _digest(tensors: dict[str, torch.Tensor], header: dict[str, Any]) -> str:
@@ -130,7 +125,7 @@ def save_artifact(
     header = {
         "format": FORMAT,
         "format_version": 2 if int8 else 1,
-        "library_version": library_version(),
+        "library_version": __version__,
         "model": model_info,
         "specs": {name: spec.to_dict() for name, spec in (specs or {}).items()},
         "masks": {name: list(mask.shape) for name, mask in masks.items()},
@@ -149,7 +144,7 @@ def save_artifact(
 def _refuse_qat(model: nn.Module) -> None:
     """A QAT-prepared model would be stored with its fake-quantized weights (the trained latent float ones
     lost) and reload as a plain float model or not at all: refuse it."""
-    from prunekit.quant.qat import fake_quantized  # imported when called, like prunekit.quant.ptq
+    from prunekit.quant.fake import fake_quantized
 
     layers = fake_quantized(model)
     if layers:

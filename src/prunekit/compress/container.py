@@ -22,9 +22,11 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from prunekit import __version__
 from prunekit.compress.encodings import ENCODINGS, Encoded, decode, nonzero_mask, smallest
 from prunekit.errors import PrunekitError
 from prunekit.files import atomic_write_bytes, safetensors_metadata
+from prunekit.quant.rounding import dequantize, quantize_int8
 
 FORMAT = "prunekit.compressed"
 FORMAT_VERSION = 1
@@ -60,21 +62,6 @@ class TensorInfo:
         return self.value_bytes + self.index_bytes + self.scale_bytes
 
 
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-channel symmetric int8: ``q = round(w / s)`` in [-127, 127], ``s = max|w_row| / 127``
-    (1 for an all-zero row). Zeros map to exactly zero."""
-    rows = w.detach().to(torch.float32).reshape(w.shape[0], math.prod(w.shape[1:]))
-    scale = rows.abs().amax(dim=1) / 127.0
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(rows / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q.reshape(w.shape), scale
-
-
-def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    rows = q.reshape(q.shape[0], math.prod(q.shape[1:])).to(torch.float32)
-    return (rows * scale[:, None]).reshape(q.shape).to(dtype)
-
-
 def _sha256(t: torch.Tensor) -> str:
     data = t.contiguous().reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
     return hashlib.sha256(data.numpy().tobytes()).hexdigest()
@@ -93,7 +80,6 @@ def encode_state(
     encodings=ENCODINGS,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The tensors and header of a compressed artifact for ``state`` (name -> tensor)."""
-    from prunekit.artifact import library_version  # artifact imports this package's encodings
 
     if value_dtype not in VALUE_DTYPES:
         raise PrunekitError(f"value dtype '{value_dtype}' is not one of: {', '.join(VALUE_DTYPES)}")
@@ -137,7 +123,7 @@ def encode_state(
     header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "library_version": library_version(),
+        "library_version": __version__,
         "value_dtype": value_dtype,
         "tensors": entries,
     }

@@ -1,7 +1,7 @@
 """``prunekit bench``: what a pruned model costs to run, for every way prunekit can deploy it, in one run.
 
 Variants: ``dense`` (the dense artifact, when the source has one), ``pruned`` (zeros run through dense
-kernels), ``pruned-int8`` (:func:`prunekit.quant.layers.quantize_model`, dynamic activations), ``compiled``
+kernels), ``pruned-int8`` (:func:`prunekit.quant.ptq.quantize_model`, dynamic activations), ``compiled``
 and ``compiled-int8`` (:func:`prunekit.runtime.compile` of the two, decided per layer for each batch size
 and thread count). For each thread count and batch size every variant is timed in one interleaved run
 (:func:`prunekit.analysis.compare_latency`): p50/p99/mean latency and throughput. Size is the file a user
@@ -141,7 +141,7 @@ def load_variant(source: Source, name: str) -> nn.Module:
         return load_model_spec(str(source.int8), shape)[0]
     pruned = load_model_spec(str(source.pruned), shape)[0]
     if name.endswith("int8"):
-        from prunekit.quant.layers import quantize_model
+        from prunekit.quant.ptq import quantize_model
 
         return quantize_model(pruned, activations="dynamic").eval()
     return pruned

@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import signal
 import tempfile
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 from prunekit.errors import PrunekitError
+from prunekit.rng import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -77,17 +77,6 @@ def unpack(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
             return {unpack(k, tensors): unpack(v, tensors) for k, v in obj["__dict__"]}
         raise PrunekitError(f"checkpoint: unknown entry with keys {sorted(obj)}")
     return obj
-
-
-# -- RNG states ------------------------------------------------------------------------------------------
-def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
 
 
 # -- object state (criteria keep score tensors between steps) --------------------------------------------
@@ -385,9 +374,7 @@ __all__ = [
     "recipe_differences",
     "recipe_sha256",
     "restore_run",
-    "rng_state",
     "save",
     "save_run",
-    "set_rng_state",
     "unpack",
 ]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import random
 import time
 from pathlib import Path
 from typing import Any
@@ -39,15 +38,10 @@ from prunekit.jobs.stages.structured import StructuredStages
 from prunekit.jobs.stages.train import TrainStages
 from prunekit.jobs.stages.train import _train_cfg as _train_cfg  # re-exported: prunekit.jobs.run._train_cfg
 from prunekit.masking import get_masks
+from prunekit.rng import seed_everything
 from prunekit.spec import Spec
 
 log = logging.getLogger(__name__)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 class Run(TrainStages, PruneStages, StructuredStages, MeasureStages, OutputStages, RecipeChecks):

@@ -1,17 +1,17 @@
 """INT8 after pruning: the arithmetic every int8 layer in prunekit follows.
 
 Weights: per-output-channel symmetric int8, ``q = round(w / s_w)`` in [-127, 127] with
-``s_w = max|w_row| / 127`` (:func:`prunekit.compress.container.quantize_int8`), so pruned zeros stay exactly
+``s_w = max|w_row| / 127`` (:func:`prunekit.quant.rounding.quantize_int8`), so pruned zeros stay exactly
 zero. Activations: per-tensor symmetric int8, ``x_q = clamp(round(x / s_x), -127, 127)``, with ``s_x``
 either calibrated (static) or ``max|x| / 127`` of each call (dynamic; 1 when ``x`` is all zero), both by
-:func:`activation_scale`.
+:func:`prunekit.quant.rounding.activation_scale`.
 
 Output: ``y = float32(acc) * (s_x * s_w) + bias`` where ``acc`` is the exact integer dot product of
 ``x_q`` and ``q`` (int32 in a kernel; computed here in float64, exact far beyond any layer's size), and
 ``s_x * s_w`` is one float32 vector product. The CPU runtime's int8 kernels reproduce this bit for bit.
 
-Converting a model: :func:`quantize_model` here (the conversion itself is :mod:`prunekit.quant.ptq`, BatchNorm
-folding :mod:`prunekit.quant.fold`, quantization-aware fine-tuning :mod:`prunekit.quant.qat`).
+Converting a model: :func:`prunekit.quant.ptq.quantize_model` (BatchNorm folding :mod:`prunekit.quant.fold`,
+quantization-aware fine-tuning :mod:`prunekit.quant.qat`).
 """
 
 from __future__ import annotations
@@ -20,32 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prunekit.compress.container import quantize_int8
-
-
-def quantize_model(model: nn.Module, **kwargs) -> nn.Module:
-    """An INT8 copy of ``model``: :func:`prunekit.quant.ptq.quantize` (``activations="static" | "dynamic"``,
-    ``calibration=`` batches, ``calibration_batches``, ``types`` / ``include`` / ``exclude``,
-    ``classifier``), returning only the converted model."""
-    from prunekit.quant.ptq import quantize  # ptq builds on the layers below: imported when called
-
-    return quantize(model, **kwargs).model
-
-
-def activation_scale(top: Tensor) -> Tensor:
-    """The activation scale for the largest input magnitude ``top`` (float32): ``top / 127``, and 1 when
-    ``top`` is 0 (an all-zero input). The one rule for dynamic scales and static calibration alike."""
-    return torch.where(top > 0, top / 127.0, torch.ones((), dtype=torch.float32))
-
-
-def quantize_activation(x: Tensor, scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """``(x_q, s_x)``: int8 values and the float32 scalar scale (``scale`` if given, else dynamic)."""
-    x = x.to(torch.float32)
-    if scale is None:
-        top = x.abs().amax() if x.numel() else torch.zeros((), dtype=torch.float32)
-        scale = activation_scale(top)
-    scale = scale.to(torch.float32).reshape(())
-    return torch.round(x / scale).clamp_(-127, 127).to(torch.int8), scale
+from prunekit.quant.rounding import quantize_activation, quantize_int8
 
 
 class _QuantizedLayer(nn.Module):

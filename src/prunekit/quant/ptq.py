@@ -42,8 +42,10 @@ from torch.nn.utils import parametrize
 
 from prunekit.errors import PrunekitError, did_you_mean
 from prunekit.masking import _own_class, type_name
+from prunekit.quant.fake import strip_qat
 from prunekit.quant.fold import find_conv_bn, fold_conv_bn
-from prunekit.quant.layers import QuantizedConv2d, QuantizedLinear, _QuantizedLayer, activation_scale
+from prunekit.quant.layers import QuantizedConv2d, QuantizedLinear, _QuantizedLayer
+from prunekit.quant.rounding import activation_scale
 from prunekit.targets import classifier_name
 
 log = logging.getLogger(__name__)
@@ -227,7 +229,6 @@ def calibrate(model: nn.Module, layers: Iterable[str], batches: list[Tensor]) ->
 
 def plain_copy(model: nn.Module) -> nn.Module:
     """A copy with every weight parametrization (masks, fake-quant) written in and removed."""
-    from prunekit.quant.qat import strip_qat
 
     work = copy.deepcopy(model)
     strip_qat(work)
@@ -316,6 +317,13 @@ def quantize(
 
 
 @torch.no_grad()
+def quantize_model(model: nn.Module, **kwargs) -> nn.Module:
+    """An INT8 copy of ``model``: :func:`quantize` (``activations="static" | "dynamic"``,
+    ``calibration=`` batches, ``calibration_batches``, ``types`` / ``include`` / ``exclude``,
+    ``classifier``), returning only the converted model."""
+    return quantize(model, **kwargs).model
+
+
 def check_runs(model: nn.Module, example: Tensor | None) -> None:
     """Run the converted ``model`` once on ``example`` (nothing when None); a failure becomes a one-line
     PrunekitError naming the module whose forward failed (typically one reading an int8 layer's

@@ -29,52 +29,23 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from prunekit.compress.container import dequantize, quantize_int8
 from prunekit.errors import PrunekitError
-from prunekit.quant.layers import quantize_activation
-
-
-class FakeQuantWeight(nn.Module):
-    """Parametrization ``w -> q * s`` (per-output-channel int8, :func:`quantize_int8`), gradient passed
-    straight through. ``enabled=False`` makes it the identity (conversion reads the float weight)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.enabled = True
-
-    def forward(self, weight: Tensor) -> Tensor:
-        if not self.enabled:
-            return weight
-        q, scale = quantize_int8(weight)
-        fake = dequantize(q, scale, weight.dtype)
-        return weight + (fake - weight).detach()
-
-
-class InputFakeQuant(nn.Module):
-    """``x -> x_q * s_x`` as :func:`prunekit.quant.layers.quantize_activation` rounds it, gradient passed
-    straight through. ``scale`` is a fixed buffer (static) or None (dynamic: per call)."""
-
-    def __init__(self, scale: Tensor | None) -> None:
-        super().__init__()
-        self.register_buffer("scale", None if scale is None else scale.detach().to(torch.float32).reshape(()))
-
-    def forward(self, x: Tensor) -> Tensor:
-        xq, s = quantize_activation(x.detach(), self.scale)
-        fake = (xq.to(torch.float32) * s).to(x.dtype)
-        return x + (fake - x).detach()
-
-    def extra_repr(self) -> str:
-        return "dynamic" if self.scale is None else f"scale={float(self.scale):.6g}"
-
-
-def _quantize_input(module: nn.Module, args: tuple) -> tuple:
-    # a module-level function, not a closure: deep copies of the model keep a working hook, and
-    # strip_qat can find it by identity
-    return (module.input_quant(args[0]), *args[1:])
+from prunekit.quant.fake import FakeQuantWeight, InputFakeQuant, quantize_input
+from prunekit.quant.ptq import (
+    CLASSIFIER_REASON,
+    FLOAT_TYPES,
+    calibrate,
+    check_activations,
+    check_runs,
+    choose_layers,
+    convert,
+    input_batches,
+    plain_copy,
+    weight_readers,
+)
 
 
 def prepare_qat(
@@ -90,8 +61,6 @@ def prepare_qat(
 ) -> list[str]:
     """Add weight and input fake-quant to the layers :func:`prunekit.quant.ptq.quantize` would convert (same
     arguments); returns their names. Train as usual, then :func:`convert_qat`."""
-    from prunekit.quant.ptq import calibrate, check_activations, choose_layers, input_batches, plain_copy
-
     check_activations(activations)
     if any(isinstance(m, (FakeQuantWeight, InputFakeQuant)) for m in model.modules()):
         raise PrunekitError("the model is already prepared for QAT")
@@ -107,53 +76,14 @@ def prepare_qat(
         module = model.get_submodule(name)
         parametrize.register_parametrization(module, "weight", FakeQuantWeight(), unsafe=True)
         module.input_quant = InputFakeQuant(scales.get(name))
-        module.register_forward_pre_hook(_quantize_input)
+        module.register_forward_pre_hook(quantize_input)
     return layers
-
-
-def strip_qat(model: nn.Module) -> dict[str, Tensor | None]:
-    """Remove input fake-quant and disable weight fake-quant, in place; returns each layer's input scale
-    (None: dynamic). The weight parametrizations stay (``plain_copy`` writes them in)."""
-    scales: dict[str, Tensor | None] = {}
-    for name, module in model.named_modules():
-        if isinstance(getattr(module, "input_quant", None), InputFakeQuant):
-            scales[name] = module.input_quant.scale
-            for key in [k for k, hook in module._forward_pre_hooks.items() if hook is _quantize_input]:
-                del module._forward_pre_hooks[key]
-            del module.input_quant
-        if parametrize.is_parametrized(module, "weight"):
-            for p in module.parametrizations.weight:
-                if isinstance(p, FakeQuantWeight):
-                    p.enabled = False
-    return scales
-
-
-def fake_quantized(model: nn.Module) -> list[str]:
-    """The layers of ``model`` with active fake quantization (input hooks, or enabled weight fake-quant);
-    empty for a model never prepared or after :func:`strip_qat`."""
-    return [
-        name
-        for name, module in model.named_modules()
-        if isinstance(getattr(module, "input_quant", None), InputFakeQuant)
-        or (
-            parametrize.is_parametrized(module, "weight")
-            and any(isinstance(p, FakeQuantWeight) and p.enabled for p in module.parametrizations.weight)
-        )
-    ]
 
 
 def convert_qat(model: nn.Module, *, example: Tensor | None = None) -> Any:
     """The int8 copy of a QAT-prepared model (a :class:`prunekit.quant.ptq.Quantized`), with the trained
     scales: in eval mode the int8 model computes what the fake-quant model computed, up to float rounding.
     ``example``: an input the int8 model is run on once as a check (:func:`prunekit.quant.ptq.check_runs`)."""
-    from prunekit.quant.ptq import (
-        CLASSIFIER_REASON,
-        FLOAT_TYPES,
-        check_runs,
-        convert,
-        plain_copy,
-        weight_readers,
-    )
     from prunekit.targets import classifier_name
 
     scales = _scales(model)

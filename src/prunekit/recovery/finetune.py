@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from prunekit.errors import PrunekitError
-from prunekit.jobs.checkpoint import rng_state, set_rng_state
+from prunekit.rng import rng_state, set_rng_state
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 

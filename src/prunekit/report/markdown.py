@@ -13,6 +13,8 @@ import yaml
 
 from prunekit.report.c_export import c_section as c_export_section
 from prunekit.report.sections import (
+    FASTER_THRESHOLD,
+    SLOWER_THRESHOLD,
     agreement_section,
     allocation_section,
     per_class_check_section,
@@ -20,8 +22,6 @@ from prunekit.report.sections import (
 )
 
 # a pruned p50 must beat dense by more than this ratio before the report calls it faster
-FASTER_THRESHOLD = 0.90
-SLOWER_THRESHOLD = 1.10
 
 
 def _pct(x: float | None) -> str:

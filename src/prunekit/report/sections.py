@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
+# a latency ratio counts as a speed-up below this, as a slow-down above the other (noise lies between)
+FASTER_THRESHOLD = 0.90
+SLOWER_THRESHOLD = 1.10
+
 
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
@@ -148,8 +152,6 @@ def layer_changes(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> 
 
 def structured_verdict(m: dict[str, Any]) -> list[str]:
     """What a structured prune made smaller and faster, and what it did not, in plain words."""
-    from prunekit.report.markdown import FASTER_THRESHOLD, SLOWER_THRESHOLD
-
     r = m["ratios"]
     lines = ["## Verdict", ""]
     ratio = r["latency_p50"]

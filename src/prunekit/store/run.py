@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from prunekit.errors import PrunekitError
+from prunekit.schedule import Iterative
+from prunekit.spec import NM, parse
 from prunekit.store import disk
 
 _COMPRESSION = ("prune", "structured", "quantize")
@@ -51,10 +53,8 @@ def _load_metrics(run_dir: Path) -> dict[str, Any]:
 
 def _rounds(stage: dict[str, Any]) -> int:
     """How many times a prune stage prunes (and fine-tunes), as ``Run.prune`` does; without building the
-    stage's criterion (that would import torch, seconds for a command that only copies files)."""
-    from prunekit.schedule import Iterative
-    from prunekit.spec import NM, parse
-
+    stage's criterion (that would import torch, seconds for a command that only copies files; prunekit.spec
+    and prunekit.schedule do not import it)."""
     schedule = stage.get("schedule") or {}
     kind = schedule.get("type", "one-shot")
     if kind == "agp":

@@ -32,13 +32,13 @@ import secrets
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prunekit.errors import PrunekitError, did_you_mean
 from prunekit.files import atomic_write_json
 from prunekit.store import disk
+from prunekit.store.diff import diff_entries
 from prunekit.store.manifest import (
     CURRENT,
     FORMAT,
@@ -50,25 +50,12 @@ from prunekit.store.manifest import (
     normalize_meta,
     read_manifest,
 )
+from prunekit.store.run import plan_run
+from prunekit.store.verify import VerifyReport, check_entry, verify_store
 
 log = logging.getLogger(__name__)
 STORE_FORMAT = "prunekit.store"
 _HEX = re.compile(r"[0-9a-f]{4,64}")
-
-
-@dataclass
-class VerifyReport:
-    """What :meth:`Store.verify` checked and every problem it found (empty: the store is intact)."""
-
-    problems: list[str] = field(default_factory=list)
-    entries: int = 0
-    files: int = 0
-    bytes: int = 0
-    leftovers: int = 0  # temp directories of interrupted saves (harmless; removed by the next save)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
 
 
 def _now() -> str:
@@ -315,7 +302,6 @@ class Store:
         ``model.artifact`` file); each later export is a child of the one before. Entries are named
         ``<name>/<export>``, ``name`` defaulting to the run directory's name.
         """
-        from prunekit.store.run import plan_run
 
         plans = plan_run(Path(run_dir))
         run_name = name if name is not None else Path(run_dir).resolve().name
@@ -366,8 +352,6 @@ class Store:
                 raise PrunekitError(f"rollback needs an entry name: {what} (it has no parent)")
             ref = current.parent
         entry = self.get(ref)
-        from prunekit.store.verify import check_entry
-
         problems = check_entry(self, entry)
         if problems:
             raise PrunekitError(f"refusing to roll back to a damaged entry: {problems[0]}")
@@ -455,12 +439,8 @@ class Store:
 
     def verify(self, refs: Sequence[str] | None = None) -> VerifyReport:
         """Recompute every hash (of the given entries, or of all); see :mod:`prunekit.store.verify`."""
-        from prunekit.store.verify import verify_store
-
         return verify_store(self, refs)
 
     def diff(self, a: str, b: str) -> dict[str, Any]:
         """Metrics and per-layer sparsity of two entries side by side; see :mod:`prunekit.store.diff`."""
-        from prunekit.store.diff import diff_entries
-
         return diff_entries(self.get(a), self.get(b))

@@ -9,6 +9,7 @@ Temp directories of interrupted saves are counted, not reported: readers never s
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from prunekit.errors import PrunekitError
@@ -16,7 +17,22 @@ from prunekit.store import disk
 from prunekit.store.manifest import SHORT, Entry, manifest_hash
 
 if TYPE_CHECKING:
-    from prunekit.store.store import Store, VerifyReport
+    from prunekit.store.store import Store
+
+
+@dataclass
+class VerifyReport:
+    """What :meth:`Store.verify` checked and every problem it found (empty: the store is intact)."""
+
+    problems: list[str] = field(default_factory=list)
+    entries: int = 0
+    files: int = 0
+    bytes: int = 0
+    leftovers: int = 0  # temp directories of interrupted saves (harmless; removed by the next save)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
 
 
 def check_entry(store: Store, entry: Entry, report: VerifyReport | None = None) -> list[str]:
@@ -63,8 +79,6 @@ def check_entry(store: Store, entry: Entry, report: VerifyReport | None = None) 
 
 
 def verify_store(store: Store, refs: Sequence[str] | None = None) -> VerifyReport:
-    from prunekit.store.store import VerifyReport
-
     store._require()
     report = VerifyReport()
     entries, broken = store._scan()

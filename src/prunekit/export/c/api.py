@@ -22,7 +22,7 @@ from prunekit.export.c.ir import IntGraph
 from prunekit.export.c.lower import lower
 from prunekit.export.c.storage import MODES, choose
 from prunekit.files import atomic_write_json, atomic_write_text
-from prunekit.quant.layers import quantize_activation
+from prunekit.quant.rounding import quantize_activation
 
 
 @dataclass

@@ -21,7 +21,7 @@ from prunekit.errors import PrunekitError
 from prunekit.export.c.fixedpoint import multiplier
 from prunekit.export.c.graph import Graph, Node
 from prunekit.export.c.ir import INT8_HI, INT8_LO, INT32_HI, INT32_LO, WIDE, Buffer, IntGraph, Op
-from prunekit.quant.layers import activation_scale
+from prunekit.quant.rounding import activation_scale
 
 TRANSPARENT = ("relu", "relu6", "maxpool", "flatten")
 FUSABLE = ("conv", "add", "lut", "maxpool", "avgpool", "gap", "requant")

@@ -10,14 +10,8 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from prunekit.allocate.sensitivity import (
-    erk_allocation,
-    global_count,
-    monotone_curve,
-    predicted_drop,
-    sensitivity_allocation,
-    uniform_allocation,
-)
+from prunekit.allocate.sensitivity import monotone_curve, predicted_drop, sensitivity_allocation
+from prunekit.allocate.uniform import erk_allocation, global_count, uniform_allocation
 from prunekit.errors import PrunekitError
 from prunekit.spec import Unstructured
 

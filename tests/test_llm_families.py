@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 transformers = pytest.importorskip("transformers")
 
+from prunekit.allocate.owl import owl_sparsities  # noqa: E402
 from prunekit.calib.blocks import (  # noqa: E402
     capture_calls,
     capture_inputs,
@@ -40,7 +41,7 @@ from prunekit.llm.text import (  # noqa: E402
     pydoc_topics_split,
     tokenize,
 )
-from prunekit.methods import owl_sparsities, wanda_mask  # noqa: E402
+from prunekit.methods import wanda_mask  # noqa: E402
 from prunekit.spec import NM, Unstructured  # noqa: E402
 
 T = transformers

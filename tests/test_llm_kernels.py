@@ -15,9 +15,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from prunekit.allocate.owl import outlier_ratio, owl_sparsities
 from prunekit.calib.stats import RunningGram, input_sq_norms
 from prunekit.errors import PrunekitError
-from prunekit.methods import magnitude_mask, outlier_ratio, owl_sparsities, sparsegpt_prune, wanda_mask
+from prunekit.methods import magnitude_mask, sparsegpt_prune, wanda_mask
 from prunekit.spec import NM, Block, Unstructured
 
 FAST = settings(max_examples=25, deadline=None)

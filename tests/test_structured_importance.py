@@ -10,11 +10,12 @@ import math
 import pytest
 import torch
 
+from prunekit.registry import STRUCTURED_IMPORTANCE
 from prunekit.structured.importance import (
-    IMPORTANCE,
     ActivationMean,
     APoZ,
     Member,
+    UnitGroup,
     activation_mean,
     apoz,
     bn_scale,
@@ -399,14 +400,18 @@ def test_random_scores_reproducible():
 
 
 def test_registry_declares_data_needs_and_runs():
-    assert set(IMPORTANCE) == {"l1", "l2", "bn_scale", "taylor", "fpgm", "activation_mean", "apoz", "random"}
-    needs = {name: info.needs for name, info in IMPORTANCE.items()}
+    builtins = {"l1", "l2", "bn_scale", "taylor", "fpgm", "activation_mean", "apoz", "random"}
+    assert builtins <= set(STRUCTURED_IMPORTANCE.names())
+    needs = {name: STRUCTURED_IMPORTANCE.get(name).needs for name in builtins}
     assert needs["taylor"] == "gradients"
     assert needs["activation_mean"] == needs["apoz"] == "activations"
-    assert needs["random"] == "none"
-    assert IMPORTANCE["apoz"].accumulator is APoZ
+    assert {needs[n] for n in ("l1", "l2", "bn_scale", "fpgm", "random")} == {"weights"}
+    assert STRUCTURED_IMPORTANCE.get("apoz").accumulator is APoZ
     members, n = conv_group()
-    for name, info in IMPORTANCE.items():
-        if info.needs == "weights":
-            out = info.fn(members, n)
+    group = UnitGroup(0, "conv.weight", n, members, generator=torch.Generator().manual_seed(0))
+    for name in builtins:
+        entry = STRUCTURED_IMPORTANCE.get(name)
+        if entry.needs == "weights":
+            out = entry(group)
             assert out.shape == (n,) and out.dtype == torch.float32, name
+    assert torch.equal(STRUCTURED_IMPORTANCE.get("l1")(group), l1_norm(members, n))

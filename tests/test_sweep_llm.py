@@ -18,7 +18,7 @@ pytest.importorskip("tokenizers")
 from prunekit.calib.blocks import find_blocks, linear_layers  # noqa: E402
 from prunekit.errors import PrunekitError  # noqa: E402
 from prunekit.jobs.sweep import pareto_front, write_sweep  # noqa: E402
-from prunekit.jobs.sweep_llm import COLUMNS, LLMMethod, parse_llm_methods, run_llm_sweep  # noqa: E402
+from prunekit.jobs.sweep_llm import COLUMNS, SweepPoint, parse_llm_methods, run_llm_sweep  # noqa: E402
 from prunekit.llm.text import pydoc_topics_split  # noqa: E402
 from test_cli import assert_one_line_error, call_main  # noqa: E402
 from test_llm_cli import model_dir  # noqa: E402, F401 - the tiny Llama saved with a tokenizer
@@ -28,10 +28,10 @@ from tiny_hf import llama  # noqa: E402
 def test_parse_llm_methods():
     got = parse_llm_methods("magnitude, wanda,sparsegpt:2:4,2:4")
     assert got == [
-        LLMMethod("magnitude", "magnitude"),
-        LLMMethod("wanda", "wanda"),
-        LLMMethod("sparsegpt:2:4", "sparsegpt", "2:4"),
-        LLMMethod("2:4", "magnitude", "2:4"),
+        SweepPoint("magnitude", "magnitude"),
+        SweepPoint("wanda", "wanda"),
+        SweepPoint("sparsegpt:2:4", "sparsegpt", "2:4"),
+        SweepPoint("2:4", "magnitude", "2:4"),
     ]
     assert got[3].sparsities([0.3, 0.7]) == [0.5] and got[0].sparsities([0.3, 0.7]) == [0.3, 0.7]
     for bad, needle in [

@@ -65,7 +65,7 @@ class GroupTable:
 
 
 @dataclass
-class Allocation:
+class LatencyChoice:
     ratios: dict[str, float]  # group name -> chosen ratio (0: not pruned)
     predicted_ms: float
     predicted_loss: float
@@ -89,7 +89,7 @@ def predict(tables: Sequence[GroupTable], base_ms: float, choice: Mapping[str, i
 
 def allocate(
     tables: Sequence[GroupTable], base_ms: float, budget_ms: float, max_states: int = 20000
-) -> tuple[dict[str, int], Allocation]:
+) -> tuple[dict[str, int], LatencyChoice]:
     """The option per group with the least total predicted loss whose additive latency is within
     ``budget_ms``; when no choice fits, the one with the least predicted latency (``feasible=False``).
 
@@ -126,7 +126,7 @@ def allocate(
     best = fits[-1] if fits else states[0]
     choice = {t.name: i for t, i in zip(tables, best[2])}
     ratios = {t.name: t.options[i].ratio for t, i in zip(tables, best[2])}
-    result = Allocation(ratios, base_ms + best[0], best[1], budget_ms, bool(fits), exact)
+    result = LatencyChoice(ratios, base_ms + best[0], best[1], budget_ms, bool(fits), exact)
     if not exact:
         log.warning("latency allocation: more than %d states; thinned on a latency grid", max_states)
     return choice, result
@@ -316,7 +316,7 @@ def allocate_latency(
     warmup: int = 10,
     passes: int = 3,
     **prune_kwargs,
-) -> tuple[Tables, Allocation]:
+) -> tuple[Tables, LatencyChoice]:
     """Measure the tables on ``model`` (left unchanged) and choose per-group ratios for ``target``."""
     tables = measure_tables(
         model,
@@ -444,7 +444,7 @@ def prune_for_latency(
     )
     chosen = {name: r for name, r in best["ratios"].items() if r > 0}
     result = prune_model(model, example, ratio=0.0, ratios=chosen, verify=verify, **prune_kwargs)
-    allocation = Allocation(
+    allocation = LatencyChoice(
         best["ratios"],
         best["predicted_ratio"] * tables.dense_ms,
         best["predicted_loss"],

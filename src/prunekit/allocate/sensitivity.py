@@ -1,10 +1,6 @@
-"""Per-layer sparsity allocation: how much of each layer to remove so the whole meets one global target.
-
-* :func:`uniform_allocation` -- every layer at the target (the recipes' default, ``allocation: uniform``).
-* :func:`erk_allocation` -- Erdos-Renyi-Kernel sparsities from the weight shapes alone (RigL's default).
-* :func:`sensitivity_allocation` -- per-layer sparsities from measured sensitivity curves
-  (:mod:`prunekit.analysis.sensitivity`) that meet the global target exactly with the least predicted
-  loss (``allocation: sensitivity``).
+"""Sensitivity allocation: per-layer sparsities from measured sensitivity curves
+(:mod:`prunekit.analysis.sensitivity`) that meet one global target exactly with the least predicted loss
+(``allocation: sensitivity``; uniform and ERK allocations are in :mod:`prunekit.allocate.uniform`).
 
 The sensitivity method follows the practice of Han et al. ("Learning both Weights and Connections for
 Efficient Neural Networks", NeurIPS 2015: prune each layer alone, read off how far it can go) and
@@ -46,38 +42,6 @@ Curve = tuple[Sequence[float], Sequence[float]]  # (sparsities, metric drops): h
 _TIE = 1e-12  # relative tolerance under which two marginal costs count as equal
 
 
-def global_count(sizes: Mapping[str, int], target: float) -> int:
-    """``round(target * N)``: the number of weights a global target removes from these layers."""
-    return int(round(check_sparsity(target, "target sparsity") * sum(int(n) for n in sizes.values())))
-
-
-def uniform_allocation(sizes: Mapping[str, int], target: float) -> dict[str, float]:
-    """Every layer at ``target`` (the per-layer counts then round separately, so their sum may differ
-    from :func:`global_count` by up to half a weight per layer)."""
-    target = check_sparsity(target, "target sparsity")
-    return {name: target for name in sizes}
-
-
-def erk_allocation(shapes: Mapping[str, Sequence[int]], target: float) -> dict[str, float]:
-    """Erdos-Renyi-Kernel sparsities (Evci et al., "Rigging the Lottery", ICML 2020, Sec. 3): the density
-    of a layer with weight shape ``(d_1, ..., d_k)`` is ``eps * sum(d) / prod(d)``, with one ``eps`` chosen
-    so the overall density is ``1 - target``; a layer whose density would exceed 1 is kept dense and
-    ``eps`` is solved again over the others (as the paper's code does). Fractions, not exact counts."""
-    target = check_sparsity(target, "target sparsity")
-    sizes = {n: math.prod(int(d) for d in s) for n, s in shapes.items()}
-    raw = {n: sum(int(d) for d in s) / sizes[n] for n, s in shapes.items()}
-    dense: set[str] = set()
-    eps = 0.0
-    while len(dense) < len(sizes):  # (every layer dense only at target 0)
-        budget = (1.0 - target) * sum(sizes.values()) - sum(sizes[n] for n in dense)
-        eps = budget / sum(raw[n] * sizes[n] for n in sizes if n not in dense)
-        over = {n for n in sizes if n not in dense and eps * raw[n] > 1.0}
-        if not over:
-            break
-        dense |= over
-    return {n: 0.0 if n in dense else 1.0 - eps * raw[n] for n in shapes}
-
-
 def monotone_curve(sparsities: Sequence[float], drops: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     """The curve through ``(0, 0)`` and the measured points, sorted by sparsity and made non-decreasing by
     a cumulative maximum (so it is also non-negative)."""
@@ -112,7 +76,7 @@ def _lower_hull(x: np.ndarray, y: np.ndarray) -> list[int]:
 
 
 @dataclass(frozen=True)
-class Allocation:
+class LayerAllocation:
     """Per-layer sparsities and what they are predicted to cost."""
 
     sparsity: dict[str, float]  # k_l / n_l
@@ -151,7 +115,7 @@ def sensitivity_allocation(
     *,
     max_sparsity: float | Mapping[str, float] | None = None,
     min_sparsity: float | Mapping[str, float] | None = None,
-) -> Allocation:
+) -> LayerAllocation:
     """Per-layer sparsities meeting ``target`` exactly (in pruned weights) with the least predicted drop.
 
     ``curves[name] = (sparsities, drops)``; ``sizes[name]`` is the layer's weight count. ``max_sparsity``
@@ -231,7 +195,7 @@ def sensitivity_allocation(
     pruned = {name: lo_k[name] + taken[name] for name in names}
     sparsity = {name: pruned[name] / points[name][2] for name in names}
     predicted = {name: float(np.interp(sparsity[name], *points[name][:2])) for name in names}
-    return Allocation(sparsity, pruned, predicted, target, goal)
+    return LayerAllocation(sparsity, pruned, predicted, target, goal)
 
 
 def predicted_drop(curves: Mapping[str, Curve], sparsity: Mapping[str, float]) -> float:

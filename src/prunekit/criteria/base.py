@@ -12,9 +12,10 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from prunekit.calib.gradients import gradients_of
 from prunekit.errors import PrunekitError
 from prunekit.masking import weight_parameter
-from prunekit.registry import Registry
+from prunekit.registry import CRITERIA
 
 Batch = tuple  # (inputs, targets)
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -49,13 +50,9 @@ class Criterion:
         raise NotImplementedError
 
 
-CRITERIA: Registry[Callable[..., Criterion]] = Registry("criterion")
-
-
 def make_criterion(name: str, seed: int = 0) -> Criterion:
-    """Build a registered criterion by name (raises with a did-you-mean on a typo)."""
-    import prunekit.criteria  # noqa: F401  (registers the built-in criteria)
-
+    """Build a registered criterion by name (raises with a did-you-mean on a typo), or a factory named as
+    ``package.module:attribute`` (see :mod:`prunekit.registry`)."""
     return CRITERIA.get(name)(seed=seed)
 
 
@@ -77,24 +74,15 @@ def gradient_passes(
     if loss_fn is None:
         raise PrunekitError("this criterion needs a loss function to compute gradients")
     params = {name: weight_parameter(m) for name, m in layers.items()}
-    saved = {name: p.grad for name, p in params.items()}
-    was_training = model.training
-    model.eval()  # statistics of BatchNorm/Dropout must not change while scoring
     n = 0
-    try:
+    with gradients_of(model, params):
         for inputs, targets in batches:
-            for p in params.values():
-                p.grad = None
             loss = loss_fn(model(inputs), targets)
             grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
             for (name, module), grad in zip(layers.items(), grads):
                 if grad is not None:
                     visit(name, effective_weight(module), grad.detach())
             n += 1
-    finally:
-        for name, p in params.items():
-            p.grad = saved[name]
-        model.train(was_training)
     if n == 0:
         raise PrunekitError("no calibration batch was given")
     return n

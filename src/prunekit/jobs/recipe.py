@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from prunekit.errors import PrunekitError, did_you_mean
+from prunekit.registry import CRITERIA, STRUCTURED_IMPORTANCE
 from prunekit.spec import parse as parse_spec
 
 BUILTIN_DIR = Path(__file__).parent / "recipes"
@@ -216,8 +217,6 @@ class PruneStage(Strict):
     @field_validator("criterion")
     @classmethod
     def _criterion(cls, value: str) -> str:
-        from prunekit.criteria import CRITERIA
-
         CRITERIA.get(value)
         return value
 
@@ -225,8 +224,6 @@ class PruneStage(Strict):
     def _agp_needs_training(self) -> PruneStage:
         if self.schedule.type == "agp" and self.finetune is None:
             raise ValueError("an 'agp' schedule prunes during training: give 'finetune'")
-        from prunekit.criteria import CRITERIA
-
         if CRITERIA.get(self.criterion).needs == "training" and self.schedule.type != "agp":
             raise ValueError(
                 f"criterion '{self.criterion}' scores weights while they train: it needs schedule "
@@ -236,8 +233,6 @@ class PruneStage(Strict):
 
     @model_validator(mode="after")
     def _learned_masks(self) -> PruneStage:
-        from prunekit.criteria import CRITERIA
-
         if CRITERIA.get(self.criterion).needs != "gates":
             if self.l0 is not None:
                 raise ValueError(f"'l0' settings need criterion 'l0', not '{self.criterion}'")
@@ -262,7 +257,6 @@ class PruneStage(Strict):
             if self.sensitivity is not None:
                 raise ValueError("'sensitivity' settings need allocation 'sensitivity' (this one is uniform)")
             return self
-        from prunekit.criteria import CRITERIA
         from prunekit.spec import Unstructured
 
         if not isinstance(parse_spec(self.pattern), Unstructured):
@@ -309,12 +303,7 @@ class StructuredStage(Strict):
     @field_validator("importance")
     @classmethod
     def _importance(cls, value: str) -> str:
-        from prunekit.structured.core import IMPORTANCES
-
-        if value not in IMPORTANCES:
-            from prunekit.errors import unknown_name
-
-            raise unknown_name("structured importance", value, IMPORTANCES)
+        STRUCTURED_IMPORTANCE.get(value)  # a registered name, or a package.module:attribute reference
         return value
 
     @model_validator(mode="after")

@@ -26,6 +26,7 @@ from torch import nn
 
 from prunekit.errors import PrunekitError
 from prunekit.jobs.sweep import check_grid, pareto_names
+from prunekit.registry import LLM_METHODS
 
 log = logging.getLogger(__name__)
 DEFAULT_GRID = (0.3, 0.5, 0.7)
@@ -46,9 +47,11 @@ COLUMNS = (
 
 
 @dataclass(frozen=True)
-class LLMMethod:
+class SweepPoint:
+    """One row family of an LLM sweep: a registered method, at the grid's sparsities or one N:M pattern."""
+
     name: str  # as given: "wanda", "2:4", "sparsegpt:2:4"
-    method: str  # magnitude | wanda | sparsegpt
+    method: str  # a name in prunekit.registry.LLM_METHODS
     pattern: str | None = None  # "2:4" for N:M, None for unstructured at each sparsity of the grid
 
     def sparsities(self, grid: Sequence[float]) -> list[float]:
@@ -64,24 +67,25 @@ class LLMMethod:
         return Unstructured(sparsity) if self.pattern is None else parse(self.pattern)
 
 
-def parse_llm_methods(text: str | Sequence[str]) -> list[LLMMethod]:
+def parse_llm_methods(text: str | Sequence[str]) -> list[SweepPoint]:
     """``"magnitude,wanda,sparsegpt,2:4,wanda:2:4"`` -> methods; anything else is a one-line error."""
-    from prunekit.llm.prune import METHODS
     from prunekit.spec import NM, parse
+
+    methods = LLM_METHODS.names()
 
     names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
     if not names:
         raise PrunekitError("--methods: give at least one method, e.g. magnitude,wanda,sparsegpt,2:4")
-    allowed = f"{', '.join(METHODS)}, N:M (e.g. 2:4 = magnitude 2:4) or METHOD:N:M (e.g. wanda:2:4)"
+    allowed = f"{', '.join(methods)}, N:M (e.g. 2:4 = magnitude 2:4) or METHOD:N:M (e.g. wanda:2:4)"
     out = []
     for name in names:
         head, colon, rest = name.partition(":")
         method, pattern = name, None
-        if colon and head in METHODS:
+        if colon and head in methods:
             method, pattern = head, rest
         elif colon and head.strip().isdigit():  # a bare N:M pattern: magnitude N:M
             method, pattern = "magnitude", name
-        if method not in METHODS:
+        if method not in methods:
             raise PrunekitError(f"--methods: unknown language-model method '{name}'; allowed: {allowed}")
         if pattern is not None:
             try:
@@ -90,7 +94,7 @@ def parse_llm_methods(text: str | Sequence[str]) -> list[LLMMethod]:
                 raise PrunekitError(f"--methods {name}: {exc}") from None
             if not isinstance(spec, NM):
                 raise PrunekitError(f"--methods {name}: only N:M patterns such as 2:4 go after ':'")
-        out.append(LLMMethod(name, method, pattern))
+        out.append(SweepPoint(name, method, pattern))
     return out
 
 
@@ -134,7 +138,7 @@ def run_llm_sweep(
     model: nn.Module,
     calib: torch.Tensor | None,
     windows: torch.Tensor,
-    methods: Sequence[LLMMethod],
+    methods: Sequence[SweepPoint],
     grid: Sequence[float] = DEFAULT_GRID,
     *,
     latency_runs: int = 20,
@@ -223,7 +227,7 @@ def _time(dense: nn.Module, model: nn.Module, example: torch.Tensor, runs: int) 
 
 def run_llm_sweep_from_path(
     model_path: str | None,
-    methods: Sequence[LLMMethod],
+    methods: Sequence[SweepPoint],
     grid: Sequence[float],
     text,  # prunekit.jobs.llm.TextSettings
     latency_runs: int = 20,

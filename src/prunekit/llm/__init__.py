@@ -1,7 +1,8 @@
 """One-shot pruning of Hugging Face causal language models: load (local directory or GGUF), calibrate on
-text, prune block by block (magnitude, Wanda, SparseGPT; unstructured or N:M; uniform or OWL), measure
-perplexity, save a directory ``transformers`` loads as is."""
+text, prune block by block (any method in prunekit.registry.LLM_METHODS: magnitude, Wanda, SparseGPT or
+your own; unstructured or N:M; uniform or OWL), measure perplexity, save a directory ``transformers``
+loads as is."""
 
-from prunekit.llm.prune import METHODS, LLMPruneConfig, prune_llm
+from prunekit.llm.prune import LLMPruneConfig, prune_llm
 
-__all__ = ["METHODS", "LLMPruneConfig", "prune_llm"]
+__all__ = ["LLMPruneConfig", "prune_llm"]

@@ -8,31 +8,32 @@ already-pruned blocks before it (:func:`prunekit.calib.sequential.sequential`).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from prunekit.allocate.owl import outlier_ratio, owl_sparsities
 from prunekit.calib.blocks import find_blocks, linear_layers, out_in_weight, set_out_in_weight
 from prunekit.calib.sequential import Progress, sequential
 from prunekit.criteria.activation import wanda_scores
 from prunekit.errors import PrunekitError, unknown_name
-from prunekit.methods import magnitude_mask, outlier_ratio, owl_sparsities, sparsegpt_prune, wanda_mask
 from prunekit.methods.pattern import LLM_GROUPS, check_llm_pattern, check_llm_spec
+from prunekit.registry import LLM_METHODS
 from prunekit.spec import Spec, Unstructured
 
 log = logging.getLogger(__name__)
-
-METHODS = ("magnitude", "wanda", "sparsegpt")
-_STAT = {"magnitude": None, "wanda": "sq_norm", "sparsegpt": "gram"}
 
 
 @dataclass(frozen=True)
 class LLMPruneConfig:
     """What to prune and how. Validated on construction."""
 
-    method: str  # magnitude | wanda | sparsegpt
+    method: (
+        str  # a name in prunekit.registry.LLM_METHODS (magnitude, wanda, sparsegpt, yours) or pkg.mod:attr
+    )
     spec: Spec  # Unstructured(sparsity) or NM(n, m)
     owl: bool = False  # OWL per-block sparsities (unstructured only)
     owl_m: float = 5.0  # OWL outlier threshold M: a score is an outlier above M x the block's mean score
@@ -41,10 +42,10 @@ class LLMPruneConfig:
     blocksize: int = 128  # SparseGPT: columns per lazy-update block
     damp: float = 0.01  # SparseGPT: dampening, a fraction of the Hessian's mean diagonal
     blocks_path: str | None = None  # dotted path of the decoder blocks; found automatically when None
+    options: Mapping[str, Any] = field(default_factory=dict)  # a user method's own settings
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise unknown_name("method", self.method, METHODS)
+        LLM_METHODS.get(self.method)  # an unknown name fails here, with a did-you-mean
         check_llm_pattern(self.spec)
         if self.magnitude_group not in LLM_GROUPS:
             raise unknown_name("magnitude group", self.magnitude_group, LLM_GROUPS)
@@ -56,8 +57,13 @@ class LLMPruneConfig:
             owl_sparsities([0.0, 1.0], self.spec.sparsity, self.owl_lambda)  # validates lambda
 
     @property
+    def statistic(self) -> str | None:
+        """What the method needs to know about each layer's input (prunekit.registry.LLMMethod)."""
+        return LLM_METHODS.get(self.method).statistic
+
+    @property
     def needs_data(self) -> bool:
-        return self.owl or _STAT[self.method] is not None
+        return self.owl or self.statistic is not None
 
 
 def _check_fits(model: nn.Module, config: LLMPruneConfig) -> tuple[str, int]:
@@ -93,18 +99,14 @@ def owl_block_sparsities(
     return owl_sparsities(ratios, config.spec.sparsity, config.owl_lambda), ratios
 
 
-def _prune_layer(config: LLMPruneConfig, spec: Spec, module: nn.Module, stat: torch.Tensor | None) -> None:
+def _prune_layer(config: LLMPruneConfig, spec: Spec, name: str, module: nn.Module, stat) -> None:
     weight = out_in_weight(module)
-    if config.method == "sparsegpt":
-        assert stat is not None
-        new, _ = sparsegpt_prune(weight, stat, spec, config.blocksize, config.damp)
-    else:
-        if config.method == "wanda":
-            assert stat is not None
-            keep = wanda_mask(weight, stat, spec)
-        else:
-            keep = magnitude_mask(weight, spec, config.magnitude_group)
-        new = weight.masked_fill(~keep, 0)
+    new = LLM_METHODS.get(config.method)(weight, stat, spec, config)
+    if not isinstance(new, torch.Tensor) or new.shape != weight.shape:
+        got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
+        raise PrunekitError(
+            f"LLM method '{config.method}' returned {got} for {name}, whose weight is {tuple(weight.shape)}"
+        )
     set_out_in_weight(module, new)
 
 
@@ -135,11 +137,11 @@ def prune_llm(
     def visit(index: int, block: nn.Module, linears: dict[str, nn.Module], stats: dict) -> None:
         for name, module in linears.items():
             stat = stats.get(name)
-            if _STAT[config.method] is not None and stat is None:
+            if config.statistic is not None and stat is None:
                 continue  # never called by the block: nothing to calibrate on (logged by the runner)
-            _prune_layer(config, specs[index], module, stat)
+            _prune_layer(config, specs[index], f"{path}.{index}.{name}", module, stat)
 
-    sequential(model, calib, visit, _STAT[config.method], blocks_path=config.blocks_path, progress=progress)
+    sequential(model, calib, visit, config.statistic, blocks_path=config.blocks_path, progress=progress)
     return info
 
 

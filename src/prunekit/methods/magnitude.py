@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from prunekit.methods.base import register_llm_method
 from prunekit.methods.pattern import keep_lowest_removed
 from prunekit.spec import Spec
 
@@ -14,3 +15,9 @@ def magnitude_mask(weight: torch.Tensor, spec: Spec, group: str = "layer") -> to
     """Keep-mask of a 2-D ``(out, in)`` weight. ``group`` is ``"layer"`` or ``"row"`` (unstructured only;
     N:M always compares within its groups of M inputs)."""
     return keep_lowest_removed(weight.detach().abs(), spec, group)
+
+
+@register_llm_method("magnitude", reference="Han et al., NeurIPS 2015")
+def magnitude_layer(weight: torch.Tensor, statistic: None, spec: Spec, config) -> torch.Tensor:
+    """Magnitude as an LLM method: compared per layer or per row (``config.magnitude_group``)."""
+    return weight.masked_fill(~magnitude_mask(weight, spec, config.magnitude_group), 0)

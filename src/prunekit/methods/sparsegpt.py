@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from prunekit.errors import PrunekitError
+from prunekit.methods.base import register_llm_method
 from prunekit.methods.pattern import check_llm_spec
 from prunekit.select import nm_mask
 from prunekit.spec import NM, Spec
@@ -103,3 +104,9 @@ def sparsegpt_prune(
         keep[:, i1:i2] = ~pruned
         W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
     return W, keep
+
+
+@register_llm_method("sparsegpt", statistic="gram", reference="Frantar & Alistarh, ICML 2023")
+def sparsegpt_layer(weight: torch.Tensor, hessian: torch.Tensor, spec: Spec, config) -> torch.Tensor:
+    """SparseGPT as an LLM method: ``config.blocksize`` columns per lazy update, ``config.damp`` dampening."""
+    return sparsegpt_prune(weight, hessian, spec, config.blocksize, config.damp)[0]

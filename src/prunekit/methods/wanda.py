@@ -11,6 +11,7 @@ import torch
 
 from prunekit.criteria.activation import wanda_scores
 from prunekit.errors import PrunekitError
+from prunekit.methods.base import register_llm_method
 from prunekit.methods.pattern import keep_lowest_removed
 from prunekit.spec import Spec
 
@@ -26,3 +27,9 @@ def wanda_mask(
         )
     scores = wanda_scores(weight.to(torch.float32), input_sq_norm.to(torch.float32).sqrt().unsqueeze(0))
     return keep_lowest_removed(scores, spec, group)
+
+
+@register_llm_method("wanda", statistic="sq_norm", reference="Sun et al., ICLR 2024")
+def wanda_layer(weight: torch.Tensor, input_sq_norm: torch.Tensor, spec: Spec, config) -> torch.Tensor:
+    """Wanda as an LLM method: compared within each output row, as in the paper."""
+    return weight.masked_fill(~wanda_mask(weight, input_sq_norm, spec), 0)

@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from prunekit.errors import PrunekitError, unknown_name
+from prunekit.calib.gradients import gradients_of
+from prunekit.errors import PrunekitError
 from prunekit.masking import type_name
+from prunekit.registry import STRUCTURED_IMPORTANCE, StructuredImportance
 from prunekit.structured import importance as imp
 from prunekit.structured.apply import apply_plan, plan_removal, zero_plan
 from prunekit.structured.graph import Group, find_groups
@@ -28,9 +30,6 @@ from prunekit.structured.owners import align, varying_dims
 from prunekit.structured.trace import trace_model
 
 log = logging.getLogger(__name__)
-WEIGHT_IMPORTANCE = ("l1", "l2", "bn_scale", "fpgm", "random")
-DATA_IMPORTANCE = ("taylor", "activation_mean", "apoz")
-IMPORTANCES = WEIGHT_IMPORTANCE + DATA_IMPORTANCE
 ACTIVATIONS = {
     "relu",
     "relu_",
@@ -125,24 +124,22 @@ def _ignored(group: Group, patterns: Sequence[str]) -> bool:
     return any(_under(m.name.rpartition(".")[0], patterns) for m in group.members)
 
 
-def _scores(group: Group, model: nn.Module, kind: str, generator: torch.Generator, types) -> torch.Tensor:
+def _importance(importance: str | StructuredImportance) -> tuple[str, StructuredImportance]:
+    """``(name, importance)`` for a registered name, a ``module:attribute`` reference or the object itself."""
+    if isinstance(importance, str):
+        return importance, STRUCTURED_IMPORTANCE.get(importance)
+    if not isinstance(importance, StructuredImportance):
+        raise PrunekitError(
+            f"importance must be a name ({', '.join(STRUCTURED_IMPORTANCE.names())}) or a "
+            f"prunekit.registry.StructuredImportance, got {type(importance).__name__}"
+        )
+    return getattr(importance, "__name__", type(importance).__name__), importance
+
+
+def _unit_group(group: Group, model: nn.Module, types, **extra) -> imp.UnitGroup:
     # parameters only: BatchNorm running statistics are not weights and must not sway the ranking
     members = _members(group, dict(model.named_parameters()), types)
-    if kind == "random":
-        return imp.random_scores(group.units, generator)
-    if kind == "l1":
-        return imp.l1_norm(members, group.units)
-    if kind == "l2":
-        return imp.l2_norm(members, group.units)
-    if kind == "fpgm":
-        return imp.fpgm(members, group.units)
-    if kind == "bn_scale":
-        try:
-            return imp.bn_scale(members, group.units)
-        except ValueError:
-            log.info("group %d (%s) has no BatchNorm: ranked by its L2 norm instead", group.index, group.seed)
-            return imp.l2_norm(members, group.units)
-    raise unknown_name("structured importance", kind, IMPORTANCES)
+    return imp.UnitGroup(group.index, group.seed, group.units, members, **extra)
 
 
 def prune_model(
@@ -172,14 +169,13 @@ def prune_model(
         raise PrunekitError(f"max_ratio must be a number in (0, 1], got {max_ratio!r}")
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise PrunekitError(f"round_to must be an integer >= 1, got {round_to!r}")
-    if importance not in IMPORTANCES:
-        raise unknown_name("structured importance", importance, IMPORTANCES)
-    if importance in DATA_IMPORTANCE and not calibration:
+    name, scorer = _importance(importance)
+    if scorer.needs != "weights" and not calibration:
         raise PrunekitError(
-            f"importance '{importance}' needs calibration batches: calibration=[(inputs, target), ...]"
+            f"importance '{name}' needs calibration batches: calibration=[(inputs, target), ...]"
         )
-    if importance == "taylor" and loss_fn is None:
-        raise PrunekitError("importance 'taylor' needs loss_fn(output, target)")
+    if scorer.needs == "gradients" and loss_fn is None:
+        raise PrunekitError(f"importance '{name}' needs loss_fn(output, target)")
     patterns = tuple(ignore or ())
     if isinstance(ignore, str):
         patterns = (ignore,)
@@ -195,10 +191,12 @@ def prune_model(
         reasons = sorted({g.blocked for g in groups if g.blocked})
         raise PrunekitError("nothing can be pruned structurally in this model: " + "; ".join(reasons[:3]))
     generator = torch.Generator().manual_seed(seed)
-    if importance in DATA_IMPORTANCE:
-        scores = _data_scores(prunable, trace, model, importance, calibration, loss_fn, types)
+    if scorer.needs == "gradients":
+        scores = _gradient_scores(prunable, model, scorer, calibration, loss_fn, types)
+    elif scorer.needs == "activations":
+        scores = _activation_scores(prunable, trace, model, scorer, calibration, types)
     else:
-        scores = {g.index: _scores(g, model, importance, generator, types) for g in prunable}
+        scores = {g.index: scorer(_unit_group(g, model, types, generator=generator)) for g in prunable}
     removed = _allocate(prunable, scores, ratio, round_to, global_ranking, max_ratio, ratios or {})
     params_before = _params(model)
     reference = copy.deepcopy(model) if verify else None
@@ -297,29 +295,25 @@ def _members(group: Group, params: Mapping[str, torch.Tensor], types) -> list:
     ]
 
 
-def _data_scores(groups, trace, model, importance, calibration, loss_fn, types) -> dict[int, torch.Tensor]:
-    """Taylor (|sum w*g| per unit, averaged over batches) or activation statistics of each group's output
-    (after its first activation function when it has one: where APoZ counts the zeros)."""
-    from prunekit.structured.trace import trace_model
-
-    if importance == "taylor":
-        params = dict(model.named_parameters())
-        totals = {g.index: torch.zeros(g.units) for g in groups}
-        was_training = model.training
-        model.eval()
-        try:
-            for inputs, target in calibration:
-                model.zero_grad(set_to_none=True)
-                args = inputs if isinstance(inputs, tuple) else (inputs,)
-                loss_fn(model(*args), target).backward()
-                for g in groups:
-                    members = _members(g, params, types)
-                    grads = [params[m.name].grad for m in members]
-                    totals[g.index] += imp.taylor(members, grads, g.units)
-        finally:
+def _gradient_scores(groups, model, scorer, calibration, loss_fn, types) -> dict[int, torch.Tensor]:
+    """Importance from gradients (Taylor: |sum w*g| per unit), scored on every calibration batch and
+    averaged; the gradients the model had before are restored afterwards."""
+    totals = {g.index: torch.zeros(g.units) for g in groups}
+    with gradients_of(model) as params:
+        for inputs, target in calibration:
             model.zero_grad(set_to_none=True)
-            model.train(was_training)
-        return {i: t / len(calibration) for i, t in totals.items()}
+            args = inputs if isinstance(inputs, tuple) else (inputs,)
+            loss_fn(model(*args), target).backward()
+            for g in groups:
+                members = _members(g, params, types)
+                grads = [params[m.name].grad for m in members]
+                totals[g.index] += scorer(imp.UnitGroup(g.index, g.seed, g.units, members, grads=grads))
+    return {i: t / len(calibration) for i, t in totals.items()}
+
+
+def _activation_scores(groups, trace, model, scorer, calibration, types) -> dict[int, torch.Tensor]:
+    """Activation statistics of each group's output (after its first activation function when it has one:
+    where APoZ counts the zeros), accumulated over every calibration batch."""
     producers = {v.index: trace.ops[v.producer].name for v in trace.values if v.producer is not None}
     # heads of nn.MultiheadAttention live inside one traced operation: no activation of theirs is seen
     hidden = [g for g in groups if g.seed_value not in g.owners]
@@ -332,10 +326,7 @@ def _data_scores(groups, trace, model, importance, calibration, loss_fn, types) 
     for g in groups:
         acts = sorted(i for i in g.owners if producers.get(i) in ACTIVATIONS)
         watch[g.index] = acts[0] if acts else g.seed_value
-    accs = {
-        g.index: (imp.APoZ if importance == "apoz" else imp.ActivationMean)(g.units, g.owners[watch[g.index]])
-        for g in groups
-    }
+    accs = {g.index: scorer.accumulator(g.units, g.owners[watch[g.index]]) for g in groups}
     for batch in calibration:
         inputs = batch[0] if isinstance(batch, tuple) and len(batch) == 2 else batch
         calib = trace_model(model, inputs, keep_tensors=True)

@@ -33,10 +33,15 @@ are masked out. Memory stays at the size of the parameter, never of an expanded 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from prunekit.registry import STRUCTURED_IMPORTANCE
+
+log = logging.getLogger(__name__)
 
 ROLES = ("out", "in", "norm", "bias", "other")
 
@@ -346,30 +351,99 @@ def random_scores(n_units: int, generator: torch.Generator | None = None) -> tor
 # ------------------------------------------------------------------------------------------- registry
 
 
-@dataclass(frozen=True)
-class ImportanceInfo:
-    """A registered criterion: its function, what data it needs, and its accumulator if it streams."""
+@dataclass
+class UnitGroup:
+    """What an importance function sees of one coupled group (:class:`prunekit.registry.StructuredImportance`).
 
-    fn: Callable[..., torch.Tensor]
-    needs: str  # "weights" (members only) | "gradients" (taylor) | "activations" (calibration) | "none"
-    signature: str  # how the engine calls ``fn``
-    accumulator: type | None = None  # streaming add_batch / value class for activation criteria
+    ``members``: every parameter of the group with the unit each element belongs to (``-1``: outside the
+    group); ``grads``: for importance that needs gradients, each member's gradient on one calibration batch
+    (aligned with ``members``, ``None`` where a parameter got none); ``generator``: for random draws.
+    """
+
+    index: int
+    name: str  # the parameter the group was found from, e.g. "layer1.0.conv1.weight"
+    units: int
+    members: list[Member]
+    grads: list[torch.Tensor | None] | None = None
+    generator: torch.Generator | None = None
+
+
+@dataclass(frozen=True)
+class Importance:
+    """A registered structured importance (a :class:`prunekit.registry.StructuredImportance`)."""
+
+    score: Callable[[UnitGroup], torch.Tensor] | None  # None for "activations": the accumulator scores
+    needs: str = "weights"  # "weights" | "gradients" | "activations"
+    accumulator: type | None = None  # needs="activations": accumulator(units, owner).add_batch / value
     reference: str = ""
 
+    def __post_init__(self) -> None:
+        if self.needs not in NEEDS:
+            raise ValueError(f"importance needs one of {', '.join(NEEDS)}, got {self.needs!r}")
+        if (self.needs == "activations") != (self.accumulator is not None):
+            raise ValueError("an accumulator is given exactly for importance that needs activations")
 
-IMPORTANCE: dict[str, ImportanceInfo] = {
-    "l1": ImportanceInfo(
-        l1_norm, "weights", "fn(members, n_units)", None, "Li et al. 2017; Fang et al. 2023"
-    ),
-    "l2": ImportanceInfo(l2_norm, "weights", "fn(members, n_units)", None, "Fang et al. 2023 (DepGraph)"),
-    "bn_scale": ImportanceInfo(bn_scale, "weights", "fn(members, n_units)", None, "Liu et al. 2017"),
-    "taylor": ImportanceInfo(
-        taylor, "gradients", "fn(members, grads, n_units)", None, "Molchanov et al. 2019"
-    ),
-    "fpgm": ImportanceInfo(fpgm, "weights", "fn(members, n_units)", None, "He et al. 2019"),
-    "activation_mean": ImportanceInfo(
-        activation_mean, "activations", "fn(acts, n_units, owner)", ActivationMean, "Polyak & Wolf 2015"
-    ),
-    "apoz": ImportanceInfo(apoz, "activations", "fn(acts, n_units, owner)", APoZ, "Hu et al. 2016"),
-    "random": ImportanceInfo(random_scores, "none", "fn(n_units, generator)", None, "random baseline"),
-}
+    def __call__(self, group: UnitGroup) -> torch.Tensor:
+        if self.score is None:
+            raise ValueError("this importance is computed from activations by its accumulator")
+        return self.score(group)
+
+
+NEEDS = ("weights", "gradients", "activations")
+
+
+def register_importance(
+    name: str,
+    needs: str = "weights",
+    accumulator: type | None = None,
+    reference: str = "",
+    replace: bool = False,
+) -> Callable[[Callable[[UnitGroup], torch.Tensor]], Importance]:
+    """Decorator: register ``fn(group: UnitGroup) -> scores (group.units,)`` as structured importance
+    ``name`` (usable as ``prune_model(..., importance=name)``, ``importance: name`` in a recipe and
+    ``prunekit structured --importance name``); returns the registered :class:`Importance`."""
+
+    def add(fn: Callable[[UnitGroup], torch.Tensor] | None) -> Importance:
+        entry = Importance(fn, needs, accumulator, reference)
+        STRUCTURED_IMPORTANCE.register(name, replace=replace)(entry)
+        return entry
+
+    return add
+
+
+@register_importance("l1", reference="Li et al. 2017; Fang et al. 2023")
+def _l1(group: UnitGroup) -> torch.Tensor:
+    return l1_norm(group.members, group.units)
+
+
+@register_importance("l2", reference="Fang et al. 2023 (DepGraph)")
+def _l2(group: UnitGroup) -> torch.Tensor:
+    return l2_norm(group.members, group.units)
+
+
+@register_importance("bn_scale", reference="Liu et al. 2017")
+def _bn_scale(group: UnitGroup) -> torch.Tensor:
+    try:
+        return bn_scale(group.members, group.units)
+    except ValueError:
+        log.info("group %d (%s) has no BatchNorm: ranked by its L2 norm instead", group.index, group.name)
+        return l2_norm(group.members, group.units)
+
+
+@register_importance("fpgm", reference="He et al. 2019")
+def _fpgm(group: UnitGroup) -> torch.Tensor:
+    return fpgm(group.members, group.units)
+
+
+@register_importance("random", reference="random baseline")
+def _random(group: UnitGroup) -> torch.Tensor:
+    return random_scores(group.units, group.generator)
+
+
+@register_importance("taylor", needs="gradients", reference="Molchanov et al. 2019")
+def _taylor(group: UnitGroup) -> torch.Tensor:
+    return taylor(group.members, group.grads or [], group.units)
+
+
+register_importance("activation_mean", "activations", ActivationMean, "Polyak & Wolf 2015")(None)
+register_importance("apoz", "activations", APoZ, "Hu et al. 2016")(None)

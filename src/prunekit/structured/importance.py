@@ -353,7 +353,7 @@ def random_scores(n_units: int, generator: torch.Generator | None = None) -> tor
 
 @dataclass
 class UnitGroup:
-    """What an importance function sees of one coupled group (:class:`prunekit.registry.StructuredImportance`).
+    """What an importance function sees of one coupled group (prunekit.registry.StructuredImportance).
 
     ``members``: every parameter of the group with the unit each element belongs to (``-1``: outside the
     group); ``grads``: for importance that needs gradients, each member's gradient on one calibration batch

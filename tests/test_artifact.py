@@ -331,7 +331,7 @@ def _boom(*args, **kwargs):
     raise OSError("disk full (simulated)")
 
 
-@pytest.mark.parametrize("where", ["safetensors.torch.save", "os.replace"])
+@pytest.mark.parametrize("where", ["prunekit.artifact.save", "os.replace"])
 def test_failed_write_leaves_no_file_and_keeps_the_old_one(tmp_path, monkeypatch, where):
     model, sparsifier = pruned_model()
     new = tmp_path / "new.safetensors"
@@ -340,7 +340,7 @@ def test_failed_write_leaves_no_file_and_keeps_the_old_one(tmp_path, monkeypatch
     before = old.read_bytes()
 
     module, name = where.rsplit(".", 1)
-    monkeypatch.setattr(safetensors.torch if module == "safetensors.torch" else os, name, _boom)
+    monkeypatch.setattr(artifact_module if module == "prunekit.artifact" else os, name, _boom)
     for path in (new, old):
         with pytest.raises(OSError, match="simulated"):
             save_artifact(path, SmallResNet(**ARGS), model_info=INFO)

@@ -254,7 +254,6 @@ def test_closed_loop_corrects_an_optimistic_prediction(monkeypatch):
     """With 'measurements' always 0.1 of dense slower than predicted, the loop retries at lower aims and
     keeps the first choice that truly meets the goal (pruning and timing are faked: no clock involved)."""
     from prunekit.allocate import latency
-    from prunekit.structured import core
 
     spec = [[(10.0 - 1.5 * (i + 1), 0.1 * (i + 1) * (g + 1)) for i in range(3)] for g in range(3)]
     tables = latency.Tables(10.0, 10.0, _tables(spec, 10.0), runs=1, threads=1)
@@ -272,7 +271,7 @@ def test_closed_loop_corrects_an_optimistic_prediction(monkeypatch):
 
     monkeypatch.setattr(latency, "allocate", recording_allocate)
     monkeypatch.setattr(latency, "paired_ratios", fake_pairs)
-    monkeypatch.setattr(core, "prune_model", lambda *args, **kwargs: None)
+    monkeypatch.setattr(latency, "prune_model", lambda *args, **kwargs: None)
     best, attempts = latency.closed_loop(torch.nn.Identity(), None, tables, 0.7, None, refine=4)
     assert len(attempts) >= 2 and attempts[0]["measured_ratio"] > 0.7
     assert best["measured_ratio"] <= 0.7 + 1e-12

@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load, save
 from torch import nn
 
 from prunekit import __version__
@@ -42,7 +44,11 @@ from prunekit.compress.encodings import pack_bits, unpack_bits
 from prunekit.errors import PrunekitError
 from prunekit.files import atomic_write_bytes
 from prunekit.masking import apply_masks, get_masks
+from prunekit.models import build_model
+from prunekit.quant.fake import fake_quantized
+from prunekit.quant.ptq import build_int8, int8_plan
 from prunekit.spec import Spec, from_dict
+from prunekit.structured.apply import apply_plan
 
 FORMAT = "prunekit.dense"
 FORMAT_VERSION = 2  # the newest this code reads and writes (2: INT8 models)
@@ -112,9 +118,6 @@ def save_artifact(
     ``structured``: the prune logs (``prunekit.structured`` plans) that turned the built-in architecture
     into this smaller one; loading replays them before reading the weights.
     """
-    from safetensors.torch import save
-
-    from prunekit.quant.ptq import int8_plan
 
     _refuse_qat(model)
     tensors = plain_state_dict(model)
@@ -144,7 +147,6 @@ def save_artifact(
 def _refuse_qat(model: nn.Module) -> None:
     """A QAT-prepared model would be stored with its fake-quantized weights (the trained latent float ones
     lost) and reload as a plain float model or not at all: refuse it."""
-    from prunekit.quant.fake import fake_quantized
 
     layers = fake_quantized(model)
     if layers:
@@ -166,8 +168,6 @@ def _fit_error(exc: RuntimeError) -> str:
 
 def read_artifact(path: str | Path) -> tuple[dict[str, torch.Tensor], ArtifactInfo]:
     """Read and verify an artifact: tensors (weights only) and its header."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
 
     path = Path(path)
     if not path.is_file():
@@ -175,7 +175,6 @@ def read_artifact(path: str | Path) -> tuple[dict[str, torch.Tensor], ArtifactIn
     raw = path.read_bytes()
     try:
         tensors = load(raw)
-        from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
@@ -235,12 +234,9 @@ def load_artifact(
             raise PrunekitError(
                 f"artifact {path} records no built-in architecture; pass the model to load into"
             )
-        from prunekit.models import build_model
 
         model = build_model(info.model["name"], info.model.get("args"))
     if info.structured:
-        from prunekit.structured.apply import apply_plan
-
         try:
             for plan in info.structured:
                 apply_plan(model, plan)
@@ -249,8 +245,6 @@ def load_artifact(
                 f"artifact {path}: its structured prune log does not fit the model: {exc}"
             ) from None
     if info.int8:
-        from prunekit.quant.ptq import build_int8
-
         try:
             build_int8(model, info.int8)
         except (AttributeError, KeyError, TypeError) as exc:

@@ -12,6 +12,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError, safe_open
+
+from prunekit.errors import PrunekitError
+
 
 def _mode_for(path: Path) -> int:
     """The permissions ``open(path, "w")`` would leave: the existing file's, else 0o666 less the umask.
@@ -54,9 +58,6 @@ def atomic_write_json(path: str | Path, data: Any) -> Path:
 
 def safetensors_metadata(path: str | Path) -> dict[str, str]:
     """The string metadata of a safetensors file (its header only; the tensors are not read)."""
-    from safetensors import SafetensorError, safe_open
-
-    from prunekit.errors import PrunekitError
 
     path = Path(path)
     if not path.is_file():

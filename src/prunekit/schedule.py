@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from prunekit.errors import PrunekitError
+from prunekit.errors import PrunekitError, unknown_name
 from prunekit.spec import check_sparsity
 
 SCHEDULE_TYPES = ("one-shot", "iterative", "agp")
@@ -100,7 +100,5 @@ Schedule = OneShot | Iterative | AGP
 def make_schedule(kind: str, **kwargs) -> Schedule:
     builders = {"one-shot": OneShot, "iterative": Iterative, "agp": AGP}
     if kind not in builders:
-        from prunekit.errors import unknown_name
-
         raise unknown_name("schedule", kind, builders)
     return builders[kind](**kwargs)

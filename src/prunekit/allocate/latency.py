@@ -40,7 +40,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunekit.analysis.latency import compare_latency
 from prunekit.errors import PrunekitError
+from prunekit.structured.core import prune_model
 
 log = logging.getLogger(__name__)
 DEFAULT_GRID = (0.25, 0.5, 0.75)
@@ -219,7 +221,6 @@ def paired_ratios(
 ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
     """Time every pair ``(a, b)`` interleaved (two calls at a time, ``runs`` calls each), ``passes`` times
     over all pairs; returns the median over passes of b's p50 / a's p50, of a's p50 and of b's p50 (ms)."""
-    from prunekit.analysis import compare_latency
 
     if passes < 1:
         raise PrunekitError(f"latency passes must be >= 1, got {passes}")
@@ -253,7 +254,6 @@ def measure_tables(
     """Prune a copy of ``model`` one group at a time at every ratio of ``grid`` and measure each copy's
     batch latency (on ``timing_input``, default ``example``) and predicted loss. ``prune_kwargs`` go to
     :func:`prunekit.structured.prune_model` (``importance``, ``round_to``, ``ignore``, ...)."""
-    from prunekit.structured.core import prune_model
 
     if not grid or any(isinstance(r, bool) or not 0 < r < 1 for r in grid):
         raise PrunekitError(f"latency grid: ratios must be in (0, 1), got {list(grid)}")
@@ -356,7 +356,6 @@ def closed_loop(
     the measured ratio misses, lower the aim by the miss (at least below the missed choice's prediction)
     and retry (up to ``refine`` times). Returns the
     kept attempt (the first that meets the goal, else the fastest measured) and all attempts."""
-    from prunekit.structured.core import prune_model
 
     attempts, aim, tried = [], goal, set()
     for _ in range(1 + max(0, refine)):
@@ -422,7 +421,6 @@ def prune_for_latency(
     Returns ``(result, report)``: the :class:`prunekit.structured.Result` and a JSON-ready dict with the
     tables, the chosen ratios, the predicted and the measured latency.
     """
-    from prunekit.structured.core import prune_model
 
     timing_input = example if timing_input is None else timing_input
     dense = copy.deepcopy(model).eval()

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from prunekit.criteria.base import Batch, LossFn, make_criterion
-from prunekit.errors import PrunekitError
+from prunekit.errors import PrunekitError, unknown_name
 from prunekit.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from prunekit.masking import get_masks, weight_parameter
 from prunekit.select import unstructured_masks
@@ -76,8 +76,6 @@ def make_metric(metric: str | Metric) -> Metric:
     if isinstance(metric, Metric):
         return metric
     if metric not in METRICS:
-        from prunekit.errors import unknown_name
-
         raise unknown_name("sensitivity metric", metric, METRICS)
     return METRICS[metric]
 

@@ -9,17 +9,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
+from prunekit.artifact import read_artifact
 from prunekit.errors import PrunekitError
+from prunekit.files import safetensors_metadata
 from prunekit.spec import Spec
 
 
 def read_source(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict[str, Any]]:
     """(state dict, specs keyed by tensor name, header extras to carry over) of ``path``."""
-    from safetensors.torch import load_file
-
-    from prunekit.artifact import read_artifact
-    from prunekit.files import safetensors_metadata
 
     path = Path(path)
     meta = safetensors_metadata(path)

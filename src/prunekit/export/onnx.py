@@ -34,11 +34,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from prunekit.errors import PrunekitError
+from prunekit.masking import squash
+from prunekit.quant.layers import QuantizedConv2d, QuantizedLinear
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +130,6 @@ def _inference_copy(model: nn.Module) -> Iterator[nn.Module]:
     an unmasked one is only switched to eval and back, so exporting a large model does not double memory.
     """
     if any(parametrize.is_parametrized(m) for m in model.modules()):
-        from prunekit.masking import squash
-
         work = squash(copy.deepcopy(model))
         if any(parametrize.is_parametrized(m) for m in work.modules()):
             raise PrunekitError(
@@ -169,7 +170,6 @@ def _int8_layers(model: nn.Module) -> list[str]:
     Their forward quantizes activations with ops the exporter cannot convert (``amax`` over all dims) and
     computes with int8 tensors ONNX Runtime's float kernels do not take, so such a model is refused up front.
     """
-    from prunekit.quant.layers import QuantizedConv2d, QuantizedLinear
 
     return [
         name or type(model).__name__
@@ -263,7 +263,6 @@ def count_zero_weights(model: nn.Module) -> int:
 
 def _onnx_weights(proto) -> list[tuple[str, Any]]:
     """``(name, array)`` of the float initializers and constants with >= 2 dims: where weights live."""
-    import numpy as np
     from onnx import numpy_helper
 
     tensors = list(proto.graph.initializer)
@@ -286,7 +285,6 @@ def _match_zero_weights(model: nn.Module, weights: list[tuple[str, Any]]) -> dic
     shape and identical values, else by shape with zeros at least at every zero position of the model's
     (a BatchNorm folded into a conv scales its channels: values change, zeros stay put). A name match with
     fewer zeros is an error; a tensor left unmatched makes ``preserved`` False and is listed."""
-    import numpy as np
 
     by_name = {name: i for i, (name, _) in enumerate(weights) if name}  # Constant tensors may be unnamed
     params = [(n, p.detach()) for n, p in model.named_parameters() if p.is_floating_point() and p.dim() >= 2]
@@ -333,7 +331,6 @@ def _match_zero_weights(model: nn.Module, weights: list[tuple[str, Any]]) -> dic
 
 def _check(session, model, inputs, names_in, rtol, atol) -> list[float]:
     """Max abs difference per output between onnxruntime and PyTorch; a mismatch is a PrunekitError."""
-    import numpy as np
 
     with torch.no_grad():
         expected = [t.detach().cpu() for t in _flatten(model(*inputs))]

@@ -11,6 +11,8 @@ each variant in a fresh process, since one process cannot un-see another variant
 
 from __future__ import annotations
 
+import gc
+import io
 import json
 import logging
 import subprocess
@@ -25,7 +27,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunekit import runtime
+from prunekit.analysis.latency import compare_latency
+from prunekit.analysis.memory import current_rss_mb, peak_rss_mb
+from prunekit.artifact import plain_state_dict, read_artifact
+from prunekit.compress.container import save_compressed
+from prunekit.compress.source import tensor_specs
 from prunekit.errors import PrunekitError
+from prunekit.files import atomic_write_bytes, safetensors_metadata
+from prunekit.jobs import recipe
+from prunekit.jobs.run import run_recipe
+from prunekit.jobs.structured import load_model_spec
+from prunekit.quant.ptq import quantize_model
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +68,6 @@ def resolve_source(source: str, out: Path, input_shape: tuple[int, ...] | None =
     """``source``: a prunekit artifact (.safetensors), a recipe output directory (its ``dense`` export, its
     last other float export and its last INT8 export), a recipe YAML file or a built-in recipe name (run
     first, into ``out/run``)."""
-    from prunekit.jobs import recipe
 
     path = Path(source)
     if path.is_file() and path.suffix in (".yaml", ".yml"):
@@ -76,7 +88,6 @@ def resolve_source(source: str, out: Path, input_shape: tuple[int, ...] | None =
 
 
 def _run_recipe(rec, out: Path) -> Path:
-    from prunekit.jobs.run import run_recipe
 
     run_dir = out / "run"
     log.info("bench: running recipe %s into %s first", rec.name, run_dir)
@@ -85,7 +96,6 @@ def _run_recipe(rec, out: Path) -> Path:
 
 
 def _is_int8(path: Path) -> bool:
-    from prunekit.files import safetensors_metadata
 
     try:
         header = json.loads(safetensors_metadata(path).get("prunekit", "{}"))
@@ -119,7 +129,6 @@ def _exports(directory: Path) -> tuple[Path | None, Path | None, Path | None]:
 
 
 def _sample_shape(artifact: Path, input_shape: tuple[int, ...] | None) -> tuple[int, ...]:
-    from prunekit.jobs.structured import load_model_spec
 
     full = (1, *input_shape[1:]) if input_shape else None
     _, example = load_model_spec(str(artifact), full)
@@ -128,7 +137,6 @@ def _sample_shape(artifact: Path, input_shape: tuple[int, ...] | None) -> tuple[
 
 def load_variant(source: Source, name: str) -> nn.Module:
     """One uncompiled variant as an eval-mode module (``compiled*`` are built per batch by :func:`bench`)."""
-    from prunekit.jobs.structured import load_model_spec
 
     if name not in VARIANTS:
         raise PrunekitError(f"bench: unknown variant {name!r}; allowed: {', '.join(VARIANTS)}")
@@ -141,15 +149,11 @@ def load_variant(source: Source, name: str) -> nn.Module:
         return load_model_spec(str(source.int8), shape)[0]
     pruned = load_model_spec(str(source.pruned), shape)[0]
     if name.endswith("int8"):
-        from prunekit.quant.ptq import quantize_model
-
         return quantize_model(pruned, activations="dynamic").eval()
     return pruned
 
 
 def _compile(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, list[dict], float]:
-    from prunekit import runtime
-
     start = time.perf_counter()
     compiled = runtime.compile(model, (example,))
     seconds = time.perf_counter() - start
@@ -160,9 +164,6 @@ def sizes(source: Source) -> dict[str, int]:
     """Bytes of the file each variant ships as: the dense artifact; the pruned and INT8 models (the very
     models timed) compressed, each tensor in its smallest encoding under its layer's spec. The compiled
     variants load from those same files."""
-    from prunekit.artifact import plain_state_dict, read_artifact
-    from prunekit.compress.container import save_compressed
-    from prunekit.compress.source import tensor_specs
 
     out: dict[str, int] = {}
     if source.dense is not None:
@@ -206,9 +207,6 @@ def peak_rss(source: Source, name: str, batch: int, runs: int, timeout_s: float 
 
 
 def _rss_child(args: dict[str, Any]) -> dict[str, float]:
-    import gc
-
-    from prunekit.analysis.memory import current_rss_mb, peak_rss_mb
 
     torch.set_num_threads(1)
     paths = {k: Path(v) if v else None for k, v in args["paths"].items()}
@@ -251,7 +249,6 @@ def bench(
     memory: bool = True,
 ) -> dict[str, Any]:
     """Measure every variant; returns the JSON-ready table (see the module docstring)."""
-    from prunekit.analysis import compare_latency
 
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -372,14 +369,11 @@ def table(result: dict[str, Any]) -> str:
 def chart(result: dict[str, Any], path: Path) -> Path:
     """Grouped bars of p50 and p99 latency (two panels, each on its own scale) per setting, written
     atomically."""
-    import io
 
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed; also keeps a user's interactive backend out of it
     import matplotlib.pyplot as plt
-
-    from prunekit.files import atomic_write_bytes
 
     settings = sorted({(r["threads"], r["batch"]) for r in result["rows"]})
     variants = result["variants"]

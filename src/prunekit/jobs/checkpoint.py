@@ -25,9 +25,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as st_save
 
+from prunekit.artifact import load_artifact
 from prunekit.errors import PrunekitError
+from prunekit.jobs.recipe import EvaluateStage, to_dict
+from prunekit.masking import load_masked_state_dict, squash
+from prunekit.models import build_model
 from prunekit.rng import rng_state, set_rng_state
+from prunekit.spec import from_dict as spec_from_dict
+from prunekit.structured.apply import apply_plan
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +172,6 @@ def _fsync_dir(path: Path) -> None:
 
 def save(out: str | Path, state: dict[str, Any]) -> Path:
     """Write ``state`` (JSON-able values, tensors anywhere inside) as the new ``last`` checkpoint."""
-    from safetensors.torch import save as st_save
 
     folder = checkpoint_dir(out)
     folder.mkdir(parents=True, exist_ok=True)
@@ -195,7 +202,6 @@ def save(out: str | Path, state: dict[str, Any]) -> Path:
 
 def read(path: str | Path) -> dict[str, Any]:
     """Load one checkpoint file (safetensors only: no code runs)."""
-    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     try:
@@ -251,7 +257,6 @@ def save_run(run, position: dict[str, Any], train_state=None, sparsifier=None) -
     run, ``round``: its rounds done); ``train_state``: the interrupted training's ``state`` function.
 
     Every rank calls this (the training state sums the loss over the ranks); only rank 0 writes."""
-    from prunekit.jobs.recipe import to_dict
 
     run.checkpoints += 1
     train = train_state() if train_state is not None else None
@@ -304,10 +309,6 @@ def check_resumable(state: dict[str, Any], path: Path, recipe: dict[str, Any], w
 
 def _architecture(run, structured: int):
     """A fresh model of the run's architecture after its first ``structured`` structured prune logs."""
-    from prunekit.artifact import load_artifact
-    from prunekit.masking import squash
-    from prunekit.models import build_model
-    from prunekit.structured.apply import apply_plan
 
     if run.recipe.model.artifact is not None:
         model = squash(load_artifact(run.recipe.model.artifact)[0])
@@ -320,10 +321,6 @@ def _architecture(run, structured: int):
 
 def restore_run(run, state: dict[str, Any]) -> dict[str, Any]:
     """Put a checkpoint's state into a freshly built ``run``; returns the position to continue from."""
-    from prunekit.jobs.recipe import EvaluateStage
-    from prunekit.masking import load_masked_state_dict
-    from prunekit.spec import from_dict as spec_from_dict
-    from prunekit.structured.apply import apply_plan
 
     for name, value in state["run"].items():
         setattr(run, name, value)

@@ -14,6 +14,7 @@ helpers do nothing, so the pipeline has one code path.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from prunekit.errors import PrunekitError
@@ -116,11 +118,9 @@ class Context:
         if not self.enabled:
             yield model
             return
-        from torch.nn.parallel import DistributedDataParallel
 
         model.to(self.device)
         ids = [self.local_rank] if self.device.type == "cuda" else None
-        import inspect
 
         # rank 0's buffers before every forward; torch 2.13 renamed broadcast_buffers to forward_sync_buffers
         new_name = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters

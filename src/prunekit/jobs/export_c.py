@@ -16,6 +16,8 @@ from typing import Any
 from prunekit.export.c.api import export_c
 from prunekit.export.c.harness import arm_size, have, run_check
 from prunekit.export.c.source import calibration_inputs
+from prunekit.jobs.recipe import QuantizeStage
+from prunekit.quant.ptq import quantize
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +32,6 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
 
 def _dense_int8(run) -> tuple[str, Any] | None:
     """(label, INT8 copy) of the first evaluated model, quantized as the run's quantize stage did."""
-    from prunekit.jobs.recipe import QuantizeStage
-    from prunekit.quant.ptq import quantize
 
     stages = [s for s in run.recipe.stages if isinstance(s, QuantizeStage)]
     if not run.timed or not stages:

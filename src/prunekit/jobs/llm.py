@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from prunekit import __version__
 from prunekit.analysis.memory import RssSampler, peak_rss_mb
 from prunekit.errors import PrunekitError
 from prunekit.files import atomic_write_json
@@ -26,6 +27,9 @@ from prunekit.llm.load import load_causal_lm, max_positions
 from prunekit.llm.perplexity import perplexity
 from prunekit.llm.prune import LLMPruneConfig, prune_llm, zero_counts
 from prunekit.llm.text import calibration_windows, eval_windows, pydoc_topics_split, read_text, tokenize
+from prunekit.report.html import write_reports
+from prunekit.report.llm import llm_report
+from prunekit.report.plots import llm_figures
 
 StageProgress = Callable[[str], Callable[[int, int], None] | None]
 
@@ -72,10 +76,6 @@ def _save(model, tokenizer, out: Path, metrics: dict[str, Any], report: bool = F
         metrics["size"] = _sizes(model, staging)
         atomic_write_json(staging / "metrics.json", metrics)
         if report:
-            from prunekit.report.html import write_reports
-            from prunekit.report.llm import llm_report
-            from prunekit.report.plots import llm_figures
-
             write_reports(staging, llm_report(metrics), llm_figures(metrics))  # report.md, report.html, PNGs
         if not out.exists():
             os.replace(staging, out)
@@ -198,7 +198,5 @@ def run_eval(
 
 def _versions() -> dict[str, str]:
     import transformers
-
-    from prunekit import __version__
 
     return {"prunekit": __version__, "torch": torch.__version__, "transformers": transformers.__version__}

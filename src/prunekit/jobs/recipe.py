@@ -15,8 +15,12 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from prunekit.errors import PrunekitError, did_you_mean
+from prunekit.allocate.latency import resolve_budget
+from prunekit.errors import PrunekitError, did_you_mean, unknown_name
+from prunekit.models import MODELS
 from prunekit.registry import CRITERIA, STRUCTURED_IMPORTANCE
+from prunekit.schedule import make_schedule
+from prunekit.spec import Unstructured
 from prunekit.spec import parse as parse_spec
 
 BUILTIN_DIR = Path(__file__).parent / "recipes"
@@ -51,8 +55,6 @@ class ModelSource(Strict):
         if self.artifact is not None and not self.artifact.is_file():
             raise ValueError(f"artifact file not found: {self.artifact}")
         if self.builtin is not None:
-            from prunekit.models import MODELS
-
             MODELS.get(self.builtin)
         return self
 
@@ -133,7 +135,6 @@ class Schedule(Strict):
         return self
 
     def build(self):
-        from prunekit.schedule import make_schedule
 
         kwargs = {
             k: getattr(self, k)
@@ -257,7 +258,6 @@ class PruneStage(Strict):
             if self.sensitivity is not None:
                 raise ValueError("'sensitivity' settings need allocation 'sensitivity' (this one is uniform)")
             return self
-        from prunekit.spec import Unstructured
 
         if not isinstance(parse_spec(self.pattern), Unstructured):
             raise ValueError(
@@ -318,7 +318,6 @@ class StructuredStage(Strict):
             raise ValueError("allocation 'latency' chooses the ratios itself: remove 'ratio'")
         if self.target_latency is None:
             raise ValueError("allocation 'latency' needs 'target_latency' (e.g. 0.6 or '2.5ms')")
-        from prunekit.allocate.latency import resolve_budget
 
         try:
             resolve_budget(self.target_latency, 1.0)
@@ -488,8 +487,6 @@ def builtin_names() -> list[str]:
 def builtin_text(name: str) -> str:
     path = BUILTIN_DIR / f"{name}.yaml"
     if not path.is_file():
-        from prunekit.errors import unknown_name
-
         raise unknown_name("built-in recipe", name, builtin_names())
     return path.read_text(encoding="utf-8")
 

@@ -7,6 +7,7 @@ machine gives the same masks and accuracy numbers (latency is measured, so it va
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import platform
@@ -26,9 +27,9 @@ from prunekit.data import Splits, load_splits
 from prunekit.errors import PrunekitError
 from prunekit.files import atomic_write_json
 from prunekit.jobs import checkpoint as ckpt
-from prunekit.jobs.distributed import Context
+from prunekit.jobs.distributed import Context, session
 from prunekit.jobs.recipe import EvaluateStage, Recipe, to_dict
-from prunekit.jobs.runlog import RunLog
+from prunekit.jobs.runlog import RunLog, check_tensorboard
 from prunekit.jobs.stages.checks import RecipeChecks
 from prunekit.jobs.stages.measure import _COMPILED as _COMPILED  # re-exported: prunekit.jobs.run._COMPILED
 from prunekit.jobs.stages.measure import MeasureStages
@@ -38,6 +39,10 @@ from prunekit.jobs.stages.structured import StructuredStages
 from prunekit.jobs.stages.train import TrainStages
 from prunekit.jobs.stages.train import _train_cfg as _train_cfg  # re-exported: prunekit.jobs.run._train_cfg
 from prunekit.masking import get_masks
+from prunekit.models import build_model
+from prunekit.report import write_report
+from prunekit.report.html import write_reports
+from prunekit.report.plots import run_figures
 from prunekit.rng import seed_everything
 from prunekit.spec import Spec
 
@@ -97,7 +102,6 @@ class Run(TrainStages, PruneStages, StructuredStages, MeasureStages, OutputStage
             self.specs = dict(info.specs)
             self.structured_logs = list(info.structured)  # keep replaying them in this run's exports
             return model, info.model
-        from prunekit.models import build_model
 
         args = dict(src.args)
         if src.builtin == "resnet-digits":
@@ -215,7 +219,6 @@ def run_recipe(
     threads = torch.get_num_threads()
     if recipe.threads is not None:
         torch.set_num_threads(recipe.threads)
-    from prunekit.jobs.distributed import session
 
     try:
         with session() as ctx:
@@ -246,14 +249,9 @@ def _run(
     tensorboard: str | Path | None = None,
     ctx: Context | None = None,
 ) -> dict[str, Any]:
-    from prunekit.report import write_report
-    from prunekit.report.html import write_reports
-    from prunekit.report.plots import run_figures
 
     ctx = ctx or Context()
     if tensorboard is not None:
-        from prunekit.jobs.runlog import check_tensorboard
-
         check_tensorboard()
     saved = ckpt.load_latest(out) if resume else None  # before any work: a bad --resume fails at once
     if saved is not None:
@@ -330,7 +328,6 @@ def _run(
 
 
 def _masks_digest(masks: dict[str, torch.Tensor]) -> str:
-    import hashlib
 
     h = hashlib.sha256()
     for name in sorted(masks):

@@ -14,6 +14,7 @@ treatment with ``purge_step``: scalars use ``seq`` as their step.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import time
@@ -27,7 +28,6 @@ _INDEX_FIELDS = ("round", "stage", "epoch")  # positions, not measurements: no T
 
 def check_tensorboard() -> None:
     """Fail now, before any work, when TensorBoard logging cannot work."""
-    import importlib.util
 
     if importlib.util.find_spec("tensorboard") is None:
         raise PrunekitError("TensorBoard logging needs the tensorboard package: pip install tensorboard")

@@ -15,22 +15,32 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunekit.analysis.latency import compare_latency
+from prunekit.analysis.macs import count_macs
+from prunekit.analysis.sparsity import layer_table
+from prunekit.artifact import load_artifact
 from prunekit.errors import PrunekitError
 from prunekit.files import atomic_write_json
+from prunekit.models import MODELS, build_model
+from prunekit.report.html import write_reports
+from prunekit.report.plots import structured_figures
+from prunekit.report.sections import (
+    layer_changes,
+    settings_section,
+    structured_layers_section,
+    structured_verdict,
+)
 from prunekit.structured.core import prune_model
 from prunekit.structured.storage import save
 
 
 def load_model_spec(spec: str, input_shape: tuple[int, ...] | None) -> tuple[nn.Module, torch.Tensor]:
     """``resnet-digits`` (a built-in), ``path/to/artifact.safetensors``, or ``package.module:factory``."""
-    from prunekit.models import MODELS, build_model
 
     if spec in MODELS:
         model = build_model(spec)
         default = (1, 1, 8, 8)
     elif spec.endswith(".safetensors"):
-        from prunekit.artifact import load_artifact
-
         model, _ = load_artifact(spec, masked=False)
         default = (1, 1, 8, 8) if isinstance(model, MODELS.get("resnet-digits")) else None
     elif ":" in spec:
@@ -68,11 +78,6 @@ def run_structured(
     runs: int = 200,
     model_name: str = "",
 ) -> dict[str, Any]:
-    from prunekit.analysis import compare_latency, layer_table
-    from prunekit.analysis.macs import count_macs
-    from prunekit.report.html import write_reports
-    from prunekit.report.plots import structured_figures
-    from prunekit.report.sections import layer_changes
 
     out = Path(out)
     dense = copy.deepcopy(model).eval()
@@ -154,7 +159,6 @@ def _report(m: dict[str, Any]) -> str:
         f"| {g['group']} | `{g['seed']}` | {g['units']} | {g['removed']} | {g['blocked']} |"
         for g in m["groups"]
     ]
-    from prunekit.report.sections import settings_section, structured_layers_section, structured_verdict
 
     lines[2:2] = structured_verdict(m)
     lines += ["", *structured_layers_section(m)]

@@ -32,10 +32,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
+from prunekit import runtime
+from prunekit.analysis.latency import compare_latency
+from prunekit.analysis.metrics import evaluate
+from prunekit.analysis.sparsity import count_params
+from prunekit.artifact import plain_state_dict
+from prunekit.compress import save_compressed
+from prunekit.compress.source import tensor_specs
+from prunekit.criteria import CRITERIA
 from prunekit.errors import PrunekitError
 from prunekit.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from prunekit.masking import squash
+from prunekit.recovery import TrainConfig, train
+from prunekit.sparsifier import Sparsifier
+from prunekit.spec import NM, Unstructured, parse
+from prunekit.structured import prune_model
+from prunekit.targets import Targets
 
 log = logging.getLogger(__name__)
 DEFAULT_GRID = (0.5, 0.7, 0.8, 0.9, 0.95)
@@ -94,16 +109,12 @@ class Method:
 
     def sparsities(self, grid: Sequence[float]) -> list[float]:
         if self.kind == "nm":
-            from prunekit.spec import parse
-
             return [parse(self.name).sparsity]
         return list(grid)
 
 
 def parse_methods(text: str | Sequence[str]) -> list[Method]:
     """``"magnitude,random,wanda,2:4,channels"`` -> methods; unknown names are a one-line error."""
-    from prunekit.criteria import CRITERIA
-    from prunekit.spec import NM, parse
 
     names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
     if not names:
@@ -139,16 +150,11 @@ def check_grid(grid: Sequence[float]) -> list[float]:
 
 def _prune(model, method: Method, sparsity: float, splits, batch_size, finetune_epochs, lr, round_to, seed):
     """A pruned copy of ``model`` (plain modules, zeros permanent) and its layer specs."""
-    from prunekit.recovery import TrainConfig, train
-    from prunekit.sparsifier import Sparsifier
-    from prunekit.spec import NM, Unstructured, parse
 
     pruned = copy.deepcopy(model)
     loader = splits.loader("train", batch_size, shuffle=True, seed=seed)
     cfg = TrainConfig(epochs=finetune_epochs, lr=lr)
     if method.kind == "channels":
-        from prunekit.structured import prune_model
-
         example = splits.train[: min(2, len(splits.train))][0]
         prune_model(pruned, example, ratio=sparsity, importance="l2", round_to=round_to, seed=seed)
         train(pruned, loader, cfg, progress=False, desc="fine-tune")
@@ -157,8 +163,6 @@ def _prune(model, method: Method, sparsity: float, splits, batch_size, finetune_
     criterion = "magnitude" if method.kind == "nm" else method.name
     targets = None
     if isinstance(spec, NM):  # layers whose input width is no multiple of M stay dense (the 1-channel stem)
-        from prunekit.targets import Targets
-
         misfits = tuple(
             name
             for name, m in pruned.named_modules()
@@ -179,11 +183,6 @@ def _prune(model, method: Method, sparsity: float, splits, batch_size, finetune_
 
 
 def _sizes(model: nn.Module, specs, workdir: Path) -> tuple[int, int]:
-    from safetensors.torch import save_file
-
-    from prunekit.artifact import plain_state_dict
-    from prunekit.compress import save_compressed
-    from prunekit.compress.source import tensor_specs
 
     state = {k: v.contiguous() for k, v in plain_state_dict(model).items()}
     compressed = workdir / "model.compressed.safetensors"
@@ -194,12 +193,9 @@ def _sizes(model: nn.Module, specs, workdir: Path) -> tuple[int, int]:
 
 
 def _time(dense, model, example, runs, compile_too) -> dict[str, Any]:
-    from prunekit.analysis import compare_latency
 
     models = {"dense": dense, "pruned": model}
     if compile_too:
-        from prunekit import runtime
-
         models["compiled"] = runtime.compile(copy.deepcopy(model), (example,))
     # two calls per model per block: bursts of load on a shared machine hit every model alike
     return compare_latency(models, example, runs=runs, warmup=max(5, runs // 10), blocks=max(1, runs // 2))
@@ -222,8 +218,6 @@ def run_sweep(
 ) -> dict[str, Any]:
     """Sweep ``methods`` over ``grid`` from ``model`` (left unchanged); returns a JSON-ready dict with
     ``points`` (the dense model first, as method ``dense`` at sparsity 0) and the Pareto fronts."""
-    from prunekit.analysis import count_params, evaluate
-    from prunekit.masking import squash
 
     grid = check_grid(grid)
     if finetune_epochs < 0:

@@ -22,11 +22,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
+from prunekit.analysis.latency import compare_latency
+from prunekit.compress import save_compressed
+from prunekit.compress.source import tensor_specs
 from prunekit.errors import PrunekitError
+from prunekit.jobs.llm import _check_seqlen, _texts, vocab
 from prunekit.jobs.sweep import check_grid, pareto_names
+from prunekit.llm.load import load_causal_lm
+from prunekit.llm.perplexity import perplexity
+from prunekit.llm.prune import LLMPruneConfig, prune_llm, zero_counts
+from prunekit.llm.text import calibration_windows, eval_windows, tokenize
 from prunekit.registry import LLM_METHODS
+from prunekit.spec import NM, Unstructured, parse
 
 log = logging.getLogger(__name__)
 DEFAULT_GRID = (0.3, 0.5, 0.7)
@@ -57,19 +67,16 @@ class SweepPoint:
     def sparsities(self, grid: Sequence[float]) -> list[float]:
         if self.pattern is None:
             return list(grid)
-        from prunekit.spec import parse
 
         return [parse(self.pattern).sparsity]
 
     def spec(self, sparsity: float):
-        from prunekit.spec import Unstructured, parse
 
         return Unstructured(sparsity) if self.pattern is None else parse(self.pattern)
 
 
 def parse_llm_methods(text: str | Sequence[str]) -> list[SweepPoint]:
     """``"magnitude,wanda,sparsegpt,2:4,wanda:2:4"`` -> methods; anything else is a one-line error."""
-    from prunekit.spec import NM, parse
 
     methods = LLM_METHODS.names()
 
@@ -121,10 +128,6 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _sizes(model: nn.Module, specs: dict, workdir: Path) -> tuple[int, int]:
-    from safetensors.torch import save_file
-
-    from prunekit.compress import save_compressed
-    from prunekit.compress.source import tensor_specs
 
     state = _state(model)
     compressed = workdir / "model.compressed.safetensors"
@@ -149,8 +152,6 @@ def run_llm_sweep(
     JSON-ready dict with ``points`` (the dense model first, as method ``dense`` at sparsity 0) and the
     Pareto fronts (lowest perplexity for its latency ratio / compressed size). ``on_point(row, model)`` is
     called after each point with the pruned model (the dense one for the first)."""
-    from prunekit.llm.perplexity import perplexity
-    from prunekit.llm.prune import LLMPruneConfig, prune_llm, zero_counts
 
     grid = check_grid(grid)
     if latency_runs < 1:
@@ -214,7 +215,6 @@ def run_llm_sweep(
 
 
 def _time(dense: nn.Module, model: nn.Module, example: torch.Tensor, runs: int) -> dict[str, Any]:
-    from prunekit.analysis import compare_latency
 
     return compare_latency(
         {"dense": dense, "pruned": model},
@@ -235,9 +235,6 @@ def run_llm_sweep_from_path(
 ) -> dict[str, Any]:
     """Load a local HF directory or GGUF file (default: the packaged SmolLM2), cut the calibration and
     evaluation windows as ``prunekit llm prune`` does, and sweep."""
-    from prunekit.jobs.llm import _check_seqlen, _texts, vocab
-    from prunekit.llm.load import load_causal_lm
-    from prunekit.llm.text import calibration_windows, eval_windows, tokenize
 
     grid = check_grid(grid)  # bad input fails before the model loads
     model, tokenizer = load_causal_lm(model_path)

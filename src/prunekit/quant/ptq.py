@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from prunekit.calib.hooks import Hooks
 from prunekit.errors import PrunekitError, did_you_mean
 from prunekit.masking import _own_class, type_name
 from prunekit.quant.fake import strip_qat
@@ -202,7 +203,6 @@ def _strings(value: Any, name: str) -> tuple[str, ...]:
 @torch.no_grad()
 def calibrate(model: nn.Module, layers: Iterable[str], batches: list[Tensor]) -> dict[str, Tensor]:
     """Static input scales ``max|x| / 127`` of each layer over ``batches`` (float model, eval mode)."""
-    from prunekit.calib.hooks import Hooks
 
     top: dict[str, Tensor] = {}
 

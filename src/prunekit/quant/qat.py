@@ -46,6 +46,7 @@ from prunekit.quant.ptq import (
     plain_copy,
     weight_readers,
 )
+from prunekit.targets import classifier_name
 
 
 def prepare_qat(
@@ -84,7 +85,6 @@ def convert_qat(model: nn.Module, *, example: Tensor | None = None) -> Any:
     """The int8 copy of a QAT-prepared model (a :class:`prunekit.quant.ptq.Quantized`), with the trained
     scales: in eval mode the int8 model computes what the fake-quant model computed, up to float rounding.
     ``example``: an input the int8 model is run on once as a check (:func:`prunekit.quant.ptq.check_runs`)."""
-    from prunekit.targets import classifier_name
 
     scales = _scales(model)
     if not scales:

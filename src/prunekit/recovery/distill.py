@@ -21,6 +21,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from prunekit.errors import PrunekitError, did_you_mean
 
@@ -114,7 +115,6 @@ def capture(
 
 def _unwrap(model: nn.Module) -> nn.Module:
     """DistributedDataParallel holds the user's model as ``.module``: feature names are the user's."""
-    from torch.nn.parallel import DistributedDataParallel
 
     return model.module if isinstance(model, DistributedDataParallel) else model
 

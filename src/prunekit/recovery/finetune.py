@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -167,7 +168,6 @@ def train(
 
 
 def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -177,7 +177,6 @@ def _rank_world() -> tuple[int, int]:
 def _sum_over_ranks(values: list[float], world: int) -> list[float]:
     if world == 1:
         return list(values)
-    import torch.distributed as dist
 
     backend = dist.get_backend()
     t = torch.tensor(

@@ -14,6 +14,9 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure as MplFigure
 
+from prunekit.analysis.sensitivity import Sensitivity, heatmap_png
+from prunekit.report.sections import allocation_heading
+
 MAX_BARS = 48  # more layers than this are averaged per block, one bar per block
 
 
@@ -154,8 +157,6 @@ def _sensitivity_charts(m: dict[str, Any]) -> list[Figure]:
     (the run also writes it as ``sensitivity.png``), with the chosen sparsities on the layer labels."""
     if not m.get("allocation"):
         return []  # (and no torch import for the other reports)
-    from prunekit.analysis.sensitivity import Sensitivity, heatmap_png
-    from prunekit.report.sections import allocation_heading
 
     out = []
     for i, a in enumerate(m.get("allocation") or []):

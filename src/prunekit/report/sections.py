@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import yaml
+
 # a latency ratio counts as a speed-up below this, as a slow-down above the other (noise lies between)
 FASTER_THRESHOLD = 0.90
 SLOWER_THRESHOLD = 1.10
@@ -203,8 +205,6 @@ def structured_layers_section(m: dict[str, Any]) -> list[str]:
 
 def settings_section(settings: dict[str, Any], title: str = "Settings") -> list[str]:
     """The settings a job ran with, as YAML (the counterpart of a run report's recipe)."""
-    import yaml
-
     text = yaml.safe_dump(settings, sort_keys=False, default_flow_style=None).rstrip()  # short lists inline
     return [f"## {title}", "", "```yaml", text, "```", ""]
 

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from prunekit.errors import PrunekitError
 from prunekit.masking import squash
 from prunekit.quant.layers import QuantizedConv2d, QuantizedLinear
+from prunekit.runtime.formats import int8_row_bound
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,6 @@ def _capture(model: nn.Module, example_inputs) -> dict[str, Tensor]:
 def _candidates(module: nn.Module, x: Tensor) -> tuple[dict[str, Callable[[], nn.Module]], str]:
     """Sparse candidates worth timing for this layer and input, as factories; plus why there are none."""
     from prunekit.runtime import layers as L
-    from prunekit.runtime.formats import int8_row_bound
 
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return {}, f"input is {x.dtype} on {x.device} (the kernels are CPU float32)"

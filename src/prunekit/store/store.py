@@ -32,9 +32,11 @@ import secrets
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from prunekit import __version__
 from prunekit.errors import PrunekitError, did_you_mean
 from prunekit.files import atomic_write_json
 from prunekit.store import disk
@@ -64,9 +66,6 @@ def _now() -> str:
 
 def _versions() -> dict[str, str | None]:
     """This process's library versions, read from the installed metadata (importing torch takes seconds)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    from prunekit import __version__
 
     try:
         torch_version: str | None = version("torch")

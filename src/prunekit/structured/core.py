@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from prunekit.calib.gradients import gradients_of
 from prunekit.errors import PrunekitError
@@ -27,7 +28,8 @@ from prunekit.structured.apply import apply_plan, plan_removal, zero_plan
 from prunekit.structured.graph import Group, find_groups
 from prunekit.structured.mha import disable_fused_paths
 from prunekit.structured.owners import align, varying_dims
-from prunekit.structured.trace import trace_model
+from prunekit.structured.rules import RULES
+from prunekit.structured.trace import Trace, trace_model
 
 log = logging.getLogger(__name__)
 ACTIVATIONS = {
@@ -71,7 +73,6 @@ class Result:
 
 def _check_known_ops(trace, patterns: Sequence[str]) -> None:
     """A parameter used by an operation without a rule is a custom layer prunekit cannot see into."""
-    from prunekit.structured.rules import RULES
 
     for op in trace.ops:
         if op.name in RULES:
@@ -257,7 +258,6 @@ def _expected_shapes(trace, groups: list[Group], removed: Mapping[int, list[int]
 
 def _shape_culprits(model, example_inputs, trace, groups, removed) -> dict[int, str]:
     """Groups to blame when the pruned model's operations do not have the planned shapes ({} if all fit)."""
-    from prunekit.structured.trace import Trace
 
     expected = _expected_shapes(trace, groups, removed)
     again = Trace()
@@ -383,7 +383,6 @@ def check_equivalence(
     reference: nn.Module, pruned: nn.Module, plan, example_inputs, atol: float = 1e-4
 ) -> float:
     """The pruned model must match the original with the removed slices zeroed; returns the max abs diff."""
-    from torch.utils._pytree import tree_flatten
 
     zero_plan(reference, plan)
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)

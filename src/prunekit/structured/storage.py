@@ -10,8 +10,11 @@ import json
 import os
 from pathlib import Path
 
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
 from torch import nn
 
+from prunekit import __version__
 from prunekit.errors import PrunekitError
 from prunekit.files import atomic_write_json
 from prunekit.structured.apply import apply_plan
@@ -23,9 +26,6 @@ FORMAT = "prunekit.structured"
 
 def save(model: nn.Module, plan: dict, path: str | Path) -> Path:
     """Write ``path/prune_log.json`` and ``path/model.safetensors``; returns the directory."""
-    from safetensors.torch import save_model
-
-    from prunekit import __version__
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -44,8 +44,6 @@ def save(model: nn.Module, plan: dict, path: str | Path) -> Path:
 
 def load(model: nn.Module, path: str | Path) -> nn.Module:
     """Rebuild the pruned model from an unpruned instance ``model`` (modified in place and returned)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model
 
     path = Path(path)
     try:

@@ -13,6 +13,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+from prunekit.artifact import load_artifact
+from prunekit.compress.container import is_compressed
+from prunekit.data import load_splits
 from prunekit.errors import PrunekitError
 
 CALIBRATION_INPUTS = 512  # training inputs that calibrate the scales no int8 layer fixes (8 batches of 64)
@@ -56,9 +59,6 @@ def calibration_inputs(splits) -> Any:
 
 def load_source(source: Path, data: str | None):
     """``(model, splits, artifact path)`` for the CLI."""
-    from prunekit.artifact import load_artifact
-    from prunekit.compress.container import is_compressed
-    from prunekit.data import load_splits
 
     if not source.exists():
         raise PrunekitError(f"SOURCE not found: {source}")

@@ -4,8 +4,10 @@ prune targets and AGP schedules), so a recipe that cannot work fails at once and
 
 from __future__ import annotations
 
+from prunekit.data.arrays import check_model_fits
 from prunekit.errors import PrunekitError
 from prunekit.jobs.recipe import PruneStage, QuantizeStage
+from prunekit.quant.ptq import choose_layers, int8_plan
 
 
 class RecipeChecks:
@@ -18,7 +20,6 @@ class RecipeChecks:
         self._check_data()
         self._check_distill_features()
         kinds = [stage.type for stage in self.recipe.stages]
-        from prunekit.quant.ptq import int8_plan
 
         if int8_plan(self.model) is not None:  # model.artifact is an int8 artifact
             bad = [(i, k) for i, k in enumerate(kinds) if k not in ("evaluate", "export")]
@@ -43,8 +44,6 @@ class RecipeChecks:
             )
         for i, stage in enumerate(self.recipe.stages):
             if isinstance(stage, QuantizeStage):  # a glob that matches nothing fails now, not after training
-                from prunekit.quant.ptq import choose_layers
-
                 try:
                     choose_layers(
                         self.model, include=stage.include, exclude=stage.exclude, classifier=stage.classifier
@@ -69,6 +68,5 @@ class RecipeChecks:
                 raise PrunekitError(f"recipe {self.recipe.name}: stages[{i}]: {exc}") from None
 
     def _check_data(self) -> None:
-        from prunekit.data.arrays import check_model_fits
 
         check_model_fits(self.model, self.data, f"recipe {self.recipe.name}")

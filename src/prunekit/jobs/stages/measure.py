@@ -5,11 +5,14 @@ interleaved run, and prunekit.runtime.compile twins with their decisions."""
 from __future__ import annotations
 
 import copy
+from dataclasses import asdict
 
 import torch
 from torch import nn
 
+from prunekit import runtime
 from prunekit.analysis import compare_latency, count_params, evaluate, layer_table, prediction_agreement
+from prunekit.analysis.agreement import agreement_report
 from prunekit.jobs.recipe import EvaluateStage, to_dict
 from prunekit.masking import squash
 
@@ -48,8 +51,6 @@ class MeasureStages:
         }
         first = next(iter(self.timed))
         if first != stage.label:  # a regression check against the first evaluated model (dense)
-            from prunekit.analysis.agreement import agreement_report
-
             self.metrics[stage.label]["agreement"] = {
                 "reference": first,
                 **agreement_report(
@@ -89,9 +90,6 @@ class MeasureStages:
     def _compiled(self, label: str, model: nn.Module, example: torch.Tensor) -> nn.Module:
         """``prunekit.runtime.compile`` of an evaluated model, with its decisions and a check that it
         predicts what the uncompiled model predicts on the whole test set."""
-        from dataclasses import asdict
-
-        from prunekit import runtime
 
         compiled = runtime.compile(model, (example,))
         decisions = runtime.report(compiled).layers

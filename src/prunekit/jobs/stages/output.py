@@ -3,9 +3,15 @@ the safetensors artifact, the compressed artifact and the C99 export (prunekit.e
 
 from __future__ import annotations
 
-from prunekit.artifact import save_artifact
+from prunekit.artifact import plain_state_dict, save_artifact
+from prunekit.compress import save_compressed
+from prunekit.compress.inspect import inspect_compressed
+from prunekit.compress.source import tensor_specs
+from prunekit.jobs.export_c import export_c_stage
 from prunekit.jobs.recipe import ExportStage, QuantizeStage
 from prunekit.masking import get_masks
+from prunekit.quant.ptq import int8_plan, quantize
+from prunekit.quant.qat import convert_qat, prepare_qat
 
 
 class OutputStages:
@@ -14,8 +20,6 @@ class OutputStages:
     def quantize(self, stage: QuantizeStage) -> None:
         """INT8 conversion (after fake-quant fine-tuning when ``qat`` is given); the masks are squashed
         into the int8 weights, so later evaluate stages measure the int8 model."""
-        from prunekit.quant.ptq import quantize
-        from prunekit.quant.qat import convert_qat, prepare_qat
 
         select = {"include": stage.include, "exclude": stage.exclude, "classifier": stage.classifier}
         calib = self._calibration(stage.calibration_batches) if stage.activations == "static" else None
@@ -46,11 +50,6 @@ class OutputStages:
             structured=self.structured_logs,
         )
         if stage.compressed:
-            from prunekit.artifact import plain_state_dict
-            from prunekit.compress import save_compressed
-            from prunekit.compress.source import tensor_specs
-            from prunekit.quant.ptq import int8_plan
-
             target = self.out / f"{stage.name}.compressed.safetensors"
             state = plain_state_dict(self.model)
             extra = {**extra, "model": self.model_info, "structured": self.structured_logs}
@@ -58,12 +57,9 @@ class OutputStages:
                 extra["int8"] = int8_plan(self.model)  # which layers to rebuild as int8 ones
             save_compressed(state, target, specs=tensor_specs(self.specs, state), extra=extra)
             self.compressed_sizes[stage.name] = target.stat().st_size
-            from prunekit.compress.inspect import inspect_compressed
 
             totals = inspect_compressed(target)[1]
             parts = ("value_bytes", "index_bytes", "scale_bytes", "file_overhead_bytes", "dense_bytes")
             self.compressed_parts[stage.name] = {k: totals[k] for k in parts}
         if stage.c:  # OUT/<name>-c/: the INT8 model as C99 (prunekit.export.c), budgets in metrics[name]
-            from prunekit.jobs.export_c import export_c_stage
-
             export_c_stage(self, stage)

@@ -9,8 +9,10 @@ import logging
 from torch import nn
 from tqdm.auto import tqdm
 
+from prunekit.allocate.sensitivity import sensitivity_allocation
+from prunekit.analysis.sensitivity import sensitivity_analysis, write_heatmap
 from prunekit.jobs import checkpoint as ckpt
-from prunekit.jobs.recipe import PruneStage
+from prunekit.jobs.recipe import L0Cfg, PruneStage, SensitivityCfg
 from prunekit.masking import get_masks
 from prunekit.sparsifier import Sparsifier
 from prunekit.spec import NM
@@ -47,9 +49,6 @@ class PruneStages:
         meeting the stage's sparsity exactly (prunekit.allocate.sensitivity); the curves and the choice go to
         ``metrics["allocation"]``, the heat map to ``sensitivity.png`` (``sensitivity-2.png``, ... for later
         stages). Layers already pruned by an earlier stage are not allocated less than they have."""
-        from prunekit.allocate.sensitivity import sensitivity_allocation
-        from prunekit.analysis.sensitivity import sensitivity_analysis, write_heatmap
-        from prunekit.jobs.recipe import SensitivityCfg
 
         probe = self._sparsifier(stage)  # the targeted layers and the criterion, nothing attached
         cfg = stage.sensitivity or SensitivityCfg()
@@ -147,7 +146,6 @@ class PruneStages:
         self.dense_layers = left_dense(self.model, self.specs, targets)
 
     def _configure_gates(self, stage: PruneStage, sparsifier: Sparsifier) -> None:
-        from prunekit.jobs.recipe import L0Cfg
 
         cfg = stage.l0 or L0Cfg()
         steps = stage.finetune.epochs * len(self.loader("train", shuffle=True))

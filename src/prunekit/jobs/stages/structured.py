@@ -9,8 +9,11 @@ import logging
 import torch
 from torch import nn
 
+from prunekit.allocate.latency import prune_for_latency
 from prunekit.errors import PrunekitError
 from prunekit.jobs.recipe import StructuredStage
+from prunekit.masking import get_masks
+from prunekit.structured import prune_model
 
 log = logging.getLogger("prunekit.jobs.run")  # the run's messages keep the logger they always had
 
@@ -20,8 +23,6 @@ class StructuredStages:
 
     def structured(self, stage: StructuredStage) -> None:
         """Physically shrink the model; the prune log goes into every later export."""
-        from prunekit.masking import get_masks
-        from prunekit.structured import prune_model
 
         if get_masks(self.model):
             raise PrunekitError(
@@ -62,7 +63,6 @@ class StructuredStages:
         """Per-group ratios meeting ``target_latency`` at batch 1 (the latency the evaluate stages time),
         predicted loss = validation cross-entropy increase with one group pruned alone; the tables, the
         choice and the predicted and measured latency go to ``metrics["latency_allocation"]``."""
-        from prunekit.allocate.latency import prune_for_latency
 
         val = self.loader("val")
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from prunekit.errors import PrunekitError
-from prunekit.jobs.recipe import FinetuneStage, Optim, TrainStage
+from prunekit.errors import PrunekitError, did_you_mean
+from prunekit.jobs.recipe import TEACHER_STAGES, FinetuneStage, Optim, TrainStage
 from prunekit.masking import squash
 from prunekit.recovery import TrainConfig, train
+from prunekit.recovery.distill import Distiller
 from prunekit.sparsifier import Sparsifier
 
 
@@ -64,7 +65,6 @@ class TrainStages:
     def _keep_teacher(self) -> None:
         """At the first prune / structured / quantize stage, copy the model as the teacher if any stage
         distills (frozen; masks squashed into the copy, so it shares no parametrization with the model)."""
-        from prunekit.jobs.recipe import TEACHER_STAGES
 
         kinds = [s.type for s in self.recipe.stages]
         first = next((i for i, k in enumerate(kinds) if k in TEACHER_STAGES), None)
@@ -77,7 +77,6 @@ class TrainStages:
 
     def _check_distill_features(self) -> None:
         """Feature-matching layer names must name modules of the model (structured pruning keeps names)."""
-        from prunekit.errors import did_you_mean
 
         names = {n for n, _ in self.model.named_modules() if n}
         for i, s in enumerate(self.recipe.stages):
@@ -93,7 +92,6 @@ class TrainStages:
         """The Distiller for a training config that asks for one (else None)."""
         if cfg is None or cfg.distill is None:
             return None
-        from prunekit.recovery.distill import Distiller
 
         if self.teacher is None:  # resumed past the stage that took it: checkpoints do not hold it
             raise PrunekitError(

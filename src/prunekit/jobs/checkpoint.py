@@ -27,10 +27,12 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
+from torch import nn
 
 from prunekit.artifact import load_artifact
 from prunekit.errors import PrunekitError
 from prunekit.jobs.recipe import EvaluateStage, to_dict
+from prunekit.jobs.state import CHECKPOINTED, RunState
 from prunekit.masking import load_masked_state_dict, squash
 from prunekit.models import build_model
 from prunekit.rng import rng_state, set_rng_state
@@ -232,29 +234,26 @@ def load_latest(out: str | Path) -> tuple[dict[str, Any], Path]:
     raise PrunekitError(f"--resume: no checkpoint to resume from in {folder}{why}")
 
 
-# -- recipe runs (prunekit.jobs.run.Run) -------------------------------------------------------------------
-# the Run attributes a checkpoint carries (JSON-able); a new piece of run state must be added here
-RUN_FIELDS = (
-    "rounds",
-    "metrics",
-    "done",
-    "sizes",
-    "compressed_sizes",
-    "compressed_parts",
-    "groups",
-    "dense_layers",
-    "structured_logs",
-    "allocations",
-    "latency_allocation",
-    "timed_structured",
-    "global_step",
-    "last_loss",
-)
+# -- recipe runs (prunekit.jobs.state.RunState) -----------------------------------------------------------
+def masks_digest(masks: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the masks' names and packed bits, in name order (metrics["masks_sha256"])."""
+    h = hashlib.sha256()
+    for name in sorted(masks):
+        h.update(name.encode())
+        h.update(np.packbits(masks[name].reshape(-1).numpy()).tobytes())
+    return h.hexdigest()
 
 
-def save_run(run, position: dict[str, Any], train_state=None, sparsifier=None) -> None:
-    """Checkpoint a :class:`prunekit.jobs.run.Run` at ``position`` (``stage``: the stage to run or being
-    run, ``round``: its rounds done); ``train_state``: the interrupted training's ``state`` function.
+def checkpoint_run(run: RunState, stage: int, rounds: int = 0, train_state=None, sparsifier=None) -> None:
+    """Checkpoint at ``stage`` (the next stage to run, or the one running with ``rounds`` done) when the
+    recipe asks for checkpoints; none once a quantize stage ran (an int8 model is rebuilt by rerunning it)."""
+    if run.recipe.checkpoint.enabled and run.int8 is None:
+        save_run(run, {"stage": stage, "round": rounds}, train_state, sparsifier)
+
+
+def save_run(run: RunState, position: dict[str, Any], train_state=None, sparsifier=None) -> None:
+    """Checkpoint a run at ``position`` (``stage``: the stage to run or being run, ``round``: its rounds
+    done); ``train_state``: the interrupted training's ``state`` function.
 
     Every rank calls this (the training state sums the loss over the ranks); only rank 0 writes."""
 
@@ -272,12 +271,12 @@ def save_run(run, position: dict[str, Any], train_state=None, sparsifier=None) -
         "sparsifier": None
         if sparsifier is None
         else {"step": sparsifier.step_count, "criterion": object_state(sparsifier.criterion)},
-        "run": {name: getattr(run, name) for name in RUN_FIELDS if hasattr(run, name)},
+        "run": {name: getattr(run, name) for name in CHECKPOINTED},
         "specs": {name: spec.to_dict() for name, spec in run.specs.items()},
         "model": run.model.state_dict(),
         # the distillation teacher (prunekit.recovery.distill): a plain copy of the model at the run's first
         # prune / structured / quantize stage, so of the run's starting architecture
-        "teacher": None if getattr(run, "teacher", None) is None else run.teacher.state_dict(),
+        "teacher": None if run.teacher is None else run.teacher.state_dict(),
         "timed": [
             {"label": label, "stage": stage.model_dump(mode="json"), "state": model.state_dict()}
             for label, (model, stage) in run.timed.items()
@@ -307,7 +306,7 @@ def check_resumable(state: dict[str, Any], path: Path, recipe: dict[str, Any], w
         )
 
 
-def _architecture(run, structured: int):
+def _architecture(run: RunState, structured: int) -> nn.Module:
     """A fresh model of the run's architecture after its first ``structured`` structured prune logs."""
 
     if run.recipe.model.artifact is not None:
@@ -319,7 +318,7 @@ def _architecture(run, structured: int):
     return model
 
 
-def restore_run(run, state: dict[str, Any]) -> dict[str, Any]:
+def restore_run(run: RunState, state: dict[str, Any]) -> dict[str, Any]:
     """Put a checkpoint's state into a freshly built ``run``; returns the position to continue from."""
 
     for name, value in state["run"].items():

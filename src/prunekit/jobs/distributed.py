@@ -31,7 +31,7 @@ from prunekit.errors import PrunekitError
 
 
 @dataclass(frozen=True)
-class Context:
+class DistributedContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -144,12 +144,12 @@ def _env_int(name: str, default: int) -> int:
 
 
 @contextmanager
-def session() -> Iterator[Context]:
+def session() -> Iterator[DistributedContext]:
     """The run's distributed context, from torchrun's environment; the process group it starts is
     destroyed on exit (one already started by the caller is used and left alone)."""
     world = _env_int("WORLD_SIZE", 1)
     if world <= 1:
-        yield Context()
+        yield DistributedContext()
         return
     rank, local = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
     started = False
@@ -166,10 +166,10 @@ def session() -> Iterator[Context]:
         started = True
     backend = dist.get_backend()
     try:
-        yield Context(rank=rank, world_size=world, local_rank=local, backend=str(backend))
+        yield DistributedContext(rank=rank, world_size=world, local_rank=local, backend=str(backend))
     finally:
         if started:
             dist.destroy_process_group()
 
 
-__all__ = ["Context", "session"]
+__all__ = ["DistributedContext", "session"]

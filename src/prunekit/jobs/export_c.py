@@ -16,7 +16,8 @@ from typing import Any
 from prunekit.export.c.api import export_c
 from prunekit.export.c.harness import arm_size, have, run_check
 from prunekit.export.c.source import calibration_inputs
-from prunekit.jobs.recipe import QuantizeStage
+from prunekit.jobs.recipe import ExportStage, QuantizeStage
+from prunekit.jobs.state import RunState
 from prunekit.quant.ptq import quantize
 
 log = logging.getLogger(__name__)
@@ -30,39 +31,41 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _dense_int8(run) -> tuple[str, Any] | None:
+def _dense_int8(state: RunState) -> tuple[str, Any] | None:
     """(label, INT8 copy) of the first evaluated model, quantized as the run's quantize stage did."""
 
-    stages = [s for s in run.recipe.stages if isinstance(s, QuantizeStage)]
-    if not run.timed or not stages:
+    stages = [s for s in state.recipe.stages if isinstance(s, QuantizeStage)]
+    if not state.timed or not stages:
         return None
-    label, (model, _) = next(iter(run.timed.items()))
-    if label == list(run.timed)[-1] or any(getattr(m, "weight_q", None) is not None for m in model.modules()):
+    label, (model, _) = next(iter(state.timed.items()))
+    if label == list(state.timed)[-1] or any(
+        getattr(m, "weight_q", None) is not None for m in model.modules()
+    ):
         return None  # the first evaluated model is already the int8 one: nothing to compare with
     stage = stages[0]
-    calib = run._calibration(stage.calibration_batches)
+    calib = state.calibration(stage.calibration_batches)
     select = {"include": stage.include, "exclude": stage.exclude, "classifier": stage.classifier}
     return label, quantize(model, activations=stage.activations, calibration=calib, **select).model
 
 
-def export_c_stage(run, stage) -> dict[str, Any]:
-    out = run.out / f"{stage.name}-c"
-    x_train = calibration_inputs(run.data)
-    x_test, y_test = run.data.test[:][0], run.data.test[:][1]
-    result = export_c(run.model, out, calibration=[x_train], test=(x_test, y_test))
+def export_c_stage(state: RunState, stage: ExportStage) -> dict[str, Any]:
+    out = state.out / f"{stage.name}-c"
+    x_train = calibration_inputs(state.data)
+    x_test, y_test = state.data.test[:][0], state.data.test[:][1]
+    result = export_c(state.model, out, calibration=[x_train], test=(x_test, y_test))
     entry: dict[str, Any] = {"dir": out.name, **_summary(result), "reference": result["reference"]}
     entry["host_check"] = (
         run_check(out) if have("gcc") and have("make") else {"skipped": "gcc or make not on PATH"}
     )
     entry["arm"] = arm_size(out, "model")
-    dense = _dense_int8(run)
+    dense = _dense_int8(state)
     if dense is not None:
         label, model = dense
         with tempfile.TemporaryDirectory(prefix="prunekit-c-") as tmp:
             other = export_c(model, tmp, calibration=[x_train])
             entry["dense"] = {"label": f"{label}-int8", **_summary(other), "arm": arm_size(tmp, "model")}
-    if stage.name in run.metrics:
-        run.metrics[stage.name]["c_export"] = entry
+    if stage.name in state.metrics:
+        state.metrics[stage.name]["c_export"] = entry
     else:
         log.info(
             "export %s: C export written to %s (no evaluate stage named %s to record it)",

@@ -52,9 +52,9 @@ def _load_metrics(run_dir: Path) -> dict[str, Any]:
 
 
 def _rounds(stage: dict[str, Any]) -> int:
-    """How many times a prune stage prunes (and fine-tunes), as ``Run.prune`` does; without building the
-    stage's criterion (that would import torch, seconds for a command that only copies files; prunekit.spec
-    and prunekit.schedule do not import it)."""
+    """How many times a prune stage prunes (and fine-tunes), as prunekit.jobs.stages.prune does; without
+    building the stage's criterion (that would import torch, seconds for a command that only copies files;
+    prunekit.spec and prunekit.schedule do not import it)."""
     schedule = stage.get("schedule") or {}
     kind = schedule.get("type", "one-shot")
     if kind == "agp":
@@ -128,7 +128,7 @@ def plan_run(run_dir: Path) -> list[PlannedEntry]:
                 raise PrunekitError(f"the recipe exports '{name}' but {path} is missing")
         header = disk.prunekit_header(files[f"{name}.safetensors"])
         done = (header.get("extra") or {}).get("stages")
-        if not isinstance(done, list):  # not written by Run.export: the stages before it in the recipe
+        if not isinstance(done, list):  # not written by an export stage: the stages before it in the recipe
             done = [s for s in stages[:index] if s.get("type") not in ("evaluate", "export")]
         label = _label_for(stages, index, name, metrics)
         measured = dict(metrics[label]) if label else {}

@@ -5,171 +5,202 @@ criterion ``l0`` (gates learned during fine-tuning, then exact masks)."""
 from __future__ import annotations
 
 import logging
+import time
 
 from torch import nn
 from tqdm.auto import tqdm
 
 from prunekit.allocate.sensitivity import sensitivity_allocation
+from prunekit.analysis.metrics import evaluate
 from prunekit.analysis.sensitivity import sensitivity_analysis, write_heatmap
-from prunekit.jobs import checkpoint as ckpt
+from prunekit.analysis.sparsity import count_params, layer_table
+from prunekit.errors import PrunekitError
+from prunekit.jobs.checkpoint import checkpoint_run, masks_digest, restore_sparsifier
 from prunekit.jobs.recipe import L0Cfg, PruneStage, SensitivityCfg
+from prunekit.jobs.stages.train import fit, keep_teacher, recovery_hooks
+from prunekit.jobs.state import RunState
 from prunekit.masking import get_masks
 from prunekit.sparsifier import Sparsifier
 from prunekit.spec import NM
 from prunekit.targets import Targets, left_dense
 
-log = logging.getLogger("prunekit.jobs.run")  # the run's messages keep the logger they always had
+log = logging.getLogger(__name__)
 
 
-class PruneStages:
-    """The prune stage of a :class:`prunekit.jobs.run.Run`."""
+def make_sparsifier(
+    state: RunState, stage: PruneStage, allocation: dict[str, float] | None = None
+) -> Sparsifier:
+    """The stage's sparsifier; constructing it checks targets, patterns and schedule on the model."""
+    targets = Targets(
+        tuple(stage.targets.types),
+        tuple(stage.targets.include),
+        tuple(stage.targets.exclude),
+        stage.targets.prune_classifier,
+    )
+    return Sparsifier(
+        state.model,
+        stage.pattern,
+        criterion=stage.criterion,
+        group=stage.group,
+        targets=targets,
+        overrides=stage.overrides,
+        schedule=stage.schedule.build(),
+        seed=state.recipe.seed,
+        allocation=allocation,
+    )
 
-    def _sparsifier(self, stage: PruneStage, allocation: dict[str, float] | None = None) -> Sparsifier:
-        """The stage's sparsifier; constructing it checks targets, patterns and schedule on the model."""
-        targets = Targets(
-            tuple(stage.targets.types),
-            tuple(stage.targets.include),
-            tuple(stage.targets.exclude),
-            stage.targets.prune_classifier,
+
+def record_round(state: RunState) -> None:
+    """Record the state after a pruning round; rounds are numbered from 0 across all prune stages."""
+    index = len(state.rounds)
+    counts = count_params(state.model)
+    rows = [r for r in layer_table(state.model) if r["layer"] in state.specs]
+    pruned = sum(r["params"] - r["nonzero"] for r in rows)
+    targeted = sum(r["params"] for r in rows)
+    val = (
+        evaluate(state.model, state.loader("val"), state.data.num_classes)["accuracy"]
+        if state.ctx.main
+        else None
+    )
+    entry = {
+        "round": index,
+        "targeted_sparsity": pruned / targeted if targeted else 0.0,
+        "model_sparsity": counts["sparsity"],
+        "val_accuracy": val,  # rank 0 evaluates
+    }
+    if state.ctx.enabled:  # every rank computed its masks itself: prove they agree
+        digests = state.ctx.gather_strings(masks_digest(get_masks(state.model)))
+        if len(set(digests)) != 1:
+            raise PrunekitError(f"round {index}: the ranks' masks differ (sha256 per rank: {digests})")
+        entry["masks_sha256_per_rank"] = digests
+    state.rounds.append(entry)
+    now = time.perf_counter()
+    state.runlog.write(
+        "round",
+        **{k: v for k, v in entry.items() if k != "masks_sha256_per_rank"},
+        loss=state.last_loss,
+        time_s=now - state.round_started,
+    )
+    state.round_started = now
+    if state.ctx.main:
+        log.info(
+            "round %d: targeted sparsity %.4f, val accuracy %.4f", index, entry["targeted_sparsity"], val
         )
-        return Sparsifier(
-            self.model,
-            stage.pattern,
-            criterion=stage.criterion,
-            group=stage.group,
-            targets=targets,
-            overrides=stage.overrides,
-            schedule=stage.schedule.build(),
-            seed=self.recipe.seed,
-            allocation=allocation,
-        )
+    state.ctx.barrier()
 
-    def _sensitivity_allocation(self, stage: PruneStage) -> dict[str, float]:
-        """``allocation: sensitivity``: per-layer curves on the validation split, then per-layer sparsities
-        meeting the stage's sparsity exactly (prunekit.allocate.sensitivity); the curves and the choice go to
-        ``metrics["allocation"]``, the heat map to ``sensitivity.png`` (``sensitivity-2.png``, ... for later
-        stages). Layers already pruned by an earlier stage are not allocated less than they have."""
 
-        probe = self._sparsifier(stage)  # the targeted layers and the criterion, nothing attached
-        cfg = stage.sensitivity or SensitivityCfg()
-        needs_data = probe.criterion.needs != "weights"
-        result = sensitivity_analysis(
-            self.model,
-            self.loader("val"),
-            layers=list(probe.layers),
-            sparsities=cfg.grid,
-            criterion=stage.criterion,
-            metric=cfg.metric,
-            max_batches=cfg.batches,
-            calibration=self._calibration(stage.calibration_batches) if needs_data else None,
-            loss_fn=nn.CrossEntropyLoss(),
-            seed=self.recipe.seed,
-        )
-        masks = get_masks(self.model)
-        already = {n: float((~m).sum()) / m.numel() for n, m in masks.items() if n in probe.layers}
-        plan = sensitivity_allocation(
-            result.curves(),
-            result.params(),
-            probe.spec.sparsity,
-            max_sparsity=cfg.max_sparsity,
-            min_sparsity=already,
-        )
-        name = "sensitivity.png" if not self.allocations else f"sensitivity-{len(self.allocations) + 1}.png"
-        if self.ctx.main:  # only rank 0 writes
-            write_heatmap(result, self.out / name, plan.sparsity)
-        self.allocations.append({**plan.to_dict(), "heatmap": name, "sensitivity": result.to_dict()})
-        return plan.sparsity
+def sensitivity_allocation_of(state: RunState, stage: PruneStage) -> dict[str, float]:
+    """``allocation: sensitivity``: per-layer curves on the validation split, then per-layer sparsities
+    meeting the stage's sparsity exactly (prunekit.allocate.sensitivity); the curves and the choice go to
+    ``metrics["allocation"]``, the heat map to ``sensitivity.png`` (``sensitivity-2.png``, ... for later
+    stages). Layers already pruned by an earlier stage are not allocated less than they have."""
+    probe = make_sparsifier(state, stage)  # the targeted layers and the criterion, nothing attached
+    cfg = stage.sensitivity or SensitivityCfg()
+    needs_data = probe.criterion.needs != "weights"
+    result = sensitivity_analysis(
+        state.model,
+        state.loader("val"),
+        layers=list(probe.layers),
+        sparsities=cfg.grid,
+        criterion=stage.criterion,
+        metric=cfg.metric,
+        max_batches=cfg.batches,
+        calibration=state.calibration(stage.calibration_batches) if needs_data else None,
+        loss_fn=nn.CrossEntropyLoss(),
+        seed=state.recipe.seed,
+    )
+    masks = get_masks(state.model)
+    already = {n: float((~m).sum()) / m.numel() for n, m in masks.items() if n in probe.layers}
+    plan = sensitivity_allocation(
+        result.curves(),
+        result.params(),
+        probe.spec.sparsity,
+        max_sparsity=cfg.max_sparsity,
+        min_sparsity=already,
+    )
+    name = "sensitivity.png" if not state.allocations else f"sensitivity-{len(state.allocations) + 1}.png"
+    if state.ctx.main:  # only rank 0 writes
+        write_heatmap(result, state.out / name, plan.sparsity)
+    state.allocations.append({**plan.to_dict(), "heatmap": name, "sensitivity": result.to_dict()})
+    return plan.sparsity
 
-    def prune(self, stage: PruneStage) -> None:
-        pending, self.pending = self.pending, None  # resuming inside this stage: rounds done, training
-        if pending is not None and stage.allocation == "sensitivity":
-            self.allocations.pop()  # this stage's, restored from the checkpoint: recomputed (same) below
-        allocation = self._sensitivity_allocation(stage) if stage.allocation == "sensitivity" else None
-        self._keep_teacher()
-        sparsifier = self._sparsifier(stage, allocation)
-        targets, schedule = sparsifier.targets, sparsifier.schedule
-        if sparsifier.criterion.needs == "gates":  # L0: gate settings before prepare() attaches them
-            self._configure_gates(stage, sparsifier)
-        sparsifier.prepare()
-        ckpt.restore_sparsifier(sparsifier, pending and pending.get("sparsifier"))
-        first = pending["round"] + 1 if pending else 1  # the first round still to run
-        pruned_first = pending is not None and pending.get("train") is not None  # it was pruned already
-        if pruned_first:
-            self.pending = {"train": pending["train"]}  # for _recovery
-        self.specs.update(sparsifier.layer_specs())
-        self.groups.update({name: sparsifier.group for name in sparsifier.layers})
-        calib = (
-            self._calibration(stage.calibration_batches) if sparsifier.criterion.needs != "weights" else None
-        )
-        loss_fn = nn.CrossEntropyLoss()
-        if not self.rounds:
-            self._round()  # round 0, the starting point: validation accuracy before any pruning
-        if sparsifier.criterion.needs == "gates":
-            self._learn_masks(stage, sparsifier)
-        elif stage.schedule.type == "agp":
-            self._fit(
-                stage.finetune,
-                "prune (agp)",
-                sparsifier=sparsifier,
-                calibration=calib,
-                **self._recovery(0, sparsifier),
-            )
-            self._round()
-        else:
-            targets_seq = (
-                [None] if isinstance(sparsifier.spec, NM) else schedule.rounds(sparsifier.spec.sparsity)
-            )
-            bar = tqdm(
-                total=len(targets_seq),
-                initial=first - 1,
-                desc="rounds",
-                unit="round",
-                disable=not self.progress,
-            )
-            for i, sparsity in enumerate(targets_seq, start=1):
-                if i < first:
-                    continue  # done before the checkpoint this run resumed from
-                if not (pruned_first and i == first):
-                    sparsifier.prune(sparsity, batches=calib, loss_fn=loss_fn)
-                if stage.finetune is not None:
-                    self._fit(
-                        stage.finetune,
-                        f"fine-tune round {i}/{len(targets_seq)}",
-                        sparsifier=sparsifier,
-                        **self._recovery(i - 1, sparsifier),
-                    )
-                self._round()
-                bar.update(1)
-                if i < len(targets_seq):  # the last round is followed by the stage's checkpoint
-                    self.checkpoint(self.stage_index, i, sparsifier=sparsifier)
-            bar.close()
-        self.dense_layers = left_dense(self.model, self.specs, targets)
 
-    def _configure_gates(self, stage: PruneStage, sparsifier: Sparsifier) -> None:
-
-        cfg = stage.l0 or L0Cfg()
-        steps = stage.finetune.epochs * len(self.loader("train", shuffle=True))
-        sparsifier.criterion.configure(
-            sparsifier.specs,
-            sparsifier.group,
-            granularity=cfg.granularity,
-            penalty=cfg.penalty,
-            lr=cfg.lr,
-            warmup=round(cfg.warmup * steps),
+def prune_stage(state: RunState, stage: PruneStage) -> None:
+    pending, state.pending = state.pending, None  # resuming inside this stage: rounds done, training
+    if pending is not None and stage.allocation == "sensitivity":
+        state.allocations.pop()  # this stage's, restored from the checkpoint: recomputed (same) below
+    allocation = sensitivity_allocation_of(state, stage) if stage.allocation == "sensitivity" else None
+    keep_teacher(state)
+    sparsifier = make_sparsifier(state, stage, allocation)
+    targets, schedule = sparsifier.targets, sparsifier.schedule
+    if sparsifier.criterion.needs == "gates":  # L0: gate settings before prepare() attaches them
+        _configure_gates(state, stage, sparsifier)
+    sparsifier.prepare()
+    restore_sparsifier(sparsifier, pending and pending.get("sparsifier"))
+    first = pending["round"] + 1 if pending else 1  # the first round still to run
+    pruned_first = pending is not None and pending.get("train") is not None  # it was pruned already
+    if pruned_first:
+        state.pending = {"train": pending["train"]}  # for recovery_hooks
+    state.specs.update(sparsifier.layer_specs())
+    state.groups.update({name: sparsifier.group for name in sparsifier.layers})
+    calib = state.calibration(stage.calibration_batches) if sparsifier.criterion.needs != "weights" else None
+    loss_fn = nn.CrossEntropyLoss()
+    if not state.rounds:
+        record_round(state)  # round 0, the starting point: validation accuracy before any pruning
+    if sparsifier.criterion.needs == "gates":
+        _learn_masks(state, stage, sparsifier)
+    elif stage.schedule.type == "agp":
+        hooks = recovery_hooks(state, 0, sparsifier)
+        fit(state, stage.finetune, "prune (agp)", sparsifier=sparsifier, calibration=calib, **hooks)
+        record_round(state)
+    else:
+        targets_seq = [None] if isinstance(sparsifier.spec, NM) else schedule.rounds(sparsifier.spec.sparsity)
+        bar = tqdm(
+            total=len(targets_seq), initial=first - 1, desc="rounds", unit="round", disable=not state.progress
         )
+        for i, sparsity in enumerate(targets_seq, start=1):
+            if i < first:
+                continue  # done before the checkpoint this run resumed from
+            if not (pruned_first and i == first):
+                sparsifier.prune(sparsity, batches=calib, loss_fn=loss_fn)
+            if stage.finetune is not None:
+                hooks = recovery_hooks(state, i - 1, sparsifier)
+                desc = f"fine-tune round {i}/{len(targets_seq)}"
+                fit(state, stage.finetune, desc, sparsifier=sparsifier, **hooks)
+            record_round(state)
+            bar.update(1)
+            if i < len(targets_seq):  # the last round is followed by the stage's checkpoint
+                checkpoint_run(state, state.stage_index, i, sparsifier=sparsifier)
+        bar.close()
+    state.dense_layers = left_dense(state.model, state.specs, targets)
 
-    def _learn_masks(self, stage: PruneStage, sparsifier: Sparsifier) -> None:
-        """Criterion 'l0': the gates train with the weights during the stage's fine-tuning (the density
-        penalty added to the loss, the gates' own Adam), then become exact masks at the stage's sparsity.
-        Not checkpointed inside that training (a resume reruns the stage)."""
-        gates = sparsifier.criterion
-        self._fit(
-            stage.finetune,
-            "prune (l0 gates)",
-            sparsifier=sparsifier,
-            extra_optimizer=gates.optimizer(),
-            extra_loss=gates.penalty,
-        )
-        log.info("l0: expected density %.4f before the exact masks", gates.expected_density()["*"])
-        gates.finish(self.model)
-        self._round()
+
+def _configure_gates(state: RunState, stage: PruneStage, sparsifier: Sparsifier) -> None:
+    cfg = stage.l0 or L0Cfg()
+    steps = stage.finetune.epochs * len(state.loader("train", shuffle=True))
+    sparsifier.criterion.configure(
+        sparsifier.specs,
+        sparsifier.group,
+        granularity=cfg.granularity,
+        penalty=cfg.penalty,
+        lr=cfg.lr,
+        warmup=round(cfg.warmup * steps),
+    )
+
+
+def _learn_masks(state: RunState, stage: PruneStage, sparsifier: Sparsifier) -> None:
+    """Criterion 'l0': the gates train with the weights during the stage's fine-tuning (the density
+    penalty added to the loss, the gates' own Adam), then become exact masks at the stage's sparsity.
+    Not checkpointed inside that training (a resume reruns the stage)."""
+    gates = sparsifier.criterion
+    fit(
+        state,
+        stage.finetune,
+        "prune (l0 gates)",
+        sparsifier=sparsifier,
+        extra_optimizer=gates.optimizer(),
+        extra_loss=gates.penalty,
+    )
+    log.info("l0: expected density %.4f before the exact masks", gates.expected_density()["*"])
+    gates.finish(state.model)
+    record_round(state)

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prunekit.allocate.owl import outlier_ratio, owl_sparsities
-from prunekit.calib.stats import RunningGram, input_sq_norms
+from prunekit.calib.stats import RunningGram, RunningSqNorm
 from prunekit.errors import PrunekitError
 from prunekit.methods import magnitude_mask, sparsegpt_prune, wanda_mask
 from prunekit.spec import NM, Block, Unstructured
@@ -82,8 +82,13 @@ W_HAND = torch.tensor(
 def test_wanda_hand_example_matches_paper_score_and_differs_from_magnitude():
     sq = X_HAND.pow(2).mean(dim=0)
     assert torch.equal(sq, torch.tensor([1.0, 4.0, 0.25, 9.0]))
-    got_sq, count = input_sq_norms("Linear", X_HAND)
-    assert count == 4 and torch.equal(got_sq, sq)
+    stat = RunningSqNorm()
+    stat.add_batch(X_HAND)
+    assert stat.mean.count == 4 and torch.equal(stat.value(), sq)
+    halves = RunningSqNorm()  # the same mean from two batches of the tokens
+    halves.add_batch(X_HAND[:1])
+    halves.add_batch(X_HAND[1:])
+    assert halves.mean.count == 4 and torch.allclose(halves.value(), sq)
 
     paper = W_HAND.abs() * X_HAND.norm(dim=0)  # Sun et al.: |W_ij| * ||X_j||_2 over all tokens
     assert torch.allclose(paper, torch.tensor([[8.0, 4.0, 3.0, 6.0], [5.0, 2.0, 6.0, 5.4]]))

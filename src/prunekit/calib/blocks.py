@@ -54,31 +54,49 @@ def _layer_count(model: nn.Module) -> int | None:
     return None
 
 
-def find_blocks(model: nn.Module, path: str | None = None) -> tuple[str, nn.ModuleList]:
-    """``(name, blocks)``: the decoder blocks, found generically or at the dotted ``path``."""
+def find_blocks(
+    model: nn.Module,
+    path: str | None = None,
+    *,
+    kinds: tuple[type[nn.Module], ...] = (nn.ModuleList,),
+    min_blocks: int = 1,
+    rank: str = "params",
+    what: str = "decoder blocks",
+) -> tuple[str, nn.Module]:
+    """``(name, blocks)``: the model's repeated blocks, the container at the dotted ``path`` or found.
+
+    Found: a container of one of ``kinds`` holding at least ``min_blocks`` modules of a single type (and,
+    when the model has a Hugging Face config, as many as its layer count); of those, the one holding the
+    most parameters (``rank="params"``: a language model's decoder stack, not a smaller list beside it) or
+    the most blocks (``rank="length"``: the deepest stack, for whole-layer removal). ``what`` names them in
+    the error when none is found.
+    """
+    names = " or ".join(f"nn.{k.__name__}" for k in kinds)
     if path is not None:
         try:
             blocks = model.get_submodule(path)
         except AttributeError as exc:
             raise PrunekitError(f"no module named '{path}' in {type(model).__name__}") from exc
-        if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
-            raise PrunekitError(f"'{path}' is not a non-empty nn.ModuleList of blocks")
+        if not isinstance(blocks, kinds) or len(blocks) < max(min_blocks, 1):
+            least = f" (at least {min_blocks})" if min_blocks > 1 else ""
+            raise PrunekitError(f"'{path}' is not a non-empty {names} of blocks{least}")
         return path, blocks
     want = _layer_count(model)
     found = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) < 1:
+        if not isinstance(module, kinds) or len(module) < max(min_blocks, 1):
             continue
         if len({type(child) for child in module}) != 1 or (want is not None and len(module) != want):
             continue
-        found.append((sum(p.numel() for p in module.parameters()), name, module))
+        size = sum(p.numel() for p in module.parameters()) if rank == "params" else len(module)
+        found.append((size, -len(found), name, module))  # ties: the first found
     if not found:
         expect = f"{want} " if want is not None else ""
         raise PrunekitError(
-            f"could not find the decoder blocks of {type(model).__name__}: no nn.ModuleList of {expect}"
+            f"could not find the {what} of {type(model).__name__}: no {names} of {expect}"
             "identical modules; pass the blocks' dotted path (e.g. 'model.layers')"
         )
-    _, name, blocks = max(found, key=lambda item: item[0])
+    _, _, name, blocks = max(found, key=lambda item: item[:2])
     return name, blocks
 
 

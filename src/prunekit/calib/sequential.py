@@ -23,7 +23,7 @@ from torch import nn
 
 from prunekit.calib.blocks import BlockCall, capture_calls, capture_inputs, find_blocks, linear_layers
 from prunekit.calib.hooks import Hooks
-from prunekit.calib.stats import RunningGram, RunningMean
+from prunekit.calib.stats import RunningGram, RunningSqNorm
 
 log = logging.getLogger(__name__)
 
@@ -36,21 +36,7 @@ class _Stop(Exception):
     """Raised by the last linear layer's pre-hook: the rest of the block is not needed for statistics."""
 
 
-class _SqNorm:
-    """Running mean of x_j^2 per input feature (Wanda's ||X_j||^2 up to a constant)."""
-
-    def __init__(self) -> None:
-        self.mean = RunningMean()
-
-    def add_batch(self, x: torch.Tensor) -> None:
-        flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-        self.mean.add_batch(flat.pow(2).mean(dim=0), flat.shape[0])
-
-    def value(self) -> torch.Tensor:
-        return self.mean.value()
-
-
-_STATS = {"sq_norm": _SqNorm, "gram": RunningGram}
+_STATS = {"sq_norm": RunningSqNorm, "gram": RunningGram}
 
 
 @torch.no_grad()

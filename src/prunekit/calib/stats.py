@@ -60,13 +60,24 @@ class RunningGram:
         return self._gram
 
 
-def input_sq_norms(module_type: str, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Mean of x_j^2 over all samples/positions for each input feature j, and the sample count.
+class RunningSqNorm:
+    """Running mean of ``x_j^2`` per input feature ``j`` over every sample and position (Wanda's
+    ``||X_j||_2^2`` up to a common factor, which changes no ranking).
 
-    Linear: features are the last dim. Conv: features are channels (dim 1), averaged over batch and space.
+    Features are the last dimension (Linear inputs, ``(..., features)``), or with ``channels_first`` the
+    channels of a conv input ``(N, C, *spatial)``, averaged over batch and space.
     """
-    x = x.detach().to(torch.float32)
-    if module_type.startswith("Conv"):
-        x = x.movedim(1, -1)
-    flat = x.reshape(-1, x.shape[-1])
-    return flat.pow(2).mean(dim=0), flat.shape[0]
+
+    def __init__(self, channels_first: bool = False) -> None:
+        self.channels_first = channels_first
+        self.mean = RunningMean()
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        x = x.detach().to(torch.float32)
+        if self.channels_first:
+            x = x.movedim(1, -1)
+        flat = x.reshape(-1, x.shape[-1])
+        self.mean.add_batch(flat.pow(2).mean(dim=0), flat.shape[0])
+
+    def value(self) -> torch.Tensor:
+        return self.mean.value()

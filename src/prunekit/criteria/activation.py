@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from prunekit.calib.hooks import Hooks
-from prunekit.calib.stats import RunningMean, input_sq_norms
+from prunekit.calib.stats import RunningSqNorm
 from prunekit.criteria.base import CRITERIA, Batch, Criterion, LossFn, effective_weight
 from prunekit.errors import PrunekitError
 from prunekit.masking import type_name
@@ -38,7 +38,7 @@ class Wanda(Criterion):
     default_group = "row"
 
     def __init__(self, seed: int = 0) -> None:
-        self._sq: dict[str, RunningMean] = {}
+        self._sq: dict[str, RunningSqNorm] = {}
 
     def collect(
         self,
@@ -47,14 +47,11 @@ class Wanda(Criterion):
         batches: Iterable[Batch],
         loss_fn: LossFn | None = None,
     ) -> None:
-        self._sq = {name: RunningMean() for name in layers}
+        self._sq = {name: RunningSqNorm(type_name(m).startswith("Conv")) for name, m in layers.items()}
 
         def hook_for(name: str, module: nn.Module):
-            kind = type_name(module)
-
             def hook(mod, args, output):
-                value, count = input_sq_norms(kind, args[0])
-                self._sq[name].add_batch(value, count)
+                self._sq[name].add_batch(args[0])
 
             return hook
 

@@ -11,9 +11,10 @@ from torch import nn
 from prunekit.criteria.base import CRITERIA, Criterion
 
 
-def random_scores(shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
-    """Independent uniform [0, 1) scores."""
-    return torch.rand(shape, generator=generator)
+def random_scores(shape: int | torch.Size, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Independent uniform [0, 1) float32 scores of ``shape`` (the baseline every criterion must beat; also
+    the structured ``random`` importance, one score per unit)."""
+    return torch.rand(shape, generator=generator, dtype=torch.float32)
 
 
 @CRITERIA.register("random")

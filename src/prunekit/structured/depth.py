@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from prunekit.calib.blocks import find_blocks
 from prunekit.calib.hooks import Hooks
 from prunekit.errors import PrunekitError
 
@@ -24,19 +25,6 @@ def block_influence(x_in: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
     a = x_in.detach().reshape(-1, x_in.shape[-1]).float()
     b = x_out.detach().reshape(-1, x_out.shape[-1]).float()
     return 1.0 - torch.nn.functional.cosine_similarity(a, b, dim=-1).mean()
-
-
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList | nn.Sequential]:
-    """The longest ModuleList/Sequential of same-type blocks (the model's repeated layers)."""
-    best: tuple[str, nn.Module] | None = None
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) >= 2:
-            kinds = {type(m) for m in module}
-            if len(kinds) == 1 and (best is None or len(module) > len(best[1])):
-                best = (name, module)
-    if best is None:
-        raise PrunekitError("no list of repeated blocks found; pass blocks='name.of.module_list'")
-    return best
 
 
 def _first_tensor(x):
@@ -85,10 +73,14 @@ def drop_layers(
     """Remove the ``count`` blocks with the lowest influence, in place; returns their original indices."""
     if isinstance(batches, (torch.Tensor, tuple)):
         batches = [batches]
-    if blocks is None:
-        name, container = find_blocks(model)
-    else:
-        name, container = blocks, model.get_submodule(blocks)
+    name, container = find_blocks(
+        model,
+        blocks,
+        kinds=(nn.ModuleList, nn.Sequential),
+        min_blocks=2,
+        rank="length",
+        what="repeated blocks",
+    )
     if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count < len(container):
         raise PrunekitError(f"count must be an integer in [0, {len(container)}), got {count!r}")
     scores = influences(model, list(container), batches)

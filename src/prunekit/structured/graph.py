@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from prunekit.structured.owners import Conflict, SplitConflict, align, merge, to_shape, varying_dims
-from prunekit.structured.rules import RULES, Context
+from prunekit.structured.rules import RULES, RuleContext
 from prunekit.structured.trace import Op, Trace, Value
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ SEEDS = {
 
 
 @dataclass
-class Member:
+class GroupParam:
     """A parameter or buffer of a group, with the unit owning each element (-1: not in the group)."""
 
     name: str
@@ -63,7 +63,7 @@ class Group:
     index: int
     seed: str  # e.g. "conv2d -> layer1.0.conv1.weight"
     units: int
-    members: list[Member] = field(default_factory=list)
+    members: list[GroupParam] = field(default_factory=list)
     owners: dict[int, torch.Tensor] = field(default_factory=dict)  # activation value index -> owner
     blocked: str = ""  # why the group cannot be pruned ("" when it can)
     block: int = 1  # consecutive channels per unit (head_dim for attention heads)
@@ -128,7 +128,7 @@ def _propagate(trace: Trace, uses, seed_op: Op, seed_dim: int, index: int, block
             owners[key] = merged
             queue.append(v)
 
-    ctx = Context(get, put)
+    ctx = RuleContext(get, put)
     shape = [1] * len(out.shape)
     shape[dim] = units * block
     put(out, torch.arange(units).repeat_interleave(block).reshape(shape))
@@ -158,7 +158,7 @@ def _propagate(trace: Trace, uses, seed_op: Op, seed_dim: int, index: int, block
     for key, owner in owners.items():
         if isinstance(key, tuple):
             if bool((owner >= 0).any()):
-                group.members.append(Member(values[key[0]].name, owner, roles.get(key, "other")))
+                group.members.append(GroupParam(values[key[0]].name, owner, roles.get(key, "other")))
         else:
             group.owners[key] = owner
     return group
@@ -193,13 +193,13 @@ def _mha_heads(op: Op, index: int) -> Group | None:
     group = Group(index, f"multi_head_attention_forward -> {projections[0].name}", num_heads, block=head_dim)
     for w in projections:
         line = heads.repeat(w.shape[0] // inner)  # in_proj_weight stacks q, k and v
-        group.members.append(Member(w.name, line.reshape(-1, 1), "out"))
-    group.members.append(Member(out_w.name, heads.reshape(1, -1), "in"))
+        group.members.append(GroupParam(w.name, line.reshape(-1, 1), "out"))
+    group.members.append(GroupParam(out_w.name, heads.reshape(1, -1), "in"))
     for name in ("in_proj_bias", "bias_k", "bias_v"):
         b = arg(name, _MHA_ARGS[name])
         if isinstance(b, Value):
             owner = heads.repeat(b.shape[-1] // inner).reshape((1,) * (len(b.shape) - 1) + (-1,))
-            group.members.append(Member(b.name, owner, "bias"))
+            group.members.append(GroupParam(b.name, owner, "bias"))
     return group
 
 

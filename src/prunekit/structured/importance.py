@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from prunekit.criteria.random import random_scores
 from prunekit.registry import STRUCTURED_IMPORTANCE
 
 log = logging.getLogger(__name__)
@@ -341,11 +342,6 @@ def apoz(acts: torch.Tensor, n_units: int, owner: torch.Tensor, zero: float = 0.
     acc = APoZ(n_units, owner, zero)
     acc.add_batch(acts)
     return acc.value()
-
-
-def random_scores(n_units: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Independent uniform [0, 1) scores (the baseline every criterion must beat)."""
-    return torch.rand(n_units, generator=generator, dtype=torch.float32)
 
 
 # ------------------------------------------------------------------------------------------- registry

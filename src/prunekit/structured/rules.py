@@ -22,7 +22,7 @@ from prunekit.structured.owners import Conflict, SplitConflict, align, compress,
 from prunekit.structured.trace import Op, Value
 
 
-class Context:
+class RuleContext:
     """What a rule may read and write while propagating one group."""
 
     def __init__(self, get: Callable[..., torch.Tensor | None], put: Callable[..., None]) -> None:
@@ -30,7 +30,7 @@ class Context:
         self.put = put  # put(value, owner, role=None)
 
 
-Rule = Callable[[Op, Context], None]
+Rule = Callable[[Op, RuleContext], None]
 RULES: dict[str, Rule] = {}
 
 
@@ -79,7 +79,12 @@ def project(owner: torch.Tensor, src: tuple[int, ...], dst: tuple[int, ...], pai
 
 
 def couple(
-    ctx: Context, a: Value | None, b: Value | None, pairs: Sequence[tuple[int, int]], role_b=None, role_a=None
+    ctx: RuleContext,
+    a: Value | None,
+    b: Value | None,
+    pairs: Sequence[tuple[int, int]],
+    role_b=None,
+    role_a=None,
 ):
     """Dimension ``i`` of ``a`` is dimension ``j`` of ``b`` for each ``(i, j)`` in ``pairs``."""
     if a is None or b is None or not isinstance(a, Value) or not isinstance(b, Value):
@@ -124,7 +129,7 @@ ELEMENTWISE = (
 
 
 @register_rule(*ELEMENTWISE)
-def elementwise(op: Op, ctx: Context) -> None:
+def elementwise(op: Op, ctx: RuleContext) -> None:
     out = op.outputs[0]
     for v in op.inputs:
         if v.shape == ():
@@ -134,7 +139,7 @@ def elementwise(op: Op, ctx: Context) -> None:
 
 # -- parametric layers ----------------------------------------------------------------------------------
 @register_rule("conv1d", "conv2d", "conv3d")
-def conv(op: Op, ctx: Context) -> None:
+def conv(op: Op, ctx: RuleContext) -> None:
     x, weight, bias, out = op.args[0], op.args[1], arg(op, 2, "bias"), op.outputs[0]
     groups = arg(op, 6, "groups", 1)
     nd = len(x.shape)
@@ -154,7 +159,7 @@ def conv(op: Op, ctx: Context) -> None:
 
 
 @register_rule("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
-def conv_transpose(op: Op, ctx: Context) -> None:
+def conv_transpose(op: Op, ctx: RuleContext) -> None:
     x, weight, bias, out = op.args[0], op.args[1], arg(op, 2, "bias"), op.outputs[0]
     groups = arg(op, 6, "groups", 1)
     if groups != 1:
@@ -169,7 +174,7 @@ def conv_transpose(op: Op, ctx: Context) -> None:
 
 
 @register_rule("linear")
-def linear(op: Op, ctx: Context) -> None:
+def linear(op: Op, ctx: RuleContext) -> None:
     x, weight, bias, out = op.args[0], op.args[1], arg(op, 2, "bias"), op.outputs[0]
     nd = len(x.shape)
     couple(ctx, x, out, same_dims(nd, skip=[-1]))
@@ -179,7 +184,7 @@ def linear(op: Op, ctx: Context) -> None:
 
 
 @register_rule("batch_norm", "instance_norm")
-def batch_norm(op: Op, ctx: Context) -> None:
+def batch_norm(op: Op, ctx: RuleContext) -> None:
     x, out = op.args[0], op.outputs[0]
     couple(ctx, x, out, same_dims(len(x.shape)))
     # batch_norm and instance_norm share the layout (input, running_mean, running_var, weight, bias, ...)
@@ -190,7 +195,7 @@ def batch_norm(op: Op, ctx: Context) -> None:
 
 
 @register_rule("layer_norm", "rms_norm")
-def layer_norm(op: Op, ctx: Context) -> None:
+def layer_norm(op: Op, ctx: RuleContext) -> None:
     x, shape, out = op.args[0], arg(op, 1, "normalized_shape"), op.outputs[0]
     nd, k = len(x.shape), len(tuple(shape))
     for v in (x, out):
@@ -201,7 +206,7 @@ def layer_norm(op: Op, ctx: Context) -> None:
 
 
 @register_rule("group_norm")
-def group_norm(op: Op, ctx: Context) -> None:
+def group_norm(op: Op, ctx: RuleContext) -> None:
     x, out = op.args[0], op.outputs[0]
     for v in (x, out):
         owner = ctx.get(v)
@@ -211,7 +216,7 @@ def group_norm(op: Op, ctx: Context) -> None:
 
 
 @register_rule("prelu")
-def prelu(op: Op, ctx: Context) -> None:
+def prelu(op: Op, ctx: RuleContext) -> None:
     x, weight, out = op.args[0], op.args[1], op.outputs[0]
     couple(ctx, x, out, same_dims(len(x.shape)))
     if weight.shape[0] > 1:
@@ -219,7 +224,7 @@ def prelu(op: Op, ctx: Context) -> None:
 
 
 @register_rule("embedding")
-def embedding(op: Op, ctx: Context) -> None:
+def embedding(op: Op, ctx: RuleContext) -> None:
     ids, weight, out = op.args[0], op.args[1], op.outputs[0]
     couple(ctx, out, weight, [(-1, 1)], role_b="out")
     couple(ctx, ids, out, same_dims(len(ids.shape)))
@@ -249,7 +254,7 @@ POOLS = {
 
 
 @register_rule(*POOLS)
-def pool(op: Op, ctx: Context) -> None:
+def pool(op: Op, ctx: RuleContext) -> None:
     x, out = op.args[0], op.outputs[0]
     spatial = POOLS.get(op.name) or max(len(x.shape) - 2, 1)
     couple(ctx, x, out, same_dims(len(x.shape), skip=range(len(x.shape) - spatial, len(x.shape))))
@@ -265,7 +270,7 @@ REDUCTIONS = "mean sum amax amin max min std var prod norm logsumexp all any".sp
 
 
 @register_rule(*REDUCTIONS)
-def reduction(op: Op, ctx: Context) -> None:
+def reduction(op: Op, ctx: RuleContext) -> None:
     x = op.args[0]
     dims = arg(op, 1, "dim")
     nd = len(x.shape)
@@ -288,7 +293,7 @@ def reduction(op: Op, ctx: Context) -> None:
 
 
 @register_rule("softmax", "log_softmax", "cumsum", "cumprod", "normalize")
-def along_dim(op: Op, ctx: Context) -> None:
+def along_dim(op: Op, ctx: RuleContext) -> None:
     x, out = op.args[0], op.outputs[0]
     dim = arg(op, 1, "dim", -1 if op.name != "normalize" else 1)
     dim = _norm(dim if isinstance(dim, int) else -1, len(x.shape))
@@ -310,7 +315,7 @@ def _batch_pairs(a: Value, b: Value, skip_a: int, skip_b: int) -> list[tuple[int
 
 
 @register_rule("matmul", "__matmul__", "bmm", "__rmatmul__")
-def matmul(op: Op, ctx: Context) -> None:
+def matmul(op: Op, ctx: RuleContext) -> None:
     a, b, out = op.args[0], op.args[1], op.outputs[0]
     if op.name == "__rmatmul__":
         a, b = b, a
@@ -325,7 +330,7 @@ def matmul(op: Op, ctx: Context) -> None:
 
 
 @register_rule("multi_head_attention_forward")
-def multi_head_attention(op: Op, ctx: Context) -> None:
+def multi_head_attention(op: Op, ctx: RuleContext) -> None:
     """nn.MultiheadAttention: its embedding width is also its heads x head_dim, and its output projection
     writes the same width back, so that width cannot shrink without changing every head; sequence and
     batch dims pass through (inputs are (L, N, E) here: the module transposes batch_first itself)."""
@@ -340,7 +345,7 @@ def multi_head_attention(op: Op, ctx: Context) -> None:
 
 
 @register_rule("addmm")
-def addmm(op: Op, ctx: Context) -> None:
+def addmm(op: Op, ctx: RuleContext) -> None:
     """bias + mat1 @ mat2 (Hugging Face's GPT-2 Conv1D: weight laid out (in, out))."""
     bias, a, b, out = op.args[0], op.args[1], op.args[2], op.outputs[0]
     couple(ctx, a, b, [(-1, 0)], role_b="in")
@@ -350,7 +355,7 @@ def addmm(op: Op, ctx: Context) -> None:
 
 
 @register_rule("scaled_dot_product_attention")
-def sdpa(op: Op, ctx: Context) -> None:
+def sdpa(op: Op, ctx: RuleContext) -> None:
     q, k, v, out = op.args[0], op.args[1], op.args[2], op.outputs[0]
     couple(ctx, k, v, [(-2, -2)] + _batch_pairs(k, v, 2, 2))
     if len(q.shape) >= 3 and q.shape[-3] != k.shape[-3]:  # grouped-query attention (enable_gqa=True)
@@ -363,7 +368,7 @@ def sdpa(op: Op, ctx: Context) -> None:
     couple(ctx, v, out, [(-1, -1)] + _batch_pairs(v, out, 2, 2))
 
 
-def _gqa(ctx: Context, kv: Value, qo: Value, pairs: list[tuple[int, int]]) -> None:
+def _gqa(ctx: RuleContext, kv: Value, qo: Value, pairs: list[tuple[int, int]]) -> None:
     """Couple a tensor with G key/value heads (dim -3) to one with H = G * r query heads: query head h
     reads key/value head h // r, so a unit must own whole groups of r query heads."""
     groups, heads = kv.shape[-3], qo.shape[-3]
@@ -393,7 +398,7 @@ def _gqa(ctx: Context, kv: Value, qo: Value, pairs: list[tuple[int, int]]) -> No
 
 # -- layout: permute, reshape, cat, split, indexing ------------------------------------------------------
 @register_rule("permute", "transpose", "t", "movedim", "swapaxes", "swapdims", "T", "mT")
-def permute(op: Op, ctx: Context) -> None:
+def permute(op: Op, ctx: RuleContext) -> None:
     x, out = op.args[0], op.outputs[0]
     nd = len(x.shape)
     if op.name == "permute":
@@ -430,7 +435,7 @@ def permute(op: Op, ctx: Context) -> None:
     "squeeze_",
     "unsqueeze_",
 )
-def reshape(op: Op, ctx: Context) -> None:
+def reshape(op: Op, ctx: RuleContext) -> None:
     x, out = op.args[0], op.outputs[0]
     for src, dst in ((x, out), (out, x)):
         owner = ctx.get(src)
@@ -446,7 +451,7 @@ def reshape(op: Op, ctx: Context) -> None:
 
 
 @register_rule("cat", "concat", "concatenate")
-def cat(op: Op, ctx: Context) -> None:
+def cat(op: Op, ctx: RuleContext) -> None:
     out = op.outputs[0]
     dim = _norm(arg(op, 1, "dim", op.kwargs.get("axis", 0)), len(out.shape))
     # legacy empty 1-D tensors (e.g. an empty cache) are allowed by torch.cat and hold nothing
@@ -473,7 +478,7 @@ def cat(op: Op, ctx: Context) -> None:
 
 
 @register_rule("split", "chunk", "split_with_sizes", "unbind", "tensor_split")
-def split(op: Op, ctx: Context) -> None:
+def split(op: Op, ctx: RuleContext) -> None:
     x = op.args[0]
     nd = len(x.shape)
     default = 0
@@ -494,7 +499,7 @@ def split(op: Op, ctx: Context) -> None:
 
 
 @register_rule("__setitem__")
-def setitem(op: Op, ctx: Context) -> None:
+def setitem(op: Op, ctx: RuleContext) -> None:
     """x[index] = value: like getitem, only whole slices along the units; an assigned tensor must not
     carry units of its own."""
     x, index, value, out = op.args[0], op.args[1], op.args[2], op.outputs[0]
@@ -526,7 +531,7 @@ def _indexed_dims(index: tuple, ndim: int) -> list[tuple[int, Any]]:
 
 
 @register_rule("__getitem__")
-def getitem(op: Op, ctx: Context) -> None:
+def getitem(op: Op, ctx: RuleContext) -> None:
     x, index, out = op.args[0], op.args[1], op.outputs[0]
     index = index if isinstance(index, tuple) else (index,)
     if any(isinstance(i, (Value, list, torch.Tensor)) for i in index):

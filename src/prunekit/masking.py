@@ -92,7 +92,7 @@ def get_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def _own_class(module: nn.Module) -> None:
+def own_class(module: nn.Module) -> None:
     """Give ``module`` a private copy of its ``Parametrized*`` class.
 
     ``copy.deepcopy`` shares that injected class between a model and its copy, and
@@ -108,7 +108,7 @@ def squash(model: nn.Module) -> nn.Module:
     """Make the zeros permanent and remove the mask parametrizations; returns the model."""
     for _, module in list(model.named_modules()):
         if mask_of(module) is not None:
-            _own_class(module)
+            own_class(module)
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
     return model
 

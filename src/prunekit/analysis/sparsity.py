@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from prunekit.masking import type_name
-from prunekit.quant.layers import _QuantizedLayer
+from prunekit.quant.layers import QuantizedLayer
 from prunekit.spec import Spec
 
 
@@ -27,7 +27,7 @@ def effective_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
         if "parametrizations" in mname.split("."):
             continue  # the stored originals behind a parametrization are reported through their owner
         names = [n for n, p in module._parameters.items() if p is not None]
-        if isinstance(module, _QuantizedLayer):
+        if isinstance(module, QuantizedLayer):
             names += [n for n in ("weight_q", "bias") if module._buffers.get(n) is not None]
         if parametrize.is_parametrized(module):
             names += list(module.parametrizations.keys())
@@ -52,7 +52,7 @@ def layer_table(model: nn.Module, specs: Mapping[str, Spec] | None = None) -> li
     rows = []
     for name, module in model.named_modules():
         # an int8 layer has no weight: the zeros of weight_q are its zeros
-        weight = module.weight_q if isinstance(module, _QuantizedLayer) else getattr(module, "weight", None)
+        weight = module.weight_q if isinstance(module, QuantizedLayer) else getattr(module, "weight", None)
         if "parametrizations" in name.split(".") or not isinstance(weight, torch.Tensor) or weight.dim() < 2:
             continue
         weight = weight.detach()

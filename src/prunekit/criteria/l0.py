@@ -52,7 +52,7 @@ from torch.nn.utils import parametrize
 
 from prunekit.criteria.base import CRITERIA, Criterion
 from prunekit.errors import PrunekitError
-from prunekit.masking import _own_class, apply_masks, get_masks, weight_parameter
+from prunekit.masking import apply_masks, get_masks, own_class, weight_parameter
 from prunekit.select import select_masks
 from prunekit.spec import Block, Spec, Unstructured
 
@@ -271,7 +271,7 @@ class L0Gates(Criterion):
                 z_hat = deterministic_gate(gate.log_alpha).to(weight_parameter(module).dtype)
                 # a unit kept only to reach the exact count may have z_hat = 0: keep its trained weight
                 scale = torch.where(z_hat > 0, z_hat, torch.ones_like(z_hat))
-            _own_class(module)  # removal must not strip `weight` from a deep copy sharing the class
+            own_class(module)  # removal must not strip `weight` from a deep copy sharing the class
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
             with torch.no_grad():
                 module.weight.mul_(scale)

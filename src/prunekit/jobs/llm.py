@@ -45,7 +45,7 @@ class TextSettings:
     seed: int = 0  # picks the calibration windows
 
 
-def _texts(settings: TextSettings) -> tuple[str, str, str]:
+def read_texts(settings: TextSettings) -> tuple[str, str, str]:
     """``(calibration text, evaluation text, where they came from)``."""
     default_calib, default_eval = pydoc_topics_split()
     calib = read_text(settings.calib_file, "--calib-file") if settings.calib_file else default_calib
@@ -59,7 +59,7 @@ def vocab(model) -> int:
     return model.get_input_embeddings().weight.shape[0]
 
 
-def _check_seqlen(model, seqlen: int) -> None:
+def check_seqlen(model, seqlen: int) -> None:
     limit = max_positions(model)
     if limit is not None and seqlen > limit:
         raise PrunekitError(f"seqlen {seqlen} is above the model's limit of {limit} positions")
@@ -117,9 +117,9 @@ def run_prune(
     stage = progress or (lambda name: None)
     start = time.perf_counter()
     model, tokenizer = load_causal_lm(model_path)
-    _check_seqlen(model, text.seqlen)
+    check_seqlen(model, text.seqlen)
     load_rss = peak_rss_mb()
-    calib_text, eval_text, source = _texts(text)
+    calib_text, eval_text, source = read_texts(text)
     calib = None
     if config.needs_data:
         calib = calibration_windows(
@@ -180,8 +180,8 @@ def run_eval(
     """Perplexity of a model on the evaluation text (dense or already pruned)."""
     stage = progress or (lambda name: None)
     model, tokenizer = load_causal_lm(model_path)
-    _check_seqlen(model, text.seqlen)
-    _, eval_text, source = _texts(text)
+    check_seqlen(model, text.seqlen)
+    _, eval_text, source = read_texts(text)
     windows = eval_windows(tokenize(tokenizer, eval_text, vocab(model)), text.seqlen)
     start = time.perf_counter()
     ppl = perplexity(model, windows, stage("perplexity"))

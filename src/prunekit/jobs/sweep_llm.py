@@ -29,7 +29,7 @@ from prunekit.analysis.latency import compare_latency
 from prunekit.compress import save_compressed
 from prunekit.compress.source import tensor_specs
 from prunekit.errors import PrunekitError
-from prunekit.jobs.llm import _check_seqlen, _texts, vocab
+from prunekit.jobs.llm import check_seqlen, read_texts, vocab
 from prunekit.jobs.sweep import check_grid, pareto_names
 from prunekit.llm.load import load_causal_lm
 from prunekit.llm.perplexity import perplexity
@@ -238,8 +238,8 @@ def run_llm_sweep_from_path(
 
     grid = check_grid(grid)  # bad input fails before the model loads
     model, tokenizer = load_causal_lm(model_path)
-    _check_seqlen(model, text.seqlen)
-    calib_text, eval_text, source = _texts(text)
+    check_seqlen(model, text.seqlen)
+    calib_text, eval_text, source = read_texts(text)
     needs = any(m.method != "magnitude" for m in methods)
     calib = (
         calibration_windows(

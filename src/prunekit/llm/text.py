@@ -71,14 +71,14 @@ def tokenize(tokenizer, text: str, vocab_size: int | None = None) -> torch.Tenso
     return ids
 
 
-def _check_seqlen(seqlen: int) -> None:
+def check_seqlen(seqlen: int) -> None:
     if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 2:
         raise PrunekitError(f"seqlen must be an integer >= 2, got {seqlen!r}")
 
 
 def calibration_windows(ids: torch.Tensor, samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
     """``(samples, seqlen)``: distinct, non-overlapping windows of the token stream, drawn with ``seed``."""
-    _check_seqlen(seqlen)
+    check_seqlen(seqlen)
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise PrunekitError(f"calib-samples must be an integer >= 1, got {samples!r}")
     room = ids.numel() // seqlen
@@ -95,7 +95,7 @@ def calibration_windows(ids: torch.Tensor, samples: int, seqlen: int, seed: int 
 
 def eval_windows(ids: torch.Tensor, seqlen: int) -> torch.Tensor:
     """``(count, seqlen)``: consecutive non-overlapping windows; a tail shorter than ``seqlen`` is dropped."""
-    _check_seqlen(seqlen)
+    check_seqlen(seqlen)
     count = ids.numel() // seqlen
     if count < 1:
         raise PrunekitError(

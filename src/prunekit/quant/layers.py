@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from prunekit.quant.rounding import quantize_activation, quantize_int8
 
 
-class _QuantizedLayer(nn.Module):
+class QuantizedLayer(nn.Module):
     """Shared buffers: ``weight_q`` (int8), ``weight_scale`` (float32, one per output channel),
     ``act_scale`` (float32 scalar, or None for dynamic activations), ``bias`` (float32 or None)."""
 
@@ -44,7 +44,7 @@ class _QuantizedLayer(nn.Module):
         return y
 
 
-class QuantizedLinear(_QuantizedLayer):
+class QuantizedLinear(QuantizedLayer):
     """An ``nn.Linear`` with int8 weights and int8 activations (module docstring)."""
 
     def __init__(
@@ -72,7 +72,7 @@ class QuantizedLinear(_QuantizedLayer):
         return f"in_features={self.in_features}, out_features={self.out_features}, activations={mode}"
 
 
-class QuantizedConv2d(_QuantizedLayer):
+class QuantizedConv2d(QuantizedLayer):
     """An ``nn.Conv2d`` (zero padding) with int8 weights and int8 activations (module docstring)."""
 
     def __init__(

@@ -42,10 +42,10 @@ from torch.nn.utils import parametrize
 
 from prunekit.calib.hooks import Hooks
 from prunekit.errors import PrunekitError, did_you_mean
-from prunekit.masking import _own_class, type_name
+from prunekit.masking import own_class, type_name
 from prunekit.quant.fake import strip_qat
 from prunekit.quant.fold import find_conv_bn, fold_conv_bn
-from prunekit.quant.layers import QuantizedConv2d, QuantizedLinear, _QuantizedLayer
+from prunekit.quant.layers import QuantizedConv2d, QuantizedLayer, QuantizedLinear
 from prunekit.quant.rounding import activation_scale
 from prunekit.targets import classifier_name
 
@@ -234,7 +234,7 @@ def plain_copy(model: nn.Module) -> nn.Module:
     strip_qat(work)
     for _, module in list(work.named_modules()):
         if parametrize.is_parametrized(module, "weight"):
-            _own_class(module)  # the copy shares the injected class with the original: detach it first
+            own_class(module)  # the copy shares the injected class with the original: detach it first
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
     return work
 
@@ -304,7 +304,7 @@ def quantize(
     run on once as a check (default: the first calibration batch; dynamic without one: no check).
     """
     check_activations(activations)
-    if any(isinstance(m, _QuantizedLayer) for m in model.modules()):
+    if any(isinstance(m, QuantizedLayer) for m in model.modules()):
         raise PrunekitError("the model already has int8 layers: quantize the float model once")
     batches = input_batches(calibration, calibration_batches) if activations == "static" else []
     work = plain_copy(model).eval()
@@ -365,7 +365,7 @@ def int8_plan(model: nn.Module) -> dict[str, Any] | None:
     layers = {
         name: {"type": type(m).__name__, "static": m.act_scale is not None, "bias": m.bias is not None}
         for name, m in model.named_modules()
-        if isinstance(m, _QuantizedLayer)
+        if isinstance(m, QuantizedLayer)
     }
     if not layers:
         return None

@@ -111,7 +111,7 @@ class Store:
 
     # -- layout ---------------------------------------------------------------------------------------
     @property
-    def _entries(self) -> Path:
+    def entries_dir(self) -> Path:
         return self.path / "entries"
 
     @property
@@ -129,7 +129,8 @@ class Store:
     def exists(self) -> bool:
         return (self.path / "store.json").is_file()
 
-    def _require(self) -> None:
+    def require(self) -> None:
+        """A one-line error unless the directory is a store."""
         if not self.exists():
             raise PrunekitError(
                 f"no artifact store at {self.path} (no store.json); create one with "
@@ -145,17 +146,17 @@ class Store:
         self.path.mkdir(parents=True, exist_ok=True)
         with disk.locked(self._lockfile):
             if not self.exists():  # two first writers: the second finds it done
-                for sub in (self._entries, self._tmp):
+                for sub in (self.entries_dir, self._tmp):
                     sub.mkdir(exist_ok=True)
                 atomic_write_json(
                     self.path / "store.json", {"format": STORE_FORMAT, "format_version": FORMAT_VERSION}
                 )
 
     # -- reading --------------------------------------------------------------------------------------
-    def _scan(self) -> tuple[list[Entry], list[str]]:
+    def scan(self) -> tuple[list[Entry], list[str]]:
         """Every complete entry (oldest first) and the problems of the entries that cannot be read."""
         entries, broken = [], []
-        for child in sorted(self._entries.iterdir()) if self._entries.is_dir() else []:
+        for child in sorted(self.entries_dir.iterdir()) if self.entries_dir.is_dir() else []:
             try:
                 entries.append(Entry(read_manifest(child / "manifest.json"), child))
             except PrunekitError as exc:
@@ -165,8 +166,8 @@ class Store:
 
     def list(self) -> list[Entry]:
         """All entries, oldest first (unreadable ones are skipped with a warning; `verify` names them)."""
-        self._require()
-        entries, broken = self._scan()
+        self.require()
+        entries, broken = self.scan()
         for problem in broken:
             log.warning("skipping a damaged store entry: %s", problem)
         return entries
@@ -198,7 +199,7 @@ class Store:
 
     def history(self) -> list[dict[str, Any]]:
         """Every add and rollback, oldest first: {time, action, name, hash, previous}."""
-        self._require()
+        self.require()
         if not self._history.is_file():
             return []
         try:
@@ -275,7 +276,7 @@ class Store:
             disk.write_json_synced(tmp / "manifest.json", manifest)
             disk.fsync_dir(tmp)
             with disk.locked(self._lockfile):
-                for entry in self._scan()[0]:
+                for entry in self.scan()[0]:
                     if entry.name != name:
                         continue
                     if entry.files == records and entry.parent == parent_hash:
@@ -285,9 +286,9 @@ class Store:
                         f"the store already has an entry '{name}' ({entry.short}) with other files or "
                         "another parent; store this one under another name"
                     )
-                final = self._entries / manifest["hash"]
+                final = self.entries_dir / manifest["hash"]
                 os.rename(tmp, final)  # the commit: the entry appears complete or not at all
-                disk.fsync_dir(self._entries)
+                disk.fsync_dir(self.entries_dir)
                 entry = Entry(manifest, final)
                 self._record("add", entry)
         return entry
@@ -420,7 +421,7 @@ class Store:
 
     def cleanup(self) -> int:
         """Remove the temp directories of interrupted saves; returns how many."""
-        self._require()
+        self.require()
         with disk.locked(self._lockfile):
             return self._cleanup_locked()
 

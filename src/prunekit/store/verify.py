@@ -79,16 +79,16 @@ def check_entry(store: Store, entry: Entry, report: VerifyReport | None = None) 
 
 
 def verify_store(store: Store, refs: Sequence[str] | None = None) -> VerifyReport:
-    store._require()
+    store.require()
     report = VerifyReport()
-    entries, broken = store._scan()
+    entries, broken = store.scan()
     hashes = {e.hash for e in entries}
     if refs:
         chosen = {store.get(ref).hash for ref in refs}
         entries = [e for e in entries if e.hash in chosen]
     else:
         report.problems.extend(broken)
-        for child in sorted(store._entries.iterdir()):
+        for child in sorted(store.entries_dir.iterdir()):
             if not child.is_dir():
                 report.problems.append(f"entries/{child.name} is not an entry directory")
     for entry in entries:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from prunekit.errors import PrunekitError
-from prunekit.quant.layers import QuantizedConv2d, QuantizedLinear, _QuantizedLayer
+from prunekit.quant.layers import QuantizedConv2d, QuantizedLayer, QuantizedLinear
 from prunekit.quant.ptq import FoldedBatchNorm
 
 SUPPORTED = (
@@ -64,7 +64,7 @@ class Graph:
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (_QuantizedLayer, FoldedBatchNorm)):
+        if isinstance(m, (QuantizedLayer, FoldedBatchNorm)):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -73,7 +73,7 @@ def _pair(v: Any) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def _int_layer(m: _QuantizedLayer, path: str) -> dict[str, Any]:
+def _int_layer(m: QuantizedLayer, path: str) -> dict[str, Any]:
     if m.act_scale is None:
         raise PrunekitError(
             f"layer '{path}' has dynamic activations; the C export needs static (calibrated) ones: "
@@ -192,7 +192,7 @@ def _check_call(node: fx.Node, kind: str) -> None:
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
-    if not any(isinstance(m, _QuantizedLayer) for m in model.modules()):
+    if not any(isinstance(m, QuantizedLayer) for m in model.modules()):
         raise PrunekitError(
             f"the model is not quantized (no int8 layer); the C export needs INT8: {QUANTIZE_HINT}"
         )

@@ -111,7 +111,7 @@ def test_recipes_show_prints_a_valid_recipe():
 
 
 def test_demo_runs_the_builtin_recipe(monkeypatch, tmp_path):
-    import prunekit.cli.commands as cli
+    import prunekit.cli.run as cli
 
     seen = {}
 

@@ -36,23 +36,6 @@ def per_class_outcome(metrics: dict[str, Any], strict: bool) -> None:
         raise typer.Exit(STRICT_EXIT_CODE)
 
 
-def _read_metrics(path: Path) -> dict[str, Any]:
-    if path.is_dir():
-        path = path / "metrics.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PrunekitError(f"METRICS_JSON {path}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PrunekitError(f"METRICS_JSON {path}: not a readable JSON file: {exc}") from None
-    if not isinstance(data, dict) or not evaluated_labels(data):
-        raise PrunekitError(
-            f"METRICS_JSON {path}: no evaluated model in it (expected the metrics.json of `prunekit run`, "
-            "with per_class_recall per label)"
-        )
-    return data
-
-
 def classes(
     metrics_json: Path = typer.Argument(
         ..., metavar="METRICS_JSON", help="A run's metrics.json (or its dir)."
@@ -66,7 +49,9 @@ def classes(
 ) -> None:
     """Per-class recall of every evaluated model against the dense baseline; warns on any class that lost
     more than the threshold, even where overall accuracy holds."""
-    m = _read_metrics(metrics_json)
+    from prunekit.jobs.audit import read_metrics
+
+    m = read_metrics(metrics_json)
     check = check_metrics(m, threshold, reference)
     if as_json:
         typer.echo(json.dumps(check, indent=2))
@@ -124,19 +109,18 @@ def agreement(
 ) -> None:
     """Fraction of test inputs on which PRUNED predicts what DENSE predicts: overall, per true class, and
     under Gaussian noise and one-pixel shifts (the test split of --data with --seed)."""
-    from prunekit.analysis.agreement import agreement_report
-    from prunekit.artifact import load_artifact
-    from prunekit.data import load_splits
-    from prunekit.data.arrays import check_model_fits
+    from prunekit.jobs.audit import agreement_of_artifacts
 
-    noise = _floats(sigmas, "--sigmas")
-    reference, _ = load_artifact(dense, masked=False)
-    candidate, _ = load_artifact(pruned, masked=False)
-    splits = load_splits(data, data_path, val_fraction, test_fraction, seed=seed)
-    check_model_fits(reference, splits, f"DENSE {dense}")
-    check_model_fits(candidate, splits, f"PRUNED {pruned}")
-    result = agreement_report(
-        reference, candidate, splits.loader("test", 256), splits.num_classes, noise, not no_shifts, seed
+    result = agreement_of_artifacts(
+        dense,
+        pruned,
+        data=data,
+        data_path=data_path,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        sigmas=_floats(sigmas, "--sigmas"),
+        shifts=not no_shifts,
+        seed=seed,
     )
     if as_json:
         typer.echo(json.dumps(result, indent=2))

@@ -16,7 +16,7 @@ import typer
 from prunekit.errors import PrunekitError
 
 if TYPE_CHECKING:  # torch is imported by the command itself, so `prunekit --help` stays fast
-    from torch import nn
+    pass
 
 export_app = typer.Typer(no_args_is_help=True, help="Export pruned models for deployment.")
 
@@ -45,87 +45,6 @@ def parse_floats(text: str, field: str = "--grid", example: str = "0.5,0.8,0.9")
     return values
 
 
-def _refuse_int8(path: Path) -> None:
-    raise PrunekitError(
-        f"{path} is an INT8 artifact; ONNX export takes float models: "
-        "export the float artifact it was quantized from"
-    )
-
-
-def _from_artifact(path: Path, shape: tuple[int, ...] | None) -> tuple[nn.Module, tuple[int, ...]]:
-    from prunekit.artifact import load_artifact
-    from prunekit.compress.container import is_compressed
-    from prunekit.files import safetensors_metadata
-
-    if is_compressed(path):
-        raise PrunekitError(
-            f"{path} is a compressed artifact; export the artifact it was compressed from "
-            "(ONNX holds dense weights)"
-        )
-    try:  # the header alone says whether the CLI can rebuild the model (load_artifact reports the rest)
-        header = json.loads(safetensors_metadata(path).get("prunekit", "{}"))
-        recorded, int8 = header.get("model", True), header.get("int8")
-    except (ValueError, AttributeError):
-        recorded, int8 = True, None
-    if int8:
-        _refuse_int8(path)
-    if recorded is None:
-        raise PrunekitError(
-            f"{path} records no built-in architecture, so the CLI cannot rebuild the model; export it "
-            "from Python: prunekit.export.export_onnx(model, example_inputs, 'model.onnx')"
-        )
-    model, info = load_artifact(path, masked=True)  # masked: export squashes a copy, zeros and all
-    if info.int8:  # a header the quick read above could not parse
-        _refuse_int8(path)
-    if shape is None and info.model and info.model.get("name") == "resnet-digits":
-        # the built-in digits classifier takes 8x8 images; its channel count is in the recorded args
-        shape = (1, int((info.model.get("args") or {}).get("in_channels", 1)), 8, 8)
-    if shape is None:
-        name = (info.model or {}).get("name", "a model passed in by the caller")
-        raise PrunekitError(
-            f"--input-shape is needed for {path} (its model is {name}, not resnet-digits), "
-            "e.g. --input-shape 1,3,224,224"
-        )
-    return model, shape
-
-
-def _from_structured_dir(path: Path, shape: tuple[int, ...] | None) -> tuple[nn.Module, tuple[int, ...]]:
-    from prunekit.jobs.structured import load_model_spec
-    from prunekit.structured.storage import LOG, WEIGHTS, load
-
-    missing = [name for name in (LOG, WEIGHTS, "metrics.json") if not (path / name).is_file()]
-    if missing:
-        raise PrunekitError(
-            f"{path} is not a `prunekit structured` output directory (missing {', '.join(missing)}); "
-            "SOURCE must be a .safetensors artifact or such a directory"
-        )
-    try:
-        metrics = json.loads((path / "metrics.json").read_text())
-        spec, recorded = metrics["model"], tuple(int(d) for d in metrics["input_shape"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise PrunekitError(
-            f"{path / 'metrics.json'}: cannot read 'model' and 'input_shape': {exc}"
-        ) from None
-    if not spec:
-        raise PrunekitError(f"{path / 'metrics.json'} does not name the original model")
-    shape = shape or recorded
-    model, _ = load_model_spec(spec, shape)  # the unpruned original, rebuilt as `prunekit structured` did
-    return load(model, path), shape
-
-
-def load_source(source: Path, shape: tuple[int, ...] | None) -> tuple[nn.Module, tuple[int, ...]]:
-    """The model saved at ``source`` and the input shape to export it with."""
-    if source.is_dir():
-        return _from_structured_dir(source, shape)
-    if source.is_file() and source.suffix == ".safetensors":
-        return _from_artifact(source, shape)
-    if not source.exists():
-        raise PrunekitError(f"SOURCE not found: {source}")
-    raise PrunekitError(
-        f"SOURCE {source}: give a prunekit .safetensors artifact or a `prunekit structured` output directory"
-    )
-
-
 @export_app.command("onnx")
 def onnx_command(
     source: Path = typer.Argument(
@@ -148,17 +67,12 @@ def onnx_command(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Export a saved model to one ONNX file, checked with onnxruntime against PyTorch."""
-    import torch
+    from prunekit.jobs.export import onnx_from_source
 
-    from prunekit.export.onnx import export_onnx
-
-    shape = parse_ints(input_shape) if input_shape else None
-    model, shape = load_source(source, shape)
-    example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    report = export_onnx(
-        model,
-        example,
+    report, shape = onnx_from_source(
+        source,
         out,
+        parse_ints(input_shape) if input_shape else None,
         opset=opset,
         dynamic_batch=not static_batch,
         verify=not no_verify,
@@ -211,30 +125,19 @@ def c_command(
     as_json: bool = typer.Option(False, "--json", help="Print the budget and checks as JSON."),
 ) -> None:
     """Export an INT8 model as portable C99 (no heap, no dependencies), with budgets and a host check."""
-    from prunekit.export.c import arm_size, export_c, run_check
     from prunekit.export.c.budget import table
-    from prunekit.export.c.harness import have
-    from prunekit.export.c.source import calibration_inputs, load_source, parse_bytes
+    from prunekit.jobs.export import c_from_source
 
-    flash, ram = parse_bytes(flash_limit, "--flash-limit"), parse_bytes(ram_limit, "--ram-limit")
-    model, splits, artifact = load_source(source, data)
-    x_train, x_test, y_test = calibration_inputs(splits), splits.test[:][0], splits.test[:][1]
-    result = export_c(
-        model,
+    result, checks, artifact = c_from_source(
+        source,
         out,
-        calibration=[x_train],
-        test=(x_test, y_test),
+        data,
         name=name,
         sparse=sparse,
-        flash_limit=flash,
-        ram_limit=ram,
+        flash_limit=flash_limit,
+        ram_limit=ram_limit,
+        check=check,
     )
-    checks: dict = {}
-    if check:
-        checks["host"] = (
-            run_check(out) if have("gcc") and have("make") else {"skipped": "gcc or make not on PATH"}
-        )
-        checks["arm"] = arm_size(out, name)
     if as_json:
         typer.echo(json.dumps({**result, "checks": checks}, indent=2))
         return

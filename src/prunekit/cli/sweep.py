@@ -52,11 +52,7 @@ def sweep(
     seed: int = typer.Option(0, help="Data split and random-criterion seed."),
 ) -> None:
     """Prune copies of a model with each method at each sparsity and measure accuracy, size and latency."""
-    import torch
-
-    from prunekit.artifact import load_artifact
-    from prunekit.data import load_splits
-    from prunekit.jobs.sweep import check_grid, parse_methods, run_sweep, write_sweep
+    from prunekit.jobs.sweep import sweep_artifact
 
     if llm:
         _check_llm_flags(data, data_path, finetune_epochs, compile)
@@ -66,46 +62,27 @@ def sweep(
     for flag, value in given.items():
         if value is not None:
             raise PrunekitError(f"{flag} is for language models: add --llm")
-    data = data or "digits"
-    latency_runs = 100 if latency_runs is None else latency_runs
-    methods = methods or "magnitude,random,wanda,2:4"
-    grid = grid or "0.5,0.7,0.8,0.9,0.95"
-    if data not in ("digits", "npz"):
-        raise PrunekitError(f"--data must be digits or npz, got {data!r}")
-    if data == "npz" and data_path is None:
-        raise PrunekitError("--data npz needs --data-path FILE.npz")
-    if latency_runs < 1 or threads < 1:
-        raise PrunekitError("--latency-runs and --threads must be >= 1")
-    chosen = parse_methods(methods)
-    sparsities = check_grid(_grid(grid))
-    if not artifact.is_file():
-        raise PrunekitError(f"ARTIFACT {artifact}: no such file")
-    model, _ = load_artifact(artifact, masked=False)
-    splits = load_splits(data, data_path, seed=seed)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        result = run_sweep(
-            model,
-            splits,
-            chosen,
-            sparsities,
-            finetune_epochs=finetune_epochs,
-            lr=lr,
-            latency_runs=latency_runs,
-            compile=compile,
-            round_to=round_to,
-            seed=seed,
-            on_point=lambda p: typer.echo(
-                f"{p.method:>10} @ {p.sparsity:.3f}: accuracy {p.accuracy:.4f}, {p.size_bytes:,} B "
-                f"(dense {p.dense_size_bytes:,} B), p50 {p.latency_p50_ms:.3f} ms "
-                f"({p.latency_ratio:.2f}x dense)"
-                + (f", compiled {p.compiled_p50_ms:.3f} ms" if p.compiled_p50_ms is not None else "")
-            ),
-        )
-    finally:
-        torch.set_num_threads(before)
-    paths = write_sweep(result, out)
+    result, paths = sweep_artifact(
+        artifact,
+        out,
+        methods or "magnitude,random,wanda,2:4",
+        _grid(grid or "0.5,0.7,0.8,0.9,0.95"),
+        data=data or "digits",
+        data_path=data_path,
+        finetune_epochs=finetune_epochs,
+        lr=lr,
+        latency_runs=100 if latency_runs is None else latency_runs,
+        compile=compile,
+        round_to=round_to,
+        threads=threads,
+        seed=seed,
+        on_point=lambda p: typer.echo(
+            f"{p.method:>10} @ {p.sparsity:.3f}: accuracy {p.accuracy:.4f}, {p.size_bytes:,} B "
+            f"(dense {p.dense_size_bytes:,} B), p50 {p.latency_p50_ms:.3f} ms "
+            f"({p.latency_ratio:.2f}x dense)"
+            + (f", compiled {p.compiled_p50_ms:.3f} ms" if p.compiled_p50_ms is not None else "")
+        ),
+    )
     typer.echo(f"Pareto front (accuracy vs latency): {', '.join(result['pareto']['latency'])}")
     typer.echo(f"Pareto front (accuracy vs size): {', '.join(result['pareto']['size'])}")
     typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
@@ -121,47 +98,26 @@ def _check_llm_flags(data, data_path, finetune_epochs, compile_too) -> None:  # 
 
 
 def _llm_sweep(model, out, methods, grid, calib_file, eval_file, seqlen, calib_samples, runs, threads, seed):  # noqa: ANN001
-    import torch
-
     from prunekit.jobs.llm import TextSettings
-    from prunekit.jobs.sweep import write_sweep
-    from prunekit.jobs.sweep_llm import (
-        DEFAULT_GRID,
-        DEFAULT_METHODS,
-        parse_llm_methods,
-        run_llm_sweep_from_path,
-    )
+    from prunekit.jobs.sweep_llm import DEFAULT_METHODS, sweep_language_model
 
-    runs = 20 if runs is None else runs
-    if runs < 1 or threads < 1:
-        raise PrunekitError("--latency-runs and --threads must be >= 1")
-    if seqlen < 2 or calib_samples < 1:
-        raise PrunekitError(
-            f"--seqlen must be >= 2 and --calib-samples >= 1, got {seqlen} and {calib_samples}"
-        )
-    chosen = parse_llm_methods(methods or DEFAULT_METHODS)
-    sparsities = _grid(grid) if grid else list(DEFAULT_GRID)
     text = TextSettings(
         calib_samples, seqlen, calib_file and str(calib_file), eval_file and str(eval_file), seed
     )
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        result = run_llm_sweep_from_path(
-            str(model),
-            chosen,
-            sparsities,
-            text,
-            latency_runs=runs,
-            on_point=lambda p, _model: typer.echo(
-                f"{p['method']:>13} @ {p['sparsity']:.3f}: perplexity {p['perplexity']:.3f}, "
-                f"{p['size_bytes']:,} B (dense {p['dense_size_bytes']:,} B), "
-                f"p50 {p['latency_p50_ms']:.2f} ms ({p['latency_ratio']:.2f}x dense)"
-            ),
-        )
-    finally:
-        torch.set_num_threads(before)
-    paths = write_sweep(result, out)
+    result, paths = sweep_language_model(
+        str(model),
+        out,
+        methods or DEFAULT_METHODS,
+        _grid(grid) if grid else None,
+        text,
+        latency_runs=20 if runs is None else runs,
+        threads=threads,
+        on_point=lambda p, _model: typer.echo(
+            f"{p['method']:>13} @ {p['sparsity']:.3f}: perplexity {p['perplexity']:.3f}, "
+            f"{p['size_bytes']:,} B (dense {p['dense_size_bytes']:,} B), "
+            f"p50 {p['latency_p50_ms']:.2f} ms ({p['latency_ratio']:.2f}x dense)"
+        ),
+    )
     typer.echo(f"Pareto front (perplexity vs latency): {', '.join(result['pareto']['latency'])}")
     typer.echo(f"Pareto front (perplexity vs size): {', '.join(result['pareto']['size'])}")
     typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -39,10 +39,11 @@ from prunekit import runtime
 from prunekit.analysis.latency import compare_latency
 from prunekit.analysis.metrics import evaluate
 from prunekit.analysis.sparsity import count_params
-from prunekit.artifact import plain_state_dict
+from prunekit.artifact import load_artifact, plain_state_dict
 from prunekit.compress import save_compressed
 from prunekit.compress.source import tensor_specs
 from prunekit.criteria import CRITERIA
+from prunekit.data import load_splits
 from prunekit.errors import PrunekitError
 from prunekit.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from prunekit.masking import squash
@@ -373,3 +374,55 @@ def write_sweep(result: dict[str, Any], out: str | Path) -> dict[str, Path]:
         "csv": atomic_write_text(out / "sweep.csv", to_csv(result)),
         "png": atomic_write_bytes(out / "sweep.png", png),
     }
+
+
+def sweep_artifact(
+    artifact: Path,
+    out: Path,
+    methods: str,
+    grid: Sequence[float],
+    *,
+    data: str = "digits",
+    data_path: Path | None = None,
+    finetune_epochs: int = 0,
+    lr: float = 0.01,
+    latency_runs: int = 100,
+    compile: bool = False,  # noqa: A002 - the CLI flag's name
+    round_to: int = 8,
+    threads: int = 1,
+    seed: int = 0,
+    on_point: Callable[[Point], None] | None = None,
+) -> tuple[dict[str, Any], dict[str, Path]]:
+    """``prunekit analyze sweep``: a classifier artifact swept with ``methods`` over ``grid`` on ``threads``
+    torch threads; writes sweep.png/.csv/.json into ``out``. Returns the result and the paths written."""
+    if data not in ("digits", "npz"):
+        raise PrunekitError(f"--data must be digits or npz, got {data!r}")
+    if data == "npz" and data_path is None:
+        raise PrunekitError("--data npz needs --data-path FILE.npz")
+    if latency_runs < 1 or threads < 1:
+        raise PrunekitError("--latency-runs and --threads must be >= 1")
+    chosen = parse_methods(methods)
+    sparsities = check_grid(grid)
+    if not artifact.is_file():
+        raise PrunekitError(f"ARTIFACT {artifact}: no such file")
+    model, _ = load_artifact(artifact, masked=False)
+    splits = load_splits(data, data_path, seed=seed)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        result = run_sweep(
+            model,
+            splits,
+            chosen,
+            sparsities,
+            finetune_epochs=finetune_epochs,
+            lr=lr,
+            latency_runs=latency_runs,
+            compile=compile,
+            round_to=round_to,
+            seed=seed,
+            on_point=on_point,
+        )
+    finally:
+        torch.set_num_threads(before)
+    return result, write_sweep(result, out)

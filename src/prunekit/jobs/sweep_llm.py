@@ -29,8 +29,8 @@ from prunekit.analysis.latency import compare_latency
 from prunekit.compress import save_compressed
 from prunekit.compress.source import tensor_specs
 from prunekit.errors import PrunekitError
-from prunekit.jobs.llm import check_seqlen, read_texts, vocab
-from prunekit.jobs.sweep import check_grid, pareto_names
+from prunekit.jobs.llm import TextSettings, check_seqlen, read_texts, vocab
+from prunekit.jobs.sweep import check_grid, pareto_names, write_sweep
 from prunekit.llm.load import load_causal_lm
 from prunekit.llm.perplexity import perplexity
 from prunekit.llm.prune import LLMPruneConfig, prune_llm, zero_counts
@@ -255,3 +255,35 @@ def run_llm_sweep_from_path(
     result["calibration"]["seqlen"] = text.seqlen
     result["calibration"]["seed"] = text.seed
     return result
+
+
+def sweep_language_model(
+    model: str,
+    out: Path,
+    methods: str,
+    grid: Sequence[float] | None,
+    text: TextSettings,
+    *,
+    latency_runs: int = 20,
+    threads: int = 1,
+    on_point: Callable[[dict[str, Any], nn.Module], None] | None = None,
+) -> tuple[dict[str, Any], dict[str, Path]]:
+    """``prunekit analyze sweep --llm``: a language model (local directory or GGUF) swept with ``methods``
+    over ``grid`` (default :data:`DEFAULT_GRID`); writes sweep.png/.csv/.json into ``out``."""
+    if latency_runs < 1 or threads < 1:
+        raise PrunekitError("--latency-runs and --threads must be >= 1")
+    if text.seqlen < 2 or text.calib_samples < 1:
+        raise PrunekitError(
+            f"--seqlen must be >= 2 and --calib-samples >= 1, got {text.seqlen} and {text.calib_samples}"
+        )
+    chosen = parse_llm_methods(methods)
+    sparsities = list(grid) if grid else list(DEFAULT_GRID)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        result = run_llm_sweep_from_path(
+            model, chosen, sparsities, text, latency_runs=latency_runs, on_point=on_point
+        )
+    finally:
+        torch.set_num_threads(before)
+    return result, write_sweep(result, out)

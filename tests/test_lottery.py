@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrize
 
+from fixtures.models import mlp as shared_mlp
 from prunekit.errors import PrunekitError
 from prunekit.lottery import Ticket, capture_state, find_ticket, load_plain_state
 from prunekit.masking import apply_masks, get_masks, weight_parameter
@@ -19,8 +20,7 @@ LAYERS = ("0", "2")  # "4" is the classifier: dense by default
 
 
 def mlp(seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
+    return shared_mlp((10, 32, 32, 2), seed)
 
 
 def problem(n: int = 128, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrize
 
+from fixtures.models import mlp as shared_mlp
 from prunekit.criteria import make_criterion
 from prunekit.errors import PrunekitError
 from prunekit.masking import get_masks
@@ -21,8 +22,7 @@ from prunekit.spec import NM, Block, Unstructured
 
 
 def mlp(seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 4))
+    return shared_mlp((16, 32, 24, 4), seed)
 
 
 def cnn(seed: int = 0) -> nn.Sequential:

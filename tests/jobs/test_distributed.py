@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fixtures.recipes import TINY  # the same tiny digits recipe: dense training, 2 pruning rounds
 from prunekit.jobs.runlog import read_log
-from test_resume import TINY  # the same tiny digits recipe: dense training, 2 pruning rounds
 
 WORLD = 2
 # two processes that each import torch and train: ~20 s on an idle 2-core machine, 80 s when it is shared
@@ -114,7 +114,7 @@ def test_the_fsdp_example_keeps_pruned_weights_zero_and_rank_0_saves(tmp_path):
     """examples/fsdp_finetune.py under torchrun: FSDP (fully_shard) on CPU with gloo, masks as buffers."""
     from prunekit.artifact import read_artifact
 
-    example = Path(__file__).parents[1] / "examples" / "fsdp_finetune.py"
+    example = Path(__file__).parents[2] / "examples" / "fsdp_finetune.py"
     out = tmp_path / "fsdp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD)]
     cmd += ["--master-port", str(free_port()), str(example), "--out", str(out), "--epochs", "1"]

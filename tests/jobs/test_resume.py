@@ -20,6 +20,7 @@ import pytest
 import torch
 import yaml
 
+from fixtures.recipes import TINY
 from prunekit.errors import PrunekitError
 from prunekit.jobs import checkpoint as ckpt
 from prunekit.jobs import recipe
@@ -27,30 +28,6 @@ from prunekit.jobs.run import run_recipe
 from prunekit.jobs.runlog import read_log
 from prunekit.rng import rng_state
 
-# 1,078 training images in batches of 32: 34 steps per epoch; 68 dense steps, then 2 pruning rounds
-# (50%, 75%) of 34 fine-tuning steps each: 136 steps, so checkpoints 1-4 (every 16 steps) fall in the
-# dense training, 5 after it, 6-7 in round 1's fine-tuning, 8 after round 1, 9-10 in round 2's, 11 at
-# the end of the prune stage
-TINY: dict[str, Any] = {
-    "name": "tiny-resume",
-    "seed": 0,
-    "threads": 1,
-    "model": {"builtin": "resnet-digits", "args": {"widths": [8, 16], "blocks": 1}},
-    "data": {"name": "digits", "batch_size": 32},
-    "checkpoint": {"every_steps": 16},
-    "stages": [
-        {"type": "train", "epochs": 2, "lr": 0.01, "optimizer": "adam"},
-        {"type": "evaluate", "label": "dense", "latency_runs": 2, "latency_warmup": 0},
-        {
-            "type": "prune",
-            "pattern": 0.75,
-            "schedule": {"type": "iterative", "rate": 0.5},
-            "finetune": {"epochs": 1, "lr": 0.002, "optimizer": "adam"},
-        },
-        {"type": "evaluate", "label": "pruned", "latency_runs": 2, "latency_warmup": 0},
-        {"type": "export", "name": "pruned"},
-    ],
-}
 CHECKPOINTS = 11
 LABELS = ("dense", "pruned")
 
@@ -106,7 +83,7 @@ def test_the_baseline_learns_and_checkpoints_as_counted(baseline):
     assert [e["seq"] for e in read_log(out / "log.jsonl")] == list(range(len(events)))
 
 
-@pytest.mark.slow  # a second full run (tests/test_cli.py checks the same for masks and accuracy)
+@pytest.mark.slow  # a second full run (tests/cli/test_commands.py checks the same for masks and accuracy)
 def test_same_seed_twice_gives_identical_masks_metrics_and_losses(baseline, tmp_path):
     _, out, metrics = baseline
     again = run_recipe(recipe.from_dict(TINY), tmp_path / "again", progress=False)

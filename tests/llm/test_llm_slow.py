@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 
 def test_smollm2_wanda_end_to_end(tmp_path, monkeypatch, capsys):
-    from test_cli import call_main
+    from fixtures.cli import call_main
 
     out = tmp_path / "smollm2-wanda"
     code, stdout, stderr = call_main(

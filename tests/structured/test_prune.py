@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
+from fixtures.zoo import ZOO
 from prunekit import structured
 from prunekit.errors import PrunekitError
 from prunekit.structured.apply import zero_plan
 from prunekit.structured.core import check_equivalence
-from structured_zoo import ZOO
 
 PRUNABLE = [name for name, case in ZOO.items() if case.prunable]
 

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from fixtures.cli import call_main
 from prunekit.cli.commands import app
 from prunekit.compress import ArtifactCorrupted, load_compressed, read_header, save_compressed
 from prunekit.compress.encodings import (
@@ -28,7 +29,6 @@ from prunekit.compress.inspect import inspect_compressed
 from prunekit.errors import PrunekitError
 from prunekit.quant.rounding import dequantize, quantize_int8
 from prunekit.select import nm_mask
-from test_cli import call_main
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int8]
 

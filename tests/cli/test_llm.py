@@ -3,39 +3,14 @@
 import json
 
 import pytest
-import torch
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from prunekit.llm.text import pydoc_topics_split  # noqa: E402
-from test_cli import assert_one_line_error, call_main  # noqa: E402
-from tiny_hf import llama  # noqa: E402
+from fixtures.cli import assert_one_line_error, call_main  # noqa: E402
+from fixtures.hf import llama  # noqa: E402
 
 SEQ = 32
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny Llama and a byte-level BPE tokenizer trained on some of the calibration text."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    calib, _ = pydoc_topics_split()
-    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
-    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=128,
-        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()[:120],
-        show_progress=False,
-    )
-    bpe.train_from_iterator([calib[:20000]], trainer)
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe)
-    tokenizer.save_pretrained(path)
-    torch.manual_seed(0)
-    model = llama(layers=2)
-    model.resize_token_embeddings(len(tokenizer))
-    model.save_pretrained(path)
-    return path
 
 
 def test_llm_prune_writes_a_loadable_model_and_metrics(model_dir, tmp_path, monkeypatch, capsys):

@@ -19,17 +19,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from fixtures.cli import call_main
+from fixtures.models import mlp
 from prunekit.artifact import load_artifact, plain_state_dict, save_artifact
 from prunekit.errors import PrunekitError
 from prunekit.masking import apply_masks
 from prunekit.store import Store
 from prunekit.store.manifest import manifest_hash
-from test_cli import call_main
 
 
 def tiny_model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    return mlp((6, 5, 3), seed)
 
 
 def write_bytes(path: Path, size: int, seed: int) -> Path:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fixtures.models import mlp
 from prunekit.errors import PrunekitError
 from prunekit.recovery import TrainConfig, train
 from prunekit.recovery.distill import Distiller, capture, distillation_loss, feature_loss, soft_target_loss
@@ -70,8 +71,7 @@ def test_bad_settings_are_clear_errors(bad):
 
 
 def _net(seed: int, width: int = 8) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, width), nn.ReLU(), nn.Linear(width, 3))
+    return mlp((4, width, 3), seed)
 
 
 def test_feature_matching_adds_mse_and_removes_its_hooks():

@@ -15,14 +15,13 @@ from hypothesis import strategies as st
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
+from fixtures.cli import assert_one_line_error, call_main  # noqa: E402
+from fixtures.hf import llama  # noqa: E402
 from prunekit.calib.blocks import find_blocks, linear_layers  # noqa: E402
 from prunekit.errors import PrunekitError  # noqa: E402
 from prunekit.jobs.sweep import pareto_front, write_sweep  # noqa: E402
 from prunekit.jobs.sweep_llm import COLUMNS, SweepPoint, parse_llm_methods, run_llm_sweep  # noqa: E402
 from prunekit.llm.text import pydoc_topics_split  # noqa: E402
-from test_cli import assert_one_line_error, call_main  # noqa: E402
-from test_llm_cli import model_dir  # noqa: E402, F401 - the tiny Llama saved with a tokenizer
-from tiny_hf import llama  # noqa: E402
 
 
 def test_parse_llm_methods():

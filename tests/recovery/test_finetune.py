@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fixtures.models import mlp as shared_mlp
 from prunekit.errors import PrunekitError
 from prunekit.masking import apply_masks, get_masks, weight_parameter
 from prunekit.recovery import TrainConfig, train
@@ -18,8 +19,7 @@ LAYERS = ("0", "2")  # "4" is the classifier, dense by default
 
 
 def mlp(seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 3))
+    return shared_mlp((12, 24, 16, 3), seed)
 
 
 def loader(n: int = 160, batch_size: int = 16, seed: int = 1) -> DataLoader:

@@ -173,10 +173,10 @@ def test_agreement_counts_match_their_definition(rows):
 def test_analyze_agreement_cli_compares_two_artifacts_on_the_digits_test_split(tmp_path, monkeypatch, capsys):
     import json
 
+    from fixtures.cli import assert_one_line_error, call_main
     from prunekit.artifact import save_artifact
     from prunekit.data import load_splits
     from prunekit.models import build_model
-    from test_cli import assert_one_line_error, call_main
 
     info = {"name": "resnet-digits", "args": {"widths": [8], "blocks": 1}}
     torch.manual_seed(0)

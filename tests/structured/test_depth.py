@@ -66,7 +66,7 @@ def test_drop_layers_bad_count_and_no_blocks():
 
 def test_drop_layers_on_a_llama_keeps_generation_and_config_consistent(tmp_path):
     pytest.importorskip("transformers")
-    from tiny_hf import llama
+    from fixtures.hf import llama
 
     torch.manual_seed(0)
     model = llama(layers=4).eval()

@@ -4,10 +4,7 @@ same seed gives the same masks; user mistakes exit 2 with one `error:` line and 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,8 +12,9 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from fixtures.cli import assert_one_line_error, call_main, subprocess_cli
 from prunekit.artifact import inspect_artifact, read_artifact
-from prunekit.cli.commands import app, main
+from prunekit.cli.commands import app
 from prunekit.jobs import recipe
 from prunekit.jobs.run import run_recipe
 
@@ -62,35 +60,6 @@ def run(tmp_path_factory):
     assert result.exit_code == 0, (result.output, result.exception)
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     return out, metrics, result.output
-
-
-def call_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """Run ``prunekit.cli.commands.main`` (the console entry point) in process; returns (exit code,
-    stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["prunekit", *args])
-    with pytest.raises(SystemExit) as info:
-        main()
-    captured = capsys.readouterr()
-    code = info.value.code
-    return (0 if code is None else code), captured.out, captured.err
-
-
-def subprocess_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "prunekit", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-
-
-def assert_one_line_error(stderr: str, needle: str) -> None:
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("error: ") and needle in lines[0], stderr
-    assert "Traceback" not in stderr
 
 
 # ------------------------------------------------------------------------------------------------ recipes

@@ -1,7 +1,7 @@
 """report.md and report.html: the numbers in their tables parse back to the metrics.json values, the HTML is
 self-contained (no external URL, charts embedded), and headless Chromium renders the verdict and the tables.
 
-The metrics fixture is the real metrics.json of `prunekit demo` (tests/data/demo_metrics.json).
+The metrics fixture is the real metrics.json of `prunekit demo` (tests/fixtures/demo_metrics.json).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from prunekit.report.html import markdown_to_html, with_figures, write_reports
 from prunekit.report.markdown import verdict
 from prunekit.report.plots import Figure, llm_figures, run_figures
 
-FIXTURE = Path(__file__).parent / "data" / "demo_metrics.json"
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "demo_metrics.json"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

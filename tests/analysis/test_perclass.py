@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from fixtures.cli import assert_one_line_error, call_main
 from prunekit.analysis.perclass import STRICT_EXIT_CODE, check_metrics, class_drops, warning_lines
 from prunekit.errors import PrunekitError
-from test_cli import assert_one_line_error, call_main
 
-FIXTURE = Path(__file__).parent / "data" / "demo_metrics.json"
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "demo_metrics.json"
 
 
 def held_accuracy_metrics() -> dict:

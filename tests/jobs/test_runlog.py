@@ -80,9 +80,9 @@ def test_tensorboard_without_the_package_is_a_one_line_error(tmp_path, no_tensor
 
 
 def test_a_run_asking_for_tensorboard_without_it_fails_before_any_output(tmp_path, no_tensorboard):
+    from fixtures.recipes import TINY
     from prunekit.jobs import recipe
     from prunekit.jobs.run import run_recipe
-    from test_resume import TINY
 
     with pytest.raises(PrunekitError, match="pip install tensorboard"):
         run_recipe(recipe.from_dict(TINY), tmp_path / "out", progress=False, tensorboard=tmp_path / "tb")

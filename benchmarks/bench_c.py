@@ -5,7 +5,7 @@ run, interleaved), and the Cortex-M4 object sizes of both.
 
 Both exports are of the same INT8 model (`--sparse never` and `--sparse auto`), compiled with
 `gcc -std=c99 -O2`; each timing binary runs `model_run_i32` over the test inputs, and the two binaries
-alternate for ROUNDS rounds (MEASURING.md). Host x86 latency is not a microcontroller's: the ratio says
+alternate for ROUNDS rounds (docs/measuring.md). Host x86 latency is not a microcontroller's: the ratio says
 how much the sparse loops save when the work, not the memory system, dominates; the flash column is the
 Cortex-M4 `.text` (code + weights). The dense kernel also skips zero weights (one test per weight), so
 the ratio measures the cost of visiting every position, not of multiplying zeros. FLOP bound: the

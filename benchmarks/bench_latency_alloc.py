@@ -4,7 +4,7 @@ measured latency of the pruned model?
 A ResNet-ish SmallResNet (3 input channels, widths 32/64/128, 2 blocks per stage) on a 64x64 random input
 at batch 1, and the tiny digits model (1x8x8) for contrast. The tables are measured once; for each target
 the allocator chooses ratios, the model is pruned with them and timed interleaved with the dense model
-(MEASURING.md), every pair in ``--passes`` passes, medians kept; a miss lowers the aim by the miss and
+(docs/measuring.md), every pair in ``--passes`` passes, medians kept; a miss lowers the aim by the miss and
 retries (``closed_loop``, up to 2 retries), every attempt printed. The predicted loss is the data-free
 output distortion on random inputs (no labels here).
 

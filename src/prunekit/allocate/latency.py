@@ -10,7 +10,7 @@ least importance lost under a latency budget. Three steps:
 1. :func:`measure_tables` (impure, measures): for every prunable group and every keep ratio of a small grid
    (kept counts rounded to ``round_to``, a kernel-friendly multiple such as 8), the *whole model* with only
    that group pruned is timed (batch 1 in the pipeline), p50 of many calls, each variant interleaved with
-   the unpruned base in its own pair (``prunekit.analysis.compare_latency``; ../shared/MEASURING.md): its
+   the unpruned base in its own pair (``prunekit.analysis.compare_latency``; docs/measuring.md): its
    latency is the base p50 times the pair's ratio of medians. Timing the whole model rather than the
    group's layers alone keeps what pruning a group really changes (the next layer's input channels, the
    BatchNorm, the residual add) and the per-call overheads in the numbers. The same variants give the

@@ -3,7 +3,7 @@
 For each method and sparsity a copy of the model is pruned one-shot (optionally fine-tuned for a few
 epochs with the masks kept), evaluated on the test split, saved compressed (``prunekit.compress``, index
 overhead included) to a temporary directory for its size, and timed at batch 1 interleaved with the dense
-model in its own pair (``compare_latency``; ../shared/MEASURING.md). The curves and the latency Pareto
+model in its own pair (``compare_latency``; docs/measuring.md). The curves and the latency Pareto
 front use that pair's ratio of medians: on a shared machine absolute times drift between pairs, the ratio
 measured within one run does not (the absolute p50s are in the table too). Methods:
 

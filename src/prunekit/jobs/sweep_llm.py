@@ -7,7 +7,7 @@ as ``2:4`` = magnitude 2:4 or ``wanda:2:4``), its perplexity measured on the eva
 saved with :func:`prunekit.compress.save_compressed` (index included) and densely as float safetensors to a
 temporary directory for the sizes, and one forward over one ``seqlen`` window timed interleaved with the
 dense model in its own pair (``compare_latency``): the ratio of medians within the pair is what the curves
-and the latency front use (../shared/MEASURING.md).
+and the latency front use (docs/measuring.md).
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ def evaluate_stage(state: RunState, stage: EvaluateStage) -> None:
 
 def measure_latency(state: RunState) -> None:
     """Batch-1 latency of every evaluated state (and of its compiled twin where the evaluate stage asks
-    for one), measured in one interleaved run (MEASURING.md)."""
+    for one), measured in one interleaved run (docs/measuring.md)."""
     if not state.timed:
         return
     example = state.data.test[0][0].unsqueeze(0)

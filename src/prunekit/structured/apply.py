@@ -66,11 +66,12 @@ def apply_plan(model: nn.Module, plan: Mapping[str, Mapping], steer: bool = True
         sliced = tensor.detach()
         for dim, remove in dims.items():
             dim = int(dim)
-            keep = torch.tensor(sorted(set(range(sliced.shape[dim])) - set(remove)), dtype=torch.long)
-            if keep.numel() == 0:
+            keep = torch.ones(sliced.shape[dim], dtype=torch.bool)
+            keep[torch.tensor(remove, dtype=torch.long)] = False
+            if not bool(keep.any()):
                 raise PrunekitError(f"the plan removes every unit of {name} along dimension {dim}")
-            sliced = sliced.index_select(dim, keep.to(tensor.device))
-        new = sliced.clone()
+            sliced = sliced.index_select(dim, keep.nonzero().reshape(-1).to(tensor.device))
+        new = sliced if dims else sliced.clone()  # index_select already copied
         if isinstance(tensor, nn.Parameter):
             new = nn.Parameter(new, tensor.requires_grad)
         for holder, holder_attr in holders.get(id(tensor), [(module, attr)]):

@@ -137,9 +137,9 @@ def _importance(importance: str | StructuredImportance) -> tuple[str, Structured
     return getattr(importance, "__name__", type(importance).__name__), importance
 
 
-def _unit_group(group: Group, model: nn.Module, types, **extra) -> imp.UnitGroup:
+def _unit_group(group: Group, params: Mapping[str, torch.Tensor], types, **extra) -> imp.UnitGroup:
     # parameters only: BatchNorm running statistics are not weights and must not sway the ranking
-    members = _members(group, dict(model.named_parameters()), types)
+    members = _members(group, params, types)
     return imp.UnitGroup(group.index, group.seed, group.units, members, **extra)
 
 
@@ -197,7 +197,8 @@ def prune_model(
     elif scorer.needs == "activations":
         scores = _activation_scores(prunable, trace, model, scorer, calibration, types)
     else:
-        scores = {g.index: scorer(_unit_group(g, model, types, generator=generator)) for g in prunable}
+        params = dict(model.named_parameters())
+        scores = {g.index: scorer(_unit_group(g, params, types, generator=generator)) for g in prunable}
     removed = _allocate(prunable, scores, ratio, round_to, global_ranking, max_ratio, ratios or {})
     params_before = _params(model)
     reference = copy.deepcopy(model) if verify else None

@@ -16,7 +16,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from prunekit.structured.owners import Conflict, SplitConflict, align, merge, to_shape, varying_dims
+from prunekit.structured.owners import (
+    Conflict,
+    SplitConflict,
+    align,
+    compress,
+    full,
+    merge,
+    to_shape,
+    unit_vector,
+    varying_dims,
+)
 from prunekit.structured.rules import RULES, RuleContext
 from prunekit.structured.trace import Op, Trace, Value
 
@@ -69,6 +79,11 @@ class Group:
     block: int = 1  # consecutive channels per unit (head_dim for attention heads)
     split: bool = False  # blocked because units would be split across dimensions
     seed_value: int = -1  # the value index of the seed's output
+    width: int = 0  # channels of the seed's output per unit (block, or more where units were tied)
+    approximate: str = ""  # why pruning this group changes the outputs (norm statistics), "" when exact
+
+    def __post_init__(self) -> None:
+        self.width = self.width or self.block
 
     @property
     def prunable(self) -> bool:
@@ -83,7 +98,41 @@ def _uses(trace: Trace) -> dict[int, list[Op]]:
     return uses
 
 
-def _propagate(trace: Trace, uses, seed_op: Op, seed_dim: int, index: int, block: int = 1) -> Group:
+class _Units:
+    """Union-find over a group's units: rules *tie* units that must go together (the channels at one
+    position of every group of a grouped convolution, the channels of one GroupNorm group)."""
+
+    def __init__(self, n: int) -> None:
+        self.parent = list(range(n))
+        self.table: torch.Tensor | None = None  # unit -> representative, once anything was tied
+
+    def find(self, u: int) -> int:
+        parent = self.parent
+        while parent[u] != u:
+            parent[u] = parent[parent[u]]
+            u = parent[u]
+        return u
+
+    def union(self, a: list[int], b: list[int]) -> bool:
+        merged = False
+        for x, y in zip(a, b):
+            rx, ry = self.find(x), self.find(y)
+            if rx != ry:
+                self.parent[max(rx, ry)] = min(rx, ry)
+                merged = True
+        if merged:
+            self.table = torch.tensor([self.find(u) for u in range(len(self.parent))], dtype=torch.long)
+        return merged
+
+    def canon(self, owner: torch.Tensor) -> torch.Tensor:
+        if self.table is None:
+            return owner
+        return torch.where(owner >= 0, self.table[owner.clamp(min=0)], owner)
+
+
+def _propagate(
+    trace: Trace, uses, seed_op: Op, seed_dim: int, index: int, block: int = 1, norm_coupled: bool = False
+) -> Group:
     """Spread the seed's owners; ``block`` consecutive channels form one unit (e.g. one attention head)."""
     out = seed_op.outputs[0]
     dim = seed_dim % len(out.shape)
@@ -94,9 +143,17 @@ def _propagate(trace: Trace, uses, seed_op: Op, seed_dim: int, index: int, block
     # activations have one owner; a parameter has one slot per pruned dimension (a conv inside a
     # residual group owns both its rows and its columns)
     owners: dict[int | tuple[int, int], torch.Tensor] = {}
+    slots: dict[int, list[tuple[int, int]]] = defaultdict(list)  # parameter value -> its keys in owners
     roles: dict[tuple[int, int], str] = {}
     queue: deque[Value] = deque()
-    values = {v.index: v for v in trace.values}
+    values = trace.values
+    # a rule only needs to run again when an owner of one of its tensors changed since its last run:
+    # `changed` stamps every change, `ran` the clock when an op's rule last started
+    clock = 0
+    changed: dict[int, int] = {}
+    ran: dict[int, int] = {}
+    tied = _Units(units)
+    approximate: list[str] = []
 
     def is_param(v: Value) -> bool:
         return v.kind in ("param", "buffer")
@@ -104,15 +161,24 @@ def _propagate(trace: Trace, uses, seed_op: Op, seed_dim: int, index: int, block
     def get(v: Value, dims: list[int] | None = None) -> torch.Tensor | None:
         if not is_param(v):
             return owners.get(v.index)
-        slots = [k for k in owners if isinstance(k, tuple) and k[0] == v.index]
+        keys = slots.get(v.index)
+        if not keys:
+            return None
         if dims is not None:
             wanted = {d % max(len(v.shape), 1) for d in dims}
-            slots = [k for k in slots if k[1] in wanted]
-        if len(slots) > 1:
+            keys = [k for k in keys if k[1] in wanted]
+        if len(keys) > 1:
             raise Conflict(f"parameter {v.name} is tied to this group along two dimensions here")
-        return owners[slots[0]] if slots else None
+        return owners[keys[0]] if keys else None
+
+    def stamp(v: Value) -> None:
+        nonlocal clock
+        clock += 1
+        changed[v.index] = clock
+        queue.append(v)
 
     def put(v: Value, owner: torch.Tensor, role: str | None = None) -> None:
+        owner = tied.canon(owner)
         key: int | tuple[int, int] = v.index
         if is_param(v):
             varying = varying_dims(to_shape(owner, v.shape))
@@ -123,30 +189,46 @@ def _propagate(trace: Trace, uses, seed_op: Op, seed_dim: int, index: int, block
             key = (v.index, varying[0])
             if role and key not in roles:
                 roles[key] = role
-        merged, changed = merge(owners.get(key), owner, v.shape)
-        if changed:
+        merged, grew = merge(owners.get(key), owner, v.shape)
+        if grew:
+            if key not in owners and isinstance(key, tuple):
+                slots[v.index].append(key)
             owners[key] = merged
-            queue.append(v)
+            stamp(v)
 
-    ctx = RuleContext(get, put)
+    def tie(a: torch.Tensor, b: torch.Tensor) -> None:
+        """Units ``a[i]`` and ``b[i]`` become one unit (both must be owned, i.e. >= 0)."""
+        a, b = torch.broadcast_tensors(tied.canon(a), tied.canon(b))
+        if bool(((a < 0) | (b < 0)).any()):
+            raise Conflict("units would have to be tied to channels outside this group")
+        if not tied.union(a.reshape(-1).tolist(), b.reshape(-1).tolist()):
+            return
+        for key, owner in list(owners.items()):
+            new = compress(tied.canon(owner))
+            if new.shape != owner.shape or not torch.equal(new, owner):
+                owners[key] = new
+                stamp(values[key[0] if isinstance(key, tuple) else key])
+
+    ctx = RuleContext(get, put, tie=tie, approximate=approximate.append, norm_coupled=norm_coupled)
     shape = [1] * len(out.shape)
     shape[dim] = units * block
     put(out, torch.arange(units).repeat_interleave(block).reshape(shape))
     boundary = {v.index for v in trace.inputs} | {v.index for v in trace.outputs}
     try:
-        steps = 0
         while queue:
             value = queue.popleft()
-            steps += 1
             if value.index in boundary:
                 raise Conflict("it reaches a model input or output, whose shape must not change")
             if value.kind == "const" and varying_dims(owners.get(value.index, torch.zeros(()))):
                 raise Conflict("a tensor created inside forward() would need resizing")
             for op in uses.get(value.index, []):
+                if op.index in ran and all(changed.get(v.index, 0) <= ran[op.index] for v in op.values):
+                    continue  # nothing this op's rule reads changed since it last ran
                 rule = RULES.get(op.name)
                 if rule is None:
                     where = f" ({op.where})" if op.where else ""
                     raise Conflict(f"no rule for operation '{op.name}'{where}")
+                ran[op.index] = clock
                 try:
                     rule(op, ctx)
                 except Conflict as exc:
@@ -155,6 +237,9 @@ def _propagate(trace: Trace, uses, seed_op: Op, seed_dim: int, index: int, block
     except Conflict as exc:
         group.blocked = str(exc)
         group.split = isinstance(exc, SplitConflict)
+    if tied.table is not None and not group.blocked:
+        _renumber(group, owners, tied, out, dim)
+    group.approximate = "; ".join(dict.fromkeys(approximate))
     for key, owner in owners.items():
         if isinstance(key, tuple):
             if bool((owner >= 0).any()):
@@ -162,6 +247,23 @@ def _propagate(trace: Trace, uses, seed_op: Op, seed_dim: int, index: int, block
         else:
             group.owners[key] = owner
     return group
+
+
+def _renumber(group: Group, owners: dict, tied: _Units, out: Value, dim: int) -> None:
+    """After ties: number the remaining units 0..n-1 in order and record how many seed channels each owns."""
+    assert tied.table is not None
+    roots = torch.unique(tied.table)
+    dense = torch.full((len(tied.parent),), -1, dtype=torch.long)
+    dense[roots] = torch.arange(len(roots))
+    table = dense[tied.table]
+    for key, owner in owners.items():
+        owners[key] = compress(torch.where(owner >= 0, table[owner.clamp(min=0)], owner))
+    group.units = len(roots)
+    line = unit_vector(full(owners[out.index], out.shape), dim) if dim in varying_dims(
+        align(owners[out.index], len(out.shape))
+    ) else torch.zeros(out.shape[dim], dtype=torch.long)
+    counts = torch.bincount(line[line >= 0], minlength=group.units)
+    group.width = int(counts.min()) if bool((counts == counts[0]).all()) else 1
 
 
 _MHA_ARGS = {"in_proj_weight": 5, "in_proj_bias": 6, "bias_k": 7, "bias_v": 8, "out_proj_weight": 11}
@@ -203,8 +305,11 @@ def _mha_heads(op: Op, index: int) -> Group | None:
     return group
 
 
-def find_groups(trace: Trace) -> list[Group]:
-    """All candidate groups, in the order their seeding operations ran."""
+def find_groups(trace: Trace, norm_coupled: bool = False) -> list[Group]:
+    """All candidate groups, in the order their seeding operations ran.
+
+    ``norm_coupled``: also prune widths that a LayerNorm/RMSNorm/GroupNorm normalises over (the residual
+    stream of a transformer); such groups are marked ``approximate``."""
     uses = _uses(trace)
     groups: list[Group] = []
     covered: dict[int, torch.Tensor] = {}  # seed output value -> union of owned positions so far
@@ -224,14 +329,14 @@ def find_groups(trace: Trace) -> list[Group]:
         done = covered.get(out.index)
         if done is not None and bool(done.all()):
             continue  # an earlier group already owns every unit of this output
-        group = _propagate(trace, uses, op, SEEDS[op.name][0], len(groups))
-        channels = group.units
+        group = _propagate(trace, uses, op, SEEDS[op.name][0], len(groups), norm_coupled=norm_coupled)
+        channels = out.shape[SEEDS[op.name][0] % len(out.shape)]
         # a reshape that splits the channels (heads: view(b, t, heads, head_dim)) needs coarser units:
         # retry with blocks of consecutive channels, smallest first (head_dim, then whole KV groups, ...)
         for block in (b for b in range(2, channels // 2 + 1) if channels % b == 0):
             if not group.split:
                 break
-            group = _propagate(trace, uses, op, SEEDS[op.name][0], len(groups), block)
+            group = _propagate(trace, uses, op, SEEDS[op.name][0], len(groups), block, norm_coupled)
         groups.append(group)
         # a seed whose output an earlier group already reached belongs to that group's component: the
         # same coupling would give the same (or the same blocked) group. Blocked groups count too, which

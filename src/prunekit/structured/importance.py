@@ -146,9 +146,15 @@ def group_norm(members: Sequence[Member], n_units: int, p: float = 2) -> torch.T
         raise ValueError(f"group_norm: p must be a positive finite number, got {p}")
     total = torch.zeros(n_units, dtype=torch.float32)
     for m in members:
-        w = _f32(m.tensor).abs()
-        if p != 1:
-            w = w.pow(p)
+        w = _f32(m.tensor)
+        _check_owner(m.owner, w.shape, f"member '{m.name}'")
+        owner = m.owner.reshape((1,) * (w.dim() - m.owner.dim()) + tuple(m.owner.shape))
+        dims = [d for d in range(w.dim()) if owner.shape[d] == 1 and w.shape[d] != 1]
+        # sum of |w|^p over the dims the owner is constant along, in one pass (no |w|^p temporary)
+        if dims:
+            w = torch.linalg.vector_norm(w, ord=p, dim=dims, keepdim=True).pow(p)
+        else:
+            w = w.abs() if p == 1 else w.abs().pow(p)
         flat, own, _ = _reduce_to_owner(w, m.owner, n_units, f"member '{m.name}'")
         total = total.to(flat.device) + _scatter(flat, own, n_units)
     return total if p == 1 else total.pow(1.0 / p)

@@ -25,9 +25,32 @@ from prunekit.structured.trace import Op, Value
 class RuleContext:
     """What a rule may read and write while propagating one group."""
 
-    def __init__(self, get: Callable[..., torch.Tensor | None], put: Callable[..., None]) -> None:
+    def __init__(
+        self,
+        get: Callable[..., torch.Tensor | None],
+        put: Callable[..., None],
+        tie: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+        approximate: Callable[[str], None] | None = None,
+        norm_coupled: bool = False,
+    ) -> None:
         self.get = get  # get(value, dims=None): for a parameter, the slot along one of `dims`
         self.put = put  # put(value, owner, role=None)
+        self._tie = tie
+        self._approximate = approximate
+        self.norm_coupled = norm_coupled  # prune widths a norm normalises over (approximately)
+
+    def tie(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Units ``a[i]`` and ``b[i]`` must be removed together: they become one unit."""
+        if self._tie is None:
+            raise Conflict("units would have to be tied together")
+        self._tie(a, b)
+
+    def approximate(self, reason: str) -> None:
+        """Pruning this group changes the model's outputs (e.g. a norm's statistics): allowed only when the
+        caller opted in (``norm_coupled``); the group is then marked approximate with ``reason``."""
+        if not self.norm_coupled or self._approximate is None:
+            raise Conflict(f"{reason}: not pruned (prune_norm_coupled=True prunes it approximately)")
+        self._approximate(reason)
 
 
 Rule = Callable[[Op, RuleContext], None]
@@ -456,25 +479,37 @@ def cat(op: Op, ctx: RuleContext) -> None:
     dim = _norm(arg(op, 1, "dim", op.kwargs.get("axis", 0)), len(out.shape))
     # legacy empty 1-D tensors (e.g. an empty cache) are allowed by torch.cat and hold nothing
     parts = [p for p in arg(op, 0, "tensors") if isinstance(p, Value) and len(p.shape) == len(out.shape)]
-    owned = [ctx.get(p) for p in parts]
+    nd = len(out.shape)
+    owned = [None if o is None else align(o, nd) for o in (ctx.get(p) for p in parts)]
     if any(o is not None for o in owned):
-        pieces = [
-            full(o, p.shape) if o is not None else torch.full(p.shape, -1, dtype=torch.long)
-            for o, p in zip(owned, parts)
-        ]
+        # owners stay compressed in the other dimensions (full-size int64 copies of feature maps would
+        # dominate the cost on DenseNet's long concatenations)
+        shape = [1] * nd
+        for o in owned:
+            for d in varying_dims(o) if o is not None else ():
+                if d != dim:
+                    shape[d] = out.shape[d]
+        pieces = []
+        for o, p in zip(owned, parts):
+            size = [*shape[:dim], p.shape[dim], *shape[dim + 1 :]]
+            pieces.append(o.expand(size) if o is not None else torch.full(size, -1, dtype=torch.long))
         ctx.put(out, compress(torch.cat(pieces, dim)))
     owner = ctx.get(out)
     if owner is not None:
-        wide = full(owner, out.shape)
+        owner = align(owner, nd)
         start = 0
         for p in parts:
-            ctx.put(p, compress(wide.narrow(dim, start, p.shape[dim])))
+            piece = owner if owner.shape[dim] == 1 else owner.narrow(dim, start, p.shape[dim])
+            ctx.put(p, compress(piece))
             start += p.shape[dim]
     # the other dimensions are shared by every part (a class token concatenated to patch tokens has
-    # the same channels as they do); coupling the parts directly keeps the output's positional owner apart
-    for i, p in enumerate(parts):
-        for q in parts[i + 1 :]:
-            couple(ctx, p, q, same_dims(len(out.shape), skip=[dim]))
+    # the same channels as they do); coupling the parts directly keeps the output's positional owner apart.
+    # Each part with the first is enough (the rule runs again when the first part changes); parts whose
+    # units all lie along the concatenated dimension (DenseNet's channels) have nothing to share.
+    shared = same_dims(len(out.shape), skip=[dim])
+    if any(o is not None and set(varying_dims(o)) - {dim} for o in owned):
+        for p in parts[1:]:
+            couple(ctx, parts[0], p, shared)
 
 
 @register_rule("split", "chunk", "split_with_sizes", "unbind", "tensor_split")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -48,10 +49,15 @@ class Op:
     outputs: list[Value]
     where: str = ""  # user source location, for error messages
 
-    @property
+    @cached_property
     def inputs(self) -> list[Value]:
         leaves, _ = tree_flatten((self.args, self.kwargs))
         return [v for v in leaves if isinstance(v, Value)]
+
+    @cached_property
+    def values(self) -> list[Value]:
+        """Inputs and outputs."""
+        return [*self.inputs, *self.outputs]
 
 
 @dataclass

@@ -107,12 +107,18 @@ def apply_plan(model: nn.Module, plan: Mapping[str, Mapping], steer: bool = True
 
 
 def _fix_conv(m: nn.modules.conv._ConvNd) -> None:
+    """Sizes from the sliced weight. A depthwise conv (one input channel per group) lost whole groups, so
+    its group count follows its channels; any other grouped conv was pruned in lockstep and keeps it."""
     w = m.weight
-    depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
-    if m.transposed:
+    if m.groups > 1 and m.in_channels == m.groups:
+        if m.transposed:  # weight (in, out / groups, ...)
+            m.groups = m.in_channels = w.shape[0]
+            m.out_channels = w.shape[1] * m.groups
+        else:  # weight (out, 1, ...), out / groups outputs per input channel
+            m.groups = m.in_channels = w.shape[0] // (m.out_channels // m.groups)
+            m.out_channels = w.shape[0]
+    elif m.transposed:
         m.in_channels, m.out_channels = w.shape[0], w.shape[1] * m.groups
-    elif depthwise:
-        m.in_channels = m.out_channels = m.groups = w.shape[0]
     else:
         m.out_channels, m.in_channels = w.shape[0], w.shape[1] * m.groups
 

@@ -29,7 +29,7 @@ from prunekit.structured.graph import Group, find_groups
 from prunekit.structured.mha import disable_fused_paths
 from prunekit.structured.owners import align, varying_dims
 from prunekit.structured.rules import RULES
-from prunekit.structured.trace import Trace, trace_model
+from prunekit.structured.trace import Trace, Value, trace_model
 
 log = logging.getLogger(__name__)
 ACTIVATIONS = {
@@ -87,6 +87,23 @@ def _check_known_ops(trace, patterns: Sequence[str]) -> None:
                     f"{' at ' + op.where if op.where else ''}, which prunekit.structured has no rule for; "
                     f"add one with prunekit.structured.register_rule('{op.name}') or pass ignore=['{module}']"
                 )
+
+
+_CONVS = {f"conv{k}{d}d" for k in ("", "_transpose") for d in (1, 2, 3)}
+
+
+def _check_batched(trace) -> None:
+    """Convolutions on unbatched input ((C, L) / (C, H, W)) would be read as batched with C = dim 1."""
+    for op in trace.ops:
+        if op.name not in _CONVS or len(op.args) < 2:
+            continue
+        x, weight = op.args[0], op.args[1]
+        if isinstance(x, Value) and isinstance(weight, Value) and len(x.shape) == len(weight.shape) - 1:
+            module = weight.name.rpartition(".")[0] or "<model>"
+            raise PrunekitError(
+                f"example_inputs reach {op.name} '{module}' without a batch dimension (input shape "
+                f"{list(x.shape)}); structured pruning needs batched inputs: add one, e.g. x.unsqueeze(0)"
+            )
 
 
 def _params(model: nn.Module) -> int:
@@ -181,6 +198,7 @@ def prune_model(
     if isinstance(ignore, str):
         patterns = (ignore,)
     trace = trace_model(model, example_inputs)
+    _check_batched(trace)
     _check_known_ops(trace, patterns)
     groups = find_groups(trace)
     types = _module_types(model)

@@ -259,9 +259,11 @@ def _renumber(group: Group, owners: dict, tied: _Units, out: Value, dim: int) ->
     for key, owner in owners.items():
         owners[key] = compress(torch.where(owner >= 0, table[owner.clamp(min=0)], owner))
     group.units = len(roots)
-    line = unit_vector(full(owners[out.index], out.shape), dim) if dim in varying_dims(
-        align(owners[out.index], len(out.shape))
-    ) else torch.zeros(out.shape[dim], dtype=torch.long)
+    line = (
+        unit_vector(full(owners[out.index], out.shape), dim)
+        if dim in varying_dims(align(owners[out.index], len(out.shape)))
+        else torch.zeros(out.shape[dim], dtype=torch.long)
+    )
     counts = torch.bincount(line[line >= 0], minlength=group.units)
     group.width = int(counts.min()) if bool((counts == counts[0]).all()) else 1
 

@@ -18,7 +18,17 @@ from typing import Any
 
 import torch
 
-from prunekit.structured.owners import Conflict, SplitConflict, align, compress, full, to_shape, varying_dims
+from prunekit.structured.owners import (
+    Conflict,
+    SplitConflict,
+    align,
+    along,
+    compress,
+    full,
+    to_shape,
+    unit_vector,
+    varying_dims,
+)
 from prunekit.structured.trace import Op, Value
 
 
@@ -161,39 +171,119 @@ def elementwise(op: Op, ctx: RuleContext) -> None:
 
 
 # -- parametric layers ----------------------------------------------------------------------------------
+def _channel_line(ctx: RuleContext, v: Value) -> torch.Tensor | None:
+    """The owner of ``v``'s channels (dim 1) as a 1-D line; None when the group has no units there."""
+    owner = ctx.get(v)
+    if owner is None:
+        return None
+    owner = align(owner, len(v.shape))
+    varying = varying_dims(owner)
+    if 1 not in varying:
+        return None
+    if varying != [1]:
+        raise Conflict("a grouped convolution's channels carry units that also vary along other dimensions")
+    return unit_vector(owner, 1)
+
+
+def _channels(line: torch.Tensor, ndim: int) -> torch.Tensor:
+    return along(line.numel(), 1, ndim, line)
+
+
+def _lockstep(ctx: RuleContext, line: torch.Tensor, groups: int) -> torch.Tensor:
+    """Channels ``p``, ``p + C/g``, ``p + 2C/g``, ... (position ``p`` of every group) become one unit, so
+    every group keeps the same channels; returns the owner of one group's positions."""
+    rows = line.reshape(groups, -1)
+    unowned = rows < 0
+    if not bool((unowned.all(dim=0) | (~unowned).all(dim=0)).all()):
+        raise Conflict(
+            f"some groups of a grouped convolution (groups={groups}) would lose channels others keep"
+        )
+    owned = (~unowned[0]).nonzero().reshape(-1)
+    if owned.numel():
+        ctx.tie(rows[1:, owned], rows[0, owned].expand(groups - 1, -1))
+    return rows[0]
+
+
+def _whole_groups(ctx: RuleContext, line: torch.Tensor, groups: int) -> torch.Tensor:
+    """All channels of one group become one unit (a depthwise input channel and its outputs); returns the
+    owner of each group."""
+    rows = line.reshape(groups, -1)
+    unowned = rows < 0
+    if not bool((unowned.all(dim=1) | (~unowned).all(dim=1)).all()):
+        raise Conflict(f"a group of a grouped convolution (groups={groups}) would lose part of its channels")
+    owned = (~unowned[:, 0]).nonzero().reshape(-1)
+    if owned.numel() and rows.shape[1] > 1:
+        ctx.tie(rows[owned, 1:], rows[owned, :1].expand(-1, rows.shape[1] - 1))
+    return rows[:, 0]
+
+
+def _slot_line(ctx: RuleContext, weight: Value, dim: int) -> torch.Tensor | None:
+    owner = ctx.get(weight, [dim])
+    if owner is None:
+        return None
+    owner = align(owner, len(weight.shape))
+    return unit_vector(owner, dim) if dim in varying_dims(owner) else None
+
+
+def _grouped(ctx: RuleContext, x: Value, out: Value, weight: Value, groups: int, transposed: bool) -> None:
+    """A grouped convolution (``groups`` > 1): group ``j`` maps input channels ``[j*Ci/g, (j+1)*Ci/g)`` to
+    output channels ``[j*Co/g, (j+1)*Co/g)``; weight dim 1 holds one group's inputs (conv) or outputs
+    (transposed conv). Depthwise (one input channel per group): an input channel goes with its output
+    channels, and the group count shrinks. Otherwise each side is pruned in lockstep: the same positions of
+    every group, so every group keeps the same count and the group count stays (as Torch-Pruning does)."""
+    nd, wd = len(x.shape), len(weight.shape)
+    if x.shape[1] == groups:  # depthwise, with out.shape[1] // groups outputs per input channel
+        line = _channel_line(ctx, x)
+        if line is not None:
+            ctx.put(out, _channels(line.repeat_interleave(out.shape[1] // groups), nd))
+        line = _channel_line(ctx, out)
+        if line is not None:
+            ctx.put(x, _channels(_whole_groups(ctx, line, groups), nd))
+        return
+    # the side whose channels weight dim 1 holds one group of; the other side maps to weight dim 0 directly
+    inner, outer = (out, x) if transposed else (x, out)
+    line = _channel_line(ctx, outer)
+    if line is not None:
+        _lockstep(ctx, line, groups)
+    line = _channel_line(ctx, inner)
+    if line is not None:
+        positions = _lockstep(ctx, line, groups)
+        ctx.put(weight, along(positions.numel(), 1, wd, positions), "out" if transposed else "in")
+    line = _slot_line(ctx, weight, 1)
+    if line is not None:
+        ctx.put(inner, _channels(line.repeat(groups), nd))
+
+
 @register_rule("conv1d", "conv2d", "conv3d")
 def conv(op: Op, ctx: RuleContext) -> None:
     x, weight, bias, out = op.args[0], op.args[1], arg(op, 2, "bias"), op.outputs[0]
     groups = arg(op, 6, "groups", 1)
     nd = len(x.shape)
-    depthwise = groups > 1 and groups == x.shape[1] == weight.shape[0]
-    couple(ctx, x, out, same_dims(nd, skip=range(1, nd)) if nd > 2 else [])  # batch dim
+    if nd != len(weight.shape):
+        raise Conflict("unbatched input")  # prune_model explains this before propagating
+    couple(ctx, x, out, [(0, 0)])  # batch
     couple(ctx, out, weight, [(1, 0)], role_b="out")
     couple(ctx, out, bias, [(1, 0)], role_b="bias")
-    if depthwise:
-        couple(ctx, x, out, [(1, 1)])
-    elif groups == 1:
+    if groups == 1:
         couple(ctx, x, weight, [(1, 1)], role_b="in")
     else:
-        for v in (x, out):
-            owner = ctx.get(v)
-            if owner is not None and 1 in varying_dims(align(owner, len(v.shape))):
-                raise Conflict(f"grouped convolution (groups={groups}) is not pruned")
+        _grouped(ctx, x, out, weight, groups, transposed=False)
 
 
 @register_rule("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
 def conv_transpose(op: Op, ctx: RuleContext) -> None:
     x, weight, bias, out = op.args[0], op.args[1], arg(op, 2, "bias"), op.outputs[0]
     groups = arg(op, 6, "groups", 1)
-    if groups != 1:
-        for v in (x, out):
-            owner = ctx.get(v)
-            if owner is not None and 1 in varying_dims(align(owner, len(v.shape))):
-                raise Conflict(f"grouped transposed convolution (groups={groups}) is not pruned")
-        return
-    couple(ctx, x, weight, [(1, 0)], role_b="in")
-    couple(ctx, out, weight, [(1, 1)], role_b="out")
+    if len(x.shape) != len(weight.shape):
+        raise Conflict("unbatched input")
+    couple(ctx, x, out, [(0, 0)])
     couple(ctx, out, bias, [(1, 0)], role_b="bias")
+    if groups == 1:
+        couple(ctx, x, weight, [(1, 0)], role_b="in")
+        couple(ctx, out, weight, [(1, 1)], role_b="out")
+    else:
+        couple(ctx, x, weight, [(1, 0)], role_b="in")
+        _grouped(ctx, x, out, weight, groups, transposed=True)
 
 
 @register_rule("linear")

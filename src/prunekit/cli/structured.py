@@ -19,6 +19,12 @@ def structured(
     round_to: int = typer.Option(8, "--round-to", help="Round kept counts to this multiple."),
     input_shape: str = typer.Option("", "--input-shape", help="Example input shape, e.g. 1,3,224,224."),
     runs: int = typer.Option(200, "--runs", help="Timed runs per model for latency."),
+    hidden: bool = typer.Option(
+        False,
+        "--hidden",
+        help="Also prune widths a LayerNorm/RMSNorm normalises over (residual streams, hidden size): "
+        "approximate, expect to fine-tune.",
+    ),
 ) -> None:
     """Physically remove channels/heads/neurons and measure params, MACs and latency before and after."""
     from prunekit.jobs.structured import load_model_spec, run_structured
@@ -26,7 +32,15 @@ def structured(
     shape = parse_ints(input_shape) if input_shape else None
     net, example = load_model_spec(model, shape)
     m = run_structured(
-        net, example, out, ratio=ratio, importance=importance, round_to=round_to, runs=runs, model_name=model
+        net,
+        example,
+        out,
+        ratio=ratio,
+        importance=importance,
+        round_to=round_to,
+        runs=runs,
+        model_name=model,
+        prune_norm_coupled=hidden,
     )
     typer.echo(f"{'':<8} {'params':>12} {'MACs':>14} {'p50 ms':>9} {'p99 ms':>9}")
     for label in ("dense", "pruned"):

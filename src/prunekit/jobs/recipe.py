@@ -291,6 +291,9 @@ class StructuredStage(Strict):
     round_to: int = Field(8, ge=1)  # kept counts rounded to this multiple
     ignore: list[str] = Field(default_factory=list)  # module-name globs whose parameters must not change
     calibration_batches: int = Field(8, ge=1)  # for the data-driven importances
+    # also prune widths a LayerNorm/RMSNorm normalises over (residual streams): approximate, so the stage
+    # reports the output difference instead of requiring equivalence; fine-tune to recover
+    prune_norm_coupled: bool = False
     finetune: Optim | None = None
     # 'latency': per-group ratios chosen to meet target_latency as measured on this machine, with the least
     # predicted loss (prunekit.allocate.latency)

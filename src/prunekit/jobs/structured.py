@@ -77,12 +77,21 @@ def run_structured(
     round_to: int,
     runs: int = 200,
     model_name: str = "",
+    prune_norm_coupled: bool = False,
 ) -> dict[str, Any]:
 
     out = Path(out)
     dense = copy.deepcopy(model).eval()
     dense_macs = count_macs(dense, example)["total"]
-    result = prune_model(model, example, ratio=ratio, importance=importance, round_to=round_to, verify=True)
+    result = prune_model(
+        model,
+        example,
+        ratio=ratio,
+        importance=importance,
+        round_to=round_to,
+        verify=True,
+        prune_norm_coupled=prune_norm_coupled,
+    )
     pruned_macs = count_macs(model, example)["total"]
     latency = compare_latency({"dense": dense, "pruned": model}, example, runs=runs, warmup=20)
     save(model, result.plan, out)
@@ -98,6 +107,8 @@ def run_structured(
         "round_to": round_to,
         "input_shape": list(example.shape),
         "verified_max_abs_diff": result.max_abs_diff,
+        "prune_norm_coupled": prune_norm_coupled,
+        "approximate": sorted(set(result.approximate.values())),
         "dense": {
             "params": result.params_before,
             "macs": dense_macs,
@@ -124,6 +135,20 @@ def run_structured(
     return metrics
 
 
+def _checked(m: dict[str, Any]) -> str:
+    diff = m["verified_max_abs_diff"]
+    if m.get("approximate"):
+        return (
+            f"Widths that norms normalise over were pruned too ({'; '.join(m['approximate'])}): the outputs "
+            f"differ from the original with the removed units zeroed by up to {diff:.2g}; fine-tune or "
+            "distill to recover."
+        )
+    return (
+        "The pruned model was checked against the original with the removed units zeroed "
+        f"(max abs difference {diff:.2g})."
+    )
+
+
 def _report(m: dict[str, Any]) -> str:
     r = m["ratios"]
     speedup = 1 / r["latency_p50"]
@@ -132,8 +157,7 @@ def _report(m: dict[str, Any]) -> str:
         f"# prunekit structured: {m['model'] or 'model'}",
         "",
         f"Removed {m['ratio']:.0%} of the units of every prunable group ({m['importance']} importance, kept "
-        f"counts rounded to multiples of {m['round_to']}). The pruned model was checked against the original "
-        f"with the removed units zeroed (max abs difference {m['verified_max_abs_diff']:.2g}).",
+        f"counts rounded to multiples of {m['round_to']}). " + _checked(m),
         "",
         "| | params | MACs | p50 ms | p99 ms |",
         "|---|---|---|---|---|",

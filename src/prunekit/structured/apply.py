@@ -140,7 +140,14 @@ def _fix_layernorm(m: nn.LayerNorm) -> None:
 
 def _fix_groupnorm(m: nn.GroupNorm) -> None:
     if m.weight is not None:
+        if m.num_groups > 1:  # whole groups went: each group keeps its channel count
+            m.num_groups = m.weight.shape[0] // (m.num_channels // m.num_groups)
         m.num_channels = m.weight.shape[0]
+
+
+def _fix_rmsnorm(m: nn.Module) -> None:
+    if getattr(m, "weight", None) is not None:
+        m.normalized_shape = tuple(m.weight.shape)
 
 
 def _fix_embedding(m: nn.Embedding) -> None:
@@ -157,6 +164,7 @@ _FIXERS: dict[type, Callable[[nn.Module], None]] = {
     nn.modules.batchnorm._NormBase: _fix_batchnorm,
     nn.LayerNorm: _fix_layernorm,
     nn.GroupNorm: _fix_groupnorm,
+    nn.RMSNorm: _fix_rmsnorm,
     nn.Embedding: _fix_embedding,
     nn.PReLU: _fix_prelu,
     nn.MultiheadAttention: fix_multihead_attention,
@@ -167,8 +175,17 @@ def _fix_hf_conv1d(m: nn.Module) -> None:
     m.nf = m.weight.shape[1]  # transformers.pytorch_utils.Conv1D: weight (in, out), output width nf
 
 
-# by class name, for libraries prunekit does not import (no hard dependency on transformers)
-_NAMED_FIXERS: dict[str, Callable[[nn.Module], None]] = {"Conv1D": _fix_hf_conv1d}
+def _fix_torchvision_vit(m: nn.Module) -> None:
+    # torchvision.models.VisionTransformer reshapes its patch embedding with the hidden width it stores
+    if isinstance(getattr(m, "conv_proj", None), nn.Conv2d) and hasattr(m, "hidden_dim"):
+        m.hidden_dim = m.conv_proj.weight.shape[0]
+
+
+# by class name, for libraries prunekit does not import (no hard dependency on transformers, torchvision)
+_NAMED_FIXERS: dict[str, Callable[[nn.Module], None]] = {
+    "Conv1D": _fix_hf_conv1d,
+    "VisionTransformer": _fix_torchvision_vit,
+}
 
 
 def register_module_fixer(cls: type, fixer: Callable[[nn.Module], None]) -> None:

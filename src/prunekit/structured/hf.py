@@ -2,8 +2,9 @@
 
 When every layer kept the same number of heads and the same FFN width, the pruned model is an ordinary
 model of a smaller config: ``save_pretrained(model, path)`` updates the config (``num_attention_heads``,
-``num_key_value_heads``, ``intermediate_size`` / ``n_inner``), checks that a model built from it has
-exactly the pruned shapes, and saves. When layers differ, it says so: use ``prunekit.structured.save`` /
+``num_key_value_heads``, ``intermediate_size`` / ``n_inner``, and ``hidden_size`` when the residual
+stream was pruned with ``prune_norm_coupled``), checks that a model built from it has exactly the pruned
+shapes, and saves. When layers differ, it says so: use ``prunekit.structured.save`` /
 ``load``, which replay the prune log on the original architecture.
 """
 
@@ -57,6 +58,13 @@ def pruned_config(model: nn.Module):
         config.head_dim = _one(head_dims, "head size")
     if kv_heads and getattr(config, "num_key_value_heads", None) is not None:
         config.num_key_value_heads = _one(kv_heads, "key/value heads")
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    hidden = getattr(embeddings, "embedding_dim", None)
+    if hidden is not None and hasattr(config, "hidden_size") and hidden != config.hidden_size:
+        # the residual stream was pruned (prune_norm_coupled): heads keep their size (head_dim is written
+        # out above where the attention has one); a model that derives head_dim from hidden_size fails the
+        # shape check below and is pointed to prunekit.structured.save
+        config.hidden_size = hidden
     if ffn:
         width = _one(ffn, "FFN width")
         if hasattr(config, "intermediate_size"):

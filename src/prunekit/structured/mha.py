@@ -251,11 +251,16 @@ class HeadPrunedMultiheadAttention(nn.MultiheadAttention):
 
 
 def fix_multihead_attention(module: nn.MultiheadAttention) -> None:
-    """After its projections were sliced: count the remaining heads and take the forward that allows
-    an attention width narrower than ``embed_dim``."""
+    """After its projections were sliced: count the remaining heads, read the embedding width, and take the
+    forward that allows an attention width other than ``embed_dim``."""
     rows = module.in_proj_weight if module._qkv_same_embed_dim else module.q_proj_weight
     inner = rows.shape[0] // 3 if module._qkv_same_embed_dim else rows.shape[0]
     module.num_heads = inner // module.head_dim
+    module.embed_dim = module.out_proj.weight.shape[0]  # the residual width may have been pruned too
+    if module._qkv_same_embed_dim:
+        module.kdim = module.vdim = module.embed_dim
+    else:
+        module.kdim, module.vdim = module.k_proj_weight.shape[1], module.v_proj_weight.shape[1]
     if inner != module.embed_dim and not isinstance(module, HeadPrunedMultiheadAttention):
         module.__class__ = HeadPrunedMultiheadAttention
 

@@ -157,7 +157,7 @@ ELEMENTWISE = (
     "softsign hardswish hardsigmoid logsigmoid tanhshrink dropout dropout1d dropout2d dropout3d "
     "alpha_dropout feature_alpha_dropout clamp clamp_ clip contiguous clone detach float double half "
     "bfloat16 to type type_as add_ mul_ sub_ div_ sigmoid_ tanh_ masked_fill erf square reciprocal "
-    "expand expand_as"
+    "expand expand_as zeros_like ones_like full_like empty_like rand_like randn_like"
 ).split()
 
 
@@ -168,6 +168,14 @@ def elementwise(op: Op, ctx: RuleContext) -> None:
         if v.shape == ():
             continue
         couple(ctx, v, out, broadcast_pairs(v, out))
+
+
+@register_rule("new_zeros", "new_ones", "new_full", "new_empty", "new_tensor")
+def new_tensor(op: Op, ctx: RuleContext) -> None:
+    """x.new_zeros(size): a fresh tensor whose size the model's code gives; only dtype/device come from x."""
+    owner = ctx.get(op.outputs[0])
+    if owner is not None and varying_dims(owner):
+        raise Conflict("a tensor created inside forward() would need resizing")
 
 
 # -- parametric layers ----------------------------------------------------------------------------------
@@ -309,23 +317,48 @@ def batch_norm(op: Op, ctx: RuleContext) -> None:
 
 @register_rule("layer_norm", "rms_norm")
 def layer_norm(op: Op, ctx: RuleContext) -> None:
+    """Units outside the normalised dims pass through exactly. Units inside them (the residual stream of a
+    transformer) change the norm's statistics: pruned only with ``prune_norm_coupled``, approximately, with
+    the norm's weight and bias."""
     x, shape, out = op.args[0], arg(op, 1, "normalized_shape"), op.outputs[0]
-    nd, k = len(x.shape), len(tuple(shape))
+    weight = arg(op, 2, "weight")
+    bias = arg(op, 3, "bias") if op.name == "layer_norm" else None
+    nd = len(x.shape)
+    k = len(tuple(shape)) if isinstance(shape, (tuple, list)) else 1
     for v in (x, out):
         owner = ctx.get(v)
         if owner is not None and any(d >= nd - k for d in varying_dims(align(owner, nd))):
-            raise Conflict(f"{op.name} normalises over these channels: pruning them changes its statistics")
+            ctx.approximate(f"{op.name} normalises over these channels")
+            if not isinstance(weight, Value):
+                raise Conflict(
+                    f"{op.name} without a weight: its normalized_shape cannot follow the pruned width"
+                )
+            break
     couple(ctx, x, out, same_dims(nd))
+    for p in (weight, bias):
+        if isinstance(p, Value):
+            couple(ctx, out, p, [(nd - k + i, i) for i in range(k)], role_b="norm")
 
 
 @register_rule("group_norm")
 def group_norm(op: Op, ctx: RuleContext) -> None:
-    x, out = op.args[0], op.outputs[0]
-    for v in (x, out):
-        owner = ctx.get(v)
-        if owner is not None and 1 in varying_dims(align(owner, len(v.shape))):
-            raise Conflict("group_norm normalises over groups of these channels: not pruned")
+    """GroupNorm normalises each group of ``C / G`` channels: whole groups go exactly (the group count
+    shrinks, each group keeps its channels). With one group it normalises over all channels, like a
+    LayerNorm: pruned only with ``prune_norm_coupled``, approximately."""
+    x, groups, out = op.args[0], arg(op, 1, "num_groups"), op.outputs[0]
+    weight, bias = arg(op, 2, "weight"), arg(op, 3, "bias")
     couple(ctx, x, out, same_dims(len(x.shape)))
+    line = _channel_line(ctx, out)
+    if line is not None:
+        if not isinstance(weight, Value):
+            raise Conflict("group_norm without affine parameters: its group count cannot follow the channels")
+        if groups == 1:
+            ctx.approximate("group_norm with one group normalises over all these channels")
+        else:
+            _whole_groups(ctx, line, groups)
+    for p in (weight, bias):
+        if isinstance(p, Value):
+            couple(ctx, out, p, [(1, 0)], role_b="norm")
 
 
 @register_rule("prelu")
@@ -379,7 +412,38 @@ def pool(op: Op, ctx: RuleContext) -> None:
             raise Conflict(f"{op.name} mixes positions that belong to different units")
 
 
+@register_rule("pad")
+def pad(op: Op, ctx: RuleContext) -> None:
+    """F.pad: dimensions that get no padding pass through; units must not lie along a padded one."""
+    x, out = op.args[0], op.outputs[0]
+    nd = len(x.shape)
+    widths = list(arg(op, 1, "pad", ()))
+    padded = {nd - 1 - i // 2 for i, w in enumerate(widths) if w}
+    _positions_only(op, ctx, x, out, padded)
+
+
+@register_rule("roll")
+def roll(op: Op, ctx: RuleContext) -> None:
+    """torch.roll (Swin's shifted windows): units must not lie along a rolled dimension."""
+    x, out = op.args[0], op.outputs[0]
+    nd = len(x.shape)
+    dims = arg(op, 2, "dims", None)
+    dims = [dims] if isinstance(dims, int) else list(dims or [])
+    rolled = {_norm(d, nd) for d in dims} if dims else set(range(nd))  # no dims: rolls the flattened tensor
+    _positions_only(op, ctx, x, out, rolled)
+
+
+def _positions_only(op: Op, ctx: RuleContext, x: Value, out: Value, moved: set[int]) -> None:
+    nd = len(x.shape)
+    for v in (x, out):
+        owner = ctx.get(v)
+        if owner is not None and moved & set(varying_dims(align(owner, nd))):
+            raise Conflict(f"{op.name} moves positions along the units' dimension")
+    couple(ctx, x, out, [(d, d) for d in range(nd) if d not in moved])
+
+
 REDUCTIONS = "mean sum amax amin max min std var prod norm logsumexp all any".split()
+STATISTICS = {"mean", "var", "std", "norm"}
 
 
 @register_rule(*REDUCTIONS)
@@ -393,7 +457,11 @@ def reduction(op: Op, ctx: RuleContext) -> None:
         reduced = {_norm(d, nd) for d in ((dims,) if isinstance(dims, int) else dims)}
     owner = ctx.get(x)
     if owner is not None and reduced & set(varying_dims(align(owner, nd))):
-        raise Conflict(f"{op.name} reduces over the units' dimension")
+        # a statistic kept broadcastable (x.pow(2).mean(-1, keepdim=True) in an RMSNorm written out)
+        # is a normalisation over the units: allowed, approximately, with prune_norm_coupled
+        if op.name not in STATISTICS or any(len(o.shape) != nd for o in op.outputs):
+            raise Conflict(f"{op.name} reduces over the units' dimension")
+        ctx.approximate(f"{op.name} over these channels (a normalisation statistic)")
     kept = [d for d in range(nd) if d not in reduced]
     for out in op.outputs:  # max/min with a dim also return indices, shaped like the values
         # keepdim read off the result (var/std put `unbiased` where others put keepdim)
@@ -444,16 +512,22 @@ def matmul(op: Op, ctx: RuleContext) -> None:
 
 @register_rule("multi_head_attention_forward")
 def multi_head_attention(op: Op, ctx: RuleContext) -> None:
-    """nn.MultiheadAttention: its embedding width is also its heads x head_dim, and its output projection
-    writes the same width back, so that width cannot shrink without changing every head; sequence and
-    batch dims pass through (inputs are (L, N, E) here: the module transposes batch_first itself)."""
+    """nn.MultiheadAttention: its embedding width is the columns of the q/k/v projections and the rows of
+    the output projection (one ``embed_dim``: input and output widths are the same units); its heads are a
+    group of their own (``graph._mha_heads``), so the two widths are independent (a pruned module becomes
+    a ``HeadPrunedMultiheadAttention``). Sequence and batch dims pass through (inputs are (L, N, E) here:
+    the module transposes batch_first itself)."""
     query, key, value, out = op.args[0], op.args[1], op.args[2], op.outputs[0]
-    for v in (query, key, value, out):
-        owner = ctx.get(v)
-        if owner is not None and len(v.shape) - 1 in varying_dims(align(owner, len(v.shape))):
-            raise Conflict("nn.MultiheadAttention ties its embedding width to its heads: not pruned")
     nd = len(query.shape)
-    couple(ctx, query, out, same_dims(nd, skip=[-1]))
+    if arg(op, 17, "use_separate_proj_weight", False):
+        for tensor, position, name in ((query, 18, "q"), (key, 19, "k"), (value, 20, "v")):
+            couple(ctx, tensor, arg(op, position, f"{name}_proj_weight"), [(-1, 1)], role_b="in")
+    else:
+        for tensor in (query, key, value):
+            couple(ctx, tensor, arg(op, 5, "in_proj_weight"), [(-1, 1)], role_b="in")
+    couple(ctx, out, arg(op, 11, "out_proj_weight"), [(-1, 0)], role_b="out")
+    couple(ctx, out, arg(op, 12, "out_proj_bias"), [(-1, 0)], role_b="bias")
+    couple(ctx, query, out, same_dims(nd))  # one embed_dim: the module's input and output widths go together
     couple(ctx, key, value, same_dims(len(key.shape), skip=[-1]))
 
 

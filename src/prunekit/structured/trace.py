@@ -68,6 +68,9 @@ class Trace:
     outputs: list[Value] = field(default_factory=list)
     params: dict[str, Value] = field(default_factory=dict)  # name -> Value (params and buffers)
     tensors: list = field(default_factory=list)  # value index -> tensor, when traced with keep_tensors
+    # (value index, number of ops recorded so far) for every x.shape / x.size() the model's code read: sizes
+    # it computes from them are fixed to the traced widths (blamed when a pruned model fails)
+    shape_reads: list[tuple[int, int]] = field(default_factory=list)
 
 
 def _user_frame() -> str:
@@ -78,6 +81,12 @@ def _user_frame() -> str:
             return f"{os.path.basename(path)}:{frame.f_lineno}"
         frame = frame.f_back
     return ""
+
+
+def _is_shape_query(func, name: str) -> bool:
+    if name == "__get__":
+        return getattr(getattr(func, "__self__", None), "__name__", "") == "shape"
+    return name == "size"
 
 
 class _Recorder(TorchFunctionMode):
@@ -109,6 +118,10 @@ class _Recorder(TorchFunctionMode):
         if name == "__setitem__" and args and isinstance(args[0], torch.Tensor):
             out_leaves = [args[0]]  # x[i] = v returns None but writes a new version of x
         if not any(isinstance(t, torch.Tensor) for t in out_leaves):
+            if args and isinstance(args[0], torch.Tensor) and _is_shape_query(func, name):
+                value = self.known.get(args[0])
+                if value is not None:
+                    self.trace.shape_reads.append((value.index, len(self.trace.ops)))
             return out  # shape queries, .item(), ...
         if name == "__get__":  # property access such as Tensor.T / .mT / .data
             name = getattr(getattr(func, "__self__", None), "__name__", name)

@@ -42,12 +42,14 @@ def structured_stage(state: RunState, stage: StructuredStage) -> None:
             verify=True,
             calibration=calibration,
             loss_fn=nn.functional.cross_entropy,
+            prune_norm_coupled=stage.prune_norm_coupled,
         )
     state.structured_logs.append(result.plan)
     log.info(
-        "structured: %d -> %d parameters (verified, max abs diff %.2g)",
+        "structured: %d -> %d parameters (%s, max abs diff %.2g)",
         before,
         result.params_after,
+        "approximate: norm-coupled widths pruned" if result.approximate else "verified",
         result.max_abs_diff,
     )
     if stage.finetune is not None:
@@ -81,6 +83,7 @@ def _structured_for_latency(state: RunState, stage: StructuredStage, example, ca
         round_to=stage.round_to,
         calibration=calibration,
         loss_fn=nn.functional.cross_entropy,
+        prune_norm_coupled=stage.prune_norm_coupled,
     )
     report["predicted_loss_kind"] = "validation cross-entropy increase, each group pruned alone"
     state.latency_allocation = report

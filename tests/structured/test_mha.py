@@ -290,3 +290,29 @@ def test_transformer_decoder_self_and_cross_attention_heads():
     result = prune_model(model, (tgt, memory), ratio=0.5, round_to=1, verify=True)
     assert model.dec.self_attn.num_heads == 2 and model.dec.multihead_attn.num_heads == 2
     assert result.params_after < result.params_before
+
+
+class BiasedHeads(nn.Module):
+    """Attention with a learned per-head bias passed to scaled_dot_product_attention as attn_mask."""
+
+    def __init__(self, d=32, heads=4, tokens=6):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.bias = nn.Parameter(torch.randn(1, heads, tokens, tokens))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (p(x).unflatten(-1, (-1, 8)).transpose(1, 2) for p in (self.q, self.k, self.v))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.bias.to(q.dtype))
+        return self.o(y.transpose(1, 2).flatten(2))
+
+
+def test_a_per_head_attention_mask_loses_the_removed_heads_rows():
+    torch.manual_seed(0)
+    model = BiasedHeads().eval()
+    result = prune_model(model, torch.randn(2, 6, 32), ratio=0.5, round_to=1, verify=True)
+    assert model.q.out_features == model.k.out_features == model.v.out_features == 16  # 2 heads of 8
+    assert model.bias.shape == (1, 2, 6, 6)
+    (heads,) = [g for g in result.groups if "q.weight" in g.seed]
+    assert result.plan["bias"] == {"1": result.removed[heads.index]}  # the removed heads' rows of the bias

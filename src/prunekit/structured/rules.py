@@ -544,6 +544,15 @@ def addmm(op: Op, ctx: RuleContext) -> None:
 @register_rule("scaled_dot_product_attention")
 def sdpa(op: Op, ctx: RuleContext) -> None:
     q, k, v, out = op.args[0], op.args[1], op.args[2], op.outputs[0]
+    mask = arg(op, 3, "attn_mask")
+    if isinstance(mask, Value) and len(mask.shape) >= 2:
+        # the mask broadcasts against the scores (..., L, S): its batch and head dims are the query's (a
+        # per-head bias loses the rows of the removed heads), its last dim the keys' positions
+        nd = len(mask.shape)
+        pairs = [(nd - 2, len(q.shape) - 2)]
+        pairs += [(i, j) for i, j in _batch_pairs(mask, q, 2, 2) if mask.shape[i] > 1]
+        couple(ctx, mask, q, pairs)
+        couple(ctx, mask, k, [(nd - 1, len(k.shape) - 2)])
     couple(ctx, k, v, [(-2, -2)] + _batch_pairs(k, v, 2, 2))
     if len(q.shape) >= 3 and q.shape[-3] != k.shape[-3]:  # grouped-query attention (enable_gqa=True)
         _gqa(ctx, k, q, [(-1, -1)])

@@ -86,12 +86,25 @@ def llm_prune(
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the perplexity measurements."),
     threads: int = typer.Option(0, "--threads", help="torch threads (0: torch's default)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    experts: float = typer.Option(
+        None, "--experts", help="Remove this share of every mixture-of-experts block's experts, e.g. 0.25."
+    ),
+    expert_criterion: str = typer.Option(
+        "reap", "--expert-criterion", help="--experts ranking: reap or frequency."
+    ),
 ) -> None:
-    """Prune a causal LM one-shot (magnitude, Wanda, SparseGPT; unstructured or N:M; optional OWL)."""
+    """Prune a causal LM one-shot (magnitude, Wanda, SparseGPT; unstructured or N:M; optional OWL), or
+    remove whole experts of a mixture-of-experts model (--experts)."""
     from prunekit.jobs.llm import run_prune
     from prunekit.llm.prune import LLMPruneConfig
     from prunekit.spec import NM, Unstructured, parse
 
+    if experts is not None:
+        text = _text_settings(calib_samples, seqlen, calib_file, eval_file, seed)
+        _prune_experts(
+            out, model, experts, expert_criterion, sparsity, pattern, threads, quiet, no_eval, text
+        )
+        return
     if (sparsity is None) == (pattern is None):
         raise PrunekitError("give exactly one of --sparsity (unstructured) or --pattern (N:M, e.g. 2:4)")
     spec = Unstructured(sparsity) if sparsity is not None else parse(pattern)
@@ -123,6 +136,26 @@ def llm_prune(
     typer.echo(
         f"wrote {out} (from_pretrained), {out / 'metrics.json'}, {out / 'report.md'}, {out / 'report.html'}"
     )
+
+
+def _prune_experts(out, model, share, criterion, sparsity, pattern, threads, quiet, no_eval, text) -> None:
+    from prunekit.jobs.experts import run_prune_experts
+
+    if sparsity is not None or pattern is not None:
+        raise PrunekitError(
+            "--experts removes whole experts on its own; prune its output again for --sparsity/--pattern"
+        )
+    _threads(threads)
+    m = run_prune_experts(
+        model, share, text, out, criterion, evaluate=not no_eval, progress=_stage_bars(quiet)
+    )
+    dense = "-" if m["ppl_dense"] is None else f"{m['ppl_dense']:.3f}"
+    pruned = "-" if m["ppl_pruned"] is None else f"{m['ppl_pruned']:.3f}"
+    typer.echo(
+        f"experts ({m['criterion']}): {m['experts_before']} -> {m['experts_after']} per block, "
+        f"params {m['params_before']:,} -> {m['params_after']:,}, perplexity {dense} -> {pruned}"
+    )
+    typer.echo(f"wrote {out} (from_pretrained), {out / 'metrics.json'}")
 
 
 def llm_eval(

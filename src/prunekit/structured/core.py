@@ -298,30 +298,47 @@ def _expected_shapes(trace, groups: list[Group], removed: Mapping[int, list[int]
 _SHAPE_READ_WINDOW = 32  # ops before a failing op whose inputs' shape reads may have fixed its sizes
 
 
-def _shape_culprits(model, example_inputs, trace, groups, removed) -> dict[int, str]:
-    """Groups to blame when the pruned model's operations do not have the planned shapes ({} if all fit)."""
-
-    expected = _expected_shapes(trace, groups, removed)
+def _first_mismatch(model, example_inputs, trace, expected, shapes_only: bool):
+    """Re-trace the pruned model: ``(op of the original trace, reason, new trace)`` at the first operation
+    whose name or output shapes differ from the plan's, or ``None`` when every operation fits."""
     again = Trace()
     failure = ""
     try:
-        trace_model(model, example_inputs, into=again)
+        trace_model(model, example_inputs, into=again, shapes_only=shapes_only)
     except Exception as exc:  # the model's code fixed a size that pruning changed
         failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    bad = None
     for before, after in zip(trace.ops, again.ops):
         want = [expected.get(v.index, v.shape) for v in before.outputs]
         got = [v.shape for v in after.outputs]
         if before.name != after.name or want != got:
-            bad = before
             where = f" ({before.where})" if before.where else ""
-            reason = f"the model's code fixes a size at '{before.name}'{where}"
-            break
-    if bad is None and failure:
+            return before, f"the model's code fixes a size at '{before.name}'{where}", again
+    if failure:
         bad = trace.ops[min(len(again.ops), len(trace.ops) - 1)]
-        reason = f"the pruned model failed at '{bad.name}' ({failure})"
-    if bad is None:
+        return bad, f"the pruned model failed at '{bad.name}' ({failure})", again
+    if shapes_only and len(again.ops) != len(trace.ops):
+        return (
+            trace.ops[min(len(again.ops), len(trace.ops) - 1)],
+            "the pruned model ran other operations",
+            again,
+        )
+    return None
+
+
+def _shape_culprits(model, example_inputs, trace, groups, removed) -> dict[int, str]:
+    """Groups to blame when the pruned model's operations do not have the planned shapes ({} if all fit).
+
+    A shape-only re-trace (arithmetic on the meta device, zeros onward) decides when everything fits; any
+    difference it finds is looked at again with real values, which decide (zeros may steer value-dependent
+    control flow elsewhere)."""
+
+    expected = _expected_shapes(trace, groups, removed)
+    if _first_mismatch(model, example_inputs, trace, expected, shapes_only=True) is None:
         return {}
+    found = _first_mismatch(model, example_inputs, trace, expected, shapes_only=False)
+    if found is None:
+        return {}
+    bad, reason, again = found
     touched = {v.index for v in [*bad.inputs, *bad.outputs]}
     blamed = {g.index: reason for g in groups if removed.get(g.index) and touched & set(g.owners)}
     if not blamed:

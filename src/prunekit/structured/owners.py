@@ -18,24 +18,39 @@ class SplitConflict(Conflict):
     """Units would be split across several dimensions; coarser units (e.g. whole heads) may work."""
 
 
+_COMPRESSED = "_prunekit_compressed"  # set on owner tensors known to be compressed: compress is then free
+
+
 def compress(owner: torch.Tensor) -> torch.Tensor:
     """Shrink every dimension along which the owner is constant to size 1."""
+    if getattr(owner, _COMPRESSED, False):
+        return owner
     for dim in range(owner.dim()):
         if owner.shape[dim] > 1:
             first = owner.narrow(dim, 0, 1)
             if bool((owner == first).all()):
                 owner = first
-    return owner.contiguous()
+    return mark(owner.contiguous())
+
+
+def mark(owner: torch.Tensor) -> torch.Tensor:
+    """Record that ``owner`` is compressed (it must be)."""
+    setattr(owner, _COMPRESSED, True)
+    return owner
 
 
 def align(owner: torch.Tensor, ndim: int) -> torch.Tensor:
     """Prepend size-1 dimensions so the owner has ``ndim`` dimensions (numpy-style broadcasting)."""
+    if owner.dim() == ndim:
+        return owner
     if owner.dim() > ndim:
         extra = owner.shape[: owner.dim() - ndim]
         if any(s != 1 for s in extra):
             raise Conflict("owner has more dimensions than its value")
-        return owner.reshape(owner.shape[owner.dim() - ndim :])
-    return owner.reshape((1,) * (ndim - owner.dim()) + tuple(owner.shape))
+        aligned = owner.reshape(owner.shape[owner.dim() - ndim :])
+    else:
+        aligned = owner.reshape((1,) * (ndim - owner.dim()) + tuple(owner.shape))
+    return mark(aligned) if getattr(owner, _COMPRESSED, False) else aligned  # size-1 dims keep it compressed
 
 
 def to_shape(owner: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -60,6 +75,8 @@ def merge(old: torch.Tensor | None, new: torch.Tensor, shape: tuple[int, ...]) -
     new = to_shape(new, shape)
     if old is None:
         return new, bool((new >= 0).any())
+    if old.shape == new.shape and torch.equal(old, new):
+        return old, False  # the common case: a rule confirms what is known
     a, b = torch.broadcast_tensors(old, new)
     clash = (a >= 0) & (b >= 0) & (a != b)
     if bool(clash.any()):

@@ -25,6 +25,7 @@ from prunekit.structured.owners import (
     along,
     compress,
     full,
+    mark,
     to_shape,
     unit_vector,
     varying_dims,
@@ -100,6 +101,8 @@ def project(owner: torch.Tensor, src: tuple[int, ...], dst: tuple[int, ...], pai
         if any(d in dst_of for d in varying):
             raise Conflict("units span dimensions that this operation separates")
         return None
+    if len(src) == len(dst) and all(dst_of[d] == d for d in varying):
+        return to_shape(owner, dst)  # every unit stays in its dimension (element-wise ops, norms, ...)
     mapped = sorted(dst_of)
     picked = owner[tuple(slice(None) if d in dst_of else 0 for d in range(len(src)))]
     targets = [dst_of[d] for d in mapped]  # destination dim of each remaining dim of `picked`
@@ -108,7 +111,8 @@ def project(owner: torch.Tensor, src: tuple[int, ...], dst: tuple[int, ...], pai
     shape = [1] * len(dst)
     for i, p in enumerate(perm):
         shape[targets[p]] = picked.shape[i]
-    return to_shape(picked.reshape(shape), dst)
+    # the owner was compressed and only lost size-1 dims or moved dims: the result is compressed too
+    return to_shape(mark(picked.reshape(shape)), dst)
 
 
 def couple(
@@ -126,7 +130,10 @@ def couple(
     if owner is not None:
         moved = project(owner, a.shape, b.shape, pairs)
         if moved is not None:
+            before = ctx.get(b, [j for _, j in pairs])
             ctx.put(b, moved, role_b)
+            if before is None or (before.shape == moved.shape and torch.equal(before, moved)):
+                return  # b's owner is what a gave it: carrying it back would add nothing
     owner = ctx.get(b, [j for _, j in pairs])
     if owner is not None:
         moved = project(owner, b.shape, a.shape, [(j, i) for i, j in pairs])
@@ -646,6 +653,36 @@ def reshape(op: Op, ctx: RuleContext) -> None:
         ctx.put(dst, moved)
 
 
+def _cat_lines(ctx: RuleContext, out: Value, parts: list[Value], owned: list, dim: int) -> bool:
+    """Concatenation of owners that vary only along the concatenated dim (DenseNet's channels): built and
+    cut as 1-D lines, touching only the parts that own something. False when the output's owner varies
+    along another dim too (the general rule handles it)."""
+    nd = len(out.shape)
+    current = ctx.get(out)
+    if current is not None and set(varying_dims(align(current, nd))) - {dim}:
+        return False
+    sizes = [p.shape[dim] for p in parts]
+    starts = [0]
+    for n in sizes:
+        starts.append(starts[-1] + n)
+    if any(o is not None for o in owned):
+        line = torch.full((starts[-1],), -1, dtype=torch.long)
+        for o, start, n in zip(owned, starts, sizes):
+            if o is not None:
+                line[start : start + n] = o.reshape(-1) if o.shape[dim] > 1 else o.reshape(-1).expand(n)
+        ctx.put(out, along(starts[-1], dim, nd, line))
+    current = ctx.get(out)
+    if current is None:
+        return True
+    current = align(current, nd)
+    line = unit_vector(current, dim) if current.shape[dim] > 1 else current.reshape(-1).expand(starts[-1])
+    seen = torch.cat([torch.zeros(1, dtype=torch.long), (line >= 0).cumsum(0)]).tolist()
+    for p, start, n in zip(parts, starts, sizes):
+        if seen[start + n] > seen[start]:  # only parts that own some of the output's units
+            ctx.put(p, along(n, dim, nd, line[start : start + n]))
+    return True
+
+
 @register_rule("cat", "concat", "concatenate")
 def cat(op: Op, ctx: RuleContext) -> None:
     out = op.outputs[0]
@@ -654,6 +691,10 @@ def cat(op: Op, ctx: RuleContext) -> None:
     parts = [p for p in arg(op, 0, "tensors") if isinstance(p, Value) and len(p.shape) == len(out.shape)]
     nd = len(out.shape)
     owned = [None if o is None else align(o, nd) for o in (ctx.get(p) for p in parts)]
+    if all(o is None or set(varying_dims(o)) <= {dim} for o in owned) and _cat_lines(
+        ctx, out, parts, owned, dim
+    ):
+        return
     if any(o is not None for o in owned):
         # owners stay compressed in the other dimensions (full-size int64 copies of feature maps would
         # dominate the cost on DenseNet's long concatenations)

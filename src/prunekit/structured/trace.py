@@ -51,8 +51,7 @@ class Op:
 
     @cached_property
     def inputs(self) -> list[Value]:
-        leaves, _ = tree_flatten((self.args, self.kwargs))
-        return [v for v in leaves if isinstance(v, Value)]
+        return _values((self.args, self.kwargs), [])
 
     @cached_property
     def values(self) -> list[Value]:
@@ -73,6 +72,18 @@ class Trace:
     shape_reads: list[tuple[int, int]] = field(default_factory=list)
 
 
+def _values(obj, out: list) -> list:
+    if isinstance(obj, Value):
+        out.append(obj)
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            _values(item, out)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            _values(item, out)
+    return out
+
+
 def _user_frame() -> str:
     frame = inspect.currentframe()
     while frame is not None:
@@ -90,9 +101,11 @@ def _is_shape_query(func, name: str) -> bool:
 
 
 class _Recorder(TorchFunctionMode):
-    def __init__(self, trace: Trace, known: WeakIdKeyDictionary, keep: list | None) -> None:
+    def __init__(
+        self, trace: Trace, known: WeakIdKeyDictionary, keep: list | None, shapes_only: bool = False
+    ) -> None:
         super().__init__()
-        self.trace, self.known, self.keep = trace, known, keep
+        self.trace, self.known, self.keep, self.shapes_only = trace, known, keep, shapes_only
 
     def value_of(self, tensor: torch.Tensor) -> Value:
         value = self.known.get(tensor)
@@ -112,12 +125,13 @@ class _Recorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         name = getattr(func, "__name__", str(func))
-        out_leaves, _ = tree_flatten(out)
+        heavy = self.shapes_only and name in HEAVY
+        out = _shape_only(func, args, kwargs) if heavy else func(*args, **kwargs)
+        out_leaves = _tensors(out, [])
         if name == "__setitem__" and args and isinstance(args[0], torch.Tensor):
             out_leaves = [args[0]]  # x[i] = v returns None but writes a new version of x
-        if not any(isinstance(t, torch.Tensor) for t in out_leaves):
+        if not out_leaves:
             if args and isinstance(args[0], torch.Tensor) and _is_shape_query(func, name):
                 value = self.known.get(args[0])
                 if value is not None:
@@ -125,11 +139,68 @@ class _Recorder(TorchFunctionMode):
             return out  # shape queries, .item(), ...
         if name == "__get__":  # property access such as Tensor.T / .mT / .data
             name = getattr(getattr(func, "__self__", None), "__name__", name)
-        recorded = tree_map(lambda x: self.value_of(x) if isinstance(x, torch.Tensor) else x, (args, kwargs))
         index = len(self.trace.ops)
-        outputs = [self.new_value(t, "activation", index) for t in out_leaves if isinstance(t, torch.Tensor)]
-        self.trace.ops.append(Op(index, name, recorded[0], recorded[1], outputs, _user_frame()))
+        recorded_args, recorded_kwargs = _replace(args, self.value_of), _replace(kwargs, self.value_of)
+        outputs = [self.new_value(t, "activation", index) for t in out_leaves]
+        self.trace.ops.append(Op(index, name, recorded_args, recorded_kwargs, outputs, _user_frame()))
         return out
+
+
+# the operations whose cost is arithmetic (not memory traffic): a shape-only trace runs them on the meta
+# device and continues with zeros of the right shape
+HEAVY = {
+    *(f"conv{t}{d}d" for t in ("", "_transpose") for d in (1, 2, 3)),
+    "linear",
+    "matmul",
+    "__matmul__",
+    "__rmatmul__",
+    "mm",
+    "bmm",
+    "addmm",
+    "baddbmm",
+    "einsum",
+    "scaled_dot_product_attention",
+    "multi_head_attention_forward",
+}
+
+
+def _shape_only(func, args, kwargs):
+    def meta(t: torch.Tensor) -> torch.Tensor:
+        return t.to("meta")
+
+    try:
+        out = func(*_replace(args, meta), **_replace(kwargs, meta))
+    except Exception:  # an operation without a meta kernel: compute it
+        return func(*args, **kwargs)
+    device = next(iter(_tensors((args, kwargs), [])), torch.empty(())).device
+    return _replace(out, lambda t: torch.zeros(t.shape, dtype=t.dtype, device=device))
+
+
+def _tensors(obj, out: list) -> list:
+    """The tensors inside nested tuples / lists / dicts (a fast ``tree_flatten`` for operation arguments)."""
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            if isinstance(item, (torch.Tensor, tuple, list, dict)):
+                _tensors(item, out)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            _tensors(item, out)
+    return out
+
+
+def _replace(obj, fn):
+    """``obj`` with every tensor ``t`` replaced by ``fn(t)`` (containers without tensors come back as is)."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, (tuple, list, dict)) and not _tensors(obj, []):
+        return obj
+    if type(obj) in (tuple, list):
+        return type(obj)(_replace(item, fn) for item in obj)
+    if type(obj) is dict:
+        return {k: _replace(v, fn) for k, v in obj.items()}
+    return tree_map(lambda x: fn(x) if isinstance(x, torch.Tensor) else x, obj)  # named tuples, ...
 
 
 @torch.no_grad()
@@ -138,16 +209,21 @@ def trace_model(
     example_inputs: torch.Tensor | tuple,
     keep_tensors: bool = False,
     into: Trace | None = None,
+    shapes_only: bool = False,
 ) -> Trace:
     """Run ``model(*example_inputs)`` once and record every operation (and every tensor, if asked).
 
     ``into``: a Trace to fill, so the operations recorded before an exception remain inspectable.
+    ``shapes_only``: run the arithmetic-heavy operations (``HEAVY``) on the meta device and continue with
+    zeros: the same operations and shapes for a model whose control flow does not depend on values, at a
+    fraction of the cost (the pruner's check of a pruned model; anything unexpected is checked again with
+    real values).
     """
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     trace = into if into is not None else Trace()
     known = WeakIdKeyDictionary()
     keep: list | None = [] if keep_tensors else None
-    recorder = _Recorder(trace, known, keep)
+    recorder = _Recorder(trace, known, keep, shapes_only)
     for name, tensor in [*model.named_parameters(remove_duplicate=True), *model.named_buffers()]:
         value = recorder.new_value(tensor, "param" if isinstance(tensor, nn.Parameter) else "buffer")
         value.name = name

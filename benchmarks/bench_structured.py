@@ -27,6 +27,12 @@ activations, pooling) next to its work ratio, and the single layers that scale w
     python benchmarks/bench_structured.py              # full run: 2 formats x 1, 2 threads (about 6 minutes)
     python benchmarks/bench_structured.py --quick      # smoke run: few calls, NCHW, 1 thread
     python benchmarks/bench_structured.py --quick --profile --models mobilenet_v2 --formats channels_last
+
+Pruning itself (``structured_timing.py``; torchvision and Torch-Pruning in a venv of their own):
+
+    python benchmarks/bench_structured.py --time                 # prunekit vs Torch-Pruning, time to prune
+    python benchmarks/bench_structured.py --time --tv-models resnet50 --reps 5
+    python benchmarks/bench_structured.py --params               # parameters kept at 0.5, both tools
 """
 
 from __future__ import annotations
@@ -43,8 +49,10 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 import prunekit.structured
+import structured_timing  # benchmarks/, next to this script
 from prunekit.analysis.macs import count_macs
 from prunekit.models.resnet import BasicBlock
+from prunekit.runtime.cpu import features
 
 RATIOS = (0.3, 0.5, 0.7)
 TARGET_RATIO = 0.5
@@ -193,6 +201,14 @@ def prune_copies(dense: nn.Module, x: torch.Tensor, ratios) -> dict[float, dict]
             "prune_s": time.perf_counter() - start,
         }
     return out
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def _load() -> str:
@@ -449,7 +465,20 @@ def main(argv: list[str] | None = None) -> None:
         "--profile", action="store_true", help="per-layer-kind CPU times at ratio 0.5, 1 thread"
     )
     parser.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into convs after pruning")
+    parser.add_argument("--time", action="store_true", help="time to prune: prunekit vs Torch-Pruning")
+    parser.add_argument("--params", action="store_true", help="parameters kept at 0.5: prunekit vs T-P")
+    parser.add_argument("--tv-models", nargs="+", default=None, help="torchvision models for --time/--params")
+    parser.add_argument("--reps", type=int, default=3, help="runs per tool and model for --time")
     args = parser.parse_args(argv)
+    if args.time or args.params:
+        print(f"torch {torch.__version__}, {_cpu_name()}, {features().describe()}")
+        if args.time:
+            structured_timing.print_times(
+                structured_timing.time_models(args.tv_models or structured_timing.TIME_MODELS, args.reps)
+            )
+        if args.params:
+            structured_timing.param_ratios(args.tv_models or structured_timing.PARAM_MODELS)
+        return
     threads = args.threads or ([1] if args.quick else [1, 2])
     formats = args.formats or (["contiguous"] if args.quick else ["contiguous", "channels_last"])
     budget = args.seconds or (5.0 if args.quick else 25.0)

@@ -139,3 +139,33 @@ def test_reductions_with_several_outputs_and_odd_signatures_stay_exact():
         assert "nothing can be pruned" in str(exc)
         return
     check_equivalence(reference, model, result.plan, x)
+
+
+class SizeFromAnotherTensor(nn.Module):
+    """Swin-style: the head size is computed from the *input's* width (C // heads), so the input width is
+    tied to the q/k/v split although no operation couples them; the MLP is independent."""
+
+    def __init__(self):
+        super().__init__()
+        self.heads = 2
+        self.inp, self.qkv, self.proj = nn.Linear(8, 16), nn.Linear(16, 48), nn.Linear(16, 16)
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        b, t, c = h.shape
+        q, k, v = self.qkv(h).reshape(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1)
+        return self.fc2(torch.relu(self.fc1(torch.relu(self.proj(a)))))
+
+
+def test_a_size_computed_from_another_tensors_shape_blames_that_tensors_group():
+    torch.manual_seed(0)
+    model = SizeFromAnotherTensor().eval()
+    x = torch.randn(2, 5, 8)
+    reference = copy.deepcopy(model)
+    result = structured.prune_model(model, x, ratio=0.5, round_to=1, verify=True)
+    check_equivalence(reference, model, result.plan, x)
+    assert model.inp.out_features == 16  # its width fixes the head size: un-pruned
+    assert any("reshape" in g.blocked for g in result.groups if "inp" in g.seed)
+    assert model.fc1.out_features == 16  # the independent MLP width is still pruned

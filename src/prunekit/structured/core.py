@@ -274,23 +274,23 @@ def prune_model(
 
 def _expected_shapes(trace, groups: list[Group], removed: Mapping[int, list[int]]) -> dict[int, tuple]:
     """The shape every activation should have once the planned units are gone."""
-    gone: dict[int, dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
+    gone: dict[int, dict[int, torch.Tensor]] = defaultdict(dict)  # value -> dim -> removed positions
     for g in groups:
         if not removed.get(g.index):
             continue
-        units = torch.tensor(removed[g.index], dtype=torch.long)
+        table = torch.zeros(g.units + 1, dtype=torch.bool)  # unit -> removed; the extra slot is owner -1
+        table[torch.tensor(removed[g.index], dtype=torch.long)] = True
         for vi, owner in g.owners.items():
-            shape = trace.values[vi].shape
-            hit = torch.isin(align(owner, len(shape)), units)
+            hit = table[align(owner, len(trace.values[vi].shape))]
             for d in varying_dims(hit):
                 others = [k for k in range(hit.dim()) if k != d]
                 line = hit.any(dim=others) if others else hit
-                gone[vi][d] |= set(line.nonzero().flatten().tolist())
+                gone[vi][d] = line | gone[vi][d] if d in gone[vi] else line
     expected = {}
     for vi, dims in gone.items():
         shape = list(trace.values[vi].shape)
-        for d, positions in dims.items():
-            shape[d] -= len(positions)
+        for d, line in dims.items():
+            shape[d] -= int(line.sum())
         expected[vi] = tuple(shape)
     return expected
 

@@ -150,14 +150,29 @@ def group_norm(members: Sequence[Member], n_units: int, p: float = 2) -> torch.T
         _check_owner(m.owner, w.shape, f"member '{m.name}'")
         owner = m.owner.reshape((1,) * (w.dim() - m.owner.dim()) + tuple(m.owner.shape))
         dims = [d for d in range(w.dim()) if owner.shape[d] == 1 and w.shape[d] != 1]
-        # sum of |w|^p over the dims the owner is constant along, in one pass (no |w|^p temporary)
-        if dims:
-            w = torch.linalg.vector_norm(w, ord=p, dim=dims, keepdim=True).pow(p)
-        else:
-            w = w.abs() if p == 1 else w.abs().pow(p)
-        flat, own, _ = _reduce_to_owner(w, m.owner, n_units, f"member '{m.name}'")
+        flat, own, _ = _reduce_to_owner(_power_sum(w, dims, p), m.owner, n_units, f"member '{m.name}'")
         total = total.to(flat.device) + _scatter(flat, own, n_units)
     return total if p == 1 else total.pow(1.0 / p)
+
+
+def _power_sum(w: torch.Tensor, dims: list[int], p: float) -> torch.Tensor:
+    """sum of |w|^p over ``dims`` (kept as size 1). The trailing (contiguous) dims go first, in one pass
+    of ``vector_norm``; leading dims (a weight's columns) are summed after that on the smaller result, as
+    reducing a leading dim of a large tensor with ``vector_norm`` is many times slower."""
+    trailing = []
+    for d in range(w.dim() - 1, -1, -1):
+        if d not in dims and w.shape[d] != 1:
+            break
+        if d in dims:
+            trailing.append(d)
+    leading = [d for d in dims if d not in trailing]
+    if trailing:
+        w = torch.linalg.vector_norm(w, ord=p, dim=trailing, keepdim=True).pow(p)
+    elif p == 2:
+        w = w * w
+    else:
+        w = w.abs() if p == 1 else w.abs().pow(p)
+    return w.sum(dim=leading, keepdim=True) if leading else w
 
 
 def l1_norm(members: Sequence[Member], n_units: int) -> torch.Tensor:

@@ -165,6 +165,12 @@ HEAVY = {
 
 
 def _shape_only(func, args, kwargs):
+    name = getattr(func, "__name__", "")
+    shape = _conv_shape(args, kwargs) if name in ("conv1d", "conv2d", "conv3d") else None
+    x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    if shape is not None and x is not None:
+        return torch.zeros(shape, dtype=x.dtype, device=x.device)
+
     def meta(t: torch.Tensor) -> torch.Tensor:
         return t.to("meta")
 
@@ -174,6 +180,40 @@ def _shape_only(func, args, kwargs):
         return func(*args, **kwargs)
     device = next(iter(_tensors((args, kwargs), [])), torch.empty(())).device
     return _replace(out, lambda t: torch.zeros(t.shape, dtype=t.dtype, device=device))
+
+
+def _conv_shape(args, kwargs) -> tuple[int, ...] | None:
+    """conv{1,2,3}d's output shape by arithmetic (torch's meta kernel takes milliseconds per call); None
+    for what it does not cover (the meta kernel then decides). Raises like torch on a channel mismatch."""
+
+    def get(position: int, name: str, default):
+        return args[position] if len(args) > position else kwargs.get(name, default)
+
+    x, weight = get(0, "input", None), get(1, "weight", None)
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor) or x.dim() != weight.dim():
+        return None
+    k = weight.dim() - 2
+    stride, padding, dilation = get(3, "stride", 1), get(4, "padding", 0), get(5, "dilation", 1)
+    groups = get(6, "groups", 1)
+    if x.shape[1] != weight.shape[1] * groups:
+        raise RuntimeError(f"expected input with {weight.shape[1] * groups} channels, got {x.shape[1]}")
+    spatial = x.shape[2:]
+    if padding == "same":
+        return (x.shape[0], weight.shape[0], *spatial)
+    if padding == "valid":
+        padding = 0
+    if isinstance(padding, str):
+        return None
+    stride, padding, dilation = (
+        (v,) * k if isinstance(v, int) else tuple(v) for v in (stride, padding, dilation)
+    )
+    out = [
+        (size + 2 * p - d * (w - 1) - 1) // s + 1
+        for size, p, d, w, s in zip(spatial, padding, dilation, weight.shape[2:], stride)
+    ]
+    if any(o <= 0 for o in out):
+        return None
+    return (x.shape[0], weight.shape[0], *out)
 
 
 def _tensors(obj, out: list) -> list:

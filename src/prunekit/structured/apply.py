@@ -23,12 +23,12 @@ def plan_removal(groups: list[Group], removed_units: Mapping[int, torch.Tensor])
         units = removed_units.get(group.index)
         if units is None or units.numel() == 0:
             continue
+        table = torch.zeros(group.units + 1, dtype=torch.bool)  # unit -> removed; the last slot is owner -1
+        table[units] = True
         for member in group.members:
-            line = member.line()
-            drop = torch.isin(line, units).nonzero().reshape(-1).tolist()
-            if not drop:
-                continue
-            per_param[member.name][member.dim] |= set(drop)
+            drop = table[member.line()].nonzero().reshape(-1).tolist()
+            if drop:
+                per_param[member.name][member.dim] |= set(drop)
     return {
         name: {str(d): sorted(idx) for d, idx in sorted(dims.items())}
         for name, dims in sorted(per_param.items())

@@ -44,16 +44,18 @@ def test_depthwise_with_a_channel_multiplier_loses_whole_groups():
     assert (model.up.groups, model.up.in_channels, model.up.out_channels) == (2, 12, 8)
 
 
-def test_grouped_conv_units_of_every_group_count_as_channels_for_round_to():
+@pytest.mark.parametrize("groups, kept", [(2, 24), (4, 24), (3, 24)])
+def test_grouped_conv_units_of_every_group_count_as_channels_for_round_to(groups, kept):
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 32, 1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1, groups=4), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 5),
+        nn.Conv2d(3, 48, 1), nn.ReLU(), nn.Conv2d(48, 48, 3, padding=1, groups=groups), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(48, 5),
     ).eval()  # fmt: skip
-    # one unit = one position in each of the 4 groups = 4 channels; round_to=8 keeps an even number
-    structured.prune_model(model, torch.randn(2, 3, 8, 8), ratio=0.7, round_to=8, verify=True)
-    assert model[0].out_channels == 8 and model[2].in_channels == 8 and model[2].out_channels == 8
-    assert model[2].groups == 4
+    # one unit = one position in each group = `groups` channels: round_to=8 counts channels, so 2 groups
+    # step by 4 positions (12 of 24 kept), 4 groups by 2 (6 of 12), 3 groups by 8 (8 of 16)
+    structured.prune_model(model, torch.randn(2, 3, 8, 8), ratio=0.5, round_to=8, verify=True)
+    assert model[0].out_channels == model[2].in_channels == model[2].out_channels == kept
+    assert model[2].groups == groups and kept % 8 == 0
 
 
 def test_a_grouped_conv_fed_by_a_concatenation_it_cannot_split_evenly_is_left_alone():

@@ -123,8 +123,9 @@ def _keep_count(units: int, ratio: float, round_to: int) -> int:
 
 
 def _unit_step(group: Group, round_to: int) -> int:
-    """``round_to`` counts channels; a unit of ``block`` channels (a head) needs this many units per step."""
-    return round_to // math.gcd(round_to, group.block)
+    """``round_to`` counts channels; a unit of ``width`` channels (a head, one position of every group of a
+    grouped convolution) needs this many units per step."""
+    return round_to // math.gcd(round_to, group.width)
 
 
 def _module_types(model: nn.Module) -> dict[str, str]:

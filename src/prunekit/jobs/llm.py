@@ -128,6 +128,7 @@ def run_prune(
     windows = eval_windows(tokenize(tokenizer, eval_text, vocab(model)), text.seqlen) if evaluate else None
     ppl_dense = perplexity(model, windows, stage("perplexity (dense)")) if windows is not None else None
 
+    dense_counts = zero_counts(model, config.blocks_path)  # a dense checkpoint may hold zeros already
     begin = time.perf_counter()
     with RssSampler() as sampler:
         info = prune_llm(
@@ -161,6 +162,7 @@ def run_prune(
         "peak_rss_after_load_mb": load_rss,
         "peak_rss_while_pruning_mb": sampler.peak_mb,
         "threads": torch.get_num_threads(),
+        "sparsity_dense_layers": sum(z for z, _ in dense_counts.values()) / pruned_params,
         "sparsity_pruned_layers": zeros / pruned_params,
         "sparsity_whole_model": zeros / all_params,
         "params": all_params,

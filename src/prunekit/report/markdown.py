@@ -62,16 +62,18 @@ def verdict(dense: dict[str, Any], pruned: dict[str, Any]) -> list[str]:
     elif ratio > SLOWER_THRESHOLD:
         out.append(f"Latency: pruned is **slower**, p50 {ratio:.2f}x of dense.")
     else:
-        why = (
-            "The layers are physically smaller, yet per-call overheads or memory traffic dominate "
-            "at this size."
-            if pruned.get("params", 0) < dense.get("params", 0)
-            else "The zeros are unstructured and the layers still run dense kernels that multiply them; "
-            "speed needs structured pruning or a sparse runtime (see its line below, where it was timed)."
+        params = pruned.get("params", 0) / dense["params"] if dense.get("params") else None
+        nonzero = (
+            pruned.get("nonzero_params", 0) / dense["nonzero_params"] if dense.get("nonzero_params") else None
+        )
+        measured = (
+            f"; it has {params:.3f}x of dense's parameters and {nonzero:.3f}x of its non-zero weights"
+            if params is not None and nonzero is not None
+            else ""
         )
         out.append(
             f"Latency: **pruning did not make inference faster** (p50 {ratio:.2f}x of dense; the report "
-            f"counts only {FASTER_THRESHOLD:.2f}x or better as a speed-up). {why}"
+            f"counts only {FASTER_THRESHOLD:.2f}x or better as a speed-up){measured}."
         )
     compiled = pruned.get("compiled")
     if compiled and compiled.get("latency_ms"):

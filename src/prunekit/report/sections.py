@@ -164,7 +164,7 @@ def structured_verdict(m: dict[str, Any]) -> list[str]:
     else:
         lines.append(
             f"- Latency: **not faster** (p50 {ratio:.2f}x of dense; only {FASTER_THRESHOLD:.2f}x or better "
-            "counts): at this size per-call overheads, not the removed arithmetic, dominate."
+            "counts as a speed-up)."
         )
     lines.append(
         f"- Compute: {r['macs']:.3f}x of the dense MACs, {r['params']:.3f}x of the parameters; the ideal "

@@ -13,6 +13,8 @@ from prunekit.criteria import CRITERIA, magnitude_scores, make_criterion
 from prunekit.criteria.base import gradient_passes
 from prunekit.errors import PrunekitError
 from prunekit.masking import apply_masks, weight_parameter
+from prunekit.schedule import AGP
+from prunekit.sparsifier import Sparsifier
 
 
 def mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -290,6 +292,34 @@ def test_movement_accumulates_minus_w_times_g(masked):
     assert not torch.all(expected == 0)
     if masked:
         assert torch.all(crit.scores("0", layer)[layer.weight.detach() == 0] == 0)
+
+
+def test_movement_under_agp_masks_only_grow_and_pruned_scores_freeze():
+    """The documented difference from Sanh et al.: no regrowth. Pruned weights stay pruned at every AGP
+    step, and their scores stop changing once they are pruned (their masked weight and gradient are 0)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2))
+    sparsifier = Sparsifier(model, 0.75, criterion="movement", schedule=AGP(end=6, every=1))
+    sparsifier.prepare()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    frozen: dict[tuple[str, int], float] = {}
+    previous = None
+    for x, y in batches(10, seed=7):
+        optimizer.zero_grad()
+        mse(model(x), y).backward()
+        optimizer.step()
+        sparsifier.step()
+        masks = sparsifier.masks()
+        for name, mask in masks.items():
+            score = sparsifier.criterion.scores(name, sparsifier.layers[name]).reshape(-1)
+            for i in (~mask).reshape(-1).nonzero().flatten().tolist():
+                frozen.setdefault((name, i), float(score[i]))
+                assert float(score[i]) == frozen[(name, i)]  # unchanged since it was pruned
+            if previous is not None:
+                assert not (mask & ~previous[name]).any()  # nothing pruned came back
+        previous = masks
+    assert set(previous) == {"0"}  # the final classifier stays dense by default
+    assert int((~previous["0"]).sum()) == round(0.75 * 48) and len(frozen) == 36
 
 
 def test_movement_without_steps_raises_and_skips_layers_without_grad():

@@ -109,9 +109,18 @@ def test_taylor_hand_checked_numbers():
     crit.collect(model, {"0": layer}, data, mse)
     assert torch.allclose(crit.scores("0", layer), torch.tensor([[5.0, 6.0]]))
     # obd: 0.5 w^2 mean(g^2) = 0.5 * [1, 4] * [(36 + 16) / 2, (4 + 16) / 2] = [13, 20]
-    obd = make_criterion("obd")
-    obd.collect(model, {"0": layer}, data, mse)
-    assert torch.allclose(obd.scores("0", layer), torch.tensor([[13.0, 20.0]]))
+    # (batches of one sample: the per-sample Fisher and the mini-batch one agree)
+    for name in ("obd", "obd-batch"):
+        obd = make_criterion(name)
+        obd.collect(model, {"0": layer}, data, mse)
+        assert torch.allclose(obd.scores("0", layer), torch.tensor([[13.0, 20.0]]))
+    # both samples in one batch: obd still averages the per-sample g^2 ([13, 20]); obd-batch squares the
+    # batch gradient (g = [6, 2] + [-4, -4]) / 2 = [1, -1]: 0.5 * [1, 4] * [1, 1] = [0.5, 2]
+    together = [(torch.cat([x for x, _ in data]), torch.cat([y for _, y in data]))]
+    for name, expected in (("obd", [[13.0, 20.0]]), ("obd-batch", [[0.5, 2.0]])):
+        obd = make_criterion(name)
+        obd.collect(model, {"0": layer}, together, mse)
+        assert torch.allclose(obd.scores("0", layer), torch.tensor(expected)), name
 
 
 @settings(max_examples=8, deadline=None)
@@ -120,13 +129,15 @@ def test_obd_is_half_w_squared_times_mean_squared_gradient(n_batches, seed, mask
     model = tiny(seed, masked)
     data = batches(n_batches, seed)
     w = model[0].weight.detach()
-    fisher = torch.stack([g**2 for g in hand_grads(model, data)]).mean(0)
-    crit = make_criterion("obd")
-    crit.collect(model, {"0": model[0]}, data, mse)
-    torch.testing.assert_close(crit.scores("0", model[0]), 0.5 * w**2 * fisher, rtol=1e-5, atol=1e-8)
+    samples = [(x[i : i + 1], y[i : i + 1]) for x, y in data for i in range(len(x))]
+    for name, passes in (("obd", samples), ("obd-batch", data)):
+        fisher = torch.stack([g**2 for g in hand_grads(model, passes)]).mean(0)
+        crit = make_criterion(name)
+        crit.collect(model, {"0": model[0]}, data, mse)
+        torch.testing.assert_close(crit.scores("0", model[0]), 0.5 * w**2 * fisher, rtol=1e-5, atol=1e-8)
 
 
-@pytest.mark.parametrize("name", ["taylor", "obd"])
+@pytest.mark.parametrize("name", ["taylor", "obd", "obd-batch"])
 def test_gradient_passes_leave_existing_grads_and_mode_untouched(name):
     model = tiny(masked=True)
     model.train()
@@ -344,4 +355,4 @@ def test_unknown_criterion_raises_with_did_you_mean():
 
 
 def test_all_builtin_criteria_are_registered():
-    assert {"magnitude", "random", "taylor", "obd", "wanda", "movement"} <= set(CRITERIA.names())
+    assert {"magnitude", "random", "taylor", "obd", "obd-batch", "wanda", "movement"} <= set(CRITERIA.names())

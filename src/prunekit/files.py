@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +57,36 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_json(path: str | Path, data: Any) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+@contextmanager
+def staged_directory(out: str | Path, replaces: Sequence[str] = ()) -> Iterator[Path]:
+    """Write a directory's files into a temporary sibling, then put them in ``out`` only if the block ends
+    without an error (a failed save leaves ``out`` as it was and no temporary directory behind).
+
+    A new ``out`` is the renamed temporary directory. Into an existing one each file is moved atomically,
+    after the files matching ``replaces`` (globs: weight shards, an index) that the new save does not have
+    are removed, so ``out`` never mixes two saves' shards; other files already there are kept.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise PrunekitError(f"{out} exists and is not a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield staging
+        if not out.exists():
+            os.replace(staging, out)
+            return
+        new = {item.name for item in staging.iterdir()}
+        for pattern in replaces:
+            for stale in out.glob(pattern):
+                if stale.name not in new:
+                    stale.unlink()
+        for item in staging.iterdir():
+            os.replace(item, out / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def safetensors_metadata(path: str | Path) -> dict[str, str]:

@@ -86,7 +86,7 @@ def test_report_says_what_did_not_improve(demo):
 
 
 def test_demo_runs_its_c_export_bit_exact_on_the_host(demo):
-    """The C itself, compiled with gcc and run on the whole test set (skipped, with the reason, without gcc)."""
+    """The C itself, compiled with gcc and run on the whole test set (skipped, saying why, without gcc)."""
     _, m = demo
     host = m["pruned-int8"]["c_export"]["host_check"]
     if "skipped" in host:

@@ -29,6 +29,7 @@ from prunekit.jobs.runlog import read_log
 from prunekit.rng import rng_state
 
 CHECKPOINTS = 11
+KILLER = Path(__file__).parents[1] / "fixtures" / "kill_at_checkpoint.py"
 LABELS = ("dense", "pruned")
 
 
@@ -55,11 +56,11 @@ def log_events(out: Path) -> list[dict[str, Any]]:
 def run_cli(
     recipe_file: Path, out: Path, *extra: str, kill_at: str | None = None
 ) -> subprocess.CompletedProcess:
+    """``prunekit run`` in a fresh process; with ``kill_at`` it is SIGKILLed at that checkpoint
+    (tests/fixtures/kill_at_checkpoint.py)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop(ckpt.KILL_ENV, None)
-    if kill_at is not None:
-        env[ckpt.KILL_ENV] = kill_at
-    cmd = [sys.executable, "-m", "prunekit", "run", str(recipe_file), "--out", str(out), "-q", *extra]
+    launcher = ["-m", "prunekit"] if kill_at is None else [str(KILLER), kill_at]
+    cmd = [sys.executable, *launcher, "run", str(recipe_file), "--out", str(out), "-q", *extra]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 

@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import signal
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -43,9 +42,6 @@ log = logging.getLogger(__name__)
 
 FORMAT = "prunekit-checkpoint/1"
 _META_KEY = "prunekit_checkpoint"
-# test hook: "N" kills this process (SIGKILL) right after checkpoint N is in place, "N:before-rename"
-# after checkpoint N's temporary file is written but before it replaces `last`
-KILL_ENV = "PRUNEKIT_TEST_KILL_AT_CHECKPOINT"
 
 
 # -- nested state <-> (JSON, tensors) -------------------------------------------------------------------
@@ -155,15 +151,6 @@ def checkpoint_dir(out: str | Path) -> Path:
     return Path(out) / "checkpoint"
 
 
-def _kill_hook(count: int, phase: str) -> None:
-    spec = os.environ.get(KILL_ENV)
-    if not spec:
-        return
-    number, _, when = spec.partition(":")
-    if int(number) == count and (when or "after") == phase:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -188,8 +175,6 @@ def save(out: str | Path, state: dict[str, Any]) -> Path:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        count = int(state.get("count", 0))
-        _kill_hook(count, "before-rename")
         last, previous = folder / "last.safetensors", folder / "previous.safetensors"
         if last.exists():
             os.replace(last, previous)
@@ -198,7 +183,6 @@ def save(out: str | Path, state: dict[str, Any]) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _kill_hook(count, "after")
     return last
 
 

@@ -156,7 +156,7 @@ def _refuse_qat(model: nn.Module) -> None:
         raise PrunekitError(
             f"cannot save a QAT-prepared model (fake quantization on {shown}): its weights would be stored "
             f"fake-quantized and the trained float weights lost; convert_qat(model) first to save the int8 "
-            f"model, or prunekit.quant.qat.strip_qat(model) to save the float one"
+            f"model, or prunekit.quant.fake.strip_qat(model) to save the float one"
         )
 
 

@@ -1,6 +1,6 @@
 """Post-training INT8 conversion of a (pruned) model into :mod:`prunekit.quant.layers` layers.
 
-:func:`quantize` (and its short form :func:`prunekit.quant.layers.quantize_model`) returns a converted copy
+:func:`quantize` (and its short form :func:`prunekit.quant.ptq.quantize_model`) returns a converted copy
 with what was done to each layer; the model passed in is not touched. In order:
 
 1. Masks are squashed (and QAT fake-quant removed), so a pruned weight is an exact zero before rounding;
@@ -316,7 +316,6 @@ def quantize(
     return result
 
 
-@torch.no_grad()
 def quantize_model(model: nn.Module, **kwargs) -> nn.Module:
     """An INT8 copy of ``model``: :func:`quantize` (``activations="static" | "dynamic"``,
     ``calibration=`` batches, ``calibration_batches``, ``types`` / ``include`` / ``exclude``,
@@ -324,6 +323,7 @@ def quantize_model(model: nn.Module, **kwargs) -> nn.Module:
     return quantize(model, **kwargs).model
 
 
+@torch.no_grad()
 def check_runs(model: nn.Module, example: Tensor | None) -> None:
     """Run the converted ``model`` once on ``example`` (nothing when None); a failure becomes a one-line
     PrunekitError naming the module whose forward failed (typically one reading an int8 layer's

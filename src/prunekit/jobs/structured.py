@@ -8,7 +8,6 @@ interleaved run), ``OUT/prune_log.json`` + ``OUT/model.safetensors`` (replay wit
 from __future__ import annotations
 
 import copy
-import importlib
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from prunekit.artifact import load_artifact
 from prunekit.errors import PrunekitError
 from prunekit.files import atomic_write_json
 from prunekit.models import MODELS, build_model
+from prunekit.registry import resolve_reference
 from prunekit.report.html import write_reports
 from prunekit.report.plots import structured_figures
 from prunekit.report.sections import (
@@ -44,11 +44,11 @@ def load_model_spec(spec: str, input_shape: tuple[int, ...] | None) -> tuple[nn.
         model, _ = load_artifact(spec, masked=False)
         default = (1, 1, 8, 8) if isinstance(model, MODELS.get("resnet-digits")) else None
     elif ":" in spec:
-        module_name, _, attr = spec.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise PrunekitError(f"--model {spec}: cannot import {attr} from {module_name}: {exc}") from None
+        factory = resolve_reference(spec, "--model")  # from the working directory, as Python imports
+        if not callable(factory):
+            raise PrunekitError(
+                f"--model {spec}: {type(factory).__name__} is not a function that builds a model"
+            )
         model = factory()
         if not isinstance(model, nn.Module):
             raise PrunekitError(

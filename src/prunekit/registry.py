@@ -170,11 +170,13 @@ class StructuredImportance(Protocol):
 
 @runtime_checkable
 class Allocation(Protocol):
-    """How much to prune where. ``applies_to`` says what it allocates and so how it is called:
-    ``"layers"`` (per-layer sparsities of a prune stage), ``"llm-blocks"`` (per-decoder-block sparsities)
-    or ``"structured-groups"`` (per-group ratios of a structured stage); ``fn`` is the pure function."""
+    """How much to prune where. ``applies_to`` says what it allocates: ``"layers"`` (per-layer sparsities
+    of a prune stage), ``"llm-blocks"`` (per-decoder-block sparsities) or ``"structured-groups"``
+    (per-group ratios of a structured stage); ``inputs`` what it is computed from, and so how ``fn`` is
+    called: ``"shapes"`` means ``fn(shapes: {layer: weight shape}, target) -> {layer: sparsity}``."""
 
     applies_to: str
+    inputs: str
     fn: Callable[..., Any]
 
 

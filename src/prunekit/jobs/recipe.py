@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from prunekit.allocate.latency import resolve_budget
 from prunekit.errors import PrunekitError, did_you_mean, unknown_name
 from prunekit.models import MODELS
-from prunekit.registry import CRITERIA, STRUCTURED_IMPORTANCE
+from prunekit.registry import ALLOCATIONS, CRITERIA, STRUCTURED_IMPORTANCE
 from prunekit.schedule import make_schedule
 from prunekit.spec import Unstructured
 from prunekit.spec import parse as parse_spec
@@ -195,10 +195,11 @@ class PruneStage(Strict):
     overrides: dict[str, str | float] = Field(default_factory=dict)  # layer-name glob -> pattern
     calibration_batches: int = Field(8, ge=1)  # for taylor / obd / wanda
     finetune: Optim | None = None  # after each round (iterative) or during the schedule (agp)
-    # per-layer sparsities: 'uniform' (the pattern's everywhere, or one global threshold with group: global)
-    # or 'sensitivity' (measured per-layer curves -> least predicted loss at exactly the pattern's sparsity
-    # overall, prunekit.allocate.sensitivity); `sensitivity` configures the measurement
-    allocation: Literal["uniform", "sensitivity"] = "uniform"
+    # per-layer sparsities, any "layers" allocation of prunekit.registry.ALLOCATIONS: 'uniform' (the
+    # pattern's everywhere, or one global threshold with group: global), 'erk' (from the weight shapes,
+    # RigL's), 'sensitivity' (measured per-layer curves -> least predicted loss at exactly the pattern's
+    # sparsity overall; `sensitivity` configures the measurement), or your own (a name or module:attr)
+    allocation: str = "uniform"
     sensitivity: SensitivityCfg | None = None
     l0: L0Cfg | None = None  # criterion 'l0': gate settings (defaults when left out)
 
@@ -252,20 +253,32 @@ class PruneStage(Strict):
             raise ValueError(f"criterion '{self.criterion}' compares within a layer or globally, not per row")
         return self
 
-    @model_validator(mode="after")
-    def _sensitivity_allocation(self) -> PruneStage:
-        if self.allocation != "sensitivity":
-            if self.sensitivity is not None:
-                raise ValueError("'sensitivity' settings need allocation 'sensitivity' (this one is uniform)")
-            return self
+    @field_validator("allocation")
+    @classmethod
+    def _allocation_name(cls, value: str) -> str:
+        entry = ALLOCATIONS.get(value)
+        if entry.applies_to != "layers":
+            layers = [n for n in ALLOCATIONS.names() if ALLOCATIONS.get(n).applies_to == "layers"]
+            raise ValueError(
+                f"allocation '{value}' allocates {entry.applies_to}, not a prune stage's layers; "
+                f"allowed: {', '.join(layers)}"
+            )
+        return value
 
+    @model_validator(mode="after")
+    def _per_layer_allocation(self) -> PruneStage:
+        name = self.allocation
+        if name != "sensitivity" and self.sensitivity is not None:
+            raise ValueError(f"'sensitivity' settings need allocation 'sensitivity' (this one is {name})")
+        if name == "uniform":
+            return self
         if not isinstance(parse_spec(self.pattern), Unstructured):
             raise ValueError(
-                f"allocation 'sensitivity' chooses per-layer sparsities for an unstructured pattern; "
+                f"allocation '{name}' chooses per-layer sparsities for an unstructured pattern; "
                 f"'{self.pattern}' fixes its own layout (N:M or blocks)"
             )
         criterion = CRITERIA.get(self.criterion)
-        if criterion.needs == "training":
+        if name == "sensitivity" and criterion.needs == "training":
             raise ValueError(
                 f"allocation 'sensitivity' prunes without training to measure; criterion '{self.criterion}' "
                 "scores weights while they train"
@@ -273,11 +286,11 @@ class PruneStage(Strict):
         group = self.group or criterion.default_group
         if group != "layer":
             raise ValueError(
-                "allocation 'sensitivity' sets each layer's sparsity, so weights compete within their "
+                f"allocation '{name}' sets each layer's sparsity, so weights compete within their "
                 f"layer: use group 'layer' (or leave it out), not '{group}'"
             )
         if self.overrides:
-            raise ValueError("allocation 'sensitivity' sets every targeted layer's sparsity: no 'overrides'")
+            raise ValueError(f"allocation '{name}' sets every targeted layer's sparsity: no 'overrides'")
         return self
 
 

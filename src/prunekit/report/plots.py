@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prunekit.analysis.sensitivity import Sensitivity, heatmap_png
-from prunekit.report.sections import allocation_heading
+from prunekit.report.sections import allocation_heading, sensitivity_allocations
 
 MAX_BARS = 48  # more layers than this are averaged per block, one bar per block
 
@@ -163,11 +163,8 @@ def run_figures(m: dict[str, Any]) -> list[Figure]:
 def _sensitivity_charts(m: dict[str, Any]) -> list[Figure]:
     """The heat map of every ``allocation: sensitivity`` stage, drawn again from the curves in the metrics
     (the run also writes it as ``sensitivity.png``), with the chosen sparsities on the layer labels."""
-    if not m.get("allocation"):
-        return []  # (and no torch import for the other reports)
-
     out = []
-    for i, a in enumerate(m.get("allocation") or []):
+    for i, a in enumerate(sensitivity_allocations(m)):
         chosen = {name: v["sparsity"] for name, v in a["layers"].items()}
         png = heatmap_png(Sensitivity.from_dict(a["sensitivity"]), chosen)
         heading = allocation_heading(m, i)

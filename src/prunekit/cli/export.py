@@ -9,14 +9,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import typer
 
 from prunekit.errors import PrunekitError
-
-if TYPE_CHECKING:  # torch is imported by the command itself, so `prunekit --help` stays fast
-    pass
 
 export_app = typer.Typer(no_args_is_help=True, help="Export pruned models for deployment.")
 

@@ -7,8 +7,8 @@ from prunekit.artifact import plain_state_dict, save_artifact
 from prunekit.compress import save_compressed
 from prunekit.compress.inspect import inspect_compressed
 from prunekit.compress.source import tensor_specs
-from prunekit.jobs.export_c import export_c_stage
 from prunekit.jobs.recipe import ExportStage, QuantizeStage
+from prunekit.jobs.stages.export_c import export_c_stage
 from prunekit.jobs.stages.train import fit, keep_teacher
 from prunekit.jobs.state import RunState
 from prunekit.masking import get_masks

@@ -4,8 +4,6 @@ The generated C itself is compiled and compared bit for bit in test_export_c_com
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch

@@ -23,10 +23,10 @@ next int8 layer, which rounds its float input like any float input. An int8 laye
 to float code writes the int32 form, nearly exact. A model that does not trace, or has dynamic
 activations, keeps int8 layers with float outputs (``y = float32(acc) * (s_x * s_w) + bias``).
 
-**Scales**: tensors joined by ReLU, ReLU6, max pooling, flatten or an identity share one scale. A group read by
-int8 layers takes the largest of their calibrated input scales (they read the same values, so these are
-equal unless a ReLU sits in between) and those layers use it; any other group takes ``max|x| / 127`` of
-the values its readers see over the calibration batches, measured on the int8 model.
+**Scales**: tensors joined by ReLU, ReLU6, max pooling, flatten or an identity share one scale. A group
+read by int8 layers takes the largest of their calibrated input scales (they read the same values, so
+these are equal unless a ReLU sits in between) and those layers use it; any other group takes
+``max|x| / 127`` of the values its readers see over the calibration batches, measured on the int8 model.
 """
 
 from __future__ import annotations
@@ -126,9 +126,8 @@ def _module_kind(m: nn.Module) -> tuple[str, dict[str, Any]]:
         return "flatten", {}
     if isinstance(m, nn.AdaptiveAvgPool2d) and _pair(m.output_size) == (1, 1):
         return "gap", {"keepdim": True}
-    if isinstance(m, nn.MaxPool2d) and not m.ceil_mode and _pair(m.dilation) == (1, 1):
-        if not m.return_indices:
-            return "maxpool", {}
+    if isinstance(m, nn.MaxPool2d) and not (m.ceil_mode or m.return_indices) and _pair(m.dilation) == (1, 1):
+        return "maxpool", {}
     if isinstance(m, nn.AvgPool2d) and not m.ceil_mode and m.count_include_pad and m.divisor_override is None:
         stride = m.stride if m.stride is not None else m.kernel_size
         return "avgpool", {
@@ -250,7 +249,7 @@ def decide(gm: fx.GraphModule, kinds: dict[fx.Node, Kind], float_inputs: set[str
             else:
                 is_int[n] = False
 
-        def accepts(user: fx.Node) -> bool:
+        def accepts(user: fx.Node, is_int: dict[fx.Node, bool] = is_int) -> bool:
             u = kinds[user].kind
             return u == "int8" or u in TRANSPARENT or (u in INTEGER_OPS and is_int[user])
 
@@ -291,15 +290,13 @@ def assign_scales(
         members.setdefault(g, []).append(n)
     outputs = _graph_outputs(gm)
     scale: dict[fx.Node, float] = {}
-    for g, nodes in members.items():
+    for nodes in members.values():
         readers = [u for n in nodes for u in n.users if st.kinds[u].kind == "int8"]
         if readers:
             s = max(float(gm.get_submodule(u.target).act_scale) for u in readers)
         else:
             used = [
-                n
-                for n in nodes
-                if n in outputs or any(st.kinds[u].kind not in TRANSPARENT for u in n.users)
+                n for n in nodes if n in outputs or any(st.kinds[u].kind not in TRANSPARENT for u in n.users)
             ] or nodes
             top = max(tops.get(n.name, 0.0) for n in used)
             s = float(activation_scale(torch.tensor(top, dtype=torch.float32)))
@@ -453,7 +450,9 @@ def rebuild(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
     try:
         gm = trace(model)
     except Exception as exc:
-        raise PrunekitError(f"the saved integer int8 model needs a torch.fx trace of the model: {exc}") from None
+        raise PrunekitError(
+            f"the saved integer int8 model needs a torch.fx trace of the model: {exc}"
+        ) from None
     st = decide(gm, classify(gm), set(plan.get("inputs", [])))
     got = rewrite(gm, st)
     if got["ops"] != plan.get("ops", {}) or got["inputs"] != plan.get("inputs", []):

@@ -92,7 +92,10 @@ class QuantizedLayer(nn.Module):
         if self.out_scale is not None:
             v = acc.to(torch.int64) + self.bias_q.reshape(shape).to(torch.int64)
             lo, hi = (int(b) for b in self.out_range)
-            mult, shift = self.out_mult.reshape(shape).to(torch.int64), self.out_shift.reshape(shape).to(torch.int64)
+            mult, shift = (
+                self.out_mult.reshape(shape).to(torch.int64),
+                self.out_shift.reshape(shape).to(torch.int64),
+            )
             q = requantize(v, mult, shift, lo, hi)
             return q.to(torch.float32) * self.out_scale
         scale = s_x * self.weight_scale  # one float32 vector product, as the kernels compute it

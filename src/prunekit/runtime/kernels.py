@@ -27,22 +27,30 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, register_jitable
+
+from prunekit.quant import rounding
+
+# the one requantization rule, compiled from its own source (prunekit.quant.rounding) wherever a kernel
+# calls it: no copy of the arithmetic here
+register_jitable(rounding.rshift_round)
+register_jitable(rounding.requantize_value)
 
 log = logging.getLogger(__name__)
 
 
-def _jit(fastmath: bool = True, **extra) -> Callable:
+def _jit(fastmath: bool = True, cache: bool = True, **extra) -> Callable:
     """``numba.njit`` with ``cache=True`` when a cache location is writable, without it otherwise.
 
     numba looks for a writable ``__pycache__`` next to this file, then a per-user cache directory; when
     neither works it raises at decoration time, which must never break ``import``. ``PRUNEKIT_NUMBA_CACHE=0``
-    turns the disk cache off.
+    turns the disk cache off. ``cache=False`` for a kernel that calls code from another file (numba's cache
+    is keyed on this file only, so an edit there would be served stale).
     """
 
     def wrap(fn: Callable) -> Callable:
         opts = dict(nogil=True, boundscheck=False, fastmath=fastmath, **extra)
-        if os.environ.get("PRUNEKIT_NUMBA_CACHE", "1") != "0":
+        if cache and os.environ.get("PRUNEKIT_NUMBA_CACHE", "1") != "0":
             try:
                 return numba.njit(cache=True, **opts)(fn)
             except Exception as exc:  # noqa: BLE001 - any cache failure means: run uncached
@@ -415,6 +423,20 @@ def finish_int8(acc, s_x, weight_scale, bias, has_bias, y):
             for j in range(nl):
                 v = acc[n, r, j] * scale
                 y[n, r, j] = v + bias[r] if has_bias else v
+
+
+@_jit(fastmath=False, cache=False)  # calls prunekit.quant.rounding: see _jit
+def finish_int8_requant(acc, bias_q, mult, shift, lo, hi, out_scale, y):
+    """``y[n, r, l] = float32(requantize_value(acc[n, r, l] + bias_q[r], mult[r], shift[r], lo, hi)) *
+    out_scale``: an int8 layer's integer output form (:mod:`prunekit.quant.rounding`), ``acc`` holding
+    exact integers (float32)."""
+    nn_, nr, nl = acc.shape
+    for n in range(nn_):
+        for r in range(nr):
+            b, m, s = np.int64(bias_q[r]), np.int64(mult[r]), np.int64(shift[r])
+            for j in range(nl):
+                v = np.int64(acc[n, r, j]) + b
+                y[n, r, j] = np.float32(rounding.requantize_value(v, m, s, lo, hi)) * out_scale
 
 
 @_jit()

@@ -18,8 +18,9 @@ kept transposed in between (made by ``compile`` for ``nn.Sequential`` runs Linea
 Convolutions (but ``direct``) are lowered to one sparse GEMM: ``W (Cout x Cin*kh*kw) @ cols
 (Cin*kh*kw x N*Hout*Wout)`` with ``cols`` from ``F.unfold`` (for 1x1 convolutions the input itself, no copy
 at batch 1). The int8 layers
-follow ``prunekit.quant.layers`` bit for bit: the same activation rounding, exact integer sums, then one
-float32 product and one float32 sum.
+follow ``prunekit.quant.layers`` bit for bit: the same activation rounding, exact integer sums, then the
+layer's output form: the fixed-point requantization of :mod:`prunekit.quant.rounding` (integer models),
+or one float32 product and one float32 sum.
 """
 
 from __future__ import annotations
@@ -217,6 +218,13 @@ class _QuantizedBase:
             np.zeros(0, np.float32) if bias is None else bias.detach().to(torch.float32).numpy().copy()
         )
         self.has_bias = bias is not None
+        # the integer output form (prunekit.quant.layers): requantized at out_scale
+        self.out_scale = None if module.out_scale is None else np.float32(module.out_scale.item())
+        if self.out_scale is not None:
+            self.bias_q = module.bias_q.numpy().astype(np.int64)
+            self.out_mult = module.out_mult.numpy().astype(np.int64)
+            self.out_shift = module.out_shift.numpy().astype(np.int64)
+            self.out_range = tuple(int(v) for v in module.out_range)
 
     def _quantize(self, x: np.ndarray) -> tuple[np.ndarray, np.float32]:
         flat = x.reshape(-1)
@@ -230,7 +238,13 @@ class _QuantizedBase:
     def _finish(self, acc: np.ndarray, s_x: np.float32) -> np.ndarray:
         """``acc``: (N, out, L) view, any strides; returns a C-ordered (N, out, L) float32 array."""
         y = np.empty(acc.shape, dtype=np.float32)
-        kernels.finish_int8(acc, s_x, self.weight_scale, self.bias, self.has_bias, y)
+        if self.out_scale is not None:
+            lo, hi = self.out_range
+            kernels.finish_int8_requant(
+                acc, self.bias_q, self.out_mult, self.out_shift, lo, hi, self.out_scale, y
+            )
+        else:
+            kernels.finish_int8(acc, s_x, self.weight_scale, self.bias, self.has_bias, y)
         return y
 
 

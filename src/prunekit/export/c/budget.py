@@ -75,9 +75,7 @@ def scratch_words(g: IntGraph) -> int:
 def layer_flash(op) -> tuple[int, int]:
     """(weight bytes as stored, constant bytes) of one operator."""
     if op.kind == "conv":
-        return op.stored.nbytes, sum(
-            op.arrays[k].nbytes for k in ("mult", "shift", "bias") if k in op.arrays
-        )
+        return op.stored.nbytes, sum(op.arrays[k].nbytes for k in ("mult", "shift", "bias") if k in op.arrays)
     return 0, op.arrays["table"].nbytes if "table" in op.arrays else 0
 
 

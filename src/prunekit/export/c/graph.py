@@ -98,7 +98,9 @@ def capture(model: nn.Module, example: Tensor) -> Graph:
     model = model.eval()
     if integer_plan(model) is None:
         if not any(isinstance(m, QuantizedLayer) for m in model.modules()):
-            raise PrunekitError(f"the model is not quantized (no int8 layer); the C export needs INT8: {QUANTIZE_HINT}")
+            raise PrunekitError(
+                f"the model is not quantized (no int8 layer); the C export needs INT8: {QUANTIZE_HINT}"
+            )
         raise PrunekitError(
             "the model is not an integer INT8 model (int8 layers with float outputs: dynamic activations, "
             f"a model torch.fx cannot trace, or a file written before prunekit's one INT8 arithmetic): "
@@ -139,7 +141,17 @@ def capture(model: nn.Module, example: Tensor) -> Graph:
         elif kind == "identity":
             rename[node.name] = inputs[0]
             continue
-        elif kind not in ("quantize", "add", "avgpool", "gap", "relu6", "hardswish", "relu", "maxpool", "flatten"):
+        elif kind not in (
+            "quantize",
+            "add",
+            "avgpool",
+            "gap",
+            "relu6",
+            "hardswish",
+            "relu",
+            "maxpool",
+            "flatten",
+        ):
             raise _refuse(node, module)
         nodes.append(Node(node.name, kind, inputs, (), where(node), module, kinds[node].attrs))
     _shapes(gm, nodes, example[:1].to(torch.float32))

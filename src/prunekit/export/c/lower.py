@@ -88,7 +88,9 @@ class _Lowering:
         mult = m.out_mult.numpy().astype(np.int64)
         kh, kw = (1, 1) if linear else _pair(m.kernel_size)
         stride, pad, dil = ((1, 1),) * 2 + ((1, 1),) if linear else (m.stride, m.padding, m.dilation)
-        params = dict(cin=cin, h=h, w=w, cout=cout, oh=oh, ow=ow, kh=kh, kw=kw, groups=int(getattr(m, "groups", 1)))
+        params = dict(
+            cin=cin, h=h, w=w, cout=cout, oh=oh, ow=ow, kh=kh, kw=kw, groups=int(getattr(m, "groups", 1))
+        )
         (sy, sx), (py, px), (dy, dx) = _pair(stride), (0, 0) if linear else _pair(pad), _pair(dil)
         params.update(sy=sy, sx=sx, py=py, px=px, dy=dy, dx=dx, linear=linear)
         arrays = {
@@ -108,7 +110,9 @@ class _Lowering:
         ma, mb, sh = (int(c) for c in n.module.consts)
         self.emit(n, Op("add", n.path, [a.name, b.name], out, lo, hi, {"ma": ma, "mb": mb, "shift": sh}), t)
 
-    def _requant(self, n: Node, kind: str, m_sh: tuple[int, int], lo: int, hi: int, scale: float, params=None):
+    def _requant(
+        self, n: Node, kind: str, m_sh: tuple[int, int], lo: int, hi: int, scale: float, params=None
+    ):
         src = self.src(n.inputs[0])
         t, lo, hi = (n, lo, hi) if n.kind == "relu" else self.target(n, lo, hi)
         out = self.buffer(t.name, t.shape, scale)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from prunekit.quant.rounding import requantize_np as requantize
 from prunekit.export.c.ir import IntGraph, Op
+from prunekit.quant.rounding import requantize_np as requantize
 from prunekit.quant.rounding import rshift_round
 
 

@@ -27,6 +27,10 @@ from prunekit.quant.rounding import (
 )
 
 
+def _refresh_after_load(module: nn.Module, incompatible) -> None:
+    module.refresh()  # constants derived from the scales just loaded
+
+
 def _scale(value: float | Tensor) -> Tensor:
     return torch.as_tensor(value, dtype=torch.float32).reshape(()).clone()
 
@@ -60,8 +64,10 @@ class QuantizedAdd(nn.Module):
         self.register_buffer("scale_a", _scale(scale_a))
         self.register_buffer("scale_b", _scale(scale_b))
         self.register_buffer("scale_out", _scale(scale_out))
-        self.register_buffer("consts", torch.zeros(3, dtype=torch.int64))  # Ma, Mb, sh
+        # Ma, Mb, sh: derived from the scales (not saved; recomputed on load)
+        self.register_buffer("consts", torch.zeros(3, dtype=torch.int64), persistent=False)
         self.refresh()
+        self.register_load_state_dict_post_hook(_refresh_after_load)
 
     def refresh(self) -> None:
         """Recompute the integer constants from the three scales."""
@@ -150,8 +156,9 @@ class QuantizedHardswish(nn.Module):
         super().__init__()
         self.register_buffer("scale_in", _scale(scale_in))
         self.register_buffer("scale_out", _scale(scale_out))
-        self.register_buffer("table", torch.zeros(256, dtype=torch.int8))
+        self.register_buffer("table", torch.zeros(256, dtype=torch.int8), persistent=False)
         self.refresh()
+        self.register_load_state_dict_post_hook(_refresh_after_load)
 
     def refresh(self) -> None:
         self.table = torch.from_numpy(hardswish_table(float(self.scale_in), float(self.scale_out)))

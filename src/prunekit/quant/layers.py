@@ -42,10 +42,12 @@ from prunekit.quant.rounding import (
 class QuantizedLayer(nn.Module):
     """Shared buffers: ``weight_q`` (int8), ``weight_scale`` (float32, one per output channel),
     ``act_scale`` (float32 scalar, or None for dynamic activations), ``bias`` (float32 or None); for the
-    integer output form also ``out_scale`` (float32 scalar), ``bias_q``, ``out_mult`` (int32), ``out_shift``
-    (int8), one per output channel, and ``out_range`` (int64 ``[lo, hi]``)."""
+    integer output form also ``out_scale`` (float32 scalar) and, derived from the scales and the bias by
+    :func:`~prunekit.quant.rounding.layer_constants` (so not saved: recomputed, identically, on load),
+    ``bias_q``, ``out_mult`` (int32), ``out_shift`` (int8), one per output channel, and ``out_range``
+    (int64 ``[lo, hi]``: int8, or int32 for the wide form)."""
 
-    _OUTPUT = ("out_scale", "bias_q", "out_mult", "out_shift", "out_range")
+    _DERIVED = ("bias_q", "out_mult", "out_shift", "out_range")
 
     def _init_buffers(self, weight: Tensor, bias: Tensor | None, act_scale: Tensor | None) -> None:
         q, scale = quantize_int8(weight)
@@ -53,8 +55,10 @@ class QuantizedLayer(nn.Module):
         self.register_buffer("weight_scale", scale.to(torch.float32))
         self.register_buffer("act_scale", None if act_scale is None else act_scale.to(torch.float32))
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
-        for name in self._OUTPUT:
-            self.register_buffer(name, None)
+        self.register_buffer("out_scale", None)
+        for name in self._DERIVED:
+            self.register_buffer(name, None, persistent=False)
+        self.register_load_state_dict_post_hook(_derive_after_load)
 
     @property
     def integer_output(self) -> bool:
@@ -70,19 +74,23 @@ class QuantizedLayer(nn.Module):
         static ``act_scale``. The constants follow :func:`prunekit.quant.rounding.layer_constants`."""
         if self.act_scale is None:
             raise ValueError("an integer output needs static activations (a calibrated act_scale)")
-        out_scale = torch.as_tensor(out_scale, dtype=torch.float32).reshape(())
-        bias_q, mult, shift = layer_constants(self.act_scale, self.weight_scale, self.bias, out_scale)
-        self.out_scale, self.bias_q = out_scale, bias_q.to(torch.int32)
-        self.out_mult, self.out_shift = mult.to(torch.int32), shift.to(torch.int8)
+        self.out_scale = torch.as_tensor(out_scale, dtype=torch.float32).reshape(()).clone()
         lo, hi = (INT32_LO, INT32_HI) if wide else (INT8_LO, INT8_HI)
         self.out_range = torch.tensor([lo, hi], dtype=torch.int64)
+        self.derive()
+
+    def derive(self) -> None:
+        """(Re)compute ``bias_q``, ``out_mult``, ``out_shift`` from the scales and the bias."""
+        bias_q, mult, shift = layer_constants(self.act_scale, self.weight_scale, self.bias, self.out_scale)
+        self.bias_q, self.out_mult, self.out_shift = (
+            bias_q.to(torch.int32),
+            mult.to(torch.int32),
+            shift.to(torch.int8),
+        )
 
     def output_skeleton(self, wide: bool) -> None:
-        """Buffers of the right shapes for an integer output, values to come from a state dict."""
-        n = self.weight_q.shape[0]
+        """The integer output form, its scale to come from a state dict (the rest is derived on load)."""
         self.out_scale = torch.ones((), dtype=torch.float32)
-        self.bias_q, self.out_mult = torch.zeros(n, dtype=torch.int32), torch.zeros(n, dtype=torch.int32)
-        self.out_shift = torch.ones(n, dtype=torch.int8)
         lo, hi = (INT32_LO, INT32_HI) if wide else (INT8_LO, INT8_HI)
         self.out_range = torch.tensor([lo, hi], dtype=torch.int64)
 
@@ -109,6 +117,12 @@ class QuantizedLayer(nn.Module):
         if self.out_scale is not None:
             mode += ", output int32" if self.wide else ", output int8"
         return mode
+
+
+def _derive_after_load(module: nn.Module, incompatible) -> None:
+    # a module-level function (not a closure or bound method): deep copies keep a working hook
+    if module.out_scale is not None and module.act_scale is not None:
+        module.derive()
 
 
 class QuantizedLinear(QuantizedLayer):

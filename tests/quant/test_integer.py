@@ -44,10 +44,11 @@ def outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def reference(q: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The C export's NumPy reference, its int32 outputs at the output scale (float32, as PyTorch's)."""
+    """The C export's NumPy reference, its int32 outputs at the output scale (float32, as PyTorch's).
+    Below 2**24 (up to twice the calibrated range) float32(q) * scale is one-to-one, so equal outputs are
+    equal integers; beyond it they are equal as the float32 values PyTorch returns."""
     cm = build(q, x)
     ints = cm.run_reference(x)
-    assert np.abs(ints).max() < 2**24  # float32(q) * scale is one-to-one here: equal floats, equal ints
     scale = torch.tensor(cm.graph.buffers["output"].scale, dtype=torch.float32)
     return torch.from_numpy(ints.astype(np.float32)) * scale
 

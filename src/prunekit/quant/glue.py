@@ -31,6 +31,10 @@ def _refresh_after_load(module: nn.Module, incompatible) -> None:
     module.refresh()  # constants derived from the scales just loaded
 
 
+def _scales(*values: float | Tensor) -> Tensor:
+    return torch.tensor([float(v) for v in values], dtype=torch.float32)
+
+
 def _scale(value: float | Tensor) -> Tensor:
     return torch.as_tensor(value, dtype=torch.float32).reshape(()).clone()
 
@@ -61,13 +65,23 @@ class QuantizedAdd(nn.Module):
 
     def __init__(self, scale_a: float = 1.0, scale_b: float = 1.0, scale_out: float = 1.0) -> None:
         super().__init__()
-        self.register_buffer("scale_a", _scale(scale_a))
-        self.register_buffer("scale_b", _scale(scale_b))
-        self.register_buffer("scale_out", _scale(scale_out))
+        self.register_buffer("scales", _scales(scale_a, scale_b, scale_out))  # one tensor: a, b, out
         # Ma, Mb, sh: derived from the scales (not saved; recomputed on load)
         self.register_buffer("consts", torch.zeros(3, dtype=torch.int64), persistent=False)
         self.refresh()
         self.register_load_state_dict_post_hook(_refresh_after_load)
+
+    @property
+    def scale_a(self) -> Tensor:
+        return self.scales[0]
+
+    @property
+    def scale_b(self) -> Tensor:
+        return self.scales[1]
+
+    @property
+    def scale_out(self) -> Tensor:
+        return self.scales[2]
 
     def refresh(self) -> None:
         """Recompute the integer constants from the three scales."""
@@ -84,12 +98,24 @@ class QuantizedAdd(nn.Module):
         return f"scales=({float(self.scale_a):.6g}, {float(self.scale_b):.6g}) -> {float(self.scale_out):.6g}"
 
 
-class _Pool(nn.Module):
+class _InOut(nn.Module):
+    """An operator from one int8 tensor to another: ``scales`` = (in, out), one tensor (each tensor of a
+    saved file costs a header entry)."""
+
     def __init__(self, scale_in: float, scale_out: float) -> None:
         super().__init__()
-        self.register_buffer("scale_in", _scale(scale_in))
-        self.register_buffer("scale_out", _scale(scale_out))
+        self.register_buffer("scales", _scales(scale_in, scale_out))
 
+    @property
+    def scale_in(self) -> Tensor:
+        return self.scales[0]
+
+    @property
+    def scale_out(self) -> Tensor:
+        return self.scales[-1]
+
+
+class _Pool(_InOut):
     def multiplier(self, count: int) -> tuple[int, int]:
         """``(M, sh)`` of ``scale_in / (scale_out * count)``: a window of ``count`` values summed."""
         return multiplier(float(self.scale_in) / (float(self.scale_out) * count))
@@ -149,13 +175,11 @@ class QuantizedClamp(nn.Module):
         return _out(recover(x, self.scale).clamp_(0, self.hi), self.scale)
 
 
-class QuantizedHardswish(nn.Module):
+class QuantizedHardswish(_InOut):
     """Hardswish on int8 by its 256-entry table (:func:`~prunekit.quant.rounding.hardswish_table`)."""
 
     def __init__(self, scale_in: float = 1.0, scale_out: float = 1.0) -> None:
-        super().__init__()
-        self.register_buffer("scale_in", _scale(scale_in))
-        self.register_buffer("scale_out", _scale(scale_out))
+        super().__init__(scale_in, scale_out)
         self.register_buffer("table", torch.zeros(256, dtype=torch.int8), persistent=False)
         self.refresh()
         self.register_load_state_dict_post_hook(_refresh_after_load)

@@ -439,6 +439,29 @@ def finish_int8_requant(acc, bias_q, mult, shift, lo, hi, out_scale, y):
                 y[n, r, j] = np.float32(rounding.requantize_value(v, m, s, lo, hi)) * out_scale
 
 
+@_jit(fastmath=False, cache=False)  # calls prunekit.quant.rounding: see _jit
+def int8_add(a, b, scales, consts, out):
+    """prunekit.quant.glue.QuantizedAdd on flat float32 arrays: the integers of ``a`` and ``b`` recovered
+    (float32 division, round half to even), ``rshift_round(qa * Ma + qb * Mb, sh)`` clamped to [-127, 127],
+    written as ``float32(q) * scale_out``. ``scales``: (a, b, out) float32; ``consts``: (Ma, Mb, sh)."""
+    sa, sb, so = scales[0], scales[1], scales[2]
+    ma, mb, sh = consts[0], consts[1], consts[2]
+    for i in range(a.size):
+        qa = np.int64(np.rint(a[i] / sa))
+        qb = np.int64(np.rint(b[i] / sb))
+        q = rounding.rshift_round(qa * ma + qb * mb, sh)
+        q = min(max(q, np.int64(-127)), np.int64(127))
+        out[i] = np.float32(q) * so
+
+
+@_jit(fastmath=False)
+def quantize_dequantize(x, scale, out):
+    """``out = float32(clamp(round_half_even(x / scale), -127, 127)) * scale`` (QuantizeInput)."""
+    for i in range(x.size):
+        q = min(max(np.rint(x[i] / scale), np.float32(-127.0)), np.float32(127.0))
+        out[i] = q * scale
+
+
 @_jit()
 def direct_conv(x, indptr, taps, vals, bias, geom):
     """Direct sparse convolution (Park et al. 2017, "Faster CNNs with Direct Sparse Convolutions and Guided

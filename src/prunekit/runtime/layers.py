@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prunekit.errors import PrunekitError
+from prunekit.quant.glue import QuantizedAdd, QuantizeInput
 from prunekit.runtime import kernels, threads
 from prunekit.runtime.formats import FLOAT32_EXACT, SparseWeight, int8_row_bound, pack
 
@@ -434,3 +435,49 @@ def default_block(in_features: int, columns: int) -> int | None:
     times the unblocked kernel too)."""
     block = 256 if columns >= 64 else 512
     return None if block >= in_features else block
+
+
+class FastQuantizedAdd(_RuntimeLayer):
+    """``prunekit.quant.glue.QuantizedAdd`` as one numba pass (:func:`kernels.int8_add`); bit-identical."""
+
+    kernel = "int8-add"
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.scales = module.scales.detach().to(torch.float32).numpy().copy()
+        self.consts = module.consts.detach().to(torch.int64).numpy().copy()
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        self._check(a)
+        if a.shape != b.shape:
+            raise PrunekitError(f"{type(self).__name__}: shapes {tuple(a.shape)} and {tuple(b.shape)} differ")
+        xa, xb = self._array(a), self._array(b)
+        out = np.empty_like(xa)
+        kernels.int8_add(xa.reshape(-1), xb.reshape(-1), self.scales, self.consts, out.reshape(-1))
+        return torch.from_numpy(out)
+
+
+class FastQuantizeInput(_RuntimeLayer):
+    """``prunekit.quant.glue.QuantizeInput`` as one numba pass (:func:`kernels.quantize_dequantize`)."""
+
+    kernel = "int8-quantize"
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.scale = np.float32(module.scale.item())
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check(x)
+        a = self._array(x)
+        out = np.empty_like(a)
+        kernels.quantize_dequantize(a.reshape(-1), self.scale, out.reshape(-1))
+        return torch.from_numpy(out)
+
+
+def fast_glue(module: nn.Module) -> nn.Module | None:
+    """The runtime twin of an integer operator of prunekit.quant.glue (None: it stays as it is)."""
+    if type(module) is QuantizedAdd:
+        return FastQuantizedAdd(module)
+    if type(module) is QuantizeInput:
+        return FastQuantizeInput(module)
+    return None

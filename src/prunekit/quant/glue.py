@@ -88,9 +88,10 @@ class QuantizedAdd(nn.Module):
         s_out = float(self.scale_out)
         ma, mb, sh = add_multipliers(float(self.scale_a) / s_out, float(self.scale_b) / s_out)
         self.consts = torch.tensor([ma, mb, sh], dtype=torch.int64)
+        self._consts = (ma, mb, sh)
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
-        ma, mb, sh = (int(c) for c in self.consts)
+        ma, mb, sh = self._consts
         y = rshift_round(recover(a, self.scale_a) * ma + recover(b, self.scale_b) * mb, sh)
         return _out(y.clamp_(INT8_LO, INT8_HI), self.scale_out)
 

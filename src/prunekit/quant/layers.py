@@ -87,6 +87,9 @@ class QuantizedLayer(nn.Module):
             mult.to(torch.int32),
             shift.to(torch.int8),
         )
+        # the same constants as int64 and the clamp as Python ints, ready for every forward
+        self._int64 = (bias_q.to(torch.int64), mult.to(torch.int64), shift.to(torch.int64))
+        self._range = tuple(int(v) for v in self.out_range)
 
     def output_skeleton(self, wide: bool) -> None:
         """The integer output form, its scale to come from a state dict (the rest is derived on load)."""
@@ -98,13 +101,8 @@ class QuantizedLayer(nn.Module):
         shape = [1] * acc.dim()
         shape[channel_dim] = -1
         if self.out_scale is not None:
-            v = acc.to(torch.int64) + self.bias_q.reshape(shape).to(torch.int64)
-            lo, hi = (int(b) for b in self.out_range)
-            mult, shift = (
-                self.out_mult.reshape(shape).to(torch.int64),
-                self.out_shift.reshape(shape).to(torch.int64),
-            )
-            q = requantize(v, mult, shift, lo, hi)
+            bias_q, mult, shift = (t.reshape(shape) for t in self._int64)
+            q = requantize(acc.to(torch.int64) + bias_q, mult, shift, *self._range)
             return q.to(torch.float32) * self.out_scale
         scale = s_x * self.weight_scale  # one float32 vector product, as the kernels compute it
         y = acc.to(torch.float32) * scale.reshape(shape)

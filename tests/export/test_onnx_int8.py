@@ -39,7 +39,7 @@ def qdq_ops(path) -> set[str]:
     return {n.op_type for n in onnx.load(str(path)).graph.node}
 
 
-@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(nets(), st.integers(0, 2**16), st.booleans())
 def test_random_int8_models_round_trip(tmp_path_factory, net, seed, head):
     model, shape, sparsity, _ = net

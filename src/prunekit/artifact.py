@@ -8,17 +8,25 @@ happens to be zero), and a JSON header in the safetensors metadata:
      "model": {"name": "resnet-digits", "args": {...}} | null,
      "specs": {"layer": {"type": "unstructured", "sparsity": 0.7}, ...},
      "masks": {"layer": [shape...], ...},
-     "int8": {"layers": {"layer": {"type": "QuantizedConv2d", "static": true, "bias": true}, ...},
-              "folded": {"bn": "conv", ...}}   (INT8 models only, see prunekit.quant.ptq; format_version 2)
+     "int8": {"layers": {"layer": {"type": "QuantizedConv2d", "static": true, "bias": true,
+                                   "output": "int8"}, ...},
+              "folded": {"bn": "conv", ...},
+              "graph": {"inputs": [...], "ops": {"int8_ops.add": "QuantizedAdd", ...}}}
+             (INT8 models only, see prunekit.quant.ptq; format_version 2, or 3 with "graph")
      "sha256": "<hash of every tensor's bytes, in key order, then of this header without it>"}
 
 The SHA-256 is checked on load: a corrupted or truncated file is a clear error, never silent garbage.
 Weights are stored dense here; the compressed encodings (bitmask/CSR/N:M) are a separate format.
 
 An INT8 model stores its layers' buffers as they are (``weight_q`` int8, ``weight_scale``, ``act_scale``,
-``bias`` float32), so reloading gives the identical int8 model; the ``int8`` header entry says which
-float layers to turn into int8 ones first. Such files are format_version 2 (a reader of version 1 would
-not know to build the int8 layers, so it is told to upgrade); float artifacts stay version 1.
+``bias`` float32; for the integer model also each layer's ``out_scale``, ``bias_q``, ``out_mult``,
+``out_shift``, ``out_range`` and the ``int8_ops.*`` operators' scales and constants), so reloading gives the
+identical int8 model; the ``int8`` header entry says which float layers to turn into int8 ones first and,
+for an integer model (:mod:`prunekit.quant.graph`), which integer operators to insert. Integer models are
+format_version 3, other int8 models 2 (a reader of an older version would not know to build them, so it
+is told to upgrade); float artifacts stay version 1. A version-2 file (written before prunekit had one
+INT8 arithmetic) still loads: as an int8 model whose layers hand float outputs on, which the C export
+refuses with the way to re-quantize.
 
 A QAT-prepared model (:mod:`prunekit.quant.qat`) is refused: its ``weight`` is the fake-quantized one, so the
 trained float weights would be lost. Save ``convert_qat(model).model`` (int8) or, after ``strip_qat``, the
@@ -46,14 +54,16 @@ from prunekit.files import atomic_write_bytes
 from prunekit.masking import apply_masks, get_masks
 from prunekit.models import build_model
 from prunekit.quant.fake import fake_quantized
+from prunekit.quant.graph import OPS
 from prunekit.quant.ptq import build_int8, int8_plan
 from prunekit.spec import Spec, from_dict
 from prunekit.structured.apply import apply_plan
 
 FORMAT = "prunekit.dense"
-FORMAT_VERSION = 2  # the newest this code reads and writes (2: INT8 models)
+FORMAT_VERSION = 3  # the newest this code reads and writes (2: INT8 models, 3: integer INT8 models)
 _MASK_PREFIX = "__mask__."
 _BUFFERS = (".running_mean", ".running_var", ".num_batches_tracked", ".weight_scale", ".act_scale")
+_INT8_OPS = f"{OPS}."  # the integer operators' scales and constants (prunekit.quant.graph)
 
 
 @dataclass
@@ -127,7 +137,7 @@ def save_artifact(
     int8 = int8_plan(model)
     header = {
         "format": FORMAT,
-        "format_version": 2 if int8 else 1,
+        "format_version": (3 if "graph" in int8 else 2) if int8 else 1,
         "library_version": __version__,
         "model": model_info,
         "specs": {name: spec.to_dict() for name, spec in (specs or {}).items()},
@@ -246,7 +256,7 @@ def load_artifact(
             ) from None
     if info.int8:
         try:
-            build_int8(model, info.int8)
+            model = build_int8(model, info.int8)
         except (AttributeError, KeyError, TypeError) as exc:
             raise PrunekitError(f"artifact {path}: its int8 layers do not fit the model: {exc}") from None
     try:
@@ -265,7 +275,8 @@ def inspect_artifact(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, 
     for key in sorted(tensors):
         value = tensors[key]
         int8_weight = key.endswith(".weight_q") and value.dtype == torch.int8
-        if (not value.is_floating_point() and not int8_weight) or key.endswith(_BUFFERS):
+        integer_op = key.startswith(_INT8_OPS) or key.endswith(".out_scale")
+        if (not value.is_floating_point() and not int8_weight) or key.endswith(_BUFFERS) or integer_op:
             continue  # BatchNorm statistics and counters (and int8 scales) are buffers, not parameters
         layer = key.rsplit(".", 1)[0]
         nonzero = int(torch.count_nonzero(value))

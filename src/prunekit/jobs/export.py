@@ -28,13 +28,6 @@ from prunekit.jobs.structured import load_model_spec
 from prunekit.structured.storage import LOG, WEIGHTS, load
 
 
-def _refuse_int8(path: Path) -> None:
-    raise PrunekitError(
-        f"{path} is an INT8 artifact; ONNX export takes float models: "
-        "export the float artifact it was quantized from"
-    )
-
-
 def _from_artifact(path: Path, shape: tuple[int, ...] | None) -> tuple[nn.Module, tuple[int, ...]]:
     if is_compressed(path):
         raise PrunekitError(
@@ -43,19 +36,16 @@ def _from_artifact(path: Path, shape: tuple[int, ...] | None) -> tuple[nn.Module
         )
     try:  # the header alone says whether the CLI can rebuild the model (load_artifact reports the rest)
         header = json.loads(safetensors_metadata(path).get("prunekit", "{}"))
-        recorded, int8 = header.get("model", True), header.get("int8")
+        recorded = header.get("model", True)
     except (ValueError, AttributeError):
-        recorded, int8 = True, None
-    if int8:
-        _refuse_int8(path)
+        recorded = True
     if recorded is None:
         raise PrunekitError(
             f"{path} records no built-in architecture, so the CLI cannot rebuild the model; export it "
             "from Python: prunekit.export.export_onnx(model, example_inputs, 'model.onnx')"
         )
-    model, info = load_artifact(path, masked=True)  # masked: export squashes a copy, zeros and all
-    if info.int8:  # a header the quick read above could not parse
-        _refuse_int8(path)
+    # masked: export squashes a copy, zeros and all; an INT8 artifact exports as QDQ (export_onnx)
+    model, info = load_artifact(path, masked=True)
     if shape is None and info.model and info.model.get("name") == "resnet-digits":
         # the built-in digits classifier takes 8x8 images; its channel count is in the recorded args
         shape = (1, int((info.model.get("args") or {}).get("in_channels", 1)), 8, 8)

@@ -363,6 +363,10 @@ class EvaluateStage(Strict):
     latency_runs: int = Field(200, ge=1)
     latency_warmup: int = Field(20, ge=0)
     compile: bool = False  # also time the model compiled by prunekit.runtime (sparse kernels where faster)
+    # also time, in the same run, what a user would deploy this (dense float) model with instead: torch's
+    # x86 INT8, onnxruntime float32 and INT8 (prunekit.export.engines); rows skipped with a reason when
+    # an engine is missing
+    baselines: bool = False
 
 
 class ExportStage(Strict):

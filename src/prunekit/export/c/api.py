@@ -64,12 +64,12 @@ def _batches(calibration: Tensor | Iterable) -> list[Tensor]:
 def build(
     model: nn.Module, calibration: Tensor | Iterable, *, sparse: str = "auto", name: str = "model"
 ) -> CModel:
-    """Capture, lower and size ``model`` (nothing is written). ``calibration``: inputs whose maxima give
-    the scales of tensors no int8 layer fixes (module :mod:`prunekit.export.c.lower`)."""
+    """Capture, lower and size the integer int8 ``model`` (nothing is written). ``calibration``: inputs
+    of the model's shape (one is run for the shapes; the scales are the model's own)."""
     if sparse not in MODES:
         raise PrunekitError(f"sparse must be one of {', '.join(MODES)}, got {sparse!r}")
     c_name(name)
-    g = lower(capture(model, _batches(calibration)))
+    g = lower(capture(model, _batches(calibration)[0]))
     for op in g.ops:
         if op.kind == "conv":
             op.stored, op.options = choose(op.arrays["weight"], sparse)
@@ -109,11 +109,15 @@ def export_c(
         x, y = test
         xq = cm.quantize_input(x)
         ref = reference.run(cm.graph, xq)
-        torch_pred = model(x.to(torch.float32)).argmax(1).numpy()
+        torch_out = model(x.to(torch.float32)).reshape(len(x), -1)
+        torch_pred = torch_out.argmax(1).numpy()
         ref_pred = ref.argmax(1)
         labels = np.asarray(y)
+        scale = torch.tensor(cm.graph.buffers[cm.graph.output].scale, dtype=torch.float32)
+        same = (torch.from_numpy(ref.astype(np.float32)) * scale == torch_out).all(1)
         result["reference"] = {
             "samples": int(len(labels)),
+            "torch_identical": int(same.sum()),  # outputs equal to the PyTorch int8 model's, all of them
             "agreement": float((ref_pred == torch_pred).mean()),
             "accuracy_reference": float((ref_pred == labels).mean()),
             "accuracy_torch": float((torch_pred == labels).mean()),

@@ -67,3 +67,31 @@ def safetensors_metadata(path: str | Path) -> dict[str, str]:
             return handle.metadata() or {}
     except (SafetensorError, OSError) as exc:
         raise PrunekitError(f"{path} is not a readable safetensors file: {exc}") from None
+
+
+def same_path(a: str | Path, b: str | Path) -> bool:
+    """Whether ``a`` and ``b`` name the same file or directory (links and ``..`` resolved; hard links too)."""
+    a, b = Path(a), Path(b)
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
+
+
+def refuse_same_file(
+    out: str | Path, source: str | Path, out_flag: str = "--out", what: str = "the input"
+) -> None:
+    """One line instead of replacing a command's own input with its output."""
+    if same_path(out, source):
+        raise PrunekitError(
+            f"{out_flag} {out} is {what} itself: writing there would replace the file being read; "
+            "choose another output path"
+        )
+
+
+def inside(path: str | Path, directory: str | Path) -> bool:
+    """Whether ``path`` is ``directory`` or lies under it (links resolved)."""
+    path, directory = Path(path).resolve(), Path(directory).resolve()
+    return path == directory or directory in path.parents

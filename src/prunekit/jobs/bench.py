@@ -91,7 +91,7 @@ def _run_recipe(rec, out: Path) -> Path:
 
     run_dir = out / "run"
     log.info("bench: running recipe %s into %s first", rec.name, run_dir)
-    run_recipe(rec, run_dir, progress=False)
+    run_recipe(rec, run_dir, progress=False, force=True)  # OUT/run is bench's own: rerunning replaces it
     return run_dir
 
 

@@ -6,15 +6,23 @@ memory where that is not readable), or ``PRUNEKIT_MEMORY_LIMIT`` (bytes, or with
 where set. Every refusal names what asked, how much, the limit, and the variable that raises it, so a user
 with swap or a bigger machine is never stuck.
 
+An example input of a given shape is estimated with one forward pass on the meta device (no memory): the
+input plus twice the largest activation must fit, or the shape is refused naming it.
+
 Text inputs (calibration and evaluation files) are read up to ``PRUNEKIT_TEXT_LIMIT`` bytes (default 256
 MiB: a hundred times what calibration uses); ``/dev/zero`` is refused instead of read forever.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
+
+import torch
+from torch import nn
 
 from prunekit.errors import PrunekitError
 
@@ -101,3 +109,48 @@ def read_bounded(path: str | Path, field: str) -> bytes:
                     f"(e.g. {TEXT_ENV}=1G) to allow more"
                 )
     return b"".join(chunks)
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    return 0
+
+
+def forward_bytes(model: nn.Module, shape: Sequence[int]) -> int:
+    """The input's bytes plus twice the largest module output of one float32 forward pass at ``shape``,
+    run on the meta device (nothing is allocated). A lower bound of what running the model needs; a model
+    that cannot run on the meta device is estimated by its input alone."""
+    sizes = [0]
+    state = {name: torch.empty_like(t, device="meta") for name, t in model.state_dict(keep_vars=True).items()}
+    hooks = [m.register_forward_hook(lambda _m, _i, out: sizes.append(_nbytes(out))) for m in model.modules()]
+    try:
+        example = torch.empty(tuple(shape), device="meta")
+        with torch.no_grad():
+            torch.func.functional_call(model, state, (example,), strict=False)
+    except (RuntimeError, NotImplementedError, TypeError, ValueError, IndexError, AttributeError):
+        sizes = [0]  # no estimate beyond the input
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return math.prod(shape) * 4 + 2 * max(sizes)
+
+
+# inputs below the limit / this are not traced: no CNN or transformer grows them that much
+ACTIVATION_RATIO = 4096
+
+
+def check_input(model: nn.Module, shape: Sequence[int], field: str = "--input-shape") -> None:
+    """Refuse an input shape the model could not run on in this much memory (one line naming it).
+
+    Small inputs skip the meta forward pass (its first use imports torch._dynamo: seconds)."""
+    shown = ",".join(map(str, shape))
+    size, limit = math.prod(shape) * 4, memory_limit()[0]
+    check_memory(size, f"{field} {shown} (the input alone)")
+    if size * ACTIVATION_RATIO > limit:
+        what = f"{field} {shown} (input and activations of one forward pass)"
+        check_memory(forward_bytes(model, shape), what)

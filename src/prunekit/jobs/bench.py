@@ -38,6 +38,7 @@ from prunekit.files import atomic_write_bytes, safetensors_metadata
 from prunekit.jobs import recipe
 from prunekit.jobs.run import run_recipe
 from prunekit.jobs.structured import load_model_spec
+from prunekit.limits import check_input
 from prunekit.quant.ptq import quantize_model
 
 log = logging.getLogger(__name__)
@@ -271,6 +272,8 @@ def bench(
         if v.startswith("compiled"):
             twin = v.replace("compiled", "pruned")
             base.setdefault(twin, load_variant(source, twin))
+    for model in base.values():  # the largest batch, before any example is allocated
+        check_input(model, (max(batches), *source.sample_shape), f"--batch {max(batches)} x --input-shape")
     rows: list[dict[str, Any]] = []
     decisions: list[dict[str, Any]] = []
     previous = torch.get_num_threads()

@@ -23,8 +23,9 @@ from prunekit.export.c.harness import have
 from prunekit.export.c.source import calibration_inputs, parse_bytes
 from prunekit.export.c.source import load_source as load_c_source
 from prunekit.export.onnx import export_onnx
-from prunekit.files import safetensors_metadata
+from prunekit.files import refuse_same_file, safetensors_metadata
 from prunekit.jobs.structured import load_model_spec
+from prunekit.limits import check_input
 from prunekit.structured.storage import LOG, WEIGHTS, load
 
 
@@ -107,7 +108,9 @@ def onnx_from_source(
 ) -> tuple[dict[str, Any], tuple[int, ...]]:
     """Export the model saved at ``source`` to ``out`` (prunekit.export.onnx.export_onnx ``options``) on a
     seeded random example of ``shape``; returns the export report and the shape used."""
+    refuse_same_file(out, source, "--out", "SOURCE")
     model, shape = load_source(source, shape)
+    check_input(model, shape)  # before the example (and the exporter's trace) is allocated
     example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     return export_onnx(model, example, out, **options), shape
 

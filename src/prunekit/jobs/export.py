@@ -129,6 +129,7 @@ def c_from_source(
     """Export the INT8 model at ``source`` as C99 into ``out``; with ``check`` also ``make check`` (gcc) and
     the Cortex-M4 size. Returns the export result, the checks and the artifact used."""
     flash, ram = parse_bytes(flash_limit, "--flash-limit"), parse_bytes(ram_limit, "--ram-limit")
+    refuse_same_file(out, source, "--out", "SOURCE")
     model, splits, artifact = load_c_source(source, data)
     x_train, x_test, y_test = calibration_inputs(splits), splits.test[:][0], splits.test[:][1]
     result = export_c(

@@ -27,6 +27,10 @@ from prunekit.spec import from_dict as spec_from_dict
 SEP = "::"
 _HEX = re.compile(r"[0-9a-f]{64}")
 _INT_FIELDS = ("nonzero", "value_bytes", "index_bytes")
+_ENTRY_KEYS = {"shape", "source_dtype", "dtype", "encoding", "params", "parts", "value_bytes", "index_bytes"}
+_ENTRY_KEYS |= {"sha256", "nonzero", "spec"}
+_SCALE_KEYS = {"scale_sha256", "scale_bytes"}
+_HEADER_KEYS = {"format", "format_version", "library_version", "value_dtype", "tensors", "extra"}
 
 
 def sha256_of(t: torch.Tensor) -> str:
@@ -42,6 +46,9 @@ def check_entry(name: str, e: Any) -> None:
     """One tensor's header entry: every field present, of its type and in range (else ValueError)."""
     if not isinstance(e, dict):
         raise ValueError("not a JSON object")
+    keys = set(e)
+    if keys != _ENTRY_KEYS and keys != _ENTRY_KEYS | _SCALE_KEYS:  # a renamed key is damage, not a default
+        raise ValueError(f"fields {sorted(keys ^ _ENTRY_KEYS - _SCALE_KEYS)}")
     shape = e.get("shape")
     if not (isinstance(shape, list) and len(shape) <= MAX_NDIM and all(_count(d) for d in shape)):
         raise ValueError(f"shape {shape!r}")
@@ -82,6 +89,10 @@ def check_entry(name: str, e: Any) -> None:
 
 def check_header(path, header: dict[str, Any], value_dtypes) -> None:
     """Every field of a version 1 header (raises ArtifactCorrupted naming the first bad one)."""
+    if not set(header) <= _HEADER_KEYS or not {"format", "format_version", "value_dtype", "tensors"} <= set(
+        header
+    ):
+        raise ArtifactCorrupted(f"{path}: damaged header: fields {sorted(set(header) ^ _HEADER_KEYS)}")
     if header.get("value_dtype") not in value_dtypes:
         raise ArtifactCorrupted(f"{path}: damaged header: value_dtype {header.get('value_dtype')!r}")
     extra, version = header.get("extra", {}), header.get("library_version", "")

@@ -440,7 +440,7 @@ def _decoded_bytes(records: list[Record], dequantize_int8: bool) -> int:
         if r.scale and dequantize_int8:
             out += r.numel * (4 + getattr(torch, r.source_dtype).itemsize)
         total += out
-        scratch = max(scratch, out + 2 * r.numel + 16 * r.nonzero)
+        scratch = max(scratch, 2 * r.numel + 16 * r.nonzero)
     return total + scratch
 
 

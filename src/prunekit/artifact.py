@@ -35,8 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load, save
+from safetensors.torch import save
 from torch import nn
 
 from prunekit import __version__
@@ -50,6 +49,7 @@ from prunekit.quant.fake import fake_quantized
 from prunekit.quant.ptq import build_int8, int8_plan
 from prunekit.spec import Spec, from_dict
 from prunekit.structured.apply import apply_plan
+from prunekit.tensorfile import read_tensors
 
 FORMAT = "prunekit.dense"
 FORMAT_VERSION = 2  # the newest this code reads and writes (2: INT8 models)
@@ -178,25 +178,20 @@ def _fit_error(exc: RuntimeError) -> str:
 def read_artifact(path: str | Path, verify: bool = True) -> tuple[dict[str, torch.Tensor], ArtifactInfo]:
     """Read and verify an artifact: tensors (weights only) and its header.
 
-    Memory: the file's bytes and its tensors are held together only while safetensors parses (2x the file
-    at most); the hash reads the tensors in place. ``verify=False`` skips the SHA-256 (inspect
-    ``--no-verify``); nothing else is skipped."""
+    Memory: the tensors are views of the file's bytes (prunekit.tensorfile), read once, and the hash reads
+    them in place. ``verify=False`` skips the SHA-256 (inspect ``--no-verify``); nothing else is skipped."""
 
     path = Path(path)
     if not path.is_file():
         raise PrunekitError(f"artifact not found: {path}")
     try:
-        raw = path.read_bytes()
-        size = len(raw)
-        tensors = load(raw)
-        del raw  # the tensors are copies: the bytes need not stay
-
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
+        tensors, meta, size = read_tensors(path)  # views of the file's bytes: the file is held once
         header = json.loads(meta["prunekit"])
         if not isinstance(header, dict):
             raise ValueError("the 'prunekit' metadata is not a JSON object")
-    except (SafetensorError, KeyError, ValueError, OSError, TypeError) as exc:
+    except (KeyError, ValueError, OSError) as exc:
+        if isinstance(exc, ArtifactCorrupted):
+            raise
         raise ArtifactCorrupted(
             f"artifact {path} is corrupted, truncated or not a prunekit file: {_first_line(exc)}"
         ) from None

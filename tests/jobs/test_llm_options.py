@@ -76,9 +76,12 @@ def test_out_holding_the_model_is_refused(tmp_path):
 def test_quiet_silences_the_gguf_conversion_bar(capsys):
     pytest.importorskip("transformers")
     gguf_utils = pytest.importorskip("transformers.modeling_gguf_pytorch_utils")
+    from tqdm.auto import tqdm
+
     from prunekit.cli.llm import _stage_bars
 
-    original = gguf_utils.tqdm
+    original = gguf_utils.tqdm  # (an earlier --quiet command in this process may have silenced it already)
+    gguf_utils.tqdm = tqdm
     try:
         _stage_bars(quiet=True)
         stream = io.StringIO()
@@ -86,7 +89,7 @@ def test_quiet_silences_the_gguf_conversion_bar(capsys):
             pass
         assert stream.getvalue() == ""
         loud = io.StringIO()
-        for _ in original(range(3), desc="x", file=loud):
+        for _ in tqdm(range(3), desc="x", file=loud):
             pass
         assert "x" in loud.getvalue()  # the same bar, not silenced, does draw (the check is not vacuous)
     finally:

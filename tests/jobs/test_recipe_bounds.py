@@ -66,3 +66,11 @@ def test_a_model_too_large_to_train_is_refused_before_it_is_built(tmp_path, monk
     message = str(info.value)
     assert "training model 'resnet-digits'" in message and "36,000,029,000,010 parameters" in message
     assert "more than the limit of 16.0 GiB (PRUNEKIT_MEMORY_LIMIT=16G)" in message
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**70])
+def test_a_data_seed_out_of_numpys_range_is_one_line(seed):
+    from prunekit.data import load_splits
+
+    with pytest.raises(PrunekitError, match=r"seed must be an integer in \[0, 2\*\*32\)"):
+        load_splits("digits", seed=seed)

@@ -49,3 +49,23 @@ def test_out_equal_to_the_source_is_refused(artifact, command, monkeypatch, caps
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and "is SOURCE itself" in lines[0], (out, err)
         assert artifact.read_bytes() == original
+
+
+def test_structured_out_holding_its_model_is_refused(artifact, monkeypatch, capsys):
+    model = artifact.parent / "model.safetensors"  # what `structured` writes into --out
+    artifact.rename(model)
+    original = model.read_bytes()
+    code, _, err = call_main(
+        monkeypatch, capsys, "structured", "--model", str(model), "--out", str(model.parent)
+    )
+    assert code == 2 and "is --model itself" in err and len(err.strip().splitlines()) == 1
+    assert model.read_bytes() == original
+
+
+def test_a_damaged_compress_source_is_one_line(artifact, tmp_path, monkeypatch, capsys):
+    data = bytearray(artifact.read_bytes())
+    data[-5] ^= 0x10  # inside a tensor: the artifact's SHA-256 catches it
+    artifact.write_bytes(bytes(data))
+    code, _, err = call_main(monkeypatch, capsys, "compress", str(artifact), "--out", str(tmp_path / "c.st"))
+    assert code == 2 and "corrupted" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "c.st").exists()

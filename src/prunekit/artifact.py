@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,7 @@ from prunekit.spec import Spec, from_dict
 from prunekit.structured.apply import apply_plan
 from prunekit.tensorfile import read_tensors
 
+log = logging.getLogger(__name__)
 FORMAT = "prunekit.dense"
 FORMAT_VERSION = 2  # the newest this code reads and writes (2: INT8 models)
 _MASK_PREFIX = "__mask__."
@@ -258,10 +260,11 @@ def _check_against_tensors(path: Path, info: ArtifactInfo, tensors: dict[str, to
             skeleton = build_model(name, args)
     except PrunekitError:
         raise
-    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
-        raise PrunekitError(
-            f"artifact {path}: its model {name} cannot be built: {_first_line(exc)}"
-        ) from None
+    except (TypeError, ValueError, RuntimeError, OverflowError, NotImplementedError) as exc:
+        # a registered model whose constructor needs real memory (reads a file, computes on its weights):
+        # no estimate; the real build below says what is wrong, if anything
+        log.warning("artifact %s: model %s cannot be built on the meta device (%s)", path, name, exc)
+        return
     check_memory(_state_bytes(skeleton), f"the model {path}'s header describes ({name} {args or {}})")
     _replay(path, skeleton, info)
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
@@ -322,7 +325,12 @@ def load_artifact(
                 f"artifact {path} records no built-in architecture; pass the model to load into"
             )
         _check_against_tensors(path, info, tensors)
-        model = build_model(info.model["name"], info.model.get("args"))
+        try:
+            model = build_model(info.model["name"], info.model.get("args"))
+        except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+            if isinstance(exc, PrunekitError):
+                raise
+            raise PrunekitError(f"artifact {path}: its model cannot be built: {_first_line(exc)}") from None
     _replay(path, model, info)
     try:
         model.load_state_dict(tensors, strict=True)

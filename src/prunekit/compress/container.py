@@ -55,8 +55,6 @@ _HEX = re.compile(r"[0-9a-f]{64}")
 MAX_HEADER = 100 << 20  # safetensors' own limit on its JSON header
 _CHUNK = 1 << 20
 
-__all__ = ["ArtifactCorrupted"]
-
 
 @dataclass(frozen=True)
 class TensorInfo:

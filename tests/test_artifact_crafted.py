@@ -130,3 +130,50 @@ def test_peak_memory_of_a_refused_crafted_load_is_within_twice_the_file(tmp_path
     assert result["outcome"] != "loaded"
     # the file was read (once: its tensors are views of its bytes) and nothing else of note; target <= 2x
     assert size / 2 < result["peak_growth"] <= 1.5 * size, (result, size)
+
+
+@pytest.mark.parametrize(
+    "name, args",
+    [
+        ("os:system", {"command": "touch {marker}"}),
+        ("subprocess:run", {"args": ["touch", "{marker}"]}),
+        ("pathlib:Path.touch", {"self": "{marker}"}),
+    ],
+)
+def test_a_header_naming_a_function_never_runs_it(tmp_path, name, args):
+    """Model names may be ``module:attribute`` references (recipes use them); from a file they resolve only
+    to nn.Module classes of modules already imported, so a crafted header cannot run a command."""
+    marker = tmp_path / "pwned"
+    fill = str(marker)
+    filled = {
+        k: [a.format(marker=fill) for a in v] if isinstance(v, list) else v.format(marker=fill)
+        for k, v in args.items()
+    }
+    path = _craft(
+        _artifact(tmp_path / "a.safetensors"), lambda h, t: h.update(model={"name": name, "args": filled})
+    )
+    with pytest.raises(PrunekitError, match="not an nn.Module class") as info:
+        load_artifact(path)
+    assert "\n" not in str(info.value) and not marker.exists()
+
+
+def test_a_header_naming_a_module_not_imported_does_not_import_it(tmp_path):
+    path = _craft(
+        _artifact(tmp_path / "a.safetensors"),
+        lambda h, t: h.update(
+            model={"name": "antigravity:Thing", "args": {}}
+        ),  # importing it opens a browser
+    )
+    with pytest.raises(PrunekitError, match="loading a file never imports code: import antigravity first"):
+        load_artifact(path)
+    assert "antigravity" not in sys.modules
+
+
+def test_a_reference_to_an_imported_module_class_loads(tmp_path):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(3, 2)
+    path = tmp_path / "linear.safetensors"
+    name = "torch.nn.modules.linear:Linear"
+    save_artifact(path, linear, model_info={"name": name, "args": {"in_features": 3, "out_features": 2}})
+    model, _ = load_artifact(path)
+    assert torch.equal(model.weight, linear.weight) and torch.equal(model.bias, linear.bias)

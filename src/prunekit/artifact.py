@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ from prunekit.errors import ArtifactCorrupted, PrunekitError
 from prunekit.files import atomic_write_bytes
 from prunekit.limits import check_memory
 from prunekit.masking import apply_masks, get_masks
-from prunekit.models import build_model
+from prunekit.models import MODELS
 from prunekit.quant.fake import fake_quantized
 from prunekit.quant.ptq import build_int8, int8_plan
 from prunekit.spec import Spec, from_dict
@@ -246,6 +247,38 @@ def _first_line(exc: BaseException) -> str:
     return line if len(line) <= 300 else line[:297] + "..."
 
 
+def _model_class(path: Path, name: str) -> type[nn.Module]:
+    """The class a header's model name stands for: a registered name, or a ``module:Class`` reference to a
+    module this process has already imported (loading a file never imports code: a crafted header naming
+    ``os:system`` would otherwise run a command) whose attribute is an ``nn.Module`` class."""
+    if name in MODELS or ":" not in name:
+        return MODELS.get(name)  # an unknown plain name: one line with a suggestion
+    module_name, _, attr = name.partition(":")
+    module = sys.modules.get(module_name)
+    if module is None:
+        raise PrunekitError(
+            f"artifact {path} names its model by the reference {name!r}; loading a file never imports code: "
+            f"import {module_name} first, or pass the model: load_artifact(path, model)"
+        )
+    obj: Any = module
+    for part in attr.split("."):
+        obj = getattr(obj, part, None)
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+        raise PrunekitError(
+            f"artifact {path} names its model {name!r}, which is not an nn.Module class; pass the model: "
+            "load_artifact(path, model)"
+        )
+    return obj
+
+
+def _build(path: Path, name: str, args: dict[str, Any] | None) -> nn.Module:
+    cls = _model_class(path, name)
+    try:
+        return cls(**(args or {}))
+    except TypeError as exc:
+        raise PrunekitError(f"model '{name}': bad arguments {sorted(args or {})}: {exc}") from None
+
+
 def _state_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
@@ -257,7 +290,7 @@ def _check_against_tensors(path: Path, info: ArtifactInfo, tensors: dict[str, to
     name, args = info.model["name"], info.model.get("args")
     try:
         with torch.device("meta"):
-            skeleton = build_model(name, args)
+            skeleton = _build(path, name, args)
     except PrunekitError:
         raise
     except (TypeError, ValueError, RuntimeError, OverflowError, NotImplementedError) as exc:
@@ -326,7 +359,7 @@ def load_artifact(
             )
         _check_against_tensors(path, info, tensors)
         try:
-            model = build_model(info.model["name"], info.model.get("args"))
+            model = _build(path, info.model["name"], info.model.get("args"))
         except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
             if isinstance(exc, PrunekitError):
                 raise

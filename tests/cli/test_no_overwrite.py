@@ -69,3 +69,22 @@ def test_a_damaged_compress_source_is_one_line(artifact, tmp_path, monkeypatch, 
     code, _, err = call_main(monkeypatch, capsys, "compress", str(artifact), "--out", str(tmp_path / "c.st"))
     assert code == 2 and "corrupted" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "c.st").exists()
+
+
+def test_a_structured_directory_naming_a_factory_does_not_import_it(tmp_path, monkeypatch, capsys):
+    """metrics.json of a `structured` output names the model; a factory reference read from it is refused
+    (it would import and call whatever the file names), never run."""
+    import json
+    import sys
+
+    folder = tmp_path / "st"
+    folder.mkdir()
+    (folder / "metrics.json").write_text(
+        json.dumps({"model": "antigravity:fly", "input_shape": [1, 1, 8, 8]})
+    )
+    (folder / "prune_log.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"")
+    code, _, err = call_main(
+        monkeypatch, capsys, "export", "onnx", str(folder), "--out", str(tmp_path / "m.onnx")
+    )
+    assert code == 2 and "a file never makes prunekit import code" in err and "antigravity" not in sys.modules

@@ -26,6 +26,7 @@ from prunekit.export.onnx import export_onnx
 from prunekit.files import refuse_same_file, safetensors_metadata
 from prunekit.jobs.structured import load_model_spec
 from prunekit.limits import check_input
+from prunekit.models import MODELS
 from prunekit.structured.storage import LOG, WEIGHTS, load
 
 
@@ -83,8 +84,16 @@ def _from_structured_dir(path: Path, shape: tuple[int, ...] | None) -> tuple[nn.
         raise PrunekitError(
             f"{path / 'metrics.json'}: cannot read 'model' and 'input_shape': {exc}"
         ) from None
-    if not spec:
+    if not spec or not isinstance(spec, str):
         raise PrunekitError(f"{path / 'metrics.json'} does not name the original model")
+    if ":" in spec and not spec.endswith(".safetensors") and spec not in MODELS:
+        # `structured --model pkg.module:factory` was the user's own command; read back from a file, the
+        # same string would make prunekit import and call whatever the file names
+        raise PrunekitError(
+            f"{path / 'metrics.json'} names its model by the factory {spec!r}; a file never makes prunekit "
+            f"import code: in Python, prunekit.structured.storage.load(<your factory>(), '{path}') and "
+            "prunekit.export.export_onnx"
+        )
     shape = shape or recorded
     model, _ = load_model_spec(spec, shape)  # the unpruned original, rebuilt as `prunekit structured` did
     return load(model, path), shape

@@ -128,3 +128,20 @@ def test_the_cli_says_it_in_one_line(done, tmp_path, monkeypatch, capsys):
         main()
     err = capsys.readouterr().err.strip().splitlines()
     assert code.value.code == 2 and len(err) == 1 and err[0].startswith("error: --out")
+
+
+def test_force_deletes_nothing_outside_the_directory(done, tmp_path):
+    """The earlier run's export names come from its files: a name that is a path is ignored, never
+    followed out of --out."""
+    import json
+
+    out = tmp_path / "d" / "run"
+    shutil.copytree(done, out)
+    victim = tmp_path / "d" / "victim.safetensors"
+    victim.write_bytes(b"keep me")
+    marker = json.loads((out / RUN_FILE).read_text())
+    marker["recipe"]["stages"].append({"type": "export", "name": "../victim"})
+    (out / RUN_FILE).write_text(json.dumps(marker))
+    assert earlier_run(out).exports == ["m"]
+    run_recipe(_recipe(), out, progress=False, force=True)
+    assert victim.read_bytes() == b"keep me"

@@ -25,7 +25,7 @@ from typing import Any
 
 from prunekit.errors import PrunekitError
 from prunekit.files import atomic_write_json, inside, same_path
-from prunekit.jobs.checkpoint import checkpoint_dir, recipe_sha256
+from prunekit.jobs.checkpoint import checkpoint_dir, load_latest, recipe_sha256
 from prunekit.jobs.recipe import Recipe, to_dict
 
 RUN_FILE = "run.json"
@@ -43,13 +43,34 @@ class EarlierRun:
     started: str | None = None
 
 
+def _plain(name: Any) -> bool:
+    """An export name as ExportStage allows it: a file stem, never a path (the names come from files
+    here, and decide what --force deletes)."""
+    return (
+        isinstance(name, str)
+        and bool(name)
+        and not name.startswith(".")
+        and not set(name) & {"/", "\\", "\0"}
+    )
+
+
 def _exports(recipe: Any) -> list[str]:
     stages = recipe.get("stages") if isinstance(recipe, dict) else None
     return [
         s["name"]
-        for s in stages or []
-        if isinstance(s, dict) and s.get("type") == "export" and isinstance(s.get("name"), str)
+        for s in (stages if isinstance(stages, list) else [])
+        if isinstance(s, dict) and s.get("type") == "export" and _plain(s.get("name"))
     ]
+
+
+def _checkpoint_recipe(out: Path) -> dict | None:
+    """The recipe of the newest intact checkpoint (what a run that died before metrics.json ran)."""
+    try:
+        state, _ = load_latest(out)
+    except PrunekitError:
+        return None
+    recipe = state.get("recipe")
+    return recipe if isinstance(recipe, dict) else None
 
 
 def _read_json(path: Path) -> Any:
@@ -66,8 +87,9 @@ def earlier_run(out: Path) -> EarlierRun | None:
     marker = out / RUN_FILE
     if marker.exists():
         data = _read_json(marker)
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            return EarlierRun("?", None)  # damaged: still another run's directory
+        if not isinstance(data, dict) or data.get("format") != FORMAT:  # damaged: still a run's directory
+            recipe = _checkpoint_recipe(out)
+            return EarlierRun(str((recipe or {}).get("name", "?")), None, _exports(recipe))
         recipe = data.get("recipe")
         return EarlierRun(
             str((recipe or {}).get("name", "?")) if isinstance(recipe, dict) else "?",
@@ -81,6 +103,8 @@ def earlier_run(out: Path) -> EarlierRun | None:
         return None
     metrics = _read_json(out / "metrics.json")  # a run from before run.json: what its files say
     recipe = metrics.get("recipe") if isinstance(metrics, dict) else None
+    if not isinstance(recipe, dict):
+        recipe = _checkpoint_recipe(out)
     if isinstance(recipe, dict):
         return EarlierRun(str(recipe.get("name", "?")), recipe_sha256(recipe), _exports(recipe))
     return EarlierRun("?", None)

@@ -102,3 +102,33 @@ def test_repair_adds_entries_the_history_lacks(tmp_path):
     assert report["added"] == 2 and report["kept"] == 1
     assert [e["name"] for e in store.history()] == ["run/dense", "run/pruned", "run/int8"]
     assert [e["previous"] for e in store.history()] == [None, entries[0].hash, entries[1].hash]
+
+
+def test_commands_do_not_write_into_a_store(tmp_path, monkeypatch, capsys):
+    """Outputs of run, compress, export ... inside an artifact store would damage it: one line instead."""
+    import torch
+    import yaml
+
+    from fixtures.recipes import TINY
+    from prunekit.artifact import save_artifact
+    from prunekit.jobs import recipe
+    from prunekit.jobs.run import run_recipe
+
+    store, _ = _store(tmp_path)
+    before = _snapshot(store)
+    inside = store.path / "entries" / "out"
+    with pytest.raises(PrunekitError, match="is inside the artifact store"):
+        run_recipe(recipe.from_dict(TINY), inside, progress=False)
+    source = tmp_path / "a.safetensors"
+    save_artifact(source, torch.nn.Linear(3, 2))
+    for args in (
+        ["compress", str(source), "--out", str(store.path / "c.safetensors")],
+        ["export", "onnx", str(source), "--out", str(store.path / "tmp" / "m.onnx"), "--input-shape", "1,3"],
+    ):
+        code, _, err = call_main(monkeypatch, capsys, *args)
+        assert code == 2 and "is inside the artifact store" in err, err
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(yaml.safe_dump(TINY))
+    code, _, err = call_main(monkeypatch, capsys, "run", str(recipe_file), "--out", str(store.path / "x"))
+    assert code == 2 and "is inside the artifact store" in err
+    assert _snapshot(store) == before and store.verify().ok

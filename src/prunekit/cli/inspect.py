@@ -91,8 +91,10 @@ def compress(
     from prunekit.compress.container import save_compressed
     from prunekit.compress.source import read_source
     from prunekit.files import refuse_same_file
+    from prunekit.store import refuse_inside_store
 
     refuse_same_file(out, source, "--out", "SOURCE")
+    refuse_inside_store(out)
     state, specs, extra = read_source(source)
     chosen = tuple(e.strip() for e in encodings.split(",") if e.strip())
     save_compressed(state, out, value_dtype=dtype, specs=specs, encodings=chosen, extra=extra)

@@ -27,6 +27,7 @@ from prunekit.files import refuse_same_file, safetensors_metadata
 from prunekit.jobs.structured import load_model_spec
 from prunekit.limits import check_input
 from prunekit.models import MODELS
+from prunekit.store import refuse_inside_store
 from prunekit.structured.storage import LOG, WEIGHTS, load
 
 
@@ -118,6 +119,7 @@ def onnx_from_source(
     """Export the model saved at ``source`` to ``out`` (prunekit.export.onnx.export_onnx ``options``) on a
     seeded random example of ``shape``; returns the export report and the shape used."""
     refuse_same_file(out, source, "--out", "SOURCE")
+    refuse_inside_store(out)
     model, shape = load_source(source, shape)
     check_input(model, shape)  # before the example (and the exporter's trace) is allocated
     example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
@@ -139,6 +141,7 @@ def c_from_source(
     the Cortex-M4 size. Returns the export result, the checks and the artifact used."""
     flash, ram = parse_bytes(flash_limit, "--flash-limit"), parse_bytes(ram_limit, "--ram-limit")
     refuse_same_file(out, source, "--out", "SOURCE")
+    refuse_inside_store(out)
     model, splits, artifact = load_c_source(source, data)
     x_train, x_test, y_test = calibration_inputs(splits), splits.test[:][0], splits.test[:][1]
     result = export_c(

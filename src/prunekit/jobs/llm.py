@@ -33,6 +33,7 @@ from prunekit.report.html import write_reports
 from prunekit.report.llm import llm_report
 from prunekit.report.plots import llm_figures
 from prunekit.spec import NM
+from prunekit.store import refuse_inside_store
 
 StageProgress = Callable[[str], Callable[[int, int], None] | None]
 
@@ -142,6 +143,7 @@ def run_prune(
             f"--out {out} holds the model being pruned ({model_path}): its files would be replaced; choose "
             "another --out"
         )
+    refuse_inside_store(out)
     check_options(text, config)  # before the model load, like the texts below
     calib_text, eval_text, source = read_texts(text)
     stage = progress or (lambda name: None)

@@ -35,6 +35,7 @@ from prunekit.masking import get_masks
 from prunekit.report import write_report
 from prunekit.report.html import write_reports
 from prunekit.report.plots import run_figures
+from prunekit.store import refuse_inside_store
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ def run_recipe(
         raise PrunekitError(f"--class-drop must be >= 0 recall points, got {class_drop}")
     out = Path(out)
     _check_out(out)
+    refuse_inside_store(out)
     rundir.check_inputs(recipe, out)
     threads = torch.get_num_threads()
     if recipe.threads is not None:

@@ -107,6 +107,31 @@ def _foreign(path: Path) -> bool:
     return any(p.name not in ours and not p.name.startswith(".store.json.") for p in path.iterdir())
 
 
+def enclosing_store(path: str | Path) -> Path | None:
+    """The store directory ``path`` lies in (or is), if any: the nearest ancestor holding a store.json."""
+    for folder in (Path(path).absolute(), *Path(path).absolute().parents):
+        marker = folder / "store.json"
+        try:
+            if (
+                marker.is_file()
+                and json.loads(marker.read_text(encoding="utf-8")).get("format") == STORE_FORMAT
+            ):
+                return folder
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            continue
+    return None
+
+
+def refuse_inside_store(path: str | Path, flag: str = "--out") -> None:
+    """One line instead of writing a command's output into an artifact store (whose files are its own)."""
+    store = enclosing_store(path)
+    if store is not None:
+        raise PrunekitError(
+            f"{flag} {path} is inside the artifact store {store}: files written there would damage it; "
+            "write elsewhere and `prunekit store add` the result"
+        )
+
+
 class Store:
     """An artifact store directory (created by the first :meth:`add`)."""
 

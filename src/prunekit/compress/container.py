@@ -158,19 +158,21 @@ def save_compressed(
     if extra:
         head["extra"] = dict(extra)
     index = pack_index(head, records)
-    payload = b"".join(pieces)
+    payload = bytearray().join(pieces)  # one buffer the payload tensor views (no second copy)
+    del pieces
     tensors = {
         "index": torch.frombuffer(bytearray(index), dtype=torch.uint8),
-        "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        "payload": torch.frombuffer(payload, dtype=torch.uint8)
         if payload
         else torch.empty(0, dtype=torch.uint8),
     }
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "sha256": _ZERO}
     data = bytearray(st_save(tensors, metadata={"prunekit": json.dumps(meta, separators=(",", ":"))}))
+    del tensors, payload
     end = 8 + int.from_bytes(data[:8], "little")
-    at = data.find(_ZERO.encode(), 0, end)
+    at = data.find(_ZERO.encode(), 0, end)  # the digest's place: the only 64 zeros in the header
     data[at : at + 64] = hashlib.sha256(data).hexdigest().encode()
-    return atomic_write_bytes(path, bytes(data))
+    return atomic_write_bytes(path, data)
 
 
 # -- reading ----------------------------------------------------------------------------------------------

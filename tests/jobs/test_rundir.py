@@ -98,7 +98,9 @@ def test_an_export_over_the_recipes_own_input_is_refused(done, tmp_path):
 def test_resume_needs_the_same_recipe_and_not_force(done, tmp_path):
     out = tmp_path / "resume"
     shutil.copytree(done, out)
-    with pytest.raises(PrunekitError, match="made with another recipe"):
+    with pytest.raises(
+        PrunekitError, match=r"the recipe differs from the one .*run\.json was written with: seed: 0 -> 3"
+    ):
         run_recipe(_recipe(seed=3), out, progress=False, resume=True)
     with pytest.raises(PrunekitError, match="give one of them"):
         run_recipe(_recipe(), out, progress=False, resume=True, force=True)

@@ -25,7 +25,7 @@ from typing import Any
 
 from prunekit.errors import PrunekitError
 from prunekit.files import atomic_write_json, inside, same_path
-from prunekit.jobs.checkpoint import checkpoint_dir, load_latest, recipe_sha256
+from prunekit.jobs.checkpoint import checkpoint_dir, load_latest, recipe_differences, recipe_sha256
 from prunekit.jobs.recipe import Recipe, to_dict
 
 RUN_FILE = "run.json"
@@ -41,6 +41,7 @@ class EarlierRun:
     recipe_sha256: str | None
     exports: list[str] = field(default_factory=list)  # its export stages' names
     started: str | None = None
+    recipe: dict | None = None  # from run.json (a resume with another recipe names the difference)
 
 
 def _plain(name: Any) -> bool:
@@ -96,6 +97,7 @@ def earlier_run(out: Path) -> EarlierRun | None:
             data.get("recipe_sha256") if isinstance(data.get("recipe_sha256"), str) else None,
             _exports(recipe),
             data.get("started") if isinstance(data.get("started"), str) else None,
+            recipe if isinstance(recipe, dict) else None,
         )
     folder = checkpoint_dir(out)
     legacy = [out / name for name in _FIXED] + [folder / "last.safetensors", folder / "previous.safetensors"]
@@ -163,11 +165,14 @@ def check_owner(out: Path, recipe: Recipe, resume: bool, force: bool) -> Earlier
     what = f"the files of an earlier run (recipe '{earlier.name}'" + (
         f", started {earlier.started[:19].replace('T', ' ')} UTC)" if earlier.started else ")"
     )
-    if resume:
-        if earlier.recipe_sha256 is not None and earlier.recipe_sha256 != recipe_sha256(to_dict(recipe)):
+    if resume:  # run.json's recipe here; the checkpoint's is checked next (prunekit.jobs.checkpoint)
+        if earlier.recipe is not None and recipe_sha256(earlier.recipe) != recipe_sha256(to_dict(recipe)):
+            diffs = recipe_differences(earlier.recipe, to_dict(recipe))
+            more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
             raise PrunekitError(
-                f"--resume: --out {out} holds {what}, made with another recipe; resume with that recipe, "
-                "or start over with --force"
+                f"--resume: the recipe differs from the one {out / RUN_FILE} was written with: "
+                f"{diffs[0] if diffs else 'its hash'}{more}; resume with that recipe, or start over with "
+                "--force"
             )
         return earlier
     if not force:

@@ -42,6 +42,7 @@ from prunekit.files import atomic_write_bytes, safetensors_metadata
 from prunekit.jobs import recipe
 from prunekit.jobs.run import run_recipe
 from prunekit.jobs.structured import load_model_spec
+from prunekit.limits import check_input
 from prunekit.quant.ptq import quantize_model
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ def _run_recipe(rec, out: Path) -> Path:
 
     run_dir = out / "run"
     log.info("bench: running recipe %s into %s first", rec.name, run_dir)
-    run_recipe(rec, run_dir, progress=False)
+    run_recipe(rec, run_dir, progress=False, force=True)  # OUT/run is bench's own: rerunning replaces it
     return run_dir
 
 
@@ -279,6 +280,8 @@ def bench(
         if v.startswith("compiled"):
             twin = v.replace("compiled", "pruned")
             base.setdefault(twin, load_variant(source, twin))
+    for model in base.values():  # the largest batch, before any example is allocated
+        check_input(model, (max(batches), *source.sample_shape), f"--batch {max(batches)} x --input-shape")
     workdir = tempfile.TemporaryDirectory(prefix="prunekit-bench-")
     found = _baselines(source, [v for v in variants if v in BASELINES], workdir.name)
     reasons = {b.name: b.skipped for b in found if b.skipped}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +21,7 @@ from prunekit.export.c.harness import harness_source, makefile
 from prunekit.export.c.ir import IntGraph
 from prunekit.export.c.lower import lower
 from prunekit.export.c.storage import MODES, choose
-from prunekit.files import atomic_write_json, atomic_write_text
+from prunekit.files import atomic_write_text, read_sealed_json, write_sealed_json
 from prunekit.quant.rounding import quantize_activation
 
 
@@ -128,10 +128,23 @@ def export_c(
         raise PrunekitError(f"--out {out} exists and is not a directory")
     for fname, text in files.items():
         atomic_write_text(out / fname, text)
-    atomic_write_json(out / "budget.json", result)
+    # the budget names the exact files it describes, and is sealed with its own SHA-256 (load_budget)
+    result["files_sha256"] = {
+        f: hashlib.sha256(t.encode("utf-8")).hexdigest() for f, t in sorted(files.items())
+    }
+    write_sealed_json(out / "budget.json", result)
     result["files"] = sorted([*files, "budget.json"])
     return result
 
 
 def load_budget(out: str | Path) -> dict[str, Any]:
-    return json.loads((Path(out) / "budget.json").read_text())
+    """``out/budget.json`` after checking it is intact and still describes the files beside it."""
+    out = Path(out)
+    budget = read_sealed_json(out / "budget.json", "C export budget")
+    for fname, digest in (budget.get("files_sha256") or {}).items():
+        path = out / fname
+        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            raise PrunekitError(
+                f"C export budget: {path} is missing or changed since the export it describes"
+            )
+    return budget

@@ -399,7 +399,7 @@ def gelu(a, i0, i1):
 # -- int8 glue: no fastmath, these must round exactly like prunekit.quant.layers -------------------------
 @_jit(fastmath=False)
 def dynamic_scale(x):
-    """``max|x| / 127`` in float32, 1 when ``x`` is all zero (prunekit.quant.layers.quantize_activation)."""
+    """``max|x| / 127`` in float32, 1 when ``x`` is all zero (prunekit.quant.rounding.quantize_activation)."""
     top = np.float32(0.0)
     for v in x:
         a = abs(v)

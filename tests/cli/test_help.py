@@ -1,7 +1,7 @@
-"""Every command's --help, rendered, follows one convention (prunekit.cli.help_style): value names in
-lower-case words (no Python types, nothing after an on/off flag), argument names in lower case, option names in
-lower-case kebab case, no space before punctuation, and every help text shown whole (typer's rich markup
-used to swallow a "[default: ...]" written in a help text)."""
+"""Every command's --help, rendered, follows one convention (prunekit.cli.help_style): value names
+in lower-case words (no Python types, nothing after an on/off flag), argument names in lower case,
+option names in lower-case kebab case, no space before punctuation, and every help text shown whole
+(typer's rich markup used to swallow a "[default: ...]" written in a help text)."""
 
 from __future__ import annotations
 

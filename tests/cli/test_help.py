@@ -58,6 +58,40 @@ def test_help_follows_the_conventions(path, command):
 
 def test_flags_show_no_value_and_values_are_words():
     text = CliRunner().invoke(app, ["bench", "--help"], prog_name="prunekit", terminal_width=120).output
-    assert re.search(r"--no-memory\s+Skip", text)  # a flag: nothing between the name and its help
+    assert re.search(r"--memory / --no-memory\s+Measure", text)  # a flag: no value name after it
     assert re.search(r"--runs integer\s", text) and re.search(r"--out path\s", text)
     assert "{artifact_or_recipe}" in text.splitlines()[0]
+
+
+# the same idea has one name everywhere; the old spellings still parse
+ALIASES = {
+    ("analyze", "classes"): ("--class-drop", "--threshold"),
+    ("analyze", "sweep"): ("--runs", "--latency-runs"),
+    ("analyze", "sensitivity"): ("--calib-batches", "--calibration-batches"),
+}
+
+
+@pytest.mark.parametrize("path,names", list(ALIASES.items()), ids=[" ".join(p) for p in ALIASES])
+def test_renamed_options_keep_their_old_names(path, names):
+    command = ROOT
+    for part in path:
+        command = command.commands[part]
+    owners = [p for p in command.params if names[0] in getattr(p, "opts", [])]
+    assert len(owners) == 1 and names[1] in owners[0].opts
+
+
+def test_on_off_options_are_pairs():
+    for path, command in COMMANDS:
+        for param in command.params:
+            for opt in getattr(param, "opts", []):
+                if opt.startswith("--no-"):
+                    pytest.fail(f"{' '.join(path)}: {opt} is a lone negative; use --x/--no-x")
+            for opt in getattr(param, "secondary_opts", []):
+                assert opt.startswith("--no-"), (path, opt)
+
+
+def test_quiet_has_its_short_form_everywhere():
+    for path, command in COMMANDS:
+        for param in command.params:
+            if "--quiet" in getattr(param, "opts", []):
+                assert "-q" in param.opts, " ".join(path)

@@ -391,10 +391,11 @@ def table(result: dict[str, Any]) -> str:
     ]
     for r in result["rows"]:
         rss = result["peak_rss_mb"].get(r["variant"])
+        peak = "-" if not rss else f"{rss['peak_rss_mb']:.0f}"  # "-": not measured (--no-memory)
         lines.append(
             f"{r['variant']:<17} {r['threads']:>3} {r['batch']:>5} {r['p50_ms']:>9.3f} {r['p99_ms']:>9.3f} "
             f"{r['mean_ms']:>9.3f} {r['throughput_per_s']:>10.0f} {r['p50_vs_first']:>15.2f}x "
-            f"{result['size_bytes'][r['variant']]:>10,} {rss['peak_rss_mb'] if rss else float('nan'):>11.0f}"
+            f"{result['size_bytes'][r['variant']]:>10,} {peak:>11}"
         )
     lines.append(
         f"{result['runs']} timed runs per variant and setting after {result['warmup']} warm-up runs, "

@@ -30,6 +30,7 @@ def bench(
     memory: bool = typer.Option(
         True, "--memory/--no-memory", help="Measure peak RSS (one probe process per variant)."
     ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Latency p50/p99/mean, throughput, peak RSS and size of dense, pruned, pruned+INT8 and compiled."""
     from prunekit.files import atomic_write_json
@@ -45,6 +46,7 @@ def bench(
         runs,
         variants=chosen,
         memory=memory,
+        progress=not quiet,
     )
     atomic_write_json(out / "bench.json", result)
     bench_mod.chart(result, out / "bench.png")

@@ -32,7 +32,7 @@ from prunekit.runtime.gemv_formats import (
     NM_PATTERNS,
     ROW_GROUP,
     GemvWeight,
-    block_fill,
+    block_stats,
     check_values,
     nm_chunk,
     nm_fits,
@@ -45,6 +45,7 @@ from prunekit.runtime.gemv_formats import (
 
 ACTIVATIONS = ("float32", "int8")
 MIN_BLOCK_FILL = 0.5  # a block layout storing more than twice the non-zeros cannot beat CSR or dense
+MIN_BLOCK_EMPTY = 0.25  # nor one that skips less than a quarter of the blocks (e.g. 2:4 in 4x1 blocks)
 MIN_CSR_SPARSITY = 0.4  # below this the dense kernel streams fewer bytes than CSR's 6 per non-zero
 _EMPTY = np.zeros(0, np.float32)
 
@@ -248,7 +249,8 @@ def label(layout: str, activations: str = "float32") -> str:
 
 def candidates(module: nn.Module, values: str = "float32", activations: str = "float32") -> dict:
     """Layouts worth timing for ``module`` at batch 1, as ``label -> factory``: always ``dense``, a block
-    layout when the zeros come in R x 1 blocks (at least half of each stored block non-zero), N:M when the
+    layout when the zeros come in R x 1 blocks (a quarter of the blocks empty, half of each kept block
+    non-zero), N:M when the
     weight is 2:4 (else 4:8), CSR-4 from 40% sparsity; with ``activations="int8"`` (int8 values) the
     exact-int8 block kernels too."""
     weight = out_in_weight(module)
@@ -260,9 +262,9 @@ def candidates(module: nn.Module, values: str = "float32", activations: str = "f
     sparsity = 1.0 - nz / weight.numel()
     if inn > MAX_COLUMNS or sparsity == 0.0:
         return made
-    fills = {r: block_fill(weight, r) for r in BLOCK_ROWS}
     for r in BLOCK_ROWS:
-        if fills[r] >= MIN_BLOCK_FILL:
+        fill, empty = block_stats(weight, r)
+        if fill >= MIN_BLOCK_FILL and empty >= MIN_BLOCK_EMPTY:
             made[label(f"block{r}")] = lambda r=r: GemvLinear(module, f"block{r}", values)
             if activations == "int8" and values == "int8":
                 made[label(f"block{r}", "int8")] = lambda r=r: GemvLinear(module, f"block{r}", values, "int8")

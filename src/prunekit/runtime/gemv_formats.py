@@ -104,11 +104,13 @@ def pack_dense(weight: torch.Tensor, values: str = "float32") -> GemvWeight:
     return GemvWeight("dense", values, tuple(stored.shape), stored.shape[0], {"w": stored}, scale, eff)
 
 
-def block_fill(weight: torch.Tensor, rows: int) -> float:
-    """Non-zeros over the weights an R x 1 block layout stores (1: every kept block full)."""
+def block_stats(weight: torch.Tensor, rows: int) -> tuple[float, float]:
+    """``(fill, empty)`` of an R x 1 block layout: non-zeros over the weights it stores (1: every kept block
+    full), and the fraction of blocks it skips."""
     w = _pad_rows(weight.detach().numpy() != 0, rows)
-    kept = w.reshape(w.shape[0] // rows, rows, -1).any(axis=1).sum()
-    return float(w.sum() / (kept * rows)) if kept else 1.0
+    tiles = w.reshape(w.shape[0] // rows, rows, -1).any(axis=1)
+    kept = int(tiles.sum())
+    return (float(w.sum() / (kept * rows)) if kept else 1.0), 1.0 - kept / max(tiles.size, 1)
 
 
 def pack_block(weight: torch.Tensor, rows: int, values: str = "float32") -> GemvWeight:

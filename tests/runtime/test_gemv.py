@@ -299,3 +299,39 @@ def test_compile_on_cuda_runs_2_4_layers_semi_structured_when_faster():
         chosen = compiled.get_submodule(d.name)
         assert isinstance(chosen, cuda.SemiStructuredLinear) == (d.chosen == "2:4-sparse")
         assert d.chosen == "dense" or d.candidates[d.chosen] < d.dense_us
+
+
+# -- the compressed file's layouts, run as stored ------------------------------------------------------------
+@pytest.mark.parametrize(
+    "how, spec, encodings, layout",
+    [("block", "block:8x1@0.7", {"block"}, "block8"), ("2:4", "2:4", {"nm", "bitmask"}, "nm2:4")],
+)
+def test_a_compressed_llm_runs_its_stored_layouts(tmp_path, how, spec, encodings, layout):
+    """Blocks run from the stored arrays; 2:4 (where int8 bitmask and slots cost the same bytes, and the tie
+    goes to the bitmask) from the positions either holds."""
+    from prunekit.compress.container import read_header, save_compressed
+    from prunekit.spec import parse
+
+    torch.manual_seed(8)
+    model = prune_blocks(llama(), how)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n]
+    specs = {f"{n}.weight": parse(spec).to_dict() for n in names}
+    path = save_compressed(model, tmp_path / "m.safetensors", "int8", specs=specs)
+    header = read_header(path)["tensors"]
+    assert {header[f"{n}.weight"]["encoding"] for n in names} <= encodings
+    served = gemv.from_compressed(llama(), path)
+    layers = {n: served.get_submodule(n) for n in names}
+    assert all(isinstance(m, GemvLinear) and m.values == "int8" for m in layers.values())
+    assert {m.layout for m in layers.values()} == {layout}
+    # the same tokens as the model with the int8-rounded weights (what the file holds), uncompiled
+    rounded = llama()
+    rounded.load_state_dict(served.state_dict(), strict=False)
+    for n, m in served.named_modules():
+        if isinstance(m, GemvLinear):  # the decoder's and the lm_head's int8-rounded weights
+            rounded.get_submodule(n).weight.data.copy_(m.weight)
+    ids = torch.randint(0, 128, (1, 6))
+    with torch.inference_mode():
+        assert torch.equal(
+            served.generate(ids, max_new_tokens=8, do_sample=False),
+            rounded.generate(ids, max_new_tokens=8, do_sample=False),
+        )

@@ -73,6 +73,13 @@ def _nm_of(spec: Mapping | None) -> tuple[int, int] | None:
     return None
 
 
+def _block_rows_of(spec: Mapping | None) -> int | None:
+    """R of an R x 1 block spec (the batch-1 kernels' layout), else None."""
+    if spec and spec.get("type") == "block" and list(spec["shape"])[1:] == [1]:
+        return int(spec["shape"][0])
+    return None
+
+
 def encode_state(
     state: Mapping[str, torch.Tensor],
     value_dtype: str = "keep",
@@ -102,7 +109,8 @@ def encode_state(
             t = t.to(target)
         if t.is_floating_point():
             t = torch.where(t == 0, torch.zeros((), dtype=t.dtype), t)  # -0.0 -> +0.0, see encodings
-        enc: Encoded = smallest(t, _nm_of(specs.get(name)), encodings)
+        spec = specs.get(name)
+        enc: Encoded = smallest(t, _nm_of(spec), encodings, _block_rows_of(spec))
         for part, value in enc.parts.items():
             tensors[f"{name}{_SEP}{part}"] = value
         entry.update(
@@ -174,34 +182,57 @@ def read_header(path: str | Path) -> dict[str, Any]:
     return header
 
 
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor as the file holds it (checked against its SHA-256): its encoding and parts, the decoded
+    tensor, and the int8 scales (None for other values)."""
+
+    encoded: Encoded
+    tensor: torch.Tensor
+    scale: torch.Tensor | None
+    source_dtype: torch.dtype
+
+
 def load_compressed(path: str | Path, dequantize_int8: bool = True) -> dict[str, torch.Tensor]:
     """Decode every tensor, checking each against its SHA-256. int8 weights come back as float32
     (``q * scale``) unless ``dequantize_int8=False``, which returns the int8 tensors (and ``name::scale``)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, st in load_stored(path).items():
+        if st.scale is not None and dequantize_int8:
+            out[name] = dequantize(st.tensor, st.scale, st.source_dtype)
+            continue
+        if st.scale is not None:
+            out[f"{name}{_SEP}scale"] = st.scale
+        out[name] = st.tensor
+    return out
+
+
+def load_stored(path: str | Path) -> dict[str, StoredTensor]:
+    """Every tensor with its stored encoding (e.g. the R x 1 blocks a batch-1 kernel runs as they are),
+    each checked against its SHA-256."""
     path = Path(path)
     header = read_header(path)
     try:
         stored = st_load(path.read_bytes())
     except Exception as exc:  # safetensors raises its own error types for a damaged body
         raise ArtifactCorrupted(f"{path}: damaged or truncated ({type(exc).__name__}: {exc})") from None
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, StoredTensor] = {}
     for name, entry in header["tensors"].items():
         try:
             parts = {p: stored[f"{name}{_SEP}{p}"] for p in entry["parts"]}
             dtype = getattr(torch, entry["dtype"])
-            tensor = decode(Encoded(entry["encoding"], parts, entry["params"]), tuple(entry["shape"]), dtype)
+            encoded = Encoded(entry["encoding"], parts, entry["params"])
+            tensor = decode(encoded, tuple(entry["shape"]), dtype)
         except (KeyError, RuntimeError, ValueError, IndexError) as exc:
             raise ArtifactCorrupted(f"{path}: tensor '{name}' cannot be decoded ({exc})") from None
         if tensor.dtype != dtype or _sha256(tensor) != entry["sha256"]:
             raise ArtifactCorrupted(f"{path}: tensor '{name}' does not match its SHA-256")
+        scale = None
         if "scale_sha256" in entry:
             scale = stored.get(f"{name}{_SEP}scale")
             if scale is None or _sha256(scale) != entry["scale_sha256"]:
                 raise ArtifactCorrupted(f"{path}: the scales of '{name}' do not match their SHA-256")
-            if dequantize_int8:
-                tensor = dequantize(tensor, scale, getattr(torch, entry["source_dtype"]))
-            else:
-                out[f"{name}{_SEP}scale"] = scale
-        out[name] = tensor
+        out[name] = StoredTensor(encoded, tensor, scale, getattr(torch, entry["source_dtype"]))
     return out
 
 

@@ -14,12 +14,16 @@ quantize the activation vector per call (prunekit's rounding rule) and sum in ex
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prunekit.calib.blocks import out_in_weight
+from prunekit.compress.container import StoredTensor, load_stored
 from prunekit.errors import PrunekitError
 from prunekit.masking import type_name
 from prunekit.quant.rounding import quantize_activation, quantize_int8
@@ -32,6 +36,7 @@ from prunekit.runtime.gemv_formats import (
     NM_PATTERNS,
     ROW_GROUP,
     GemvWeight,
+    block_from_parts,
     block_stats,
     check_values,
     nm_chunk,
@@ -86,10 +91,30 @@ class GemvLinear(nn.Module):
             raise PrunekitError(f"GemvLinear wraps nn.Linear or Conv1D, got {type(module).__name__}")
         check_decode_options(values, activations)
         weight = out_in_weight(module).to(torch.float32)
-        self.out_features, self.in_features = weight.shape
-        self.layout, self.values, self.activations = layout, values, activations
-        self.packed = self._pack(weight, layout, values, activations, vnni)
-        bias = module.bias
+        self._setup(self._pack(weight, layout, values, activations, vnni), module.bias, layout, activations)
+
+    @classmethod
+    def from_packed(
+        cls, packed: GemvWeight, bias: Tensor | None = None, layout: str | None = None
+    ) -> GemvLinear:
+        """A layer on an already packed weight (e.g. read from a compressed file as stored); float
+        activations."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        if layout is None:
+            kind = packed.layout
+            layout = {
+                "block": f"block{packed.params.get('rows')}",
+                "nm": f"nm{packed.params.get('m', 4) // 2}:{packed.params.get('m', 4)}",
+            }.get(kind, kind)
+        layer._setup(packed, bias, layout, "float32")
+        return layer
+
+    def _setup(self, packed: GemvWeight, bias: Tensor | None, layout: str, activations: str) -> None:
+        self.out_features, self.in_features = packed.shape
+        self.layout, self.values, self.activations = layout, packed.values, activations
+        self.packed = packed
+        weight = packed.effective
         self.bias_np = (
             _EMPTY
             if bias is None
@@ -277,3 +302,88 @@ def candidates(module: nn.Module, values: str = "float32", activations: str = "f
     if sparsity >= MIN_CSR_SPARSITY:
         made[label("csr4")] = lambda: GemvLinear(module, "csr4", values)
     return made
+
+
+def _stored_values(st: StoredTensor) -> tuple[str, Tensor]:
+    """(value type, dense float32 weight) of a stored tensor: int8 with its scales, bfloat16, else float32."""
+    if st.scale is not None:
+        return "int8", st.tensor.to(torch.float32) * st.scale[:, None]
+    if st.tensor.dtype == torch.bfloat16:
+        return "bfloat16", st.tensor.to(torch.float32)
+    return "float32", st.tensor.to(torch.float32)
+
+
+def _layer_from_stored(module: nn.Module, st: StoredTensor) -> GemvLinear:
+    values, dense = _stored_values(st)
+    enc = st.encoded
+    if enc.encoding == "block" and isinstance(module, nn.Linear):  # the stored layout is the kernel's
+        rows = int(enc.params["rows"])
+        stored = enc.parts["values"]
+        vals = stored.view(torch.int16).numpy().view(np.uint16) if values == "bfloat16" else stored.numpy()
+        if values == "float32":
+            vals = vals.astype(np.float32)
+        scale = np.zeros(0, np.float32) if st.scale is None else st.scale.numpy().astype(np.float32)
+        packed = block_from_parts(
+            vals,
+            enc.parts["indptr"].numpy(),
+            enc.parts["indices"].numpy(),
+            rows,
+            tuple(dense.shape),
+            values,
+            scale,
+            dense,
+        )
+        return GemvLinear.from_packed(packed, module.bias)
+    weight = dense if isinstance(module, nn.Linear) else dense.T  # Conv1D stores (in, out)
+    probe = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    probe.weight.data = weight
+    # N:M positions are in the file either way: at exactly N:M a bitmask costs the same bytes as the slots
+    isa = nm_isa()
+    if (
+        enc.encoding in ("nm", "bitmask", "csr")
+        and isa is not None
+        and weight.shape[1] % nm_chunk(isa)[1] == 0
+    ):
+        for m in NM_PATTERNS:
+            if nm_fits(weight, m):
+                return _with_bias(GemvLinear(probe, f"nm{m // 2}:{m}", values), module)
+    sparse = enc.encoding in ("bitmask", "csr") and weight.shape[1] <= MAX_COLUMNS
+    return _with_bias(GemvLinear(probe, "csr4" if sparse else "dense", values), module)
+
+
+def _with_bias(layer: GemvLinear, module: nn.Module) -> GemvLinear:
+    if module.bias is not None:
+        layer.bias = module.bias.detach().to(torch.float32).clone()
+        layer.bias_np = np.pad(layer.bias.numpy(), (0, layer.packed.rows - layer.out_features))
+        if layer.activations == "int8":
+            layer._bias_out = layer.bias_np
+        layer._bind()
+    return layer
+
+
+def from_compressed(model: nn.Module, path: str | Path) -> nn.Module:
+    """A copy of ``model`` holding the weights of a compressed file (``prunekit compress``): every Linear
+    stored as R x 1 blocks runs the block kernel on the stored arrays as they are, N:M ones the N:M kernel
+    (slots interleaved at load), other sparse ones CSR-4, dense ones the dense kernel, in the stored value
+    type (int8 with its scales, bfloat16, float32); every other tensor is loaded (int8 dequantized). For
+    serving at batch 1 without compile's timing; ``model`` is not changed."""
+    stored = load_stored(path)
+    out = copy.deepcopy(model).eval()
+    state = {
+        name: _stored_values(st)[1] if st.scale is not None else st.tensor for name, st in stored.items()
+    }
+    own = out.state_dict()
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        raise PrunekitError(f"{path}: tensors not in the model: {', '.join(unknown[:5])}")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            own[name].copy_(tensor.to(own[name].dtype).reshape(own[name].shape))
+    for name, module in list(out.named_modules()):
+        key = f"{name}.weight"
+        if is_linear(module) and key in stored:
+            parent, _, child = name.rpartition(".")
+            setattr(
+                out.get_submodule(parent) if parent else out, child, _layer_from_stored(module, stored[key])
+            )
+    return out

@@ -225,3 +225,27 @@ def pack_block_vnni(weight: torch.Tensor, rows: int) -> GemvWeight:
         eff,
         {"rows": rows},
     )
+
+
+def block_from_parts(
+    values: np.ndarray,
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    rows: int,
+    shape: tuple[int, int],
+    value_type: str,
+    scale: np.ndarray,
+    effective: torch.Tensor,
+) -> GemvWeight:
+    """The block layout straight from the compressed format's ``block`` parts (the same order: per
+    block-row its kept columns ascending, R values each), without re-packing: only the index types widen
+    to the kernel's (int64 pointers, uint16 columns)."""
+    out, inn = shape
+    if inn > MAX_COLUMNS:
+        raise PrunekitError(f"block layout: {inn} inputs exceed the uint16 column index ({MAX_COLUMNS})")
+    arrays = {
+        "ptr": np.ascontiguousarray(indptr, dtype=np.int64),
+        "idx": np.ascontiguousarray(indices, dtype=np.uint16),
+        "vals": np.ascontiguousarray(values),
+    }
+    return GemvWeight("block", value_type, (out, inn), out, arrays, scale, effective, {"rows": rows})

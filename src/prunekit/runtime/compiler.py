@@ -190,8 +190,8 @@ def _candidates(
         from prunekit.runtime import gemv
 
         out = gemv.candidates(module, decode.values, decode.activations)
-        if decode.exact_weights and isinstance(module, nn.Linear):
-            out["rows"] = lambda: L.SparseLinear(module, "rows")
+        if decode.exact_weights and isinstance(module, nn.Linear) and gemv.label("csr4") in out:
+            out["rows"] = lambda: L.SparseLinear(module, "rows")  # the earlier CSR kernel, for comparison
         return out, ""
     if type_name(module) == "Conv1D":
         return {}, "Conv1D runs sparse kernels at batch 1 only"

@@ -232,21 +232,24 @@ class GemvLinear(nn.Module):
         return y
 
     def forward(self, x: Tensor) -> Tensor:
+        # the common decode case first, with as few tensor calls as possible: at batch 1 the glue around a
+        # small layer's kernel costs about as much as the kernel
+        if (
+            x.numel() == self.in_features
+            and x.dtype == torch.float32
+            and x.is_cpu
+            and not x.requires_grad
+            and x.is_contiguous()
+            and x.shape[-1] == self.in_features
+        ):
+            y = self.gemv(x.numpy().reshape(-1))[: self.out_features]
+            return torch.from_numpy(y.reshape(*x.shape[:-1], self.out_features))
         if x.shape[-1] != self.in_features:
             raise PrunekitError(f"GemvLinear expects inputs (..., {self.in_features}), got {tuple(x.shape)}")
-        if (
-            x.numel() != self.in_features
-            or x.device.type != "cpu"
-            or (torch.is_grad_enabled() and x.requires_grad)
-        ):
+        if x.numel() != self.in_features or not x.is_cpu or (torch.is_grad_enabled() and x.requires_grad):
             return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        if x.dtype == torch.float32 and x.is_contiguous():
-            flat = x.detach().numpy().reshape(-1)
-        else:
-            flat = x.detach().to(torch.float32).contiguous().numpy().reshape(-1)
-        y = self.gemv(flat)[: self.out_features].reshape(*x.shape[:-1], self.out_features)
-        out = torch.from_numpy(y)
-        return out if x.dtype == torch.float32 else out.to(x.dtype)
+        y = self.gemv(x.detach().to(torch.float32).contiguous().numpy().reshape(-1))[: self.out_features]
+        return torch.from_numpy(y.reshape(*x.shape[:-1], self.out_features)).to(x.dtype)
 
     def reference(self, x: Tensor) -> Tensor:
         """What a batch-1 call computes, in torch: ``F.linear`` on the weights the layout holds; with int8

@@ -16,6 +16,7 @@ Without CUDA it prints why and exits 0, so it can stand in any benchmark run.
 from __future__ import annotations
 
 import argparse
+import inspect
 import statistics
 import sys
 import time
@@ -74,10 +75,11 @@ def layers(dtype: torch.dtype) -> None:
                 continue
             sparse = SemiStructuredLinear(lin)
             with torch.inference_mode():
-                us = timed({"dense": lambda: lin(x), "2:4": lambda: sparse(x)})
+                us = timed({"dense": lambda lin=lin, x=x: lin(x), "2:4": lambda s=sparse, x=x: s(x)})
                 err = (sparse(x) - lin(x)).abs().max().item() / max(lin(x).abs().max().item(), 1e-30)
+            ratio = us["dense"] / us["2:4"]
             print(
-                f"| {label} | {tokens} | {us['dense']:.1f} | {us['2:4']:.1f} | {us['dense'] / us['2:4']:.2f}x "
+                f"| {label} | {tokens} | {us['dense']:.1f} | {us['2:4']:.1f} | {ratio:.2f}x "
                 f"| rel. err {err:.1e} |"
             )
 
@@ -129,9 +131,7 @@ def decode(dtype: torch.dtype, new_tokens: int, model_path: str | None) -> None:
         def decode(self, prompt, n):
             ids = torch.tensor([prompt], device="cuda")
             key = (
-                "cache"
-                if "cache" in __import__("inspect").signature(self.model.forward).parameters
-                else "past_key_values"
+                "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
             )
             with torch.inference_mode():
                 out = self.model(input_ids=ids, use_cache=True)
@@ -151,9 +151,9 @@ def decode(dtype: torch.dtype, new_tokens: int, model_path: str | None) -> None:
         "all 2:4 forced": Cuda(forced),
     }
     samples = {n: [] for n in variants}
-    for n, d in variants.items():
+    for d in variants.values():
         d.decode(prompt, 4)
-    for r in range(3):
+    for _ in range(3):
         for n, d in variants.items():
             samples[n] += d.decode(prompt, new_tokens)[1]
     base = statistics.median(samples["dense"])

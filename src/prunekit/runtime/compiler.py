@@ -257,7 +257,12 @@ def _time(
         t0 = time.perf_counter()
         fn()
         one[name] = time.perf_counter() - t0
-    reps = int(min(max_reps, max(min_reps, budget_s / max(sum(one.values()), 1e-9))))
+    per_round = sum(one.values())
+    if flush is not None:  # the budget covers the flushes too: each costs far more than a decode kernel
+        t0 = time.perf_counter()
+        flush()
+        per_round += len(fns) * (time.perf_counter() - t0)
+    reps = int(min(max_reps, max(min_reps, budget_s / max(per_round, 1e-9))))
     samples: dict[str, list[float]] = {name: [] for name in fns}
     order, rng = list(fns), random.Random(0)
     for _ in range(reps):

@@ -156,8 +156,8 @@ class _Builder:
         if kind == "bf16":
             wide = self.b.shl(self.b.zext(v, _vec(_I32, n)), ir.Constant(_vec(_I32, n), [16] * n))
             return self.b.bitcast(wide, _vec(_F32, n))
-        if kind == "i8":
-            return self.b.sitofp(v, _vec(_F32, n))
+        if kind == "i8":  # through int32 lanes: vpmovsxbd + vcvtdq2ps
+            return self.b.sitofp(self.b.sext(v, _vec(_I32, n)), _vec(_F32, n))
         return v
 
     def add(self, a: ir.Value, b: ir.Value) -> ir.Value:

@@ -79,6 +79,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--budget", type=float, default=0.05, help="compile: timing seconds per layer")
+    ap.add_argument("--min-reps", type=int, default=3, help="compile: least timed calls per candidate")
     ap.add_argument("--no-llama-cpp", action="store_true")
     args = ap.parse_args()
 
@@ -119,7 +120,7 @@ def main() -> None:
                 gguf, threads, len(prompt) + args.new_tokens + 8
             )
             sizes["llama.cpp Q4_1 (dense)"] = int(sizes["torch f32 (dense)"] * 0.625 / 4)  # 20 bytes / 32
-        compiled_dense = runtime.compile(dense, example, budget_s=args.budget)
+        compiled_dense = runtime.compile(dense, example, budget_s=args.budget, min_reps=args.min_reps)
         decoders["prunekit dense f32 (dense)"] = TorchDecoder(compiled_dense)
         sizes["prunekit dense f32 (dense)"] = streamed_bytes(compiled_dense)
         reference: dict[str, list[int]] = {}
@@ -127,7 +128,9 @@ def main() -> None:
             reference[name] = TorchDecoder(model).decode(prompt, args.new_tokens)[0]
             for values in ("float32", "int8"):
                 start = time.perf_counter()
-                compiled = runtime.compile(model, example, values=values, budget_s=args.budget)
+                compiled = runtime.compile(
+                    model, example, values=values, budget_s=args.budget, min_reps=args.min_reps
+                )
                 seconds = time.perf_counter() - start
                 chosen: dict[str, int] = {}
                 for d in runtime.report(compiled).layers:

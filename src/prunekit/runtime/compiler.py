@@ -189,10 +189,8 @@ def _candidates(
     if _batch1_linear(module, x):  # one activation vector: the decode kernels
         from prunekit.runtime import gemv
 
-        out = gemv.candidates(module, decode.values, decode.activations)
-        if decode.exact_weights and isinstance(module, nn.Linear) and gemv.label("csr4") in out:
-            out["rows"] = lambda: L.SparseLinear(module, "rows")  # the earlier CSR kernel, for comparison
-        return out, ""
+        # (the earlier "rows" CSR kernel is not offered here: csr4 does the same with fewer loads)
+        return gemv.candidates(module, decode.values, decode.activations), ""
     if type_name(module) == "Conv1D":
         return {}, "Conv1D runs sparse kernels at batch 1 only"
     quantized = isinstance(module, (QuantizedLinear, QuantizedConv2d))

@@ -27,8 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
+from torch.ao.quantization import quantize_dynamic
 
 from prunekit.analysis.decode import TorchDecoder, agreement, interleaved
 from prunekit.errors import PrunekitError
@@ -87,8 +89,6 @@ class LlamaCppDecoder:
 
     def perplexity(self, windows: torch.Tensor) -> float:
         """exp of the mean next-token NLL over the windows, as prunekit.llm.perplexity computes it."""
-        import numpy as np
-
         total, count = 0.0, 0
         for row in windows.tolist():
             self.llm.reset()
@@ -116,8 +116,6 @@ def _gguf_for(model_path: str | None, settings: BenchSettings) -> str | None:
 
 
 def _torch_int8(model: nn.Module) -> nn.Module:
-    from torch.ao.quantization import quantize_dynamic
-
     return quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
 
 

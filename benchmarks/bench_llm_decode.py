@@ -81,6 +81,10 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=0.05, help="compile: timing seconds per layer")
     ap.add_argument("--min-reps", type=int, default=3, help="compile: least timed calls per candidate")
     ap.add_argument("--no-llama-cpp", action="store_true")
+    ap.add_argument("--specs", default=",".join(DEFAULT_PRUNED), help="default pruned models to build")
+    ap.add_argument("--values", default="float32,int8", help="compiled value types (comma list)")
+    ap.add_argument("--hot", action="store_true", help="compile with cold=False (faster)")
+    ap.add_argument("--no-prunekit-dense", action="store_true", help="skip compiling the dense model")
     args = ap.parse_args()
 
     from prunekit.jobs.llm_bench import LlamaCppDecoder, llama_cpp_available
@@ -95,7 +99,12 @@ def main() -> None:
         name, _, path = item.partition("=")
         pruned[name] = load_causal_lm(path)[0]
     if not pruned:
+        unknown = set(args.specs.split(",")) - set(DEFAULT_PRUNED)
+        if unknown:
+            raise SystemExit(f"--specs: unknown {sorted(unknown)}; allowed: {', '.join(DEFAULT_PRUNED)}")
         for name, spec in DEFAULT_PRUNED.items():
+            if name not in args.specs.split(","):
+                continue
             pruned[name] = copy.deepcopy(dense)
             prune_llm(pruned[name], None, LLMPruneConfig("magnitude", spec))
     f = features()
@@ -120,16 +129,20 @@ def main() -> None:
                 gguf, threads, len(prompt) + args.new_tokens + 8
             )
             sizes["llama.cpp Q4_1 (dense)"] = int(sizes["torch f32 (dense)"] * 0.625 / 4)  # 20 bytes / 32
-        compiled_dense = runtime.compile(dense, example, budget_s=args.budget, min_reps=args.min_reps)
-        decoders["prunekit dense f32 (dense)"] = TorchDecoder(compiled_dense)
-        sizes["prunekit dense f32 (dense)"] = streamed_bytes(compiled_dense)
+        cold = False if args.hot else None
+        if not args.no_prunekit_dense:
+            compiled_dense = runtime.compile(
+                dense, example, budget_s=args.budget, min_reps=args.min_reps, cold=cold
+            )
+            decoders["prunekit dense f32 (dense)"] = TorchDecoder(compiled_dense)
+            sizes["prunekit dense f32 (dense)"] = streamed_bytes(compiled_dense)
         reference: dict[str, list[int]] = {}
         for name, model in pruned.items():
             reference[name] = TorchDecoder(model).decode(prompt, args.new_tokens)[0]
-            for values in ("float32", "int8"):
+            for values in args.values.split(","):
                 start = time.perf_counter()
                 compiled = runtime.compile(
-                    model, example, values=values, budget_s=args.budget, min_reps=args.min_reps
+                    model, example, values=values, budget_s=args.budget, min_reps=args.min_reps, cold=cold
                 )
                 seconds = time.perf_counter() - start
                 chosen: dict[str, int] = {}

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from fixtures.cli import call_main
+from fixtures.cli import assert_one_line_error, call_main
 from prunekit.analysis.decode import agreement
 from prunekit.errors import PrunekitError
 from prunekit.jobs.llm_bench import BenchSettings, run_bench
@@ -48,3 +48,17 @@ def test_cli_prints_the_table_and_json(model_dir, monkeypatch, capsys):
     assert code == 0 and {r["variant"] for r in json.loads(out)["rows"]} == {"dense-f32", "compiled-f32"}
     code, _, err = call_main(monkeypatch, capsys, "llm", "bench", "--model", str(model_dir), "--threads", "x")
     assert code == 2 and "--threads" in err
+
+
+def test_bad_input_files_are_one_line(model_dir, tmp_path, monkeypatch, capsys):
+    only = dict(SMALL, variants=("dense-f32", "llama.cpp"))
+    with pytest.raises(PrunekitError, match="--gguf .*no such file"):
+        run_bench(str(model_dir), BenchSettings(gguf=str(tmp_path / "missing.gguf"), **only))
+    short = tmp_path / "short.txt"
+    short.write_text("hi", encoding="utf-8")
+    with pytest.raises(PrunekitError, match="fewer than --prompt-tokens"):
+        run_bench(str(model_dir), BenchSettings(text_file=str(short), **only))
+    capsys.readouterr()  # the loads above printed progress bars
+    code, _, err = call_main(monkeypatch, capsys, "llm", "bench", "--model", str(tmp_path / "nowhere"))
+    assert code != 0
+    assert_one_line_error(err, "nowhere")

@@ -253,7 +253,8 @@ def test_compile_does_not_chain_rows_kernels_or_other_modules(monkeypatch):
     monkeypatch.setattr(compiler, "_time", _prefer("rows"))
     torch.manual_seed(7)
     model = squash(prune_all(nn.Sequential(nn.Linear(20, 30), nn.GELU(), nn.Linear(30, 10))))
-    fast = rt.compile(model, torch.randn(2, 20))  # (batch 1 goes to the decode layouts, prunekit.runtime.gemv)
+    # batch 2: batch 1 goes to the decode layouts (prunekit.runtime.gemv)
+    fast = rt.compile(model, torch.randn(2, 20))
     assert [type(m) for m in fast] == [SparseLinear, nn.GELU, SparseLinear]
     monkeypatch.setattr(compiler, "_time", _prefer("xt"))
     odd = squash(prune_all(nn.Sequential(nn.Linear(20, 30), nn.Softmax(-1), nn.Linear(30, 10))))

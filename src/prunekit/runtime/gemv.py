@@ -26,7 +26,7 @@ from prunekit.calib.blocks import out_in_weight
 from prunekit.compress.container import StoredTensor, load_stored
 from prunekit.errors import PrunekitError
 from prunekit.masking import type_name
-from prunekit.quant.rounding import quantize_activation, quantize_int8
+from prunekit.quant.rounding import dequantize, quantize_activation, quantize_int8
 from prunekit.runtime import gemv_kernels as K
 from prunekit.runtime import threads
 from prunekit.runtime.cpu import features
@@ -310,7 +310,7 @@ def candidates(module: nn.Module, values: str = "float32", activations: str = "f
 def _stored_values(st: StoredTensor) -> tuple[str, Tensor]:
     """(value type, dense float32 weight) of a stored tensor: int8 with its scales, bfloat16, else float32."""
     if st.scale is not None:
-        return "int8", st.tensor.to(torch.float32) * st.scale[:, None]
+        return "int8", dequantize(st.tensor, st.scale, torch.float32)
     if st.tensor.dtype == torch.bfloat16:
         return "bfloat16", st.tensor.to(torch.float32)
     return "float32", st.tensor.to(torch.float32)

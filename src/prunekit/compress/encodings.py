@@ -145,7 +145,7 @@ def encode_block(t: torch.Tensor, rows: int) -> Encoded:
         "indptr": indptr.to(narrowest_uint(int(indptr[-1]))),
         "indices": col.to(narrowest_uint(max(view.shape[1] - 1, 0))),
     }
-    return Encoded("block", parts, {"rows": rows})
+    return Encoded("block", parts, {"rows": rows, "blocks": int(indptr[-1])})
 
 
 def decode(enc: Encoded, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from prunekit.artifact import read_artifact
-from prunekit.errors import PrunekitError
+from prunekit.compress.container import is_compressed
+from prunekit.errors import ArtifactCorrupted, PrunekitError
 from prunekit.files import safetensors_metadata
 from prunekit.spec import Spec
 
@@ -27,10 +28,13 @@ def read_source(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, di
         return read_llm_dir(path)
     meta = safetensors_metadata(path)
     if "prunekit" not in meta:
-        return load_file(str(path)), {}, {"source": path.name}
-    if json.loads(meta["prunekit"]).get("format") == "prunekit.compressed":
+        try:
+            return load_file(str(path)), {}, {"source": path.name}
+        except Exception as exc:  # safetensors raises its own error types for a damaged body
+            raise ArtifactCorrupted(f"{path}: damaged or truncated ({type(exc).__name__}: {exc})") from None
+    if is_compressed(path):
         raise PrunekitError(f"{path} is already compressed")
-    tensors, info = read_artifact(path)
+    tensors, info = read_artifact(path)  # a damaged header or body is its one-line error
     extra = {"source": path.name, "model": info.model, "structured": info.structured}
     if info.int8:
         extra["int8"] = info.int8
@@ -54,7 +58,10 @@ def read_llm_dir(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict], 
     weights, metrics_file = path / "model.safetensors", path / "metrics.json"
     if not weights.is_file():
         raise PrunekitError(f"{path}: a directory must hold one model.safetensors (a saved language model)")
-    state = load_file(str(weights))
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error types for a damaged body
+        raise ArtifactCorrupted(f"{weights}: damaged or truncated ({type(exc).__name__}: {exc})") from None
     specs: dict[str, dict] = {}
     extra: dict[str, Any] = {"source": f"{path.name}/model.safetensors"}
     if metrics_file.is_file():

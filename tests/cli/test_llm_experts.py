@@ -6,6 +6,8 @@ import json
 import pytest
 import torch
 
+from prunekit.store import Store
+
 transformers = pytest.importorskip("transformers")
 
 from fixtures.cli import assert_one_line_error, call_main  # noqa: E402
@@ -53,3 +55,9 @@ def test_experts_option_removes_a_quarter_and_the_result_loads(moe_dir, tmp_path
     code, _, stderr = call_main(monkeypatch, capsys, "llm", "prune", *args, *extra)
     assert code != 0
     assert_one_line_error(stderr, "--experts removes whole experts on its own")
+    store = Store(tmp_path / "store")
+    (tmp_path / "a.bin").write_bytes(b"a")
+    store.add([tmp_path / "a.bin"], name="a")
+    code, _, stderr = call_main(monkeypatch, capsys, "llm", "prune", *args, "--out", str(store.path / "x"))
+    assert code != 0 and not (store.path / "x").exists() and store.verify().ok
+    assert_one_line_error(stderr, "is inside the artifact store")

@@ -2,15 +2,12 @@
 block of a causal LM (prunekit.structured.experts), measure perplexity before and after, and save a
 directory that ``transformers.AutoModelForCausalLM.from_pretrained(OUT)`` loads as is, with
 ``metrics.json`` (removed experts and every expert's score per block). Everything is written into a
-sibling temporary directory first and moved into place at the end; an existing non-empty ``OUT`` is
-refused rather than overwritten.
+sibling temporary directory first and moved into place at the end (``files.staged_directory``); an
+existing non-empty ``OUT``, or one inside an artifact store, is refused rather than written.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -19,11 +16,12 @@ import torch
 
 from prunekit.analysis.memory import peak_rss_mb
 from prunekit.errors import PrunekitError
-from prunekit.files import atomic_write_json
+from prunekit.files import atomic_write_json, staged_directory
 from prunekit.jobs.llm import StageProgress, TextSettings, check_seqlen, read_texts, vocab
 from prunekit.llm.load import load_causal_lm
 from prunekit.llm.perplexity import perplexity
 from prunekit.llm.text import calibration_windows, eval_windows, tokenize
+from prunekit.store import refuse_inside_store
 from prunekit.structured.experts import prune_experts
 
 
@@ -40,6 +38,7 @@ def run_prune_experts(
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PrunekitError(f"--out {out} exists and is not an empty directory; choose a new one")
+    refuse_inside_store(out)
     stage = progress or (lambda name: None)
     start = time.perf_counter()
     model, tokenizer = load_causal_lm(model_path)
@@ -80,15 +79,10 @@ def run_prune_experts(
         "peak_rss_mb": peak_rss_mb(),
         "threads": torch.get_num_threads(),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with staged_directory(out) as staging:
         model.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
         atomic_write_json(staging / "metrics.json", metrics)
         if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            out.rmdir()  # empty (checked above): the staged directory is renamed into place whole
     return metrics

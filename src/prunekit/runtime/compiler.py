@@ -48,6 +48,7 @@ class LayerDecision:
     candidates: dict[str, float] = field(default_factory=dict)
     reason: str = ""
     jit_s: float = 0.0
+    engine: str = ""  # what ran the chosen kernel (torch, prunekit's kernels and their instruction set)
 
     @property
     def speedup(self) -> float | None:
@@ -63,13 +64,27 @@ class RuntimeReport:
     layers: list[LayerDecision]
     threads: int
     margin: float
+    mode: str = "per-layer"  # "per-layer", or "segments" (whole network in the plane layout)
+    whole: dict[str, float] = field(default_factory=dict)  # whole-model medians (us) behind ``mode``
+    note: str = ""
+    macs_remaining: float | None = None  # multiply-adds of the nonzero weights / dense, over all layers timed
 
     def table(self) -> str:
         head = (
             f"{'layer':<28} {'kind':<16} {'weight':<16} {'sparsity':>8} {'input':<18} "
-            f"{'dense us':>9} {'sparse us':>9} {'chosen':<10} note"
+            f"{'dense us':>9} {'sparse us':>9} {'chosen':<10} {'engine':<26} note"
         )
-        lines = [f"runtime decisions ({self.threads} thread(s), margin {self.margin:.0%})", head]
+        whole = ", ".join(f"{k} {v / 1e3:.2f} ms" for k, v in self.whole.items())
+        lines = [f"runtime decisions ({self.threads} thread(s), margin {self.margin:.0%}, mode {self.mode})"]
+        if whole:
+            lines.append(f"whole model p50: {whole}")
+        if self.macs_remaining is not None:
+            lines.append(
+                f"multiply-adds remaining (nonzero weights x positions / dense): {self.macs_remaining:.1%}"
+            )
+        if self.note:
+            lines.append(self.note)
+        lines.append(head)
         for d in self.layers:
             dense = "-" if d.dense_us is None else f"{d.dense_us:.1f}"
             sparse = "-" if d.sparse_us is None else f"{d.sparse_us:.1f}"
@@ -77,7 +92,7 @@ class RuntimeReport:
             inp = "-" if d.input_shape is None else "x".join(map(str, d.input_shape))
             lines.append(
                 f"{d.name[:28]:<28} {d.kind:<16} {shape:<16} {d.sparsity:>8.1%} {inp:<18} "
-                f"{dense:>9} {sparse:>9} {d.chosen:<10} {d.reason}"
+                f"{dense:>9} {sparse:>9} {d.chosen:<10} {d.engine[:26]:<26} {d.reason}"
             )
         return "\n".join(lines)
 
@@ -173,6 +188,14 @@ def _candidates(module: nn.Module, x: Tensor) -> tuple[dict[str, Callable[[], nn
             out["int8-gemm"] = lambda: cls(module, "dense")
         else:  # direct sparse convolution: no im2col (small feature maps, where unfold dominates)
             out["direct"] = lambda: cls(module, "direct")
+        if n == 1 and x.dim() == 4:  # the aligned-plane kernels (runtime.conv), layout converted per call
+            from prunekit.runtime import conv as C
+
+            if quantized:
+                out["planes"] = lambda: C.PlanesQuantizedConv2d(module)
+            else:
+                for nv in C.tile_options(C.host_width())[1::2]:
+                    out[f"planes/nv{nv}"] = lambda nv=nv: C.PlanesConv2d(module, nv=nv, cb=16)
         return out, ""
     m = x.numel() // max(1, x.shape[-1]) if x.dim() else 0
     cls = L.SparseQuantizedLinear if quantized else L.SparseLinear
@@ -233,6 +256,9 @@ def _decide(name: str, module: nn.Module, x: Tensor | None, margin: float, timin
         weight_shape=tuple(weight.shape),
         sparsity=1.0 - nz / weight.numel() if weight.numel() else 0.0,
         input_shape=None if x is None else tuple(x.shape),
+        engine="torch (reference int8)"
+        if isinstance(module, (QuantizedLinear, QuantizedConv2d))
+        else "torch",
     )
     if x is None:
         decision.reason = "not called by example_inputs"
@@ -264,9 +290,26 @@ def _decide(name: str, module: nn.Module, x: Tensor | None, margin: float, timin
     decision.sparse_us = medians[best]
     if medians[best] < decision.dense_us * (1.0 - margin):
         decision.chosen = best
+        decision.engine = engine_of(best, quantized)
         return decision, built[best]
     decision.reason = f"best sparse ({best}) not {margin:.0%} faster"
     return decision, None
+
+
+def engine_of(kernel: str, quantized: bool) -> str:
+    """What runs a per-layer kernel, for the report."""
+    from prunekit.runtime.cpu import features
+
+    if kernel == "dense":
+        return "torch (reference int8)" if quantized else "torch"
+    if kernel == "planes" and quantized:
+        from prunekit.runtime.conv import isa_name
+
+        return f"prunekit int8 4x1 ({isa_name()})"
+    width = f"{features().vector_floats * 32}-bit"
+    if quantized:
+        return f"prunekit {kernel} f32 on int8 ({width})"
+    return f"prunekit {kernel} ({width})"
 
 
 def _fuse_chains(model: nn.Module, inputs: dict[str, Tensor], decisions: list[LayerDecision]) -> None:
@@ -321,6 +364,7 @@ def compile(  # noqa: A001 - the natural name, namespaced as prunekit.runtime.co
     min_reps: int = 7,
     max_reps: int = 300,
     chain: bool = True,
+    segments: bool = True,
 ) -> nn.Module:
     """A new inference model: a deep copy of ``model`` (masks squashed, eval mode) whose ``nn.Linear``,
     ``nn.Conv2d``, ``QuantizedLinear`` and ``QuantizedConv2d`` layers run sparse kernels where measured
@@ -331,7 +375,10 @@ def compile(  # noqa: A001 - the natural name, namespaced as prunekit.runtime.co
     sparse kernel must be to replace dense. ``budget_s``: timing budget per layer (``min_reps`` to
     ``max_reps`` interleaved repetitions). ``chain``: fuse ``nn.Sequential`` runs of two ``xt`` sparse
     Linears around a GELU/ReLU/SiLU/Tanh into one layer that keeps the transposed activations in between
-    (:class:`~prunekit.runtime.layers.SparseLinearChain`). The original model is not modified.
+    (:class:`~prunekit.runtime.layers.SparseLinearChain`). ``segments``: for a batch-1 image input, also
+    lower the whole CNN into the plane layout (:mod:`prunekit.runtime.segment`: convolutions with their
+    BatchNorm, ReLU and residual add fused, activations kept in the layout) and return that when it
+    measures faster than the per-layer result. The original model is not modified.
     """
     if not isinstance(model, nn.Module):
         raise PrunekitError(f"compile: expected an nn.Module, got {type(model).__name__}")
@@ -359,9 +406,115 @@ def compile(  # noqa: A001 - the natural name, namespaced as prunekit.runtime.co
         if new is not None:
             replace[name] = new
     for name, new in replace.items():
-        parent, _, child = name.rpartition(".")
-        setattr(compiled.get_submodule(parent) if parent else compiled, child, new)
+        _set_module(compiled, name, new)
     if chain:
         _fuse_chains(compiled, inputs, decisions)
-    compiled.runtime_report = RuntimeReport(decisions, threads, margin)
-    return compiled
+    report = RuntimeReport(
+        decisions, threads, margin, macs_remaining=_macs_remaining(compiled, model, inputs)
+    )
+    result = compiled
+    image = _image(example_inputs)
+    if segments and image is not None:
+        result = _try_segments(model, compiled, replace, image, report, rounds=max(3, min_reps))
+    result.runtime_report = report
+    return result
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def _image(example_inputs) -> Tensor | None:
+    """The example when it is one batch-1 float32 image (what segments are built for), else None."""
+    x = example_inputs
+    if isinstance(x, (tuple, list)) and len(x) == 1:
+        x = x[0]
+    ok = isinstance(x, Tensor) and x.dim() == 4 and x.shape[0] == 1 and x.dtype == torch.float32
+    return x if ok and x.device.type == "cpu" else None
+
+
+def _macs_remaining(compiled: nn.Module, model: nn.Module, inputs: dict[str, Tensor]) -> float | None:
+    """Multiply-adds of the nonzero weights over the dense ones, summed over every Linear/Conv2d that ran
+    (a convolution's weight counts once per output position)."""
+    kept = total = 0
+    for name, module in squash(copy.deepcopy(model)).named_modules():
+        x = inputs.get(name)
+        if not isinstance(module, _TARGETS) or x is None:
+            continue
+        weight = _weight(module)
+        if isinstance(module, (nn.Conv2d, QuantizedConv2d)):
+            if isinstance(module.padding, str) or x.dim() not in (3, 4):
+                continue
+            hw = [
+                (
+                    x.shape[-2 + i]
+                    + 2 * module.padding[i]
+                    - module.dilation[i] * (module.kernel_size[i] - 1)
+                    - 1
+                )
+                // module.stride[i]
+                + 1
+                for i in range(2)
+            ]
+            reps = hw[0] * hw[1] * (x.shape[0] if x.dim() == 4 else 1)
+        else:
+            reps = x.numel() // max(1, x.shape[-1])
+        kept += int(torch.count_nonzero(weight)) * reps
+        total += weight.numel() * reps
+    return kept / total if total else None
+
+
+def _try_segments(
+    model: nn.Module, compiled: nn.Module, replace: dict, x: Tensor, report: RuntimeReport, rounds: int
+):
+    """The whole network in the plane layout (:mod:`prunekit.runtime.segment`) when that measures faster
+    than the per-layer result and dense, interleaved on ``x``; else ``compiled``."""
+    from prunekit.runtime import segment
+
+    base = squash(copy.deepcopy(model)).eval()
+    seg, why = segment.build(base, x)
+    if seg is None:
+        report.note = f"segments: not used ({why})"
+        return compiled
+    segment.tune(seg, x, rounds=rounds)
+    absorbed = {step.name for step in seg.conv_steps()}
+    for name, new in replace.items():  # layers outside the convolutions keep their per-layer choice
+        if name not in absorbed:
+            try:
+                _set_module(seg.gm, name, new)
+            except AttributeError:  # not called as a module by the traced graph
+                continue
+    with torch.inference_mode():
+        ref, y = base(x), seg(x)
+        if not _matches(y, ref, exact=seg.int8):
+            log.warning("runtime: the segmented model does not match the model; not used")
+            report.note = "segments: output did not match the model; not used"
+            return compiled
+        whole = segment.time_interleaved(
+            {"dense": lambda: base(x), "per-layer": lambda: compiled(x), "segments": lambda: seg(x)},
+            rounds=max(5, rounds),
+        )
+    report.whole = whole
+    if whole["segments"] >= min(whole["per-layer"], whole["dense"]) * (1.0 - report.margin):
+        report.note = "segments: measured not faster than the per-layer result; per-layer kept"
+        return compiled
+    report.mode = "segments"
+    rows = {}
+    for step in seg.conv_steps():
+        sparse = {k: v for k, v in step.timings.items() if k != "dense"}
+        rows[step.name] = LayerDecision(
+            name=step.name,
+            kind=_kind(step.module),
+            weight_shape=tuple(step.weight.shape),
+            sparsity=step.sparsity,
+            input_shape=(1, *step.inp.shape),
+            dense_us=step.timings.get("dense"),
+            sparse_us=min(sparse.values()) if sparse else None,
+            chosen=step.choice,
+            candidates=sparse,
+            reason=step.describe(),
+            engine=step.engine,
+        )
+    report.layers = [rows.pop(d.name, d) for d in report.layers] + list(rows.values())
+    return seg

@@ -254,6 +254,24 @@ class ConvStep:
             self.w32 = np.ascontiguousarray(w_np, dtype=np.float32)
         self.b_np = None if self.bias is None else self.bias.detach().to(torch.float32).numpy().copy()
 
+    @property
+    def engine(self) -> str:
+        if self.kernel is None:
+            return "torch f32 on int8 values (exact)" if self.int8 else "torch"
+        if self.int8:
+            return f"prunekit int8 4x1 ({self.isa})"
+        return f"prunekit planes f32 ({self.vw * 32}-bit)"
+
+    def describe(self) -> str:
+        """What the step fused and how it reads its input, for the report."""
+        parts = []
+        if len(self.nodes) > 1:
+            parts.append("fused " + "+".join(n.name for n in self.nodes[1:]))
+        parts.append("reads the producer's planes" if self.direct else "gathers its input")
+        if self.reason:
+            parts.append(self.reason)
+        return "; ".join(parts)
+
     def usable(self) -> str | None:
         """Why the sparse kernel cannot run this step (None: it can)."""
         if self.int8 and self.in_offset and self.isa != "vnni512":
@@ -774,3 +792,42 @@ def _bytes_for(v: Value, scale: float, isa: str) -> bool:
         return False
     v.byte_scale, v.offset = scale, offset
     return True
+
+
+def _label(cfg: tuple[int, int | None]) -> str:
+    nv, cb = cfg
+    return f"nv{nv}/cb{cb or 'all'}"
+
+
+def tune(seg: Segmented, example: Tensor, rounds: int = 7) -> None:
+    """Pick each convolution's tile (and dense where faster, float32; the exact float32 path, int8) by
+    timing it in place on ``example``'s real activations, interleaved; conversions it needs are counted."""
+    for step in seg.conv_steps():  # a first configuration everywhere, so every buffer gets real data
+        step.kernel = step.make_kernel(*step.configs()[0]) if step.usable() is None else None
+    env = Env()
+    with torch.inference_mode():
+        env.nchw[seg.placeholder] = example.contiguous()
+        for step in seg.steps:
+            seg.run_step(step, env)
+    born = {n: t for n, t in env.nchw.items() if n not in seg.values or seg.values[n].producer is None}
+    with torch.inference_mode():
+        for step in seg.conv_steps():
+            kernels = {}
+            if step.usable() is None:
+                kernels = {_label(cfg): step.make_kernel(*cfg) for cfg in step.configs()}
+            else:
+                step.reason = step.usable()
+            kernels["dense"] = None
+
+            def run(k, step=step):
+                step.kernel = k
+                e = Env()
+                e.nchw.update(born)
+                step.run(e)
+
+            medians = time_interleaved({name: (lambda k=k: run(k)) for name, k in kernels.items()}, rounds)
+            step.timings = medians
+            best = min(medians, key=medians.get)
+            step.choice, step.kernel = best, kernels[best]
+            if best == "dense" and not step.reason:
+                step.reason = "dense measured faster here"

@@ -72,7 +72,7 @@ class RuntimeReport:
     def table(self) -> str:
         head = (
             f"{'layer':<28} {'kind':<16} {'weight':<16} {'sparsity':>8} {'input':<18} "
-            f"{'dense us':>9} {'sparse us':>9} {'chosen':<10} {'engine':<26} note"
+            f"{'dense us':>9} {'sparse us':>9} {'chosen':<10} {'engine':<30} note"
         )
         whole = ", ".join(f"{k} {v / 1e3:.2f} ms" for k, v in self.whole.items())
         lines = [f"runtime decisions ({self.threads} thread(s), margin {self.margin:.0%}, mode {self.mode})"]
@@ -92,7 +92,7 @@ class RuntimeReport:
             inp = "-" if d.input_shape is None else "x".join(map(str, d.input_shape))
             lines.append(
                 f"{d.name[:28]:<28} {d.kind:<16} {shape:<16} {d.sparsity:>8.1%} {inp:<18} "
-                f"{dense:>9} {sparse:>9} {d.chosen:<10} {d.engine[:26]:<26} {d.reason}"
+                f"{dense:>9} {sparse:>9} {d.chosen:<10} {d.engine[:30]:<30} {d.reason}"
             )
         return "\n".join(lines)
 

@@ -169,6 +169,18 @@ def build_variants(name: str, model: nn.Module, x: torch.Tensor, calib: list, ar
             report=report,
         )  # fmt: skip
 
+    # prunekit's dense INT8 path: its own exact kernels, or the fastest dense engine (delegation, inexact)
+    dense8 = rt.compile(quantize_model(model, activations="static", calibration=calib), x)
+    chosen, choice, medians = int8_engines.fastest_int8(
+        {"prunekit": dense8}, x, float_source=model, calibration=calib, allow_inexact=True
+    )
+    variants["int8 dense prunekit"] = dict(
+        model=dense8, size=size_of(plain_state_dict(model), True), macs=1.0, int8=True,
+        note=f"exact prunekit integers, {rt.report(dense8).mode}",
+    )  # fmt: skip
+    variants["int8 dense prunekit->fastest"] = dict(
+        model=chosen, size=None, macs=1.0, int8=True, note=f"choose_int8: {choice.engine} ({choice.reason})"
+    )
     levels = [0.7] if args.quick else [0.7, 0.9]
     for s in levels:
         for alloc in args.alloc:
@@ -209,11 +221,10 @@ def table(name: str, variants: dict, x: torch.Tensor, rounds: int, threads: int)
     for k, v in variants.items():
         macs = "-" if v.get("macs") is None else f"{v['macs']:.1%}"
         vs8 = f"{p50[k] / p50[fastest8]:.3f}" if v["int8"] else "-"
-        size = v["size"] / 1e6
+        size = "-" if v["size"] is None else f"{v['size'] / 1e6:.2f} ({v['size'] / dense_size:.3f})"
         print(
             f"| {k} | {p50[k] * 1e3:.2f} | {pct(t[k], 99) * 1e3:.2f} | {p50[k] / base:.3f} | "
-            f"{p50[k] / p50[fastest]:.3f} | {vs8} | {macs} | {size:.2f} ({v['size'] / dense_size:.3f}) | "
-            f"{v.get('note', '')} |"
+            f"{p50[k] / p50[fastest]:.3f} | {vs8} | {macs} | {size} | {v.get('note', '')} |"
         )
     if name.startswith("ResNet-18") and threads == 1:
         print("\ntargets (issue 15, 1 thread):")
@@ -226,6 +237,15 @@ def table(name: str, variants: dict, x: torch.Tensor, rounds: int, threads: int)
             floor = "" if macs is None else f"; MACs left {macs:.1%} (the ratio at equal per-MAC efficiency)"
             verdict = "met" if ratio <= bound else "MISSED"
             print(f"  {k}: {ratio:.3f} of {ref} (target <= {bound}) {verdict}{floor}")
+        print(
+            f"  prunekit dense INT8 (exact kernels): {p50['int8 dense prunekit'] / p50[fastest8]:.3f} of {fastest8}"
+        )
+        print(
+            f"  prunekit dense INT8 (fastest engine): {p50['int8 dense prunekit->fastest'] / p50[fastest8]:.3f}"
+        )
+        for k8, kf in (("int8 70% unstr.", "f32 70% layer"), ("int8 70% 4x1 +head", "f32 70% layer")):
+            if k8 in p50 and kf in p50:  # the same sparsity level; the int8 must not be slower than float32
+                print(f"  {k8} vs {kf}: {p50[k8] / p50[kf]:.3f} (never slower than float32: <= 1)")
         d8 = min(p50[k] for k in variants if k.startswith("int8 50% ch."))
         print(f"  50% channels INT8 on the fastest engine (torch-x86/onnxruntime): {d8 / p50[fastest8]:.3f}")
         k70 = "int8 70% 4x1 +head"

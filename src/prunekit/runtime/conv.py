@@ -308,9 +308,11 @@ class DirectConvI8:
             ystride = out.layout.per_unit * out.layout.plane
         else:
             self.yoffs, self.masks, ystride = np.zeros(0, np.int64), np.zeros(16, np.int32), 0
+        if out.floats is not None and out.floats.units < cpad:  # the epilogue stores 4 channels at a time
+            raise PrunekitError("DirectConvI8: the float32 output needs room for a multiple of 4 channels")
         flags = 0
         if residual is not None:
-            if residual.pitch != dest.pitch or residual.units < cout:
+            if residual.pitch != dest.pitch or residual.units < cpad:
                 raise PrunekitError("DirectConvI8: the residual must match the output's pitch and channels")
             flags |= 1 << K.FLAG_RESID
         if out.floats is not None:
@@ -449,7 +451,7 @@ class PlanesConv2d(_PlanesBase):
         a = self._check(x)
         h, w = a.shape[2], a.shape[3]
         inp, geo, X, out, Y, conv = self._plan(h, w)
-        L.fill(a.reshape(-1).view(np.int32), 0, h * w, w, h, w, X, geo, np.int32(0))
+        L.fill(a.reshape(-1).view(np.int32), 0, h * w, w, h, w, self.geom.cin, X, geo, np.int32(0))
         conv(X, Y)
         y = np.empty((1, self.geom.cout, out.height, out.width), np.float32)
         L.read(
@@ -500,7 +502,7 @@ class PlanesQuantizedConv2d(_PlanesBase):
             g = self.geom
             groups = -(-g.cin // 4)
             inp = L.gather(groups, h, w, *g.args)
-            floats = L.planes(g.cout, inp.height, inp.width, 0, 0, (), pitch=inp.pitch)
+            floats = L.planes(L.roundup(g.cout, 4), inp.height, inp.width, 0, 0, (), pitch=inp.pitch)
             vw = 16 if self.isa == "vnni512" else 8
             nv = self.nv or default_tile(vw, (floats.height - 1) * floats.pitch + floats.width)
             conv = DirectConvI8(
@@ -534,7 +536,7 @@ class PlanesQuantizedConv2d(_PlanesBase):
         offset = 128 if signed else 0
         inp, geo, X, floats, F, conv, packed = self._plan(h, w, offset)
         L.quantize_pack(flat, self.geom.cin, h * w, s_x, offset, packed)
-        L.fill(packed, 0, h * w, w, h, w, X, geo, L.ZERO_OFFSET if offset else np.int32(0))
+        L.fill(packed, 0, h * w, w, h, w, inp.units, X, geo, L.ZERO_OFFSET if offset else np.int32(0))
         conv.scale[: self.geom.cout] = np.float32(s_x) * self.weight_scale
         conv(X, None, F=F)
         y = np.empty((1, self.geom.cout, floats.height, floats.width), np.float32)

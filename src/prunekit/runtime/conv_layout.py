@@ -175,9 +175,10 @@ def store_plan(out: Layout, tile: int, ntiles: int) -> tuple[np.ndarray, np.ndar
 
 # -- glue kernels: int32 units (float32 activations travel as their bits) -----------------------------------
 @_jit()
-def fill(src, s_off, s_cstride, s_rstride, s_h, s_w, dst, geo, zero):
-    """Fill every plane of the layout ``geo`` from a source array of units (an NCHW array: ``s_cstride =
-    H*W``, ``s_rstride = W``; or a planes tensor's column-0 planes), ``zero`` outside the source."""
+def fill(src, s_off, s_cstride, s_rstride, s_h, s_w, s_units, dst, geo, zero):
+    """Fill every plane of the layout ``geo`` from a source array of ``s_units`` units (an NCHW array:
+    ``s_cstride = H*W``, ``s_rstride = W``; or a planes tensor's column-0 planes), ``zero`` outside the
+    source (units past ``s_units`` included)."""
     units, q, rows, sh, sw, rp, plane, npa, ncol = (
         geo[0],
         geo[1],
@@ -199,7 +200,7 @@ def fill(src, s_off, s_cstride, s_rstride, s_h, s_w, dst, geo, zero):
                 for r in range(rows):
                     d = base + r * q
                     sr = r * sh + phases[ai] - rp
-                    if sr < 0 or sr >= s_h:
+                    if sr < 0 or sr >= s_h or u >= s_units:
                         for x in range(q):
                             dst[d + x] = zero
                         continue

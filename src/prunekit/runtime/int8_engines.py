@@ -158,3 +158,64 @@ def onnxruntime_model(
     int8 = os.path.join(folder, "model.int8.onnx")
     quantize_onnx(f32, int8, calibration)
     return OnnxRuntimeModel(int8, threads)
+
+
+def _median_us(fns: Mapping[str, object], x: Tensor, rounds: int) -> dict[str, float]:
+    import random
+    import statistics
+    import time
+
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    order, rng = list(fns), random.Random(0)
+    with torch.inference_mode():
+        for fn in fns.values():
+            fn(x)
+        for _ in range(rounds):
+            rng.shuffle(order)
+            for k in order:
+                t0 = time.perf_counter_ns()
+                fns[k](x)
+                samples[k].append((time.perf_counter_ns() - t0) / 1e3)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def fastest_int8(
+    int8_models: Mapping[str, nn.Module],
+    example: Tensor,
+    *,
+    float_model: nn.Module | None = None,
+    float_source: nn.Module | None = None,
+    calibration: Iterable[Tensor] | None = None,
+    allow_inexact: bool = False,
+    rounds: int = 15,
+) -> tuple[nn.Module, Int8Choice, dict[str, float]]:
+    """Time INT8 engines on ``example`` (interleaved) and run :func:`choose_int8` over them.
+
+    ``int8_models``: prunekit INT8 models (e.g. ``{"prunekit": runtime.compile(int8)}``), exact by
+    construction. With ``allow_inexact`` and the float32 ``float_source`` + ``calibration``, torch-x86 and
+    onnxruntime INT8 builds of it join as inexact candidates (their own requantization). ``float_model``:
+    the pruned float32 model (compiled) the INT8 one must not be slower than. Returns the chosen module,
+    the choice and every median (us)."""
+    candidates: dict[str, nn.Module] = dict(int8_models)
+    exact = dict.fromkeys(candidates, True)
+    if allow_inexact:
+        if float_source is None or calibration is None:
+            raise PrunekitError("fastest_int8: allow_inexact needs float_source= and calibration=")
+        batches = list(calibration)
+        candidates["torch-x86"] = torch_x86(float_source, batches)
+        exact["torch-x86"] = False
+        try:
+            candidates["onnxruntime"] = onnxruntime_model(float_source, example, batches)
+            exact["onnxruntime"] = False
+        except ImportError:  # onnxruntime is an optional extra
+            pass
+    fns = dict(candidates)
+    if float_model is not None:
+        fns[FLOAT32] = float_model
+    medians = _median_us(fns, example, rounds)
+    float_us = medians.get(FLOAT32)
+    choice = choose_int8(
+        {k: (medians[k], exact[k]) for k in candidates}, float_us, allow_inexact=allow_inexact
+    )
+    chosen = float_model if choice.engine == FLOAT32 else candidates[choice.engine]
+    return chosen, choice, medians

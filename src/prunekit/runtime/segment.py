@@ -158,10 +158,10 @@ def _fill_from(v: Value, env: Env, dst: np.ndarray, lay: L.Layout, geo: np.ndarr
     c, h, w = v.shape
     if v.fbuf is not None and v.node not in env.nchw:
         src = v.floats
-        L.fill(v.fbuf, src.col0(), src.per_unit * src.plane, src.pitch, h, w, dst, geo, np.int32(0))
+        L.fill(v.fbuf, src.col0(), src.per_unit * src.plane, src.pitch, h, w, c, dst, geo, np.int32(0))
     else:
         a = env.tensor(v).contiguous().numpy().reshape(-1).view(np.int32)
-        L.fill(a, 0, h * w, w, h, w, dst, geo, np.int32(0))
+        L.fill(a, 0, h * w, w, h, w, c, dst, geo, np.int32(0))
 
 
 def nonneg(v: Value) -> bool:
@@ -179,12 +179,12 @@ def write_planes(v: Value, y: Tensor) -> None:
     c, h, w = v.shape
     a = y.detach().to(torch.float32).contiguous().numpy().reshape(-1)
     if v.fbuf is not None:
-        L.fill(a.view(np.int32), 0, h * w, w, h, w, v.fbuf, L.fill_geo(v.floats), np.int32(0))
+        L.fill(a.view(np.int32), 0, h * w, w, h, w, c, v.fbuf, L.fill_geo(v.floats), np.int32(0))
     if v.bbuf is not None:
         packed = np.empty(-(-c // 4) * h * w, np.int32)
         L.quantize_pack(a, c, h * w, np.float32(v.byte_scale), v.offset, packed)
         zero = L.ZERO_OFFSET if v.offset else np.int32(0)
-        L.fill(packed, 0, h * w, w, h, w, v.bbuf, L.fill_geo(v.bytes_), zero)
+        L.fill(packed, 0, h * w, w, h, w, -(-c // 4), v.bbuf, L.fill_geo(v.bytes_), zero)
 
 
 class ConvStep:
@@ -241,7 +241,8 @@ class ConvStep:
             if r.floats is not None and r.floats.pitch == self.out_pitch and r.producer is not None:
                 self.rlayout, self.abuf = r.floats, None
             else:  # an adapter: the residual copied into planes of this output's pitch
-                self.rlayout = L.planes(r.shape[0], r.shape[1], r.shape[2], 1, 1, (), pitch=self.out_pitch)
+                units = L.roundup(r.shape[0], 4)  # int8 epilogues read 4 channels at a time
+                self.rlayout = L.planes(units, r.shape[1], r.shape[2], 1, 1, (), pitch=self.out_pitch)
                 self.abuf, self.ageo = self.rlayout.alloc(), L.fill_geo(self.rlayout)
         w_np = self.weight.detach().numpy()
         if self.int8:
@@ -329,13 +330,12 @@ class ConvStep:
             _fill_from(inp, env, self.gbuf, self.in_layout, self.ggeo)
         elif self.src_bytes:
             src = inp.bytes_
-            L.fill(
-                inp.bbuf, src.col0(), src.per_unit * src.plane, src.pitch, h, w, self.gbuf, self.ggeo, zero
-            )
+            L.fill(inp.bbuf, src.col0(), src.per_unit * src.plane, src.pitch, h, w, src.units, self.gbuf,
+                   self.ggeo, zero)  # fmt: skip
         else:
             a = env.tensor(inp).contiguous().numpy().reshape(-1)
             L.quantize_pack(a, c, h * w, self.act_scale, self.in_offset, self.packed)
-            L.fill(self.packed, 0, h * w, w, h, w, self.gbuf, self.ggeo, zero)
+            L.fill(self.packed, 0, h * w, w, h, w, -(-c // 4), self.gbuf, self.ggeo, zero)
         return self.gbuf
 
     def _residual(self, env: Env) -> np.ndarray | None:
@@ -768,9 +768,9 @@ def _plan_layouts(steps: list, values: dict, int8: bool, isa: str, graph: fx.Gra
         if v.producer is None:
             continue
         c = v.shape[0]
-        if not int8 or v.needs_float:
-            shifts = v.shifts if not int8 else {0}
-            v.floats = L.planes(c, v.shape[1], v.shape[2], v.top, v.bottom, shifts, pitch=v.pitch)
+        if not int8 or v.needs_float:  # int8: room for whole groups of 4 channels (the epilogue's unit)
+            shifts, units = (v.shifts, c) if not int8 else ({0}, L.roundup(c, 4))
+            v.floats = L.planes(units, v.shape[1], v.shape[2], v.top, v.bottom, shifts, pitch=v.pitch)
             v.fbuf = v.floats.alloc()
         if int8 and v.byte_scale is not None:
             v.bytes_ = v.layout(-(-c // 4))

@@ -343,6 +343,9 @@ class DirectConvI8:
         )
         self._parts: dict[int, list[np.ndarray]] = {}
         self._float_dummy = np.zeros(16, np.float32)
+        self._no_blocks = np.zeros((1, cpad + 1), np.int64)
+        self._whole = ntiles * tile + 16
+        self._acc: np.ndarray | None = None
 
     @property
     def macs(self) -> int:
@@ -379,7 +382,7 @@ class DirectConvI8:
         args = (
             self.vw,
             self.nv,
-            self.ptr,
+            self.ptr if acc is None else self._no_blocks,
             self.offs,
             self.wv,
             X,
@@ -401,6 +404,18 @@ class DirectConvI8:
             for g in geos:
                 g[12] = acc_stride
         threads.run(K.conv_i8, [(*args, g) for g in geos])
+
+    def finish(self, acc: np.ndarray, Y: np.ndarray | None, R: np.ndarray | None = None,
+               F: np.ndarray | None = None) -> None:  # fmt: skip
+        """The epilogue alone (:func:`conv_kernels.int8_epilogue`, the same code as after the sparse sums) on
+        exact accumulators ``acc`` (cout, ho, wo; integer values) computed elsewhere: the dense path."""
+        dest = self.out.layout or self.out.floats
+        cout, ho, wo, q = self.geom.cout, dest.height, dest.width, dest.pitch
+        if self._acc is None:
+            self._acc = np.zeros(self.scale.size * self._whole, np.int32)
+        rows = self._acc.reshape(self.scale.size, self._whole)[:cout, : ho * q].reshape(cout, ho, q)
+        rows[:, :, :wo] = acc
+        self(self.masks, Y, R, F, acc=self._acc, acc_stride=self._whole)
 
 
 # -- per-layer candidates: NCHW in, NCHW out ----------------------------------------------------------------
@@ -531,14 +546,19 @@ class PlanesQuantizedConv2d(_PlanesBase):
             top = np.float32(np.abs(flat).max()) if flat.size else np.float32(0)
             s_x = np.float32(top / np.float32(127.0)) if top > 0 else np.float32(1.0)
         signed = bool(flat.size) and float(flat.min()) < -0.5 * float(s_x)  # any value that rounds below 0
-        if signed and self.isa != "vnni512":
-            return self._dense(x, s_x)
-        offset = 128 if signed else 0
+        dense = signed and self.isa != "vnni512"
+        offset = 128 if signed and not dense else 0
         inp, geo, X, floats, F, conv, packed = self._plan(h, w, offset)
+        conv.scale[: self.geom.cout] = np.float32(s_x) * self.weight_scale
+        if dense:
+            conv.finish(self._dense_acc(x, s_x), None, F=F)
+            return self._read(floats, F)
         L.quantize_pack(flat, self.geom.cin, h * w, s_x, offset, packed)
         L.fill(packed, 0, h * w, w, h, w, inp.units, X, geo, L.ZERO_OFFSET if offset else np.int32(0))
-        conv.scale[: self.geom.cout] = np.float32(s_x) * self.weight_scale
         conv(X, None, F=F)
+        return self._read(floats, F)
+
+    def _read(self, floats: L.Layout, F: np.ndarray) -> Tensor:
         y = np.empty((1, self.geom.cout, floats.height, floats.width), np.float32)
         L.read(
             F,
@@ -552,11 +572,21 @@ class PlanesQuantizedConv2d(_PlanesBase):
         )
         return torch.from_numpy(y)
 
-    def _dense(self, x: Tensor, s_x: np.float32) -> Tensor:
-        """The same integers from a float32 convolution of the integer values (exact: sums < 2**24)."""
-        g = self.geom
-        xq = torch.round(x.to(torch.float32) / torch.tensor(s_x)).clamp_(-127, 127)
-        acc = torch.nn.functional.conv2d(xq, self._dense_w, None, g.stride, g.padding, g.dilation)
-        scale = torch.from_numpy(np.float32(s_x) * self.weight_scale).reshape(1, -1, 1, 1)
-        y = acc * scale
-        return y if self.bias is None else y + torch.from_numpy(self.bias).reshape(1, -1, 1, 1)
+    def _dense_acc(self, x: Tensor, s_x: np.float32) -> np.ndarray:
+        """The exact integer sums from a float32 convolution of the integer values (exact: sums < 2**24)."""
+        g, c = self.geom, x.shape[1]
+        h, w = x.shape[2], x.shape[3]
+        packed = np.empty(-(-c // 4) * h * w, np.int32)
+        L.quantize_pack(
+            x.detach().to(torch.float32).contiguous().numpy().reshape(-1), c, h * w, s_x, 0, packed
+        )
+        q = torch.from_numpy(unpack_bytes(packed, c, h, w, 0))[None]
+        acc = torch.nn.functional.conv2d(q, self._dense_w, None, g.stride, g.padding, g.dilation)
+        return acc[0].numpy().astype(np.int32)
+
+
+def unpack_bytes(units: np.ndarray, c: int, h: int, w: int, offset: int) -> np.ndarray:
+    """Packed int8 units (ceil(c / 4), h, w) -> float32 integer values (c, h, w), ``offset`` removed."""
+    b = units.view(np.uint8 if offset else np.int8).reshape(-1, h, w, 4)
+    q = np.moveaxis(b, 3, 1).reshape(-1, h, w)[:c].astype(np.float32)
+    return q - np.float32(offset) if offset else q

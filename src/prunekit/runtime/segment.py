@@ -48,6 +48,7 @@ from prunekit.runtime.conv import (
     host_width,
     isa_name,
     tile_options,
+    unpack_bytes,
     unsupported,
 )
 
@@ -254,6 +255,7 @@ class ConvStep:
         else:
             self.w32 = np.ascontiguousarray(w_np, dtype=np.float32)
         self.b_np = None if self.bias is None else self.bias.detach().to(torch.float32).numpy().copy()
+        self.finisher = self._finisher() if self.int8 else None
 
     @property
     def engine(self) -> str:
@@ -278,6 +280,26 @@ class ConvStep:
         if self.int8 and self.in_offset and self.isa != "vnni512":
             return "signed int8 input on AVX2 (vpmaddubsw would saturate with +128-offset bytes)"
         return None
+
+    def _finisher(self):
+        """An epilogue-only twin of the int8 kernel (the exact dense path feeds it whole accumulators)."""
+        out = self.out
+        dest = Int8Out(
+            layout=out.bytes_, s_next=out.byte_scale or 1.0, qlo=-127.0, offset=out.offset, floats=out.floats
+        )
+        vw = 16 if self.isa == "vnni512" else 8
+        return DirectConvI8(
+            self.wq,
+            self.scale,
+            self.b_np,
+            self.geom,
+            self.in_layout,
+            dest,
+            nv=min(tile_options(vw)),
+            isa=self.isa,
+            clamp=self.clamp,
+            residual=self.rlayout,
+        )
 
     def make_kernel(self, nv: int, cb: int | None):
         out = self.out
@@ -358,17 +380,16 @@ class ConvStep:
             self.kernel(x, self.out.fbuf, r)
 
     def _dense(self, env: Env) -> None:
-        """torch on NCHW (float32; int8: a float32 convolution of the integer values, exact below 2**24, then
-        the same arithmetic as the kernel's epilogue), the result written into this step's planes."""
+        """torch on NCHW: float32, the result written into this step's planes; int8, a float32 convolution
+        of the integer values (exact below 2**24) and then the kernels' own epilogue
+        (:meth:`DirectConvI8.finish`): one spelling of the requantization."""
         g = self.geom
         if self.int8:
-            q = self._dense_q(env)
-            acc = F.conv2d(q, self.dense_w, None, g.stride, g.padding, g.dilation)
-            y = acc * torch.from_numpy(self.scale).reshape(1, -1, 1, 1)
-            if self.b_np is not None:
-                y = y + torch.from_numpy(self.b_np).reshape(1, -1, 1, 1)
-        else:
-            y = F.conv2d(env.tensor(self.inp), self.weight, self.bias, g.stride, g.padding, g.dilation)
+            acc = F.conv2d(self._dense_q(env), self.dense_w, None, g.stride, g.padding, g.dilation)
+            out = self.out
+            self.finisher.finish(acc[0].numpy().astype(np.int32), out.bbuf, self._residual(env), out.fbuf)
+            return
+        y = F.conv2d(env.tensor(self.inp), self.weight, self.bias, g.stride, g.padding, g.dilation)
         if self.residual is not None:
             y = y + env.tensor(self.residual)
         lo, hi = self.clamp
@@ -380,19 +401,19 @@ class ConvStep:
         write_planes(self.out, y)
 
     def _dense_q(self, env: Env) -> Tensor:
+        """The integer input values as float32 NCHW: from the producer's bytes, or quantized here."""
         inp = self.inp
         c, h, w = inp.shape
-        if self.src_bytes:  # the integers themselves, from the producer's bytes
+        if self.src_bytes:
             lay = inp.bytes_
             units = np.empty(lay.units * h * w, np.int32)
             L.read(inp.bbuf, lay.col0(), lay.per_unit * lay.plane, lay.pitch, lay.units, h, w, units)
-            b = units.view(np.uint8 if inp.offset else np.int8).reshape(lay.units, h, w, 4)
-            q = np.moveaxis(b, 3, 1).reshape(lay.units * 4, h, w)[:c].astype(np.float32)
-            if inp.offset:
-                q -= np.float32(inp.offset)
-            return torch.from_numpy(q)[None]
-        x = env.tensor(inp)
-        return torch.round(x / torch.tensor(self.act_scale)).clamp_(-127, 127)
+        else:
+            units = np.empty(-(-c // 4) * h * w, np.int32)
+            a = env.tensor(inp).contiguous().numpy().reshape(-1)
+            L.quantize_pack(a, c, h * w, self.act_scale, 0, units)
+        offset = inp.offset if self.src_bytes else 0
+        return torch.from_numpy(unpack_bytes(units, c, h, w, offset))[None]
 
 
 class PoolStep:

@@ -214,10 +214,16 @@ def fill(src, s_off, s_cstride, s_rstride, s_h, s_w, s_units, dst, geo, zero):
                             dst[d + x] = src[srow + x + c0]
                         for x in range(hi, q):
                             dst[d + x] = zero
-                    else:
-                        for x in range(q):
-                            sc = x * sw + c0
-                            dst[d + x] = src[srow + sc] if 0 <= sc < s_w else zero
+                    else:  # the valid columns first, then a branch-free strided copy LLVM can vectorise
+                        lo = min(max(0, (-c0 + sw - 1) // sw), q)
+                        hi = max(min(q, (s_w - c0 + sw - 1) // sw), lo)
+                        for x in range(lo):
+                            dst[d + x] = zero
+                        start = srow + c0
+                        for x in range(lo, hi):
+                            dst[d + x] = src[start + x * sw]
+                        for x in range(hi, q):
+                            dst[d + x] = zero
 
 
 def fill_geo(layout: Layout) -> np.ndarray:
@@ -262,32 +268,35 @@ def maxpool(
     from a planes tensor into every shifted plane of an output planes layout. Works on elements: float32
     (``epu = 1`` element per unit) or bytes (``epu = 4``, uint8 for non-negative or +128-encoded values,
     int8 otherwise). Offsets are in units; ``yoffs[s]`` (from a unit's first plane, at output row 0,
-    shift included) and ``shifts[s]`` describe the output planes, ``ystride`` the units."""
+    shift included) and ``shifts[s]`` describe the output planes, ``ystride`` the units. ``rowmax``:
+    scratch of at least ``(w + wo) * epu`` elements. Each row: the max over the window's rows (contiguous,
+    vectorised), then over its columns, then one contiguous copy per output plane."""
     ns = yoffs.shape[0]
+    we = w * epu
+    out = rowmax[we:]
     for u in range(units):
         ub = (s_off + u * s_cstride) * epu
         for oy in range(ho):
-            first = True
-            for i in range(k):
-                sr = oy * st + i - pad
-                if sr < 0 or sr >= h:
-                    continue
-                b = ub + sr * q_in * epu
-                if first:
-                    for x in range(w * epu):
-                        rowmax[x] = src[b + x]
-                    first = False
-                else:
-                    for x in range(w * epu):
-                        rowmax[x] = max(rowmax[x], src[b + x])
+            r0 = max(oy * st - pad, 0)
+            r1 = min(oy * st - pad + k, h)
+            b = ub + r0 * q_in * epu
+            for x in range(we):
+                rowmax[x] = src[b + x]
+            for r in range(r0 + 1, r1):
+                b = ub + r * q_in * epu
+                for x in range(we):
+                    rowmax[x] = max(rowmax[x], src[b + x])
             for ox in range(wo):
+                c0 = max(ox * st - pad, 0)
+                c1 = min(ox * st - pad + k, w)
                 for e in range(epu):
-                    m = rowmax[max(ox * st - pad, 0) * epu + e]
-                    for j in range(k):
-                        sc = ox * st + j - pad
-                        if 0 <= sc < w:
-                            m = max(m, rowmax[sc * epu + e])
-                    for s in range(ns):
-                        x = ox - shifts[s]
-                        if 0 <= x < qo:
-                            dst[(u * ystride + yoffs[s] + oy * qo + ox) * epu + e] = m
+                    m = rowmax[c0 * epu + e]
+                    for c in range(c0 + 1, c1):
+                        m = max(m, rowmax[c * epu + e])
+                    out[ox * epu + e] = m
+            for s in range(ns):
+                d = shifts[s]
+                lo, hi = max(0, d), min(wo, qo + d)  # output columns whose shifted column is in [0, qo)
+                base = (u * ystride + yoffs[s] + oy * qo) * epu
+                for x in range(lo * epu, hi * epu):
+                    dst[base + x] = out[x]

@@ -426,8 +426,11 @@ class PoolStep:
 
     def prepare(self) -> None:
         c, h, w = self.inp.shape
-        self.rowmax = np.empty(4 * w + 64, np.float32)
-        self.rowbytes = np.empty(4 * w + 64, np.uint8 if self.inp.offset or nonneg(self.inp) else np.int8)
+        wo = self.out.shape[2]
+        self.rowmax = np.empty(4 * (w + wo) + 64, np.float32)
+        self.rowbytes = np.empty(
+            4 * (w + wo) + 64, np.uint8 if self.inp.offset or nonneg(self.inp) else np.int8
+        )
 
     def _pool(self, src: L.Layout, sbuf: np.ndarray, dst: L.Layout, dbuf: np.ndarray, epu: int, row) -> None:
         c, h, w = self.inp.shape

@@ -122,14 +122,14 @@ class Block:
         rows = shape[0]
         cols = math.prod(shape[1:]) if len(shape) > 1 else 1
         r, c = self.shape
-        if rows % r or cols % c:
-            raise PrunekitError(
-                f"layer '{layer}': block {r}x{c} does not divide its weight seen as {rows}x{cols}"
-            )
         if self.along == "channels" and len(shape) > 2 and shape[1] % c:
             raise PrunekitError(
                 f"layer '{layer}': block {r}x{c} along channels needs the input channels ({shape[1]}) to be "
                 f"a multiple of {c}"
+            )
+        if rows % r or cols % c:
+            raise PrunekitError(
+                f"layer '{layer}': block {r}x{c} does not divide its weight seen as {rows}x{cols}"
             )
 
     def to_dict(self) -> dict[str, Any]:

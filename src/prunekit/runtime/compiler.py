@@ -388,9 +388,18 @@ def compile(  # noqa: A001 - the natural name, namespaced as prunekit.runtime.co
     inputs = _capture(compiled, example_inputs)
     threads = torch.get_num_threads()
     timing = dict(budget_s=budget_s, min_reps=min_reps, max_reps=max_reps)
+    report = RuntimeReport([], threads, margin, macs_remaining=_macs_remaining(model, inputs))
+    image = _image(example_inputs)
+    seg = None
+    if segments and image is not None:  # first: the layers a segment runs need no per-layer timing
+        seg = _segments(model, image, report, rounds=max(3, min_reps))
+    covered = {} if seg is None else {step.name: step for step in seg.conv_steps()}
     decisions, replace = [], {}
     for name, module in list(compiled.named_modules()):
         if not isinstance(module, _TARGETS):
+            continue
+        if name in covered:
+            decisions.append(_step_row(covered[name]))
             continue
         decision, new = _decide(name, module, inputs.get(name), margin, timing)
         decisions.append(decision)
@@ -405,17 +414,15 @@ def compile(  # noqa: A001 - the natural name, namespaced as prunekit.runtime.co
         )
         if new is not None:
             replace[name] = new
+    report.layers = decisions
+    result = seg if seg is not None else compiled
     for name, new in replace.items():
-        _set_module(compiled, name, new)
-    if chain:
+        try:
+            _set_module(seg.gm if seg is not None else compiled, name, new)
+        except AttributeError:  # the traced graph does not call it as a module
+            continue
+    if chain and seg is None:
         _fuse_chains(compiled, inputs, decisions)
-    report = RuntimeReport(
-        decisions, threads, margin, macs_remaining=_macs_remaining(compiled, model, inputs)
-    )
-    result = compiled
-    image = _image(example_inputs)
-    if segments and image is not None:
-        result = _try_segments(model, compiled, replace, image, report, rounds=max(3, min_reps))
     result.runtime_report = report
     return result
 
@@ -434,7 +441,7 @@ def _image(example_inputs) -> Tensor | None:
     return x if ok and x.device.type == "cpu" else None
 
 
-def _macs_remaining(compiled: nn.Module, model: nn.Module, inputs: dict[str, Tensor]) -> float | None:
+def _macs_remaining(model: nn.Module, inputs: dict[str, Tensor]) -> float | None:
     """Multiply-adds of the nonzero weights over the dense ones, summed over every Linear/Conv2d that ran
     (a convolution's weight counts once per output position)."""
     kept = total = 0
@@ -465,58 +472,45 @@ def _macs_remaining(compiled: nn.Module, model: nn.Module, inputs: dict[str, Ten
     return kept / total if total else None
 
 
-def _try_segments(
-    model: nn.Module, compiled: nn.Module, replace: dict, x: Tensor, report: RuntimeReport, rounds: int
-):
-    """The whole network in the plane layout (:mod:`prunekit.runtime.segment`) when that measures faster
-    than the per-layer result and dense, interleaved on ``x``; else ``compiled``."""
+def _segments(model: nn.Module, x: Tensor, report: RuntimeReport, rounds: int):
+    """The whole network in the plane layout (:mod:`prunekit.runtime.segment`), when it matches the model and
+    measures faster than dense (interleaved on ``x``); else None, with the reason in ``report.note``."""
     from prunekit.runtime import segment
 
     base = squash(copy.deepcopy(model)).eval()
     seg, why = segment.build(base, x)
     if seg is None:
         report.note = f"segments: not used ({why})"
-        return compiled
+        return None
     segment.tune(seg, x, rounds=rounds)
-    absorbed = {step.name for step in seg.conv_steps()}
-    for name, new in replace.items():  # layers outside the convolutions keep their per-layer choice
-        if name not in absorbed:
-            try:
-                _set_module(seg.gm, name, new)
-            except AttributeError:  # not called as a module by the traced graph
-                continue
     with torch.inference_mode():
-        # int8: bit for bit against the per-layer result, which runs the same float layers (a classifier left
-        # float32 may be on a float32 sparse kernel in both); float32: within tolerance of the model
-        ref, y = (compiled(x) if seg.int8 else base(x)), seg(x)
-        if not _matches(y, ref, exact=seg.int8):
+        if not _matches(seg(x), base(x), exact=seg.int8):
             log.warning("runtime: the segmented model does not match the model; not used")
             report.note = "segments: output did not match the model; not used"
-            return compiled
-        whole = segment.time_interleaved(
-            {"dense": lambda: base(x), "per-layer": lambda: compiled(x), "segments": lambda: seg(x)},
-            rounds=max(5, rounds),
+            return None
+        report.whole = segment.time_interleaved(
+            {"dense": lambda: base(x), "segments": lambda: seg(x)}, rounds=max(5, rounds)
         )
-    report.whole = whole
-    if whole["segments"] >= min(whole["per-layer"], whole["dense"]) * (1.0 - report.margin):
-        report.note = "segments: measured not faster than the per-layer result; per-layer kept"
-        return compiled
+    if report.whole["segments"] >= report.whole["dense"] * (1.0 - report.margin):
+        report.note = "segments: measured not faster than dense; per-layer decisions instead"
+        return None
     report.mode = "segments"
-    rows = {}
-    for step in seg.conv_steps():
-        sparse = {k: v for k, v in step.timings.items() if k != "dense"}
-        rows[step.name] = LayerDecision(
-            name=step.name,
-            kind=_kind(step.module),
-            weight_shape=tuple(step.weight.shape),
-            sparsity=step.sparsity,
-            input_shape=(1, *step.inp.shape),
-            dense_us=step.timings.get("dense"),
-            sparse_us=min(sparse.values()) if sparse else None,
-            chosen=step.choice,
-            candidates=sparse,
-            reason=step.describe(),
-            engine=step.engine,
-        )
-    report.layers = [rows.pop(d.name, d) for d in report.layers] + list(rows.values())
     return seg
+
+
+def _step_row(step) -> LayerDecision:
+    """A segment convolution's row of the decision table."""
+    sparse = {k: v for k, v in step.timings.items() if k != "dense"}
+    return LayerDecision(
+        name=step.name,
+        kind=_kind(step.module),
+        weight_shape=tuple(step.weight.shape),
+        sparsity=step.sparsity,
+        input_shape=(1, *step.inp.shape),
+        dense_us=step.timings.get("dense"),
+        sparse_us=min(sparse.values()) if sparse else None,
+        chosen=step.choice,
+        candidates=sparse,
+        reason=step.describe(),
+        engine=step.engine,
+    )

@@ -168,3 +168,16 @@ def test_cpu_feature_override_selects_the_avx2_paths(monkeypatch):
     finally:
         monkeypatch.delenv("PRUNEKIT_CPU_FEATURES")
         cpu.features.cache_clear()
+
+
+def test_per_layer_modules_run_any_batch_image_by_image():
+    torch.manual_seed(3)
+    conv = nn.Conv2d(4, 6, 3, 2, 1).eval()
+    x = torch.randn(3, 4, 9, 9)
+    q = QuantizedConv2d(conv, torch.tensor(0.02))
+    with torch.inference_mode():
+        assert (C.PlanesConv2d(conv)(x) - conv(x)).abs().max() <= 1e-4 * conv(x).abs().max()
+        assert torch.equal(C.PlanesQuantizedConv2d(q)(x), q(x))
+        assert torch.equal(C.PlanesQuantizedConv2d(q)(x[0]), q(x[:1])[0])
+    with pytest.raises(Exception, match="expects inputs"):
+        C.PlanesConv2d(conv)(torch.randn(1, 5, 9, 9))

@@ -423,15 +423,23 @@ class _PlanesBase(nn.Module):
     kernel = "planes"
 
     def _check(self, x: Tensor) -> np.ndarray:
+        return x.detach().to(torch.float32).contiguous().numpy()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Image by image (the kernels are built for batch 1); (C, H, W) inputs too."""
         if torch.is_grad_enabled() and x.requires_grad:
             raise PrunekitError(
                 f"{type(self).__name__} is inference-only: run it under torch.inference_mode()"
             )
-        if x.dim() != 4 or x.shape[0] != 1 or x.shape[1] != self.geom.cin:
+        if x.dim() not in (3, 4) or x.shape[-3] != self.geom.cin:
             raise PrunekitError(
-                f"{type(self).__name__} runs batch 1 (1, {self.geom.cin}, H, W), got {tuple(x.shape)}"
+                f"{type(self).__name__} expects inputs (N, {self.geom.cin}, H, W), got {tuple(x.shape)}"
             )
-        return x.detach().to(torch.float32).contiguous().numpy()
+        if x.dim() == 3:
+            return self.image(x[None])[0]
+        if x.shape[0] == 1:
+            return self.image(x)
+        return torch.cat([self.image(x[i : i + 1]) for i in range(x.shape[0])])
 
 
 class PlanesConv2d(_PlanesBase):
@@ -462,7 +470,7 @@ class PlanesConv2d(_PlanesBase):
             self._plans[(h, w)] = found
         return found
 
-    def forward(self, x: Tensor) -> Tensor:
+    def image(self, x: Tensor) -> Tensor:
         a = self._check(x)
         h, w = a.shape[2], a.shape[3]
         inp, geo, X, out, Y, conv = self._plan(h, w)
@@ -537,7 +545,7 @@ class PlanesQuantizedConv2d(_PlanesBase):
             self._plans[key] = found
         return found
 
-    def forward(self, x: Tensor) -> Tensor:
+    def image(self, x: Tensor) -> Tensor:
         a = self._check(x)
         h, w = a.shape[2], a.shape[3]
         flat = a.reshape(-1)

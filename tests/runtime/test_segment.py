@@ -160,3 +160,31 @@ class _Untraceable(nn.Module):
         if x.sum() > 0:  # data-dependent control flow: fx cannot trace it
             return self.conv(x)
         return self.conv(-x)
+
+
+class Pooled(nn.Module):
+    def __init__(self, k: int, s: int, p: int, relu: bool) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, 1, 1), nn.Conv2d(8, 8, 3, 1, 1)
+        self.pool, self.relu = nn.MaxPool2d(k, s, p), relu
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.b(self.pool(torch.relu(y) if self.relu else y))
+
+
+@pytest.mark.parametrize("k,s,p", [(2, 2, 0), (3, 1, 1), (3, 2, 1), (5, 3, 2), (2, 1, 1)])
+def test_max_pools_in_the_layout_equal_torch(k, s, p):
+    torch.manual_seed(k + s + p)
+    x = torch.randn(1, 3, 13, 11)
+    for relu in (True, False):
+        model = Pooled(k, s, p, relu).eval()
+        for isa, vw in ISAS:
+            seg = lower(model, x, vw, isa)
+            assert any(isinstance(st, S.PoolStep) for st in seg.steps)
+            with torch.inference_mode():
+                assert close(seg(x), model(x))
+            q = quantize_model(model, activations="static", calibration=[x])
+            seg = lower(q, x, vw, isa)
+            with torch.inference_mode():
+                assert torch.equal(seg(x), q(x))

@@ -178,18 +178,10 @@ def store_plan(out: Layout, tile: int, ntiles: int) -> tuple[np.ndarray, np.ndar
 def fill(src, s_off, s_cstride, s_rstride, s_h, s_w, s_units, dst, geo, zero):
     """Fill every plane of the layout ``geo`` from a source array of ``s_units`` units (an NCHW array:
     ``s_cstride = H*W``, ``s_rstride = W``; or a planes tensor's column-0 planes), ``zero`` outside the
-    source (units past ``s_units`` included)."""
-    units, q, rows, sh, sw, rp, plane, npa, ncol = (
-        geo[0],
-        geo[1],
-        geo[2],
-        geo[3],
-        geo[4],
-        geo[5],
-        geo[6],
-        geo[9],
-        geo[10],
-    )
+    source (units past ``s_units`` included). Slice copies throughout: numba indexes with signed integers
+    and checks for negative indices in scalar loops, which keeps LLVM from vectorising them."""
+    units, q, rows, sh, sw, rp, plane = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5], geo[6]
+    npa, ncol = geo[9], geo[10]
     cols = geo[11 : 11 + ncol]
     phases = geo[11 + ncol : 11 + ncol + npa]
     for u in range(units):
@@ -197,33 +189,21 @@ def fill(src, s_off, s_cstride, s_rstride, s_h, s_w, s_units, dst, geo, zero):
             for ci in range(ncol):
                 base = ((u * npa + ai) * ncol + ci) * plane
                 c0 = cols[ci]
+                lo = min(max(0, (-c0 + sw - 1) // sw), q)  # the plane columns whose source is inside
+                hi = max(min(q, (s_w - c0 + sw - 1) // sw), lo)
                 for r in range(rows):
                     d = base + r * q
                     sr = r * sh + phases[ai] - rp
-                    if sr < 0 or sr >= s_h or u >= s_units:
-                        for x in range(q):
-                            dst[d + x] = zero
+                    if sr < 0 or sr >= s_h or u >= s_units or hi == lo:
+                        dst[d : d + q] = zero
                         continue
-                    srow = s_off + u * s_cstride + sr * s_rstride
+                    start = s_off + u * s_cstride + sr * s_rstride + c0
+                    dst[d : d + lo] = zero
                     if sw == 1:
-                        lo = min(max(0, -c0), q)
-                        hi = max(min(q, s_w - c0), lo)
-                        for x in range(lo):
-                            dst[d + x] = zero
-                        for x in range(lo, hi):
-                            dst[d + x] = src[srow + x + c0]
-                        for x in range(hi, q):
-                            dst[d + x] = zero
-                    else:  # the valid columns first, then a branch-free strided copy LLVM can vectorise
-                        lo = min(max(0, (-c0 + sw - 1) // sw), q)
-                        hi = max(min(q, (s_w - c0 + sw - 1) // sw), lo)
-                        for x in range(lo):
-                            dst[d + x] = zero
-                        start = srow + c0
-                        for x in range(lo, hi):
-                            dst[d + x] = src[start + x * sw]
-                        for x in range(hi, q):
-                            dst[d + x] = zero
+                        dst[d + lo : d + hi] = src[start + lo : start + hi]
+                    else:
+                        dst[d + lo : d + hi] = src[start + lo * sw : start + (hi - 1) * sw + 1 : sw]
+                    dst[d + hi : d + q] = zero
 
 
 def fill_geo(layout: Layout) -> np.ndarray:
@@ -238,8 +218,7 @@ def read(src, s_off, s_cstride, q, units, h, w, out):
         for r in range(h):
             b = s_off + u * s_cstride + r * q
             o = (u * h + r) * w
-            for x in range(w):
-                out[o + x] = src[b + x]
+            out[o : o + w] = src[b : b + w]
 
 
 @_jit(fastmath=False)
@@ -269,34 +248,36 @@ def maxpool(
     (``epu = 1`` element per unit) or bytes (``epu = 4``, uint8 for non-negative or +128-encoded values,
     int8 otherwise). Offsets are in units; ``yoffs[s]`` (from a unit's first plane, at output row 0,
     shift included) and ``shifts[s]`` describe the output planes, ``ystride`` the units. ``rowmax``:
-    scratch of at least ``(w + wo) * epu`` elements. Each row: the max over the window's rows (contiguous,
-    vectorised), then over its columns, then one contiguous copy per output plane."""
+    scratch of at least ``(w + wo) * epu`` elements. Each output row: the max over the window's rows, then
+    over its columns, then one copy per output plane (the row passes as slices, vectorised; see
+    :func:`fill`). Every window must overlap the input (torch's ``pad <= k / 2``)."""
     ns = yoffs.shape[0]
     we = w * epu
-    out = rowmax[we:]
+    row = rowmax[:we]
+    out = rowmax[we : we + wo * epu]
     for u in range(units):
         ub = (s_off + u * s_cstride) * epu
         for oy in range(ho):
             r0 = max(oy * st - pad, 0)
             r1 = min(oy * st - pad + k, h)
             b = ub + r0 * q_in * epu
-            for x in range(we):
-                rowmax[x] = src[b + x]
+            row[:] = src[b : b + we]
             for r in range(r0 + 1, r1):
                 b = ub + r * q_in * epu
-                for x in range(we):
-                    rowmax[x] = max(rowmax[x], src[b + x])
-            for ox in range(wo):
-                c0 = max(ox * st - pad, 0)
-                c1 = min(ox * st - pad + k, w)
+                np.maximum(row, src[b : b + we], row)
+            for ox in range(wo):  # a column inside each window to start from
+                c = min(max(ox * st - pad, 0), w - 1) * epu
                 for e in range(epu):
-                    m = rowmax[c0 * epu + e]
-                    for c in range(c0 + 1, c1):
-                        m = max(m, rowmax[c * epu + e])
-                    out[ox * epu + e] = m
+                    out[ox * epu + e] = row[c + e]
+            for j in range(k):
+                lo = max(0, (pad - j + st - 1) // st)  # outputs whose column ox * st + j - pad is inside
+                hi = min(wo, (w - 1 - j + pad) // st + 1)
+                for ox in range(lo, hi):  # scalar: a ufunc call on small strided slices costs more
+                    c = (ox * st + j - pad) * epu
+                    for e in range(epu):
+                        out[ox * epu + e] = max(out[ox * epu + e], row[c + e])
             for s in range(ns):
                 d = shifts[s]
                 lo, hi = max(0, d), min(wo, qo + d)  # output columns whose shifted column is in [0, qo)
                 base = (u * ystride + yoffs[s] + oy * qo) * epu
-                for x in range(lo * epu, hi * epu):
-                    dst[base + x] = out[x]
+                dst[base + lo * epu : base + hi * epu] = out[lo * epu : hi * epu]

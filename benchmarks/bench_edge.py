@@ -51,6 +51,7 @@ from torch import nn
 import prunekit.runtime as rt
 import prunekit.structured
 from prunekit import Sparsifier
+from prunekit.analysis.macs import count_macs
 from prunekit.artifact import plain_state_dict
 from prunekit.compress.container import save_compressed
 from prunekit.masking import squash
@@ -194,12 +195,15 @@ def build_variants(name: str, model: nn.Module, x: torch.Tensor, calib: list, ar
     structured = prunekit.structured.prune_model(copy.deepcopy(model), x, ratio=0.5, round_to=8).model.eval()
     compiled("f32 50% channels", structured, False)
     compiled("int8 50% channels", structured, True)
+X
+    for label in ("f32 50% channels", "int8 50% channels"):
+        variants[label]["macs"] = kept
     sx = int8_engines.torch_x86(structured, calib)
     variants["int8 50% ch. torch-x86"] = dict(
         model=sx, size=size_of(sx.state_dict(), False), macs=None, int8=True
     )
     so = int8_engines.onnxruntime_model(structured, x, calib, os.path.join(ort_dir, "s8"))
-    variants["int8 50% ch. onnxruntime"] = dict(model=so, size=file_size(so.path), macs=None, int8=True)
+    variants["int8 50% ch. onnxruntime"] = dict(model=so, size=file_size(so.path), macs=kept, int8=True)
     return variants
 
 

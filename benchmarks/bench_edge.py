@@ -195,12 +195,12 @@ def build_variants(name: str, model: nn.Module, x: torch.Tensor, calib: list, ar
     structured = prunekit.structured.prune_model(copy.deepcopy(model), x, ratio=0.5, round_to=8).model.eval()
     compiled("f32 50% channels", structured, False)
     compiled("int8 50% channels", structured, True)
-X
+    kept = count_macs(structured, x)["total"] / count_macs(model, x)["total"]  # MACs left after the trim
     for label in ("f32 50% channels", "int8 50% channels"):
         variants[label]["macs"] = kept
     sx = int8_engines.torch_x86(structured, calib)
     variants["int8 50% ch. torch-x86"] = dict(
-        model=sx, size=size_of(sx.state_dict(), False), macs=None, int8=True
+        model=sx, size=size_of(sx.state_dict(), False), macs=kept, int8=True
     )
     so = int8_engines.onnxruntime_model(structured, x, calib, os.path.join(ort_dir, "s8"))
     variants["int8 50% ch. onnxruntime"] = dict(model=so, size=file_size(so.path), macs=kept, int8=True)

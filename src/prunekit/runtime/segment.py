@@ -795,10 +795,48 @@ def _plan_layouts(steps: list, values: dict, int8: bool, isa: str, graph: fx.Gra
         if not int8 or v.needs_float:  # int8: room for whole groups of 4 channels (the epilogue's unit)
             shifts, units = (v.shifts, c) if not int8 else ({0}, L.roundup(c, 4))
             v.floats = L.planes(units, v.shape[1], v.shape[2], v.top, v.bottom, shifts, pitch=v.pitch)
-            v.fbuf = v.floats.alloc()
         if int8 and v.byte_scale is not None:
             v.bytes_ = v.layout(-(-c // 4))
-            v.bbuf = v.bytes_.alloc(L.ZERO_OFFSET if v.offset else 0)
+    _allocate(steps, values, graph)
+
+
+def _allocate(steps: list, values: dict, graph: fx.Graph) -> None:
+    """Buffers for every value's planes, reused once the value is dead: a later value of the identical
+    layout takes the buffer over (its padding, never written, is zero in both), which keeps the working set
+    of a forward pass in cache. A value lives from its producer to its last reader (the graph's outputs:
+    to the end)."""
+    last: dict[fx.Node, int] = {}
+    for i, step in enumerate(steps):
+        if isinstance(step, TorchStep):
+            read = step.node.all_input_nodes
+        else:
+            read = [step.inp.node] + ([step.residual.node] if getattr(step, "residual", None) else [])
+        for n in read:
+            last[n] = i
+    output = next(n for n in graph.nodes if n.op == "output")
+    for n in output.all_input_nodes:
+        last[n] = len(steps)
+    free: dict[tuple, list[np.ndarray]] = {}
+
+    def take(layout: L.Layout, fill: int) -> np.ndarray:
+        pool = free.get((layout, fill))
+        return pool.pop() if pool else layout.alloc(fill)
+
+    for i, step in enumerate(steps):
+        v = getattr(step, "out", None)
+        if v is not None and v.producer is step:
+            if v.floats is not None:
+                v.fbuf = take(v.floats, 0)
+            if v.bytes_ is not None:
+                v.bbuf = take(v.bytes_, int(L.ZERO_OFFSET) if v.offset else 0)
+        for n, end in last.items():
+            if end == i and n in values:
+                dead = values[n]
+                if dead.fbuf is not None:
+                    free.setdefault((dead.floats, 0), []).append(dead.fbuf)
+                if dead.bbuf is not None:
+                    fill = int(L.ZERO_OFFSET) if dead.offset else 0
+                    free.setdefault((dead.bytes_, fill), []).append(dead.bbuf)
 
 
 def _bytes_for(v: Value, scale: float, isa: str) -> bool:

@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import copy
 import os
+import random
+import statistics
 import tempfile
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -161,10 +164,6 @@ def onnxruntime_model(
 
 
 def _median_us(fns: Mapping[str, object], x: Tensor, rounds: int) -> dict[str, float]:
-    import random
-    import statistics
-    import time
-
     samples: dict[str, list[float]] = {k: [] for k in fns}
     order, rng = list(fns), random.Random(0)
     with torch.inference_mode():

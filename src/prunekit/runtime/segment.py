@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from prunekit.errors import PrunekitError
 from prunekit.quant.fold import fold_conv_bn
 from prunekit.quant.layers import QuantizedConv2d, QuantizedLayer
 from prunekit.runtime import conv_layout as L
@@ -560,8 +561,6 @@ class Segmented(nn.Module):
 
     def forward(self, x: Tensor):
         if torch.is_grad_enabled() and x.requires_grad:
-            from prunekit.errors import PrunekitError
-
             raise PrunekitError("the compiled model is inference-only: run it under torch.inference_mode()")
         if tuple(x.shape) != self.shape or x.dtype != torch.float32:
             return self.gm(x)

@@ -52,7 +52,7 @@ import prunekit.runtime as rt
 import prunekit.structured
 from prunekit import Sparsifier
 from prunekit.analysis.macs import count_macs
-from prunekit.artifact import plain_state_dict
+from prunekit.artifact import load_artifact, plain_state_dict
 from prunekit.compress.container import save_compressed
 from prunekit.masking import squash
 from prunekit.models import ResNet18, SmallResNet
@@ -273,8 +273,13 @@ def resnet(args) -> tuple[nn.Module, torch.Tensor, list]:
 
 
 def digits(args) -> tuple[nn.Module, torch.Tensor, list]:
+    """The digits demo's SmallResNet: its trained dense artifact with ``--demo-dir``, else seeded random
+    weights (latency depends on where the zeros are, not on the values)."""
     torch.manual_seed(0)
-    model = random_bn(SmallResNet(widths=(16, 32, 64), blocks=2))
+    if args.demo_dir is not None:
+        model = load_artifact(Path(args.demo_dir) / "dense.safetensors", masked=False)[0].eval()
+    else:
+        model = random_bn(SmallResNet(widths=(16, 32, 64), blocks=2))
     g = torch.Generator().manual_seed(2)
     x = torch.randn(1, 1, 8, 8, generator=g)
     calib = [torch.randn(1, 1, 8, 8, generator=g) for _ in range(4)]
@@ -289,6 +294,9 @@ def main() -> None:
     ap.add_argument("--alloc", default="layer,global", help="unstructured float32 allocations to run")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reports", action="store_true", help="print compile's per-layer decision tables")
+    ap.add_argument(
+        "--demo-dir", default=None, help="the digits demo's output directory (its dense artifact)"
+    )
     args = ap.parse_args()
     args.alloc = args.alloc.split(",")
     if args.quick:

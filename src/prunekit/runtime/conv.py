@@ -342,7 +342,9 @@ class DirectConvI8:
             dtype=np.int64,
         )
         self._parts: dict[int, list[np.ndarray]] = {}
-        self._float_dummy = np.zeros(16, np.float32)
+        # the epilogue loads the residual before it knows whether to add it (a select, not a branch): without
+        # a residual it reads these zeros, which cover every position a tile reaches
+        self._float_dummy = np.zeros(ntiles * tile + 64, np.float32)
         self._no_blocks = np.zeros((1, cpad + 1), np.int64)
         self._whole = ntiles * tile + 16
         self._acc: np.ndarray | None = None

@@ -248,13 +248,17 @@ def maxpool(
     (``epu = 1`` element per unit) or bytes (``epu = 4``, uint8 for non-negative or +128-encoded values,
     int8 otherwise). Offsets are in units; ``yoffs[s]`` (from a unit's first plane, at output row 0,
     shift included) and ``shifts[s]`` describe the output planes, ``ystride`` the units. ``rowmax``:
-    scratch of at least ``(w + wo) * epu`` elements. Each output row: the max over the window's rows, then
-    over its columns, then one copy per output plane (the row passes as slices, vectorised; see
-    :func:`fill`). Every window must overlap the input (torch's ``pad <= k / 2``)."""
+    scratch of at least ``(2 w + wo) * epu`` elements.
+
+    Per output row, all as slice operations (numba's scalar loops with signed indices do not vectorise):
+    the max over the window's rows, then over the window's columns at every column (``k`` shifted slices),
+    then the output columns picked at the stride, and one copy per output plane."""
     ns = yoffs.shape[0]
     we = w * epu
     row = rowmax[:we]
-    out = rowmax[we : we + wo * epu]
+    cm = rowmax[we : 2 * we]
+    out = rowmax[2 * we : 2 * we + wo * epu]
+    picked = (wo - 1) * st < w  # every output's window starts inside the row (else: the scalar pick below)
     for u in range(units):
         ub = (s_off + u * s_cstride) * epu
         for oy in range(ho):
@@ -265,17 +269,29 @@ def maxpool(
             for r in range(r0 + 1, r1):
                 b = ub + r * q_in * epu
                 np.maximum(row, src[b : b + we], row)
-            for ox in range(wo):  # a column inside each window to start from
-                c = min(max(ox * st - pad, 0), w - 1) * epu
-                for e in range(epu):
-                    out[ox * epu + e] = row[c + e]
-            for j in range(k):
-                lo = max(0, (pad - j + st - 1) // st)  # outputs whose column ox * st + j - pad is inside
-                hi = min(wo, (w - 1 - j + pad) // st + 1)
-                for ox in range(lo, hi):  # scalar: a ufunc call on small strided slices costs more
-                    c = (ox * st + j - pad) * epu
+            cm[:] = row
+            for j in range(k):  # cm[x] = max over the window's columns x + j - pad that are inside
+                d = j - pad
+                if d == 0:
+                    continue
+                lo, hi = max(0, -d), min(w, w - d)
+                if hi > lo:
+                    np.maximum(
+                        cm[lo * epu : hi * epu], row[(lo + d) * epu : (hi + d) * epu], cm[lo * epu : hi * epu]
+                    )
+            if picked and epu == 1:
+                out[:] = cm[0 : (wo - 1) * st + 1 : st]
+            else:
+                for ox in range(wo):
+                    x = min(ox * st, w - 1)
                     for e in range(epu):
-                        out[ox * epu + e] = max(out[ox * epu + e], row[c + e])
+                        out[ox * epu + e] = cm[x * epu + e]
+                    if ox * st >= w:  # a window past the last column: its inside columns only
+                        for e in range(epu):
+                            m = row[(w - 1) * epu + e]
+                            for c in range(max(ox * st - pad, 0), w):
+                                m = max(m, row[c * epu + e])
+                            out[ox * epu + e] = m
             for s in range(ns):
                 d = shifts[s]
                 lo, hi = max(0, d), min(wo, qo + d)  # output columns whose shifted column is in [0, qo)

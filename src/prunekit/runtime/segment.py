@@ -428,10 +428,9 @@ class PoolStep:
     def prepare(self) -> None:
         c, h, w = self.inp.shape
         wo = self.out.shape[2]
-        self.rowmax = np.empty(4 * (w + wo) + 64, np.float32)
-        self.rowbytes = np.empty(
-            4 * (w + wo) + 64, np.uint8 if self.inp.offset or nonneg(self.inp) else np.int8
-        )
+        self.rowmax = np.empty(4 * (2 * w + wo) + 64, np.float32)  # rows, column maxima, the output row
+        signed = not (self.inp.offset or nonneg(self.inp))
+        self.rowbytes = np.empty(4 * (2 * w + wo) + 64, np.int8 if signed else np.uint8)
 
     def _pool(self, src: L.Layout, sbuf: np.ndarray, dst: L.Layout, dbuf: np.ndarray, epu: int, row) -> None:
         c, h, w = self.inp.shape

@@ -143,6 +143,24 @@ def _store_planes(builder, vt, value, yp, ybase, yoffs_p, ns, mp, mb, ml, combin
     _loop(builder, _c64(0), ns, [], body)
 
 
+def _store_all(builder, vt, values, yp, yb, yoffs_p, ns, mp, mb, ml, combine) -> None:
+    """:func:`_store_planes` for the ``nv`` vectors of a tile, with the common case of 3 planes (a 3-wide
+    kernel's shifted copies) unrolled: the plane offsets loaded once, no loop per vector."""
+    vw = vt.count
+    with builder.if_else(builder.icmp_signed("==", ns, _c64(3))) as (three, other):
+        with three:
+            offs = [builder.load(builder.gep(yoffs_p, [_c64(k)])) for k in range(3)]
+            for i, value in enumerate(values):
+                at, mat = builder.add(yb, _c64(vw * i)), builder.add(mb, _c64(vw * i))
+                for k in range(3):
+                    mask = _vload(builder, mp, builder.add(mat, builder.mul(_c64(k), ml)), vt)
+                    _vstore(builder, combine(value, mask), yp, builder.add(at, offs[k]))
+        with other:
+            for i, value in enumerate(values):
+                at, mat = builder.add(yb, _c64(vw * i)), builder.add(mb, _c64(vw * i))
+                _store_planes(builder, vt, value, yp, at, yoffs_p, ns, mp, mat, ml, combine)
+
+
 # -- float32 ----------------------------------------------------------------------------------------------
 FLAG_INIT, FLAG_FINAL, FLAG_RESID, FLAG_FLOAT_OUT, FLAG_BYTES_OUT = 0, 1, 2, 3, 4
 
@@ -203,13 +221,13 @@ def _f32_tile(nv: int, vw: int):
                     hi_v = _splat(builder, builder.load(builder.gep(cp, [_c64(1)])), vt)
                     fmax = _declare(builder, f"llvm.maxnum.v{vw}f32", vt, [vt, vt])
                     fmin = _declare(builder, f"llvm.minnum.v{vw}f32", vt, [vt, vt])
+                    outs = []
                     for i in range(nv):
                         t = builder.fadd(accs[i], bv)
                         r = _vload(builder, rp, builder.add(rb, _c64(vw * i)), vt)
                         t = builder.fadd(t, builder.select(resid, r, zero))
-                        t = builder.call(fmin, [builder.call(fmax, [t, lo_v]), hi_v])
-                        at, mat = builder.add(yb, _c64(vw * i)), builder.add(mb, _c64(vw * i))
-                        _store_planes(builder, vt, t, yp, at, yop, ns, mp, mat, ml, builder.fmul)
+                        outs.append(builder.call(fmin, [builder.call(fmax, [t, lo_v]), hi_v]))
+                    _store_all(builder, vt, outs, yp, yb, yop, ns, mp, mb, ml, builder.fmul)
                 with partial:
                     for i in range(nv):
                         _vstore(builder, accs[i], sp, builder.add(sb, _c64(vw * i)))
@@ -325,13 +343,15 @@ def _dot4(builder: ir.IRBuilder, isa: str, vi: ir.VectorType) -> Callable:
 def _i8_tile(nv: int, isa: str):
     """Intrinsic ``(arrays, ints)`` for one group of 4 output channels ``co0..co0+3`` and one tile of ``nv``
     vectors; ``arrays = (offs, wv, ptr, X, S, Y, yoffs, M, comp, scale, bias, clamp, R, q, F)``, ``ints =
-    (co0, xb, sb, sstride, flags, yb, ns, mb, ml, rb, rstride, fb, fstride)``.
+    (co0, xb, sb, sstride, flags, yb, ns, mb, ml, rb, rstride, fb, fstride, pb)``.
 
     acc (int32) = (S[sb + r*sstride:] if INIT) + sum over the row's blocks of dot4(X[xb + offs[k]:], wv[k]);
     not FINAL: S[...] = acc. FINAL: ``y = int8_epilogue(acc)`` (+ R[rb + r*rstride:] if RESID), clamped to
     ``clamp[0..1]``; FLOAT_OUT: ``F[fb + r*fstride:] = y``; BYTES_OUT: the byte of channel ``co0 + r`` in
     each 32-bit lane is ``(int8_quantize(y) + offset) & 255`` (``q``: s_next, lowest level, then as int32:
     offset, zero pattern), stored to every output plane with padding lanes set to the zero pattern.
+    Each row's epilogue runs right after its sums, so only ``nv`` accumulators (and the ``nv`` packed
+    outputs) are live at a time: keeping all four rows' accumulators spilled registers inside the loops.
     """
     vw = 16 if isa == "vnni512" else 8
     vi, vf = ir.VectorType(_I32, vw), ir.VectorType(_F32, vw)
@@ -341,15 +361,16 @@ def _i8_tile(nv: int, isa: str):
         def codegen(context, builder, signature, args):
             unpacked = _unpack(context, builder, signature.args[0], args[0])
             op, wp, pp, xp, sp, yp, yop, mp, cp, scp, bp, clp, rp, qp, fp = unpacked
-            co0, xb, sb, sstride, flags, yb, ns, mb, ml, rb, rstride, fb, fstride = _ints(
-                builder, args[1], 13
+            co0, xb, sb, sstride, flags, yb, ns, mb, ml, rb, rstride, fb, fstride, pb = _ints(
+                builder, args[1], 14
             )
+            pp = builder.gep(pp, [pb])  # this channel block's row pointers
             dot = _dot4(builder, isa, vi)
-            zero_i, zero_f = ir.Constant(vi, [0] * vw), ir.Constant(vf, [0.0] * vw)
+            zero_i = ir.Constant(vi, [0] * vw)
             init = _flag(builder, flags, FLAG_INIT)
             xbase = builder.gep(xp, [xb])
-            rows = []
-            for r in range(4):
+
+            def sums(r: int) -> tuple:
                 co = builder.add(co0, _c64(r))
                 lo = builder.load(builder.gep(pp, [co]))
                 hi = builder.load(builder.gep(pp, [builder.add(co, _c64(1))]))
@@ -364,15 +385,15 @@ def _i8_tile(nv: int, isa: str):
                     w = _splat(builder, builder.load(builder.gep(wp, [k])), vi)
                     return [dot(a, _vload(builder, row, _c64(vw * i), vi), w) for i, a in enumerate(accs)]
 
-                rows.append((co, srow, _loop(builder, lo, hi, accs, body)))
+                return co, srow, _loop(builder, lo, hi, accs, body)
+
             with builder.if_else(_flag(builder, flags, FLAG_FINAL)) as (do_final, do_partial):
                 with do_partial:
-                    for _, srow, accs in rows:
+                    for r in range(4):
+                        _, srow, accs = sums(r)
                         for i in range(nv):
                             _vstore(builder, accs[i], sp, builder.add(srow, _c64(vw * i)))
                 with do_final:
-                    resid = _flag(builder, flags, FLAG_RESID)
-                    float_out = _flag(builder, flags, FLAG_FLOAT_OUT)
                     fmax = _declare(builder, f"llvm.maxnum.v{vw}f32", vf, [vf, vf])
                     fmin = _declare(builder, f"llvm.minnum.v{vw}f32", vf, [vf, vf])
                     lo_v = _splat(builder, builder.load(clp), vf)
@@ -381,33 +402,57 @@ def _i8_tile(nv: int, isa: str):
                     qint = builder.bitcast(builder.gep(qp, [_c64(2)]), _I32.as_pointer())
                     offset = _splat(builder, builder.load(qint), vi)
                     zpat = _splat(builder, builder.load(builder.gep(qint, [_c64(1)])), vi)
-                    packed = [zero_i] * nv
-                    for r, (co, _, accs) in enumerate(rows):
-                        row = {
-                            "comp": builder.load(builder.gep(cp, [co])),
-                            "scale": builder.load(builder.gep(scp, [co])),
-                            "bias": builder.load(builder.gep(bp, [co])),
-                        }
-                        for i in range(nv):
-                            y = int8_epilogue(builder, vf, accs[i], row)
-                            roff = builder.add(builder.add(rb, builder.mul(rstride, _c64(r))), _c64(vw * i))
-                            y = builder.fadd(y, builder.select(resid, _vload(builder, rp, roff, vf), zero_f))
-                            y = builder.call(fmin, [builder.call(fmax, [y, lo_v]), hi_v])
-                            foff = builder.add(builder.add(fb, builder.mul(fstride, _c64(r))), _c64(vw * i))
-                            with builder.if_then(float_out):
-                                _vstore(builder, y, fp, foff)
-                            q = builder.add(int8_quantize(builder, vf, y, s_next, qlo), offset)
-                            q = builder.and_(q, ir.Constant(vi, [255] * vw))
-                            packed[i] = builder.or_(packed[i], builder.shl(q, ir.Constant(vi, [8 * r] * vw)))
                     ones = ir.Constant(vi, [-1] * vw)
 
                     def keep(v, m):  # the value where the mask is set, the zero pattern elsewhere
                         return builder.or_(builder.and_(v, m), builder.and_(zpat, builder.xor(m, ones)))
 
-                    with builder.if_then(_flag(builder, flags, FLAG_BYTES_OUT)):
-                        for i in range(nv):
-                            at, mat = builder.add(yb, _c64(vw * i)), builder.add(mb, _c64(vw * i))
-                            _store_planes(builder, vi, packed[i], yp, at, yop, ns, mp, mat, ml, keep)
+                    def final(resid: bool, float_out: bool) -> None:
+                        """Sums and epilogue with the residual / float32 output fixed at compile time (one
+                        copy per combination: no per-vector branch or select)."""
+                        packed = [zero_i] * nv
+                        for r in range(4):
+                            co, _, accs = sums(r)
+                            row = {
+                                "comp": builder.load(builder.gep(cp, [co])),
+                                "scale": builder.load(builder.gep(scp, [co])),
+                                "bias": builder.load(builder.gep(bp, [co])),
+                            }
+                            for i in range(nv):
+                                y = int8_epilogue(builder, vf, accs[i], row)
+                                if resid:
+                                    off = builder.add(
+                                        builder.add(rb, builder.mul(rstride, _c64(r))), _c64(vw * i)
+                                    )
+                                    y = builder.fadd(y, _vload(builder, rp, off, vf))
+                                y = builder.call(fmin, [builder.call(fmax, [y, lo_v]), hi_v])
+                                if float_out:
+                                    off = builder.add(
+                                        builder.add(fb, builder.mul(fstride, _c64(r))), _c64(vw * i)
+                                    )
+                                    _vstore(builder, y, fp, off)
+                                q = builder.add(int8_quantize(builder, vf, y, s_next, qlo), offset)
+                                q = builder.and_(q, ir.Constant(vi, [255] * vw))
+                                packed[i] = builder.or_(
+                                    packed[i], builder.shl(q, ir.Constant(vi, [8 * r] * vw))
+                                )
+                        with builder.if_then(_flag(builder, flags, FLAG_BYTES_OUT)):
+                            zero_pad = builder.icmp_signed(
+                                "==", builder.extract_element(zpat, _c64(0)), _I32(0)
+                            )
+                            with builder.if_else(zero_pad) as (plain, encoded):
+                                with plain:  # padding is 0: the mask alone
+                                    _store_all(builder, vi, packed, yp, yb, yop, ns, mp, mb, ml, builder.and_)
+                                with encoded:
+                                    _store_all(builder, vi, packed, yp, yb, yop, ns, mp, mb, ml, keep)
+
+                    with builder.if_else(_flag(builder, flags, FLAG_RESID)) as (with_r, without_r):
+                        for resid, block in ((True, with_r), (False, without_r)):
+                            with block, builder.if_else(_flag(builder, flags, FLAG_FLOAT_OUT)) as (fl, nofl):
+                                with fl:
+                                    final(resid, True)
+                                with nofl:
+                                    final(resid, False)
             return context.get_dummy_value()
 
         return types.void(arrays, ints), codegen
@@ -430,11 +475,27 @@ def conv_i8(vw, nv, ptr, offs, wv, X, Y, yoffs, M, comp, scale, bias, clamp, R, 
     ntiles, ybase, ystride, ns, ml, rbase, rstride = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5], geo[6]
     g0, g1, out_flags, fbase, fstride, whole = geo[7], geo[8], geo[9], geo[10], geo[11], geo[12]
     T = np.int64(nv * vw)
-    ncb = ptr.shape[0]
+    ncb, stride_b = ptr.shape[0], np.int64(ptr.shape[1])
+    arrays = (
+        offs,
+        wv,
+        ptr,
+        X,
+        S,
+        Y,
+        yoffs,
+        M,
+        comp,
+        scale,
+        bias,
+        clamp,
+        R,
+        qp,
+        F,
+    )  # once: no refcounts in the loop
     for t in range(ntiles):
         p0 = np.int64(t * T)
         for b in range(ncb):
-            arrays = (offs, wv, ptr[b], X, S, Y, yoffs, M, comp, scale, bias, clamp, R, qp, F)
             flags = np.int64(0)
             if b > 0 or whole != 0:
                 flags |= 1 << FLAG_INIT
@@ -448,7 +509,7 @@ def conv_i8(vw, nv, ptr, offs, wv, X, Y, yoffs, M, comp, scale, bias, clamp, R, 
                 yb = np.int64(ybase + g * ystride + p0)
                 rb = np.int64(rbase + co0 * rstride + p0)
                 fb = np.int64(fbase + co0 * fstride + p0)
-                ints = (co0, p0, sb, ss, flags, yb, ns, p0, ml, rb, rstride, fb, fstride)
+                ints = (co0, p0, sb, ss, flags, yb, ns, p0, ml, rb, rstride, fb, fstride, b * stride_b)
                 if vw == 16:
                     if nv == 8:
                         _Q16_8(arrays, ints)

@@ -8,9 +8,9 @@ images (the same batches for every engine). Variants, all timed interleaved in o
 count (each round runs every variant once, in a shuffled order; docs/measuring.md):
 
     dense f32 torch          the model as is
-    dense int8 torch-x86     torch FX static PTQ, x86 backend, per-channel
-    dense f32 onnxruntime    exported (opset 17)
-    dense int8 onnxruntime   static QDQ, per-channel s8 weights, u8 activations
+    dense int8 torch-x86     torch FX static PTQ, x86 backend, per-channel    (prunekit.export.engines,
+    dense f32 onnxruntime    exported by prunekit.export.onnx                  the engines `prunekit bench`
+    dense int8 onnxruntime   static QDQ, per-channel s8 weights, s8 activations   and the demo time too)
     f32 U% <alloc>           magnitude-pruned to U% unstructured (alloc: "layer" = every conv U%, "global"
                              = one threshold), prunekit.runtime.compile (whole-network segments)
     int8 70% 4x1 +head       70% in 4x1 input-channel blocks ("block:1x4@70%:channels"; conv1, 3 input
@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import copy
 import io
-import os
 import random
 import statistics
 import tempfile
@@ -54,6 +53,7 @@ from prunekit import Sparsifier
 from prunekit.analysis.macs import count_macs
 from prunekit.artifact import load_artifact, plain_state_dict
 from prunekit.compress.container import save_compressed
+from prunekit.export import engines
 from prunekit.masking import squash
 from prunekit.models import ResNet18, SmallResNet
 from prunekit.quant.ptq import quantize_model
@@ -114,10 +114,6 @@ def size_of(state: dict, compressed: bool) -> int:
         return save_compressed(state, Path(tmp) / "m.safetensors", value_dtype="keep").stat().st_size
 
 
-def file_size(path: str) -> int:
-    return os.path.getsize(path)
-
-
 def interleaved(fns: dict, rounds: int, warmup: int = 2) -> dict[str, list[float]]:
     with torch.inference_mode():
         for _ in range(warmup):
@@ -145,15 +141,19 @@ def build_variants(name: str, model: nn.Module, x: torch.Tensor, calib: list, ar
     dense_state = plain_state_dict(model)
     dense_size = size_of(dense_state, compressed=False)
     variants["dense f32 torch"] = dict(model=model, size=dense_size, macs=1.0, int8=False)
-    tx = int8_engines.torch_x86(model, calib)
-    variants["dense int8 torch-x86"] = dict(
-        model=tx, size=size_of(tx.state_dict(), False), macs=1.0, int8=True
-    )
-    ort_dir = os.path.join(tmp, name)
-    of = int8_engines.onnxruntime_model(model, x, None, os.path.join(ort_dir, "f32"))
-    oi = int8_engines.onnxruntime_model(model, x, calib, os.path.join(ort_dir, "i8"))
-    variants["dense f32 onnxruntime"] = dict(model=of, size=file_size(of.path), macs=1.0, int8=False)
-    variants["dense int8 onnxruntime"] = dict(model=oi, size=file_size(oi.path), macs=1.0, int8=True)
+    ort_dir = Path(tmp) / name
+    ort_dir.mkdir(parents=True, exist_ok=True)
+    labels = {
+        engines.TORCH_INT8: ("dense int8 torch-x86", True),
+        engines.ORT_FP32: ("dense f32 onnxruntime", False),
+        engines.ORT_INT8: ("dense int8 onnxruntime", True),
+    }
+    for b in engines.dense_baselines(model, x, calib, workdir=ort_dir):
+        if b.model is None:
+            print(f"  {labels[b.name][0]}: skipped ({b.skipped})")
+            continue
+        size = b.size_bytes if b.size_bytes is not None else size_of(b.model.state_dict(), False)
+        variants[labels[b.name][0]] = dict(model=b.model, size=size, macs=1.0, int8=labels[b.name][1])
 
     def compiled(label: str, pruned: nn.Module, int8: bool) -> None:
         target = quantize_model(pruned, activations="static", calibration=calib) if int8 else pruned
@@ -198,12 +198,13 @@ def build_variants(name: str, model: nn.Module, x: torch.Tensor, calib: list, ar
     kept = count_macs(structured, x)["total"] / count_macs(model, x)["total"]  # MACs left after the trim
     for label in ("f32 50% channels", "int8 50% channels"):
         variants[label]["macs"] = kept
-    sx = int8_engines.torch_x86(structured, calib)
-    variants["int8 50% ch. torch-x86"] = dict(
-        model=sx, size=size_of(sx.state_dict(), False), macs=kept, int8=True
-    )
-    so = int8_engines.onnxruntime_model(structured, x, calib, os.path.join(ort_dir, "s8"))
-    variants["int8 50% ch. onnxruntime"] = dict(model=so, size=file_size(so.path), macs=kept, int8=True)
+    for b in engines.dense_baselines(
+        structured, x, calib, workdir=ort_dir / "s8", names=(engines.TORCH_INT8, engines.ORT_INT8)
+    ):
+        if b.model is not None:
+            label = "int8 50% ch. torch-x86" if b.name == engines.TORCH_INT8 else "int8 50% ch. onnxruntime"
+            size = b.size_bytes if b.size_bytes is not None else size_of(b.model.state_dict(), False)
+            variants[label] = dict(model=b.model, size=size, macs=kept, int8=True)
     return variants
 
 
@@ -212,8 +213,8 @@ def table(name: str, variants: dict, x: torch.Tensor, rounds: int, threads: int)
     t = interleaved(fns, rounds)
     p50 = {k: statistics.median(v) for k, v in t.items()}
     base = p50["dense f32 torch"]
-    fastest = min(DENSE, key=p50.get)
-    fastest8 = min(("dense int8 torch-x86", "dense int8 onnxruntime"), key=p50.get)
+    fastest = min((k for k in DENSE if k in p50), key=p50.get)  # an engine not built here is left out
+    fastest8 = min((k for k in ("dense int8 torch-x86", "dense int8 onnxruntime") if k in p50), key=p50.get)
     dense_size = variants["dense f32 torch"]["size"]
     print(f"\n{name}, batch 1, {threads} thread(s), {rounds} interleaved rounds")
     print(f"fastest dense: {fastest} ({p50[fastest] * 1e3:.2f} ms); fastest dense int8: {fastest8}")

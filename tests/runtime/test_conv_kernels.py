@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from prunekit.quant import rounding
 from prunekit.quant.layers import QuantizedConv2d
 from prunekit.runtime import conv as C
 from prunekit.runtime import conv_layout as L
@@ -110,18 +111,67 @@ def test_int8_accumulators_are_the_exact_integer_convolution(case, isa, pick, cb
     static=st.booleans(),
     relu=st.booleans(),
     pick=st.integers(0, 3),
+    output=st.sampled_from([None, "int8", "int32"]),
 )
-def test_int8_direct_conv_equals_prunekit_quantized_conv_bit_for_bit(case, isa, static, relu, pick):
+def test_int8_direct_conv_equals_prunekit_quantized_conv_bit_for_bit(case, isa, static, relu, pick, output):
+    """Both output forms of prunekit.quant.layers: float (``float32(acc) * (s_x * s_w) + bias``) and integer
+    (the fixed-point requantization of prunekit.quant.rounding, into int8 or the wide int32 form)."""
     conv = make_conv(case)
     x = torch.randn(1, case["cin"], case["h"], case["w"])
     if relu:
         x = x.relu()
     scale = torch.tensor(float(x.abs().max()) / 127 * 1.05 + 1e-6) if static else None
     ref_layer = QuantizedConv2d(conv, scale)
+    if static and output is not None:
+        with torch.inference_mode():
+            top = float(ref_layer(x).abs().max())
+        s_out = (top / 127 * 0.8 + 1e-6) / (rounding.WIDE if output == "int32" else 1)  # some outputs clamp
+        ref_layer.set_output(s_out, wide=output == "int32")
+        assert ref_layer.integer_output
     vw = 16 if isa == "vnni512" else 8
     layer = C.PlanesQuantizedConv2d(ref_layer, nv=C.tile_options(vw)[pick], isa=isa)
     with torch.inference_mode():
         assert torch.equal(layer(x), ref_layer(x))
+
+
+@FAST
+@given(
+    isa=st.sampled_from(ISAS),
+    acc=st.lists(st.integers(-(2**31) + 1, 2**31 - 1) | st.integers(-5000, 5000), min_size=4, max_size=40),
+    consts=st.lists(
+        st.tuples(st.integers(-(2**30) + 1, 2**30 - 1), st.integers(0, 2**31 - 1), st.integers(1, 62)),
+        min_size=4,
+        max_size=4,
+    ),
+    wide=st.booleans(),
+)
+def test_int8_epilogue_is_the_fixed_point_requantization_rule(isa, acc, consts, wide):
+    """The kernels' integer epilogue computes prunekit.quant.rounding.requantize_value exactly, on any int32
+    accumulator and any constants the rule allows (ties, negative values, saturation, shifts 1..62)."""
+    n = len(acc)
+    conv = nn.Conv2d(4, 4, 1, bias=False)
+    geom = C.ConvGeom.of(conv)
+    inp = L.gather(1, 1, n, *geom.args)
+    out = L.planes(4, 1, n, 0, 0, (), pitch=inp.pitch)
+    lo, hi = (rounding.INT32_LO, rounding.INT32_HI) if wide else (rounding.INT8_LO, rounding.INT8_HI)
+    bias_q, mult, shift = (np.array(c, np.int64) for c in zip(*consts, strict=True))
+    s_out = 0.0173
+    rq = C.Requant(bias_q, mult, shift, lo, hi, s_out)
+    layer = C.DirectConvI8(np.zeros((4, 4, 1, 1), np.int8), np.ones(4, np.float32), None, geom, inp,
+                           C.Int8Out(floats=out), nv=C.tile_options(16 if isa == "vnni512" else 8)[0],
+                           isa=isa, requant=rq)  # fmt: skip
+    # |acc| < 2**31 (the rule's bound); the other rows: the same values scaled and wrapped into that range
+    rows = [[a if r == 0 else (a * (r + 2)) % (2**32 - 1) - (2**31 - 1) for a in acc] for r in range(4)]
+    accs = np.array(rows, np.int64).reshape(4, 1, n).astype(np.int32)
+    F_ = out.alloc()
+    layer.finish(accs, None, F=F_)
+    got = np.empty((4, 1, n), np.float32)
+    L.read(F_, out.col0(), out.per_unit * out.plane, out.pitch, 4, 1, n, got.reshape(-1).view(np.int32))
+    want = np.array(
+        [[[rounding.requantize_value(int(v) + int(bias_q[r]), int(mult[r]), int(shift[r]), lo, hi)
+           for v in accs[r, 0]]] for r in range(4)], np.float32,
+    ) * np.float32(s_out)  # fmt: skip
+    assert np.array_equal(got.view(np.int32), want.view(np.int32))
 
 
 def test_unsupported_convolutions_say_why():

@@ -52,3 +52,26 @@ def test_fastest_int8_times_real_modules_and_returns_the_chosen_one(monkeypatch)
     assert chosen is flt and choice.engine == E.FLOAT32
     with pytest.raises(PrunekitError, match="allow_inexact needs"):
         E.fastest_int8({"fast": fast}, torch.zeros(1), allow_inexact=True)
+
+
+def test_inexact_candidates_are_export_engines_dense_baselines(monkeypatch):
+    """allow_inexact adds the dense INT8 engines of prunekit.export.engines (the one implementation); one
+    that cannot be built here (model None) is left out."""
+    from prunekit.export.engines import ORT_INT8, TORCH_INT8, Baseline
+
+    ort = nn.Identity()
+    asked = {}
+
+    def fake_baselines(model, example, calibration, workdir=None, names=()):
+        asked["names"] = names
+        return [Baseline(TORCH_INT8, "t", None, skipped="no x86 engine"), Baseline(ORT_INT8, "o", ort)]
+
+    monkeypatch.setattr(E, "dense_baselines", fake_baselines)
+    fake = {"prunekit": 30.0, ORT_INT8: 20.0}
+    monkeypatch.setattr(E, "_median_us", lambda fns, x, rounds: {k: fake[k] for k in fns})
+    args = ({"prunekit": nn.Identity()}, torch.zeros(1))
+    chosen, choice, medians = E.fastest_int8(
+        *args, float_source=nn.Identity(), calibration=[torch.zeros(1)], allow_inexact=True
+    )
+    assert set(asked["names"]) == {TORCH_INT8, ORT_INT8} and set(medians) == {"prunekit", ORT_INT8}
+    assert chosen is ort and choice.engine == ORT_INT8

@@ -99,8 +99,12 @@ def test_int8_segments_equal_prunekit_int8_bit_for_bit(isa, vw):
     ]:
         calib = [torch.randn_like(x) for _ in range(2)]
         q = quantize_model(model, activations="static", calibration=calib)
+        assert hasattr(q, "int8_ops")  # the integer model: fixed-point requantization, integer adds
         for pick in range(2):
             seg = lower(q, x, vw, isa, pick)
+            steps = seg.conv_steps()
+            assert all(s.requant is not None for s in steps) and any(s.kernel is not None for s in steps)
+            assert any(s.add is not None for s in steps)  # the residual QuantizedAdds fused into epilogues
             with torch.inference_mode():
                 for inp in (x, calib[0], 3 * x):  # 3x: activations clamp at +-127
                     assert torch.equal(seg(inp), q(inp))

@@ -238,6 +238,54 @@ def pack_blocks(wq: np.ndarray, inp: L.Layout, geom: ConvGeom, cbg: int | None):
     return ptr, offs[order].astype(np.int32), wv, rowsum
 
 
+@dataclass(frozen=True)
+class Requant:
+    """An int8 layer's integer output form (``prunekit.quant.layers``, ``out_scale`` set): per output
+    channel ``bias_q``, ``mult``, ``shift`` (int64), the clamp ``[lo, hi]`` (int8, or int32 for the wide
+    form) and ``out_scale``; the kernel computes :func:`prunekit.quant.rounding.requantize_value`."""
+
+    bias_q: np.ndarray
+    mult: np.ndarray
+    shift: np.ndarray
+    lo: int
+    hi: int
+    out_scale: float
+
+    @classmethod
+    def of(cls, module: nn.Module) -> Requant | None:
+        """The constants of a ``QuantizedConv2d`` in the integer output form (None: the float form)."""
+        if getattr(module, "out_scale", None) is None:
+            return None
+        lo, hi = (int(v) for v in module.out_range)
+        return cls(
+            module.bias_q.numpy().astype(np.int64),
+            module.out_mult.numpy().astype(np.int64),
+            module.out_shift.numpy().astype(np.int64),
+            lo,
+            hi,
+            float(module.out_scale.item()),
+        )
+
+
+@dataclass(frozen=True)
+class IntAdd:
+    """A ``prunekit.quant.glue.QuantizedAdd`` fused after the convolution: ``a`` is the convolution's output
+    at ``scale_a``, ``b`` the residual at ``scale_b``; ``ma, mb, sh`` its fixed-point constants."""
+
+    scale_a: float
+    scale_b: float
+    scale_out: float
+    ma: int
+    mb: int
+    sh: int
+
+    @classmethod
+    def of(cls, module: nn.Module, conv_first: bool) -> IntAdd:
+        """The add's constants, the convolution as operand ``a`` (``conv_first``: it was ``a`` already)."""
+        (sa, sb, so), (ma, mb, sh) = module.scales.tolist(), module.consts.tolist()
+        return cls(sa, sb, so, ma, mb, sh) if conv_first else cls(sb, sa, so, mb, ma, sh)
+
+
 @dataclass
 class Int8Out:
     """What an int8 convolution's epilogue writes: bytes for the next int8 layer (scale ``s_next``,
@@ -270,6 +318,8 @@ class DirectConvI8:
         offset: int = 0,
         clamp=NO_CLAMP,
         residual: L.Layout | None = None,
+        requant: Requant | None = None,
+        add: IntAdd | None = None,
     ) -> None:
         vw = 16 if isa == "vnni512" else 8
         if isa not in K.ISAS:
@@ -294,8 +344,18 @@ class DirectConvI8:
         self.bias = np.zeros(cpad, np.float32)
         if bias is not None:
             self.bias[:cout] = bias
+        # the integer output form: lo, hi, a fused add's Ma, Mb, sh, then (bias_q, mult, shift) per channel
+        # (padding channels: 0, 0, 1 -> 0)
+        self.rq = np.zeros(K.RQ_HEAD + 3 * cpad, np.int64)
+        self.rq[K.RQ_HEAD + 2 :: 3] = 1
+        self.rq[4] = 1
+        if requant is not None:
+            self.rq[0], self.rq[1] = requant.lo, requant.hi
+            per = self.rq[K.RQ_HEAD :].reshape(cpad, 3)
+            per[:cout, 0], per[:cout, 1], per[:cout, 2] = requant.bias_q, requant.mult, requant.shift
+            self.scale[:cout] = np.float32(requant.out_scale)  # y = float32(q) * out_scale
         self.clamp = np.array(clamp, dtype=np.float32)
-        q = np.zeros(4, np.float32)
+        q = np.ones(8, np.float32)  # s_next, qlo, offset, zero pattern; a fused add's s_a, s_b, s_out
         q[0], q[1] = out.s_next, out.qlo
         q.view(np.int32)[2] = out.offset
         q.view(np.int32)[3] = L.ZERO_OFFSET if out.offset else 0
@@ -319,6 +379,14 @@ class DirectConvI8:
             flags |= 1 << K.FLAG_FLOAT_OUT
         if out.layout is not None:
             flags |= 1 << K.FLAG_BYTES_OUT
+        if requant is not None:
+            flags |= 1 << K.FLAG_INTEGER
+        if add is not None:
+            if residual is None:
+                raise PrunekitError("DirectConvI8: an integer add needs the residual's layout")
+            flags |= 1 << K.FLAG_QADD
+            q[4], q[5], q[6] = add.scale_a, add.scale_b, add.scale_out
+            self.rq[2], self.rq[3], self.rq[4] = add.ma, add.mb, add.sh
         rbase, rstride = (residual.col0(), residual.per_unit * residual.plane) if residual else (0, 0)
         fl = out.floats
         fbase, fstride = (fl.col0(), fl.per_unit * fl.plane) if fl else (0, 0)
@@ -398,6 +466,7 @@ class DirectConvI8:
             rf,
             self.q,
             ff,
+            self.rq,
             scratch,
         )
         geos = self._geos()
@@ -499,9 +568,11 @@ class PlanesConv2d(_PlanesBase):
 class PlanesQuantizedConv2d(_PlanesBase):
     """``prunekit.quant.layers.QuantizedConv2d`` (batch 1) on :class:`DirectConvI8`, bit for bit: the input
     quantized with the layer's scale (static, or dynamic ``max|x| / 127``) into 4-channel units, the exact
-    int32 sums, then :func:`conv_kernels.int8_epilogue` into float32. A call whose input has negative
-    values runs with the +128 offset on VNNI; on AVX2 it computes the same integers as a float32
-    convolution on the integer values (exact below 2**24, as ``runtime.layers`` checks) instead."""
+    int32 sums, then :func:`conv_kernels.int8_epilogue` into float32 (the layer's output form: the
+    fixed-point requantization when it has ``out_scale``, else ``float32(acc) * (s_x * s_w) + bias``). A
+    call whose input has negative values runs with the +128 offset on VNNI; on AVX2 it computes the same
+    integers as a float32 convolution on the integer values (exact below 2**24, as ``runtime.layers``
+    checks) instead."""
 
     def __init__(
         self, module: nn.Module, nv: int | None = None, isa: str | None = None, cbg: int | None = None
@@ -515,6 +586,7 @@ class PlanesQuantizedConv2d(_PlanesBase):
         self.weight_scale = module.weight_scale.detach().to(torch.float32).numpy().copy()
         self.act_scale = None if module.act_scale is None else np.float32(module.act_scale.item())
         self.bias = None if module.bias is None else module.bias.detach().to(torch.float32).numpy().copy()
+        self.requant = Requant.of(module)  # the integer output form, or None
         self.isa = isa or isa_name()
         self.nv, self.cbg = nv, cbg
         self._plans: dict[tuple, tuple] = {}
@@ -541,6 +613,7 @@ class PlanesQuantizedConv2d(_PlanesBase):
                 isa=self.isa,
                 cbg=self.cbg,
                 offset=offset,
+                requant=self.requant,
             )
             packed = np.empty(groups * h * w, np.int32)
             found = (inp, L.fill_geo(inp), inp.alloc(), floats, floats.alloc(), conv, packed)
@@ -559,7 +632,8 @@ class PlanesQuantizedConv2d(_PlanesBase):
         dense = signed and self.isa != "vnni512"
         offset = 128 if signed and not dense else 0
         inp, geo, X, floats, F, conv, packed = self._plan(h, w, offset)
-        conv.scale[: self.geom.cout] = np.float32(s_x) * self.weight_scale
+        if self.requant is None:  # the float form: scale = s_x * s_w (the integer form holds out_scale)
+            conv.scale[: self.geom.cout] = np.float32(s_x) * self.weight_scale
         if dense:
             conv.finish(self._dense_acc(x, s_x), None, F=F)
             return self._read(floats, F)

@@ -162,7 +162,8 @@ def _store_all(builder, vt, values, yp, yb, yoffs_p, ns, mp, mb, ml, combine) ->
 
 
 # -- float32 ----------------------------------------------------------------------------------------------
-FLAG_INIT, FLAG_FINAL, FLAG_RESID, FLAG_FLOAT_OUT, FLAG_BYTES_OUT = 0, 1, 2, 3, 4
+FLAG_INIT, FLAG_FINAL, FLAG_RESID, FLAG_FLOAT_OUT, FLAG_BYTES_OUT, FLAG_INTEGER, FLAG_QADD = range(7)
+RQ_HEAD = 5  # rq: lo, hi, Ma, Mb, sh of a fused integer add, then (bias_q, mult, shift) per channel
 
 
 def _unpack(context, builder, tuple_type, value) -> list:
@@ -293,21 +294,88 @@ def conv_f32(vw, nv, ptr, offs, vals, X, Y, yoffs, M, bias, clamp, R, S, geo):
 ISAS = ("vnni512", "avx2")
 
 
-def int8_epilogue(builder: ir.IRBuilder, vf: ir.VectorType, acc: ir.Value, row: dict) -> ir.Value:
-    """THE int8 requantization of the sparse conv kernels (one place, so a new rule changes one function):
-    exact int32 accumulators ``acc`` (vector) of one output channel -> its float32 output::
+def int8_epilogue(builder: ir.IRBuilder, vf: ir.VectorType, acc: ir.Value, row: dict, integer) -> ir.Value:
+    """THE int8 output of the sparse conv kernels (one place): exact int32 accumulators ``acc`` (vector) of
+    one output channel -> its float32 output, in the layer's output form (``prunekit.quant.layers``):
 
-        y = float32(acc + comp) * scale + bias        (scale = s_x * s_w[co], one product then one sum)
+    - integer (``integer`` true, a layer with ``out_scale``): the fixed-point requantization of
+      :mod:`prunekit.quant.rounding`, ``y = float32(requantize_value(acc + comp + bias_q, M, sh, lo, hi)) *
+      out_scale`` (:func:`requantize_vector`; ``scale`` holds ``out_scale``);
+    - float: ``y = float32(acc + comp) * scale + bias`` (``scale = s_x * s_w[co]``, one product then one
+      sum; LLVM never fuses them: the instructions carry no fast-math flags).
 
-    which is ``prunekit.quant.layers`` (``_finish``) and ``runtime.kernels.finish_int8``; ``comp`` undoes the
-    +128 offset of a signed input (``-128 * sum_k q[co, k]``, 0 otherwise). LLVM never fuses the product and
-    the sum: the instructions carry no fast-math flags. ``row``: ``comp`` (i32), ``scale``, ``bias`` (f32)
-    scalars of this channel."""
+    ``comp`` undoes the +128 offset of a signed input (``-128 * sum_k q[co, k]``, 0 otherwise). ``row``:
+    ``comp`` (i32), ``scale``, ``bias`` (f32), ``bias_q``, ``mult``, ``shift``, ``lo``, ``hi`` (i64) scalars
+    of this channel. ``integer``: an i1."""
     n = vf.count
-    exact = builder.sitofp(builder.add(acc, _splat(builder, row["comp"], ir.VectorType(_I32, n))), vf)
-    return builder.fadd(
-        builder.fmul(exact, _splat(builder, row["scale"], vf)), _splat(builder, row["bias"], vf)
+    vi = ir.VectorType(_I32, n)
+    exact = builder.add(acc, _splat(builder, row["comp"], vi))
+    with builder.if_else(integer) as (fixed, floating):
+        with fixed:
+            q = requantize_vector(
+                builder, exact, row["bias_q"], row["mult"], row["shift"], row["lo"], row["hi"]
+            )
+            y_int = builder.fmul(builder.sitofp(q, vf), _splat(builder, row["scale"], vf))
+            b_int = builder.block
+        with floating:
+            y_flt = builder.fadd(
+                builder.fmul(builder.sitofp(exact, vf), _splat(builder, row["scale"], vf)),
+                _splat(builder, row["bias"], vf),
+            )
+            b_flt = builder.block
+    y = builder.phi(vf)
+    y.add_incoming(y_int, b_int)
+    y.add_incoming(y_flt, b_flt)
+    return y
+
+
+def _rshift_round(builder: ir.IRBuilder, y: ir.Value, sh: ir.Value) -> ir.Value:
+    """:func:`prunekit.quant.rounding.rshift_round` on an i64 vector, with the same operations (an
+    arithmetic shift is Python's ``>>``)."""
+    one = ir.Constant(y.type, [1] * y.type.count)
+    half = builder.sub(builder.shl(one, builder.sub(sh, one)), one)  # 2**(sh-1) - 1
+    odd = builder.and_(builder.ashr(y, sh), one)  # the quotient's parity: the carry at a tie
+    return builder.ashr(builder.add(builder.add(y, half), odd), sh)
+
+
+def _clamp64(builder: ir.IRBuilder, y: ir.Value, lo: ir.Value, hi: ir.Value) -> ir.Value:
+    lo_v, hi_v = _splat(builder, lo, y.type), _splat(builder, hi, y.type)
+    y = builder.select(builder.icmp_signed("<", y, lo_v), lo_v, y)
+    return builder.select(builder.icmp_signed(">", y, hi_v), hi_v, y)
+
+
+def requantize_vector(builder: ir.IRBuilder, v32, bias_q, mult, shift, lo, hi) -> ir.Value:
+    """:func:`prunekit.quant.rounding.requantize_value` on a vector of int32 ``v32`` (the same integers:
+    ``v = v32 + bias_q`` in int64, ``clamp(rshift_round(v * mult, shift), lo, hi)``); i64 scalars in, int32
+    lanes out."""
+    n = v32.type.count
+    v64 = ir.VectorType(_I64, n)
+    v = builder.add(builder.sext(v32, v64), _splat(builder, bias_q, v64))
+    y = _rshift_round(builder, builder.mul(v, _splat(builder, mult, v64)), _splat(builder, shift, v64))
+    return builder.trunc(_clamp64(builder, y, lo, hi), ir.VectorType(_I32, n))
+
+
+def int8_add(builder: ir.IRBuilder, a: ir.Value, b: ir.Value, add: dict) -> ir.Value:
+    """``prunekit.quant.glue.QuantizedAdd`` on float32 vectors ``a`` (this convolution's output) and ``b``
+    (the residual): each operand's integers recovered (``round_half_even(x / s)``, a float32 division, as
+    :func:`prunekit.quant.rounding.recover`), ``clamp(rshift_round(qa * Ma + qb * Mb, sh), -127, 127)``,
+    returned as ``float32(q) * s_out``. ``add``: ``s_a``, ``s_b``, ``s_out`` (f32), ``ma``, ``mb``, ``sh``
+    (i64) scalars."""
+    vf = a.type
+    n = vf.count
+    v64 = ir.VectorType(_I64, n)
+    rint = _declare(builder, f"llvm.roundeven.v{n}f32", vf, [vf])
+
+    def recover(x, scale):
+        return builder.fptosi(builder.call(rint, [builder.fdiv(x, _splat(builder, scale, vf))]), v64)
+
+    qa, qb = recover(a, add["s_a"]), recover(b, add["s_b"])
+    t = builder.add(
+        builder.mul(qa, _splat(builder, add["ma"], v64)), builder.mul(qb, _splat(builder, add["mb"], v64))
     )
+    q = _rshift_round(builder, t, _splat(builder, add["sh"], v64))
+    q = _clamp64(builder, q, ir.Constant(_I64, -127), ir.Constant(_I64, 127))
+    return builder.fmul(builder.sitofp(q, vf), _splat(builder, add["s_out"], vf))
 
 
 def int8_quantize(builder: ir.IRBuilder, vf: ir.VectorType, y: ir.Value, s_next: ir.Value, qlo: ir.Value):
@@ -342,7 +410,7 @@ def _dot4(builder: ir.IRBuilder, isa: str, vi: ir.VectorType) -> Callable:
 @cache
 def _i8_tile(nv: int, isa: str):
     """Intrinsic ``(arrays, ints)`` for one group of 4 output channels ``co0..co0+3`` and one tile of ``nv``
-    vectors; ``arrays = (offs, wv, ptr, X, S, Y, yoffs, M, comp, scale, bias, clamp, R, q, F)``, ``ints =
+    vectors; ``arrays = (offs, wv, ptr, X, S, Y, yoffs, M, comp, scale, bias, clamp, R, q, F, rq)``, ``ints =
     (co0, xb, sb, sstride, flags, yb, ns, mb, ml, rb, rstride, fb, fstride, pb)``.
 
     acc (int32) = (S[sb + r*sstride:] if INIT) + sum over the row's blocks of dot4(X[xb + offs[k]:], wv[k]);
@@ -360,7 +428,7 @@ def _i8_tile(nv: int, isa: str):
     def tile(typingctx, arrays, ints):
         def codegen(context, builder, signature, args):
             unpacked = _unpack(context, builder, signature.args[0], args[0])
-            op, wp, pp, xp, sp, yp, yop, mp, cp, scp, bp, clp, rp, qp, fp = unpacked
+            op, wp, pp, xp, sp, yp, yop, mp, cp, scp, bp, clp, rp, qp, fp, rqp = unpacked
             co0, xb, sb, sstride, flags, yb, ns, mb, ml, rb, rstride, fb, fstride, pb = _ints(
                 builder, args[1], 14
             )
@@ -403,6 +471,14 @@ def _i8_tile(nv: int, isa: str):
                     offset = _splat(builder, builder.load(qint), vi)
                     zpat = _splat(builder, builder.load(builder.gep(qint, [_c64(1)])), vi)
                     ones = ir.Constant(vi, [-1] * vw)
+                    integer = _flag(builder, flags, FLAG_INTEGER)
+                    qadd = _flag(builder, flags, FLAG_QADD)
+                    add = {
+                        k: builder.load(builder.gep(qp, [_c64(4 + j)]))
+                        for j, k in enumerate(("s_a", "s_b", "s_out"))
+                    }
+                    for j, k in enumerate(("ma", "mb", "sh")):
+                        add[k] = builder.load(builder.gep(rqp, [_c64(2 + j)]))
 
                     def keep(v, m):  # the value where the mask is set, the zero pattern elsewhere
                         return builder.or_(builder.and_(v, m), builder.and_(zpat, builder.xor(m, ones)))
@@ -413,18 +489,26 @@ def _i8_tile(nv: int, isa: str):
                         packed = [zero_i] * nv
                         for r in range(4):
                             co, _, accs = sums(r)
+                            at = builder.add(_c64(RQ_HEAD), builder.mul(co, _c64(3)))
                             row = {
                                 "comp": builder.load(builder.gep(cp, [co])),
                                 "scale": builder.load(builder.gep(scp, [co])),
                                 "bias": builder.load(builder.gep(bp, [co])),
+                                "lo": builder.load(rqp),
+                                "hi": builder.load(builder.gep(rqp, [_c64(1)])),
                             }
+                            for k, key in enumerate(("bias_q", "mult", "shift")):
+                                row[key] = builder.load(builder.gep(rqp, [builder.add(at, _c64(k))]))
                             for i in range(nv):
-                                y = int8_epilogue(builder, vf, accs[i], row)
+                                y = int8_epilogue(builder, vf, accs[i], row, integer)
                                 if resid:
                                     off = builder.add(
                                         builder.add(rb, builder.mul(rstride, _c64(r))), _c64(vw * i)
                                     )
-                                    y = builder.fadd(y, _vload(builder, rp, off, vf))
+                                    res = _vload(builder, rp, off, vf)
+                                    y = builder.select(  # a fused integer add, or a float32 one
+                                        qadd, int8_add(builder, y, res, add), builder.fadd(y, res)
+                                    )
                                 y = builder.call(fmin, [builder.call(fmax, [y, lo_v]), hi_v])
                                 if float_out:
                                     off = builder.add(
@@ -465,10 +549,12 @@ _Q8_4, _Q8_7, _Q8_8, _Q8_14 = (_i8_tile(n, "avx2") for n in NV8)
 
 
 @_jit(fastmath=False)
-def conv_i8(vw, nv, ptr, offs, wv, X, Y, yoffs, M, comp, scale, bias, clamp, R, qp, F, S, geo):
+def conv_i8(vw, nv, ptr, offs, wv, X, Y, yoffs, M, comp, scale, bias, clamp, R, qp, F, rq, S, geo):
     """One int8 sparse conv layer (4x1 input-channel blocks), output groups of 4 channels
     ``[geo[7], geo[8])``. ``geo`` (int64): tiles, ybase, ystride (per output group), planes ``ns``, mask
-    length ``ml``, rbase, rstride (per channel), g0, g1, flags (RESID / FLOAT_OUT / BYTES_OUT bits), fbase,
+    length ``ml``, rbase, rstride (per channel), g0, g1, flags (RESID / FLOAT_OUT / BYTES_OUT / INTEGER bits;
+    INTEGER: ``rq`` = [lo, hi, Ma, Mb, sh, then bias_q, mult, shift per channel], the requantization's
+    constants; QADD: the residual joins through :func:`int8_add`, ``qp[4:7]`` its scales), fbase,
     fstride (per channel), whole (0: ``S`` is a per-tile scratch of ``cout * T``; else ``S`` holds whole
     accumulators, ``whole`` per channel, that the weights add to: the dense path's epilogue). No fastmath:
     the epilogue must round exactly like the reference."""
@@ -492,6 +578,7 @@ def conv_i8(vw, nv, ptr, offs, wv, X, Y, yoffs, M, comp, scale, bias, clamp, R, 
         R,
         qp,
         F,
+        rq,
     )  # once: no refcounts in the loop
     for t in range(ntiles):
         p0 = np.int64(t * T)

@@ -6,11 +6,12 @@ conversion), so :func:`build` lowers a whole ``torch.fx`` graph instead of singl
 * every supported convolution (``nn.Conv2d``, or prunekit's ``QuantizedConv2d`` with a static activation
   scale) becomes a :class:`ConvStep` that absorbs what follows it while nobody else reads the intermediate
   value: a BatchNorm (folded into the float32 weights; prunekit's int8 convolutions come folded), a
-  ReLU / ReLU6 (a clamp), one residual ``add`` (the other operand read from its planes) and a ReLU after
-  it. Its epilogue writes its output straight into the planes its consumers read (column-shifted copies
-  for the stride-1 convolutions after it; int8: the bytes the next layer reads, quantized with that
-  layer's scale, and float32 where a residual add or an exit needs the float value, as
-  ``prunekit.quant.layers`` defines it);
+  ReLU / ReLU6 (a clamp), one residual add (a float ``+``, or an integer model's ``QuantizedAdd``; the
+  other operand read from its planes) and a ReLU after it. int8 epilogues compute the layer's output form
+  (an integer model's fixed-point requantization, ``prunekit.quant.rounding``). Its epilogue writes its
+  output straight into the planes its consumers read (column-shifted copies for the stride-1 convolutions
+  after it; int8: the bytes the next layer reads, quantized with that layer's scale, and float32 where a
+  residual add or an exit needs the float value, as ``prunekit.quant.layers`` defines it);
 * ``nn.MaxPool2d`` runs in the layout (:class:`PoolStep`);
 * anything else runs in torch on NCHW tensors (:class:`TorchStep`); values cross between the two worlds
   through conversions that are built once and counted in the timings.
@@ -38,7 +39,9 @@ from torch import Tensor, fx, nn
 
 from prunekit.errors import PrunekitError
 from prunekit.quant.fold import fold_conv_bn
-from prunekit.quant.layers import QuantizedConv2d, QuantizedLayer
+from prunekit.quant.glue import QuantizedAdd
+from prunekit.quant.graph import Tracer
+from prunekit.quant.layers import QuantizedConv2d
 from prunekit.runtime import conv_layout as L
 from prunekit.runtime.conv import (
     NO_CLAMP,
@@ -46,6 +49,8 @@ from prunekit.runtime.conv import (
     DirectConvF32,
     DirectConvI8,
     Int8Out,
+    IntAdd,
+    Requant,
     host_width,
     isa_name,
     tile_options,
@@ -79,9 +84,11 @@ def _is_identity(node: fx.Node, gm: fx.GraphModule) -> bool:
     return node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.Identity, nn.Dropout))
 
 
-def _add_operands(node: fx.Node) -> tuple | None:
+def _add_operands(node: fx.Node, gm: fx.GraphModule) -> tuple | None:
     if node.kwargs or len(node.args) != 2:
         return None
+    if node.op == "call_module" and type(gm.get_submodule(node.target)) is QuantizedAdd:
+        return node.args
     if (node.op == "call_function" and node.target in _ADDS) or (
         node.op == "call_method" and node.target in ("add", "add_")
     ):
@@ -193,8 +200,10 @@ class ConvStep:
     """One convolution with its fused BatchNorm / clamp / residual (module docstring)."""
 
     def __init__(self, name: str, module: nn.Module, nodes: list, inp: Value, out: Value, *, weight: Tensor,
-                 bias: Tensor | None, clamp, residual: Value | None) -> None:  # fmt: skip
+                 bias: Tensor | None, clamp, residual: Value | None,
+                 add: IntAdd | None = None) -> None:  # fmt: skip
         self.name, self.module, self.nodes = name, module, nodes
+        self.add = add  # a fused integer add (QuantizedAdd) of the output and the residual
         self.inp, self.out, self.residual = inp, out, residual
         self.geom = ConvGeom.of(module)
         self.int8 = isinstance(module, QuantizedConv2d)
@@ -256,6 +265,8 @@ class ConvStep:
         else:
             self.w32 = np.ascontiguousarray(w_np, dtype=np.float32)
         self.b_np = None if self.bias is None else self.bias.detach().to(torch.float32).numpy().copy()
+        # the integer output form (prunekit.quant.graph's integer models): the fixed-point requantization
+        self.requant = Requant.of(self.module) if self.int8 else None
         self.finisher = self._finisher() if self.int8 else None
 
     @property
@@ -300,6 +311,8 @@ class ConvStep:
             isa=self.isa,
             clamp=self.clamp,
             residual=self.rlayout,
+            requant=self.requant,
+            add=self.add,
         )
 
     def make_kernel(self, nv: int, cb: int | None):
@@ -333,6 +346,8 @@ class ConvStep:
             offset=self.in_offset,
             clamp=self.clamp,
             residual=self.rlayout,
+            requant=self.requant,
+            add=self.add,
         )
 
     def configs(self) -> list[tuple[int, int | None]]:
@@ -472,13 +487,6 @@ class TorchStep:
         self.name = node.name
 
 
-class _Tracer(fx.Tracer):
-    """torch's tracer, with prunekit's int8 layers kept whole (their forward is not traceable)."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, QuantizedLayer) or super().is_leaf_module(m, qualname)
-
-
 def _record(gm: fx.GraphModule, example: Tensor) -> dict[fx.Node, object]:
     """Every node's output on ``example`` (one forward pass through an interpreter)."""
     seen: dict[fx.Node, object] = {}
@@ -587,15 +595,16 @@ def _conv_module(node: fx.Node, gm: fx.GraphModule, outs: dict) -> nn.Module | N
 
 def _chain(conv: fx.Node, gm: fx.GraphModule, outs: dict, int8: bool, taken: set, inner: set):
     """The nodes a convolution absorbs: [BatchNorm] [ReLU] [add r [ReLU]] while each has one reader (and no
-    other step took it; ``inner``: nodes absorbed as intermediates, never materialised).
-    Returns (nodes, bn, clamp, residual node)."""
-    nodes, bn, clamp, resid, cur = [conv], None, NO_CLAMP, None, conv
+    other step took it; ``inner``: nodes absorbed as intermediates, never materialised). The add is a float
+    ``+`` or, in an integer int8 model, a ``prunekit.quant.glue.QuantizedAdd`` (int8 convolutions only).
+    Returns (nodes, bn, clamp, residual node, the fused integer add or None)."""
+    nodes, bn, clamp, resid, cur, qadd = [conv], None, NO_CLAMP, None, conv, None
     while len(cur.users) == 1:
         u = next(iter(cur.users))
         if u in taken:
             break
         c = _clamp_of(u, gm)
-        operands = _add_operands(u)
+        operands = _add_operands(u, gm)
         if not int8 and bn is None and clamp == NO_CLAMP and resid is None and _bn(u, gm) is not None:
             bn = _bn(u, gm)
         elif _is_identity(u, gm):
@@ -608,12 +617,16 @@ def _chain(conv: fx.Node, gm: fx.GraphModule, outs: dict, int8: bool, taken: set
                 break
             if other in inner or outs[other].shape != outs[cur].shape or _depends_on(other, set(nodes), {}):
                 break
+            if u.op == "call_module":  # QuantizedAdd: fused only into an int8 epilogue
+                if not int8:
+                    break
+                qadd = IntAdd.of(gm.get_submodule(u.target), conv_first=operands[0] is cur)
             resid = other
         else:
             break
         nodes.append(u)
         cur = u
-    return nodes, bn, clamp, resid
+    return nodes, bn, clamp, resid, qadd
 
 
 def _pool_params(node: fx.Node, gm: fx.GraphModule) -> tuple[int, int, int] | None:
@@ -665,7 +678,7 @@ def build(model: nn.Module, example: Tensor, *, vw: int | None = None, isa: str 
     if not _batch1_image(example):
         return None, "segments need one batch-1 float32 image input"
     try:
-        gm = fx.GraphModule(model, _Tracer().trace(model))
+        gm = fx.GraphModule(model, Tracer().trace(model))
     except Exception as exc:  # noqa: BLE001 - fx raises many types for untraceable code
         return None, f"the model does not fx-trace ({type(exc).__name__})"
     if sum(n.op == "placeholder" for n in gm.graph.nodes) != 1:
@@ -693,7 +706,7 @@ def build(model: nn.Module, example: Tensor, *, vw: int | None = None, isa: str 
         if mod is not None:
             int8 = isinstance(mod, QuantizedConv2d)
             kinds.add(int8)
-            nodes, bn, clamp, resid = _chain(node, gm, outs, int8, absorbed, inner)
+            nodes, bn, clamp, resid, qadd = _chain(node, gm, outs, int8, absorbed, inner)
             if int8:
                 weight, bias = mod.weight_q.detach(), mod.bias
             elif bn is not None:
@@ -710,6 +723,7 @@ def build(model: nn.Module, example: Tensor, *, vw: int | None = None, isa: str 
                 bias=None if bias is None else bias.detach().to(torch.float32),
                 clamp=clamp,
                 residual=None if resid is None else val(resid),
+                add=qadd,
             )
             absorbed.update(nodes)
             inner.update(nodes[:-1])

@@ -76,7 +76,7 @@ class ModelSource(Strict):
     factory: str | None = None  # or: "package.module:function" returning a torch.nn.Module
     torchvision: str | None = None  # or: a torchvision.models name, e.g. resnet18 (args: num_classes, ...)
     hf: Path | None = None  # or: a local Hugging Face classifier folder (config.json + weights)
-    task: Literal["image-classification", "sequence-classification"] = "image-classification"  # for hf
+    task: Literal["image-classification", "sequence-classification"] | None = None  # hf (None: image-)
     weights: Path | None = None  # a state dict (.safetensors, or .pt/.pth read weights-only) for factory
     # or torchvision models
 
@@ -167,12 +167,12 @@ class DataSource(Strict):
     imagefolder: Path | None = None  # DIR/<class>/*.png, or DIR/train/<class>/ with val/ and test/ beside
     hf_datasets: Path | None = None  # a datasets.save_to_disk folder (needs the datasets package)
     factory: str | None = None  # "package.module:function" -> {train, val, test[, num_classes]} DataLoaders
-    args: dict[str, Any] = Field(default_factory=dict)  # factory keyword arguments
-    transforms: Transforms = Field(default_factory=Transforms)  # imagefolder / hf_datasets images
+    args: dict[str, Any] | None = None  # factory keyword arguments
+    transforms: Transforms | None = None  # imagefolder / hf_datasets images (None: RGB, as stored)
     input_column: str | None = None  # hf_datasets: the input column (default: image, img, pixel_values, x)
-    label_column: str = "label"  # hf_datasets
+    label_column: str | None = None  # hf_datasets (None: "label")
     num_classes: int | None = Field(None, ge=2)  # factory: when its loaders do not say
-    workers: int = Field(0, ge=0)  # DataLoader worker processes reading imagefolder / hf_datasets files
+    workers: int | None = Field(None, ge=0)  # DataLoader worker processes for imagefolder / hf_datasets
     # a split the source lacks is carved from its training data by these fractions (stratified, seeded)
     val_fraction: float = Field(0.2, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
@@ -205,7 +205,7 @@ class DataSource(Strict):
                 raise ValueError(f"{key}: folder not found: {folder}")
         if self.args and self.factory is None:
             raise ValueError("'args' is for a data factory")
-        if self.hf_datasets is None and (self.input_column is not None or self.label_column != "label"):
+        if self.hf_datasets is None and (self.input_column is not None or self.label_column is not None):
             raise ValueError("'input_column' and 'label_column' are for hf_datasets")
         if self.name is None and not any(getattr(self, k) is not None for k in DATA_SOURCES[1:]):
             raise ValueError(f"give one data source; allowed: {', '.join(DATA_SOURCES)}")

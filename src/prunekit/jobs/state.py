@@ -20,7 +20,7 @@ from prunekit.artifact import load_artifact
 from prunekit.data import Splits, load_splits
 from prunekit.data.sources import load_factory, load_hf_datasets, load_imagefolder
 from prunekit.jobs.distributed import DistributedContext
-from prunekit.jobs.recipe import DataSource, EvaluateStage, Recipe
+from prunekit.jobs.recipe import DataSource, EvaluateStage, Recipe, Transforms
 from prunekit.jobs.runlog import RunLog
 from prunekit.models import build_model
 from prunekit.models.sources import build as build_source
@@ -114,20 +114,20 @@ def load_data(d: DataSource, seed: int) -> Splits:
     """The recipe's data: the built-in arrays, or the user's folders / loaders (prunekit.data.sources)."""
     if d.name is not None:
         return load_splits(d.name, d.path, d.val_fraction, d.test_fraction, seed=seed)
+    transform = (d.transforms or Transforms()).build()
+    workers = d.workers or 0
     if d.imagefolder is not None:
-        return load_imagefolder(
-            d.imagefolder, d.transforms.build(), d.val_fraction, d.test_fraction, seed, d.workers
-        )
+        return load_imagefolder(d.imagefolder, transform, d.val_fraction, d.test_fraction, seed, workers)
     if d.hf_datasets is not None:
         return load_hf_datasets(
             d.hf_datasets,
-            d.transforms.build(),
+            transform,
             d.input_column,
-            d.label_column,
+            d.label_column or "label",
             d.val_fraction,
             d.test_fraction,
             seed,
-            d.workers,
+            workers,
         )
     return load_factory(d.factory, d.args, d.num_classes)
 
@@ -164,7 +164,9 @@ def start_run(recipe: Recipe, out: Path, progress: bool, ctx: DistributedContext
         info = {"name": src.builtin, "args": args}
     else:
         what = str(getattr(src, src.kind))
-        model, info = build_source(src.kind, what, args, weights=src.weights, task=src.task)
+        model, info = build_source(
+            src.kind, what, args, weights=src.weights, task=src.task or "image-classification"
+        )
     return RunState(
         recipe=recipe,
         out=out,

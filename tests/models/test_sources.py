@@ -117,3 +117,24 @@ def test_a_saved_hugging_face_classifier_loads_offline_and_rebuilds(tmp_path):
     }
     with pytest.raises(PrunekitError, match="no config.json"):
         build("hf", str(tmp_path))
+
+
+def test_a_saved_text_classifier_gets_the_head_its_config_names(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=4,
+    )
+    torch.manual_seed(0)
+    original = transformers.BertForSequenceClassification(config).eval()
+    original.save_pretrained(tmp_path / "bert")
+    model, info = build("hf", str(tmp_path / "bert"))  # no task given: config.json's architectures decide
+    assert info["name"] == "hf:sequence-classification"
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(model(ids.float()), original(input_ids=ids).logits)  # ids as floats, cast back

@@ -76,7 +76,9 @@ class ModelSource(Strict):
     factory: str | None = None  # or: "package.module:function" returning a torch.nn.Module
     torchvision: str | None = None  # or: a torchvision.models name, e.g. resnet18 (args: num_classes, ...)
     hf: Path | None = None  # or: a local Hugging Face classifier folder (config.json + weights)
-    task: Literal["image-classification", "sequence-classification"] | None = None  # hf (None: image-)
+    # hf: the head (None: as config.json's architectures say; image-classification unless a
+    # ...ForSequenceClassification is named)
+    task: Literal["image-classification", "sequence-classification"] | None = None
     weights: Path | None = None  # a state dict (.safetensors, or .pt/.pth read weights-only) for factory
     # or torchvision models
 

@@ -164,9 +164,7 @@ def start_run(recipe: Recipe, out: Path, progress: bool, ctx: DistributedContext
         info = {"name": src.builtin, "args": args}
     else:
         what = str(getattr(src, src.kind))
-        model, info = build_source(
-            src.kind, what, args, weights=src.weights, task=src.task or "image-classification"
-        )
+        model, info = build_source(src.kind, what, args, weights=src.weights, task=src.task)
     return RunState(
         recipe=recipe,
         out=out,

@@ -10,6 +10,7 @@ recipe), never because an artifact file says so (loading an artifact must not ru
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 from typing import Any
@@ -122,19 +123,33 @@ def _auto_class(task: str) -> Any:
     return getattr(transformers, HF_TASKS[task])
 
 
-def hf_model(directory: str | Path, task: str = "image-classification") -> tuple[nn.Module, dict[str, Any]]:
+def hf_task(directory: Path) -> str:
+    """The head a saved model was configured with: ``sequence-classification`` when its config.json's
+    ``architectures`` name a ``...ForSequenceClassification``, else ``image-classification``."""
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise PrunekitError(f"model.hf: cannot read {directory / 'config.json'}: {exc}") from None
+    names = config.get("architectures") or [] if isinstance(config, dict) else []
+    sequence = any(str(n).endswith("ForSequenceClassification") for n in names)
+    return "sequence-classification" if sequence else "image-classification"
+
+
+def hf_model(directory: str | Path, task: str | None = None) -> tuple[nn.Module, dict[str, Any], str]:
     """A classifier saved with ``save_pretrained`` in ``directory`` (config.json and weights), loaded
-    offline, wrapped in :class:`Logits`; with the config that rebuilds it."""
+    offline, wrapped in :class:`Logits`; with the config that rebuilds it and the task (``None``: as its
+    config.json says, :func:`hf_task`)."""
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise PrunekitError(f"model.hf: {directory} is not a saved Hugging Face model (no config.json)")
+    task = task or hf_task(directory)
     auto = _auto_class(task)
     try:
         model = auto.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise PrunekitError(f"model.hf: cannot load {directory} as {HF_TASKS[task]}: {first}") from None
-    return Logits(model.eval(), task), model.config.to_dict()
+    return Logits(model.eval(), task), model.config.to_dict(), task
 
 
 def rebuild(info: dict[str, Any], allow_code: bool = False) -> nn.Module:
@@ -165,16 +180,17 @@ def build(
     what: str,
     args: dict[str, Any] | None = None,
     weights: str | Path | None = None,
-    task: str = "image-classification",
+    task: str | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """``(model, info)`` from a source: ``factory`` (``what``: a reference), ``torchvision`` (a model
-    name) or ``hf`` (a folder; ``task`` picks the head); then ``weights``, if given."""
+    name) or ``hf`` (a folder; ``task`` picks the head, ``None``: the one its config names); then
+    ``weights``, if given."""
     if kind == "factory":
         model, info = factory_model(what, args), {"name": f"factory:{what}", "args": dict(args or {})}
     elif kind == "torchvision":
         model, info = torchvision_model(what, args), {"name": f"torchvision:{what}", "args": dict(args or {})}
     elif kind == "hf":
-        model, config = hf_model(what, task)
+        model, config, task = hf_model(what, task)
         info = {"name": f"hf:{task}", "args": {"config": config}}
     else:
         raise PrunekitError(f"unknown model source '{kind}'; allowed: {', '.join(KINDS)}")

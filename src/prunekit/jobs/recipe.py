@@ -69,9 +69,8 @@ class ModelSource(Strict):
     prunekit.models.sources builds the last three."""
 
     builtin: str | None = None  # a built-in architecture name (prunekit.models.MODELS), trained from scratch
-    args: dict[str, Any] = Field(
-        default_factory=dict
-    )  # constructor / factory / torchvision keyword arguments
+    # constructor / factory / torchvision keyword arguments
+    args: dict[str, Any] = Field(default_factory=dict)
     artifact: Path | None = None  # or: start from a saved prunekit artifact (weights, and masks if any)
     factory: str | None = None  # or: "package.module:function" returning a torch.nn.Module
     torchvision: str | None = None  # or: a torchvision.models name, e.g. resnet18 (args: num_classes, ...)
@@ -79,8 +78,8 @@ class ModelSource(Strict):
     # hf: the head (None: as config.json's architectures say; image-classification unless a
     # ...ForSequenceClassification is named)
     task: Literal["image-classification", "sequence-classification"] | None = None
-    weights: Path | None = None  # a state dict (.safetensors, or .pt/.pth read weights-only) for factory
-    # or torchvision models
+    # factory / torchvision: a state dict to start from (.safetensors, or .pt/.pth read weights-only)
+    weights: Path | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -135,6 +135,10 @@ def test_every_variant_including_compiled(with_int8):
     kinds = {v: {layer["kind"] for layer in d["layers"]} for v, d in compiled.items()}
     assert "QuantizedConv2d" in kinds["compiled-int8"] and "QuantizedConv2d" not in kinds["compiled"]
     assert result["size_bytes"]["compiled-int8"] == result["size_bytes"]["pruned-int8"]
+    # the dense engines a user would deploy instead, timed in the same run, built from the dense artifact
+    assert set(result["engines"]) == set(bench.BASELINES) and not result["skipped_reasons"]
+    assert result["size_bytes"]["onnxruntime-int8"] < result["size_bytes"]["onnxruntime-fp32"]
+    assert "dense baselines (from the dense artifact)" in bench.table(result)
 
 
 def test_variants_the_source_cannot_serve(with_int8):

@@ -82,7 +82,7 @@ def test_a_factory_model_runs_on_an_image_folder(user_code):
     with pytest.raises(PrunekitError, match="made by the function 'user_net:make'"):
         load_artifact(user_code / "out" / "pruned.safetensors")  # loading a file never runs code
     model, info = load_artifact(user_code / "out" / "pruned.safetensors", model=start)
-    assert info.model == {"name": "factory:user_net:make", "args": {"classes": 3}}
+    assert info.model == {"name": "@factory:user_net:make", "args": {"classes": 3}}
     assert float((model[0].weight == 0).float().mean()) == 0.5  # the conv; the classifier stays dense
     assert not bool((model[3].weight == 0).any())
 

@@ -44,7 +44,7 @@ def test_a_factory_model_gets_its_arguments_and_weights(model_module, tmp_path):
     torch.save({"state_dict": donor.state_dict()}, tmp_path / "w.pt")
     for name in ("w.safetensors", "w.pt"):
         model, info = build("factory", reference, {"width": 5}, weights=tmp_path / name)
-        assert info == {"name": f"factory:{reference}", "args": {"width": 5}}
+        assert info == {"name": f"@factory:{reference}", "args": {"width": 5}}
         for key, value in donor.state_dict().items():
             assert torch.equal(model.state_dict()[key], value)
     with pytest.raises(PrunekitError, match="w.pt does not fit the model: size mismatch for 1.weight"):
@@ -57,7 +57,7 @@ def test_a_factory_model_gets_its_arguments_and_weights(model_module, tmp_path):
 
 
 def test_a_factory_is_rebuilt_only_where_code_may_run(model_module):
-    info = {"name": f"factory:{model_module}:make", "args": {"width": 4}}
+    info = {"name": f"@factory:{model_module}:make", "args": {"width": 4}}
     with pytest.raises(PrunekitError, match="would run that code.*load_artifact\\(path, model=...\\)"):
         build_model(info["name"], info["args"])
     model = build_model(info["name"], info["args"], allow_code=True)
@@ -86,7 +86,7 @@ def test_torchvision_is_optional_and_builds_without_downloading(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchvision", fake)
     model, info = build("torchvision", "resnet18", {"num_classes": 3})
     assert calls == [("resnet18", {"weights": None, "num_classes": 3})]  # never pretrained: no download
-    assert info == {"name": "torchvision:resnet18", "args": {"num_classes": 3}}
+    assert info == {"name": "@torchvision:resnet18", "args": {"num_classes": 3}}
     assert rebuild(info).out_features == 3
     with pytest.raises(PrunekitError, match="unknown torchvision model 'resnet81'.*did you mean 'resnet18'"):
         build("torchvision", "resnet81")
@@ -134,7 +134,7 @@ def test_a_saved_text_classifier_gets_the_head_its_config_names(tmp_path):
     original = transformers.BertForSequenceClassification(config).eval()
     original.save_pretrained(tmp_path / "bert")
     model, info = build("hf", str(tmp_path / "bert"))  # no task given: config.json's architectures decide
-    assert info["name"] == "hf:sequence-classification"
+    assert info["name"] == "@hf:sequence-classification"
     ids = torch.randint(0, 50, (2, 7))
     with torch.no_grad():
         assert torch.equal(model(ids.float()), original(input_ids=ids).logits)  # ids as floats, cast back

@@ -477,8 +477,13 @@ def test_int8_artifact_reloads_bit_identical(tmp_path, activations):
         count_params(q)["nonzero_params"],
     )
     assert totals["size_bytes"] == size
-    dense_size = save_artifact(tmp_path / "float.safetensors", model, model_info=INFO)
-    assert size < 0.5 * dense_size  # int8 weights, no mask, no BatchNorm statistics
+    save_artifact(tmp_path / "float.safetensors", model, model_info=INFO)
+    dense = read_artifact(tmp_path / "float.safetensors")[0]
+
+    def nbytes(ts: dict) -> int:  # the tensors (this tiny model's file is mostly per-tensor headers)
+        return sum(t.numel() * t.element_size() for t in ts.values())
+
+    assert nbytes(tensors) < 0.5 * nbytes(dense)  # int8 weights, no mask, no BatchNorm statistics
 
 
 @pytest.mark.parametrize("activations", ["static", "dynamic"])

@@ -265,6 +265,35 @@ def test_sparse_int8_conv_is_bit_exact(spec, kernel):
                 assert torch.equal(fast(x), ref(x))
 
 
+@pytest.mark.parametrize("wide", [False, True])
+@pytest.mark.parametrize("kernel", ["rows", "xt", "dense"])
+def test_sparse_int8_linear_integer_output_is_bit_exact(kernel, wide):
+    """The integer output form (fixed-point requantization, prunekit.quant.rounding) in the kernels."""
+    layer = linear(33, 70, 0.2, 3)
+    ref = QuantizedLinear(layer, act_scale=torch.tensor(0.05))
+    ref.set_output(torch.tensor(0.02 / (65536 if wide else 1)), wide=wide)  # small: saturation is tested
+    fast = SparseQuantizedLinear(ref, kernel)
+    for batch in (1, 9):
+        for x in int8_inputs((batch, 70), batch):
+            with torch.inference_mode():
+                assert torch.equal(fast(x), ref(x))
+
+
+@pytest.mark.parametrize("kernel", ["xt", "xt-nchw", "dense"])
+@pytest.mark.parametrize("spec", CONVS[1:4])
+def test_sparse_int8_conv_integer_output_is_bit_exact(spec, kernel):
+    ref = QuantizedConv2d(make_conv(spec), act_scale=torch.tensor(0.03))
+    ref.set_output(torch.tensor(0.05))
+    fast = SparseQuantizedConv2d(ref, kernel)
+    for n in (1, 2):
+        for x in int8_inputs((n, ref.in_channels, 7, 8), n):
+            with torch.no_grad():
+                y = ref(x)
+                assert torch.equal(fast(x), y)
+    q = torch.round(y / ref.out_scale)
+    assert q.abs().max() == 127 and torch.equal(q * ref.out_scale, y)  # saturated, on the int8 grid
+
+
 def test_int8_quantization_matches_the_reference_rounding():
     from prunekit.quant.rounding import quantize_activation
 

@@ -20,7 +20,9 @@ def bench(
     threads: str = typer.Option("1,2", "--threads", help="Thread counts, comma-separated."),
     runs: int = typer.Option(500, "--runs", help="Timed runs per variant and setting (after warm-up)."),
     variants: str = typer.Option(
-        "dense,pruned,pruned-int8,compiled,compiled-int8", "--variants", help="Which variants to measure."
+        "dense,pruned,pruned-int8,compiled,compiled-int8,torch-x86-int8,onnxruntime-fp32,onnxruntime-int8",
+        "--variants",
+        help="Which variants to measure (the last three: dense engines a user would deploy instead).",
     ),
     input_shape: str = typer.Option(
         "", "--input-shape", help="Example input shape, e.g. 1,3,224,224 (the batch dim is replaced)."

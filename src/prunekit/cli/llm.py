@@ -23,6 +23,7 @@ def _stage_bars(quiet: bool):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        _quiet_gguf()
 
     def stage(name: str):
         if quiet:
@@ -42,6 +43,19 @@ def _stage_bars(quiet: bool):
         return update
 
     return stage
+
+
+def _quiet_gguf() -> None:
+    """transformers' GGUF conversion draws its own tqdm bar, which disable_progress_bar does not reach."""
+    import functools
+
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # a transformers without GGUF support draws no such bar
+        return
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is not None and not isinstance(bar, functools.partial):
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
 
 
 def _text_settings(calib_samples: int, seqlen: int, calib_file, eval_file, seed: int):

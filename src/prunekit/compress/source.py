@@ -3,7 +3,6 @@ model's recipe for rebuilding it) or any safetensors file of tensors."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from prunekit.artifact import read_artifact
-from prunekit.errors import PrunekitError
+from prunekit.compress.container import is_compressed
+from prunekit.errors import ArtifactCorrupted, PrunekitError
 from prunekit.files import safetensors_metadata
 from prunekit.spec import Spec
 
@@ -23,10 +23,13 @@ def read_source(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, di
     path = Path(path)
     meta = safetensors_metadata(path)
     if "prunekit" not in meta:
-        return load_file(str(path)), {}, {"source": path.name}
-    if json.loads(meta["prunekit"]).get("format") == "prunekit.compressed":
+        try:
+            return load_file(str(path)), {}, {"source": path.name}
+        except Exception as exc:  # safetensors raises its own error types for a damaged body
+            raise ArtifactCorrupted(f"{path}: damaged or truncated ({type(exc).__name__}: {exc})") from None
+    if is_compressed(path):
         raise PrunekitError(f"{path} is already compressed")
-    tensors, info = read_artifact(path)
+    tensors, info = read_artifact(path)  # a damaged header or body is its one-line error
     extra = {"source": path.name, "model": info.model, "structured": info.structured}
     if info.int8:
         extra["int8"] = info.int8

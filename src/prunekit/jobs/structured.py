@@ -20,6 +20,7 @@ from prunekit.analysis.sparsity import layer_table
 from prunekit.artifact import load_artifact
 from prunekit.errors import PrunekitError
 from prunekit.files import atomic_write_json
+from prunekit.limits import check_input
 from prunekit.models import MODELS, build_model
 from prunekit.registry import resolve_reference
 from prunekit.report.html import write_reports
@@ -64,6 +65,7 @@ def load_model_spec(spec: str, input_shape: tuple[int, ...] | None) -> tuple[nn.
     shape = input_shape or default
     if shape is None:
         raise PrunekitError("--input-shape is needed for this model, e.g. --input-shape 1,3,224,224")
+    check_input(model, shape)  # before the example is allocated
     return model.eval(), torch.randn(shape, generator=torch.Generator().manual_seed(0))
 
 

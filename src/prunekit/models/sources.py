@@ -2,8 +2,10 @@
 model saved in a local folder. Nothing is downloaded: torchvision models are built without pretrained
 weights (give ``weights: FILE``), Hugging Face ones load with ``local_files_only``.
 
-Each source also gives the model's *info* (``{"name": "<kind>:<what>", "args": {...}}``), which rebuilds
-the architecture (without the weights) for checkpoints and artifacts: :func:`rebuild`. A ``factory:``
+Each source also gives the model's *info* (``{"name": "@<kind>:<what>", "args": {...}}``), which rebuilds
+the architecture (without the weights) for checkpoints and artifacts: :func:`rebuild`. The ``@`` keeps these
+names apart from registered model names and from ``module:Class`` references (no module name starts
+with ``@``). A ``factory:``
 info runs the user's code, so it is rebuilt only where the caller allows it (a run resuming its own
 recipe), never because an artifact file says so (loading an artifact must not run code).
 """
@@ -24,6 +26,14 @@ from prunekit.errors import PrunekitError, unknown_name
 from prunekit.registry import resolve_reference
 
 KINDS = ("factory", "torchvision", "hf")
+PREFIX = "@"  # info names are "@factory:pkg.mod:fn", "@torchvision:resnet18", "@hf:<task>"
+
+
+def is_source_name(name: str) -> bool:
+    """Whether a model name (an artifact header's, a checkpoint's) was recorded by a model source."""
+    return isinstance(name, str) and name.startswith(PREFIX)
+
+
 HF_TASKS = {
     "image-classification": "AutoModelForImageClassification",
     "sequence-classification": "AutoModelForSequenceClassification",
@@ -153,9 +163,9 @@ def hf_model(directory: str | Path, task: str | None = None) -> tuple[nn.Module,
 
 
 def rebuild(info: dict[str, Any], allow_code: bool = False) -> nn.Module:
-    """The architecture ``info`` (from :func:`build`) describes, with fresh weights. ``factory:`` infos
-    import and call the user's function: only with ``allow_code``."""
-    kind, _, what = str(info.get("name", "")).partition(":")
+    """The architecture ``info`` (from :func:`build`) describes, with fresh weights. ``@factory:`` infos
+    import and call the user's function: only with ``allow_code`` (never for a file's header)."""
+    kind, _, what = str(info.get("name", "")).removeprefix(PREFIX).partition(":")
     args = dict(info.get("args") or {})
     if kind == "factory":
         if not allow_code:
@@ -186,12 +196,15 @@ def build(
     name) or ``hf`` (a folder; ``task`` picks the head, ``None``: the one its config names); then
     ``weights``, if given."""
     if kind == "factory":
-        model, info = factory_model(what, args), {"name": f"factory:{what}", "args": dict(args or {})}
+        model, info = factory_model(what, args), {"name": f"@factory:{what}", "args": dict(args or {})}
     elif kind == "torchvision":
-        model, info = torchvision_model(what, args), {"name": f"torchvision:{what}", "args": dict(args or {})}
+        model, info = (
+            torchvision_model(what, args),
+            {"name": f"@torchvision:{what}", "args": dict(args or {})},
+        )
     elif kind == "hf":
         model, config, task = hf_model(what, task)
-        info = {"name": f"hf:{task}", "args": {"config": config}}
+        info = {"name": f"@hf:{task}", "args": {"config": config}}
     else:
         raise PrunekitError(f"unknown model source '{kind}'; allowed: {', '.join(KINDS)}")
     if weights is not None:

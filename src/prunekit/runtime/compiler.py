@@ -63,6 +63,9 @@ class RuntimeReport:
     layers: list[LayerDecision]
     threads: int
     margin: float
+    # integer operators of an integer int8 model (prunekit.quant.glue) moved onto numba kernels: name ->
+    # kernel (each checked bit for bit on its recorded input)
+    operators: dict[str, str] = field(default_factory=dict)
 
     def table(self) -> str:
         head = (
@@ -363,5 +366,43 @@ def compile(  # noqa: A001 - the natural name, namespaced as prunekit.runtime.co
         setattr(compiled.get_submodule(parent) if parent else compiled, child, new)
     if chain:
         _fuse_chains(compiled, inputs, decisions)
-    compiled.runtime_report = RuntimeReport(decisions, threads, margin)
+    operators = _fast_glue(compiled, example_inputs)
+    compiled.runtime_report = RuntimeReport(decisions, threads, margin, operators)
     return compiled
+
+
+def _fast_glue(model: nn.Module, example_inputs) -> dict[str, str]:
+    """Move an integer model's adds and input rounding (prunekit.quant.glue) onto numba kernels, each
+    only where it gives the module's output bit for bit on the input it sees in ``example_inputs``."""
+    from prunekit.runtime.layers import fast_glue
+
+    twins = {name: (m, fast_glue(m)) for name, m in model.named_modules() if name}
+    twins = {name: pair for name, pair in twins.items() if pair[1] is not None}
+    if not twins:
+        return {}
+    seen: dict[str, tuple] = {}
+    handles = []
+    for name, (module, _) in twins.items():
+
+        def record(m: nn.Module, args: tuple, output: object, name: str = name) -> None:
+            seen.setdefault(name, (tuple(a.detach().clone() for a in args), output.detach().clone()))
+
+        handles.append(module.register_forward_hook(record))
+    try:
+        _capture(model, example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    done = {}
+    for name, (_, twin) in twins.items():
+        if name not in seen:
+            continue
+        args, want = seen[name]
+        with torch.inference_mode():
+            if not torch.equal(twin(*args), want):
+                log.warning("runtime: %s %s kernel does not match the module; not used", name, twin.kernel)
+                continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, twin)
+        done[name] = twin.kernel
+    return done

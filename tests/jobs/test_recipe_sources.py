@@ -155,4 +155,8 @@ def test_a_saved_hugging_face_classifier_is_a_model_source(user_code):
     )
     metrics = run_recipe(r, user_code / "out", progress=False)
     assert sum(metrics["pruned"]["support"]) == 9
-    assert (user_code / "out" / "pruned.safetensors").is_file()
+    # the artifact rebuilds the ViT from the config in its header (no folder, no code), masks included
+    model, info = load_artifact(user_code / "out" / "pruned.safetensors")
+    assert info.model["name"] == "@hf:image-classification"
+    pruned = [m.weight for n, m in model.named_modules() if n in info.masks]
+    assert pruned and all(float((w == 0).float().mean()) == 0.5 for w in pruned)

@@ -116,6 +116,8 @@ def test_table_covers_every_variant_and_setting(outdir):
     assert result["size_bytes"]["pruned"] < 0.5 * result["size_bytes"]["dense"]
     text = bench.table(result)
     assert len(text.splitlines()) == 1 + len(result["rows"]) + 1
+    assert "nan" not in text  # memory=False: the peak RSS column says "-"
+    assert all(line.rstrip().endswith(" -") for line in text.splitlines()[1:-1])
     png = bench.chart(result, outdir / "chart.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -429,6 +429,10 @@ def test_add_run_records_lineage_recipe_and_metrics(tmp_path):
     assert set(pruned.files) == {"pruned.safetensors", "pruned.compressed.safetensors"}
     for name in pruned.files:
         assert pruned.file(name).read_bytes() == (run / name).read_bytes()
+    sizes = {name: (run / name).stat().st_size for name in pruned.files}
+    assert pruned.size_bytes == sum(sizes.values())  # both copies of the model
+    assert pruned.model_bytes == min(sizes.values())  # the model once, in its smallest file
+    assert dense.model_bytes == dense.size_bytes == (run / "dense.safetensors").stat().st_size
     m = pruned.manifest
     metrics = json.loads((run / "metrics.json").read_text())
     assert m["layers"] == metrics["pruned"]["layers"] and m["metrics"]["accuracy"] == 0.85

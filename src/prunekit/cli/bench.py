@@ -27,7 +27,10 @@ def bench(
     input_shape: str = typer.Option(
         "", "--input-shape", help="Example input shape, e.g. 1,3,224,224 (the batch dim is replaced)."
     ),
-    no_memory: bool = typer.Option(False, "--no-memory", help="Skip the peak-RSS probes."),
+    memory: bool = typer.Option(
+        True, "--memory/--no-memory", help="Measure peak RSS (one probe process per variant)."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Latency p50/p99/mean, throughput, peak RSS and size of dense, pruned, pruned+INT8 and compiled."""
     from prunekit.files import atomic_write_json
@@ -42,7 +45,8 @@ def bench(
         parse_ints(threads, "--threads", "1,2"),
         runs,
         variants=chosen,
-        memory=not no_memory,
+        memory=memory,
+        progress=not quiet,
     )
     atomic_write_json(out / "bench.json", result)
     bench_mod.chart(result, out / "bench.png")

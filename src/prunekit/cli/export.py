@@ -56,7 +56,7 @@ def onnx_command(
         None, "--opset", help="ONNX opset (default: the exporter's; 18 and newer are native)."
     ),
     static_batch: bool = typer.Option(False, "--static-batch", help="Fix the batch size to the example's."),
-    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the onnxruntime check."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the file in onnxruntime."),
     exporter: str = typer.Option("dynamo", "--exporter", help="dynamo (default) or torchscript."),
     rtol: float = typer.Option(1e-3, "--rtol", help="Relative tolerance of the check."),
     atol: float = typer.Option(1e-5, "--atol", help="Absolute tolerance of the check."),
@@ -74,7 +74,7 @@ def onnx_command(
         parse_ints(input_shape) if input_shape else None,
         opset=opset,
         dynamic_batch=not static_batch,
-        verify=not no_verify,
+        verify=verify,
         rtol=rtol,
         atol=atol,
         exporter=exporter,

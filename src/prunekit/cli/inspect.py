@@ -12,8 +12,8 @@ import typer
 def inspect(
     artifact: Path = typer.Argument(..., help="A prunekit .safetensors artifact."),
     as_json: bool = typer.Option(False, "--json", help="Print the table as JSON."),
-    no_verify: bool = typer.Option(
-        False, "--no-verify", help="Skip the integrity check (SHA-256) of the file; the output says so."
+    verify: bool = typer.Option(
+        True, "--verify/--no-verify", help="Check the file's SHA-256 first (--no-verify: the output says so)."
     ),
 ) -> None:
     """Print the per-layer table: shape, params, non-zeros, sparsity, pattern (for a compressed artifact:
@@ -22,9 +22,9 @@ def inspect(
     from prunekit.compress.container import is_compressed
 
     if is_compressed(artifact):
-        _print_compressed(artifact, as_json, verify=not no_verify)
+        _print_compressed(artifact, as_json, verify=verify)
         return
-    rows, totals = inspect_artifact(artifact, verify=not no_verify)
+    rows, totals = inspect_artifact(artifact, verify=verify)
     if as_json:
         typer.echo(json.dumps({"layers": rows, "total": totals}, indent=2))
         return

@@ -97,9 +97,9 @@ def llm_prune(
     blocksize: int = typer.Option(128, "--blocksize", help="SparseGPT column block size."),
     damp: float = typer.Option(0.01, "--damp", help="SparseGPT dampening (fraction of mean diag)."),
     blocks: str = typer.Option(None, "--blocks", help="Dotted path of the decoder blocks (auto if unset)."),
-    no_eval: bool = typer.Option(False, "--no-eval", help="Skip the perplexity measurements."),
+    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Measure perplexity (dense and pruned)."),
     threads: int = typer.Option(0, "--threads", help="torch threads (0: torch's default)."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Prune a causal LM one-shot (magnitude, Wanda, SparseGPT; unstructured or N:M; optional OWL)."""
     from prunekit.jobs.llm import run_prune
@@ -126,7 +126,7 @@ def llm_prune(
         blocks_path=blocks,
     )
     text = _text_settings(calib_samples, seqlen, calib_file, eval_file, seed)
-    m = run_prune(model, config, text, out, evaluate=not no_eval, progress=_stage_bars(quiet))
+    m = run_prune(model, config, text, out, evaluate=evaluate, progress=_stage_bars(quiet))
     dense = "-" if m["ppl_dense"] is None else f"{m['ppl_dense']:.3f}"
     pruned = "-" if m["ppl_pruned"] is None else f"{m['ppl_pruned']:.3f}"
     typer.echo(
@@ -145,7 +145,7 @@ def llm_eval(
     eval_file: Path = typer.Option(None, "--eval-file", help="UTF-8 evaluation text."),
     threads: int = typer.Option(0, "--threads", help="torch threads (0: torch's default)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Perplexity of a causal LM on held-out text (non-overlapping windows of --seqlen tokens)."""
     from prunekit.jobs.llm import run_eval

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -126,8 +128,15 @@ def recipes_list() -> None:
     """Name the built-in recipes."""
     from prunekit.jobs import recipe
 
-    for name in recipe.builtin_names():
-        typer.echo(f"{name:<16} {recipe.load_builtin(name).description}")
+    names = recipe.builtin_names()
+    width = max(map(len, names)) + 2  # one column for the names, the descriptions wrapped beside them
+    text_width = max(40, shutil.get_terminal_size().columns - width)
+    for name in names:
+        description = recipe.load_builtin(name).description
+        lines = textwrap.wrap(description, text_width, break_on_hyphens=False) or [""]
+        typer.echo(f"{name:<{width}}{lines[0]}")
+        for line in lines[1:]:
+            typer.echo(" " * width + line)
 
 
 def recipes_show(name: str = typer.Argument(..., help="A built-in recipe name.")) -> None:

@@ -117,7 +117,7 @@ def list_(store: Path = _STORE, as_json: bool = _JSON) -> None:
     width = max([len(e.name) for e in entries] + [4])
     typer.echo(
         f"  {'hash':<12}  {'name':<{width}}  {'parent':<12}  {'created (UTC)':<19}  "
-        f"{'sparsity':>8}  {'accuracy':>8}  {'size KiB':>9}"
+        f"{'sparsity':>8}  {'accuracy':>8}  {'model KiB':>9}  {'files KiB':>9}"
     )
     for e in entries:
         mark = "*" if current is not None and e.hash == current.hash else " "
@@ -125,7 +125,7 @@ def list_(store: Path = _STORE, as_json: bool = _JSON) -> None:
         typer.echo(
             f"{mark} {e.short:<12}  {e.name:<{width}}  {(e.parent or '-')[:12]:<12}  "
             f"{e.created[:19].replace('T', ' '):<19}  {_fmt(m.get('sparsity')):>8}  "
-            f"{_fmt(m.get('accuracy')):>8}  {e.size_bytes / 1024:>9.1f}"
+            f"{_fmt(m.get('accuracy')):>8}  {e.model_bytes / 1024:>9.1f}  {e.size_bytes / 1024:>9.1f}"
         )
     if not entries:
         typer.echo(f"(no entries in {store})")

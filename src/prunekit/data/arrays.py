@@ -76,6 +76,8 @@ class Splits:
 
 
 def _arrays(name: str, path: str | Path | None) -> tuple[np.ndarray, np.ndarray]:
+    if path is None and str(name).endswith(".npz"):  # `--data FILE.npz`, as `export c` takes it
+        name, path = "npz", name
     if name == "digits":
         from sklearn.datasets import load_digits
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from prunekit import runtime
 from prunekit.analysis.latency import compare_latency
@@ -254,8 +255,10 @@ def bench(
     warmup: int = 30,
     variants: Sequence[str] = VARIANTS,
     memory: bool = True,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Measure every variant; returns the JSON-ready table (see the module docstring)."""
+    """Measure every variant; returns the JSON-ready table (see the module docstring). ``progress``: a
+    bar over the thread x batch settings and the memory probes."""
 
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -289,6 +292,13 @@ def bench(
     rows: list[dict[str, Any]] = []
     decisions: list[dict[str, Any]] = []
     previous = torch.get_num_threads()
+    own = [v for v in variants if v not in BASELINES]
+    bar = tqdm(
+        total=len(threads) * len(batches) + (len(own) if memory else 0),
+        desc="bench",
+        unit="setting",
+        disable=not progress,
+    )
     try:
         for t in threads:
             torch.set_num_threads(t)
@@ -324,6 +334,7 @@ def bench(
                             "runs": s["runs"],
                         }
                     )
+                bar.update(1)
     finally:
         torch.set_num_threads(previous)
         workdir.cleanup()
@@ -331,8 +342,11 @@ def bench(
     for x in found:
         if not x.skipped:
             size[x.name] = x.size_bytes if x.size_bytes is not None else _state_bytes(x.model)
-    own = [v for v in variants if v not in BASELINES]
-    rss = {v: peak_rss(source, v, max(batches), min(runs, 100)) for v in own} if memory else {}
+    rss = {}
+    for v in own if memory else ():
+        rss[v] = peak_rss(source, v, max(batches), min(runs, 100))
+        bar.update(1)
+    bar.close()
     return {
         "source": {k: str(v) if v else None for k, v in _paths(source).items()},
         "int8_from": (
@@ -391,10 +405,11 @@ def table(result: dict[str, Any]) -> str:
     ]
     for r in result["rows"]:
         rss = result["peak_rss_mb"].get(r["variant"])
+        peak = "-" if not rss else f"{rss['peak_rss_mb']:.0f}"  # "-": not measured (--no-memory)
         lines.append(
             f"{r['variant']:<17} {r['threads']:>3} {r['batch']:>5} {r['p50_ms']:>9.3f} {r['p99_ms']:>9.3f} "
             f"{r['mean_ms']:>9.3f} {r['throughput_per_s']:>10.0f} {r['p50_vs_first']:>15.2f}x "
-            f"{result['size_bytes'][r['variant']]:>10,} {rss['peak_rss_mb'] if rss else float('nan'):>11.0f}"
+            f"{result['size_bytes'][r['variant']]:>10,} {peak:>11}"
         )
     lines.append(
         f"{result['runs']} timed runs per variant and setting after {result['warmup']} warm-up runs, "

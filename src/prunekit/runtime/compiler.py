@@ -355,8 +355,8 @@ def compile(  # noqa: A001 - the natural name, namespaced as prunekit.runtime.co
             name,
             decision.kind,
             decision.chosen,
-            decision.dense_us,
-            decision.sparse_us,
+            "-" if decision.dense_us is None else f"{decision.dense_us:.1f}",
+            "-" if decision.sparse_us is None else f"{decision.sparse_us:.1f}",
             decision.jit_s,
         )
         if new is not None:

@@ -172,6 +172,13 @@ class Entry:
     def size_bytes(self) -> int:
         return sum(f["bytes"] for f in self.files.values())
 
+    @property
+    def model_bytes(self) -> int:
+        """The smallest file that holds the model (the compressed copy where the entry has one; an entry
+        with an artifact and its compressed copy holds the model twice, so size_bytes overstates it)."""
+        models = [f["bytes"] for name, f in self.files.items() if name.endswith(".safetensors")]
+        return min(models) if models else self.size_bytes
+
 
 def read_manifest(path: Path, verify: bool = True) -> dict[str, Any]:
     """Parse a manifest.json (plain JSON, never pickle); a damaged one is an error naming the file.

@@ -5,7 +5,6 @@ header field checked."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -13,12 +12,12 @@ import zlib
 
 import pytest
 import torch
-from safetensors.torch import save as st_save
 
 from fixtures.cli import call_main
 from fixtures.compressed_v1 import save_v1
+from fixtures.crafted import craft
 from prunekit.compress import ArtifactCorrupted, load_compressed, read_header, save_compressed
-from prunekit.compress.index import Record, pack_index
+from prunekit.compress.index import Record
 from prunekit.compress.inspect import inspect_compressed
 from prunekit.errors import PrunekitError
 from prunekit.select import nm_mask
@@ -142,21 +141,7 @@ def test_no_verify_reads_the_header_and_says_so(tmp_path, monkeypatch, capsys):
 
 
 # -- crafted files: a valid digest over contents no writer makes ---------------------------------------------
-def _craft(path, head: dict, records: list[Record], payload: bytes, index: bytes | None = None):
-    """A version 2 file with these contents and a correct SHA-256 (what an attacker can always make)."""
-    index = pack_index(head, records) if index is None else index
-    tensors = {
-        "index": torch.frombuffer(bytearray(index), dtype=torch.uint8),
-        "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-        if payload
-        else torch.empty(0, dtype=torch.uint8),
-    }
-    meta = {"format": "prunekit.compressed", "format_version": 2, "sha256": "0" * 64}
-    data = bytearray(st_save(tensors, metadata={"prunekit": json.dumps(meta, separators=(",", ":"))}))
-    at = data.find(b"0" * 64)
-    data[at : at + 64] = hashlib.sha256(data).hexdigest().encode()
-    path.write_bytes(bytes(data))
-    return path
+_craft = craft
 
 
 HEAD = {"library_version": "0", "value_dtype": "keep", "specs": []}

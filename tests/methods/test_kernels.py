@@ -208,11 +208,11 @@ def test_magnitude_exact_counts_on_random_shapes(rows, cols, s, seed):
             assert float(w[r].abs()[row[r]].min()) >= float(w[r].abs()[~row[r]].max())
 
 
-def test_magnitude_rejects_an_unknown_group_and_block_specs():
+def test_magnitude_rejects_an_unknown_group_and_blocks_that_do_not_divide():
     with pytest.raises(PrunekitError):
         magnitude_mask(W_HAND, Unstructured(0.5), "global")
-    with pytest.raises(PrunekitError):
-        magnitude_mask(W_HAND, Block((1, 2), 0.5))
+    with pytest.raises(PrunekitError, match="does not divide"):
+        magnitude_mask(W_HAND, Block((3, 1), 0.5))  # block patterns: tests/methods/test_block_patterns.py
 
 
 # ------------------------------------------------------------------------------------------------- SparseGPT
@@ -422,7 +422,7 @@ def test_sparsegpt_errors():
     for blocksize in (0, -1, True, 2.0):
         with pytest.raises(PrunekitError):
             sparsegpt_prune(w, h, Unstructured(0.5), blocksize=blocksize)
-    with pytest.raises(PrunekitError):
-        sparsegpt_prune(w, h, Block((2, 2), 0.5))
+    with pytest.raises(PrunekitError, match="multiple of the block"):
+        sparsegpt_prune(w, h, Block((2, 2), 0.5), blocksize=3)
     with pytest.raises(PrunekitError):  # an indefinite Hessian is reported, not a raw LinAlgError
         sparsegpt_prune(w, -5.0 * torch.eye(8), Unstructured(0.5))

@@ -79,15 +79,20 @@ def _print_compressed(path: Path, as_json: bool, verify: bool = True) -> None:
 
 
 def compress(
-    source: Path = typer.Argument(..., help="A prunekit artifact, or a plain safetensors state dict."),
+    source: Path = typer.Argument(
+        ..., help="A prunekit artifact, a `prunekit llm prune` directory, or a plain safetensors state dict."
+    ),
     out: Path = typer.Option(..., "--out", help="The compressed .safetensors file to write."),
     dtype: str = typer.Option("keep", "--dtype", help="Values: keep, float32, float16, bfloat16, int8."),
     encodings: str = typer.Option(
-        "dense,bitmask,csr,nm", "--encodings", help="Comma-separated encodings the writer may choose from."
+        "dense,bitmask,csr,nm,block",
+        "--encodings",
+        help="Comma-separated encodings the writer may choose from.",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the size table as JSON."),
 ) -> None:
-    """Write each tensor in its smallest encoding (dense, bitmask, CSR, N:M), values optionally int8."""
+    """Write each tensor in its smallest encoding (dense, bitmask, CSR, N:M, R x 1 blocks), values optionally
+    int8."""
     from prunekit.compress.container import save_compressed
     from prunekit.compress.source import read_source
     from prunekit.files import refuse_same_file

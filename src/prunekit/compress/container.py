@@ -3,9 +3,9 @@ shape, dtypes, encoding and non-zero count, deflated; prunekit.compress.index) a
 of every tensor's encoding, back to back), and a small JSON header (safetensors metadata ``prunekit``)
 with the format, its version and one SHA-256 of the whole file. See docs/format.md.
 
-Each tensor gets the smallest of dense / bitmask / CSR / N:M for its value type. Values stay in their
-float type, or become float16 / bfloat16, or int8 with one symmetric scale per output channel (weights of
-two or more dimensions only; zeros stay exactly zero).
+Each tensor gets the smallest of dense / bitmask / CSR / N:M / R x 1 blocks for its value type. Values
+stay in their float type, or become float16 / bfloat16, or int8 with one symmetric scale per output channel
+(weights of two or more dimensions only; zeros stay exactly zero).
 
 Integrity: the SHA-256 covers every byte of the file (computed with its own 64 hex digits set to ``0``),
 header, index and payload alike, and is checked before anything in the file is trusted; a truncated,
@@ -32,7 +32,15 @@ from safetensors.torch import save as st_save
 
 from prunekit import __version__
 from prunekit.compress import legacy
-from prunekit.compress.encodings import ENCODINGS, Encoded, decode, nonzero_mask, smallest
+from prunekit.compress.encodings import (
+    ENCODINGS,
+    Encoded,
+    candidates,
+    decode,
+    encode_dense,
+    nonzero_mask,
+    smallest,
+)
 from prunekit.compress.index import PART_ORDER, BadIndex, Record, pack_index, unpack_index
 from prunekit.errors import ArtifactCorrupted, PrunekitError
 from prunekit.files import atomic_write_bytes
@@ -80,6 +88,13 @@ def _nm_of(spec: Mapping | None) -> tuple[int, int] | None:
     return None
 
 
+def _block_rows_of(spec: Mapping | None) -> int | None:
+    """R of an R x 1 block spec (the batch-1 kernels' layout), else None."""
+    if spec and spec.get("type") == "block" and list(spec["shape"])[1:] == [1]:
+        return int(spec["shape"][0])
+    return None
+
+
 def _bytes_of(t: torch.Tensor) -> bytes:
     return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
@@ -116,7 +131,7 @@ def encode_state(
             t = t.to(target)
         if t.is_floating_point():
             t = torch.where(t == 0, torch.zeros((), dtype=t.dtype), t)  # -0.0 -> +0.0, see encodings
-        enc: Encoded = smallest(t, _nm_of(specs.get(name)), encodings)
+        enc: Encoded = smallest(t, _nm_of(specs.get(name)), encodings, _block_rows_of(specs.get(name)))
         spec = None
         if name in specs:
             spec_dict = dict(specs[name])
@@ -413,10 +428,11 @@ def _decode_record(path: Path, r: Record, parts: dict[str, torch.Tensor]) -> tor
     try:
         if r.encoding == "bitmask" and _popcount(parts["mask"], r.numel) != r.nonzero:
             raise ValueError("the mask's bits do not count the non-zeros")
-        if r.encoding == "csr":
+        if r.encoding in ("csr", "block"):  # block: pointers per block-row to the kept blocks
+            end = r.nonzero if r.encoding == "csr" else r.params["blocks"]
             indptr = parts["indptr"].to(torch.int64)
-            if int(indptr[0]) != 0 or int(indptr[-1]) != r.nonzero or bool((indptr[1:] < indptr[:-1]).any()):
-                raise ValueError("the row pointers are not increasing from 0 to the non-zero count")
+            if int(indptr[0]) != 0 or int(indptr[-1]) != end or bool((indptr[1:] < indptr[:-1]).any()):
+                raise ValueError("the row pointers are not increasing from 0 to the entry count")
         tensor = decode(encoded, r.shape, dtype)
     except (RuntimeError, ValueError, IndexError, TypeError) as exc:
         raise ArtifactCorrupted(f"{path}: tensor '{r.name}' cannot be decoded ({exc})") from None
@@ -444,11 +460,9 @@ def _decoded_bytes(records: list[Record], dequantize_int8: bool) -> int:
     return total + scratch
 
 
-def load_compressed(path: str | Path, dequantize_int8: bool = True) -> dict[str, torch.Tensor]:
-    """Decode every tensor after checking the file's SHA-256 (version 2) or each tensor's (version 1).
-    int8 weights come back as float (``q * scale``, in their original dtype) unless ``dequantize_int8=False``,
-    which returns the int8 tensors (and ``name::scale``)."""
-    path = Path(path)
+def _stored_records(path: Path, dequantize_int8: bool):
+    """(meta, raw bytes) of a version 1 file, or (meta, [(record, parts, decoded tensor), ...]) of a version 2
+    file, after its SHA-256 and memory checks."""
     with _open_file(path) as handle:
         raw = handle.read()
     view = memoryview(raw)
@@ -456,12 +470,12 @@ def load_compressed(path: str | Path, dequantize_int8: bool = True) -> dict[str,
     meta = _prunekit_meta(path, header)
     if meta["format_version"] == 1:
         legacy.check_header(path, meta, VALUE_DTYPES)
-        return legacy.load_v1(path, raw, meta, dequantize_int8)
+        return meta, raw
     layout = _layout(path, prefix, header, meta, len(raw))
     _check_digest(path, layout, [view[len(prefix) :]])
     head, records = _index(path, layout, raw[layout.index[0] : layout.index[1]])
     check_memory(len(raw) + _decoded_bytes(records, dequantize_int8), f"decoding {path}")
-    out: dict[str, torch.Tensor] = {}
+    out = []
     at = layout.payload[0]
     for r in records:
         parts, sizes = {}, r.part_bytes()
@@ -469,13 +483,60 @@ def load_compressed(path: str | Path, dequantize_int8: bool = True) -> dict[str,
             nbytes = sizes[part]
             parts[part] = _part(view, at, nbytes, dtype)
             at += nbytes
-        tensor = _decode_record(path, r, parts)
+        out.append((r, parts, _decode_record(path, r, parts)))
+    return meta, out
+
+
+def load_compressed(path: str | Path, dequantize_int8: bool = True) -> dict[str, torch.Tensor]:
+    """Decode every tensor after checking the file's SHA-256 (version 2) or each tensor's (version 1).
+    int8 weights come back as float (``q * scale``, in their original dtype) unless ``dequantize_int8=False``,
+    which returns the int8 tensors (and ``name::scale``)."""
+    path = Path(path)
+    meta, stored = _stored_records(path, dequantize_int8)
+    if meta["format_version"] == 1:
+        return legacy.load_v1(path, stored, meta, dequantize_int8)
+    out: dict[str, torch.Tensor] = {}
+    for r, parts, tensor in stored:
         if r.scale:
             if dequantize_int8:
                 tensor = dequantize(tensor, parts["scale"], getattr(torch, r.source_dtype))
             else:
                 out[f"{r.name}{_SEP}scale"] = parts["scale"]
         out[r.name] = tensor
+    return out
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor as the file holds it (the file checked first): its encoding and parts, the decoded tensor,
+    and the int8 scales (None for other values)."""
+
+    encoded: Encoded
+    tensor: torch.Tensor
+    scale: torch.Tensor | None
+    source_dtype: torch.dtype
+
+
+def load_stored(path: str | Path) -> dict[str, StoredTensor]:
+    """Every tensor with its stored encoding (e.g. the R x 1 blocks a batch-1 kernel runs as they are), after
+    the same checks as :func:`load_compressed`. A version 1 file's encodings are derived again from the
+    decoded tensors and their specs, as its writer chose them."""
+    path = Path(path)
+    meta, stored = _stored_records(path, dequantize_int8=False)
+    out: dict[str, StoredTensor] = {}
+    if meta["format_version"] == 1:
+        tensors = legacy.load_v1(path, stored, meta, dequantize_int8=False)
+        for name, entry in meta["tensors"].items():
+            t, spec = tensors[name], entry.get("spec")
+            options = candidates(t, _nm_of(spec), _block_rows_of(spec))
+            encoded = next((e for e in options if e.encoding == entry["encoding"]), encode_dense(t))
+            scale = tensors.get(f"{name}{_SEP}scale")
+            out[name] = StoredTensor(encoded, t, scale, getattr(torch, entry["source_dtype"]))
+        return out
+    for r, parts, tensor in stored:
+        encoded = Encoded(r.encoding, {k: v for k, v in parts.items() if k != "scale"}, dict(r.params))
+        scale = parts["scale"] if r.scale else None
+        out[r.name] = StoredTensor(encoded, tensor, scale, getattr(torch, r.source_dtype))
     return out
 
 

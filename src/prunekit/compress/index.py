@@ -9,12 +9,13 @@ Records, all integers unsigned LEB128 varints unless said otherwise::
 
     shared            bytes of the previous name this name starts with
     suffix length, suffix bytes (UTF-8)
-    encoding          1 byte: 0 dense, 1 bitmask, 2 csr, 3 nm
+    encoding          1 byte: 0 dense, 1 bitmask, 2 csr, 3 nm, 4 block
     dtype, source     1 byte each: DTYPES index of the stored and of the original dtype
     flags             1 byte: 1 = int8 scales follow the parts, 2 = a spec index follows
     ndim, dims...
     nonzero
     n, m              (nm only)
+    rows, blocks      (block only: R of the R x 1 blocks, the number of kept blocks)
     spec              (flag 2 only) index into the head's "specs"
 """
 
@@ -52,6 +53,7 @@ PART_ORDER = {  # the order a tensor's parts follow each other in the payload (i
     "bitmask": ("mask", "values"),
     "csr": ("indptr", "indices", "values"),
     "nm": ("slots", "values"),
+    "block": ("indptr", "indices", "values"),
 }
 HAS_SCALE, HAS_SPEC = 1, 2
 MAX_NDIM = 64
@@ -73,7 +75,7 @@ class Record:
     source_dtype: str
     shape: tuple[int, ...]
     nonzero: int
-    params: dict  # {"n": .., "m": ..} for nm
+    params: dict  # {"n": .., "m": ..} for nm, {"rows": .., "blocks": ..} for block
     scale: bool
     spec: int | None  # index into the specs list
 
@@ -95,6 +97,13 @@ class Record:
             }
         elif self.encoding == "nm":
             out = {"slots": torch.uint8, "values": dtype}
+        elif self.encoding == "block":
+            _, cols = csr_rows_cols(self.shape)
+            out = {
+                "indptr": narrowest_uint(self.params["blocks"]),
+                "indices": narrowest_uint(max(cols - 1, 0)),
+                "values": dtype,
+            }
         else:
             out = {"values": dtype}
         if self.scale:
@@ -111,6 +120,9 @@ class Record:
         elif self.encoding == "csr":
             rows, _ = csr_rows_cols(self.shape)
             out = {"indptr": rows + 1, "indices": nnz, "values": nnz}
+        elif self.encoding == "block":
+            r, blocks = self.params["rows"], self.params["blocks"]
+            out = {"indptr": self.shape[0] // r + 1, "indices": blocks, "values": blocks * r}
         else:
             n, m = self.params["n"], self.params["m"]
             slots = numel // m * n
@@ -201,6 +213,9 @@ def pack_index(head: dict[str, Any], records: list[Record]) -> bytes:
         if r.encoding == "nm":
             _put(out, r.params["n"])
             _put(out, r.params["m"])
+        elif r.encoding == "block":
+            _put(out, r.params["rows"])
+            _put(out, r.params["blocks"])
         if r.spec is not None:
             _put(out, r.spec)
         previous = name
@@ -267,6 +282,8 @@ def unpack_index(blob: bytes) -> tuple[dict[str, Any], list[Record]]:
         params = {}
         if encoding == "nm":
             params = {"n": reader.varint(), "m": reader.varint()}
+        elif encoding == "block":
+            params = {"rows": reader.varint(), "blocks": reader.varint()}
         spec = reader.varint() if codes[3] & HAS_SPEC else None
         record = Record(
             name,
@@ -299,6 +316,12 @@ def check_record(r: Record, specs: int) -> None:
             raise BadIndex(f"{where}: N:M {n}:{m} does not fit shape {list(r.shape)}")
         if r.nonzero > r.numel // m * n:
             raise BadIndex(f"{where}: more non-zeros than {n}:{m} slots")
+    if r.encoding == "block":
+        rows, blocks = r.params["rows"], r.params["blocks"]
+        if not (rows >= 1 and len(r.shape) >= 2 and r.numel and r.shape[0] % rows == 0):
+            raise BadIndex(f"{where}: {rows} x 1 blocks do not fit shape {list(r.shape)}")
+        if blocks > r.numel // rows or r.nonzero > blocks * rows:
+            raise BadIndex(f"{where}: {blocks} blocks of {rows} for {r.nonzero} non-zeros in {r.numel}")
     if r.scale and (r.dtype != "int8" or len(r.shape) < 2 or r.source_dtype not in FLOATS):
         raise BadIndex(f"{where}: int8 scales on a tensor that is not a quantized weight")
     if r.spec is not None and r.spec >= specs:

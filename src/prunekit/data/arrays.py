@@ -75,6 +75,14 @@ class Splits:
         return torch.cat(xs)[:n], torch.cat(ys)[:n]
 
 
+def check_array_source(name: str, path: str | Path | None) -> None:
+    """The command line's ``--data NAME [--data-path FILE]``: digits, an .npz file, or npz with a path."""
+    if name not in ("digits", "npz") and not str(name).endswith(".npz"):
+        raise PrunekitError(f"--data must be digits, an .npz file or npz (with --data-path), got {name!r}")
+    if name == "npz" and path is None:
+        raise PrunekitError("--data npz needs --data-path FILE.npz")
+
+
 def _arrays(name: str, path: str | Path | None) -> tuple[np.ndarray, np.ndarray]:
     if path is None and str(name).endswith(".npz"):  # `--data FILE.npz`, as `export c` takes it
         name, path = "npz", name

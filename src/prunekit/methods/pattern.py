@@ -36,4 +36,5 @@ def keep_lowest_removed(scores: torch.Tensor, spec: Spec, group: str) -> torch.T
         return row_mask(scores, spec.sparsity)
     if group != "layer":
         raise PrunekitError(f"comparison group must be one of {', '.join(LLM_GROUPS)}, got {group!r}")
-    return unstructured_masks({"w": scores}, spec.sparsity, "layer")["w"]
+    # the per-layer radix select runs on the host (its histograms are CPU buffers); the mask goes back
+    return unstructured_masks({"w": scores.to("cpu")}, spec.sparsity, "layer")["w"].to(scores.device)

@@ -5,7 +5,9 @@ For a layer ``W (out, in)`` and the Hessian ``H = mean(x x^T)`` of its inputs (a
 paper's 2/n changes nothing below):
 
 1. dead inputs (``H_jj = 0``) get ``H_jj = 1`` and zero weights; ``H += damp * mean(diag H) * I``;
-2. ``U = cholesky(H^-1)^T`` (upper), whose rows are the OBS update directions;
+2. ``U = cholesky(H^-1)^T`` (upper), whose rows are the OBS update directions -- in float32, and in float64
+   when a float32 factorisation fails (a nearly singular Hessian: few samples, tiny dampening); ``U`` is
+   then rounded to float32 for the sweep;
 3. columns are visited in blocks of ``blocksize``: at the start of each block the mask for the block is chosen
    from ``w^2 / U_jj^2`` (unstructured: the lowest fraction over the whole block; N:M: the lowest M-N of
    every M inputs, chosen when the sweep reaches each group); then column by column the pruned weights are
@@ -19,6 +21,8 @@ position, so the asked sparsity is the delivered one.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from prunekit.errors import PrunekitError
@@ -27,31 +31,48 @@ from prunekit.methods.pattern import check_llm_spec
 from prunekit.select import nm_mask
 from prunekit.spec import NM, Spec
 
+log = logging.getLogger(__name__)
+
 
 def _lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
     """Boolean mask (True = prune) of the ``count`` lowest scores, ties by position."""
-    pruned = torch.zeros(scores.numel(), dtype=torch.bool)
+    pruned = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     if count:
         pruned[torch.sort(scores.reshape(-1), stable=True).indices[:count]] = True
     return pruned.reshape(scores.shape)
 
 
-def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(U, dead)``: the upper Cholesky factor of the dampened inverse Hessian and the dead-input mask."""
-    H = hessian.detach().to(torch.float32).clone()
+def _dampened(hessian: torch.Tensor, damp: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    H = hessian.detach().to(dtype).clone()
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0
     H.diagonal().add_(damp * torch.diagonal(H).mean())
-    L, info = torch.linalg.cholesky_ex(H)
-    if int(info):
-        raise PrunekitError(
-            f"the dampened Hessian is not positive definite (damp {damp}); raise the dampening (e.g. 0.1) "
-            "or give more calibration samples"
-        )
-    U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-    if int(info):
-        raise PrunekitError(f"the inverse Hessian is not positive definite (damp {damp}); raise damp")
-    return U, dead
+    return H, dead
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U, dead)``: the upper Cholesky factor of the dampened inverse Hessian (float32) and the dead-input
+    mask. Factorised in float32, again in float64 when that fails; an error when both do. Each intermediate
+    is freed before the next is made: at 14336 inputs one matrix is 0.8 GB in float32."""
+    for dtype in (torch.float32, torch.float64):
+        H, dead = _dampened(hessian, damp, dtype)
+        L, info = torch.linalg.cholesky_ex(H)
+        del H
+        if not int(info):
+            inverse = torch.cholesky_inverse(L)
+            del L
+            U, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
+            if not int(info):
+                return U.to(torch.float32), dead
+        if dtype == torch.float32:
+            log.warning(
+                "float32 Cholesky of the dampened Hessian failed (damp %g): retrying in float64", damp
+            )
+    raise PrunekitError(
+        f"the dampened Hessian is not positive definite even in float64 (damp {damp}); raise the dampening "
+        "(e.g. 0.1) or give more calibration samples"
+    )
 
 
 def sparsegpt_prune(

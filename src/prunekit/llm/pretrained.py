@@ -68,7 +68,9 @@ def _check_out(out: Path, resume: bool, state: ResumeState) -> None:
                 f"{out} holds an interrupted run: pass --resume (resume=True) to continue it, or delete it"
             )
         return
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise PrunekitError(f"{out} exists and is not a directory")
+    if not resume and out.exists() and any(out.iterdir()):  # resuming a run killed before its first block
         raise PrunekitError(f"{out} exists and is not an empty directory; give a new output directory")
 
 
@@ -104,10 +106,11 @@ def prune_pretrained(
 
     ``calib`` is ``(N, L)`` token ids (not needed for plain magnitude); each block runs on ``device``.
     ``out`` must be new or empty, unless ``resume`` continues the interrupted run it holds (same source,
-    method, pattern and calibration tokens, else an error). With ``time_dense`` the runner also times one
-    dense forward pass over ``calib`` (the baseline of ``info["times"]``). ``keep_state`` leaves the resume
-    files (with the returned info) until the caller removes ``out/.resume``. Returns the run's info: block
-    targets, OWL ratios, times, zero counts read back from ``out``.
+    method, pattern and calibration tokens, else an error; with no run saved there, one starts). With
+    ``time_dense`` the runner also times one dense forward pass over ``calib`` (the baseline of
+    ``info["times"]``). ``keep_state`` leaves the resume files (with the returned info) until the caller
+    removes ``out/.resume``. Returns the run's info: block targets, OWL ratios, times, zero counts read
+    back from ``out``.
     """
     source, out = Path(source), Path(out)
     checkpoint = Checkpoint(source)

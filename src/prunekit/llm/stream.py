@@ -21,6 +21,7 @@ from torch import nn
 
 from prunekit.errors import PrunekitError
 from prunekit.llm.checkpoint import Checkpoint
+from prunekit.llm.load import import_transformers
 
 BlockWriter = Callable[[int, dict[str, torch.Tensor]], None]
 
@@ -45,17 +46,9 @@ def parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
-def _transformers():
-    try:
-        import transformers
-    except ImportError as exc:
-        raise PrunekitError("LLM pruning needs transformers: pip install 'prunekit[hf]'") from exc
-    return transformers
-
-
 def skeleton(directory: str | Path, dtype: torch.dtype) -> nn.Module:
     """The causal LM of ``directory``'s config, parameters on ``meta``, built in ``dtype``."""
-    transformers = _transformers()
+    transformers = import_transformers()
     try:
         config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
         with parameters_on_meta():

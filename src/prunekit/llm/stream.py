@@ -116,13 +116,17 @@ class Materialiser:
             return list(self.key)
         return [n for n in self.key if n.startswith(prefix + ".")]
 
-    def _set(self, name: str, value: torch.Tensor) -> None:
-        owner, _, leaf = name.rpartition(".")
-        module = self.model.get_submodule(owner) if owner else self.model
-        if leaf in module._parameters:
-            module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
-        else:
-            module._buffers[leaf] = value
+    def _set_all(self, name: str, value: torch.Tensor) -> None:
+        """Set ``value`` under ``name`` and its aliases: one Parameter object for all, so ties stay ties."""
+        if _is_param(self.model, name):
+            value = nn.Parameter(value, requires_grad=False)
+        for alias in self.aliases[name]:
+            owner, _, leaf = alias.rpartition(".")
+            module = self.model.get_submodule(owner) if owner else self.model
+            if leaf in module._parameters:
+                module._parameters[leaf] = value  # type: ignore[assignment]
+            else:
+                module._buffers[leaf] = value
 
     def _current(self, name: str) -> torch.Tensor:
         return self.model.get_parameter(name) if _is_param(self.model, name) else self.model.get_buffer(name)
@@ -138,18 +142,14 @@ class Materialiser:
                     f"checkpoint tensor '{self.key[name]}' has shape {tuple(value.shape)}, the model "
                     f"expects {tuple(current.shape)}"
                 )
-            value = value.to(current.dtype)
-            for alias in self.aliases[name]:
-                self._set(alias, value)
+            self._set_all(name, value.to(current.dtype))
 
     def free(self, names: list[str]) -> None:
         """Put ``names``' parameters back on ``meta`` (buffers read from the checkpoint stay)."""
         for name in names:
             current = self._current(name)
             if isinstance(current, nn.Parameter):
-                empty = torch.empty(current.shape, dtype=current.dtype, device="meta")
-                for alias in self.aliases[name]:
-                    self._set(alias, empty)
+                self._set_all(name, torch.empty(current.shape, dtype=current.dtype, device="meta"))
 
     def state(self, names: list[str]) -> dict[str, torch.Tensor]:
         """``names``' current values under their checkpoint keys, in the checkpoint's dtypes."""

@@ -149,8 +149,8 @@ def check_loads(out: Path) -> dict:
     code = (
         "import json, sys, torch, transformers\n"
         "m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], local_files_only=True)\n"
-        "layers = m.model.layers\n"
-        "picked = [layers[0].self_attn.q_proj, layers[len(layers) // 2].mlp.down_proj, layers[-1].mlp.up_proj]\n"
+        "ls = m.model.layers\n"
+        "picked = [ls[0].self_attn.q_proj, ls[len(ls) // 2].mlp.down_proj, ls[-1].mlp.up_proj]\n"
         "half = all(bool(((w.weight == 0).sum(1) == w.weight.shape[1] // 2).all()) for w in picked)\n"
         "print(json.dumps({'dtype': str(m.dtype), 'half_of_each_row_zero': half}))\n"
     )
@@ -185,9 +185,8 @@ def main() -> None:
         seconds = build(model, args.shape, args.layers)
         print(f"wrote {model} in {seconds:.0f} s")
     size = sum(p.stat().st_size for p in model.glob("*.safetensors"))
-    print(
-        f"{name}: bfloat16, {size / 1e9:.2f} GB on disk; {args.calib_samples} x {args.seqlen} calibration tokens"
-    )
+    tokens = f"{args.calib_samples} x {args.seqlen} calibration tokens"
+    print(f"{name}: bfloat16, {size / 1e9:.2f} GB on disk; {tokens}")
     rows = []
     for method in args.methods:
         out = args.dir / f"{name}-{method}"

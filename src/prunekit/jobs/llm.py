@@ -236,7 +236,7 @@ def run_prune(
                 calib,
                 config,
                 device=target,
-                resume=resumed,
+                resume=True,  # the staging directory is this job's: new, or the run --resume asked for
                 progress=stage("prune (blocks)"),
                 owl_progress=stage("OWL outlier pass (blocks)"),
                 keep_state=True,

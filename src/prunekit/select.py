@@ -251,7 +251,7 @@ def row_mask(scores: torch.Tensor, sparsity: float, existing: torch.Tensor | Non
     _check_nan(flat)
     k = int(round(sparsity * length))
     if alive is None:
-        return _lowest_per_row(flat, k).reshape(scores.shape)
+        return remove_lowest_per_row(flat, k).reshape(scores.shape)
     keep = torch.ones_like(flat, dtype=torch.bool)
     k_row = (~alive).sum(dim=1).clamp(min=k)
     # rank: dead positions first, then live ones by score (ties by position) -- two stable sorts
@@ -271,7 +271,7 @@ def _kth_smallest_per_row(flat: torch.Tensor, k: int) -> torch.Tensor:
     return torch.kthvalue(flat, k, dim=1, keepdim=True).values
 
 
-def _lowest_per_row(flat: torch.Tensor, k: int) -> torch.Tensor:
+def remove_lowest_per_row(flat: torch.Tensor, k: int) -> torch.Tensor:
     """Keep-mask removing the ``k`` lowest of each row, ties by position: exactly what a stable sort's first
     ``k`` indices would remove, found by selection (the k-th value, then the first tied positions)."""
     if k == 0:

@@ -57,6 +57,15 @@ SHAPES = {
     ),
 }
 TARGET_RSS_MB = {"3b": 2.5 * 1024, "8b": 5 * 1024}
+REPORTED = (
+    "peak_rss_mb",
+    "peak_gpu_mb",
+    "prune_seconds",
+    "dense_forward_seconds",
+    "prune_over_forward",
+    "prune_over_blocks_forward",
+    "sparsity_pruned_layers",
+)
 
 
 def _tokenizer(directory: Path) -> None:

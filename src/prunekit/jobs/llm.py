@@ -261,6 +261,7 @@ def run_prune(
             "streamed": True,
             "resumed_at_block": info.get("resumed_at_block", 0),
             "device": str(target),
+            "peak_gpu_mb": _peak_gpu_mb(target),
         }
     )
     shutil.rmtree(staging / "source", ignore_errors=True)
@@ -362,6 +363,7 @@ def _run_prune_in_memory(
             "peak_rss_while_pruning_mb": sampler.peak_mb,
             "streamed": False,
             "device": str(device),
+            "peak_gpu_mb": _peak_gpu_mb(device),
         }
     )
     _save(model, tokenizer, out, metrics, report=True)
@@ -399,6 +401,10 @@ def run_eval(
         "peak_rss_mb": peak_rss_mb(),
         "device": str(target),
     }
+
+
+def _peak_gpu_mb(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
 def _versions() -> dict[str, str]:

@@ -19,6 +19,7 @@ pytest.importorskip("tokenizers")
 from fixtures.cli import assert_one_line_error, call_main  # noqa: E402
 from fixtures.hf import llama  # noqa: E402
 from prunekit.llm import checkpoint as checkpoint_module  # noqa: E402
+from prunekit.llm import resume as resume_module  # noqa: E402
 from prunekit.llm.resume import ResumeState  # noqa: E402
 
 SEQ = 32
@@ -70,10 +71,12 @@ def test_resume_after_a_crash(deep_model, tmp_path, monkeypatch, capsys):
             raise MemoryError("simulated crash while writing block 2")
         return real(path, tensors, metadata)
 
-    monkeypatch.setattr(checkpoint_module, "write_shard", crash)
+    monkeypatch.setattr(checkpoint_module, "write_shard", crash)  # the shards
+    monkeypatch.setattr(resume_module, "write_shard", crash)  # the checkpoints of the next block's inputs
     with pytest.raises(MemoryError):
         call_main(monkeypatch, capsys, *prune_args(deep_model, out))
     monkeypatch.setattr(checkpoint_module, "write_shard", real)
+    monkeypatch.setattr(resume_module, "write_shard", real)
     assert not out.exists() and (tmp_path / ".out.partial").is_dir()
 
     code, _, err = call_main(monkeypatch, capsys, *prune_args(deep_model, out))
@@ -109,7 +112,7 @@ def test_metrics_record_the_forward_pass_and_the_device(deep_model, tmp_path, mo
 
 KILLER = """
 import os, signal, sys
-from prunekit.llm import checkpoint
+from prunekit.llm import checkpoint, resume
 real = checkpoint.write_shard
 target, after = int(sys.argv[1]), sys.argv[2] == "after"
 count = 0
@@ -122,7 +125,7 @@ def write_shard(path, tensors, metadata=None):
     if count == target and after:
         os.kill(os.getpid(), signal.SIGKILL)  # killed right after
     return result
-checkpoint.write_shard = write_shard
+checkpoint.write_shard = resume.write_shard = write_shard  # shards and checkpoints of the next inputs
 from prunekit.cli.commands import main
 sys.argv = ["prunekit", *sys.argv[3:]]
 main()

@@ -164,13 +164,13 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch):
     real = checkpoint_module.write_shard
     calls = {"n": 0}
 
-    def crash_on_third(path, tensors, metadata=None):  # shard 0 (the rest), blocks 0 and 1, then crash
+    def crash_on_third(path, tensors, metadata=None):  # the rest, block 0, block 1, then crash (block 2)
         calls["n"] += 1
         if calls["n"] == 4:
             raise Crash
         return real(path, tensors, metadata)
 
-    monkeypatch.setattr(checkpoint_module, "write_shard", crash_on_third)
+    monkeypatch.setattr(checkpoint_module, "write_shard", crash_on_third)  # the shards only
     with pytest.raises(Crash):
         prune_pretrained(tmp_path / "src", tmp_path / "out", calib(), config)
     monkeypatch.setattr(checkpoint_module, "write_shard", real)

@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from prunekit.errors import PrunekitError
-from prunekit.files import atomic_write_json
+from prunekit.files import atomic_write_json, mode_for
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -142,8 +142,10 @@ def write_shard(
     tmp = path.with_name(f".{path.name}.tmp")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = {"format": "pt", **(metadata or {})}  # transformers checks format == "pt"
+    mode = mode_for(path)
     try:
         save_file(tensors, str(tmp), metadata=meta)
+        os.chmod(tmp, mode)  # as open() would leave it: safetensors creates its files private
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)

@@ -31,6 +31,7 @@ def prune_args(model, out, method="sparsegpt"):
     return [
         "llm", "prune", "--model", str(model), "--method", method, "--sparsity", "0.5",
         "--calib-samples", "4", "--seqlen", str(SEQ), "--out", str(out), "--quiet", "--threads", "1",
+        "--no-eval",
     ]  # fmt: skip
 
 

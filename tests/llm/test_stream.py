@@ -333,6 +333,70 @@ def test_after_visit_sees_dense_outputs_and_feeds_the_next_block():
     assert torch.equal(blocks[0].mlp.down_proj.weight, torch.zeros_like(blocks[0].mlp.down_proj.weight))
 
 
+def test_after_visit_is_the_same_hook_streamed_and_in_memory(tmp_path, monkeypatch):
+    """prune_llm and prune_pretrained hand the hook to the one runner: a "refit" it makes (here: the
+    down projection halved) reaches the saved files bit for bit as in memory, and feeds the next block; a
+    resumed run calls it for the blocks it still prunes only."""
+    save("llama", torch.bfloat16, tmp_path / "src", layers=3)
+    config = LLMPruneConfig("wanda", Unstructured(0.5))
+
+    def hook(seen):
+        def after_visit(data: BlockData):
+            seen.append(data.index)
+            assert data.dense_outputs is not None and data.dense_outputs.shape == data.inputs.shape
+            data.block.mlp.down_proj.weight.data.mul_(0.5)
+
+        return after_visit
+
+    in_memory, streamed, resumed = [], [], []
+    whole = T.AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.bfloat16)
+    plain = T.AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.bfloat16)
+    prune_llm(whole, calib(), config, after_visit=hook(in_memory), dense_outputs=True)
+    prune_llm(plain, calib(), config)
+    prune_pretrained(
+        tmp_path / "src", tmp_path / "out", calib(), config, after_visit=hook(streamed), dense_outputs=True
+    )
+    assert in_memory == streamed == [0, 1, 2]
+    got = T.AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    for name, value in whole.state_dict().items():
+        assert torch.equal(got[name], value), name
+    # the hook changed the result: block 0's halved projection, and block 1's masks picked on its outputs
+    assert not torch.equal(
+        whole.model.layers[0].mlp.down_proj.weight, plain.model.layers[0].mlp.down_proj.weight
+    )
+    assert not torch.equal(
+        whole.model.layers[1].self_attn.q_proj.weight, plain.model.layers[1].self_attn.q_proj.weight
+    )
+
+    real = checkpoint_module.write_shard
+    calls = {"n": 0}
+
+    def crash_in_block_2(path, tensors, metadata=None):  # the rest, block 0, block 1, then block 2: crash
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise Crash
+        return real(path, tensors, metadata)
+
+    monkeypatch.setattr(checkpoint_module, "write_shard", crash_in_block_2)
+    with pytest.raises(Crash):
+        prune_pretrained(
+            tmp_path / "src", tmp_path / "again", calib(), config, after_visit=hook([]), dense_outputs=True
+        )
+    monkeypatch.setattr(checkpoint_module, "write_shard", real)
+    prune_pretrained(
+        tmp_path / "src",
+        tmp_path / "again",
+        calib(),
+        config,
+        resume=True,
+        after_visit=hook(resumed),
+        dense_outputs=True,
+    )
+    assert resumed == [2]
+    for path in (tmp_path / "out").iterdir():
+        assert (tmp_path / "again" / path.name).read_bytes() == path.read_bytes(), path.name
+
+
 def test_time_dense_measures_one_forward_and_the_ratio(tmp_path):
     save("llama", torch.float32, tmp_path / "src")
     info = prune_pretrained(

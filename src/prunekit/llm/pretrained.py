@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from prunekit.calib.blocks import find_blocks, linear_layers
-from prunekit.calib.sequential import Progress, RunTimes
+from prunekit.calib.sequential import AfterVisit, Progress, RunTimes
 from prunekit.errors import PrunekitError
 from prunekit.llm.checkpoint import Checkpoint, ShardWriter
 from prunekit.llm.prune import (
@@ -101,6 +101,8 @@ def prune_pretrained(
     owl_progress: Progress | None = None,
     time_dense: bool = True,
     keep_state: bool = False,
+    after_visit: AfterVisit | None = None,
+    dense_outputs: bool = False,
 ) -> dict[str, Any]:
     """Prune the checkpoint in ``source`` (a Hugging Face directory with safetensors weights) into ``out``.
 
@@ -110,7 +112,8 @@ def prune_pretrained(
     ``time_dense`` the runner also times one dense forward pass over ``calib`` (the baseline of
     ``info["times"]``). ``keep_state`` leaves the resume files (with the returned info) until the caller
     removes ``out/.resume``. Returns the run's info: block targets, OWL ratios, times, zero counts read
-    back from ``out``.
+    back from ``out``. ``after_visit`` / ``dense_outputs``: the runner's per-block hook (see
+    :func:`prunekit.calib.sequential.sequential`); a resumed run calls it for the remaining blocks only.
     """
     source, out = Path(source), Path(out)
     checkpoint = Checkpoint(source)
@@ -181,6 +184,8 @@ def prune_pretrained(
         start=start,
         inputs=inputs,
         block_done=block_done if config.needs_data else None,
+        after_visit=after_visit,
+        dense_outputs=dense_outputs,
     )
     times.work_seconds += owl_seconds + before.get("work", 0.0)
     times.dense_block_seconds += before.get("dense_blocks", 0.0)

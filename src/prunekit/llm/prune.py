@@ -23,7 +23,7 @@ from torch import nn
 
 from prunekit.allocate.owl import outlier_ratio, owl_sparsities
 from prunekit.calib.blocks import find_blocks, linear_layers, out_in_weight, set_out_in_weight
-from prunekit.calib.sequential import BlockDone, BlockSource, Progress, RunTimes, sequential
+from prunekit.calib.sequential import AfterVisit, BlockDone, BlockSource, Progress, RunTimes, sequential
 from prunekit.criteria.activation import wanda_scores
 from prunekit.errors import PrunekitError, unknown_name
 from prunekit.methods.pattern import LLM_GROUPS, check_llm_pattern, check_llm_spec
@@ -165,9 +165,12 @@ def prune_blocks(
     start: int = 0,
     inputs: torch.Tensor | None = None,
     block_done: BlockDone | None = None,
+    after_visit: AfterVisit | None = None,
+    dense_outputs: bool = False,
 ) -> RunTimes:
     """Prune every block (from ``start``) with ``specs[i]``: the pass :func:`prune_llm` and the streamed
-    :func:`prunekit.llm.pretrained.prune_pretrained` share."""
+    :func:`prunekit.llm.pretrained.prune_pretrained` share. ``after_visit`` / ``dense_outputs``: the
+    runner's per-block hook after the layers are pruned (:class:`prunekit.calib.sequential.BlockData`)."""
     path, _ = find_blocks(model, config.blocks_path)
 
     def visit(index: int, block: nn.Module, linears: dict[str, nn.Module], stats: dict) -> None:
@@ -190,6 +193,8 @@ def prune_blocks(
         start=start,
         inputs=inputs,
         block_done=block_done,
+        after_visit=after_visit,
+        dense_outputs=dense_outputs,
     )
 
 
@@ -203,11 +208,14 @@ def prune_llm(
     *,
     device: torch.device | str = "cpu",
     time_dense: bool = False,
+    after_visit: AfterVisit | None = None,
+    dense_outputs: bool = False,
 ) -> dict[str, Any]:
     """Prune ``model`` in place. ``calib`` is a ``(N, L)`` tensor of token ids (not needed for plain
     magnitude). Each block runs on ``device`` in turn (the model stays on the host). Returns what was done:
     the per-block target sparsities and, with OWL, outlier ratios; with ``time_dense``, the prune time and
-    that of one dense forward pass over ``calib`` measured in the same run (:func:`times_info`)."""
+    that of one dense forward pass over ``calib`` measured in the same run (:func:`times_info`).
+    ``after_visit`` / ``dense_outputs``: the runner's per-block hook (:func:`prune_blocks`)."""
     path, count = check_fits(model, config)
     check_calibration(calib, config)
     info: dict[str, Any] = {"blocks": path, "block_count": count}
@@ -221,7 +229,17 @@ def prune_llm(
         specs = [Unstructured(s) for s in sparsities]
         info["owl"] = {"m": config.owl_m, "lambda": config.owl_lambda, "outlier_ratios": ratios}
     info["block_sparsity_targets"] = [getattr(s, "sparsity", None) for s in specs]
-    times = prune_blocks(model, calib, config, specs, progress=progress, device=device, time_dense=time_dense)
+    times = prune_blocks(
+        model,
+        calib,
+        config,
+        specs,
+        progress=progress,
+        device=device,
+        time_dense=time_dense,
+        after_visit=after_visit,
+        dense_outputs=dense_outputs,
+    )
     times.work_seconds += owl_seconds  # the OWL pass is part of pruning
     if time_dense:
         info["times"] = times_info(times)

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,7 @@ pytest.importorskip("tokenizers")
 
 from fixtures.cli import assert_one_line_error, call_main  # noqa: E402
 from fixtures.hf import llama  # noqa: E402
+from prunekit.jobs import llm as llm_job  # noqa: E402
 from prunekit.llm import checkpoint as checkpoint_module  # noqa: E402
 from prunekit.llm import resume as resume_module  # noqa: E402
 from prunekit.llm.resume import ResumeState  # noqa: E402
@@ -109,6 +111,38 @@ def test_metrics_record_the_forward_pass_and_the_device(deep_model, tmp_path, mo
     assert m["prune_over_forward"] == pytest.approx(m["prune_seconds"] / m["dense_forward_seconds"])
     assert "one dense forward pass" in stdout
     assert not (out / ".resume").exists() and not (out / "source").exists()
+
+
+def test_an_earlier_run_in_out_needs_force_and_is_replaced_whole(deep_model, tmp_path, monkeypatch, capsys):
+    code, _, err = call_main(monkeypatch, capsys, *prune_args(deep_model, tmp_path / "fresh", "magnitude"))
+    assert code == 0, err
+    out = tmp_path / "out"
+    code, _, err = call_main(monkeypatch, capsys, *prune_args(deep_model, out, "wanda"))
+    assert code == 0, err
+    (out / "notes.txt").write_text("the user's own file")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    code, _, err = call_main(monkeypatch, capsys, *prune_args(deep_model, out, "magnitude"))
+    assert code == 2
+    assert_one_line_error(err, "holds the files of an earlier run; --force to replace them")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # refused before any work
+
+    seen = []
+    real = llm_job.atomic_write_json
+
+    def spy(path, data):
+        seen.append((Path(path).name, sorted(p.name for p in out.iterdir())))
+        return real(path, data)
+
+    monkeypatch.setattr(llm_job, "atomic_write_json", spy)
+    code, _, err = call_main(monkeypatch, capsys, *prune_args(deep_model, out, "magnitude"), "--force")
+    assert code == 0, err
+    name, present = seen[-1]  # metrics.json is written last, into a directory that holds everything else
+    assert name == "metrics.json" and "model.safetensors.index.json" in present and "report.md" in present
+    assert json.loads((out / "metrics.json").read_text())["method"] == "magnitude"
+    assert (out / "notes.txt").read_text() == "the user's own file"
+    (out / "notes.txt").unlink()
+    same_files(out, tmp_path / "fresh")  # nothing of the earlier run is left beside the new one
 
 
 KILLER = """

@@ -10,16 +10,19 @@ first loaded once and saved as a float32 safetensors checkpoint inside the stagi
 are streamed the same way. ``in_memory=True`` loads the whole model instead (the earlier path, kept for
 checkpoints whose tensor names streaming cannot map).
 
-Everything is written into the sibling staging directory ``.OUT.partial`` and moved into place at the end,
-so a failed run leaves no half-written model; a killed streamed run continues from there with
-``resume=True`` (``--resume``), bit-identically.
+A streamed run writes into the sibling staging directory ``.OUT.partial``; a killed one continues from
+there with ``resume=True`` (``--resume``), bit-identically. The finished files reach ``OUT`` through
+:func:`prunekit.files.staged_directory`, ``metrics.json`` last, so a failed run leaves no half-written
+model. ``--out`` never holds the model being pruned, nor lies in a model store; an ``OUT`` that holds an
+earlier run's files (:func:`prunekit.jobs.rundir.earlier_run`) is refused unless ``force=True``
+(``--force``), which deletes them (:func:`prunekit.jobs.rundir.clear`) when the new files are ready.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -31,7 +34,8 @@ import torch
 from prunekit import __version__
 from prunekit.analysis.memory import RssSampler, peak_rss_mb
 from prunekit.errors import PrunekitError
-from prunekit.files import atomic_write_json
+from prunekit.files import atomic_write_json, same_path, staged_directory
+from prunekit.jobs.rundir import EarlierRun, clear, earlier_run
 from prunekit.llm.checkpoint import Checkpoint
 from prunekit.llm.load import default_dtype, load_causal_lm, load_tokenizer, max_positions, packaged_smollm2
 from prunekit.llm.perplexity import perplexity, perplexity_pretrained
@@ -40,9 +44,12 @@ from prunekit.llm.prune import LLMPruneConfig, prune_llm, zero_counts
 from prunekit.llm.resume import STATE_DIR
 from prunekit.llm.stream import skeleton
 from prunekit.llm.text import calibration_windows, eval_windows, pydoc_topics_split, read_text, tokenize
+from prunekit.llm.text import check_seqlen as check_window
 from prunekit.report.html import write_reports
 from prunekit.report.llm import llm_report
 from prunekit.report.plots import llm_figures
+from prunekit.spec import NM
+from prunekit.store import refuse_inside_store
 
 StageProgress = Callable[[str], Callable[[int, int], None] | None]
 
@@ -56,6 +63,25 @@ class TextSettings:
     calib_file: str | None = None  # UTF-8 text; default: the calibration part of pydoc_data.topics
     eval_file: str | None = None  # UTF-8 text; default: the held-out part of pydoc_data.topics
     seed: int = 0  # picks the calibration windows
+
+
+def check_options(text: TextSettings, config: LLMPruneConfig | None = None) -> None:
+    """Every option that does not need the model, checked before the model's (seconds-long) load."""
+    check_window(text.seqlen)
+    samples = text.calib_samples
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise PrunekitError(f"--calib-samples must be an integer >= 1, got {samples!r}")
+    if isinstance(text.seed, bool) or not isinstance(text.seed, int) or not 0 <= text.seed < 2**63:
+        raise PrunekitError(f"--seed must be an integer in [0, 2**63), got {text.seed!r}")
+    if config is None:
+        return
+    blocksize, damp = config.blocksize, config.damp
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
+        raise PrunekitError(f"--blocksize must be a positive integer, got {blocksize!r}")
+    if isinstance(config.spec, NM) and config.method == "sparsegpt" and blocksize % config.spec.m:
+        raise PrunekitError(f"--blocksize {blocksize} must be a multiple of M={config.spec.m} for N:M")
+    if isinstance(damp, bool) or not isinstance(damp, int | float) or not 0 < damp < math.inf:
+        raise PrunekitError(f"--damp must be a finite number > 0 (e.g. 0.01), got {damp!r}")
 
 
 def read_texts(settings: TextSettings) -> tuple[str, str, str]:
@@ -98,39 +124,61 @@ def staging_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.partial"
 
 
-def _install(staging: Path, out: Path) -> None:
-    """Move the finished files of ``staging`` into ``out``: a rename when ``out`` is new; otherwise file by
-    file (stale shards and charts of an earlier run removed), metrics.json last."""
-    if not out.exists():
-        os.replace(staging, out)
-        return
-    new = {item.name for item in staging.iterdir()}
-    old = [*out.glob("*.safetensors*"), *out.glob("report-*.png")]  # other shards, an index, charts
-    for stale in old:  # of an earlier run
-        if stale.name not in new:
-            stale.unlink()
-    for item in staging.iterdir():  # each file replaced atomically; metrics.json last
-        if item.name != "metrics.json":
-            os.replace(item, out / item.name)
-    os.replace(staging / "metrics.json", out / "metrics.json")
-    shutil.rmtree(staging, ignore_errors=True)
+REPLACED = ("*.safetensors", "*.safetensors.index.json", "report-*.png")  # a save's files whose set varies
 
 
-def _save(model, tokenizer, out: Path, metrics: dict[str, Any], report: bool = False) -> None:
-    """Write model, tokenizer and metrics (and with ``report`` the prune job's report.md/report.html) into a
-    temporary sibling directory, then move them into ``out``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+def check_out(out: Path, model_path: str | None, force: bool, resuming: bool) -> EarlierRun | None:
+    """Refuse an ``--out`` the run must not write: a file, the model's own directory, a model store's, or
+    (unless ``force``, or when continuing a run that already passed this check) one holding an earlier
+    run's files. Returns that earlier run, for :func:`_install` to clear."""
+    if out.exists() and not out.is_dir():
+        raise PrunekitError(f"--out {out} exists and is not a directory")
+    model_dir = Path(model_path).parent if model_path and Path(model_path).is_file() else model_path
+    if model_dir is not None and same_path(out, model_dir):
+        raise PrunekitError(
+            f"--out {out} holds the model being pruned ({model_path}): its files would be replaced; choose "
+            "another --out"
+        )
+    refuse_inside_store(out)
+    earlier = earlier_run(out)
+    if earlier is not None and not force and not resuming:
+        raise PrunekitError(
+            f"--out {out} holds the files of an earlier run; --force to replace them, or choose another --out"
+        )
+    return earlier
+
+
+def _install(out: Path, metrics: dict[str, Any], write: Callable[[Path], None], earlier: EarlierRun | None):
+    """``write(directory)`` the run's files into a staged sibling of ``out`` (files.staged_directory), then
+    put them in ``out``: an earlier run's files there deleted first (only when the new ones are ready), other
+    shards, index and charts replaced, ``metrics.json`` written last (a directory without it is not a
+    finished run)."""
+    with staged_directory(out, replaces=REPLACED) as staging:
+        write(staging)
+        if earlier is not None:
+            clear(out, earlier)
+    atomic_write_json(out / "metrics.json", metrics)
+
+
+def _save(
+    model,
+    tokenizer,
+    out: Path,
+    metrics: dict[str, Any],
+    report: bool = False,
+    earlier: EarlierRun | None = None,
+) -> None:
+    """Write model, tokenizer, with ``report`` the prune job's report.md/report.html, and metrics into
+    ``out`` through :func:`_install`."""
+
+    def write(staging: Path) -> None:
         model.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
         metrics["size"] = _sizes(model, staging)
-        atomic_write_json(staging / "metrics.json", metrics)
         if report:
             write_reports(staging, llm_report(metrics), llm_figures(metrics))  # report.md, report.html, PNGs
-        _install(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    _install(out, metrics, write, earlier)
 
 
 def _sizes(model, saved: Path) -> dict[str, int]:
@@ -150,8 +198,11 @@ def _disk_sizes(saved: Path) -> dict[str, int]:
     }
 
 
-def _windows(tokenizer, vocab_size: int, text: TextSettings, config: LLMPruneConfig, evaluate: bool):
-    calib_text, eval_text, source = read_texts(text)
+Texts = tuple[str, str, str]  # what read_texts returns
+
+
+def _windows(tokenizer, vocab_size: int, text: TextSettings, texts: Texts, config, evaluate: bool):
+    calib_text, eval_text, source = texts
     calib = None
     if config.needs_data:
         calib = calibration_windows(
@@ -165,7 +216,9 @@ def _streamable(model_path: str | None) -> bool:
     return model_path is not None and Path(model_path).is_dir() and Checkpoint.present(model_path)
 
 
-def _prepare_source(model_path: str | None, staging: Path, tokenizer, text: TextSettings, config, evaluate):
+def _prepare_source(
+    model_path: str | None, staging: Path, tokenizer, text: TextSettings, texts: Texts, config, evaluate
+):
     """Check the inputs, then return ``(safetensors checkpoint, weightless model, calib, windows, text)``.
 
     The checkpoint is the model's own directory, or (GGUF, ``.bin``) one written once into the staging
@@ -174,10 +227,10 @@ def _prepare_source(model_path: str | None, staging: Path, tokenizer, text: Text
     if _streamable(model_path) or ((source / "config.json").is_file() and Checkpoint.present(source)):
         shape = skeleton(source, default_dtype(source))  # converted by the run this one resumes, or own
         check_seqlen(shape, text.seqlen)
-        return (source, shape, *_windows(tokenizer, vocab(shape), text, config, evaluate))
+        return (source, shape, *_windows(tokenizer, vocab(shape), text, texts, config, evaluate))
     model, _ = load_causal_lm(model_path)
     check_seqlen(model, text.seqlen)
-    found = _windows(tokenizer, vocab(model), text, config, evaluate)
+    found = _windows(tokenizer, vocab(model), text, texts, config, evaluate)
     partial = staging / "source.partial"
     staging.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(partial, ignore_errors=True)
@@ -197,21 +250,23 @@ def run_prune(
     *,
     device: str = "cpu",
     resume: bool = False,
+    force: bool = False,
     in_memory: bool = False,
 ) -> dict[str, Any]:
     """Measure dense perplexity, prune, measure again, save (streamed, or with ``in_memory`` the whole model
-    loaded). Returns the metrics written."""
+    loaded). Every check that needs no model comes before its load. Returns the metrics written."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise PrunekitError(f"--out {out} exists and is not a directory")
+    staging = staging_dir(out)
+    earlier = check_out(out, model_path, force, resuming=resume and staging.exists())
+    check_options(text, config)
     target = resolve_device(device)
+    texts = read_texts(text)
     if in_memory:
         if resume:
             raise PrunekitError("--resume continues a streamed run; it does not apply with --in-memory")
-        return _run_prune_in_memory(model_path, config, text, out, evaluate, progress, target)
+        return _run_prune_in_memory(model_path, config, text, texts, out, evaluate, progress, target, earlier)
     stage = progress or (lambda name: None)
     start = time.perf_counter()
-    staging = staging_dir(out)
     if staging.exists() and not resume:
         raise PrunekitError(
             f"{staging} holds an interrupted run for --out {out}: pass --resume to continue it, or delete it"
@@ -222,7 +277,7 @@ def run_prune(
     resumed = staging.exists()
     try:
         source, shape, calib, windows, text_source = _prepare_source(
-            model_path, staging, tokenizer, text, config, evaluate
+            model_path, staging, tokenizer, text, texts, config, evaluate
         )
         staging.mkdir(parents=True, exist_ok=True)
         load_rss = peak_rss_mb()
@@ -249,8 +304,20 @@ def run_prune(
     if windows is not None:
         ppl_pruned = perplexity_pretrained(staging, windows, stage("perplexity pruned (blocks)"), target)
     counts = {name: tuple(v) for name, v in info["zero_counts"].items()}
+    dense = {name: tuple(v) for name, v in info["dense_zero_counts"].items()}
     metrics = _metrics(
-        model_path, shape, config, text, calib, windows, text_source, ppl_dense, ppl_pruned, info, counts
+        model_path,
+        shape,
+        config,
+        text,
+        calib,
+        windows,
+        text_source,
+        ppl_dense,
+        ppl_pruned,
+        info,
+        counts,
+        dense,
     )
     metrics.update(
         {
@@ -268,14 +335,19 @@ def run_prune(
     shutil.rmtree(staging / STATE_DIR, ignore_errors=True)
     tokenizer.save_pretrained(str(staging))
     metrics["size"] = _disk_sizes(staging)
-    atomic_write_json(staging / "metrics.json", metrics)
     write_reports(staging, llm_report(metrics), llm_figures(metrics))  # report.md, report.html, PNGs
-    _install(staging, out)
+
+    def move(final: Path) -> None:  # the finished files, out of the resumable staging directory
+        for item in staging.iterdir():
+            os.replace(item, final / item.name)
+
+    _install(out, metrics, move, earlier)
+    staging.rmdir()
     return metrics
 
 
 def _metrics(
-    model_path, model, config, text, calib, windows, text_source, ppl_dense, ppl_pruned, info, counts
+    model_path, model, config, text, calib, windows, text_source, ppl_dense, ppl_pruned, info, counts, dense
 ) -> dict[str, Any]:
     zeros = sum(z for z, _ in counts.values())
     pruned_params = sum(n for _, n in counts.values())
@@ -304,6 +376,8 @@ def _metrics(
         "dense_blocks_seconds": times.get("dense_blocks_seconds"),
         "prune_over_blocks_forward": times.get("prune_over_blocks_forward"),
         "threads": torch.get_num_threads(),
+        # a dense checkpoint may hold zeros already: counted before pruning
+        "sparsity_dense_layers": sum(z for z, _ in dense.values()) / pruned_params,
         "sparsity_pruned_layers": zeros / pruned_params,
         "sparsity_whole_model": zeros / all_params,
         "params": all_params,
@@ -319,21 +393,24 @@ def _run_prune_in_memory(
     model_path: str | None,
     config: LLMPruneConfig,
     text: TextSettings,
+    texts: Texts,
     out: Path,
     evaluate: bool,
     progress: StageProgress | None,
     device: torch.device,
+    earlier: EarlierRun | None,
 ) -> dict[str, Any]:
     stage = progress or (lambda name: None)
     start = time.perf_counter()
     model, tokenizer = load_causal_lm(model_path)
     check_seqlen(model, text.seqlen)
     load_rss = peak_rss_mb()
-    calib, windows, text_source = _windows(tokenizer, vocab(model), text, config, evaluate)
+    calib, windows, text_source = _windows(tokenizer, vocab(model), text, texts, config, evaluate)
     ppl_dense = (
         perplexity(model, windows, stage("perplexity (dense)"), device) if windows is not None else None
     )
 
+    dense_counts = zero_counts(model, config.blocks_path)  # a dense checkpoint may hold zeros already
     begin = time.perf_counter()
     with RssSampler() as sampler:
         info = prune_llm(
@@ -353,7 +430,18 @@ def _run_prune_in_memory(
     info.setdefault("times", {})
     info["times"].setdefault("prune_seconds", prune_wall)  # magnitude: no data, no baseline
     metrics = _metrics(
-        model_path, model, config, text, calib, windows, text_source, ppl_dense, ppl_pruned, info, counts
+        model_path,
+        model,
+        config,
+        text,
+        calib,
+        windows,
+        text_source,
+        ppl_dense,
+        ppl_pruned,
+        info,
+        counts,
+        dense_counts,
     )
     metrics.update(
         {
@@ -366,7 +454,7 @@ def _run_prune_in_memory(
             "peak_gpu_mb": _peak_gpu_mb(device),
         }
     )
-    _save(model, tokenizer, out, metrics, report=True)
+    _save(model, tokenizer, out, metrics, report=True, earlier=earlier)
     return metrics
 
 
@@ -376,6 +464,7 @@ def run_eval(
     """Perplexity of a model on the evaluation text (dense or already pruned): streamed block by block from a
     safetensors directory, in memory otherwise (GGUF)."""
     stage = progress or (lambda name: None)
+    check_options(text)
     target = resolve_device(device)
     _, eval_text, source = read_texts(text)
     if _streamable(model_path):

@@ -240,7 +240,7 @@ def run_llm_sweep_from_path(
     model, tokenizer = load_causal_lm(model_path)
     check_seqlen(model, text.seqlen)
     calib_text, eval_text, source = read_texts(text)
-    needs = any(m.method != "magnitude" for m in methods)
+    needs = any(LLM_METHODS.get(m.method).statistic is not None for m in methods)  # calibration text
     calib = (
         calibration_windows(
             tokenize(tokenizer, calib_text, vocab(model)), text.calib_samples, text.seqlen, text.seed

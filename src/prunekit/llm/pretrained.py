@@ -74,9 +74,10 @@ def _check_out(out: Path, resume: bool, state: ResumeState) -> None:
         raise PrunekitError(f"{out} exists and is not an empty directory; give a new output directory")
 
 
-def zero_counts_on_disk(out: Path, source: StreamedBlocks) -> dict[str, tuple[int, int]]:
-    """``(exact zeros, weights)`` of every prunable linear layer of the blocks, read back from ``out``."""
-    written = Checkpoint(out)
+def zero_counts_on_disk(directory: Path, source: StreamedBlocks) -> dict[str, tuple[int, int]]:
+    """``(exact zeros, weights)`` of every prunable linear layer of the blocks, read one tensor at a time
+    from the checkpoint in ``directory`` (the output, or the source: the names are the same)."""
+    written = Checkpoint(directory)
     model = source.materialiser.model
     counts: dict[str, tuple[int, int]] = {}
     for index in range(source.count):
@@ -196,6 +197,8 @@ def prune_pretrained(
 
     info["times"] = times_info(times)
     info["zero_counts"] = {k: list(v) for k, v in zero_counts_on_disk(out, writing).items()}
+    # the same layers as the source holds them: a dense checkpoint may have zeros already
+    info["dense_zero_counts"] = {k: list(v) for k, v in zero_counts_on_disk(source, writing).items()}
     info["params"] = sum(p.numel() for p in model.parameters())
     state.update(info=info)
     state.inputs_file.unlink(missing_ok=True)

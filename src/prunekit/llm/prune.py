@@ -48,7 +48,7 @@ class LLMPruneConfig:
     blocksize: int = 128  # SparseGPT: columns per lazy-update block
     damp: float = 0.01  # SparseGPT: dampening, a fraction of the Hessian's mean diagonal
     blocks_path: str | None = None  # dotted path of the decoder blocks; found automatically when None
-    options: Mapping[str, Any] = field(default_factory=dict)  # a user method's own settings
+    options: Mapping[str, Any] = field(default_factory=dict, hash=False)  # a user method's own settings
 
     def __post_init__(self) -> None:
         LLM_METHODS.get(self.method)  # an unknown name fails here, with a did-you-mean

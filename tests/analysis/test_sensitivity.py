@@ -289,7 +289,8 @@ def test_the_cli_writes_the_table_files_and_an_exact_allocation(artifact, tmp_pa
     [
         (["--grid", "0.5,x"], "--grid must be numbers separated by commas"),
         (["--grid", "0.9,0.5"], "increasing sparsities"),
-        (["--data", "mnist"], "--data must be digits or npz"),
+        (["--data", "mnist"], "--data must be digits, an .npz file or npz"),
+        (["--data", "missing.npz"], "data: file not found: missing.npz"),
         (["--criterion", "magnitud"], "did you mean 'magnitude'"),
         (["--target", "0.97"], "out of reach"),
         (["--target", "1.5"], "--target must be in [0, 1), got 1.5"),

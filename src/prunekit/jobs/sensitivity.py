@@ -15,7 +15,7 @@ from prunekit.analysis import sensitivity as sens
 from prunekit.artifact import load_artifact
 from prunekit.criteria.base import make_criterion
 from prunekit.data import load_splits
-from prunekit.data.arrays import check_model_fits
+from prunekit.data.arrays import check_array_source, check_model_fits
 from prunekit.errors import PrunekitError
 from prunekit.files import atomic_write_json
 from prunekit.masking import get_masks
@@ -42,10 +42,7 @@ def run_sensitivity(
 ) -> tuple[Any, LayerAllocation | None, list[str]]:
     """Prune each layer alone at each sparsity of ``grid`` (no fine-tuning), measure the validation metric
     drop, allocate ``target`` when given; returns ``(result, allocation or None, files written)``."""
-    if data not in ("digits", "npz"):
-        raise PrunekitError(f"--data must be digits or npz, got {data!r}")
-    if data == "npz" and data_path is None:
-        raise PrunekitError("--data npz needs --data-path FILE.npz")
+    check_array_source(data, data_path)
     for name, value in (
         ("--batches", batches),
         ("--batch-size", batch_size),

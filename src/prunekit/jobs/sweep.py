@@ -44,6 +44,7 @@ from prunekit.compress import save_compressed
 from prunekit.compress.source import tensor_specs
 from prunekit.criteria import CRITERIA
 from prunekit.data import load_splits
+from prunekit.data.arrays import check_array_source
 from prunekit.errors import PrunekitError
 from prunekit.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from prunekit.masking import squash
@@ -395,12 +396,9 @@ def sweep_artifact(
 ) -> tuple[dict[str, Any], dict[str, Path]]:
     """``prunekit analyze sweep``: a classifier artifact swept with ``methods`` over ``grid`` on ``threads``
     torch threads; writes sweep.png/.csv/.json into ``out``. Returns the result and the paths written."""
-    if data not in ("digits", "npz"):
-        raise PrunekitError(f"--data must be digits or npz, got {data!r}")
-    if data == "npz" and data_path is None:
-        raise PrunekitError("--data npz needs --data-path FILE.npz")
+    check_array_source(data, data_path)
     if latency_runs < 1 or threads < 1:
-        raise PrunekitError("--latency-runs and --threads must be >= 1")
+        raise PrunekitError("--runs and --threads must be >= 1")
     chosen = parse_methods(methods)
     sparsities = check_grid(grid)
     if not artifact.is_file():

@@ -8,8 +8,12 @@ default 128 windows of 512 tokens from the calibration part. The model is the GG
 4-bit model, not of the original bf16 one).
 
 Columns: ppl dense / pruned, their ratio, prune seconds (calibration forwards + kernels, not loading or
-evaluation), peak RSS of the whole process (loading the GGUF file is the peak) and the peak sampled while
-pruning. Targets (issue 4): SparseGPT <= Wanda << magnitude; Wanda < 180 s, SparseGPT < 300 s; peak < 1.5 GB.
+evaluation), the time of one dense forward pass over the same calibration tokens measured block by block in
+the same run, interleaved with the pruning (issue 17), the ratio of the two, peak RSS of the whole process
+(loading the GGUF file is the peak) and the peak sampled while pruning. ``--in-memory`` runs the earlier
+path (the whole model loaded) for comparison: the perplexities must be the same numbers.
+Targets: SparseGPT <= Wanda << magnitude (issue 4); prune time / one dense forward pass: Wanda <= 2.2x,
+SparseGPT <= 3.5x (issue 17).
 
     python benchmarks/bench_llm.py                         # 6 runs, about 30 minutes on 2 cores
     python benchmarks/bench_llm.py --configs wanda:0.5 --calib-samples 8 --seqlen 128   # smoke run
@@ -45,6 +49,8 @@ def run_one(config: str, args: argparse.Namespace, out: Path) -> dict:
     ]  # fmt: skip
     if args.model:
         cmd += ["--model", args.model]
+    if args.in_memory:
+        cmd += ["--in-memory"]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
     return json.loads((out / "metrics.json").read_text())
@@ -60,7 +66,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", default=None, help="default: the packaged SmolLM2 GGUF")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument("--in-memory", action="store_true", help="the whole model loaded, not streamed")
     args = parser.parse_args()
+    from prunekit.runtime.cpu import features
+
+    print(f"CPU: {features().describe()}; {args.threads} threads")
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -75,19 +85,31 @@ def main() -> None:
                     "peak_rss_mb": m["peak_rss_mb"],
                     "peak_rss_while_pruning_mb": m["peak_rss_while_pruning_mb"],
                     "sparsity": m["sparsity_pruned_layers"],
+                    "dense_forward_seconds": m.get("dense_forward_seconds"),
+                    "prune_over_forward": m.get("prune_over_forward"),
+                    "prune_over_blocks_forward": m.get("prune_over_blocks_forward"),
+                    "streamed": m.get("streamed"),
                 }
             )
             r = rows[-1]
+            ratio = ""
+            if r["prune_over_forward"] is not None:
+                ratio = (
+                    f"  dense forward {r['dense_forward_seconds']:6.1f} s  "
+                    f"ratio {r['prune_over_forward']:.2f}x "
+                    f"(blocks only {r['prune_over_blocks_forward']:.2f}x)"
+                )
             print(
-                f"{config:<16} ppl {r['ppl_dense']:8.3f} -> {r['ppl_pruned']:9.3f} "
+                f"{config:<16} ppl {r['ppl_dense']:.6f} -> {r['ppl_pruned']:.6f} "
                 f"(x{r['ppl_pruned'] / r['ppl_dense']:6.2f})  sparsity {r['sparsity']:.4f}  "
-                f"prune {r['prune_seconds']:6.1f} s  peak RSS {r['peak_rss_mb']:6.0f} MB "
+                f"prune {r['prune_seconds']:6.1f} s{ratio}  peak RSS {r['peak_rss_mb']:6.0f} MB "
                 f"(while pruning {r['peak_rss_while_pruning_mb']:6.0f} MB)",
                 flush=True,
             )
     print(
         f"\nSmolLM2-135M, {args.calib_samples} calibration windows x {args.seqlen} tokens, "
-        f"{args.threads} threads, evaluation windows of {args.seqlen}"
+        f"{args.threads} threads, evaluation windows of {args.seqlen}, "
+        f"{'in memory' if args.in_memory else 'streamed from disk'}"
     )
     by = {r["config"]: r["ppl_pruned"] for r in rows}
     for pattern in ("0.5", "2:4"):

@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from prunekit.errors import PrunekitError
 
 
-def _mode_for(path: Path) -> int:
+def mode_for(path: Path) -> int:
     """The permissions ``open(path, "w")`` would leave: the existing file's, else 0o666 less the umask.
 
     ``mkstemp`` creates its file 0o600; without this every output would be private to its owner.
@@ -37,7 +37,7 @@ def _mode_for(path: Path) -> int:
 def atomic_write_bytes(path: str | Path, data: bytes | bytearray) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    mode = _mode_for(path)
+    mode = mode_for(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import partial
 
+import numpy as np
 import torch
 
 from prunekit.errors import PrunekitError
@@ -249,12 +250,9 @@ def row_mask(scores: torch.Tensor, sparsity: float, existing: torch.Tensor | Non
         flat = flat.masked_fill(~alive, float("-inf"))
     _check_nan(flat)
     k = int(round(sparsity * length))
-    keep = torch.ones_like(flat, dtype=torch.bool)
     if alive is None:
-        if k:
-            order = torch.sort(flat, dim=1, stable=True).indices[:, :k]
-            keep.scatter_(1, order, False)
-        return keep.reshape(scores.shape)
+        return remove_lowest_per_row(flat, k).reshape(scores.shape)
+    keep = torch.ones_like(flat, dtype=torch.bool)
     k_row = (~alive).sum(dim=1).clamp(min=k)
     # rank: dead positions first, then live ones by score (ties by position) -- two stable sorts
     dead_first = torch.sort(alive.to(torch.uint8), dim=1, stable=True).indices
@@ -262,6 +260,31 @@ def row_mask(scores: torch.Tensor, sparsity: float, existing: torch.Tensor | Non
     order = dead_first.gather(1, by_score.indices)
     keep.scatter_(1, order, torch.arange(length).unsqueeze(0) >= k_row.unsqueeze(1))
     return keep.reshape(scores.shape)
+
+
+def _kth_smallest_per_row(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th smallest value (1-based) of each row, as a ``(rows, 1)`` column. On the host, numpy's
+    introselect (about 10x faster than a full sort here); elsewhere ``torch.kthvalue``."""
+    if flat.device.type == "cpu":
+        part = np.partition(flat.numpy(), k - 1, axis=1)[:, k - 1 : k]
+        return torch.from_numpy(np.ascontiguousarray(part))
+    return torch.kthvalue(flat, k, dim=1, keepdim=True).values
+
+
+def remove_lowest_per_row(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep-mask removing the ``k`` lowest of each row, ties by position: exactly what a stable sort's first
+    ``k`` indices would remove, found by selection (the k-th value, then the first tied positions)."""
+    if k == 0:
+        return torch.ones_like(flat, dtype=torch.bool)
+    value = _kth_smallest_per_row(flat, k)
+    keep = flat > value
+    kept = keep.view(torch.uint8).sum(dim=1, dtype=torch.int32)  # twice as fast as a bool sum
+    if bool((kept == flat.shape[1] - k).all()):
+        return keep  # no row has more ties at its k-th value than it must prune (the usual case)
+    ties = flat == value
+    needed = k - (flat < value).sum(dim=1, keepdim=True)  # how many tied positions each row prunes
+    rank = ties.to(torch.int32).cumsum(dim=1, dtype=torch.int32)  # 1, 2, ... along each row's ties
+    return keep | (ties & (rank > needed))
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

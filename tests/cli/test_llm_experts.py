@@ -55,6 +55,11 @@ def test_experts_option_removes_a_quarter_and_the_result_loads(moe_dir, tmp_path
     code, _, stderr = call_main(monkeypatch, capsys, "llm", "prune", *args, *extra)
     assert code != 0
     assert_one_line_error(stderr, "--experts removes whole experts on its own")
+    for flags in (["--resume"], ["--force"], ["--in-memory"], ["--device", "auto"]):  # streaming-only options
+        extra = ["--out", str(tmp_path / "other"), "--quiet", *flags]
+        code, _, stderr = call_main(monkeypatch, capsys, "llm", "prune", *args, *extra)
+        assert code != 0 and not (tmp_path / "other").exists()
+        assert_one_line_error(stderr, f"drop {flags[0]}")
     store = Store(tmp_path / "store")
     (tmp_path / "a.bin").write_bytes(b"a")
     store.add([tmp_path / "a.bin"], name="a")

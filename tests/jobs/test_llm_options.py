@@ -24,6 +24,7 @@ def no_model(monkeypatch):
         raise Loaded(path)
 
     monkeypatch.setattr(job, "load_causal_lm", load)
+    monkeypatch.setattr(job, "load_tokenizer", load)  # a streamed run reads the tokenizer first
 
 
 def _config(**kw) -> LLMPruneConfig:

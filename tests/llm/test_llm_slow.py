@@ -43,3 +43,31 @@ def test_smollm2_wanda_end_to_end(tmp_path, monkeypatch, capsys):
     )  # fmt: skip
     assert code == 0, stderr
     assert json.loads(stdout)["ppl"] == pytest.approx(m["ppl_pruned"], rel=1e-5)
+
+
+def test_smollm2_streamed_equals_in_memory(tmp_path, monkeypatch, capsys):
+    """Streaming (the GGUF written once as float32 safetensors, then block by block) gives the perplexities
+    and weights of the whole model loaded in memory, to the last bit."""
+    import torch
+
+    from fixtures.cli import call_main
+
+    runs = {}
+    for mode in ("streamed", "in-memory"):
+        out = tmp_path / mode
+        extra = ["--in-memory"] if mode == "in-memory" else []
+        code, _, stderr = call_main(
+            monkeypatch, capsys, "llm", "prune", "--method", "sparsegpt", "--sparsity", "0.5",
+            "--calib-samples", "4", "--seqlen", "128", "--threads", "1", "--quiet", "--out", str(out), *extra,
+        )  # fmt: skip
+        assert code == 0, stderr
+        runs[mode] = json.loads((out / "metrics.json").read_text())
+    assert runs["streamed"]["ppl_dense"] == runs["in-memory"]["ppl_dense"]
+    assert runs["streamed"]["ppl_pruned"] == runs["in-memory"]["ppl_pruned"]
+    assert runs["streamed"]["layer_sparsity"] == runs["in-memory"]["layer_sparsity"]
+    a = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "streamed").state_dict()
+    b = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "in-memory").state_dict()
+    assert set(a) == set(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype == torch.float32
+        assert torch.equal(a[name], b[name]), name

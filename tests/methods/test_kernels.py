@@ -17,7 +17,10 @@ from hypothesis import strategies as st
 
 from prunekit.calib.stats import RunningSqNorm
 from prunekit.errors import PrunekitError
+from prunekit.llm.prune import LLMPruneConfig
 from prunekit.methods import magnitude_mask, sparsegpt_prune, wanda_mask
+from prunekit.methods import sparsegpt as sparsegpt_module
+from prunekit.methods.sparsegpt import _dampened, inverse_hessian_factor
 from prunekit.spec import NM, Block, Unstructured
 
 FAST = settings(max_examples=25, deadline=None)
@@ -426,3 +429,61 @@ def test_sparsegpt_errors():
         sparsegpt_prune(w, h, Block((2, 2), 0.5), blocksize=3)
     with pytest.raises(PrunekitError):  # an indefinite Hessian is reported, not a raw LinAlgError
         sparsegpt_prune(w, -5.0 * torch.eye(8), Unstructured(0.5))
+
+
+def _hadamard(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def test_sparsegpt_factorises_in_float64_when_float32_fails():
+    """A rank-4 Hessian stored exactly in float32 (a scaled Hadamard basis, eigenvalues 1000/700/300/100,
+    the rest 0): dampened by 1e-9 of its mean diagonal, the dampening vanishes in float32 rounding (62.5 +
+    6e-8 == 62.5) and the float32 Cholesky fails; in float64 the matrix is positive definite."""
+    q = _hadamard(64) / 8
+    eig = torch.zeros(64, dtype=torch.float64)
+    eig[:4] = torch.tensor([1000.0, 700.0, 300.0, 100.0])
+    h64 = q @ torch.diag(eig) @ q.T
+    h = h64.float()
+    assert torch.equal(h.double(), h64)  # the float32 Hessian is exactly this PSD matrix
+    damp = 1e-9
+    H32, _ = _dampened(h, damp, torch.float32)
+    assert int(torch.linalg.cholesky_ex(H32)[1]) != 0  # float32 fails
+    H, _ = _dampened(h, damp, torch.float64)
+    expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+    U, dead = inverse_hessian_factor(h, damp)
+    assert U.dtype == torch.float32 and not bool(dead.any())
+    assert torch.equal(U, expected)
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    new, keep = sparsegpt_prune(w, h, Unstructured(0.5), blocksize=16, damp=damp)
+    assert bool(torch.isfinite(new).all()) and int((~keep).sum()) == 8 * 32
+    assert bool((new[~keep] == 0).all())
+
+
+def test_sparsegpt_layers_sharing_a_hessian_share_its_factor(monkeypatch):
+    torch.manual_seed(0)
+    x = torch.randn(256, 32)
+    h = _hessian(x)
+    config = LLMPruneConfig("sparsegpt", Unstructured(0.5), blocksize=16)
+    weights = [torch.randn(8, 32) for _ in range(3)]
+    calls = []
+    real = sparsegpt_module.inverse_hessian_factor
+
+    def counting(hessian, damp):
+        calls.append(hessian)
+        return real(hessian, damp)
+
+    monkeypatch.setattr(sparsegpt_module, "inverse_hessian_factor", counting)
+    shared = [sparsegpt_module.sparsegpt_layer(w, h, Unstructured(0.5), config) for w in weights]
+    assert len(calls) == 1  # q, k, v: one factorisation
+    other = h.clone()  # equal values, another tensor: factorised again
+    sparsegpt_module.sparsegpt_layer(weights[0], other, Unstructured(0.5), config)
+    assert len(calls) == 2
+    monkeypatch.undo()
+    for w, got in zip(weights, shared):
+        assert torch.equal(got, sparsegpt_prune(w, h, Unstructured(0.5), blocksize=16)[0])
+    calls.clear()
+    del h, other
+    assert sparsegpt_module._LAST_FACTOR.entry is None  # the factor goes with its Hessian

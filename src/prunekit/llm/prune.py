@@ -3,11 +3,17 @@
 Only the linear layers inside the decoder blocks are pruned (embeddings and the LM head stay dense, as in
 the Wanda and SparseGPT papers). Each block is pruned with statistics of the inputs it receives from the
 already-pruned blocks before it (:func:`prunekit.calib.sequential.sequential`).
+
+Precision: the weights stay in the model's dtype; each layer's weight is handed to the method in float32
+(statistics are float32 already) and its result is written back in the layer's dtype. :func:`prune_llm`
+prunes a model held in memory; :mod:`prunekit.llm.pretrained` streams a checkpoint from disk through the
+same code.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +23,7 @@ from torch import nn
 
 from prunekit.allocate.owl import outlier_ratio, owl_sparsities
 from prunekit.calib.blocks import find_blocks, linear_layers, out_in_weight, set_out_in_weight
-from prunekit.calib.sequential import Progress, sequential
+from prunekit.calib.sequential import AfterVisit, BlockDone, BlockSource, Progress, RunTimes, sequential
 from prunekit.criteria.activation import wanda_scores
 from prunekit.errors import PrunekitError, unknown_name
 from prunekit.methods.pattern import LLM_GROUPS, check_llm_pattern, check_llm_spec
@@ -66,7 +72,7 @@ class LLMPruneConfig:
         return self.owl or self.statistic is not None
 
 
-def _check_fits(model: nn.Module, config: LLMPruneConfig) -> tuple[str, int]:
+def check_fits(model: nn.Module, config: LLMPruneConfig) -> tuple[str, int]:
     """Check the pattern against every layer before any work; return the blocks' path and count."""
     path, blocks = find_blocks(model, config.blocks_path)
     for index, block in enumerate(blocks):
@@ -79,7 +85,13 @@ def _check_fits(model: nn.Module, config: LLMPruneConfig) -> tuple[str, int]:
 
 
 def owl_block_sparsities(
-    model: nn.Module, calib: torch.Tensor, config: LLMPruneConfig, progress: Progress | None = None
+    model: nn.Module,
+    calib: torch.Tensor,
+    config: LLMPruneConfig,
+    progress: Progress | None = None,
+    *,
+    source: BlockSource | None = None,
+    device: torch.device | str = "cpu",
 ) -> tuple[list[float], list[float]]:
     """``(sparsities, outlier_ratios)`` per block from one dense pass (OWL)."""
     ratios: list[float] = []
@@ -93,14 +105,22 @@ def owl_block_sparsities(
         ratios.append(outlier_ratio(scores, config.owl_m))
 
     sequential(
-        model, calib, visit, "sq_norm", modifies=False, blocks_path=config.blocks_path, progress=progress
+        model,
+        calib,
+        visit,
+        "sq_norm",
+        modifies=False,
+        blocks_path=config.blocks_path,
+        progress=progress,
+        source=source,
+        device=device,
     )
     assert isinstance(config.spec, Unstructured)
     return owl_sparsities(ratios, config.spec.sparsity, config.owl_lambda), ratios
 
 
 def _prune_layer(config: LLMPruneConfig, spec: Spec, name: str, module: nn.Module, stat) -> None:
-    weight = out_in_weight(module)
+    weight = out_in_weight(module).to(torch.float32)  # the methods' protocol: float32 in, any dtype stored
     new = LLM_METHODS.get(config.method)(weight, stat, spec, config)
     if not isinstance(new, torch.Tensor) or new.shape != weight.shape:
         got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
@@ -110,29 +130,48 @@ def _prune_layer(config: LLMPruneConfig, spec: Spec, name: str, module: nn.Modul
     set_out_in_weight(module, new)
 
 
-@torch.no_grad()
-def prune_llm(
-    model: nn.Module,
-    calib: torch.Tensor | None,
-    config: LLMPruneConfig,
-    progress: Progress | None = None,
-    owl_progress: Progress | None = None,
-) -> dict[str, Any]:
-    """Prune ``model`` in place. ``calib`` is a ``(N, L)`` tensor of token ids (not needed for plain
-    magnitude). Returns what was done: the per-block target sparsities and, with OWL, outlier ratios."""
-    path, count = _check_fits(model, config)
+def check_calibration(calib: torch.Tensor | None, config: LLMPruneConfig) -> None:
     if config.needs_data and (calib is None or calib.dim() != 2 or calib.shape[0] < 1):
         raise PrunekitError(
             f"{config.method}{' with OWL' if config.owl else ''} needs calibration token ids (N, L)"
         )
-    info: dict[str, Any] = {"blocks": path, "block_count": count}
-    specs: list[Spec] = [config.spec] * count
-    if config.owl:
-        assert calib is not None
-        sparsities, ratios = owl_block_sparsities(model, calib, config, owl_progress)
-        specs = [Unstructured(s) for s in sparsities]
-        info["owl"] = {"m": config.owl_m, "lambda": config.owl_lambda, "outlier_ratios": ratios}
-    info["block_sparsity_targets"] = [getattr(s, "sparsity", None) for s in specs]
+
+
+def times_info(times: RunTimes) -> dict[str, float]:
+    """The run's measured seconds, with the prune time over one dense forward pass (the issue-17 ratio)."""
+    forward = times.dense_forward_seconds
+    return {
+        "prune_seconds": times.work_seconds,
+        "dense_forward_seconds": forward,
+        "dense_blocks_seconds": times.dense_block_seconds,
+        "prune_over_forward": times.work_seconds / forward if forward > 0 else None,
+        "prune_over_blocks_forward": (
+            times.work_seconds / times.dense_block_seconds if times.dense_block_seconds > 0 else None
+        ),
+    }
+
+
+@torch.no_grad()
+def prune_blocks(
+    model: nn.Module,
+    calib: torch.Tensor | None,
+    config: LLMPruneConfig,
+    specs: list[Spec],
+    *,
+    progress: Progress | None = None,
+    source: BlockSource | None = None,
+    device: torch.device | str = "cpu",
+    time_dense: bool = False,
+    start: int = 0,
+    inputs: torch.Tensor | None = None,
+    block_done: BlockDone | None = None,
+    after_visit: AfterVisit | None = None,
+    dense_outputs: bool = False,
+) -> RunTimes:
+    """Prune every block (from ``start``) with ``specs[i]``: the pass :func:`prune_llm` and the streamed
+    :func:`prunekit.llm.pretrained.prune_pretrained` share. ``after_visit`` / ``dense_outputs``: the
+    runner's per-block hook after the layers are pruned (:class:`prunekit.calib.sequential.BlockData`)."""
+    path, _ = find_blocks(model, config.blocks_path)
 
     def visit(index: int, block: nn.Module, linears: dict[str, nn.Module], stats: dict) -> None:
         for name, module in linears.items():
@@ -141,7 +180,69 @@ def prune_llm(
                 continue  # never called by the block: nothing to calibrate on (logged by the runner)
             _prune_layer(config, specs[index], f"{path}.{index}.{name}", module, stat)
 
-    sequential(model, calib, visit, config.statistic, blocks_path=config.blocks_path, progress=progress)
+    return sequential(
+        model,
+        calib,
+        visit,
+        config.statistic,  # type: ignore[arg-type]
+        blocks_path=config.blocks_path,
+        progress=progress,
+        source=source,
+        device=device,
+        time_dense=time_dense and config.statistic is not None,
+        start=start,
+        inputs=inputs,
+        block_done=block_done,
+        after_visit=after_visit,
+        dense_outputs=dense_outputs,
+    )
+
+
+@torch.no_grad()
+def prune_llm(
+    model: nn.Module,
+    calib: torch.Tensor | None,
+    config: LLMPruneConfig,
+    progress: Progress | None = None,
+    owl_progress: Progress | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    time_dense: bool = False,
+    after_visit: AfterVisit | None = None,
+    dense_outputs: bool = False,
+) -> dict[str, Any]:
+    """Prune ``model`` in place. ``calib`` is a ``(N, L)`` tensor of token ids (not needed for plain
+    magnitude). Each block runs on ``device`` in turn (the model stays on the host). Returns what was done:
+    the per-block target sparsities and, with OWL, outlier ratios; with ``time_dense``, the prune time and
+    that of one dense forward pass over ``calib`` measured in the same run (:func:`times_info`).
+    ``after_visit`` / ``dense_outputs``: the runner's per-block hook (:func:`prune_blocks`)."""
+    path, count = check_fits(model, config)
+    check_calibration(calib, config)
+    info: dict[str, Any] = {"blocks": path, "block_count": count}
+    specs: list[Spec] = [config.spec] * count
+    owl_seconds = 0.0
+    if config.owl:
+        assert calib is not None
+        began = time.perf_counter()
+        sparsities, ratios = owl_block_sparsities(model, calib, config, owl_progress, device=device)
+        owl_seconds = time.perf_counter() - began
+        specs = [Unstructured(s) for s in sparsities]
+        info["owl"] = {"m": config.owl_m, "lambda": config.owl_lambda, "outlier_ratios": ratios}
+    info["block_sparsity_targets"] = [getattr(s, "sparsity", None) for s in specs]
+    times = prune_blocks(
+        model,
+        calib,
+        config,
+        specs,
+        progress=progress,
+        device=device,
+        time_dense=time_dense,
+        after_visit=after_visit,
+        dense_outputs=dense_outputs,
+    )
+    times.work_seconds += owl_seconds  # the OWL pass is part of pruning
+    if time_dense:
+        info["times"] = times_info(times)
     return info
 
 

@@ -45,7 +45,12 @@ def keep_lowest_removed(scores: torch.Tensor, spec: Spec, group: str) -> torch.T
         return row_mask(scores, spec.sparsity)
     if group != "layer":
         raise PrunekitError(f"comparison group must be one of {', '.join(LLM_GROUPS)}, got {group!r}")
-    return unstructured_masks({"w": scores}, spec.sparsity, "layer")["w"]
+    return _layer_keep(scores, spec.sparsity)
+
+
+def _layer_keep(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    # the per-layer radix select runs on the host (its histograms are CPU buffers); the mask goes back
+    return unstructured_masks({"w": scores.to("cpu")}, sparsity, "layer")["w"].to(scores.device)
 
 
 def block_l2_scores(scores: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -60,7 +65,7 @@ def block_keep(tiles: torch.Tensor, spec: Block, group: str, like: torch.Size) -
     if group == "row":
         keep = row_mask(tiles, spec.sparsity)
     elif group == "layer":
-        keep = unstructured_masks({"w": tiles}, spec.sparsity, "layer")["w"]
+        keep = _layer_keep(tiles, spec.sparsity)
     else:
         raise PrunekitError(f"comparison group must be one of {', '.join(LLM_GROUPS)}, got {group!r}")
     return expand_blocks(keep, spec.shape, like)

@@ -32,4 +32,4 @@ def wanda_mask(
 @register_llm_method("wanda", statistic="sq_norm", reference="Sun et al., ICLR 2024")
 def wanda_layer(weight: torch.Tensor, input_sq_norm: torch.Tensor, spec: Spec, config) -> torch.Tensor:
     """Wanda as an LLM method: compared within each output row, as in the paper."""
-    return weight.masked_fill(~wanda_mask(weight, input_sq_norm, spec), 0)
+    return torch.where(wanda_mask(weight, input_sq_norm, spec), weight, 0.0)  # one pass, no inverted mask

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 StatKind = Literal["sq_norm", "gram"]
 BlockVisitor = Callable[[int, nn.Module, dict[str, nn.Module], dict[str, torch.Tensor]], None]
 Progress = Callable[[int, int], None]
+# after_visit(index, block, inputs, dense_outputs, call): the block as the visitor left it, the (N, L, H)
+# inputs it was calibrated on and the dense block's outputs on them (issue 18: block reconstruction)
+AfterVisit = Callable[[int, nn.Module, torch.Tensor, torch.Tensor, BlockCall], None]
 
 
 class _Stop(Exception):
@@ -39,13 +42,18 @@ class _Stop(Exception):
 _STATS = {"sq_norm": RunningSqNorm, "gram": RunningGram}
 
 
+def _new_stat(kind: StatKind | Callable[[], object]):
+    """A fresh accumulator: a kind named in ``_STATS``, or any factory of an ``add_batch / value`` object."""
+    return _STATS[kind]() if isinstance(kind, str) else kind()
+
+
 @torch.no_grad()
 def collect_input_stats(
     block: nn.Module,
     linears: Mapping[str, nn.Module],
     inputs: torch.Tensor,
     call: BlockCall,
-    kind: StatKind,
+    kind: StatKind | Callable[[], object],
     outputs: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Statistics of each linear layer's input over every sample in ``inputs``.
@@ -69,7 +77,7 @@ def collect_input_stats(
                     leader[name] = entry[1]
                 else:
                     seen[id(x)] = (x, name)
-                    stats.setdefault(name, _STATS[kind]()).add_batch(x)  # type: ignore[attr-defined]
+                    stats.setdefault(name, _new_stat(kind)).add_batch(x)
             elif name in leader:
                 if entry is None or entry[0] is not x or entry[1] != leader[name]:
                     raise RuntimeError(f"{name} no longer shares its input with {leader[name]}")
@@ -116,17 +124,21 @@ def sequential(
     model: nn.Module,
     samples: torch.Tensor | None,
     visit: BlockVisitor,
-    kind: StatKind | None,
+    kind: StatKind | Callable[[], object] | None,
     *,
     modifies: bool = True,
     blocks_path: str | None = None,
     progress: Progress | None = None,
+    after_visit: AfterVisit | None = None,
 ) -> None:
     """Run ``visit(index, block, linears, stats)`` on every block in order with statistics from ``samples``.
 
     ``samples`` is a ``(N, L)`` tensor of token ids (None only with ``kind=None``, which visits without
     data). ``modifies=False`` (the visitor only reads) lets one forward per block give both the
-    statistics and the next inputs.
+    statistics and the next inputs. ``kind`` may also be a factory of an ``add_batch / value`` object.
+    ``after_visit`` (needs data and ``modifies``) runs after each visit with the block's inputs and the
+    dense block's outputs on them (the statistics pass then runs the block to the end to produce those:
+    one more ``(N, L, H)`` buffer).
     """
     _, blocks = find_blocks(model, blocks_path)
     was_training = model.training
@@ -143,16 +155,19 @@ def sequential(
         calls = capture_calls(model, blocks, samples[:1])
         inputs = capture_inputs(model, blocks, samples)
         outputs = torch.empty_like(inputs)
+        dense = torch.empty_like(inputs) if after_visit is not None else None
         for index, block in enumerate(blocks):
             start = time.perf_counter()
             linears = linear_layers(block)
             last = index == len(blocks) - 1
             one_pass = not modifies and not last
             stats = collect_input_stats(
-                block, linears, inputs, calls[index], kind, outputs=outputs if one_pass else None
+                block, linears, inputs, calls[index], kind, outputs=outputs if one_pass else dense
             )
             visit(index, block, linears, stats)
             del stats
+            if after_visit is not None and dense is not None and modifies:
+                after_visit(index, block, inputs, dense, calls[index])
             if not last:
                 if not one_pass:
                     run_block(block, inputs, calls[index], outputs)

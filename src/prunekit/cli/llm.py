@@ -68,7 +68,7 @@ def _threads(threads: int) -> None:
 def llm_prune(
     out: Path = typer.Option(..., "--out", help="Output directory (loads with from_pretrained)."),
     model: str = typer.Option(None, "--model", help=_MODEL_HELP),
-    method: str = typer.Option("wanda", "--method", help="magnitude, wanda or sparsegpt."),
+    method: str = typer.Option("wanda", "--method", help="magnitude, wanda, sparsegpt or alps."),
     sparsity: float = typer.Option(None, "--sparsity", help="Unstructured sparsity in [0, 1), e.g. 0.5."),
     pattern: str = typer.Option(None, "--pattern", help="N:M pattern, e.g. 2:4 or 4:8."),
     owl: bool = typer.Option(False, "--owl", help="OWL per-block sparsities (unstructured only)."),
@@ -82,12 +82,23 @@ def llm_prune(
     magnitude_group: str = typer.Option("layer", "--magnitude-group", help="magnitude: layer or row."),
     blocksize: int = typer.Option(128, "--blocksize", help="SparseGPT column block size."),
     damp: float = typer.Option(0.01, "--damp", help="SparseGPT dampening (fraction of mean diag)."),
+    alps_iters: int = typer.Option(300, "--alps-iters", help="ALPS: most ADMM iterations."),
+    refit_iters: int = typer.Option(10, "--refit-iters", help="ALPS: PCG steps of the weight refit."),
+    refine: str = typer.Option(None, "--refine", help="dsnot: prune-and-grow each mask (DSnoT)."),
+    reconstruct: str = typer.Option(
+        None, "--reconstruct", help="block or sublayer: refit kept weights to the dense block outputs."
+    ),
+    reconstruct_epochs: int = typer.Option(1, "--reconstruct-epochs", help="Reconstruction: Adam epochs."),
+    reconstruct_lr: float = typer.Option(
+        1e-4, "--reconstruct-lr", help="Reconstruction: Adam learning rate."
+    ),
     blocks: str = typer.Option(None, "--blocks", help="Dotted path of the decoder blocks (auto if unset)."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the perplexity measurements."),
     threads: int = typer.Option(0, "--threads", help="torch threads (0: torch's default)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
-    """Prune a causal LM one-shot (magnitude, Wanda, SparseGPT; unstructured or N:M; optional OWL)."""
+    """Prune a causal LM one-shot (magnitude, Wanda, SparseGPT, ALPS; unstructured or N:M; optional OWL,
+    DSnoT refinement and block reconstruction)."""
     from prunekit.jobs.llm import run_prune
     from prunekit.llm.prune import LLMPruneConfig
     from prunekit.spec import NM, Unstructured, parse
@@ -110,6 +121,12 @@ def llm_prune(
         blocksize=blocksize,
         damp=damp,
         blocks_path=blocks,
+        alps_iters=alps_iters,
+        refit_iters=refit_iters,
+        refine=refine,
+        reconstruct=reconstruct,
+        reconstruct_epochs=reconstruct_epochs,
+        reconstruct_lr=reconstruct_lr,
     )
     text = _text_settings(calib_samples, seqlen, calib_file, eval_file, seed)
     m = run_prune(model, config, text, out, evaluate=not no_eval, progress=_stage_bars(quiet))

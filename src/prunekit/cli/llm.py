@@ -86,7 +86,7 @@ def llm_prune(
     refit_iters: int = typer.Option(10, "--refit-iters", help="ALPS: PCG steps of the weight refit."),
     refine: str = typer.Option(None, "--refine", help="dsnot: prune-and-grow each mask (DSnoT)."),
     reconstruct: str = typer.Option(
-        None, "--reconstruct", help="block or sublayer: refit kept weights to the dense block outputs."
+        None, "--reconstruct", help="layer (least squares), block or sublayer (Adam): refit kept weights."
     ),
     reconstruct_epochs: int = typer.Option(1, "--reconstruct-epochs", help="Reconstruction: Adam epochs."),
     reconstruct_lr: float = typer.Option(

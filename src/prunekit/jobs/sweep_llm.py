@@ -58,7 +58,7 @@ COLUMNS = (
 )
 
 
-MODIFIERS = ("owl", "dsnot", "block", "sublayer")  # method+modifier: OWL, refinement, reconstruction
+MODIFIERS = ("owl", "dsnot", "layer", "block", "sublayer")  # method+modifier: OWL, refinement, reconstruction
 
 
 @dataclass(frozen=True)
@@ -119,8 +119,8 @@ def parse_llm_methods(text: str | Sequence[str]) -> list[SweepPoint]:
             method = base
         if method not in methods or any(m not in MODIFIERS for m in mods) or len(set(mods)) < len(mods):
             raise PrunekitError(f"--methods: unknown language-model method '{name}'; allowed: {allowed}")
-        if "block" in mods and "sublayer" in mods:
-            raise PrunekitError(f"--methods {name}: choose one reconstruction, +block or +sublayer")
+        if sum(m in ("layer", "block", "sublayer") for m in mods) > 1:
+            raise PrunekitError(f"--methods {name}: choose one reconstruction, +layer, +block or +sublayer")
         if pattern is not None:
             try:
                 spec = parse(pattern)
@@ -130,7 +130,7 @@ def parse_llm_methods(text: str | Sequence[str]) -> list[SweepPoint]:
                 raise PrunekitError(f"--methods {name}: only N:M patterns such as 2:4 go after ':'")
             if "owl" in mods:
                 raise PrunekitError(f"--methods {name}: OWL allocates unstructured sparsity, not N:M")
-        rebuild = [m for m in mods if m in ("block", "sublayer")]
+        rebuild = [m for m in mods if m in ("layer", "block", "sublayer")]
         out.append(
             SweepPoint(
                 name,

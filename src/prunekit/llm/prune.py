@@ -54,9 +54,9 @@ class LLMPruneConfig:
     refine: str | None = None  # "dsnot": prune-and-grow each layer's mask toward the dense output
     dsnot_cycles: int = 50  # DSnoT: most swap cycles per row (the paper's T)
     dsnot_threshold: float = 0.1  # DSnoT: a row stops once |expected error| is below this (epsilon)
-    reconstruct: str | None = None  # "block" or "sublayer": refit kept weights to the dense block outputs
+    reconstruct: str | None = None  # "layer", "block" or "sublayer": refit kept weights (llm/reconstruct.py)
     reconstruct_epochs: int = 1  # reconstruction: Adam epochs over the calibration samples
-    reconstruct_lr: float = 1e-4  # reconstruction: Adam learning rate
+    reconstruct_lr: float = 2e-3  # reconstruction: Adam learning rate
     reconstruct_batch: int = 4  # reconstruction: calibration samples per Adam step
 
     def __post_init__(self) -> None:
@@ -202,7 +202,11 @@ def prune_llm(
     rebuild = None
     if config.reconstruct is not None:
         rebuild = BlockReconstruction(
-            config.reconstruct, config.reconstruct_epochs, config.reconstruct_lr, config.reconstruct_batch
+            config.reconstruct,
+            config.reconstruct_epochs,
+            config.reconstruct_lr,
+            config.reconstruct_batch,
+            config.damp,
         )
     gathered = config.gathered()
 
@@ -211,7 +215,7 @@ def prune_llm(
             stat = stats.get(name)
             if gathered is not None and stat is None:
                 continue  # never called by the block: nothing to calibrate on (logged by the runner)
-            if rebuild is not None and config.reconstruct == "sublayer":
+            if rebuild is not None:
                 rebuild.dense[id(module)] = module.weight.detach().clone()
             _prune_layer(config, specs[index], f"{path}.{index}.{name}", module, stat, timing)
 
@@ -233,8 +237,8 @@ def prune_llm(
     info["seconds"] = timing
     if rebuild is not None:
         info["reconstruction"] = [
-            {"block": i, "part": part, "error_before": b, "error_after": a}
-            for i, part, b, a in rebuild.errors
+            {"block": i, "mode": mode, "error_before": b, "error_after": a}
+            for i, mode, b, a in rebuild.errors
         ]
     return info
 

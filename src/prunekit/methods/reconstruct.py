@@ -51,7 +51,7 @@ def fit_kept_weights(
     targets: torch.Tensor,
     *,
     epochs: int = 1,
-    lr: float = 1e-4,
+    lr: float = 2e-3,
     batch: int = 4,
     seed: int = 0,
 ) -> tuple[float, float]:

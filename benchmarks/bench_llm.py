@@ -20,6 +20,7 @@ optimiser state; the process also holds the dense model and the copy being prune
 
     python benchmarks/bench_llm.py                                   # the default table (hours on 2 cores)
     python benchmarks/bench_llm.py --configs sparsegpt:2:4 alps+sublayer:2:4 --calib-samples 16  # a few
+    python benchmarks/bench_llm.py --calib-samples 32 --seqlen 256 --eval-windows 16   # a shared 2-core box
 """
 
 from __future__ import annotations
@@ -100,6 +101,9 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="METHOD[+MOD]:SPARSITY or :N:M")
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument(
+        "--eval-windows", type=int, default=None, help="first N held-out windows only (default: all)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", default=None, help="default: the packaged SmolLM2 GGUF")
     parser.add_argument("--reconstruct-epochs", type=int, default=None)
@@ -127,7 +131,7 @@ def main() -> None:
     calib = calibration_windows(
         tokenize(tokenizer, calib_text, vocab(model)), args.calib_samples, args.seqlen, seed=0
     )
-    windows = eval_windows(tokenize(tokenizer, eval_text, vocab(model)), args.seqlen)
+    windows = eval_windows(tokenize(tokenizer, eval_text, vocab(model)), args.seqlen)[: args.eval_windows]
     start = time.perf_counter()
     dense_ppl = perplexity(model, windows)
     print(

@@ -90,7 +90,7 @@ def llm_prune(
     ),
     reconstruct_epochs: int = typer.Option(1, "--reconstruct-epochs", help="Reconstruction: Adam epochs."),
     reconstruct_lr: float = typer.Option(
-        1e-4, "--reconstruct-lr", help="Reconstruction: Adam learning rate."
+        2e-3, "--reconstruct-lr", help="Reconstruction: Adam learning rate."
     ),
     blocks: str = typer.Option(None, "--blocks", help="Dotted path of the decoder blocks (auto if unset)."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the perplexity measurements."),

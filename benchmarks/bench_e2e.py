@@ -9,7 +9,7 @@ as prunekit's default targets say), then timed in one interleaved run (docs/meas
     dense            the original float32 model
     pruned           zeros in place, run through the same dense kernels
     compiled         prunekit.runtime.compile(pruned): sparse kernels where measured faster, per layer
-    int8             pruned + prunekit.quant.layers.quantize_model (dynamic activations), reference kernels
+    int8             pruned + prunekit.quant.ptq.quantize_model (dynamic activations), reference kernels
     compiled-int8    prunekit.runtime.compile(int8)
 
 Printed per model and thread count: p50/p99 ms, p50 ratio against dense, how many layers compile put on

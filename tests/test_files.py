@@ -142,3 +142,36 @@ def test_replacing_keeps_the_existing_permissions(tmp_path):
     atomic_write_text(path, "new")
     assert path.read_text() == "new"
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
+def test_a_staged_directory_appears_only_when_the_block_succeeds(tmp_path):
+    out = tmp_path / "model"
+    with pytest.raises(RuntimeError, match="mid-save"), files.staged_directory(out) as staging:
+        (staging / "model.safetensors").write_bytes(b"half")
+        raise RuntimeError("mid-save")
+    assert list(tmp_path.iterdir()) == []  # no output, no temporary directory
+    with files.staged_directory(out) as staging:
+        (staging / "model.safetensors").write_bytes(b"one")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert (out / "model.safetensors").read_bytes() == b"one"
+
+
+def test_a_staged_save_into_an_existing_directory_replaces_only_its_own_kind_of_files(tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "model-00001-of-00002.safetensors").write_bytes(b"old shard")
+    (out / "README.md").write_text("the user's notes")
+    with pytest.raises(RuntimeError), files.staged_directory(out, replaces=("*.safetensors",)) as staging:
+        (staging / "model.safetensors").write_bytes(b"new")
+        raise RuntimeError("disk full")
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "model-00001-of-00002.safetensors"]
+    with files.staged_directory(out, replaces=("*.safetensors",)) as staging:
+        (staging / "model.safetensors").write_bytes(b"new")
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "model.safetensors"]  # stale shard gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    (tmp_path / "file").write_text("x")
+    with (
+        pytest.raises(files.PrunekitError, match="not a directory"),
+        files.staged_directory(tmp_path / "file"),
+    ):
+        pass

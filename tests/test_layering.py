@@ -26,6 +26,7 @@ LAZY = (
     "onnxruntime",
     "onnxscript",
     "onnx_ir",
+    "llama_cpp",  # llama-cpp-python: an optional benchmark baseline
     "sklearn",
     "markdown",
     "pydoc_data",  # the default calibration text: megabytes of strings

@@ -5,8 +5,10 @@ the command line, exactly like a built-in."""
 from __future__ import annotations
 
 import importlib
+import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +23,7 @@ from prunekit.registry import (
     STRUCTURED_IMPORTANCE,
     Registry,
     StructuredImportance,
+    resolve_reference,
 )
 from prunekit.structured import prune_model, register_importance
 
@@ -61,6 +64,10 @@ def test_register_refuses_a_taken_name_a_bad_name_and_an_object_off_protocol():
     with pytest.raises(PrunekitError, match="'one' is already registered"):
         reg.register("one")(Scorer())
     reg.register("one", replace=True)(Scorer())
+    reg.register("three")(Scorer())
+    reg.unregister("three")
+    with pytest.raises(PrunekitError, match="unknown thing 'three'"):
+        reg.unregister("three")
     with pytest.raises(PrunekitError, match="without ':'"):
         reg.register("a:b")
     with pytest.raises(PrunekitError, match="is not a StructuredImportance"):
@@ -101,7 +108,8 @@ def user_module(tmp_path, monkeypatch):
         (LLM_METHODS, "test-absolute-times-sqnorm"),
         (STRUCTURED_IMPORTANCE, "test-last-units-first"),
     ):
-        registry._items.pop(name, None)  # registered by importing the module: forget it again
+        if name in registry:  # registered by importing the module: forget it again
+            registry.unregister(name)
 
 
 def test_a_reference_imports_the_module_from_the_working_directory(user_module):
@@ -123,7 +131,7 @@ def _mlp() -> nn.Sequential:
 
 
 @pytest.mark.parametrize("how", ["object", "name", "reference"])
-def test_a_user_importance_decides_which_units_go(user_module, how):
+def test_a_user_importance_decides_which_units_go(user_module, how, monkeypatch):
     importance = {
         "object": register_importance("test-inline-first-units-first", replace=True)(
             lambda group: -torch.arange(group.units, dtype=torch.float32)  # unit 0 scores highest
@@ -131,15 +139,21 @@ def test_a_user_importance_decides_which_units_go(user_module, how):
         "name": "test-last-units-first",  # registered when the user's code is imported (just below)
         "reference": f"{user_module}:by_index",
     }[how]
-    if how == "name":
+    if how == "name":  # a user's script imports its own module (its folder is on the path)
+        monkeypatch.syspath_prepend(str(Path.cwd()))
         importlib.import_module(user_module)
-    model = _mlp()
-    dense_rows = model[0].weight.detach().clone()
-    result = prune_model(model, torch.randn(2, 4), ratio=0.5, importance=importance, round_to=1, verify=True)
-    kept = dense_rows[:8] if how == "object" else dense_rows[8:]  # the 8 highest-scoring of 16 units
-    assert model[0].weight.shape == (8, 4) and torch.equal(model[0].weight, kept)
-    assert result.max_abs_diff is not None
-    STRUCTURED_IMPORTANCE._items.pop("test-inline-first-units-first", None)
+    try:
+        model = _mlp()
+        dense_rows = model[0].weight.detach().clone()
+        result = prune_model(
+            model, torch.randn(2, 4), ratio=0.5, importance=importance, round_to=1, verify=True
+        )
+        kept = dense_rows[:8] if how == "object" else dense_rows[8:]  # the 8 highest-scoring of 16 units
+        assert model[0].weight.shape == (8, 4) and torch.equal(model[0].weight, kept)
+        assert result.max_abs_diff is not None
+    finally:
+        if "test-inline-first-units-first" in STRUCTURED_IMPORTANCE:
+            STRUCTURED_IMPORTANCE.unregister("test-inline-first-units-first")
 
 
 def test_a_user_importance_from_a_recipe_and_the_command_line(user_module, tmp_path, monkeypatch, capsys):
@@ -211,3 +225,30 @@ def test_a_user_llm_method_from_the_command_line(user_module, model_dir, tmp_pat
     )  # fmt: skip
     assert code == 0, err
     assert "my_pruning:scaled" in out
+
+
+def test_a_reference_leaves_the_import_path_as_it_was(tmp_path, monkeypatch):
+    (tmp_path / "refmod_leaves_path.py").write_text("VALUE = 3\n")
+    monkeypatch.chdir(tmp_path)
+    before = list(sys.path)
+    try:
+        assert resolve_reference("refmod_leaves_path:VALUE", "thing") == 3
+        assert sys.path == before
+    finally:
+        sys.modules.pop("refmod_leaves_path", None)
+
+
+def test_the_console_script_builds_a_model_from_a_factory_in_the_working_directory(tmp_path):
+    """`prunekit structured --model mymodel:make` run from the folder of mymodel.py, as a user would (the
+    console script, unlike `python -m`, does not put the working directory on the import path)."""
+    script = Path(sys.executable).parent / "prunekit"
+    if not script.exists():
+        pytest.skip(f"no prunekit console script next to {sys.executable}")
+    (tmp_path / "mymodel.py").write_text(
+        "import torch\n\n\ndef make():\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))\n"
+    )
+    args = ["structured", "--model", "mymodel:make", "--input-shape", "2,4", "--runs", "5", "--out", "o"]
+    done = subprocess.run([str(script), *args], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "o" / "prune_log.json").is_file()

@@ -465,6 +465,23 @@ def test_nm_ties_still_keep_exactly_n():
         assert torch.equal(keep, nm_mask(torch.zeros(shape), 2, 4))
 
 
+def test_nm_ties_are_broken_by_position_like_every_other_selection():
+    """Among equal scores the earlier input is pruned first (as row_mask and the global selection do)."""
+    keep = nm_mask(torch.tensor([[1.0, 1.0, 1.0, 1.0, 5.0, 2.0, 2.0, 0.0]]), 2, 4)
+    assert keep.tolist() == [[False, False, True, True, True, False, True, False]]
+    row = row_mask(torch.tensor([[1.0, 1.0, 1.0, 1.0]]), 0.5)
+    assert torch.equal(keep[:, :4], row)  # one group of 4 at 2:4 == its row at 50%
+    for seed in range(20):  # random ties: the kept set is the last n of each group's stable sort
+        scores = torch.randint(0, 3, (4, 16), generator=torch.Generator().manual_seed(seed)).float()
+        groups = scores.reshape(-1, 4)
+        expected = torch.ones_like(groups, dtype=torch.bool)
+        for g in range(groups.shape[0]):
+            order = sorted(range(4), key=lambda i, g=g: (groups[g, i].item(), i))
+            for i in order[:2]:
+                expected[g, i] = False
+        assert torch.equal(nm_mask(scores, 2, 4).reshape(-1, 4), expected)
+
+
 @pytest.mark.parametrize("shape", [(4, 6), (4,), (2, 6, 3, 3)])
 def test_nm_rejects_non_dividing_inputs(shape):
     with pytest.raises(PrunekitError, match="multiple of 4"):

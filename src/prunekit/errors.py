@@ -15,6 +15,11 @@ class PrunekitError(ValueError):
     """A clear, one-line error about the user's input."""
 
 
+class ArtifactCorrupted(PrunekitError):
+    """A prunekit file (artifact, compressed artifact, checkpoint) that is truncated, damaged or crafted:
+    its bytes do not match its digest, or its header does not describe its contents."""
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """Return `` (did you mean 'x'?)`` for the nearest choice, or an empty string."""
     close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)

@@ -79,6 +79,13 @@ class Registry(Generic[T]):
 
         return add
 
+    def unregister(self, name: str) -> None:
+        """Forget ``name`` (an unknown name is an error, with a did-you-mean)."""
+        self._load()
+        if name not in self._items:
+            raise unknown_name(self.kind, name, self._items)
+        del self._items[name]
+
     def get(self, name: str) -> T:
         """The entry named ``name``, or the object a ``package.module:attribute`` reference names."""
         self._load()
@@ -102,17 +109,23 @@ class Registry(Generic[T]):
 
 def resolve_reference(reference: str, what: str) -> Any:
     """The object ``"package.module:attribute"`` names (dotted attributes allowed), imported as Python would
-    from the working directory; a one-line error naming what is missing otherwise."""
+    from the working directory; a one-line error naming what is missing otherwise. The working directory is
+    on the import path only while the module is imported (an entry on ``sys.path`` for the rest of the
+    process could shadow packages imported later)."""
     module_name, _, attr = reference.partition(":")
     if not module_name or not attr:
         raise PrunekitError(f"{what} '{reference}': write a reference as package.module:attribute")
     cwd = os.getcwd()
-    if cwd not in sys.path and "" not in sys.path:
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
         sys.path.insert(0, cwd)  # `python -m` and the interactive interpreter look here first
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
         raise PrunekitError(f"{what} '{reference}': cannot import {module_name}: {exc}") from None
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise PrunekitError(f"{what} '{reference}': {module_name} has no attribute '{attr}'")
@@ -157,11 +170,13 @@ class StructuredImportance(Protocol):
 
 @runtime_checkable
 class Allocation(Protocol):
-    """How much to prune where. ``applies_to`` says what it allocates and so how it is called:
-    ``"layers"`` (per-layer sparsities of a prune stage), ``"llm-blocks"`` (per-decoder-block sparsities)
-    or ``"structured-groups"`` (per-group ratios of a structured stage); ``fn`` is the pure function."""
+    """How much to prune where. ``applies_to`` says what it allocates: ``"layers"`` (per-layer sparsities
+    of a prune stage), ``"llm-blocks"`` (per-decoder-block sparsities) or ``"structured-groups"``
+    (per-group ratios of a structured stage); ``inputs`` what it is computed from, and so how ``fn`` is
+    called: ``"shapes"`` means ``fn(shapes: {layer: weight shape}, target) -> {layer: sparsity}``."""
 
     applies_to: str
+    inputs: str
     fn: Callable[..., Any]
 
 

@@ -265,7 +265,8 @@ def row_mask(scores: torch.Tensor, sparsity: float, existing: torch.Tensor | Non
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Keep the ``n`` highest scores in every group of ``m`` consecutive inputs (dim 1).
+    """Keep the ``n`` highest scores in every group of ``m`` consecutive inputs (dim 1): the ``m - n`` lowest
+    are pruned, ties by position (the earlier input is pruned first, as everywhere in this module).
 
     For a convolution weight ``(out, in, *kernel)`` the groups run along ``in`` at each
     ``(out, kernel position)``.
@@ -277,8 +278,8 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     moved = scores.detach().to(torch.float32).movedim(1, -1)  # (out, *kernel, in)
     _check_nan(moved)
     groups = moved.reshape(-1, m)
-    keep = torch.zeros_like(groups, dtype=torch.bool)
-    keep.scatter_(1, torch.topk(groups, n, dim=1, sorted=False).indices, True)
+    keep = torch.ones_like(groups, dtype=torch.bool)
+    keep.scatter_(1, torch.sort(groups, dim=1, stable=True).indices[:, : m - n], False)
     return keep.reshape(moved.shape).movedim(-1, 1).contiguous()
 
 

@@ -119,9 +119,10 @@ def test_run_writes_every_output(run):
     names = {p.name for p in out.iterdir()}
     reports = {n for n in names if n.startswith("report")}  # report.md, report.html and its charts
     assert {"report.md", "report.html"} <= reports
-    # no temp files; log.jsonl and checkpoint/ from prunekit.jobs.runlog and prunekit.jobs.checkpoint
+    # no temp files; log.jsonl, checkpoint/ and run.json from prunekit.jobs.runlog, .checkpoint and .rundir
     assert names - reports == {
         "metrics.json",
+        "run.json",
         "log.jsonl",
         "checkpoint",
         "dense.safetensors",
@@ -258,11 +259,12 @@ def test_inspect_prints_the_table(run):
     assert result.exit_code == 0
     lines = result.output.strip().splitlines()
     assert lines[0].split()[:2] == ["tensor", "shape"]
-    assert len(lines) == len(rows) + 2
+    assert len(lines) == len(rows) + 3
     for line, row in zip(lines[1:], rows):
         assert line.split()[0] == row["tensor"]
         assert line.split()[-1] == "dense" or "unstructured" in line
-    assert lines[-1].startswith("total") and f"file {totals['size_bytes']:,} bytes" in lines[-1]
+    assert lines[-2].startswith("total") and f"file {totals['size_bytes']:,} bytes" in lines[-2]
+    assert lines[-1] == "SHA-256 verified" and totals["verified"]
 
 
 def test_inspect_json_parses(run):

@@ -26,6 +26,7 @@ def test_llm_prune_writes_a_loadable_model_and_metrics(model_dir, tmp_path, monk
     assert metrics["calibration"]["samples"] == 4 and metrics["calibration"]["seqlen"] == SEQ
     assert metrics["ppl_dense"] > 1 and metrics["ppl_pruned"] > 1
     assert metrics["sparsity_pruned_layers"] == pytest.approx(0.5, abs=1e-9)
+    assert metrics["sparsity_dense_layers"] == 0.0  # measured before pruning: random weights have no zeros
     assert len(metrics["layer_sparsity"]) == 2 * 7  # q k v o gate up down per block
     assert metrics["peak_rss_mb"] >= metrics["peak_rss_while_pruning_mb"] > 0
     assert not list(tmp_path.glob(".out.partial-*")), "the staging directory must be gone"

@@ -13,6 +13,8 @@ from prunekit.criteria import CRITERIA, magnitude_scores, make_criterion
 from prunekit.criteria.base import gradient_passes
 from prunekit.errors import PrunekitError
 from prunekit.masking import apply_masks, weight_parameter
+from prunekit.schedule import AGP
+from prunekit.sparsifier import Sparsifier
 
 
 def mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -107,9 +109,18 @@ def test_taylor_hand_checked_numbers():
     crit.collect(model, {"0": layer}, data, mse)
     assert torch.allclose(crit.scores("0", layer), torch.tensor([[5.0, 6.0]]))
     # obd: 0.5 w^2 mean(g^2) = 0.5 * [1, 4] * [(36 + 16) / 2, (4 + 16) / 2] = [13, 20]
-    obd = make_criterion("obd")
-    obd.collect(model, {"0": layer}, data, mse)
-    assert torch.allclose(obd.scores("0", layer), torch.tensor([[13.0, 20.0]]))
+    # (batches of one sample: the per-sample Fisher and the mini-batch one agree)
+    for name in ("obd", "obd-batch"):
+        obd = make_criterion(name)
+        obd.collect(model, {"0": layer}, data, mse)
+        assert torch.allclose(obd.scores("0", layer), torch.tensor([[13.0, 20.0]]))
+    # both samples in one batch: obd still averages the per-sample g^2 ([13, 20]); obd-batch squares the
+    # batch gradient (g = [6, 2] + [-4, -4]) / 2 = [1, -1]: 0.5 * [1, 4] * [1, 1] = [0.5, 2]
+    together = [(torch.cat([x for x, _ in data]), torch.cat([y for _, y in data]))]
+    for name, expected in (("obd", [[13.0, 20.0]]), ("obd-batch", [[0.5, 2.0]])):
+        obd = make_criterion(name)
+        obd.collect(model, {"0": layer}, together, mse)
+        assert torch.allclose(obd.scores("0", layer), torch.tensor(expected)), name
 
 
 @settings(max_examples=8, deadline=None)
@@ -118,13 +129,15 @@ def test_obd_is_half_w_squared_times_mean_squared_gradient(n_batches, seed, mask
     model = tiny(seed, masked)
     data = batches(n_batches, seed)
     w = model[0].weight.detach()
-    fisher = torch.stack([g**2 for g in hand_grads(model, data)]).mean(0)
-    crit = make_criterion("obd")
-    crit.collect(model, {"0": model[0]}, data, mse)
-    torch.testing.assert_close(crit.scores("0", model[0]), 0.5 * w**2 * fisher, rtol=1e-5, atol=1e-8)
+    samples = [(x[i : i + 1], y[i : i + 1]) for x, y in data for i in range(len(x))]
+    for name, passes in (("obd", samples), ("obd-batch", data)):
+        fisher = torch.stack([g**2 for g in hand_grads(model, passes)]).mean(0)
+        crit = make_criterion(name)
+        crit.collect(model, {"0": model[0]}, data, mse)
+        torch.testing.assert_close(crit.scores("0", model[0]), 0.5 * w**2 * fisher, rtol=1e-5, atol=1e-8)
 
 
-@pytest.mark.parametrize("name", ["taylor", "obd"])
+@pytest.mark.parametrize("name", ["taylor", "obd", "obd-batch"])
 def test_gradient_passes_leave_existing_grads_and_mode_untouched(name):
     model = tiny(masked=True)
     model.train()
@@ -292,6 +305,34 @@ def test_movement_accumulates_minus_w_times_g(masked):
         assert torch.all(crit.scores("0", layer)[layer.weight.detach() == 0] == 0)
 
 
+def test_movement_under_agp_masks_only_grow_and_pruned_scores_freeze():
+    """The documented difference from Sanh et al.: no regrowth. Pruned weights stay pruned at every AGP
+    step, and their scores stop changing once they are pruned (their masked weight and gradient are 0)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2))
+    sparsifier = Sparsifier(model, 0.75, criterion="movement", schedule=AGP(end=6, every=1))
+    sparsifier.prepare()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    frozen: dict[tuple[str, int], float] = {}
+    previous = None
+    for x, y in batches(10, seed=7):
+        optimizer.zero_grad()
+        mse(model(x), y).backward()
+        optimizer.step()
+        sparsifier.step()
+        masks = sparsifier.masks()
+        for name, mask in masks.items():
+            score = sparsifier.criterion.scores(name, sparsifier.layers[name]).reshape(-1)
+            for i in (~mask).reshape(-1).nonzero().flatten().tolist():
+                frozen.setdefault((name, i), float(score[i]))
+                assert float(score[i]) == frozen[(name, i)]  # unchanged since it was pruned
+            if previous is not None:
+                assert not (mask & ~previous[name]).any()  # nothing pruned came back
+        previous = masks
+    assert set(previous) == {"0"}  # the final classifier stays dense by default
+    assert int((~previous["0"]).sum()) == round(0.75 * 48) and len(frozen) == 36
+
+
 def test_movement_without_steps_raises_and_skips_layers_without_grad():
     model = tiny()
     crit = make_criterion("movement")
@@ -314,4 +355,4 @@ def test_unknown_criterion_raises_with_did_you_mean():
 
 
 def test_all_builtin_criteria_are_registered():
-    assert {"magnitude", "random", "taylor", "obd", "wanda", "movement"} <= set(CRITERIA.names())
+    assert {"magnitude", "random", "taylor", "obd", "obd-batch", "wanda", "movement"} <= set(CRITERIA.names())

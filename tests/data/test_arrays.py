@@ -120,6 +120,10 @@ def test_npz_round_trip(tmp_path):
     for part in PARTS:
         assert torch.bincount(getattr(s, part).tensors[1]).tolist() == [len(getattr(s, part)) // 5] * 5
 
+    by_file_name = load_splits(str(path), None, val=0.25, test=0.25, seed=0)  # `--data FILE.npz`
+    for part in PARTS:
+        assert torch.equal(getattr(by_file_name, part).tensors[0], getattr(s, part).tensors[0])
+
 
 def test_npz_errors(tmp_path):
     rng = np.random.default_rng(0)

@@ -192,16 +192,15 @@ def test_a_single_file_export_removes_the_side_file_of_an_earlier_one(tmp_path):
         np.testing.assert_allclose(run_onnx(target, x), tiny_resnet(seed=1)(x).numpy(), rtol=1e-4, atol=1e-5)
 
 
-def test_int8_model_is_refused_up_front_with_a_one_line_hint(tmp_path):
+def test_a_dynamic_int8_model_is_refused_up_front_with_a_one_line_hint(tmp_path):
     from prunekit.quant.ptq import quantize_model
 
     model = quantize_model(tiny_resnet(), activations="dynamic")
     with pytest.raises(PrunekitError) as info:
         export_onnx(model, torch.randn(1, 1, 8, 8), tmp_path / "q.onnx")
     message = str(info.value)
-    assert (
-        message.startswith("SmallResNet is an INT8 model (stem.0, ") and "export the float model" in message
-    )
+    assert message.startswith("SmallResNet is an INT8 model with dynamic activations (stem.0, ")
+    assert "activations='static'" in message
     assert "aten_amax" not in message and "try dynamic_batch" not in message and "\n" not in message
     assert list(tmp_path.iterdir()) == []
 
@@ -478,7 +477,7 @@ def test_cli_bad_options_exit_2(monkeypatch, capsys, artifact, tmp_path, args, m
     assert not out.exists()
 
 
-def test_cli_refuses_an_int8_artifact_in_one_line(monkeypatch, capsys, tmp_path):
+def test_cli_refuses_a_dynamic_int8_artifact_in_one_line(monkeypatch, capsys, tmp_path):
     from prunekit.quant.ptq import quantize_model
 
     path = tmp_path / "q.safetensors"
@@ -489,12 +488,8 @@ def test_cli_refuses_an_int8_artifact_in_one_line(monkeypatch, capsys, tmp_path)
     )
     out = tmp_path / "q.onnx"
     code, _, err = call_main(monkeypatch, capsys, "export", "onnx", str(path), "--out", str(out))
-    assert (
-        code == 2
-        and err.startswith(f"error: {path} is an INT8 artifact")
-        and len(err.strip().splitlines()) == 1
-    )
-    assert "export the float artifact it was quantized from" in err and "aten_amax" not in err
+    assert code == 2 and "dynamic activations" in err and len(err.strip().splitlines()) == 1
+    assert "activations='static'" in err and "aten_amax" not in err
     assert not out.exists()
 
 

@@ -116,6 +116,8 @@ def test_table_covers_every_variant_and_setting(outdir):
     assert result["size_bytes"]["pruned"] < 0.5 * result["size_bytes"]["dense"]
     text = bench.table(result)
     assert len(text.splitlines()) == 1 + len(result["rows"]) + 1
+    assert "nan" not in text  # memory=False: the peak RSS column says "-"
+    assert all(line.rstrip().endswith(" -") for line in text.splitlines()[1:-1])
     png = bench.chart(result, outdir / "chart.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -135,6 +137,10 @@ def test_every_variant_including_compiled(with_int8):
     kinds = {v: {layer["kind"] for layer in d["layers"]} for v, d in compiled.items()}
     assert "QuantizedConv2d" in kinds["compiled-int8"] and "QuantizedConv2d" not in kinds["compiled"]
     assert result["size_bytes"]["compiled-int8"] == result["size_bytes"]["pruned-int8"]
+    # the dense engines a user would deploy instead, timed in the same run, built from the dense artifact
+    assert set(result["engines"]) == set(bench.BASELINES) and not result["skipped_reasons"]
+    assert result["size_bytes"]["onnxruntime-int8"] < result["size_bytes"]["onnxruntime-fp32"]
+    assert "dense baselines (from the dense artifact)" in bench.table(result)
 
 
 def test_variants_the_source_cannot_serve(with_int8):

@@ -29,6 +29,7 @@ from prunekit.jobs.runlog import read_log
 from prunekit.rng import rng_state
 
 CHECKPOINTS = 11
+KILLER = Path(__file__).parents[1] / "fixtures" / "kill_at_checkpoint.py"
 LABELS = ("dense", "pruned")
 
 
@@ -55,11 +56,11 @@ def log_events(out: Path) -> list[dict[str, Any]]:
 def run_cli(
     recipe_file: Path, out: Path, *extra: str, kill_at: str | None = None
 ) -> subprocess.CompletedProcess:
+    """``prunekit run`` in a fresh process; with ``kill_at`` it is SIGKILLed at that checkpoint
+    (tests/fixtures/kill_at_checkpoint.py)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop(ckpt.KILL_ENV, None)
-    if kill_at is not None:
-        env[ckpt.KILL_ENV] = kill_at
-    cmd = [sys.executable, "-m", "prunekit", "run", str(recipe_file), "--out", str(out), "-q", *extra]
+    launcher = ["-m", "prunekit"] if kill_at is None else [str(KILLER), kill_at]
+    cmd = [sys.executable, *launcher, "run", str(recipe_file), "--out", str(out), "-q", *extra]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -144,6 +145,69 @@ def test_an_unreadable_last_checkpoint_falls_back_to_previous(baseline, tmp_path
 
 def _copy_checkpoint(base_out: Path, out: Path) -> None:
     shutil.copytree(base_out / "checkpoint", out / "checkpoint")
+
+
+def _flip(path: Path, where: int, bit: int = 3) -> None:
+    data = bytearray(path.read_bytes())
+    data[where] ^= 1 << bit
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_bit_in_last_falls_back_to_previous_and_finishes_like_the_uninterrupted_run(
+    baseline, tmp_path, caplog
+):
+    """Issue 20: flips in last.safetensors used to resume into another result (or a traceback); the
+    checkpoint's SHA-256 now sends the run to previous.safetensors, whose continuation is the baseline's."""
+    _, base_out, _ = baseline
+    out = tmp_path / "flipped"
+    _copy_checkpoint(base_out, out)
+    for name in ("log.jsonl", "run.json"):
+        shutil.copy(base_out / name, out / name)
+    last = out / "checkpoint" / "last.safetensors"
+    _flip(last, last.stat().st_size // 2)  # inside a tensor: the kind of flip that resumed silently
+    with pytest.raises(PrunekitError, match="is damaged: its contents do not match the SHA-256"):
+        ckpt.read(last)
+    state, path = ckpt.load_latest(out)
+    assert path.name == "previous.safetensors" and state["count"] == CHECKPOINTS - 1
+    assert "resuming from" in caplog.text and "last.safetensors is damaged" in caplog.text
+    _resume_equals_baseline(baseline, out)
+
+
+def test_both_checkpoints_damaged_is_one_line_naming_each(baseline, tmp_path, monkeypatch, capsys):
+    from prunekit.cli.commands import main
+
+    recipe_file, base_out, _ = baseline
+    out = tmp_path / "both"
+    _copy_checkpoint(base_out, out)
+    for name in ("last.safetensors", "previous.safetensors"):
+        path = out / "checkpoint" / name
+        _flip(path, path.stat().st_size - 7)
+    with pytest.raises(PrunekitError) as info:
+        ckpt.load_latest(out)
+    message = str(info.value)
+    assert "\n" not in message and "last.safetensors: is damaged" in message
+    assert "previous.safetensors: is damaged" in message and "run without --resume" in message
+    monkeypatch.setattr(
+        sys, "argv", ["prunekit", "run", str(recipe_file), "--out", str(out), "-q", "--resume"]
+    )
+    with pytest.raises(SystemExit) as code:
+        main()
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code.value.code == 2 and len(err) == 1 and "no intact checkpoint" in err[0]
+
+
+def test_a_checkpoint_without_a_digest_is_not_resumed_from(tmp_path):
+    """Format 1 checkpoints had no SHA-256: refused (a resume could not be trusted), with what to do."""
+    from safetensors.torch import save as st_save
+
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    meta = {"format": "prunekit-checkpoint/1", "prunekit_checkpoint": json.dumps({"count": 1})}
+    (folder / "last.safetensors").write_bytes(st_save({"t0": torch.zeros(2)}, metadata=meta))
+    with pytest.raises(
+        PrunekitError, match="older prunekit without an integrity check.*run without --resume"
+    ):
+        ckpt.read(folder / "last.safetensors")
 
 
 def test_resume_with_another_recipe_is_refused_naming_the_difference(baseline, tmp_path):

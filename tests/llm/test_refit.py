@@ -22,7 +22,7 @@ from prunekit.calib.sequential import sequential  # noqa: E402
 from prunekit.errors import PrunekitError  # noqa: E402
 from prunekit.llm.prune import LLMPruneConfig, prune_llm, zero_counts  # noqa: E402
 from prunekit.llm.reconstruct import least_squares_pass, linear_stages, sublayers  # noqa: E402
-from prunekit.spec import NM, Unstructured  # noqa: E402
+from prunekit.spec import NM, Block, Unstructured  # noqa: E402
 
 BUILD = {"llama": llama, "gpt2": gpt2}
 
@@ -254,6 +254,13 @@ def test_alps_with_owl_dsnot_and_sublayer_reconstruction_together():
 def test_config_errors_are_one_line(kwargs, needle):
     with pytest.raises(PrunekitError, match=needle) as info:
         LLMPruneConfig("wanda", NM(2, 4), **kwargs)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs", [{"method": "alps"}, {"method": "wanda", "refine": "dsnot"}])
+def test_alps_and_dsnot_refuse_block_patterns_in_one_line(kwargs):
+    with pytest.raises(PrunekitError, match="not block patterns") as info:
+        LLMPruneConfig(spec=Block((8, 1), 0.5), **kwargs)
     assert "\n" not in str(info.value)
 
 

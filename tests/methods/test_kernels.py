@@ -3,9 +3,9 @@
 * Wanda (Sun et al. 2023): score |W_ij| * ||X_j||_2, compared within each output row (or N of every M);
 * magnitude (Han et al. 2015): exactly round(s * n) smallest |w| per layer or per row, ties by position;
 * SparseGPT (Frantar & Alistarh 2023): OBS compensation in closed form, exact per-block counts, N:M groups,
-  lower reconstruction error than magnitude and Wanda;
-* OWL (Yin et al. 2024): outlier ratio over all scores together, per-block sparsities around the target;
-* RunningGram: the running mean of x x^T equals X^T X / N over every token seen.
+  lower reconstruction error than magnitude and Wanda.
+
+(OWL's tests are in tests/allocate/test_owl.py, the running statistics' in tests/calib/test_stats.py.)
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prunekit.allocate.owl import outlier_ratio, owl_sparsities
-from prunekit.calib.stats import RunningGram, RunningSqNorm
+from prunekit.calib.stats import RunningSqNorm
 from prunekit.errors import PrunekitError
 from prunekit.methods import magnitude_mask, sparsegpt_prune, wanda_mask
 from prunekit.spec import NM, Block, Unstructured
@@ -209,11 +208,11 @@ def test_magnitude_exact_counts_on_random_shapes(rows, cols, s, seed):
             assert float(w[r].abs()[row[r]].min()) >= float(w[r].abs()[~row[r]].max())
 
 
-def test_magnitude_rejects_an_unknown_group_and_block_specs():
+def test_magnitude_rejects_an_unknown_group_and_blocks_that_do_not_divide():
     with pytest.raises(PrunekitError):
         magnitude_mask(W_HAND, Unstructured(0.5), "global")
-    with pytest.raises(PrunekitError):
-        magnitude_mask(W_HAND, Block((1, 2), 0.5))
+    with pytest.raises(PrunekitError, match="does not divide"):
+        magnitude_mask(W_HAND, Block((3, 1), 0.5))  # block patterns: tests/methods/test_block_patterns.py
 
 
 # ------------------------------------------------------------------------------------------------- SparseGPT
@@ -423,140 +422,7 @@ def test_sparsegpt_errors():
     for blocksize in (0, -1, True, 2.0):
         with pytest.raises(PrunekitError):
             sparsegpt_prune(w, h, Unstructured(0.5), blocksize=blocksize)
-    with pytest.raises(PrunekitError):
-        sparsegpt_prune(w, h, Block((2, 2), 0.5))
+    with pytest.raises(PrunekitError, match="multiple of the block"):
+        sparsegpt_prune(w, h, Block((2, 2), 0.5), blocksize=3)
     with pytest.raises(PrunekitError):  # an indefinite Hessian is reported, not a raw LinAlgError
         sparsegpt_prune(w, -5.0 * torch.eye(8), Unstructured(0.5))
-
-
-# ------------------------------------------------------------------------------------------------------- OWL
-
-
-def test_outlier_ratio_counts_strictly_above_m_times_the_mean_of_all_scores_together():
-    a = torch.ones(2, 4)  # 8 scores of 1
-    b = torch.tensor([[1.0, 30.0]])
-    # together: mean 39/10 = 3.9, 5 * 3.9 = 19.5; only 30 is above -> 1/10
-    assert outlier_ratio([a, b], m=5.0) == pytest.approx(0.1, abs=1e-15)
-    assert outlier_ratio([b, a], m=5.0) == pytest.approx(0.1, abs=1e-15)
-    # each alone has no outlier (mean 1 -> 5; mean 15.5 -> 77.5): the ratio is not a per-tensor average
-    assert outlier_ratio([a], m=5.0) == 0.0
-    assert outlier_ratio([b], m=5.0) == 0.0
-    # strictly greater: mean of [1, 1, 1, 1, 6] is 2, and 6 == 3 * 2 is not an outlier
-    c = torch.tensor([1.0, 1.0, 1.0, 1.0, 6.0])
-    assert outlier_ratio([c], m=3.0) == 0.0
-    assert outlier_ratio([c], m=2.9) == pytest.approx(0.2, abs=1e-15)
-    # shapes do not matter, only the scores
-    assert outlier_ratio([c.reshape(5, 1)], m=2.9) == outlier_ratio([c], m=2.9)
-    with pytest.raises(PrunekitError):
-        outlier_ratio([], m=5.0)
-    with pytest.raises(PrunekitError):
-        outlier_ratio([torch.empty(0)], m=5.0)
-
-
-_ratios = st.lists(st.integers(0, 1000).map(lambda v: v / 1000), min_size=1, max_size=12)
-
-
-@st.composite
-def _target_and_lambda(draw):
-    lam = draw(st.integers(0, 20).map(lambda v: v / 100))
-    target = draw(st.integers(0, 95).map(lambda v: v / 100))
-    if not (target - lam >= 0 and target + lam < 1):
-        target = min(max(target, lam), 0.99 - lam)
-    return target, lam
-
-
-@FAST
-@given(ratios=_ratios, tl=_target_and_lambda())
-def test_owl_sparsities_mean_spread_and_order(ratios, tl):
-    target, lam = tl
-    try:
-        out = owl_sparsities(ratios, target, lam)
-    except PrunekitError:
-        # refused only when the reference formula really leaves [0, 1) for these (lopsided) ratios
-        r = torch.tensor(ratios, dtype=torch.float64)
-        scaled = (r - r.min()) / (r.max() - r.min()) * 2 * lam
-        sparsity = target - (scaled - scaled.mean())
-        assert float(sparsity.min()) < 0.0 or float(sparsity.max()) >= 1.0
-        return
-    assert len(out) == len(ratios)
-    assert abs(sum(out) / len(out) - target) <= 1e-12
-    if max(ratios) == min(ratios):
-        assert out == [target] * len(ratios)
-        return
-    assert abs((max(out) - min(out)) - 2 * lam) <= 1e-12
-    # more outliers -> lower sparsity: the order of the sparsities is the reverse of the ratios'
-    for i in range(len(ratios)):
-        for j in range(len(ratios)):
-            if ratios[i] > ratios[j]:
-                assert out[i] <= out[j]
-            if ratios[i] == ratios[j]:
-                assert out[i] == out[j]
-    assert out[ratios.index(max(ratios))] == min(out)
-    assert out[ratios.index(min(ratios))] == max(out)
-
-
-def test_owl_sparsities_hand_example():
-    # ratios [0.1, 0.2, 0.3] scaled to [0, 2λ] = [0, 0.1, 0.2] (λ = 0.1), mean 0.1;
-    # density = scaled - 0.1 + 0.5, sparsity = 1 - density
-    out = owl_sparsities([0.1, 0.2, 0.3], 0.5, 0.1)
-    assert out == pytest.approx([0.6, 0.5, 0.4], abs=1e-12)
-    assert owl_sparsities([0.3, 0.3, 0.3], 0.5, 0.1) == [0.5, 0.5, 0.5]
-    assert owl_sparsities([0.7], 0.5, 0.1) == [0.5]
-    assert owl_sparsities([0.1, 0.9], 0.5, 0.0) == [0.5, 0.5]
-
-
-@pytest.mark.parametrize(
-    ("target", "lam"), [(0.5, -0.01), (0.7, 0.3), (0.8, 0.25), (0.1, 0.2), (0.0, 0.01), (0.5, float("nan"))]
-)
-def test_owl_sparsities_rejects_invalid_lambda(target, lam):
-    with pytest.raises(PrunekitError):
-        owl_sparsities([0.1, 0.2], target, lam)
-
-
-@pytest.mark.parametrize(
-    ("ratios", "target", "lam"),
-    [([0.0, 0.0, 0.0, 1.0], 0.1, 0.1), ([1.0, 1.0, 1.0, 1.0, 0.0], 0.85, 0.1)],
-)
-def test_owl_sparsities_accepted_lambda_gives_valid_sparsities(ratios, target, lam):
-    # lopsided ratios push one block beyond target ± λ (up to 2λ(n-1)/n): when that leaves [0, 1) the
-    # kernel refuses with a clear error instead of returning an invalid (or clipped, no longer mean-exact) one
-    with pytest.raises(PrunekitError, match="smaller --owl-lambda"):
-        owl_sparsities(ratios, target, lam)
-
-
-# ---------------------------------------------------------------------------------------------- RunningGram
-
-
-def test_running_gram_equals_xtx_over_n_of_all_batches():
-    torch.manual_seed(0)
-    batches = [torch.randn(1, 6), torch.randn(7, 6) * 3, torch.randn(32, 6) + 1, torch.randn(2, 5, 6)]
-    gram = RunningGram()
-    for b in batches:
-        gram.add_batch(b)
-    x = torch.cat([b.reshape(-1, 6) for b in batches]).double()
-    assert gram.count == x.shape[0] == 50
-    reference = x.T @ x / x.shape[0]
-    value = gram.value()
-    assert value.dtype == torch.float32 and value.shape == (6, 6)
-    assert torch.allclose(value.double(), reference, rtol=1e-5, atol=1e-5)
-    # the order of the batches does not matter
-    other = RunningGram()
-    for b in reversed(batches):
-        other.add_batch(b)
-    assert torch.allclose(other.value().double(), reference, rtol=1e-5, atol=1e-5)
-    gram.reset()
-    assert gram.count == 0
-    with pytest.raises(RuntimeError):
-        gram.value()
-
-
-@FAST
-@given(sizes=st.lists(st.integers(1, 20), min_size=1, max_size=6), seed=st.integers(0, 2**31 - 1))
-def test_running_gram_any_batch_sizes(sizes, seed):
-    g = torch.Generator().manual_seed(seed)
-    batches = [torch.randn(n, 5, generator=g) * 2 for n in sizes]
-    gram = RunningGram()
-    for b in batches:
-        gram.add_batch(b)
-    x = torch.cat(batches).double()
-    assert torch.allclose(gram.value().double(), x.T @ x / x.shape[0], rtol=1e-5, atol=1e-5)

@@ -24,7 +24,7 @@ from prunekit.methods import sparsegpt_prune, wanda_mask
 from prunekit.methods.alps import alps_prune, objective, pcg_refit, rho_factor
 from prunekit.methods.dsnot import dsnot_refine, row_errors
 from prunekit.methods.reconstruct import fit_kept_weights, masked_least_squares, output_error
-from prunekit.spec import NM, Unstructured
+from prunekit.spec import NM, Block, Unstructured
 
 FAST = settings(max_examples=15, deadline=None)
 
@@ -143,6 +143,8 @@ def test_alps_rho_schedule_and_errors():
         alps_prune(w, h, Unstructured(0.5), rho=0.0)
     with pytest.raises(PrunekitError, match="Hessian"):
         alps_prune(w, h[:3, :3], Unstructured(0.5))
+    with pytest.raises(PrunekitError, match="not block patterns"):
+        alps_prune(w, h, Block((2, 1), 0.5))
 
 
 def test_alps_dead_inputs_get_zero_weight():
@@ -225,6 +227,8 @@ def test_dsnot_errors():
         dsnot_refine(w, w * keep, keep, mom.mean[:3], mom.sq_mean, Unstructured(0.5))
     with pytest.raises(PrunekitError, match="cycles"):
         dsnot_refine(w, w * keep, keep, mom.mean, mom.sq_mean, Unstructured(0.5), cycles=-1)
+    with pytest.raises(PrunekitError, match="not block patterns"):
+        dsnot_refine(w, w * keep, keep, mom.mean, mom.sq_mean, Block((2, 1), 0.5))
 
 
 def test_running_moments_match_the_definitions():

@@ -226,6 +226,7 @@ def test_llm_report_shows_perplexity_sparsity_and_size(tmp_path):
         "ppl_pruned": 15.4321,
         "prune_seconds": 1.5,
         "peak_rss_mb": 300.0,
+        "sparsity_dense_layers": 0.0125,
         "sparsity_pruned_layers": 0.5,
         "sparsity_whole_model": 0.4,
         "params": 1000,
@@ -238,8 +239,12 @@ def test_llm_report_shows_perplexity_sparsity_and_size(tmp_path):
     write_reports(tmp_path, llm_report(m), [figure])
     text = (tmp_path / "report.md").read_text()
     rows = md_tables(text)["Perplexity"][0]
-    assert rows[1][:2] == ["dense", "12.346"] and rows[2][:2] == ["pruned", "15.432"]
+    assert rows[1] == ["dense", "12.346", "1.25%"] and rows[2] == ["pruned", "15.432", "50.00%"]
     assert "1.250x, worse" in text and "**not smaller** (4,100 B, 1.025x" in text and "N:M 2:4" in text
+    smaller = llm_report({**m, "size": {"file_bytes": 2100, "dense_tensor_bytes": 4000}})
+    assert "**smaller** (2,100 B, 0.525x" in smaller and "stores the zeros densely" not in smaller
+    old = llm_report({k: v for k, v in m.items() if k != "sparsity_dense_layers"})  # an older metrics.json
+    assert md_tables(old)["Perplexity"][0][1] == ["dense", "12.346", "not measured"]
     assert len(md_tables(text)["Per-layer sparsity"][0]) == 1 + len(layers)
     assert not re.search(r"https?://", (tmp_path / "report.html").read_text())
 

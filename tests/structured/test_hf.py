@@ -77,6 +77,26 @@ def test_uniformly_pruned_models_load_with_plain_from_pretrained(name, tmp_path)
     assert torch.equal(first_output(reloaded, ids), first_output(model, ids))
 
 
+def test_a_failed_save_leaves_the_directory_and_the_model_as_they_were(tmp_path, monkeypatch):
+    model = build("llama_gqa")
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(4))
+    structured.prune(model, (ids,), ratio=0.5, round_to=1)
+    (tmp_path / "notes.txt").write_text("mine")
+    config = model.config
+
+    def disk_full(*args, **kwargs):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(type(model), "save_pretrained", disk_full)
+    with pytest.raises(OSError, match="simulated"):
+        structured.save_pretrained(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # nothing half-written, nothing left
+    assert model.config is config
+    monkeypatch.undo()
+    structured.save_pretrained(model, tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / "config.json").is_file()
+
+
 def test_shapes_one_config_cannot_describe_point_to_the_prunekit_loader(tmp_path):
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))
     bert_model = build("bert")  # BERT derives its head size from hidden_size / heads

@@ -41,7 +41,10 @@ def classes(
         ..., metavar="METRICS_JSON", help="A run's metrics.json (or its dir)."
     ),
     threshold: float = typer.Option(
-        DEFAULT_THRESHOLD_POINTS, "--threshold", metavar="POINTS", help="Recall points a class may lose."
+        DEFAULT_THRESHOLD_POINTS,
+        "--class-drop",
+        "--threshold",
+        help="Recall points a class may lose (the name `run` and `demo` use; --threshold still works).",
     ),
     reference: str = typer.Option(None, "--reference", help="Label to compare against (default: the first)."),
     strict: bool = typer.Option(False, "--strict", help=STRICT_HELP),
@@ -96,14 +99,14 @@ def _floats(text: str, option: str) -> tuple[float, ...]:
 def agreement(
     dense: Path = typer.Argument(..., help="The reference artifact (.safetensors), e.g. dense."),
     pruned: Path = typer.Argument(..., help="The compressed model's artifact (.safetensors)."),
-    data: str = typer.Option("digits", "--data", help="Data set (as in a recipe's data.name)."),
+    data: str = typer.Option("digits", "--data", help="digits, an .npz file, or npz with --data-path."),
     data_path: Path = typer.Option(None, "--data-path", help="File for data sets read from disk."),
     val_fraction: float = typer.Option(0.2, "--val-fraction", help="As the recipe's data.val_fraction."),
     test_fraction: float = typer.Option(0.2, "--test-fraction", help="As the recipe's data.test_fraction."),
     sigmas: str = typer.Option(
         "0.05,0.1,0.25", "--sigmas", help="Noise std as fractions of the inputs' std."
     ),
-    no_shifts: bool = typer.Option(False, "--no-shifts", help="Skip the one-pixel shifts."),
+    shifts: bool = typer.Option(True, "--shifts/--no-shifts", help="Also test one-pixel shifts."),
     seed: int = typer.Option(0, "--seed", help="Split and noise seed (a recipe's seed gives its test set)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
@@ -119,7 +122,7 @@ def agreement(
         val_fraction=val_fraction,
         test_fraction=test_fraction,
         sigmas=_floats(sigmas, "--sigmas"),
-        shifts=not no_shifts,
+        shifts=shifts,
         seed=seed,
     )
     if as_json:

@@ -20,12 +20,17 @@ def bench(
     threads: str = typer.Option("1,2", "--threads", help="Thread counts, comma-separated."),
     runs: int = typer.Option(500, "--runs", help="Timed runs per variant and setting (after warm-up)."),
     variants: str = typer.Option(
-        "dense,pruned,pruned-int8,compiled,compiled-int8", "--variants", help="Which variants to measure."
+        "dense,pruned,pruned-int8,compiled,compiled-int8,torch-x86-int8,onnxruntime-fp32,onnxruntime-int8",
+        "--variants",
+        help="Which variants to measure (the last three: dense engines a user would deploy instead).",
     ),
     input_shape: str = typer.Option(
         "", "--input-shape", help="Example input shape, e.g. 1,3,224,224 (the batch dim is replaced)."
     ),
-    no_memory: bool = typer.Option(False, "--no-memory", help="Skip the peak-RSS probes."),
+    memory: bool = typer.Option(
+        True, "--memory/--no-memory", help="Measure peak RSS (one probe process per variant)."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Latency p50/p99/mean, throughput, peak RSS and size of dense, pruned, pruned+INT8 and compiled."""
     from prunekit.files import atomic_write_json
@@ -40,7 +45,8 @@ def bench(
         parse_ints(threads, "--threads", "1,2"),
         runs,
         variants=chosen,
-        memory=not no_memory,
+        memory=memory,
+        progress=not quiet,
     )
     atomic_write_json(out / "bench.json", result)
     bench_mod.chart(result, out / "bench.png")

@@ -10,17 +10,19 @@ import sys
 
 import typer
 
-from prunekit.cli import bench, inspect, run, structured
+from prunekit.cli import bench, help_style, inspect, run, structured
 from prunekit.cli.analyze import analyze_app
 from prunekit.cli.export import export_app
 from prunekit.cli.llm import llm_app
 from prunekit.cli.store import store_app
 from prunekit.errors import PrunekitError
 
+help_style.install()
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain: "[default: ...]" in them is text, not rich markup
     help="Prune neural networks and prove the gains with measurements.",
 )
 recipes_app = typer.Typer(no_args_is_help=True, help="Built-in recipes.")

@@ -9,14 +9,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import typer
 
 from prunekit.errors import PrunekitError
-
-if TYPE_CHECKING:  # torch is imported by the command itself, so `prunekit --help` stays fast
-    pass
 
 export_app = typer.Typer(no_args_is_help=True, help="Export pruned models for deployment.")
 
@@ -60,13 +56,16 @@ def onnx_command(
         None, "--opset", help="ONNX opset (default: the exporter's; 18 and newer are native)."
     ),
     static_batch: bool = typer.Option(False, "--static-batch", help="Fix the batch size to the example's."),
-    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the onnxruntime check."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the file in onnxruntime."),
     exporter: str = typer.Option("dynamo", "--exporter", help="dynamo (default) or torchscript."),
     rtol: float = typer.Option(1e-3, "--rtol", help="Relative tolerance of the check."),
     atol: float = typer.Option(1e-5, "--atol", help="Absolute tolerance of the check."),
+    int8_steps: float = typer.Option(
+        1.0, "--int8-steps", help="INT8 models (QDQ): allowed difference in int8 steps of the output."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Export a saved model to one ONNX file, checked with onnxruntime against PyTorch."""
+    """Export a saved model to one ONNX file (INT8 as QDQ), checked with onnxruntime against PyTorch."""
     from prunekit.jobs.export import onnx_from_source
 
     report, shape = onnx_from_source(
@@ -75,10 +74,11 @@ def onnx_command(
         parse_ints(input_shape) if input_shape else None,
         opset=opset,
         dynamic_batch=not static_batch,
-        verify=not no_verify,
+        verify=verify,
         rtol=rtol,
         atol=atol,
         exporter=exporter,
+        int8_steps=int8_steps,
     )
     if as_json:
         typer.echo(json.dumps(report, indent=2))
@@ -88,7 +88,14 @@ def onnx_command(
         f"wrote {report['path']} ({report['size_bytes']:,} bytes, opset {report['opset']}, {batch}, "
         f"{report['exporter']} exporter)"
     )
-    if report["verified"]:
+    int8 = report.get("int8")
+    if report["verified"] and int8:
+        sizes = " and ".join(str(b) for b in report["batch_sizes"])
+        typer.echo(
+            f"onnxruntime (QDQ) vs prunekit's int8 model: max {int8['max_steps']:.3g} int8 steps of the "
+            f"output at batch {sizes} (input {','.join(map(str, shape))}; tolerance {int8_steps:g} steps)"
+        )
+    elif report["verified"]:
         sizes = " and ".join(str(b) for b in report["batch_sizes"])
         typer.echo(
             f"onnxruntime vs PyTorch: max abs diff {report['max_abs_diff']:.3g} at batch {sizes} "
@@ -103,6 +110,9 @@ def onnx_command(
         verdict += f"; not found in the file: {', '.join(unmatched[:3])}" + (
             ", ..." if len(unmatched) > 3 else ""
         )
+    if int8:
+        z = {"model": int8["zeros_model"], "onnx": int8["zeros_onnx"]}
+        verdict = "preserved" if int8["preserved"] else "NOT all preserved"
     typer.echo(f"exact-zero weights: {z['model']:,} in the model, {z['onnx']:,} in the ONNX file ({verdict})")
 
 

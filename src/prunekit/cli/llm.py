@@ -23,6 +23,7 @@ def _stage_bars(quiet: bool):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        _quiet_gguf()
 
     def stage(name: str):
         if quiet:
@@ -42,6 +43,19 @@ def _stage_bars(quiet: bool):
         return update
 
     return stage
+
+
+def _quiet_gguf() -> None:
+    """transformers' GGUF conversion draws its own tqdm bar, which disable_progress_bar does not reach."""
+    import functools
+
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # a transformers without GGUF support draws no such bar
+        return
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is not None and not isinstance(bar, functools.partial):
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
 
 
 def _text_settings(calib_samples: int, seqlen: int, calib_file, eval_file, seed: int):
@@ -70,7 +84,11 @@ def llm_prune(
     model: str = typer.Option(None, "--model", help=_MODEL_HELP),
     method: str = typer.Option("wanda", "--method", help="magnitude, wanda, sparsegpt or alps."),
     sparsity: float = typer.Option(None, "--sparsity", help="Unstructured sparsity in [0, 1), e.g. 0.5."),
-    pattern: str = typer.Option(None, "--pattern", help="N:M pattern, e.g. 2:4 or 4:8."),
+    pattern: str = typer.Option(
+        None,
+        "--pattern",
+        help="N:M pattern (2:4, 4:8) or output blocks (block:8x1@0.5, for the decode kernels).",
+    ),
     owl: bool = typer.Option(False, "--owl", help="OWL per-block sparsities (unstructured only)."),
     owl_m: float = typer.Option(5.0, "--owl-m", help="OWL outlier threshold M."),
     owl_lambda: float = typer.Option(0.08, "--owl-lambda", help="OWL lambda: max deviation per block."),
@@ -93,22 +111,23 @@ def llm_prune(
         2e-3, "--reconstruct-lr", help="Reconstruction: Adam learning rate."
     ),
     blocks: str = typer.Option(None, "--blocks", help="Dotted path of the decoder blocks (auto if unset)."),
-    no_eval: bool = typer.Option(False, "--no-eval", help="Skip the perplexity measurements."),
+    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Measure perplexity (dense and pruned)."),
     threads: int = typer.Option(0, "--threads", help="torch threads (0: torch's default)."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Prune a causal LM one-shot (magnitude, Wanda, SparseGPT, ALPS; unstructured or N:M; optional OWL,
     DSnoT refinement and block reconstruction)."""
     from prunekit.jobs.llm import run_prune
     from prunekit.llm.prune import LLMPruneConfig
-    from prunekit.spec import NM, Unstructured, parse
+    from prunekit.spec import NM, Block, Unstructured, parse
 
     if (sparsity is None) == (pattern is None):
         raise PrunekitError("give exactly one of --sparsity (unstructured) or --pattern (N:M, e.g. 2:4)")
     spec = Unstructured(sparsity) if sparsity is not None else parse(pattern)
-    if pattern is not None and not isinstance(spec, NM):
+    if pattern is not None and not isinstance(spec, (NM, Block)):
         raise PrunekitError(
-            f"--pattern takes N:M such as 2:4 or 4:8, got {pattern!r}; use --sparsity otherwise"
+            f"--pattern takes N:M such as 2:4 or 4:8, or blocks such as block:8x1@0.5, got {pattern!r}; "
+            "use --sparsity otherwise"
         )
     _threads(threads)
     config = LLMPruneConfig(
@@ -129,7 +148,7 @@ def llm_prune(
         reconstruct_lr=reconstruct_lr,
     )
     text = _text_settings(calib_samples, seqlen, calib_file, eval_file, seed)
-    m = run_prune(model, config, text, out, evaluate=not no_eval, progress=_stage_bars(quiet))
+    m = run_prune(model, config, text, out, evaluate=evaluate, progress=_stage_bars(quiet))
     dense = "-" if m["ppl_dense"] is None else f"{m['ppl_dense']:.3f}"
     pruned = "-" if m["ppl_pruned"] is None else f"{m['ppl_pruned']:.3f}"
     typer.echo(
@@ -148,7 +167,7 @@ def llm_eval(
     eval_file: Path = typer.Option(None, "--eval-file", help="UTF-8 evaluation text."),
     threads: int = typer.Option(0, "--threads", help="torch threads (0: torch's default)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Perplexity of a causal LM on held-out text (non-overlapping windows of --seqlen tokens)."""
     from prunekit.jobs.llm import run_eval
@@ -163,5 +182,66 @@ def llm_eval(
         )
 
 
+_BENCH_VARIANTS = ("dense-f32", "dense-bf16", "torch-int8", "llama.cpp", "compiled-f32", "compiled-int8")
+
+
+def llm_bench(
+    model: str = typer.Option(None, "--model", help=_MODEL_HELP),
+    gguf: Path = typer.Option(
+        None, "--gguf", help="GGUF file for llama.cpp (default: the model if a .gguf)."
+    ),
+    threads: str = typer.Option("1,2", "--threads", help="Thread counts, comma-separated."),
+    prompt_tokens: int = typer.Option(64, "--prompt-tokens", help="Prompt length (tokens of real text)."),
+    new_tokens: int = typer.Option(128, "--new-tokens", help="Tokens generated greedily."),
+    rounds: int = typer.Option(3, "--rounds", help="Interleaved generations per variant."),
+    variants: str = typer.Option(",".join(_BENCH_VARIANTS), "--variants", help="Comma-separated variants."),
+    text_file: Path = typer.Option(None, "--text-file", help="UTF-8 text for the prompt and perplexity."),
+    ppl_windows: int = typer.Option(0, "--ppl-windows", help="Perplexity over this many 512-token windows."),
+    budget: float = typer.Option(0.05, "--compile-budget", help="compile: timing seconds per layer."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Decode speed at batch 1: dense float32/bfloat16, torch INT8, llama.cpp and the compiled model."""
+    from prunekit.jobs.llm_bench import BenchSettings, run_bench
+
+    try:
+        counts = tuple(int(t) for t in threads.split(",") if t.strip())
+    except ValueError:
+        raise PrunekitError(f"--threads takes integers like 1,2, got {threads!r}") from None
+    settings = BenchSettings(
+        prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens,
+        threads=counts,
+        rounds=rounds,
+        variants=tuple(v.strip() for v in variants.split(",") if v.strip()),
+        gguf=str(gguf) if gguf else None,
+        text_file=str(text_file) if text_file else None,
+        perplexity_windows=ppl_windows,
+        compile_budget_s=budget,
+    )
+    m = run_bench(model, settings)
+    if as_json:
+        typer.echo(json.dumps(m, indent=2))
+        return
+    typer.echo(
+        f"{m['model']} on {m['cpu']}: prompt {m['prompt_tokens']}, {m['new_tokens']} new tokens, batch 1"
+    )
+    typer.echo(
+        f"{'variant':<15} {'threads':>7} {'ms/token':>9} {'tokens/s':>9} {'vs f32':>7} {'vs int8':>8}  tokens"
+    )
+    for r in m["rows"]:
+        agree = r["tokens_vs_dense_f32"]
+        same = "identical" if agree["identical"] else f"{agree['common_prefix']} equal, then differ"
+        vs_int8 = "-" if r["vs_torch_int8"] is None else f"{r['vs_torch_int8']:.2f}x"
+        typer.echo(
+            f"{r['variant']:<15} {r['threads']:>7} {r['ms_per_token']:>9.2f} {r['tokens_per_s']:>9.1f} "
+            f"{r['vs_dense_f32']:>6.2f}x {vs_int8:>8}  {same}"
+        )
+    for name, note in m["notes"].items():
+        typer.echo(f"{name}: {note}")
+    for name, value in m["perplexity"].items():
+        typer.echo(f"perplexity {name}: {value:.3f} ({m['perplexity_windows']} windows of 512 tokens)")
+
+
 llm_app.command("prune")(llm_prune)
 llm_app.command("eval")(llm_eval)
+llm_app.command("bench")(llm_bench)

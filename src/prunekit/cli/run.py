@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,7 @@ def _run(
     resume: bool = False,
     tensorboard: Path | None = None,
     store: Path | None = None,
+    force: bool = False,
 ) -> None:
 
     from tqdm.contrib.logging import logging_redirect_tqdm
@@ -62,7 +65,13 @@ def _run(
     )
     with logging_redirect_tqdm():
         metrics = run_recipe(
-            recipe, out, progress=not quiet, class_drop=class_drop, resume=resume, tensorboard=tensorboard
+            recipe,
+            out,
+            progress=not quiet,
+            class_drop=class_drop,
+            resume=resume,
+            tensorboard=tensorboard,
+            force=force,
         )
     if not main_rank:
         return
@@ -75,6 +84,7 @@ def _run(
 
 
 STORE_HELP = "Then add the exports to this artifact store (see `prunekit store --help`)."
+FORCE_HELP = "--out holds an earlier run: delete that run's files first (your other files stay)."
 
 
 def demo(
@@ -83,11 +93,12 @@ def demo(
     strict: bool = typer.Option(False, "--strict", help=STRICT_HELP),
     class_drop: float = typer.Option(2.0, "--class-drop", metavar="POINTS", help=CLASS_DROP_HELP),
     store: Path = typer.Option(None, "--store", metavar="DIR", help=STORE_HELP),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Run the built-in edge-digits recipe: dense CNN -> pruning to 90% -> INT8 -> report (runtime timed)."""
     from prunekit.jobs import recipe
 
-    _run(recipe.load_builtin("edge-digits"), out, quiet, strict, class_drop, store=store)
+    _run(recipe.load_builtin("edge-digits"), out, quiet, strict, class_drop, store=store, force=force)
 
 
 def run(
@@ -103,20 +114,29 @@ def run(
         None, "--tensorboard", metavar="DIR", help="Also log rounds and epochs as TensorBoard scalars."
     ),
     store: Path = typer.Option(None, "--store", metavar="DIR", help=STORE_HELP),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Run a recipe file (see `prunekit recipes show edge-digits` for an example). Under
     `torchrun --nproc-per-node N -m prunekit run ...` the training is distributed (DDP)."""
     from prunekit.jobs import recipe
 
-    _run(recipe.load(recipe_file), out, quiet, strict, class_drop, resume, tensorboard, store=store)
+    chosen = recipe.load(recipe_file)
+    _run(chosen, out, quiet, strict, class_drop, resume, tensorboard, store=store, force=force)
 
 
 def recipes_list() -> None:
     """Name the built-in recipes."""
     from prunekit.jobs import recipe
 
-    for name in recipe.builtin_names():
-        typer.echo(f"{name:<16} {recipe.load_builtin(name).description}")
+    names = recipe.builtin_names()
+    width = max(map(len, names)) + 2  # one column for the names, the descriptions wrapped beside them
+    text_width = max(40, shutil.get_terminal_size().columns - width)
+    for name in names:
+        description = recipe.load_builtin(name).description
+        lines = textwrap.wrap(description, text_width, break_on_hyphens=False) or [""]
+        typer.echo(f"{name:<{width}}{lines[0]}")
+        for line in lines[1:]:
+            typer.echo(" " * width + line)
 
 
 def recipes_show(name: str = typer.Argument(..., help="A built-in recipe name.")) -> None:

@@ -17,7 +17,7 @@ _GRID = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.95"
 
 def sensitivity(
     artifact: Path = typer.Argument(..., help="A prunekit artifact (.safetensors) of a classifier."),
-    data: str = typer.Option("digits", "--data", help="digits or npz."),
+    data: str = typer.Option("digits", "--data", help="digits, an .npz file, or npz with --data-path."),
     data_path: Path | None = typer.Option(None, "--data-path", help="For --data npz: file with arrays x, y."),
     grid: str = typer.Option(_GRID, "--grid", help="Comma-separated, increasing sparsities in (0, 1)."),
     criterion: str = typer.Option("magnitude", "--criterion", help="magnitude, random, taylor, obd, wanda."),
@@ -31,7 +31,12 @@ def sensitivity(
     batch_size: int = typer.Option(64, "--batch-size", help="Validation batch size."),
     val_fraction: float = typer.Option(0.2, "--val-fraction", help="As in recipes' data.val_fraction."),
     test_fraction: float = typer.Option(0.2, "--test-fraction", help="As in recipes' data.test_fraction."),
-    calibration_batches: int = typer.Option(8, help="Training batches for taylor / obd / wanda."),
+    calibration_batches: int = typer.Option(
+        8,
+        "--calib-batches",
+        "--calibration-batches",
+        help="Training batches for taylor / obd / wanda (--calibration-batches still works).",
+    ),
     seed: int = typer.Option(0, "--seed", help="Data split seed (recipes' seed; default 0)."),
 ) -> None:
     """Prune each layer alone at each sparsity (no fine-tuning) and measure the validation metric drop."""

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from prunekit.store import Entry, Store
 
 store_app = typer.Typer(
-    help="Versioned artifacts with lineage: add, list, show, diff, rollback, history, verify.",
+    help="Versioned artifacts with lineage: add, list, show, diff, rollback, history, verify, repair.",
     no_args_is_help=True,
 )
 
@@ -117,7 +117,7 @@ def list_(store: Path = _STORE, as_json: bool = _JSON) -> None:
     width = max([len(e.name) for e in entries] + [4])
     typer.echo(
         f"  {'hash':<12}  {'name':<{width}}  {'parent':<12}  {'created (UTC)':<19}  "
-        f"{'sparsity':>8}  {'accuracy':>8}  {'size KiB':>9}"
+        f"{'sparsity':>8}  {'accuracy':>8}  {'model KiB':>9}  {'files KiB':>9}"
     )
     for e in entries:
         mark = "*" if current is not None and e.hash == current.hash else " "
@@ -125,7 +125,7 @@ def list_(store: Path = _STORE, as_json: bool = _JSON) -> None:
         typer.echo(
             f"{mark} {e.short:<12}  {e.name:<{width}}  {(e.parent or '-')[:12]:<12}  "
             f"{e.created[:19].replace('T', ' '):<19}  {_fmt(m.get('sparsity')):>8}  "
-            f"{_fmt(m.get('accuracy')):>8}  {e.size_bytes / 1024:>9.1f}"
+            f"{_fmt(m.get('accuracy')):>8}  {e.model_bytes / 1024:>9.1f}  {e.size_bytes / 1024:>9.1f}"
         )
     if not entries:
         typer.echo(f"(no entries in {store})")
@@ -238,6 +238,8 @@ def rollback(
 ) -> None:
     """Make an earlier entry current again (recorded in the history; nothing is deleted)."""
     s = _open(store)
+    if to is not None:
+        s.check_outside(to, "--to")
     previous = s.current()
     entry = s.rollback(name, to=to)
     if previous is not None and previous.hash == entry.hash:
@@ -262,6 +264,25 @@ def history(store: Path = _STORE, as_json: bool = _JSON) -> None:
             f"{event['time'][:19].replace('T', ' ')}  {event['action']:<8}  {event['hash'][:12]}  "
             f"{event['name']}"
         )
+
+
+@store_app.command("repair")
+def repair(store: Path = _STORE) -> None:
+    """Rebuild history.json from the entries (a damaged file is kept beside it); the entries are not
+    touched."""
+    s = _open(store)
+    r = s.repair()
+    if not r["changed"]:
+        typer.echo(f"history.json is intact: {r['kept']} events, nothing to repair in {store}")
+        return
+    if r["backup"]:
+        typer.echo(f"history.json was damaged: kept it as {r['backup']}")
+    typer.echo(
+        f"rebuilt history.json: {r['kept']} events kept, {r['dropped']} dropped (their entries are not "
+        f"in the store), {r['added']} added for entries it lacked"
+    )
+    current = s.current()
+    typer.echo(f"current: {_label(current)}" if current else "current: none (the store is empty)")
 
 
 @store_app.command("verify")

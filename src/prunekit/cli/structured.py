@@ -21,8 +21,14 @@ def structured(
     runs: int = typer.Option(200, "--runs", help="Timed runs per model for latency."),
 ) -> None:
     """Physically remove channels/heads/neurons and measure params, MACs and latency before and after."""
+    from prunekit.files import refuse_same_file
     from prunekit.jobs.structured import load_model_spec, run_structured
+    from prunekit.store import refuse_inside_store
+    from prunekit.structured.storage import WEIGHTS
 
+    if model.endswith(".safetensors"):  # OUT/model.safetensors is written: never over the model read
+        refuse_same_file(out / WEIGHTS, model, "--out", "--model")
+    refuse_inside_store(out)
     shape = parse_ints(input_shape) if input_shape else None
     net, example = load_model_spec(model, shape)
     m = run_structured(

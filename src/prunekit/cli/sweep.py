@@ -39,12 +39,18 @@ def sweep(
     eval_file: Path | None = typer.Option(None, help="--llm: evaluation text (default: held-out pydoc)."),
     seqlen: int = typer.Option(256, help="--llm: tokens per calibration / evaluation / timed window."),
     calib_samples: int = typer.Option(32, help="--llm: calibration windows (wanda, sparsegpt)."),
-    data: str | None = typer.Option(None, help="digits or npz [default: digits]; not with --llm."),
+    data: str | None = typer.Option(
+        None, help="digits, an .npz file, or npz with --data-path [default: digits]; not with --llm."
+    ),
     data_path: Path | None = typer.Option(None, "--data-path", help="For --data npz: file with arrays x, y."),
     finetune_epochs: int = typer.Option(0, help="Fine-tune each pruned copy this many epochs (masks kept)."),
     lr: float = typer.Option(0.01, help="Fine-tuning learning rate."),
     latency_runs: int | None = typer.Option(
-        None, help="Timed batch-1 calls per model, interleaved with dense [default: 100; --llm 20]."
+        None,
+        "--runs",
+        "--latency-runs",
+        help="Timed batch-1 calls per model, interleaved with dense [default: 100; --llm 20] "
+        "(--latency-runs still works).",
     ),
     compile: bool = typer.Option(False, "--compile", help="Also time prunekit.runtime.compile'd models."),  # noqa: A002
     round_to: int = typer.Option(8, help="channels: kept counts rounded to this multiple."),

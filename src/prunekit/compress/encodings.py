@@ -7,6 +7,9 @@
 - ``nm``: N:M semi-structured in NVIDIA's convention (groups of M consecutive input channels, the second
   dimension, kernel positions moved before it as in :func:`prunekit.select.nm_mask`): N value slots per
   group + ceil(log2 M) bits per slot for the position in its group (2 bits for 2:4).
+- ``block``: R x 1 blocks along the output (R consecutive rows of the ``(rows, rest)`` view, one column),
+  the layout the batch-1 block kernels run (:mod:`prunekit.runtime.gemv`): per block-row a pointer, per
+  kept block its column and its R values contiguous. ``(1 - s)(R * itemsize + index) / R`` bytes per weight.
 
 Zeros are ``x == 0``, so a -0.0 (what ``w * mask`` leaves for negative weights) decodes as +0.0: equal
 in value, and the container stores tensors with -0.0 replaced by +0.0 so that decoding is bit-exact
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-ENCODINGS = ("dense", "bitmask", "csr", "nm")
+ENCODINGS = ("dense", "bitmask", "csr", "nm", "block")
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,24 @@ def encode_nm(t: torch.Tensor, n: int, m: int) -> Encoded:
     return Encoded("nm", {"values": values.reshape(-1), "slots": pack_bits(slot_bits)}, {"n": n, "m": m})
 
 
+def encode_block(t: torch.Tensor, rows: int) -> Encoded:
+    """R x 1 blocks of the ``(rows, rest)`` view: a block is kept when any of its R values is non-zero."""
+    view = _rows(t)
+    if view.shape[0] % rows:
+        raise ValueError(f"{view.shape[0]} rows are not a multiple of the block's {rows}")
+    tiles = view.reshape(view.shape[0] // rows, rows, view.shape[1])
+    keep = nonzero_mask(tiles).any(dim=1)  # (block rows, columns)
+    indptr = torch.zeros(keep.shape[0] + 1, dtype=torch.int64)
+    indptr[1:] = keep.sum(dim=1).cumsum(0)
+    brow, col = keep.nonzero(as_tuple=True)  # row-major: each block-row's columns ascending
+    parts = {
+        "values": tiles[brow, :, col].contiguous().reshape(-1),
+        "indptr": indptr.to(narrowest_uint(int(indptr[-1]))),
+        "indices": col.to(narrowest_uint(max(view.shape[1] - 1, 0))),
+    }
+    return Encoded("block", parts, {"rows": rows, "blocks": int(indptr[-1])})
+
+
 def decode(enc: Encoded, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """The dense tensor ``enc`` encodes."""
     values = enc.parts["values"]
@@ -157,23 +178,39 @@ def decode(enc: Encoded, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Te
         groups.scatter_(1, slots, values.reshape(-1, n))
         out = groups.reshape(layout)
         return out.movedim(-1, 1).contiguous() if len(shape) > 2 else out
+    if enc.encoding == "block":
+        r = int(enc.params["rows"])
+        rows = shape[0] if shape else 1
+        cols = numel // rows if rows else 0
+        indptr = enc.parts["indptr"].to(torch.int64)
+        brow = torch.repeat_interleave(torch.arange(rows // r), indptr[1:] - indptr[:-1])
+        tiles = torch.zeros(rows // r, r, cols, dtype=dtype)
+        tiles[brow, :, enc.parts["indices"].to(torch.int64)] = values.reshape(-1, r)
+        return tiles.reshape(shape)
     raise ValueError(f"unknown encoding '{enc.encoding}'; allowed: {', '.join(ENCODINGS)}")
 
 
-def candidates(t: torch.Tensor, nm: tuple[int, int] | None = None) -> list[Encoded]:
+def candidates(
+    t: torch.Tensor, nm: tuple[int, int] | None = None, block_rows: int | None = None
+) -> list[Encoded]:
     """Every encoding that applies to ``t``: dense always; bitmask and CSR for tensors with elements;
-    N:M for the given (n, m) when the tensor satisfies it."""
+    N:M for the given (n, m) when the tensor satisfies it; R x 1 blocks for the given ``block_rows`` when
+    they divide the rows."""
     out = [encode_dense(t)]
     if t.numel():
         out += [encode_bitmask(t), encode_csr(t)]
     if nm is not None and nm_fits(t, *nm):
         out.append(encode_nm(t, *nm))
+    if block_rows and t.dim() >= 2 and t.numel() and t.shape[0] % block_rows == 0:
+        out.append(encode_block(t, block_rows))
     return out
 
 
-def smallest(t: torch.Tensor, nm: tuple[int, int] | None = None, allowed=ENCODINGS) -> Encoded:
+def smallest(
+    t: torch.Tensor, nm: tuple[int, int] | None = None, allowed=ENCODINGS, block_rows: int | None = None
+) -> Encoded:
     """The encoding with the fewest bytes (values + index); ties go to the simpler one (ENCODINGS order)."""
-    options = [e for e in candidates(t, nm) if e.encoding in allowed]
+    options = [e for e in candidates(t, nm, block_rows) if e.encoding in allowed]
     if not options:
         raise ValueError(f"none of the encodings {list(allowed)} applies")
     return min(options, key=lambda e: (e.total_bytes, ENCODINGS.index(e.encoding)))

@@ -9,11 +9,14 @@ from typing import Any
 from prunekit.compress.container import dense_bytes, read_header, tensor_infos
 
 
-def inspect_compressed(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def inspect_compressed(path: str | Path, verify: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows (tensor, shape, encoding, dtype, nonzero, sparsity, value/index/scale bytes, dense bytes) and
-    totals, including the file's own overhead (the safetensors header, JSON and alignment)."""
+    totals, including the file's own overhead (the safetensors header, the tensor index, alignment).
+
+    ``verify`` (the default) checks the file's integrity first (see
+    :func:`prunekit.compress.container.read_header`); ``totals["verified"]`` says whether it was."""
     path = Path(path)
-    header = read_header(path)
+    header = read_header(path, verify=verify)
     rows = []
     for info in tensor_infos(header):
         numel = math.prod(info.shape)
@@ -46,5 +49,6 @@ def inspect_compressed(path: str | Path) -> tuple[list[dict[str, Any]], dict[str
         "ratio_vs_dense": dense / size if size else 0.0,
         "value_dtype": header.get("value_dtype"),
         "format_version": header.get("format_version"),
+        "verified": verify,
     }
     return rows, totals

@@ -1,6 +1,14 @@
 """Movement pruning: S = -sum_t w_t * dL/dw_t accumulated over fine-tuning steps; weights moving toward
 zero get low scores (Sanh, Wolf & Rush, "Movement Pruning: Adaptive Sparsity by Fine-Tuning",
-NeurIPS 2020)."""
+NeurIPS 2020).
+
+One deliberate difference from the paper: here masks only grow. The paper passes the gradient straight
+through the mask, so a pruned weight's score keeps moving and the weight can come back at a later pruning
+step. prunekit's masks are a parametrization ``where(mask, w, 0)``: a pruned weight and its gradient are
+exactly zero, so its score freezes at the value it had when it was pruned, and every selection keeps
+pruned weights pruned (as it does for every criterion under AGP). What is pruned stays pruned, and what
+is kept is ranked by movement as in the paper.
+"""
 
 from __future__ import annotations
 

@@ -34,6 +34,8 @@ class Splits:
 
 
 def _arrays(name: str, path: str | Path | None) -> tuple[np.ndarray, np.ndarray]:
+    if path is None and str(name).endswith(".npz"):  # `--data FILE.npz`, as `export c` takes it
+        name, path = "npz", name
     if name == "digits":
         from sklearn.datasets import load_digits
 
@@ -72,6 +74,8 @@ def load_splits(
     """Stratified, seeded split into train/val/test (fractions of the whole set)."""
     from sklearn.model_selection import train_test_split
 
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise PrunekitError(f"seed must be an integer in [0, 2**32) (NumPy's range), got {seed!r}")
     if not (0 < val < 1 and 0 < test < 1 and val + test < 1):
         raise PrunekitError(
             f"data: val and test fractions must be in (0, 1) and sum below 1, got {val}, {test}"

@@ -15,6 +15,12 @@ Two traps of that exporter are handled here rather than left to users:
 ``exporter="torchscript"`` remains available for models that ``torch.export`` cannot trace
 (data-dependent Python control flow).
 
+INT8 models (static activations) are exported as standard QDQ ONNX (:mod:`prunekit.export.qdq`: int8
+per-channel weights, int32 biases, ``QuantizeLinear``/``DequantizeLinear`` at every int8 tensor with
+prunekit's own scales) and checked against prunekit's int8 model in quantization steps: onnxruntime's
+output must be within ``int8_steps`` steps (``max|output| / 127``) of prunekit's. It is equal except
+where onnxruntime's float32 requantization rounds a near-tie the other way (docs/onnx.md).
+
 The file is written to a temporary directory next to ``path``, fsynced (with its side file, if any),
 verified there, and only then renamed into place: a failed export or verification leaves no file and
 does not touch an existing one. A ``<path>.data`` left by an earlier export with external data is
@@ -40,8 +46,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from prunekit.errors import PrunekitError
+from prunekit.export import qdq
 from prunekit.masking import squash
-from prunekit.quant.layers import QuantizedConv2d, QuantizedLinear
+from prunekit.quant.layers import QuantizedConv2d, QuantizedLayer, QuantizedLinear
+from prunekit.quant.rounding import activation_scale
 
 log = logging.getLogger(__name__)
 
@@ -165,11 +173,7 @@ def _quiet_exporter() -> Iterator[None]:
 
 
 def _int8_layers(model: nn.Module) -> list[str]:
-    """Names of prunekit INT8 layers (or other modules holding int8 tensors) in ``model``.
-
-    Their forward quantizes activations with ops the exporter cannot convert (``amax`` over all dims) and
-    computes with int8 tensors ONNX Runtime's float kernels do not take, so such a model is refused up front.
-    """
+    """Names of prunekit INT8 modules (or other modules holding int8 tensors) in ``model``."""
 
     return [
         name or type(model).__name__
@@ -179,7 +183,28 @@ def _int8_layers(model: nn.Module) -> list[str]:
     ]
 
 
-INT8_HINT = "ONNX export takes float models: export the float model (or artifact) it was quantized from"
+def _check_int8(model: nn.Module) -> None:
+    """An INT8 model exports as QDQ when every module holding int8 tensors is a prunekit int8 module with
+    static activations; anything else is refused up front, in one line."""
+    foreign = [
+        name
+        for name, m in model.named_modules()
+        if type(m) not in qdq.TWINS
+        and any(t.dtype == torch.int8 for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)))
+    ]
+    dynamic = [n for n, m in model.named_modules() if isinstance(m, QuantizedLayer) and m.act_scale is None]
+    if foreign or dynamic:
+        names = (foreign or dynamic)[:3]
+        what = "int8 tensors outside prunekit's int8 layers" if foreign else "dynamic activations"
+        raise PrunekitError(
+            f"{type(model).__name__} is an INT8 model with {what} ({', '.join(names)}); {INT8_HINT}"
+        )
+
+
+INT8_HINT = (
+    "ONNX QDQ export takes prunekit INT8 models with static (calibrated) activations: quantize with "
+    "activations='static' and calibration data, or export the float model it was quantized from"
+)
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -329,8 +354,10 @@ def _match_zero_weights(model: nn.Module, weights: list[tuple[str, Any]]) -> dic
     }
 
 
-def _check(session, model, inputs, names_in, rtol, atol) -> list[float]:
-    """Max abs difference per output between onnxruntime and PyTorch; a mismatch is a PrunekitError."""
+def _check(session, model, inputs, names_in, tolerance: dict) -> tuple[list[float], list[float]]:
+    """Max abs difference per output between onnxruntime and PyTorch, and that difference in int8 steps
+    (``max|expected| / 127``); a mismatch beyond ``tolerance`` (``rtol``/``atol``, or ``int8_steps``) is a
+    PrunekitError."""
 
     with torch.no_grad():
         expected = [t.detach().cpu() for t in _flatten(model(*inputs))]
@@ -339,7 +366,7 @@ def _check(session, model, inputs, names_in, rtol, atol) -> list[float]:
     if len(got) != len(expected):
         raise PrunekitError(f"the ONNX model returns {len(got)} outputs, PyTorch {len(expected)}")
     batch = tuple(inputs[0].shape)
-    diffs = []
+    diffs, steps = [], []
     for name, onnx_out, ref in zip(outputs, got, expected):
         ref = ref.float().numpy() if ref.dtype == torch.bfloat16 else ref.numpy()
         if onnx_out.shape != ref.shape:
@@ -347,13 +374,40 @@ def _check(session, model, inputs, names_in, rtol, atol) -> list[float]:
                 f"ONNX output '{name}' has shape {onnx_out.shape}, PyTorch {ref.shape} (input {batch})"
             )
         diff = float(np.abs(onnx_out.astype(np.float64) - ref.astype(np.float64)).max()) if ref.size else 0.0
-        if not np.allclose(onnx_out, ref, rtol=rtol, atol=atol, equal_nan=True):
+        top = float(np.abs(ref).max()) if ref.size else 0.0
+        step = float(activation_scale(torch.tensor(top, dtype=torch.float32)))
+        if "int8_steps" in tolerance:
+            if not diff <= tolerance["int8_steps"] * step:
+                raise PrunekitError(
+                    f"ONNX output '{name}' differs from prunekit's int8 model by {diff / step:.2f} int8 "
+                    f"steps (step {step:.3g} = max|output| / 127) at input shape {batch}; allowed: "
+                    f"{tolerance['int8_steps']:g} (int8_steps)"
+                )
+        elif not np.allclose(onnx_out, ref, rtol=tolerance["rtol"], atol=tolerance["atol"], equal_nan=True):
             raise PrunekitError(
                 f"ONNX output '{name}' differs from PyTorch by up to {diff:.3g} at input shape {batch} "
-                f"(allowed: atol {atol:g} + rtol {rtol:g} x |expected|)"
+                f"(allowed: atol {tolerance['atol']:g} + rtol {tolerance['rtol']:g} x |expected|)"
             )
         diffs.append(diff)
-    return diffs
+        steps.append(diff / step)
+    return diffs, steps
+
+
+def _int8_zeros(onnx, tmp_file: Path, model: nn.Module) -> dict[str, Any]:
+    """Exact zeros of the int8 weights in the model and in the file's int8 initializers (>= 2 dims)."""
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(tmp_file))
+    in_file = [numpy_helper.to_array(t) for t in proto.graph.initializer if len(t.dims) >= 2]
+    in_file = [a for a in in_file if a.dtype == np.int8]
+    weights = [m.weight_q for m in model.modules() if isinstance(m, QuantizedLayer)]
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    return {
+        "weights": len(weights),
+        "zeros_model": zeros,
+        "zeros_onnx": sum(int((a == 0).sum()) for a in in_file),
+        "preserved": len(in_file) == len(weights) and sum(int((a == 0).sum()) for a in in_file) == zeros,
+    }
 
 
 def _validate(path: Path, opset, exporter, rtol, atol) -> None:
@@ -383,6 +437,7 @@ def export_onnx(
     exporter: str = "dynamo",
     external_data: bool | None = None,
     debug_info: bool = False,
+    int8_steps: float = 1.0,
 ) -> dict[str, Any]:
     """Export ``model`` (dense, masked or structurally pruned) to one ONNX file and check it.
 
@@ -400,23 +455,27 @@ def export_onnx(
     has a tensor in the file holding them, found by name or, renamed, by shape and values or zero
     positions; the others are listed in ``unmatched``).
 
-    An INT8 model (:mod:`prunekit.quant.layers` layers, int8 tensors) is refused before anything is traced:
-    export the float model it was quantized from.
+    An INT8 model (:mod:`prunekit.quant` with static activations) is written as QDQ ONNX and verified
+    against prunekit's int8 model: each output within ``int8_steps`` int8 steps (``max|output| / 127``);
+    the report's ``int8`` entry has the steps measured and the int8 weights' zeros (module docstring).
+    Dynamic activations, or int8 tensors outside prunekit's layers, are refused before anything is traced.
     """
     onnx, ort = _require_onnx()
     path = Path(path)
     _validate(path, opset, exporter, rtol, atol)
+    if isinstance(int8_steps, bool) or not isinstance(int8_steps, (int, float)) or not int8_steps >= 0:
+        raise PrunekitError(f"int8_steps must be a number >= 0, got {int8_steps!r}")
     inputs = _as_inputs(example_inputs)
-    int8 = _int8_layers(model)
+    int8 = bool(_int8_layers(model))
     if int8:
-        more = f" and {len(int8) - 3} more" if len(int8) > 3 else ""
-        raise PrunekitError(
-            f"{type(model).__name__} is an INT8 model ({', '.join(int8[:3])}{more}); {INT8_HINT}"
-        )
+        _check_int8(model)
     if any(t.device.type != "cpu" for t in (*model.parameters(), *model.buffers())):
         raise PrunekitError("export_onnx runs on the CPU: move the model there first (model.cpu())")
     base_batch = _batch_of(inputs) if dynamic_batch else None
-    with _inference_copy(model) as work:
+    with _inference_copy(model) as prunekit_model:
+        # an INT8 model is written as its QDQ twin and checked against itself, in quantization steps
+        work = qdq.qdq_twin(prunekit_model) if int8 else prunekit_model
+        tolerance = {"int8_steps": float(int8_steps)} if int8 else {"rtol": rtol, "atol": atol}
         with torch.no_grad():
             try:
                 reference = _flatten(work(*inputs))
@@ -445,11 +504,18 @@ def export_onnx(
                 debug_info=debug_info,
             )
             report = _inspect(onnx, tmp_file, work, opset, exporter)
+            if int8:
+                report["int8"] = _int8_zeros(onnx, tmp_file, prunekit_model)
             batches, report["max_abs_diff"], report["max_abs_diff_per_output"] = [], None, None
             if verify:
-                batches, diffs = _verify(ort, tmp_file, work, inputs, names_in, base_batch, rtol, atol)
+                batches, diffs, steps = _verify(
+                    ort, tmp_file, prunekit_model, inputs, names_in, base_batch, tolerance
+                )
                 report["max_abs_diff_per_output"] = dict(zip(names_out, diffs))
                 report["max_abs_diff"] = max(diffs, default=0.0)
+                if int8:
+                    report["int8"]["max_steps_per_output"] = dict(zip(names_out, steps))
+                    report["int8"]["max_steps"] = max(steps, default=0.0)
             files = sorted(tmp_dir.iterdir(), key=lambda f: f.name == path.name)  # the model file last
             for f in files:  # side files first, so a model file in place always finds its weights
                 os.replace(f, path.parent / f.name)
@@ -467,6 +533,7 @@ def export_onnx(
         batch_sizes=batches,
         rtol=rtol,
         atol=atol,
+        quantized="int8 (QDQ)" if int8 else None,
     )
     log.info(
         "wrote %s (%d bytes, opset %d); max abs diff vs PyTorch %s",
@@ -505,7 +572,7 @@ def _inspect(onnx, tmp_file: Path, model: nn.Module, opset: int | None, exporter
     return {"opset": written, "exporter": exporter, "zero_weights": zero_weights}
 
 
-def _verify(ort, tmp_file, model, inputs, names_in, base_batch, rtol, atol):
+def _verify(ort, tmp_file, model, inputs, names_in, base_batch, tolerance):
     options = ort.SessionOptions()
     options.intra_op_num_threads = max(1, torch.get_num_threads())
     options.log_severity_level = 3  # errors only: its warnings about unused initializers are noise here
@@ -516,10 +583,10 @@ def _verify(ort, tmp_file, model, inputs, names_in, base_batch, rtol, atol):
     runs = [inputs]
     if base_batch is not None:  # another size than both the example and the trace (2)
         runs.append(_rebatch(inputs, base_batch + 2, seed=2))
-    diffs = None
+    diffs = steps = None
     for run in runs:
         try:
-            d = _check(session, model, run, names_in, rtol, atol)
+            d, st = _check(session, model, run, names_in, tolerance)
         except PrunekitError:
             raise
         except Exception as exc:  # onnxruntime failing at another batch size: the batch was baked in
@@ -528,4 +595,5 @@ def _verify(ort, tmp_file, model, inputs, names_in, base_batch, rtol, atol):
                 f"onnxruntime failed at input shape {tuple(run[0].shape)}: {_root_cause(exc)}{hint}"
             ) from None
         diffs = d if diffs is None else [max(a, b) for a, b in zip(diffs, d)]
-    return [int(run[0].shape[0]) for run in runs], diffs
+        steps = st if steps is None else [max(a, b) for a, b in zip(steps, st)]
+    return [int(run[0].shape[0]) for run in runs], diffs, steps

@@ -3,10 +3,13 @@
 Variants: ``dense`` (the dense artifact, when the source has one), ``pruned`` (zeros run through dense
 kernels), ``pruned-int8`` (:func:`prunekit.quant.ptq.quantize_model`, dynamic activations), ``compiled``
 and ``compiled-int8`` (:func:`prunekit.runtime.compile` of the two, decided per layer for each batch size
-and thread count). For each thread count and batch size every variant is timed in one interleaved run
-(:func:`prunekit.analysis.compare_latency`): p50/p99/mean latency and throughput. Size is the file a user
-would ship (the dense artifact; the compressed artifact in float32 or int8 values). Peak RSS is measured for
-each variant in a fresh process, since one process cannot un-see another variant's memory.
+and thread count), and the dense engines a user would deploy instead (:mod:`prunekit.export.engines`, from
+the dense artifact): ``torch-x86-int8``, ``onnxruntime-fp32``, ``onnxruntime-int8`` (skipped, with the
+reason, when an engine is missing). For each thread count and batch size every variant is timed in one
+interleaved run (:func:`prunekit.analysis.compare_latency`): p50/p99/mean latency and throughput. Size is
+the file a user would ship (the dense artifact; the compressed artifact in float32 or int8 values; the ONNX
+file; torch's int8 state dict). Peak RSS is measured for each of prunekit's variants in a fresh process,
+since one process cannot un-see another variant's memory (not for the baselines).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from prunekit import runtime
 from prunekit.analysis.latency import compare_latency
@@ -34,15 +38,19 @@ from prunekit.artifact import plain_state_dict, read_artifact
 from prunekit.compress.container import save_compressed
 from prunekit.compress.source import tensor_specs
 from prunekit.errors import PrunekitError
+from prunekit.export import engines
 from prunekit.files import atomic_write_bytes, safetensors_metadata
 from prunekit.jobs import recipe
 from prunekit.jobs.run import run_recipe
 from prunekit.jobs.structured import load_model_spec
+from prunekit.limits import check_input
 from prunekit.quant.ptq import quantize_model
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("dense", "pruned", "pruned-int8", "compiled", "compiled-int8")
+# the dense engines a user would deploy instead (prunekit.export.engines), built from the dense artifact
+BASELINES = engines.BASELINES
+VARIANTS = ("dense", "pruned", "pruned-int8", "compiled", "compiled-int8", *BASELINES)
 
 
 @dataclass(frozen=True)
@@ -57,7 +65,7 @@ class Source:
     int8: Path | None = None
 
     def available(self, variant: str) -> bool:
-        if variant == "dense":
+        if variant == "dense" or variant in BASELINES:
             return self.dense is not None
         if variant.endswith("int8"):
             return self.int8 is not None or self.pruned is not None
@@ -91,7 +99,7 @@ def _run_recipe(rec, out: Path) -> Path:
 
     run_dir = out / "run"
     log.info("bench: running recipe %s into %s first", rec.name, run_dir)
-    run_recipe(rec, run_dir, progress=False)
+    run_recipe(rec, run_dir, progress=False, force=True)  # OUT/run is bench's own: rerunning replaces it
     return run_dir
 
 
@@ -247,8 +255,10 @@ def bench(
     warmup: int = 30,
     variants: Sequence[str] = VARIANTS,
     memory: bool = True,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Measure every variant; returns the JSON-ready table (see the module docstring)."""
+    """Measure every variant; returns the JSON-ready table (see the module docstring). ``progress``: a
+    bar over the thread x batch settings and the memory probes."""
 
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -266,14 +276,29 @@ def bench(
             f"bench: none of the variants asked for ({', '.join(missing) or 'none'}) can be built from this "
             "source (dense needs a dense artifact; pruned/compiled a float pruned one)"
         )
-    base = {v: load_variant(source, v) for v in variants if not v.startswith("compiled")}
+    base = {
+        v: load_variant(source, v) for v in variants if not v.startswith("compiled") and v not in BASELINES
+    }
     for v in variants:  # the compiled variants start from their uncompiled twin
         if v.startswith("compiled"):
             twin = v.replace("compiled", "pruned")
             base.setdefault(twin, load_variant(source, twin))
+    for model in base.values():  # the largest batch, before any example is allocated
+        check_input(model, (max(batches), *source.sample_shape), f"--batch {max(batches)} x --input-shape")
+    workdir = tempfile.TemporaryDirectory(prefix="prunekit-bench-")
+    found = _baselines(source, [v for v in variants if v in BASELINES], workdir.name)
+    reasons = {b.name: b.skipped for b in found if b.skipped}
+    variants = [v for v in variants if v not in reasons]
     rows: list[dict[str, Any]] = []
     decisions: list[dict[str, Any]] = []
     previous = torch.get_num_threads()
+    own = [v for v in variants if v not in BASELINES]
+    bar = tqdm(
+        total=len(threads) * len(batches) + (len(own) if memory else 0),
+        desc="bench",
+        unit="setting",
+        disable=not progress,
+    )
     try:
         for t in threads:
             torch.set_num_threads(t)
@@ -281,7 +306,10 @@ def bench(
                 example = torch.randn(b, *source.sample_shape, generator=torch.Generator().manual_seed(b))
                 models: dict[str, nn.Module] = {}
                 for v in variants:
-                    if v.startswith("compiled"):
+                    if v in BASELINES:  # onnxruntime sessions take their thread count when made
+                        m = next(x.model for x in found if x.name == v)
+                        models[v] = engines.OrtModule(m.path, t) if isinstance(m, engines.OrtModule) else m
+                    elif v.startswith("compiled"):
                         twin = base[v.replace("compiled", "pruned")]
                         compiled, report, seconds = _compile(twin, example)  # compile copies
                         models[v] = compiled
@@ -306,10 +334,19 @@ def bench(
                             "runs": s["runs"],
                         }
                     )
+                bar.update(1)
     finally:
         torch.set_num_threads(previous)
+        workdir.cleanup()
     size = sizes(source)
-    rss = {v: peak_rss(source, v, max(batches), min(runs, 100)) for v in variants} if memory else {}
+    for x in found:
+        if not x.skipped:
+            size[x.name] = x.size_bytes if x.size_bytes is not None else _state_bytes(x.model)
+    rss = {}
+    for v in own if memory else ():
+        rss[v] = peak_rss(source, v, max(batches), min(runs, 100))
+        bar.update(1)
+    bar.close()
     return {
         "source": {k: str(v) if v else None for k, v in _paths(source).items()},
         "int8_from": (
@@ -319,7 +356,9 @@ def bench(
         ),
         "sample_shape": list(source.sample_shape),
         "variants": list(variants),
-        "skipped": missing,
+        "skipped": missing + sorted(reasons),
+        "skipped_reasons": reasons,
+        "engines": {x.name: x.engine for x in found},
         "runs": runs,
         "warmup": warmup,
         "size_bytes": {v: size[v] for v in variants},
@@ -328,6 +367,24 @@ def bench(
         "compile": decisions,
         "environment": {"torch": torch.__version__, "baseline": variants[0]},
     }
+
+
+def _baselines(source: Source, names: list[str], workdir: str) -> list[engines.Baseline]:
+    """The dense engine baselines of the dense artifact, calibrated on seeded random inputs (they are
+    speed references here: the values calibrated on do not change their speed)."""
+    if not names:
+        return []
+    dense = load_variant(source, "dense")
+    gen = torch.Generator().manual_seed(0)
+    calibration = [torch.randn(8, *source.sample_shape, generator=gen) for _ in range(4)]
+    example = torch.randn(1, *source.sample_shape, generator=gen)
+    return engines.dense_baselines(dense, example, calibration, workdir, tuple(names))
+
+
+def _state_bytes(model: nn.Module) -> int:
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return len(buf.getvalue())
 
 
 def _paths(source: Source) -> dict[str, Path | None]:
@@ -343,21 +400,30 @@ def table(result: dict[str, Any]) -> str:
     """The measurements as a fixed-width text table."""
     first = result["variants"][0]
     lines = [
-        f"{'variant':<14} {'thr':>3} {'batch':>5} {'p50 ms':>9} {'p99 ms':>9} {'mean ms':>9} "
+        f"{'variant':<17} {'thr':>3} {'batch':>5} {'p50 ms':>9} {'p99 ms':>9} {'mean ms':>9} "
         f"{'items/s':>10} {'p50 vs ' + first:>16} {'size B':>10} {'peak RSS MB':>11}"
     ]
     for r in result["rows"]:
         rss = result["peak_rss_mb"].get(r["variant"])
+        peak = "-" if not rss else f"{rss['peak_rss_mb']:.0f}"  # "-": not measured (--no-memory)
         lines.append(
-            f"{r['variant']:<14} {r['threads']:>3} {r['batch']:>5} {r['p50_ms']:>9.3f} {r['p99_ms']:>9.3f} "
+            f"{r['variant']:<17} {r['threads']:>3} {r['batch']:>5} {r['p50_ms']:>9.3f} {r['p99_ms']:>9.3f} "
             f"{r['mean_ms']:>9.3f} {r['throughput_per_s']:>10.0f} {r['p50_vs_first']:>15.2f}x "
-            f"{result['size_bytes'][r['variant']]:>10,} {rss['peak_rss_mb'] if rss else float('nan'):>11.0f}"
+            f"{result['size_bytes'][r['variant']]:>10,} {peak:>11}"
         )
     lines.append(
         f"{result['runs']} timed runs per variant and setting after {result['warmup']} warm-up runs, "
         "interleaved in blocks (p99: the 99th percentile of those runs); peak RSS: a fresh process each, "
         "while running (after building)"
     )
+    for name, why in result.get("skipped_reasons", {}).items():
+        lines.append(f"{name} skipped: {why}")
+    if any(v in BASELINES for v in result["variants"]):
+        lines.append(
+            "dense baselines (from the dense artifact): "
+            + "; ".join(f"{k} = {v}" for k, v in result.get("engines", {}).items())
+            + "; speed references, their accuracy is not measured"
+        )
     if "pruned-int8" in result["variants"]:
         lines.append(
             "pruned-int8 runs prunekit's reference int8 layers (exact integer products in float64): it "

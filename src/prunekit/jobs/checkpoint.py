@@ -9,7 +9,12 @@ keys, tuples, numpy RNG arrays) into that pair and back exactly.
 Files in ``DIR/checkpoint/``: ``last.safetensors`` and ``previous.safetensors``. A new checkpoint is
 written to a temporary file and fsynced; then ``last`` becomes ``previous`` and the temporary file
 becomes ``last`` (two renames). A crash at any point leaves at least one complete checkpoint, and
-:func:`load_latest` falls back to ``previous`` when ``last`` is missing or unreadable.
+:func:`load_latest` falls back to ``previous`` when ``last`` is missing, unreadable or damaged.
+
+Integrity: the metadata holds a SHA-256 over every tensor (name, dtype, shape, bytes) and the JSON state,
+checked before anything in the file is used, so a damaged checkpoint is never resumed from (a flipped bit
+would otherwise continue the run with different weights and finish "successfully" with another result).
+Checkpoints of format ``prunekit-checkpoint/1`` (no digest) are refused for that reason.
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ import hashlib
 import json
 import logging
 import os
-import signal
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -30,7 +34,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from prunekit.artifact import load_artifact
-from prunekit.errors import PrunekitError
+from prunekit.errors import ArtifactCorrupted, PrunekitError
 from prunekit.jobs.recipe import EvaluateStage, to_dict
 from prunekit.jobs.state import CHECKPOINTED, RunState
 from prunekit.masking import load_masked_state_dict, squash
@@ -41,11 +45,9 @@ from prunekit.structured.apply import apply_plan
 
 log = logging.getLogger(__name__)
 
-FORMAT = "prunekit-checkpoint/1"
+FORMAT = "prunekit-checkpoint/2"  # 2: with the SHA-256 of its contents
 _META_KEY = "prunekit_checkpoint"
-# test hook: "N" kills this process (SIGKILL) right after checkpoint N is in place, "N:before-rename"
-# after checkpoint N's temporary file is written but before it replaces `last`
-KILL_ENV = "PRUNEKIT_TEST_KILL_AT_CHECKPOINT"
+_DIGEST_KEY = "sha256"
 
 
 # -- nested state <-> (JSON, tensors) -------------------------------------------------------------------
@@ -155,15 +157,6 @@ def checkpoint_dir(out: str | Path) -> Path:
     return Path(out) / "checkpoint"
 
 
-def _kill_hook(count: int, phase: str) -> None:
-    spec = os.environ.get(KILL_ENV)
-    if not spec:
-        return
-    number, _, when = spec.partition(":")
-    if int(number) == count and (when or "after") == phase:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -181,15 +174,14 @@ def save(out: str | Path, state: dict[str, Any]) -> Path:
         stale.unlink(missing_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     meta = json.dumps(pack(state, tensors), separators=(",", ":"))
-    data = st_save(tensors, metadata={"format": FORMAT, _META_KEY: meta})
+    digest = _digest(tensors, meta)
+    data = st_save(tensors, metadata={"format": FORMAT, _META_KEY: meta, _DIGEST_KEY: digest})
     fd, tmp = tempfile.mkstemp(prefix=".next.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        count = int(state.get("count", 0))
-        _kill_hook(count, "before-rename")
         last, previous = folder / "last.safetensors", folder / "previous.safetensors"
         if last.exists():
             os.replace(last, previous)
@@ -198,27 +190,52 @@ def save(out: str | Path, state: dict[str, Any]) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _kill_hook(count, "after")
     return last
 
 
+def _digest(tensors: dict[str, torch.Tensor], meta: str) -> str:
+    """SHA-256 over every tensor (in name order: name, dtype, shape, bytes) and the JSON state's text."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].contiguous()
+        h.update(f"{key}|{t.dtype}|{list(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    h.update(meta.encode("utf-8"))
+    return h.hexdigest()
+
+
 def read(path: str | Path) -> dict[str, Any]:
-    """Load one checkpoint file (safetensors only: no code runs)."""
+    """Load one checkpoint file (safetensors only: no code runs), after checking its SHA-256."""
 
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
             if meta.get("format") != FORMAT:
-                raise PrunekitError(f"{path} is not a prunekit checkpoint (format {meta.get('format')!r})")
+                old = meta.get("format") == "prunekit-checkpoint/1"
+                raise PrunekitError(
+                    f"{path} was written by an older prunekit without an integrity check; it cannot be "
+                    "trusted to resume from: run without --resume to start over"
+                    if old
+                    else f"{path} is not a prunekit checkpoint (format {meta.get('format')!r})"
+                )
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open is no dict)
-        return unpack(json.loads(meta[_META_KEY]), tensors)
-    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as exc:
+        text = meta[_META_KEY]
+        if _digest(tensors, text) != meta.get(_DIGEST_KEY):
+            raise ArtifactCorrupted(
+                f"{path} is damaged: its contents do not match the SHA-256 it was saved with"
+            )
+        return unpack(json.loads(text), tensors)
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError) as exc:
+        if isinstance(exc, PrunekitError):
+            raise
         raise PrunekitError(f"{path} is not a readable prunekit checkpoint: {exc}") from None
 
 
 def load_latest(out: str | Path) -> tuple[dict[str, Any], Path]:
-    """The newest readable checkpoint under ``out``: ``last``, else ``previous``."""
+    """The newest intact checkpoint under ``out``: ``last``, else ``previous`` (with a warning naming what
+    was wrong with ``last``); both damaged or missing is one line naming each."""
     folder = checkpoint_dir(out)
     problems = []
     for name in ("last.safetensors", "previous.safetensors"):
@@ -226,12 +243,20 @@ def load_latest(out: str | Path) -> tuple[dict[str, Any], Path]:
         if not path.is_file():
             continue
         try:
-            return read(path), path
+            state = read(path)
         except PrunekitError as exc:
             log.warning("%s", exc)
-            problems.append(name)
-    why = f" (unreadable: {', '.join(problems)})" if problems else ""
-    raise PrunekitError(f"--resume: no checkpoint to resume from in {folder}{why}")
+            problems.append(f"{name}: {str(exc).removeprefix(str(path)).strip(' :')}")
+            continue
+        if problems:
+            log.warning("resuming from %s instead", path)
+        return state, path
+    if problems:
+        raise PrunekitError(
+            f"--resume: no intact checkpoint in {folder} ({'; '.join(problems)}); run without --resume "
+            "(and with --force) to start over"
+        )
+    raise PrunekitError(f"--resume: no checkpoint to resume from in {folder}")
 
 
 # -- recipe runs (prunekit.jobs.state.RunState) -----------------------------------------------------------

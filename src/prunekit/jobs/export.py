@@ -23,16 +23,12 @@ from prunekit.export.c.harness import have
 from prunekit.export.c.source import calibration_inputs, parse_bytes
 from prunekit.export.c.source import load_source as load_c_source
 from prunekit.export.onnx import export_onnx
-from prunekit.files import safetensors_metadata
+from prunekit.files import refuse_same_file, safetensors_metadata
 from prunekit.jobs.structured import load_model_spec
+from prunekit.limits import check_input
+from prunekit.models import MODELS
+from prunekit.store import refuse_inside_store
 from prunekit.structured.storage import LOG, WEIGHTS, load
-
-
-def _refuse_int8(path: Path) -> None:
-    raise PrunekitError(
-        f"{path} is an INT8 artifact; ONNX export takes float models: "
-        "export the float artifact it was quantized from"
-    )
 
 
 def _from_artifact(path: Path, shape: tuple[int, ...] | None) -> tuple[nn.Module, tuple[int, ...]]:
@@ -43,19 +39,16 @@ def _from_artifact(path: Path, shape: tuple[int, ...] | None) -> tuple[nn.Module
         )
     try:  # the header alone says whether the CLI can rebuild the model (load_artifact reports the rest)
         header = json.loads(safetensors_metadata(path).get("prunekit", "{}"))
-        recorded, int8 = header.get("model", True), header.get("int8")
+        recorded = header.get("model", True)
     except (ValueError, AttributeError):
-        recorded, int8 = True, None
-    if int8:
-        _refuse_int8(path)
+        recorded = True
     if recorded is None:
         raise PrunekitError(
             f"{path} records no built-in architecture, so the CLI cannot rebuild the model; export it "
             "from Python: prunekit.export.export_onnx(model, example_inputs, 'model.onnx')"
         )
-    model, info = load_artifact(path, masked=True)  # masked: export squashes a copy, zeros and all
-    if info.int8:  # a header the quick read above could not parse
-        _refuse_int8(path)
+    # masked: export squashes a copy, zeros and all; an INT8 artifact exports as QDQ (export_onnx)
+    model, info = load_artifact(path, masked=True)
     if shape is None and info.model and info.model.get("name") == "resnet-digits":
         # the built-in digits classifier takes 8x8 images; its channel count is in the recorded args
         shape = (1, int((info.model.get("args") or {}).get("in_channels", 1)), 8, 8)
@@ -82,8 +75,16 @@ def _from_structured_dir(path: Path, shape: tuple[int, ...] | None) -> tuple[nn.
         raise PrunekitError(
             f"{path / 'metrics.json'}: cannot read 'model' and 'input_shape': {exc}"
         ) from None
-    if not spec:
+    if not spec or not isinstance(spec, str):
         raise PrunekitError(f"{path / 'metrics.json'} does not name the original model")
+    if ":" in spec and not spec.endswith(".safetensors") and spec not in MODELS:
+        # `structured --model pkg.module:factory` was the user's own command; read back from a file, the
+        # same string would make prunekit import and call whatever the file names
+        raise PrunekitError(
+            f"{path / 'metrics.json'} names its model by the factory {spec!r}; a file never makes prunekit "
+            f"import code: in Python, prunekit.structured.storage.load(<your factory>(), '{path}') and "
+            "prunekit.export.export_onnx"
+        )
     shape = shape or recorded
     model, _ = load_model_spec(spec, shape)  # the unpruned original, rebuilt as `prunekit structured` did
     return load(model, path), shape
@@ -107,7 +108,10 @@ def onnx_from_source(
 ) -> tuple[dict[str, Any], tuple[int, ...]]:
     """Export the model saved at ``source`` to ``out`` (prunekit.export.onnx.export_onnx ``options``) on a
     seeded random example of ``shape``; returns the export report and the shape used."""
+    refuse_same_file(out, source, "--out", "SOURCE")
+    refuse_inside_store(out)
     model, shape = load_source(source, shape)
+    check_input(model, shape)  # before the example (and the exporter's trace) is allocated
     example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     return export_onnx(model, example, out, **options), shape
 
@@ -126,6 +130,8 @@ def c_from_source(
     """Export the INT8 model at ``source`` as C99 into ``out``; with ``check`` also ``make check`` (gcc) and
     the Cortex-M4 size. Returns the export result, the checks and the artifact used."""
     flash, ram = parse_bytes(flash_limit, "--flash-limit"), parse_bytes(ram_limit, "--ram-limit")
+    refuse_same_file(out, source, "--out", "SOURCE")
+    refuse_inside_store(out)
     model, splits, artifact = load_c_source(source, data)
     x_train, x_test, y_test = calibration_inputs(splits), splits.test[:][0], splits.test[:][1]
     result = export_c(

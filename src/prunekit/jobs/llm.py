@@ -8,6 +8,7 @@ run leaves no half-written model.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -22,14 +23,17 @@ import torch
 from prunekit import __version__
 from prunekit.analysis.memory import RssSampler, peak_rss_mb
 from prunekit.errors import PrunekitError
-from prunekit.files import atomic_write_json
+from prunekit.files import atomic_write_json, same_path
 from prunekit.llm.load import load_causal_lm, max_positions
 from prunekit.llm.perplexity import perplexity
 from prunekit.llm.prune import LLMPruneConfig, prune_llm, zero_counts
 from prunekit.llm.text import calibration_windows, eval_windows, pydoc_topics_split, read_text, tokenize
+from prunekit.llm.text import check_seqlen as check_window
 from prunekit.report.html import write_reports
 from prunekit.report.llm import llm_report
 from prunekit.report.plots import llm_figures
+from prunekit.spec import NM
+from prunekit.store import refuse_inside_store
 
 StageProgress = Callable[[str], Callable[[int, int], None] | None]
 
@@ -43,6 +47,25 @@ class TextSettings:
     calib_file: str | None = None  # UTF-8 text; default: the calibration part of pydoc_data.topics
     eval_file: str | None = None  # UTF-8 text; default: the held-out part of pydoc_data.topics
     seed: int = 0  # picks the calibration windows
+
+
+def check_options(text: TextSettings, config: LLMPruneConfig | None = None) -> None:
+    """Every option that does not need the model, checked before the model's (seconds-long) load."""
+    check_window(text.seqlen)
+    samples = text.calib_samples
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise PrunekitError(f"--calib-samples must be an integer >= 1, got {samples!r}")
+    if isinstance(text.seed, bool) or not isinstance(text.seed, int) or not 0 <= text.seed < 2**63:
+        raise PrunekitError(f"--seed must be an integer in [0, 2**63), got {text.seed!r}")
+    if config is None:
+        return
+    blocksize, damp = config.blocksize, config.damp
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
+        raise PrunekitError(f"--blocksize must be a positive integer, got {blocksize!r}")
+    if isinstance(config.spec, NM) and config.method == "sparsegpt" and blocksize % config.spec.m:
+        raise PrunekitError(f"--blocksize {blocksize} must be a multiple of M={config.spec.m} for N:M")
+    if isinstance(damp, bool) or not isinstance(damp, int | float) or not 0 < damp < math.inf:
+        raise PrunekitError(f"--damp must be a finite number > 0 (e.g. 0.01), got {damp!r}")
 
 
 def read_texts(settings: TextSettings) -> tuple[str, str, str]:
@@ -114,12 +137,20 @@ def run_prune(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PrunekitError(f"--out {out} exists and is not a directory")
+    model_dir = Path(model_path).parent if model_path and Path(model_path).is_file() else model_path
+    if model_dir is not None and same_path(out, model_dir):
+        raise PrunekitError(
+            f"--out {out} holds the model being pruned ({model_path}): its files would be replaced; choose "
+            "another --out"
+        )
+    refuse_inside_store(out)
+    check_options(text, config)  # before the model load, like the texts below
+    calib_text, eval_text, source = read_texts(text)
     stage = progress or (lambda name: None)
     start = time.perf_counter()
     model, tokenizer = load_causal_lm(model_path)
     check_seqlen(model, text.seqlen)
     load_rss = peak_rss_mb()
-    calib_text, eval_text, source = read_texts(text)
     calib = None
     if config.needs_data:
         calib = calibration_windows(
@@ -128,6 +159,7 @@ def run_prune(
     windows = eval_windows(tokenize(tokenizer, eval_text, vocab(model)), text.seqlen) if evaluate else None
     ppl_dense = perplexity(model, windows, stage("perplexity (dense)")) if windows is not None else None
 
+    dense_counts = zero_counts(model, config.blocks_path)  # a dense checkpoint may hold zeros already
     begin = time.perf_counter()
     with RssSampler() as sampler:
         info = prune_llm(
@@ -161,6 +193,7 @@ def run_prune(
         "peak_rss_after_load_mb": load_rss,
         "peak_rss_while_pruning_mb": sampler.peak_mb,
         "threads": torch.get_num_threads(),
+        "sparsity_dense_layers": sum(z for z, _ in dense_counts.values()) / pruned_params,
         "sparsity_pruned_layers": zeros / pruned_params,
         "sparsity_whole_model": zeros / all_params,
         "params": all_params,
@@ -181,9 +214,10 @@ def run_eval(
 ) -> dict[str, Any]:
     """Perplexity of a model on the evaluation text (dense or already pruned)."""
     stage = progress or (lambda name: None)
+    check_options(text)
+    _, eval_text, source = read_texts(text)
     model, tokenizer = load_causal_lm(model_path)
     check_seqlen(model, text.seqlen)
-    _, eval_text, source = read_texts(text)
     windows = eval_windows(tokenize(tokenizer, eval_text, vocab(model)), text.seqlen)
     start = time.perf_counter()
     ppl = perplexity(model, windows, stage("perplexity"))

@@ -1,10 +1,14 @@
 """Recipes: a pipeline of typed stages, the same in Python and YAML, validated strictly.
 
 A typo in a key is an error naming the key and suggesting the right one; a wrong type or value names
-its location (``stages[3].sparsity``). Recipes describe: the model source, the data, and stages run in
-order -- ``train`` (dense baseline), ``prune`` (with its schedule and fine-tuning between rounds),
-``finetune``, ``quantize`` (INT8 after pruning, optionally with quantization-aware fine-tuning),
-``evaluate`` (metrics + latency under a label) and ``export`` (an artifact file).
+its location (``stages[3].sparsity``). A key given twice in the YAML, an infinite or NaN number, a count
+beyond sane bounds (``MAX_COUNT`` epochs, runs or batches) and a model that would not fit in memory to
+train (its parameters built on the meta device: prunekit.limits) are errors too, before any work.
+
+Recipes describe: the model source, the data, and stages run in order -- ``train`` (dense baseline),
+``prune`` (with its schedule and fine-tuning between rounds), ``finetune``, ``quantize`` (INT8 after
+pruning, optionally with quantization-aware fine-tuning), ``evaluate`` (metrics + latency under a label)
+and ``export`` (an artifact file).
 """
 
 from __future__ import annotations
@@ -12,24 +16,29 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from prunekit.allocate.latency import resolve_budget
 from prunekit.errors import PrunekitError, did_you_mean, unknown_name
-from prunekit.models import MODELS
-from prunekit.registry import CRITERIA, STRUCTURED_IMPORTANCE
+from prunekit.limits import check_memory
+from prunekit.models import MODELS, build_model
+from prunekit.registry import ALLOCATIONS, CRITERIA, STRUCTURED_IMPORTANCE
 from prunekit.schedule import make_schedule
 from prunekit.spec import Unstructured
 from prunekit.spec import parse as parse_spec
 
 BUILTIN_DIR = Path(__file__).parent / "recipes"
+MAX_COUNT = 1_000_000  # epochs, timed runs, batches: more is a typo (1e12 epochs), not a plan
+MAX_SEED = 2**32 - 1  # NumPy's generators take seeds in [0, 2**32)
+TRAIN_COPIES = 4  # what training holds per parameter: weights, gradients and two optimizer moments
 
 
 class Strict(BaseModel):
     """Frozen, no unknown keys (with a did-you-mean suggestion)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -41,6 +50,25 @@ class Strict(BaseModel):
                     hint = did_you_mean(key, allowed)
                     raise ValueError(f"unknown key '{key}'{hint}; allowed: {', '.join(sorted(allowed))}")
         return data
+
+
+def _check_size(name: str, args: dict[str, Any]) -> None:
+    """Build the model on the meta device (no memory) and refuse one that could not be trained here."""
+    try:
+        with torch.device("meta"):
+            model = build_model(name, args)
+    except PrunekitError:
+        raise
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"model '{name}' cannot be built with args {args}: {first}") from None
+    params = sum(p.numel() for p in model.parameters())
+    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    check_memory(
+        TRAIN_COPIES * state,
+        f"training model '{name}' with args {args} ({params:,} parameters, {TRAIN_COPIES}x for weights, "
+        "gradients and optimizer state)",
+    )
 
 
 class ModelSource(Strict):
@@ -56,6 +84,7 @@ class ModelSource(Strict):
             raise ValueError(f"artifact file not found: {self.artifact}")
         if self.builtin is not None:
             MODELS.get(self.builtin)
+            _check_size(self.builtin, self.args)
         return self
 
 
@@ -64,7 +93,7 @@ class DataSource(Strict):
     path: Path | None = None  # for npz: a file with arrays x and y
     val_fraction: float = Field(0.2, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, le=MAX_COUNT)
 
     @model_validator(mode="after")
     def _path(self) -> DataSource:
@@ -87,7 +116,7 @@ class DistillCfg(Strict):
 
 
 class Optim(Strict):
-    epochs: int = Field(ge=0)
+    epochs: int = Field(ge=0, le=MAX_COUNT)
     lr: float = Field(gt=0)
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -117,9 +146,9 @@ class FinetuneStage(Optim):
 class Schedule(Strict):
     type: Literal["one-shot", "iterative", "agp"] = "one-shot"
     rate: float | None = Field(None, gt=0, lt=1)  # iterative: fraction of remaining weights per round
-    start: int | None = Field(None, ge=0)  # agp: first pruning step
-    end: int | None = Field(None, ge=1)  # agp: last pruning step
-    every: int | None = Field(None, ge=1)  # agp: prune every k optimizer steps
+    start: int | None = Field(None, ge=0, le=2**62)  # agp: first pruning step
+    end: int | None = Field(None, ge=1, le=2**62)  # agp: last pruning step
+    every: int | None = Field(None, ge=1, le=2**62)  # agp: prune every k optimizer steps
     initial: float | None = Field(None, ge=0, lt=1)  # agp: starting sparsity
 
     @model_validator(mode="after")
@@ -156,7 +185,9 @@ class SensitivityCfg(Strict):
 
     grid: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95])
     metric: Literal["accuracy", "loss"] = "accuracy"  # measured on the validation split
-    batches: int | None = Field(None, ge=1)  # validation batches per measurement (None: all of them)
+    batches: int | None = Field(
+        None, ge=1, le=MAX_COUNT
+    )  # validation batches per measurement (None: all of them)
     max_sparsity: float | None = Field(None, gt=0, lt=1)  # per-layer cap (None: the grid's largest)
 
     @field_validator("grid")
@@ -193,12 +224,13 @@ class PruneStage(Strict):
     schedule: Schedule = Field(default_factory=Schedule)
     targets: TargetsCfg = Field(default_factory=TargetsCfg)
     overrides: dict[str, str | float] = Field(default_factory=dict)  # layer-name glob -> pattern
-    calibration_batches: int = Field(8, ge=1)  # for taylor / obd / wanda
+    calibration_batches: int = Field(8, ge=1, le=MAX_COUNT)  # for taylor / obd / wanda
     finetune: Optim | None = None  # after each round (iterative) or during the schedule (agp)
-    # per-layer sparsities: 'uniform' (the pattern's everywhere, or one global threshold with group: global)
-    # or 'sensitivity' (measured per-layer curves -> least predicted loss at exactly the pattern's sparsity
-    # overall, prunekit.allocate.sensitivity); `sensitivity` configures the measurement
-    allocation: Literal["uniform", "sensitivity"] = "uniform"
+    # per-layer sparsities, any "layers" allocation of prunekit.registry.ALLOCATIONS: 'uniform' (the
+    # pattern's everywhere, or one global threshold with group: global), 'erk' (from the weight shapes,
+    # RigL's), 'sensitivity' (measured per-layer curves -> least predicted loss at exactly the pattern's
+    # sparsity overall; `sensitivity` configures the measurement), or your own (a name or module:attr)
+    allocation: str = "uniform"
     sensitivity: SensitivityCfg | None = None
     l0: L0Cfg | None = None  # criterion 'l0': gate settings (defaults when left out)
 
@@ -252,20 +284,32 @@ class PruneStage(Strict):
             raise ValueError(f"criterion '{self.criterion}' compares within a layer or globally, not per row")
         return self
 
-    @model_validator(mode="after")
-    def _sensitivity_allocation(self) -> PruneStage:
-        if self.allocation != "sensitivity":
-            if self.sensitivity is not None:
-                raise ValueError("'sensitivity' settings need allocation 'sensitivity' (this one is uniform)")
-            return self
+    @field_validator("allocation")
+    @classmethod
+    def _allocation_name(cls, value: str) -> str:
+        entry = ALLOCATIONS.get(value)
+        if entry.applies_to != "layers":
+            layers = [n for n in ALLOCATIONS.names() if ALLOCATIONS.get(n).applies_to == "layers"]
+            raise ValueError(
+                f"allocation '{value}' allocates {entry.applies_to}, not a prune stage's layers; "
+                f"allowed: {', '.join(layers)}"
+            )
+        return value
 
+    @model_validator(mode="after")
+    def _per_layer_allocation(self) -> PruneStage:
+        name = self.allocation
+        if name != "sensitivity" and self.sensitivity is not None:
+            raise ValueError(f"'sensitivity' settings need allocation 'sensitivity' (this one is {name})")
+        if name == "uniform":
+            return self
         if not isinstance(parse_spec(self.pattern), Unstructured):
             raise ValueError(
-                f"allocation 'sensitivity' chooses per-layer sparsities for an unstructured pattern; "
+                f"allocation '{name}' chooses per-layer sparsities for an unstructured pattern; "
                 f"'{self.pattern}' fixes its own layout (N:M or blocks)"
             )
         criterion = CRITERIA.get(self.criterion)
-        if criterion.needs == "training":
+        if name == "sensitivity" and criterion.needs == "training":
             raise ValueError(
                 f"allocation 'sensitivity' prunes without training to measure; criterion '{self.criterion}' "
                 "scores weights while they train"
@@ -273,11 +317,11 @@ class PruneStage(Strict):
         group = self.group or criterion.default_group
         if group != "layer":
             raise ValueError(
-                "allocation 'sensitivity' sets each layer's sparsity, so weights compete within their "
+                f"allocation '{name}' sets each layer's sparsity, so weights compete within their "
                 f"layer: use group 'layer' (or leave it out), not '{group}'"
             )
         if self.overrides:
-            raise ValueError("allocation 'sensitivity' sets every targeted layer's sparsity: no 'overrides'")
+            raise ValueError(f"allocation '{name}' sets every targeted layer's sparsity: no 'overrides'")
         return self
 
 
@@ -288,17 +332,17 @@ class StructuredStage(Strict):
     # fraction of the units of every prunable group to remove (allocation 'uniform'; omit it for 'latency')
     ratio: float | None = Field(None, ge=0, lt=1)
     importance: str = "l2"  # l1, l2, bn_scale, fpgm, random; taylor, activation_mean, apoz (from data)
-    round_to: int = Field(8, ge=1)  # kept counts rounded to this multiple
+    round_to: int = Field(8, ge=1, le=MAX_COUNT)  # kept counts rounded to this multiple
     ignore: list[str] = Field(default_factory=list)  # module-name globs whose parameters must not change
-    calibration_batches: int = Field(8, ge=1)  # for the data-driven importances
+    calibration_batches: int = Field(8, ge=1, le=MAX_COUNT)  # for the data-driven importances
     finetune: Optim | None = None
     # 'latency': per-group ratios chosen to meet target_latency as measured on this machine, with the least
     # predicted loss (prunekit.allocate.latency)
     allocation: Literal["uniform", "latency"] = "uniform"
     target_latency: float | str | None = None  # 0.6: 60% of the dense p50; "2.5ms": absolute (batch 1)
     latency_grid: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75])  # ratios tried per group
-    latency_runs: int = Field(60, ge=5)  # timed calls per variant for the tables
-    latency_passes: int = Field(3, ge=1)  # times every variant is timed; the median is kept
+    latency_runs: int = Field(60, ge=5, le=MAX_COUNT)  # timed calls per variant for the tables
+    latency_passes: int = Field(3, ge=1, le=MAX_COUNT)  # times every variant is timed; the median is kept
 
     @field_validator("importance")
     @classmethod
@@ -337,7 +381,9 @@ class QuantizeStage(Strict):
 
     type: Literal["quantize"]
     activations: Literal["static", "dynamic"] = "static"  # static: input scales calibrated once
-    calibration_batches: int = Field(8, ge=1)  # training batches for the static input scales (max |x|)
+    calibration_batches: int = Field(
+        8, ge=1, le=MAX_COUNT
+    )  # training batches for the static input scales (max |x|)
     classifier: bool = False  # also make the final classifier int8 (float32 by default)
     include: list[str] = Field(default_factory=list)  # module-name globs; empty: every Linear/Conv2d
     exclude: list[str] = Field(default_factory=list)
@@ -347,9 +393,13 @@ class QuantizeStage(Strict):
 class EvaluateStage(Strict):
     type: Literal["evaluate"]
     label: str  # metrics.json key, e.g. "dense" or "pruned"
-    latency_runs: int = Field(200, ge=1)
-    latency_warmup: int = Field(20, ge=0)
+    latency_runs: int = Field(200, ge=1, le=MAX_COUNT)
+    latency_warmup: int = Field(20, ge=0, le=MAX_COUNT)
     compile: bool = False  # also time the model compiled by prunekit.runtime (sparse kernels where faster)
+    # also time, in the same run, what a user would deploy this (dense float) model with instead: torch's
+    # x86 INT8, onnxruntime float32 and INT8 (prunekit.export.engines); rows skipped with a reason when
+    # an engine is missing
+    baselines: bool = False
 
 
 class ExportStage(Strict):
@@ -380,16 +430,16 @@ class CheckpointCfg(Strict):
     Not part of the recipe's identity: a run may resume with other values here."""
 
     enabled: bool = True
-    every_steps: int | None = Field(200, ge=1)  # None: only after stages and rounds
+    every_steps: int | None = Field(200, ge=1, le=2**62)  # None: only after stages and rounds
 
 
 class Recipe(Strict):
     name: str = "recipe"
     description: str = ""
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     # torch intra-op threads for training and latency; None keeps torch's default (one per core). Small
     # models train fastest on one thread, and one thread stays fast when other processes share the CPU.
-    threads: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1, le=4096)
     model: ModelSource
     data: DataSource = Field(default_factory=DataSource)
     stages: list[Stage] = Field(min_length=1)
@@ -468,15 +518,52 @@ def from_dict(data: Any, source: str = "<dict>") -> Recipe:
         raise _one_line(exc, source) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """The safe loader, refusing a key given twice in one mapping (YAML keeps the last one silently, so a
+    pasted second ``lr:`` would override the first without a word). Merge keys (``<<``) may still be
+    overridden, as YAML intends."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    repeated = key in seen
+                except TypeError:  # unhashable: the base class says so
+                    continue
+                if repeated:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping",
+                        node.start_mark,
+                        f"found duplicate key {key!r}",
+                        key_node.start_mark,
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str):
+    """YAML with the safe loader (no Python objects) and no repeated keys."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def load(path: str | Path) -> Recipe:
     """Read a YAML recipe file (relative paths inside it are relative to the current directory)."""
     path = Path(path)
     if not path.is_file():
         raise PrunekitError(f"recipe file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = parse_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise PrunekitError(f"recipe {path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+        if problem and mark is not None:
+            detail = f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+        else:
+            detail = (str(exc).strip().splitlines() or ["unreadable"])[0]
+        raise PrunekitError(f"recipe {path}: not valid YAML: {detail}") from None
     return from_dict(data, str(path))
 
 
@@ -492,7 +579,7 @@ def builtin_text(name: str) -> str:
 
 
 def load_builtin(name: str) -> Recipe:
-    return from_dict(yaml.safe_load(builtin_text(name)), f"'{name}'")
+    return from_dict(parse_yaml(builtin_text(name)), f"'{name}'")
 
 
 def to_dict(recipe: Recipe) -> dict[str, Any]:

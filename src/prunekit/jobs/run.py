@@ -20,6 +20,7 @@ from prunekit.analysis.perclass import DEFAULT_THRESHOLD_POINTS, check_metrics, 
 from prunekit.errors import PrunekitError
 from prunekit.files import atomic_write_json
 from prunekit.jobs import checkpoint as ckpt
+from prunekit.jobs import rundir
 from prunekit.jobs.distributed import DistributedContext, session
 from prunekit.jobs.recipe import Recipe, to_dict
 from prunekit.jobs.runlog import RunLog, check_tensorboard
@@ -34,6 +35,7 @@ from prunekit.masking import get_masks
 from prunekit.report import write_report
 from prunekit.report.html import write_reports
 from prunekit.report.plots import run_figures
+from prunekit.store import refuse_inside_store
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,7 @@ def run_recipe(
     class_drop: float = DEFAULT_THRESHOLD_POINTS,
     resume: bool = False,
     tensorboard: str | Path | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Run every stage and write ``metrics.json``, ``report.md`` and ``report.html`` into ``out``; returns
     the metrics. ``class_drop``: recall points a class may lose against the first evaluated model before
@@ -91,12 +94,16 @@ def run_recipe(
 
     ``out/log.jsonl`` logs every round and epoch (and ``tensorboard``, a directory, gets them as
     TensorBoard scalars); ``out/checkpoint/`` holds the last two checkpoints, and ``resume=True``
-    continues from the newest one (the recipe must be the one it was written with). Under torchrun the
-    run is distributed (prunekit.jobs.distributed); only rank 0 writes, and every rank returns its metrics."""
+    continues from the newest one (the recipe must be the one it was written with). An ``out`` holding
+    another run's files needs ``resume`` or ``force`` (which deletes them first): prunekit.jobs.rundir.
+    Under torchrun the run is distributed (prunekit.jobs.distributed); only rank 0 writes, and every rank
+    returns its metrics."""
     if not class_drop >= 0:
         raise PrunekitError(f"--class-drop must be >= 0 recall points, got {class_drop}")
     out = Path(out)
     _check_out(out)
+    refuse_inside_store(out)
+    rundir.check_inputs(recipe, out)
     threads = torch.get_num_threads()
     if recipe.threads is not None:
         torch.set_num_threads(recipe.threads)
@@ -104,7 +111,14 @@ def run_recipe(
     try:
         with session() as ctx:
             return _run(
-                recipe, out, progress, class_drop=class_drop, resume=resume, tensorboard=tensorboard, ctx=ctx
+                recipe,
+                out,
+                progress,
+                class_drop=class_drop,
+                resume=resume,
+                tensorboard=tensorboard,
+                ctx=ctx,
+                force=force,
             )
     finally:
         torch.set_num_threads(threads)
@@ -129,13 +143,16 @@ def _run(
     resume: bool = False,
     tensorboard: str | Path | None = None,
     ctx: DistributedContext | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     ctx = ctx or DistributedContext()
     if tensorboard is not None:
         check_tensorboard()
+    earlier = rundir.check_owner(out, recipe, resume, force)  # another run's files: refused unless asked
     saved = ckpt.load_latest(out) if resume else None  # before any work: a bad --resume fails at once
     if saved is not None:
         ckpt.check_resumable(saved[0], saved[1], to_dict(recipe), ctx.world_size)
+    ctx.barrier()  # every rank has looked at the directory before rank 0 changes it
     state = start_run(recipe, out, progress and ctx.main, ctx)
     check_recipe(state)
     try:
@@ -145,7 +162,12 @@ def _run(
         raise PrunekitError(f"--out {out}: cannot create the directory: {exc.strerror or exc}") from None
     start = 0
     if saved is None and ctx.main:
+        if earlier is not None:  # --force: the earlier run's files go before any of this run's appear
+            deleted = rundir.clear(out, earlier)
+            log.info("--force: deleted %d files of the earlier run in %s", len(deleted), out)
         ckpt.clear(out)
+    if ctx.main and (saved is None or not (out / rundir.RUN_FILE).exists()):
+        rundir.mark(out, recipe)
     if saved is not None:
         position = ckpt.restore_run(state, saved[0])
         start = position["stage"]

@@ -120,11 +120,31 @@ def start_run(recipe: Recipe, out: Path, progress: bool, ctx: DistributedContext
         model, info = load_artifact(src.artifact)
         logs = list(info.structured)  # keep replaying them in this run's exports
         return RunState(
-            recipe, out, progress, ctx, runlog, data, model, info.model, dict(info.specs), logs, len(logs)
+            recipe=recipe,
+            out=out,
+            progress=progress,
+            ctx=ctx,
+            runlog=runlog,
+            data=data,
+            model=model,
+            model_info=info.model,
+            specs=dict(info.specs),
+            structured_logs=logs,
+            initial_structured=len(logs),
         )
     args = dict(src.args)
     if src.builtin == "resnet-digits":
         args.setdefault("in_channels", data.input_shape[0])
         args.setdefault("num_classes", data.num_classes)
     model = build_model(src.builtin, args)
-    return RunState(recipe, out, progress, ctx, runlog, data, model, {"name": src.builtin, "args": args})
+    info = {"name": src.builtin, "args": args}
+    return RunState(
+        recipe=recipe,
+        out=out,
+        progress=progress,
+        ctx=ctx,
+        runlog=runlog,
+        data=data,
+        model=model,
+        model_info=info,
+    )

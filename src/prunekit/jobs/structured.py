@@ -8,7 +8,6 @@ interleaved run), ``OUT/prune_log.json`` + ``OUT/model.safetensors`` (replay wit
 from __future__ import annotations
 
 import copy
-import importlib
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,9 @@ from prunekit.analysis.sparsity import layer_table
 from prunekit.artifact import load_artifact
 from prunekit.errors import PrunekitError
 from prunekit.files import atomic_write_json
+from prunekit.limits import check_input
 from prunekit.models import MODELS, build_model
+from prunekit.registry import resolve_reference
 from prunekit.report.html import write_reports
 from prunekit.report.plots import structured_figures
 from prunekit.report.sections import (
@@ -44,11 +45,11 @@ def load_model_spec(spec: str, input_shape: tuple[int, ...] | None) -> tuple[nn.
         model, _ = load_artifact(spec, masked=False)
         default = (1, 1, 8, 8) if isinstance(model, MODELS.get("resnet-digits")) else None
     elif ":" in spec:
-        module_name, _, attr = spec.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise PrunekitError(f"--model {spec}: cannot import {attr} from {module_name}: {exc}") from None
+        factory = resolve_reference(spec, "--model")  # from the working directory, as Python imports
+        if not callable(factory):
+            raise PrunekitError(
+                f"--model {spec}: {type(factory).__name__} is not a function that builds a model"
+            )
         model = factory()
         if not isinstance(model, nn.Module):
             raise PrunekitError(
@@ -64,6 +65,7 @@ def load_model_spec(spec: str, input_shape: tuple[int, ...] | None) -> tuple[nn.
     shape = input_shape or default
     if shape is None:
         raise PrunekitError("--input-shape is needed for this model, e.g. --input-shape 1,3,224,224")
+    check_input(model, shape)  # before the example is allocated
     return model.eval(), torch.randn(shape, generator=torch.Generator().manual_seed(0))
 
 

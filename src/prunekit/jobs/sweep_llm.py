@@ -279,7 +279,7 @@ def run_llm_sweep_from_path(
     model, tokenizer = load_causal_lm(model_path)
     check_seqlen(model, text.seqlen)
     calib_text, eval_text, source = read_texts(text)
-    needs = any(m.needs_data for m in methods)
+    needs = any(m.needs_data for m in methods)  # the method's statistic, OWL, DSnoT or reconstruction
     calib = (
         calibration_windows(
             tokenize(tokenizer, calib_text, vocab(model)), text.calib_samples, text.seqlen, text.seed

@@ -26,7 +26,7 @@ from prunekit.llm.reconstruct import RECONSTRUCT_MODES, BlockReconstruction
 from prunekit.methods.dsnot import dsnot_refine
 from prunekit.methods.pattern import LLM_GROUPS, check_llm_pattern, check_llm_spec
 from prunekit.registry import LLM_METHODS
-from prunekit.spec import Spec, Unstructured
+from prunekit.spec import Block, Spec, Unstructured
 
 log = logging.getLogger(__name__)
 REFINEMENTS = ("dsnot",)
@@ -47,7 +47,7 @@ class LLMPruneConfig:
     blocksize: int = 128  # SparseGPT: columns per lazy-update block
     damp: float = 0.01  # SparseGPT: dampening, a fraction of the Hessian's mean diagonal
     blocks_path: str | None = None  # dotted path of the decoder blocks; found automatically when None
-    options: Mapping[str, Any] = field(default_factory=dict)  # a user method's own settings
+    options: Mapping[str, Any] = field(default_factory=dict, hash=False)  # a user method's own settings
     alps_iters: int = 300  # ALPS: most ADMM iterations (it stops earlier once the support settles)
     alps_rho: float = 0.1  # ALPS: initial ADMM penalty, relative to the unit-diagonal Hessian
     refit_iters: int = 10  # ALPS: preconditioned-CG steps of the weight refit on the final support
@@ -83,6 +83,8 @@ class LLMPruneConfig:
                 raise PrunekitError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if not self.dsnot_threshold >= 0:
             raise PrunekitError(f"dsnot_threshold must be >= 0, got {self.dsnot_threshold!r}")
+        if isinstance(self.spec, Block) and (self.method == "alps" or self.refine is not None):
+            raise PrunekitError("alps and dsnot take unstructured and N:M patterns, not block patterns")
         if self.magnitude_group not in LLM_GROUPS:
             raise unknown_name("magnitude group", self.magnitude_group, LLM_GROUPS)
         if self.owl:

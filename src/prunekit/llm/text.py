@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from prunekit.errors import PrunekitError
+from prunekit.limits import read_bounded
 
 CALIB_FRACTION = 0.9
 
@@ -43,11 +44,17 @@ def pydoc_topics_split() -> tuple[str, str]:
 
 
 def read_text(path: str | Path, field: str) -> str:
+    """A UTF-8 text file, read up to the text limit (prunekit.limits: /dev/zero is refused, not read
+    forever)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_bounded(path, field).decode("utf-8")
     except FileNotFoundError as exc:
         raise PrunekitError(f"{field}: no such file {path}") from exc
+    except IsADirectoryError as exc:
+        raise PrunekitError(f"{field}: {path} is a directory, not a text file") from exc
+    except OSError as exc:
+        raise PrunekitError(f"{field}: cannot read {path} ({exc.strerror or exc})") from exc
     except UnicodeDecodeError as exc:
         raise PrunekitError(f"{field}: {path} is not UTF-8 text") from exc
     if not text.strip():

@@ -38,7 +38,7 @@ from prunekit.errors import PrunekitError
 from prunekit.methods.base import register_llm_method
 from prunekit.methods.pattern import check_llm_spec, keep_lowest_removed
 from prunekit.select import nm_mask
-from prunekit.spec import NM, Spec
+from prunekit.spec import NM, Block, Spec
 
 CHECK_EVERY = 3  # iterations between support-change checks (the paper's schedule)
 
@@ -122,6 +122,8 @@ def alps_prune(
             f"{tuple(hessian.shape)}"
         )
     check_llm_spec(spec, tuple(weight.shape))
+    if isinstance(spec, Block):  # the paper's projection and schedule are for unstructured and N:M supports
+        raise PrunekitError("alps prunes unstructured and N:M patterns, not block patterns")
     for name, value in (("iters", iters), ("refit_iters", refit_iters)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise PrunekitError(f"alps {name} must be an integer >= 0, got {value!r}")

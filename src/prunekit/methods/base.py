@@ -5,9 +5,9 @@
         keep = keep_lowest_removed(weight.abs() * sq_norm.sqrt(), spec, "row")
         return weight.masked_fill(~keep, 0)
 
-after which ``prune_llm(..., LLMPruneConfig("mine", Unstructured(0.5)))``, ``method: mine`` and
-``prunekit llm prune --method mine`` (or ``--method mypkg.module:mine`` from the shell) use it. The
-protocol is :class:`prunekit.registry.LLMMethod`.
+after which ``prune_llm(..., LLMPruneConfig("mine", Unstructured(0.5)))`` uses it once the module that
+defines it is imported, and ``prunekit llm prune --method mypkg.module:mine`` from the shell (the
+reference imports the module). The protocol is :class:`prunekit.registry.LLMMethod`.
 """
 
 from __future__ import annotations

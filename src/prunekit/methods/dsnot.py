@@ -31,7 +31,7 @@ import torch
 
 from prunekit.errors import PrunekitError
 from prunekit.methods.pattern import check_llm_spec
-from prunekit.spec import NM, Spec
+from prunekit.spec import NM, Block, Spec
 
 
 def row_errors(dense: torch.Tensor, sparse: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
@@ -61,6 +61,8 @@ def dsnot_refine(
             f"dsnot needs one input mean and mean square per input feature of {tuple(dense.shape)}"
         )
     check_llm_spec(spec, tuple(dense.shape))
+    if isinstance(spec, Block):  # a per-row swap would break the tiles
+        raise PrunekitError("dsnot refines unstructured and N:M masks, not block patterns")
     if isinstance(cycles, bool) or not isinstance(cycles, int) or cycles < 0:
         raise PrunekitError(f"dsnot cycles must be an integer >= 0, got {cycles!r}")
     if not threshold >= 0.0:

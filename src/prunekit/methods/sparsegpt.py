@@ -8,7 +8,9 @@ paper's 2/n changes nothing below):
 2. ``U = cholesky(H^-1)^T`` (upper), whose rows are the OBS update directions;
 3. columns are visited in blocks of ``blocksize``: at the start of each block the mask for the block is chosen
    from ``w^2 / U_jj^2`` (unstructured: the lowest fraction over the whole block; N:M: the lowest M-N of
-   every M inputs, chosen when the sweep reaches each group); then column by column the pruned weights are
+   every M inputs, chosen when the sweep reaches each group; blocks of r x c: the tiles of the column block
+   with the lowest summed ``w^2 / U_jj^2``, the OBS saliency of removing the whole tile if its columns were
+   independent, as structured OBS variants rank groups); then column by column the pruned weights are
    zeroed and the error ``(w - q) / U_jj`` is spread over the block's later columns; the block's accumulated
    errors update all later columns at once (the lazy batch update).
 
@@ -23,9 +25,9 @@ import torch
 
 from prunekit.errors import PrunekitError
 from prunekit.methods.base import register_llm_method
-from prunekit.methods.pattern import check_llm_spec
-from prunekit.select import nm_mask
-from prunekit.spec import NM, Spec
+from prunekit.methods.pattern import block_keep, check_llm_spec
+from prunekit.select import block_scores, nm_mask
+from prunekit.spec import NM, Block, Spec
 
 
 def _lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
@@ -72,6 +74,9 @@ def sparsegpt_prune(
     nm = spec if isinstance(spec, NM) else None
     if nm is not None and blocksize % nm.m:
         raise PrunekitError(f"blocksize {blocksize} must be a multiple of M={nm.m} for N:M")
+    tile = spec.shape if isinstance(spec, Block) else None
+    if tile is not None and blocksize % tile[1]:
+        raise PrunekitError(f"blocksize {blocksize} must be a multiple of the block's {tile[1]} columns")
 
     W = weight.detach().to(torch.float32).clone()
     U, dead = inverse_hessian_factor(hessian, damp)
@@ -85,7 +90,10 @@ def sparsegpt_prune(
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
         d = torch.diagonal(U1)
-        if nm is None:
+        if tile is not None:
+            saliency = block_scores(W1.pow(2) / d.pow(2), tile)
+            pruned = ~block_keep(saliency, spec, "layer", W1.shape)
+        elif nm is None:
             pruned = _lowest(W1.pow(2) / d.pow(2), int(round(spec.sparsity * W1.numel())))
         else:
             pruned = torch.zeros_like(W1, dtype=torch.bool)

@@ -31,7 +31,7 @@ class FakeQuantWeight(nn.Module):
 
 
 class InputFakeQuant(nn.Module):
-    """``x -> x_q * s_x`` as :func:`prunekit.quant.layers.quantize_activation` rounds it, gradient passed
+    """``x -> x_q * s_x`` as :func:`prunekit.quant.rounding.quantize_activation` rounds it, gradient passed
     straight through. ``scale`` is a fixed buffer (static) or None (dynamic: per call)."""
 
     def __init__(self, scale: Tensor | None) -> None:

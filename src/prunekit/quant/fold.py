@@ -21,6 +21,17 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 
 
+class FoldedBatchNorm(nn.Identity):
+    """Where a BatchNorm was: it now lives in the weights and bias of the int8 convolution ``into``."""
+
+    def __init__(self, into: str) -> None:
+        super().__init__()
+        self.into = into
+
+    def extra_repr(self) -> str:
+        return f"folded into {self.into}"
+
+
 def fold_conv_bn(weight: Tensor, bias: Tensor | None, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     """The folded ``(weight, bias)`` of ``bn(conv(x))`` (float32; pure: nothing is modified)."""
     weight = weight.detach().to(torch.float32)

@@ -1,6 +1,6 @@
 """Post-training INT8 conversion of a (pruned) model into :mod:`prunekit.quant.layers` layers.
 
-:func:`quantize` (and its short form :func:`prunekit.quant.layers.quantize_model`) returns a converted copy
+:func:`quantize` (and its short form :func:`prunekit.quant.ptq.quantize_model`) returns a converted copy
 with what was done to each layer; the model passed in is not touched. In order:
 
 1. Masks are squashed (and QAT fake-quant removed), so a pruned weight is an exact zero before rounding;
@@ -44,7 +44,8 @@ from prunekit.calib.hooks import Hooks
 from prunekit.errors import PrunekitError, did_you_mean
 from prunekit.masking import own_class, type_name
 from prunekit.quant.fake import strip_qat
-from prunekit.quant.fold import find_conv_bn, fold_conv_bn
+from prunekit.quant.fold import FoldedBatchNorm, find_conv_bn, fold_conv_bn
+from prunekit.quant.graph import integer_plan, integerize, rebuild
 from prunekit.quant.layers import QuantizedConv2d, QuantizedLayer, QuantizedLinear
 from prunekit.quant.rounding import activation_scale
 from prunekit.targets import classifier_name
@@ -60,17 +61,6 @@ WEIGHT_READERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.Mul
 CLASSIFIER_REASON = "final classifier (float32 by default; classifier=True makes it int8)"
 
 
-class FoldedBatchNorm(nn.Identity):
-    """Where a BatchNorm was: it now lives in the weights and bias of the int8 convolution ``into``."""
-
-    def __init__(self, into: str) -> None:
-        super().__init__()
-        self.into = into
-
-    def extra_repr(self) -> str:
-        return f"folded into {self.into}"
-
-
 @dataclass
 class Quantized:
     """A conversion's result: the int8 model and what happened to each layer."""
@@ -80,6 +70,8 @@ class Quantized:
     int8: list[str] = field(default_factory=list)  # layers now QuantizedLinear / QuantizedConv2d
     folded: dict[str, str] = field(default_factory=dict)  # BatchNorm name -> the conv it was folded into
     left_float: dict[str, str] = field(default_factory=dict)  # weighted layer or BatchNorm -> why float
+    integer: bool = False  # one integer graph from input to output (prunekit.quant.graph.integerize)
+    integer_reason: str = ""  # why not, when not
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -87,7 +79,18 @@ class Quantized:
             "int8": list(self.int8),
             "folded": dict(self.folded),
             "left_float": dict(self.left_float),
+            "integer": self.integer,
+            "integer_reason": self.integer_reason,
         }
+
+    def make_integer(self, batches: list[Tensor]) -> None:
+        """Turn the converted model into the integer model (:func:`prunekit.quant.graph.integerize`),
+        calibrated on ``batches``; static activations only (dynamic ones keep float outputs)."""
+        if self.activations != "static":
+            self.integer_reason = "dynamic activations (no static scales to requantize to)"
+            return
+        done = integerize(self.model, batches)
+        self.model, self.integer, self.integer_reason = done.model, done.integer, done.reason
 
 
 def check_activations(activations: str) -> None:
@@ -312,11 +315,11 @@ def quantize(
     scales = calibrate(work, layers, batches) if activations == "static" else None
     result = convert(work, activations, layers, scales)
     result.left_float = {**left, **result.left_float}
+    result.make_integer(batches)
     check_runs(result.model, example if example is not None else (batches[0] if batches else None))
     return result
 
 
-@torch.no_grad()
 def quantize_model(model: nn.Module, **kwargs) -> nn.Module:
     """An INT8 copy of ``model``: :func:`quantize` (``activations="static" | "dynamic"``,
     ``calibration=`` batches, ``calibration_batches``, ``types`` / ``include`` / ``exclude``,
@@ -324,6 +327,7 @@ def quantize_model(model: nn.Module, **kwargs) -> nn.Module:
     return quantize(model, **kwargs).model
 
 
+@torch.no_grad()
 def check_runs(model: nn.Module, example: Tensor | None) -> None:
     """Run the converted ``model`` once on ``example`` (nothing when None); a failure becomes a one-line
     PrunekitError naming the module whose forward failed (typically one reading an int8 layer's
@@ -361,16 +365,27 @@ def _failing_module(model: nn.Module, exc: BaseException) -> str:
 
 
 def int8_plan(model: nn.Module) -> dict[str, Any] | None:
-    """What makes ``model`` int8, read off its modules (None for a float model): saved with artifacts."""
+    """What makes ``model`` int8, read off its modules (None for a float model): saved with artifacts.
+    ``output`` per layer: None (float output), ``int8`` or ``int32`` (the integer forms); ``graph``: the
+    integer operators :func:`prunekit.quant.graph.integerize` inserted (integer models only)."""
     layers = {
-        name: {"type": type(m).__name__, "static": m.act_scale is not None, "bias": m.bias is not None}
+        name: {
+            "type": type(m).__name__,
+            "static": m.act_scale is not None,
+            "bias": m.bias is not None,
+            "output": ("int32" if m.wide else "int8") if m.integer_output else None,
+        }
         for name, m in model.named_modules()
         if isinstance(m, QuantizedLayer)
     }
     if not layers:
         return None
     folded = {name: m.into for name, m in model.named_modules() if isinstance(m, FoldedBatchNorm)}
-    return {"layers": layers, "folded": folded}
+    plan: dict[str, Any] = {"layers": layers, "folded": folded}
+    graph = integer_plan(model)
+    if graph is not None:
+        plan["graph"] = graph
+    return plan
 
 
 def build_int8(model: nn.Module, plan: Mapping[str, Any]) -> nn.Module:
@@ -389,4 +404,9 @@ def build_int8(model: nn.Module, plan: Mapping[str, Any]) -> nn.Module:
         bias = torch.zeros(out) if entry["bias"] and module.bias is None else None
         scale = torch.ones(()) if entry["static"] else None
         _set(model, name, by_name[entry["type"]][1](module, scale, bias=bias))
+    if "graph" in plan:
+        return rebuild(model, plan["graph"])  # also gives each layer its output buffers
+    for name, entry in plan["layers"].items():
+        if entry.get("output"):  # a layer-wise model with integer outputs is never written; be exact anyway
+            model.get_submodule(name).output_skeleton(wide=entry["output"] == "int32")
     return model.eval()

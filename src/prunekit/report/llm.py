@@ -23,6 +23,10 @@ def _ppl(x: float | None) -> str:
     return "not measured" if x is None else f"{x:.3f}"
 
 
+def _zeros(fraction: float | None) -> str:
+    return "not measured" if fraction is None else f"{100 * fraction:.2f}%"
+
+
 def verdict(m: dict[str, Any]) -> list[str]:
     out = []
     dense, pruned = m.get("ppl_dense"), m.get("ppl_pruned")
@@ -43,10 +47,16 @@ def verdict(m: dict[str, Any]) -> list[str]:
     size = m.get("size")
     if size:
         ratio = size["file_bytes"] / size["dense_tensor_bytes"]
+        word = "smaller" if ratio < 0.99 else "not smaller"
         out.append(
-            f"Size on disk: **not smaller** ({size['file_bytes']:,} B, {ratio:.3f}x of the dense tensors' "
-            f"{size['dense_tensor_bytes']:,} B): the checkpoint stores the zeros densely so that "
-            "`from_pretrained` loads it unchanged; a compressed encoding (`prunekit compress`) shrinks it."
+            f"Size on disk: **{word}** ({size['file_bytes']:,} B, {ratio:.3f}x of the model's tensors stored "
+            f"densely, {size['dense_tensor_bytes']:,} B)."
+            + (
+                " The checkpoint stores the zeros densely so that `from_pretrained` loads it unchanged; a "
+                "compressed encoding (`prunekit compress`) shrinks it."
+                if ratio >= 0.99
+                else ""
+            )
         )
     out.append(
         "Latency: **not measured** by `llm prune`, and not expected to improve as saved: the zeros are "
@@ -63,7 +73,7 @@ def llm_report(m: dict[str, Any]) -> str:
     lines += _table(
         ["model", "perplexity", "zero weights (decoder linears)"],
         [
-            ["dense", _ppl(m.get("ppl_dense")), "0.00%"],
+            ["dense", _ppl(m.get("ppl_dense")), _zeros(m.get("sparsity_dense_layers"))],
             ["pruned", _ppl(m.get("ppl_pruned")), f"{100 * m['sparsity_pruned_layers']:.2f}%"],
         ],
     )

@@ -62,16 +62,18 @@ def verdict(dense: dict[str, Any], pruned: dict[str, Any]) -> list[str]:
     elif ratio > SLOWER_THRESHOLD:
         out.append(f"Latency: pruned is **slower**, p50 {ratio:.2f}x of dense.")
     else:
-        why = (
-            "The layers are physically smaller, yet per-call overheads or memory traffic dominate "
-            "at this size."
-            if pruned.get("params", 0) < dense.get("params", 0)
-            else "The zeros are unstructured and the layers still run dense kernels that multiply them; "
-            "speed needs structured pruning or a sparse runtime (see its line below, where it was timed)."
+        params = pruned.get("params", 0) / dense["params"] if dense.get("params") else None
+        nonzero = (
+            pruned.get("nonzero_params", 0) / dense["nonzero_params"] if dense.get("nonzero_params") else None
+        )
+        measured = (
+            f"; it has {params:.3f}x of dense's parameters and {nonzero:.3f}x of its non-zero weights"
+            if params is not None and nonzero is not None
+            else ""
         )
         out.append(
             f"Latency: **pruning did not make inference faster** (p50 {ratio:.2f}x of dense; the report "
-            f"counts only {FASTER_THRESHOLD:.2f}x or better as a speed-up). {why}"
+            f"counts only {FASTER_THRESHOLD:.2f}x or better as a speed-up){measured}."
         )
     compiled = pruned.get("compiled")
     if compiled and compiled.get("latency_ms"):
@@ -143,6 +145,95 @@ def int8_findings(m: dict[str, Any]) -> list[str]:
     return out
 
 
+def layer_engine(kind: str, chosen: str) -> str:
+    """Which engine ran a compiled layer, from its kind and the runtime's choice (a kernel name the
+    runtime does not describe here is shown as it is)."""
+    int8 = kind.startswith("Quantized")
+    if chosen == "dense":
+        return "prunekit int8 reference (torch, exact)" if int8 else "torch float32 (dense)"
+    named = {
+        "int8-gemm": "int8 dense GEMM (torch float32 BLAS, exact)",
+        "direct": "float32 direct sparse conv (numba)",
+        "xt-chain": "float32 sparse CSR chain (numba)",
+    }
+    if chosen in named:
+        return named[chosen]
+    if chosen.split("/")[0] in ("rows", "xt", "xt-nchw"):
+        return f"{'int8' if int8 else 'float32'} sparse CSR {chosen} (numba)"
+    return chosen
+
+
+def baselines_section(m: dict[str, Any], labels: list[str]) -> list[str]:
+    """Every timed variant next to the dense engines a user would deploy instead (``baselines: true``),
+    all from the one interleaved run, with each variant's ratio to the fastest dense one."""
+    owners = [label for label in labels if m[label].get("baselines")]
+    if not owners:
+        return []
+    first = labels[0]
+    rows, dense_p50 = [], []
+    for label in labels:
+        e = m[label]
+        rows.append(
+            [label, "torch (eager)", e["latency_ms"]["p50"], e["latency_ms"]["p99"], e.get("size_bytes")]
+        )
+        if label in owners:
+            dense_p50.append(e["latency_ms"]["p50"])
+        c = e.get("compiled")
+        if c and c.get("latency_ms"):
+            rows.append(
+                [
+                    f"{label} (compiled)",
+                    "prunekit runtime",
+                    c["latency_ms"]["p50"],
+                    c["latency_ms"]["p99"],
+                    None,
+                ]
+            )
+            if label in owners:
+                dense_p50.append(c["latency_ms"]["p50"])
+        for name, b in (e.get("baselines") or {}).items():
+            if b.get("latency_ms"):
+                rows.append(
+                    [
+                        f"{label} ({name})",
+                        b["engine"],
+                        b["latency_ms"]["p50"],
+                        b["latency_ms"]["p99"],
+                        b.get("size_bytes"),
+                    ]
+                )
+                dense_p50.append(b["latency_ms"]["p50"])
+    fastest = min(dense_p50)
+    base = m[first]["latency_ms"]["p50"]
+    table = [
+        [
+            r[0],
+            r[1],
+            f"{r[2]:.3f}",
+            f"{r[3]:.3f}",
+            f"{r[2] / base:.2f}x",
+            f"{r[2] / fastest:.2f}x",
+            _size(r[4]),
+        ]
+        for r in rows
+    ]
+    lines = ["## Against the engines a user would deploy instead", ""]
+    lines += _table(
+        ["model", "engine", "p50 ms", "p99 ms", f"p50 vs {first}", "p50 vs fastest dense", "size"], table
+    )
+    lines += [
+        "",
+        "Dense baselines of the same float model: torch's own INT8 (x86 engine), onnxruntime float32 and "
+        "onnxruntime's static INT8 (QDQ, per-channel weights), all timed in the same interleaved batch-1 run "
+        "as prunekit's variants. They are speed references: their accuracy is not measured.",
+    ]
+    for label in owners:
+        for name, b in m[label]["baselines"].items():
+            if b.get("skipped"):
+                lines.append(f"- {name} skipped: {b['skipped']}")
+    return lines + [""]
+
+
 def _runtime_section(m: dict[str, Any], labels: list[str]) -> list[str]:
     """Latency of the compiled twins next to every evaluated model, and what each compile decided."""
     compiled = [label for label in labels if m[label].get("compiled")]
@@ -186,11 +277,13 @@ def _runtime_section(m: dict[str, Any], labels: list[str]) -> list[str]:
                 "-" if d["dense_us"] is None else f"{d['dense_us']:.1f}",
                 "-" if d["sparse_us"] is None else f"{d['sparse_us']:.1f}",
                 d["chosen"],
+                layer_engine(d["kind"], d["chosen"]),
             ]
             for d in m[label]["compiled"]["layers"]
         ]
         lines += [f"Decisions for {label}:", ""]
-        lines += _table(["layer", "weight", "sparsity", "dense us", "best sparse us", "chosen"], rows) + [""]
+        head = ["layer", "weight", "sparsity", "dense us", "best sparse us", "chosen", "engine"]
+        lines += _table(head, rows) + [""]
     return lines
 
 
@@ -245,6 +338,7 @@ def write_report(m: dict[str, Any]) -> str:
         lines += _table(["class", "support", *labels], rows) + [""]
     lines += agreement_section(m) + size_section(m)
     lines += _runtime_section(m, labels)
+    lines += baselines_section(m, labels)
     lines += c_export_section(m)  # prunekit.report.c_export: flash/RAM of the C export
     if m.get("rounds"):
         lines += ["## Pruning rounds", ""]

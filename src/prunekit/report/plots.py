@@ -11,11 +11,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure as MplFigure
-
 from prunekit.analysis.sensitivity import Sensitivity, heatmap_png
-from prunekit.report.sections import allocation_heading
+from prunekit.report.sections import allocation_heading, sensitivity_allocations
 
 MAX_BARS = 48  # more layers than this are averaged per block, one bar per block
 
@@ -28,8 +25,19 @@ class Figure:
     png: bytes
 
 
-def _png(fig: MplFigure) -> bytes:
+def _figure(**kwargs: Any) -> Any:
+    """A matplotlib Figure on the Agg canvas. matplotlib is imported here, when a chart is drawn: a job
+    that imports this module (to write its report at the end) does not pay for it before then, in time or
+    in the memory it measures."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(**kwargs)
     FigureCanvasAgg(fig)
+    return fig
+
+
+def _png(fig: Any) -> bytes:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})  # no version stamp: stable bytes
@@ -40,7 +48,7 @@ def sparsity_bars(
     names: list[str], sparsity: list[float], title: str, xlabel: str = "sparsity (% of weights that are zero)"
 ) -> bytes:
     """Horizontal bars, one per layer, sparsity in percent, top to bottom in the order given."""
-    fig = MplFigure(figsize=(8, 1.2 + 0.28 * len(names)))
+    fig = _figure(figsize=(8, 1.2 + 0.28 * len(names)))
     ax = fig.add_subplot()
     y = list(range(len(names)))
     ax.barh(y, [100 * s for s in sparsity], color="#3b6ea8")
@@ -57,7 +65,7 @@ def sparsity_bars(
 
 def grouped_bars(groups: list[str], series: dict[str, list[float | None]], ylabel: str, title: str) -> bytes:
     """Vertical bars: one group per entry of ``groups``, one bar per series inside it (None: no bar)."""
-    fig = MplFigure(figsize=(8, 3.6))
+    fig = _figure(figsize=(8, 3.6))
     ax = fig.add_subplot()
     width = 0.8 / max(len(series), 1)
     for i, (label, values) in enumerate(series.items()):
@@ -78,7 +86,7 @@ def grouped_bars(groups: list[str], series: dict[str, list[float | None]], ylabe
 
 def latency_bars(rows: dict[str, tuple[float, float]], title: str) -> bytes:
     """p50 bars with the p99 drawn as a tick above each, one row per model, in milliseconds."""
-    fig = MplFigure(figsize=(8, 1.4 + 0.4 * len(rows)))
+    fig = _figure(figsize=(8, 1.4 + 0.4 * len(rows)))
     ax = fig.add_subplot()
     names = list(rows)
     y = list(range(len(names)))
@@ -155,11 +163,8 @@ def run_figures(m: dict[str, Any]) -> list[Figure]:
 def _sensitivity_charts(m: dict[str, Any]) -> list[Figure]:
     """The heat map of every ``allocation: sensitivity`` stage, drawn again from the curves in the metrics
     (the run also writes it as ``sensitivity.png``), with the chosen sparsities on the layer labels."""
-    if not m.get("allocation"):
-        return []  # (and no torch import for the other reports)
-
     out = []
-    for i, a in enumerate(m.get("allocation") or []):
+    for i, a in enumerate(sensitivity_allocations(m)):
         chosen = {name: v["sparsity"] for name, v in a["layers"].items()}
         png = heatmap_png(Sensitivity.from_dict(a["sensitivity"]), chosen)
         heading = allocation_heading(m, i)

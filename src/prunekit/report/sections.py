@@ -164,7 +164,7 @@ def structured_verdict(m: dict[str, Any]) -> list[str]:
     else:
         lines.append(
             f"- Latency: **not faster** (p50 {ratio:.2f}x of dense; only {FASTER_THRESHOLD:.2f}x or better "
-            "counts): at this size per-call overheads, not the removed arithmetic, dominate."
+            "counts as a speed-up)."
         )
     lines.append(
         f"- Compute: {r['macs']:.3f}x of the dense MACs, {r['params']:.3f}x of the parameters; the ideal "
@@ -212,8 +212,14 @@ def settings_section(settings: dict[str, Any], title: str = "Settings") -> list[
 def allocation_heading(m: dict[str, Any], index: int) -> str:
     """The heading (without ``## ``) of the ``index``-th ``allocation: sensitivity`` entry; unique per
     entry, so its heat map (``plots.run_figures``) lands under its own table."""
-    count = len(m.get("allocation") or [])
+    count = len(sensitivity_allocations(m))
     return "Sensitivity allocation" + (f" {index + 1} of {count}" if count > 1 else "")
+
+
+def sensitivity_allocations(m: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``allocation: sensitivity`` entries of ``metrics["allocation"]`` (other allocations, such as
+    ``erk``, record only their per-layer sparsities there)."""
+    return [a for a in m.get("allocation") or [] if "sensitivity" in a]
 
 
 def _points(x: float) -> str:
@@ -228,7 +234,7 @@ def allocation_section(m: dict[str, Any]) -> list[str]:
     """Per prune stage with ``allocation: sensitivity``: the measured drops (the heat map's numbers), the
     sparsity chosen per layer and its predicted drop, and whether the global target was met exactly."""
     lines: list[str] = []
-    for i, a in enumerate(m.get("allocation") or []):
+    for i, a in enumerate(sensitivity_allocations(m)):
         sens = a["sensitivity"]
         accuracy = sens["metric"] == "accuracy"
 

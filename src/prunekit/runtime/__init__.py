@@ -24,6 +24,8 @@ _EXPORTS = {
     "SparseQuantizedLinear": "prunekit.runtime.layers",
     "SparseQuantizedConv2d": "prunekit.runtime.layers",
     "SparseWeight": "prunekit.runtime.formats",
+    "GemvLinear": "prunekit.runtime.gemv",
+    "from_compressed": "prunekit.runtime.gemv",
     "pack": "prunekit.runtime.formats",
 }
 

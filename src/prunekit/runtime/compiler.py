@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from prunekit.errors import PrunekitError
-from prunekit.masking import squash
+from prunekit.masking import squash, type_name
 from prunekit.quant.layers import QuantizedConv2d, QuantizedLinear
 from prunekit.runtime.formats import int8_row_bound
 
@@ -63,13 +63,19 @@ class RuntimeReport:
     layers: list[LayerDecision]
     threads: int
     margin: float
+    cold: bool = False  # timed with the caches flushed before every call
+    device: str = "cpu"
+    # integer operators of an integer int8 model (prunekit.quant.glue) moved onto numba kernels: name ->
+    # kernel (each checked bit for bit on its recorded input)
+    operators: dict[str, str] = field(default_factory=dict)
 
     def table(self) -> str:
         head = (
             f"{'layer':<28} {'kind':<16} {'weight':<16} {'sparsity':>8} {'input':<18} "
             f"{'dense us':>9} {'sparse us':>9} {'chosen':<10} note"
         )
-        lines = [f"runtime decisions ({self.threads} thread(s), margin {self.margin:.0%})", head]
+        how = f"{self.threads} thread(s), margin {self.margin:.0%}" + (", cold caches" if self.cold else "")
+        lines = [f"runtime decisions ({how}{'' if self.device == 'cpu' else ', ' + self.device})", head]
         for d in self.layers:
             dense = "-" if d.dense_us is None else f"{d.dense_us:.1f}"
             sparse = "-" if d.sparse_us is None else f"{d.sparse_us:.1f}"
@@ -96,6 +102,11 @@ def report(model: nn.Module) -> RuntimeReport:
 _TARGETS = (nn.Linear, nn.Conv2d, QuantizedLinear, QuantizedConv2d)
 
 
+def _is_target(module: nn.Module) -> bool:
+    """A layer compile may replace: the classes above, and Hugging Face's ``Conv1D`` (GPT-2's linear)."""
+    return isinstance(module, _TARGETS) or type_name(module) == "Conv1D"
+
+
 def _kind(module: nn.Module) -> str:
     for cls in (QuantizedLinear, QuantizedConv2d, nn.Linear, nn.Conv2d):
         if isinstance(module, cls):
@@ -104,6 +115,8 @@ def _kind(module: nn.Module) -> str:
 
 
 def _weight(module: nn.Module) -> Tensor:
+    if type_name(module) == "Conv1D":
+        return module.weight.detach().T  # stored (in, out)
     return module.weight_q if isinstance(module, (QuantizedLinear, QuantizedConv2d)) else module.weight
 
 
@@ -120,7 +133,7 @@ def _capture(model: nn.Module, example_inputs) -> dict[str, Tensor]:
         return record
 
     for name, module in model.named_modules():
-        if isinstance(module, _TARGETS):
+        if _is_target(module):
             handles.append(module.register_forward_hook(hook(name)))
     if isinstance(example_inputs, dict):
         args, kwargs = (), example_inputs
@@ -142,12 +155,47 @@ def _capture(model: nn.Module, example_inputs) -> dict[str, Tensor]:
     return inputs
 
 
-def _candidates(module: nn.Module, x: Tensor) -> tuple[dict[str, Callable[[], nn.Module]], str]:
+@dataclass(frozen=True)
+class DecodeOptions:
+    """What the batch-1 (decode) kernels may do to a Linear layer (:mod:`prunekit.runtime.gemv`)."""
+
+    values: str = "float32"  # float32 | bfloat16 | int8 (weight-only, per-row scales)
+    activations: str = "float32"  # float32 | int8 (dynamic per-tensor, with int8 values on block layouts)
+
+    @property
+    def exact_weights(self) -> bool:
+        return self.values == "float32" and self.activations == "float32"
+
+
+def _batch1_linear(module: nn.Module, x: Tensor) -> bool:
+    return (
+        (isinstance(module, nn.Linear) or type_name(module) == "Conv1D")
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.dim() >= 1
+        and x.numel() == x.shape[-1]
+    )
+
+
+def _candidates(
+    module: nn.Module, x: Tensor, decode: DecodeOptions = DecodeOptions()
+) -> tuple[dict[str, Callable[[], nn.Module]], str]:
     """Sparse candidates worth timing for this layer and input, as factories; plus why there are none."""
     from prunekit.runtime import layers as L
 
+    if x.device.type == "cuda":
+        from prunekit.runtime import cuda
+
+        return cuda.candidates(module, x)
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return {}, f"input is {x.dtype} on {x.device} (the kernels are CPU float32)"
+    if _batch1_linear(module, x):  # one activation vector: the decode kernels
+        from prunekit.runtime import gemv
+
+        # (the earlier "rows" CSR kernel is not offered here: csr4 does the same with fewer loads)
+        return gemv.candidates(module, decode.values, decode.activations), ""
+    if type_name(module) == "Conv1D":
+        return {}, "Conv1D runs sparse kernels at batch 1 only"
     quantized = isinstance(module, (QuantizedLinear, QuantizedConv2d))
     if quantized:
         q = module.weight_q.reshape(module.weight_q.shape[0], -1).numpy()
@@ -189,9 +237,16 @@ def _candidates(module: nn.Module, x: Tensor) -> tuple[dict[str, Callable[[], nn
     return out, ""
 
 
-def _time(fns: dict[str, Callable[[], Tensor]], budget_s: float, min_reps: int, max_reps: int) -> dict:
+def _time(
+    fns: dict[str, Callable[[], Tensor]],
+    budget_s: float,
+    min_reps: int,
+    max_reps: int,
+    flush: Callable[[], object] | None = None,
+) -> dict:
     """Median microseconds per callable, interleaved in a shuffled order each round; the first (JIT)
-    call and the warm-up are excluded (the first call's time is returned apart)."""
+    call and the warm-up are excluded (the first call's time is returned apart). ``flush``, when given,
+    runs untimed before every timed call (cold caches, :class:`prunekit.runtime.coldcache.Flush`)."""
     jit = {}
     for name, fn in fns.items():
         t0 = time.perf_counter()
@@ -203,28 +258,42 @@ def _time(fns: dict[str, Callable[[], Tensor]], budget_s: float, min_reps: int, 
         t0 = time.perf_counter()
         fn()
         one[name] = time.perf_counter() - t0
-    reps = int(min(max_reps, max(min_reps, budget_s / max(sum(one.values()), 1e-9))))
+    per_round = sum(one.values())
+    if flush is not None:  # the budget covers the flushes too: each costs far more than a decode kernel
+        t0 = time.perf_counter()
+        flush()
+        per_round += len(fns) * (time.perf_counter() - t0)
+    reps = int(min(max_reps, max(min_reps, budget_s / max(per_round, 1e-9))))
     samples: dict[str, list[float]] = {name: [] for name in fns}
     order, rng = list(fns), random.Random(0)
     for _ in range(reps):
         rng.shuffle(order)  # a fixed order would hand whoever runs second the first one's warm caches
         for name in order:
+            if flush is not None:
+                flush()
             t0 = time.perf_counter_ns()
             fns[name]()
             samples[name].append((time.perf_counter_ns() - t0) / 1e3)
     return {name: statistics.median(s) for name, s in samples.items()}, jit
 
 
-def _matches(y: Tensor, ref: Tensor, exact: bool) -> bool:
+def _matches(y: Tensor, ref: Tensor, exact: bool, rtol: float = FLOAT_RTOL) -> bool:
     if y.shape != ref.shape:
         return False
     if exact:
         return torch.equal(y, ref)
     scale = ref.abs().max().item() if ref.numel() else 0.0
-    return (y - ref).abs().max().item() <= FLOAT_RTOL * max(scale, 1e-30) if y.numel() else True
+    return (y - ref).abs().max().item() <= rtol * max(scale, 1e-30) if y.numel() else True
 
 
-def _decide(name: str, module: nn.Module, x: Tensor | None, margin: float, timing: dict) -> tuple:
+def _decide(
+    name: str,
+    module: nn.Module,
+    x: Tensor | None,
+    margin: float,
+    timing: dict,
+    decode: DecodeOptions = DecodeOptions(),
+) -> tuple:
     weight = _weight(module)
     nz = int(torch.count_nonzero(weight)) if weight.numel() else 0
     decision = LayerDecision(
@@ -237,22 +306,32 @@ def _decide(name: str, module: nn.Module, x: Tensor | None, margin: float, timin
     if x is None:
         decision.reason = "not called by example_inputs"
         return decision, None
-    factories, why = _candidates(module, x)
+    factories, why = _candidates(module, x, decode)
     if not factories:
         decision.reason = why
         return decision, None
     quantized = isinstance(module, (QuantizedLinear, QuantizedConv2d))
+    # other values than the float32 weights (bfloat16, int8) are what the user asked for: the layer is
+    # replaced by the fastest kernel computing them, even when torch's float32 layer is faster
+    replace_anyway = _batch1_linear(module, x) and not decode.exact_weights
     with torch.inference_mode():
         ref = module(x)
         built = {}
         for label, make in factories.items():
             candidate = make()
             y = candidate(x)
-            if _matches(y, ref, exact=quantized):
+            reference = getattr(candidate, "reference", None)  # a layout's own arithmetic (int8, bf16)
+            expected = ref if reference is None else reference(x)
+            exact = getattr(candidate, "exact", quantized)
+            if _matches(y, expected, exact, getattr(candidate, "rtol", FLOAT_RTOL)):
                 built[label] = candidate
             else:
                 log.warning("runtime: %s candidate %s does not match the dense output; not used", name, label)
         fns = {"dense": lambda: module(x)} | {label: (lambda c=c: c(x)) for label, c in built.items()}
+        if x.device.type == "cuda":
+            from prunekit.runtime.cuda import synchronized
+
+            fns = {label: synchronized(fn) for label, fn in fns.items()}
         medians, jit = _time(fns, **timing)
     decision.dense_us = medians.pop("dense")
     decision.candidates = medians
@@ -262,8 +341,10 @@ def _decide(name: str, module: nn.Module, x: Tensor | None, margin: float, timin
         return decision, None
     best = min(medians, key=medians.get)
     decision.sparse_us = medians[best]
-    if medians[best] < decision.dense_us * (1.0 - margin):
+    if medians[best] < decision.dense_us * (1.0 - margin) or replace_anyway:
         decision.chosen = best
+        if replace_anyway and medians[best] >= decision.dense_us * (1.0 - margin):
+            decision.reason = f"{decode.values} values asked for"
         return decision, built[best]
     decision.reason = f"best sparse ({best}) not {margin:.0%} faster"
     return decision, None
@@ -321,6 +402,11 @@ def compile(  # noqa: A001 - the natural name, namespaced as prunekit.runtime.co
     min_reps: int = 7,
     max_reps: int = 300,
     chain: bool = True,
+    values: str = "float32",
+    head_values: str | None = None,
+    activations: str = "float32",
+    cold: bool | None = None,
+    device: str = "cpu",
 ) -> nn.Module:
     """A new inference model: a deep copy of ``model`` (masks squashed, eval mode) whose ``nn.Linear``,
     ``nn.Conv2d``, ``QuantizedLinear`` and ``QuantizedConv2d`` layers run sparse kernels where measured
@@ -332,28 +418,55 @@ def compile(  # noqa: A001 - the natural name, namespaced as prunekit.runtime.co
     ``max_reps`` interleaved repetitions). ``chain``: fuse ``nn.Sequential`` runs of two ``xt`` sparse
     Linears around a GELU/ReLU/SiLU/Tanh into one layer that keeps the transposed activations in between
     (:class:`~prunekit.runtime.layers.SparseLinearChain`). The original model is not modified.
+
+    Linear layers (and Hugging Face ``Conv1D``) that see one activation vector, as in a language model's
+    decode step, are timed on the batch-1 layouts of :mod:`prunekit.runtime.gemv` (dense, R x 1 blocks, N:M,
+    CSR-4). For a causal LM pass one token (``{"input_ids": ids[:, :1]}``): the layers are swapped, the KV
+    cache is untouched, and prompt steps (several tokens) run ``F.linear`` on the same weights.
+    ``values``: ``float32`` (the weights as they are), ``bfloat16`` or ``int8`` (weight-only, per-row
+    scales; every batch-1 Linear is then replaced by the fastest kernel of that value type);
+    ``head_values``: the same for the output embedding (``lm_head``) alone; ``activations="int8"`` also lets
+    int8 block kernels quantize the activations (exact int32 sums). ``cold``: time with the caches flushed
+    before every call (None: when the layers' weights exceed the last-level cache, as in decoding).
+    ``device="cuda"``: 2:4 Linear layers on sparse tensor cores where faster (:mod:`prunekit.runtime.cuda`).
     """
     if not isinstance(model, nn.Module):
         raise PrunekitError(f"compile: expected an nn.Module, got {type(model).__name__}")
     if not 0.0 <= margin < 1.0:
         raise PrunekitError(f"compile: margin must be in [0, 1), got {margin}")
+    from prunekit.runtime.coldcache import Flush, last_level_cache_bytes
+    from prunekit.runtime.gemv import check_decode_options
+
+    check_decode_options(values, activations)
+    if head_values is not None:
+        check_decode_options(head_values, activations)
+    timing = dict(budget_s=budget_s, min_reps=min_reps, max_reps=max_reps)
     compiled = squash(copy.deepcopy(model)).eval()
+    if device != "cpu":
+        from prunekit.runtime.cuda import check_device
+
+        dev = check_device(device)
+        compiled, example_inputs, cold = compiled.to(dev), _to_device(example_inputs, dev), False
     inputs = _capture(compiled, example_inputs)
     threads = torch.get_num_threads()
-    timing = dict(budget_s=budget_s, min_reps=min_reps, max_reps=max_reps)
+    head = _output_head(compiled)
+    targets = [(n, m) for n, m in compiled.named_modules() if _is_target(m)]
+    if cold is None:
+        cold = sum(_weight(m).numel() * 4 for _, m in targets) > last_level_cache_bytes()
+    if cold:
+        timing["flush"] = Flush()
     decisions, replace = [], {}
-    for name, module in list(compiled.named_modules()):
-        if not isinstance(module, _TARGETS):
-            continue
-        decision, new = _decide(name, module, inputs.get(name), margin, timing)
+    for name, module in targets:
+        decode = DecodeOptions(head_values if name == head and head_values else values, activations)
+        decision, new = _decide(name, module, inputs.get(name), margin, timing, decode)
         decisions.append(decision)
         log.info(
             "runtime: %s %s -> %s (dense %s us, sparse %s us, jit %.2f s)",
             name,
             decision.kind,
             decision.chosen,
-            decision.dense_us,
-            decision.sparse_us,
+            "-" if decision.dense_us is None else f"{decision.dense_us:.1f}",
+            "-" if decision.sparse_us is None else f"{decision.sparse_us:.1f}",
             decision.jit_s,
         )
         if new is not None:
@@ -363,5 +476,62 @@ def compile(  # noqa: A001 - the natural name, namespaced as prunekit.runtime.co
         setattr(compiled.get_submodule(parent) if parent else compiled, child, new)
     if chain:
         _fuse_chains(compiled, inputs, decisions)
-    compiled.runtime_report = RuntimeReport(decisions, threads, margin)
+    operators = _fast_glue(compiled, example_inputs)
+    compiled.runtime_report = RuntimeReport(decisions, threads, margin, cold, str(device), operators)
     return compiled
+
+
+def _to_device(inputs, device: torch.device):
+    if isinstance(inputs, Tensor):
+        return inputs.to(device)
+    if isinstance(inputs, dict):
+        return {k: _to_device(v, device) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_to_device(v, device) for v in inputs)
+    return inputs
+
+
+def _output_head(model: nn.Module) -> str | None:
+    """The name of the model's output embedding (a Hugging Face model's ``lm_head``), if it has one."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    if head is None:
+        return None
+    return next((name for name, m in model.named_modules() if m is head), None)
+
+
+def _fast_glue(model: nn.Module, example_inputs) -> dict[str, str]:
+    """Move an integer model's adds and input rounding (prunekit.quant.glue) onto numba kernels, each
+    only where it gives the module's output bit for bit on the input it sees in ``example_inputs``."""
+    from prunekit.runtime.layers import fast_glue
+
+    twins = {name: (m, fast_glue(m)) for name, m in model.named_modules() if name}
+    twins = {name: pair for name, pair in twins.items() if pair[1] is not None}
+    if not twins:
+        return {}
+    seen: dict[str, tuple] = {}
+    handles = []
+    for name, (module, _) in twins.items():
+
+        def record(m: nn.Module, args: tuple, output: object, name: str = name) -> None:
+            seen.setdefault(name, (tuple(a.detach().clone() for a in args), output.detach().clone()))
+
+        handles.append(module.register_forward_hook(record))
+    try:
+        _capture(model, example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    done = {}
+    for name, (_, twin) in twins.items():
+        if name not in seen:
+            continue
+        args, want = seen[name]
+        with torch.inference_mode():
+            if not torch.equal(twin(*args), want):
+                log.warning("runtime: %s %s kernel does not match the module; not used", name, twin.kernel)
+                continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, twin)
+        done[name] = twin.kernel
+    return done

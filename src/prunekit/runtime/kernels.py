@@ -27,22 +27,30 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, register_jitable
+
+from prunekit.quant import rounding
+
+# the one requantization rule, compiled from its own source (prunekit.quant.rounding) wherever a kernel
+# calls it: no copy of the arithmetic here
+register_jitable(rounding.rshift_round)
+register_jitable(rounding.requantize_value)
 
 log = logging.getLogger(__name__)
 
 
-def _jit(fastmath: bool = True, **extra) -> Callable:
+def _jit(fastmath: bool = True, cache: bool = True, **extra) -> Callable:
     """``numba.njit`` with ``cache=True`` when a cache location is writable, without it otherwise.
 
     numba looks for a writable ``__pycache__`` next to this file, then a per-user cache directory; when
     neither works it raises at decoration time, which must never break ``import``. ``PRUNEKIT_NUMBA_CACHE=0``
-    turns the disk cache off.
+    turns the disk cache off. ``cache=False`` for a kernel that calls code from another file (numba's cache
+    is keyed on this file only, so an edit there would be served stale).
     """
 
     def wrap(fn: Callable) -> Callable:
         opts = dict(nogil=True, boundscheck=False, fastmath=fastmath, **extra)
-        if os.environ.get("PRUNEKIT_NUMBA_CACHE", "1") != "0":
+        if cache and os.environ.get("PRUNEKIT_NUMBA_CACHE", "1") != "0":
             try:
                 return numba.njit(cache=True, **opts)(fn)
             except Exception as exc:  # noqa: BLE001 - any cache failure means: run uncached
@@ -363,15 +371,18 @@ def transpose(src, dst, bias, has_bias, i0, i1):
 _ERF = (0.0705230784, 0.0422820123, 0.0092705272, 0.0001520143, 0.0002765672, 0.0000430638)
 
 
-@_jit(error_model="numpy")  # no ZeroDivisionError check in the loop: it would stop the vectorisation
+# no ZeroDivisionError check in the loop (it would stop the vectorisation); fast-math without `nnan` and
+# `ninf`, so the compiler keeps IEEE infinities and NaN, which the edge cases below depend on
+@_jit(error_model="numpy", fastmath={"nsz", "arcp", "contract", "afn", "reassoc"})
 def gelu(a, i0, i1):
     """``a[i] = a[i] * Phi(a[i])`` (the exact-erf GELU, erf to within 3e-7) in place for ``i`` in
     ``[i0, i1)`` of a 1-D float32 array. Written as ``0.5 (x + |x| erf(|x| / sqrt 2))``: no branch, so it
-    vectorises (torch's GELU takes about 1 ns per element on one core here)."""
+    vectorises (torch's GELU takes about 1 ns per element on one core here). At the edges it gives the
+    limits of ``x Phi(x)``: GELU(+inf) = +inf, GELU(-inf) = 0, GELU(NaN) = NaN."""
     c1, c2, c3 = np.float32(_ERF[0]), np.float32(_ERF[1]), np.float32(_ERF[2])
     c4, c5, c6 = np.float32(_ERF[3]), np.float32(_ERF[4]), np.float32(_ERF[5])
     inv_sqrt2, half, one = np.float32(0.7071067811865476), np.float32(0.5), np.float32(1.0)
-    top, zero = np.float32(6.0), np.float32(0.0)
+    top, zero, minus_inf = np.float32(6.0), np.float32(0.0), np.float32(-np.inf)
     for i in range(np.uint64(i0), np.uint64(i1)):  # unsigned: no negative-index wraparound in the loop
         x = a[i]
         ax = abs(x)
@@ -381,13 +392,14 @@ def gelu(a, i0, i1):
         p4 = p2 * p2
         p8 = p4 * p4
         q = one / (p8 * p8) if z < top else zero  # erfc(z)
-        a[i] = half * (x + ax * (one - q))  # not ax - ax*q: inf * 0 would turn GELU(+inf) into NaN
+        y = half * (x + ax * (one - q))  # not ax - ax*q: inf * 0 would turn GELU(+inf) into NaN
+        a[i] = y if x != minus_inf else zero  # -inf + inf is NaN; the limit is 0 (NaN != -inf: kept)
 
 
 # -- int8 glue: no fastmath, these must round exactly like prunekit.quant.layers -------------------------
 @_jit(fastmath=False)
 def dynamic_scale(x):
-    """``max|x| / 127`` in float32, 1 when ``x`` is all zero (prunekit.quant.layers.quantize_activation)."""
+    """``max|x| / 127`` in float32, 1 when ``x`` is all zero (prunekit.quant.rounding.quantize_activation)."""
     top = np.float32(0.0)
     for v in x:
         a = abs(v)
@@ -415,6 +427,43 @@ def finish_int8(acc, s_x, weight_scale, bias, has_bias, y):
             for j in range(nl):
                 v = acc[n, r, j] * scale
                 y[n, r, j] = v + bias[r] if has_bias else v
+
+
+@_jit(fastmath=False, cache=False)  # calls prunekit.quant.rounding: see _jit
+def finish_int8_requant(acc, bias_q, mult, shift, lo, hi, out_scale, y):
+    """``y[n, r, l] = float32(requantize_value(acc[n, r, l] + bias_q[r], mult[r], shift[r], lo, hi)) *
+    out_scale``: an int8 layer's integer output form (:mod:`prunekit.quant.rounding`), ``acc`` holding
+    exact integers (float32)."""
+    nn_, nr, nl = acc.shape
+    for n in range(nn_):
+        for r in range(nr):
+            b, m, s = np.int64(bias_q[r]), np.int64(mult[r]), np.int64(shift[r])
+            for j in range(nl):
+                v = np.int64(acc[n, r, j]) + b
+                y[n, r, j] = np.float32(rounding.requantize_value(v, m, s, lo, hi)) * out_scale
+
+
+@_jit(fastmath=False, cache=False)  # calls prunekit.quant.rounding: see _jit
+def int8_add(a, b, scales, consts, out):
+    """prunekit.quant.glue.QuantizedAdd on flat float32 arrays: the integers of ``a`` and ``b`` recovered
+    (float32 division, round half to even), ``rshift_round(qa * Ma + qb * Mb, sh)`` clamped to [-127, 127],
+    written as ``float32(q) * scale_out``. ``scales``: (a, b, out) float32; ``consts``: (Ma, Mb, sh)."""
+    sa, sb, so = scales[0], scales[1], scales[2]
+    ma, mb, sh = consts[0], consts[1], consts[2]
+    for i in range(a.size):
+        qa = np.int64(np.rint(a[i] / sa))
+        qb = np.int64(np.rint(b[i] / sb))
+        q = rounding.rshift_round(qa * ma + qb * mb, sh)
+        q = min(max(q, np.int64(-127)), np.int64(127))
+        out[i] = np.float32(q) * so
+
+
+@_jit(fastmath=False)
+def quantize_dequantize(x, scale, out):
+    """``out = float32(clamp(round_half_even(x / scale), -127, 127)) * scale`` (QuantizeInput)."""
+    for i in range(x.size):
+        q = min(max(np.rint(x[i] / scale), np.float32(-127.0)), np.float32(127.0))
+        out[i] = q * scale
 
 
 @_jit()

@@ -18,8 +18,9 @@ kept transposed in between (made by ``compile`` for ``nn.Sequential`` runs Linea
 Convolutions (but ``direct``) are lowered to one sparse GEMM: ``W (Cout x Cin*kh*kw) @ cols
 (Cin*kh*kw x N*Hout*Wout)`` with ``cols`` from ``F.unfold`` (for 1x1 convolutions the input itself, no copy
 at batch 1). The int8 layers
-follow ``prunekit.quant.layers`` bit for bit: the same activation rounding, exact integer sums, then one
-float32 product and one float32 sum.
+follow ``prunekit.quant.layers`` bit for bit: the same activation rounding, exact integer sums, then the
+layer's output form: the fixed-point requantization of :mod:`prunekit.quant.rounding` (integer models),
+or one float32 product and one float32 sum.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prunekit.errors import PrunekitError
+from prunekit.quant.glue import QuantizedAdd, QuantizeInput
 from prunekit.runtime import kernels, threads
 from prunekit.runtime.formats import FLOAT32_EXACT, SparseWeight, int8_row_bound, pack
 
@@ -217,6 +219,13 @@ class _QuantizedBase:
             np.zeros(0, np.float32) if bias is None else bias.detach().to(torch.float32).numpy().copy()
         )
         self.has_bias = bias is not None
+        # the integer output form (prunekit.quant.layers): requantized at out_scale
+        self.out_scale = None if module.out_scale is None else np.float32(module.out_scale.item())
+        if self.out_scale is not None:
+            self.bias_q = module.bias_q.numpy().astype(np.int64)
+            self.out_mult = module.out_mult.numpy().astype(np.int64)
+            self.out_shift = module.out_shift.numpy().astype(np.int64)
+            self.out_range = tuple(int(v) for v in module.out_range)
 
     def _quantize(self, x: np.ndarray) -> tuple[np.ndarray, np.float32]:
         flat = x.reshape(-1)
@@ -230,7 +239,13 @@ class _QuantizedBase:
     def _finish(self, acc: np.ndarray, s_x: np.float32) -> np.ndarray:
         """``acc``: (N, out, L) view, any strides; returns a C-ordered (N, out, L) float32 array."""
         y = np.empty(acc.shape, dtype=np.float32)
-        kernels.finish_int8(acc, s_x, self.weight_scale, self.bias, self.has_bias, y)
+        if self.out_scale is not None:
+            lo, hi = self.out_range
+            kernels.finish_int8_requant(
+                acc, self.bias_q, self.out_mult, self.out_shift, lo, hi, self.out_scale, y
+            )
+        else:
+            kernels.finish_int8(acc, s_x, self.weight_scale, self.bias, self.has_bias, y)
         return y
 
 
@@ -420,3 +435,49 @@ def default_block(in_features: int, columns: int) -> int | None:
     times the unblocked kernel too)."""
     block = 256 if columns >= 64 else 512
     return None if block >= in_features else block
+
+
+class FastQuantizedAdd(_RuntimeLayer):
+    """``prunekit.quant.glue.QuantizedAdd`` as one numba pass (:func:`kernels.int8_add`); bit-identical."""
+
+    kernel = "int8-add"
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.scales = module.scales.detach().to(torch.float32).numpy().copy()
+        self.consts = module.consts.detach().to(torch.int64).numpy().copy()
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        self._check(a)
+        if a.shape != b.shape:
+            raise PrunekitError(f"{type(self).__name__}: shapes {tuple(a.shape)} and {tuple(b.shape)} differ")
+        xa, xb = self._array(a), self._array(b)
+        out = np.empty_like(xa)
+        kernels.int8_add(xa.reshape(-1), xb.reshape(-1), self.scales, self.consts, out.reshape(-1))
+        return torch.from_numpy(out)
+
+
+class FastQuantizeInput(_RuntimeLayer):
+    """``prunekit.quant.glue.QuantizeInput`` as one numba pass (:func:`kernels.quantize_dequantize`)."""
+
+    kernel = "int8-quantize"
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.scale = np.float32(module.scale.item())
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check(x)
+        a = self._array(x)
+        out = np.empty_like(a)
+        kernels.quantize_dequantize(a.reshape(-1), self.scale, out.reshape(-1))
+        return torch.from_numpy(out)
+
+
+def fast_glue(module: nn.Module) -> nn.Module | None:
+    """The runtime twin of an integer operator of prunekit.quant.glue (None: it stays as it is)."""
+    if type(module) is QuantizedAdd:
+        return FastQuantizedAdd(module)
+    if type(module) is QuantizeInput:
+        return FastQuantizeInput(module)
+    return None

@@ -14,7 +14,7 @@ This package never imports torch: storing and checking files does not need it.
 """
 
 from prunekit.store.manifest import Entry
-from prunekit.store.store import Store
+from prunekit.store.store import Store, enclosing_store, refuse_inside_store
 from prunekit.store.verify import VerifyReport
 
-__all__ = ["Entry", "Store", "VerifyReport"]
+__all__ = ["Entry", "Store", "VerifyReport", "enclosing_store", "refuse_inside_store"]

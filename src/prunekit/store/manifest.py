@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from prunekit.errors import PrunekitError, did_you_mean
+from prunekit.store.disk import json_text
 
 FORMAT = "prunekit.store.entry"
 FORMAT_VERSION = 1
@@ -171,21 +172,62 @@ class Entry:
     def size_bytes(self) -> int:
         return sum(f["bytes"] for f in self.files.values())
 
+    @property
+    def model_bytes(self) -> int:
+        """The smallest file that holds the model (the compressed copy where the entry has one; an entry
+        with an artifact and its compressed copy holds the model twice, so size_bytes overstates it)."""
+        models = [f["bytes"] for name, f in self.files.items() if name.endswith(".safetensors")]
+        return min(models) if models else self.size_bytes
 
-def read_manifest(path: Path) -> dict[str, Any]:
-    """Parse a manifest.json (plain JSON, never pickle); a damaged one is an error naming the file."""
+
+def read_manifest(path: Path, verify: bool = True) -> dict[str, Any]:
+    """Parse a manifest.json (plain JSON, never pickle); a damaged one is an error naming the file.
+
+    ``verify`` (what every reader but ``verify`` itself uses): the manifest must hash to the hash it
+    records, be byte for byte what the store wrote, and sit in the directory named by that hash, so a
+    flipped bit never shows up as a different metric or file list."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
+        data = json.loads(raw.decode("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise PrunekitError(f"{path}: not a readable manifest ({exc})") from None
     required = ("format", "format_version", "name", "parent", "created", "files", "hash")
     if not isinstance(data, dict) or data.get("format") != FORMAT or any(k not in data for k in required):
         raise PrunekitError(f"{path}: not a prunekit store manifest (format {FORMAT!r} with {required})")
-    if data["format_version"] > FORMAT_VERSION:
+    version = data["format_version"]
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise PrunekitError(f"{path}: manifest format_version {version!r} is not a number")
+    if version > FORMAT_VERSION:
         raise PrunekitError(
             f"{path}: manifest format_version {data['format_version']} is newer than this prunekit reads "
             f"({FORMAT_VERSION}); upgrade prunekit"
         )
-    if not isinstance(data["files"], dict):
+    if not isinstance(data["files"], dict) or not all(
+        isinstance(r, dict) and isinstance(r.get("sha256"), str) and isinstance(r.get("bytes"), int)
+        for r in data["files"].values()
+    ):
         raise PrunekitError(f"{path}: 'files' must map file names to their sha256 and size")
+    for key in ("name", "created", "hash"):
+        if not isinstance(data[key], str):
+            raise PrunekitError(f"{path}: '{key}' must be a string")
+    if verify:
+        problem = manifest_problem(path, data, raw)
+        if problem:
+            raise PrunekitError(f"entry '{data['name']}' ({path.parent.name[:SHORT]}): {problem}")
     return data
+
+
+def manifest_problem(path: Path, data: dict[str, Any], raw: bytes) -> str | None:
+    """Why a parsed manifest is not the one the store wrote (None: it is)."""
+    rel = f"{path.parent.name[:SHORT]}/manifest.json"
+    recomputed = manifest_hash(data)
+    if recomputed != data.get("hash"):
+        return (
+            f"{rel} was changed: its content hashes to {recomputed[:SHORT]}, it records "
+            f"{str(data.get('hash'))[:SHORT]}; run `prunekit store verify`"
+        )
+    if raw != json_text(data).encode("utf-8"):  # same content, other bytes ("\u00e9" -> "\u00E9")
+        return f"{rel} was changed: its bytes are not the ones the store wrote; run `prunekit store verify`"
+    if path.parent.name != data["hash"]:
+        return f"{rel}: its directory does not carry the manifest's hash {data['hash'][:SHORT]}"
+    return None

@@ -38,7 +38,7 @@ from typing import Any
 
 from prunekit import __version__
 from prunekit.errors import PrunekitError, did_you_mean
-from prunekit.files import atomic_write_json
+from prunekit.files import atomic_write_json, inside
 from prunekit.store import disk
 from prunekit.store.diff import diff_entries
 from prunekit.store.manifest import (
@@ -93,11 +93,43 @@ def _file_map(files: Mapping[str, str | Path] | Sequence[str | Path]) -> dict[st
     return out
 
 
+def _event(event: Any) -> bool:
+    """A history event as the store writes it."""
+    return isinstance(event, dict) and all(
+        isinstance(event.get(k), str) for k in ("time", "action", "name", "hash")
+    )
+
+
 def _foreign(path: Path) -> bool:
     """Whether a directory holds anything but what a store's first writer creates (another first writer
     may be creating the store right now, so its lock, subdirectories and store.json temp are expected)."""
     ours = {"lock", "entries", "tmp", "store.json"}
     return any(p.name not in ours and not p.name.startswith(".store.json.") for p in path.iterdir())
+
+
+def enclosing_store(path: str | Path) -> Path | None:
+    """The store directory ``path`` lies in (or is), if any: the nearest ancestor holding a store.json."""
+    for folder in (Path(path).absolute(), *Path(path).absolute().parents):
+        marker = folder / "store.json"
+        try:
+            if (
+                marker.is_file()
+                and json.loads(marker.read_text(encoding="utf-8")).get("format") == STORE_FORMAT
+            ):
+                return folder
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            continue
+    return None
+
+
+def refuse_inside_store(path: str | Path, flag: str = "--out") -> None:
+    """One line instead of writing a command's output into an artifact store (whose files are its own)."""
+    store = enclosing_store(path)
+    if store is not None:
+        raise PrunekitError(
+            f"{flag} {path} is inside the artifact store {store}: files written there would damage it; "
+            "write elsewhere and `prunekit store add` the result"
+        )
 
 
 class Store:
@@ -153,12 +185,13 @@ class Store:
                 )
 
     # -- reading --------------------------------------------------------------------------------------
-    def scan(self) -> tuple[list[Entry], list[str]]:
-        """Every complete entry (oldest first) and the problems of the entries that cannot be read."""
+    def scan(self, verify: bool = True) -> tuple[list[Entry], list[str]]:
+        """Every complete entry (oldest first) and the problems of the entries that cannot be read; with
+        ``verify`` (readers), an entry whose manifest is not the one stored counts as unreadable."""
         entries, broken = [], []
         for child in sorted(self.entries_dir.iterdir()) if self.entries_dir.is_dir() else []:
             try:
-                entries.append(Entry(read_manifest(child / "manifest.json"), child))
+                entries.append(Entry(read_manifest(child / "manifest.json", verify=verify), child))
             except PrunekitError as exc:
                 broken.append(str(exc))
         entries.sort(key=lambda e: (e.created, e.name))
@@ -206,10 +239,14 @@ class Store:
             events = json.loads(self._history.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             raise PrunekitError(
-                f"{self._history}: not readable JSON ({exc}); run `prunekit store verify`"
+                f"{self._history}: not readable JSON ({exc}); `prunekit store repair` rebuilds it from the "
+                "entries"
             ) from None
-        if not isinstance(events, list) or not all(isinstance(e, dict) and "hash" in e for e in events):
-            raise PrunekitError(f"{self._history}: not a list of events with a 'hash'")
+        if not isinstance(events, list) or not all(_event(e) for e in events):
+            raise PrunekitError(
+                f"{self._history}: not a list of events (time, action, name, hash); `prunekit store repair` "
+                "rebuilds it from the entries"
+            )
         return events
 
     def current(self) -> Entry | None:
@@ -221,7 +258,10 @@ class Store:
         for entry in self.list():
             if entry.hash == last:
                 return entry
-        raise PrunekitError(f"{self._history}: the current entry {last[:12]} is missing; run verify")
+        raise PrunekitError(
+            f"{self._history}: the current entry {last[:12]} is missing; `prunekit store repair` drops "
+            "events of missing entries"
+        )
 
     def lineage(self, ref: str) -> list[Entry]:
         """The entry and its ancestors, root first."""
@@ -351,6 +391,8 @@ class Store:
                 what = "the store is empty" if current is None else f"'{current.name}' is a root"
                 raise PrunekitError(f"rollback needs an entry name: {what} (it has no parent)")
             ref = current.parent
+        if to is not None:
+            self.check_outside(to, "--to")
         entry = self.get(ref)
         problems = check_entry(self, entry)
         if problems:
@@ -364,7 +406,9 @@ class Store:
         return entry
 
     def export(self, ref: str, to: str | Path) -> list[Path]:
-        """Copy an entry's files into the directory ``to`` (created if needed), verified; returns them."""
+        """Copy an entry's files into the directory ``to`` (created if needed), verified; returns them.
+        ``to`` may not lie inside the store (files written there would damage it)."""
+        self.check_outside(to, "--to")
         entry = self.get(ref)
         to = Path(to)
         if to.exists() and not to.is_dir():
@@ -379,6 +423,56 @@ class Store:
             written.append(to / fname)
         disk.fsync_dir(to)
         return written
+
+    def check_outside(self, path: str | Path, flag: str) -> None:
+        """Refuse a path inside the store for anything but the store's own files."""
+        if inside(path, self.path):
+            raise PrunekitError(
+                f"{flag} {path} is inside the store {self.path}: files written there would damage it; "
+                "choose a directory outside the store"
+            )
+
+    def repair(self) -> dict[str, Any]:
+        """Rebuild ``history.json`` from the entries: keep its readable events that name existing entries,
+        add an ``add`` event (at the entry's creation time) for every entry it lacks, in time order. A
+        damaged history file is kept beside it as ``history.json.damaged-<time>``. Returns what was done."""
+        self.require()
+        with disk.locked(self._lockfile):
+            entries = self.scan()[0]
+            by_hash = {e.hash: e for e in entries}
+            try:
+                events, damaged = self.history(), False
+            except PrunekitError:
+                events, damaged = [], self._history.exists()
+            kept = [dict(e) for e in events if e["hash"] in by_hash]
+            known = {e["hash"] for e in kept}
+            added = [
+                {"time": e.created, "action": "add", "name": e.name, "hash": e.hash}
+                for e in entries
+                if e.hash not in known
+            ]
+            rebuilt = sorted(kept + added, key=lambda e: e["time"])  # stable: kept events keep their order
+            previous = None
+            for event in rebuilt:
+                event["previous"] = previous
+                previous = event["hash"]
+            report = {
+                "kept": len(kept),
+                "dropped": len(events) - len(kept),
+                "added": len(added),
+                "backup": None,
+                "current": rebuilt[-1]["hash"] if rebuilt else None,
+            }
+            if not damaged and rebuilt == events:
+                return {**report, "changed": False}
+            if damaged:
+                backup = self.path / f"history.json.damaged-{_now().replace(':', '')}"
+                os.replace(self._history, backup)
+                report["backup"] = str(backup)
+            atomic_write_json(self._history, rebuilt)
+            disk.fsync_dir(self.path)
+        log.info("repaired %s: %s", self._history, report)
+        return {**report, "changed": True}
 
     def _record(self, action: str, entry: Entry) -> None:
         """Append a history event (call with the store lock held); its last event names `current`."""

@@ -15,6 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from prunekit.errors import PrunekitError
+from prunekit.files import staged_directory
 
 
 def _one(values: set[int], what: str) -> int:
@@ -67,7 +68,10 @@ def pruned_config(model: nn.Module):
 
 
 def save_pretrained(model: nn.Module, path: str | Path) -> Path:
-    """Save a structurally pruned Hugging Face model so ``from_pretrained`` rebuilds it as is."""
+    """Save a structurally pruned Hugging Face model so ``from_pretrained`` rebuilds it as is.
+
+    The files are written into a temporary sibling directory and moved into ``path`` at the end; weight
+    shards of an earlier save that this one does not have are removed, other files there are kept."""
     if not hasattr(model, "save_pretrained") or not hasattr(model, "config"):
         raise PrunekitError("save_pretrained needs a Hugging Face transformers model")
     config = pruned_config(model)
@@ -81,6 +85,12 @@ def save_pretrained(model: nn.Module, path: str | Path) -> Path:
             f"the pruned shapes do not fit one {type(model).__name__} config (e.g. {key}: {have[key]} vs "
             f"{want.get(key)}); save with prunekit.structured.save and rebuild with prunekit.structured.load"
         )
+    original = model.config
     model.config = config
-    model.save_pretrained(str(path))
+    try:  # staged: a failed save leaves the user's directory as it was
+        with staged_directory(path, replaces=("*.safetensors", "*.safetensors.index.json")) as staging:
+            model.save_pretrained(str(staging))
+    except BaseException:
+        model.config = original
+        raise
     return Path(path)

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from prunekit.criteria.random import random_scores
+from prunekit.errors import PrunekitError
 from prunekit.registry import STRUCTURED_IMPORTANCE
 
 log = logging.getLogger(__name__)
@@ -375,13 +376,13 @@ class Importance:
 
     def __post_init__(self) -> None:
         if self.needs not in NEEDS:
-            raise ValueError(f"importance needs one of {', '.join(NEEDS)}, got {self.needs!r}")
+            raise PrunekitError(f"importance needs one of {', '.join(NEEDS)}, got {self.needs!r}")
         if (self.needs == "activations") != (self.accumulator is not None):
-            raise ValueError("an accumulator is given exactly for importance that needs activations")
+            raise PrunekitError("an accumulator is given exactly for importance that needs activations")
 
     def __call__(self, group: UnitGroup) -> torch.Tensor:
         if self.score is None:
-            raise ValueError("this importance is computed from activations by its accumulator")
+            raise PrunekitError("this importance is computed from activations by its accumulator")
         return self.score(group)
 
 

@@ -4,8 +4,9 @@
 dense or compressed-sparse per layer, one static activation arena sized by liveness), a ``Makefile``
 whose ``make check`` compiles a generated harness and compares the C outputs bit for bit with the NumPy
 reference (:mod:`prunekit.export.c.reference`) and its predictions with PyTorch's, and ``budget.json``
-(flash and RAM per layer). The arithmetic is defined in :mod:`prunekit.export.c.fixedpoint`, the
-scales in :mod:`prunekit.export.c.lower`; ``docs/c_export.md`` is the user's guide.
+(flash and RAM per layer). The arithmetic and every scale come from the integer int8 model
+(:mod:`prunekit.quant.rounding`, :mod:`prunekit.quant.graph`): the C library computes the integers the
+PyTorch model computes; ``docs/c_export.md`` is the user's guide.
 """
 
 from prunekit.export.c.api import CModel, build, export_c, load_budget

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +21,7 @@ from prunekit.export.c.harness import harness_source, makefile
 from prunekit.export.c.ir import IntGraph
 from prunekit.export.c.lower import lower
 from prunekit.export.c.storage import MODES, choose
-from prunekit.files import atomic_write_json, atomic_write_text
+from prunekit.files import atomic_write_text, read_sealed_json, write_sealed_json
 from prunekit.quant.rounding import quantize_activation
 
 
@@ -64,12 +64,12 @@ def _batches(calibration: Tensor | Iterable) -> list[Tensor]:
 def build(
     model: nn.Module, calibration: Tensor | Iterable, *, sparse: str = "auto", name: str = "model"
 ) -> CModel:
-    """Capture, lower and size ``model`` (nothing is written). ``calibration``: inputs whose maxima give
-    the scales of tensors no int8 layer fixes (module :mod:`prunekit.export.c.lower`)."""
+    """Capture, lower and size the integer int8 ``model`` (nothing is written). ``calibration``: inputs
+    of the model's shape (one is run for the shapes; the scales are the model's own)."""
     if sparse not in MODES:
         raise PrunekitError(f"sparse must be one of {', '.join(MODES)}, got {sparse!r}")
     c_name(name)
-    g = lower(capture(model, _batches(calibration)))
+    g = lower(capture(model, _batches(calibration)[0]))
     for op in g.ops:
         if op.kind == "conv":
             op.stored, op.options = choose(op.arrays["weight"], sparse)
@@ -109,11 +109,15 @@ def export_c(
         x, y = test
         xq = cm.quantize_input(x)
         ref = reference.run(cm.graph, xq)
-        torch_pred = model(x.to(torch.float32)).argmax(1).numpy()
+        torch_out = model(x.to(torch.float32)).reshape(len(x), -1)
+        torch_pred = torch_out.argmax(1).numpy()
         ref_pred = ref.argmax(1)
         labels = np.asarray(y)
+        scale = torch.tensor(cm.graph.buffers[cm.graph.output].scale, dtype=torch.float32)
+        same = (torch.from_numpy(ref.astype(np.float32)) * scale == torch_out).all(1)
         result["reference"] = {
             "samples": int(len(labels)),
+            "torch_identical": int(same.sum()),  # outputs equal to the PyTorch int8 model's, all of them
             "agreement": float((ref_pred == torch_pred).mean()),
             "accuracy_reference": float((ref_pred == labels).mean()),
             "accuracy_torch": float((torch_pred == labels).mean()),
@@ -124,10 +128,23 @@ def export_c(
         raise PrunekitError(f"--out {out} exists and is not a directory")
     for fname, text in files.items():
         atomic_write_text(out / fname, text)
-    atomic_write_json(out / "budget.json", result)
+    # the budget names the exact files it describes, and is sealed with its own SHA-256 (load_budget)
+    result["files_sha256"] = {
+        f: hashlib.sha256(t.encode("utf-8")).hexdigest() for f, t in sorted(files.items())
+    }
+    write_sealed_json(out / "budget.json", result)
     result["files"] = sorted([*files, "budget.json"])
     return result
 
 
 def load_budget(out: str | Path) -> dict[str, Any]:
-    return json.loads((Path(out) / "budget.json").read_text())
+    """``out/budget.json`` after checking it is intact and still describes the files beside it."""
+    out = Path(out)
+    budget = read_sealed_json(out / "budget.json", "C export budget")
+    for fname, digest in (budget.get("files_sha256") or {}).items():
+        path = out / fname
+        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            raise PrunekitError(
+                f"C export budget: {path} is missing or changed since the export it describes"
+            )
+    return budget

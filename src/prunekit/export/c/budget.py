@@ -8,8 +8,8 @@ from the caller's array, so it is not in the arena. RAM = arena + scratch: exact
 compiled model (checked by the tests with ``size``).
 
 Flash: per layer the stored weights (:mod:`prunekit.export.c.storage`) and the per-channel constants
-(int32 multiplier, int8 shift, int64 bias: 13 bytes per output channel, 8 more for the int64
-multiplier of a fused residual add; a 256-byte table for hard-swish), plus an estimate of the
+(int32 multiplier, int8 shift, int64 bias: 13 bytes per output channel; a 256-byte table for
+hard-swish), plus an estimate of the
 code: the kernels the model uses and each operator's descriptor and call (numbers measured with
 arm-none-eabi-gcc 12, ``-mcpu=cortex-m4 -mthumb -Os``; the export also reports the measured
 ``arm-none-eabi-size`` when the cross compiler is present).
@@ -75,9 +75,7 @@ def scratch_words(g: IntGraph) -> int:
 def layer_flash(op) -> tuple[int, int]:
     """(weight bytes as stored, constant bytes) of one operator."""
     if op.kind == "conv":
-        return op.stored.nbytes, sum(
-            op.arrays[k].nbytes for k in ("mult", "shift", "bias", "res_mult") if k in op.arrays
-        )
+        return op.stored.nbytes, sum(op.arrays[k].nbytes for k in ("mult", "shift", "bias") if k in op.arrays)
     return 0, op.arrays["table"].nbytes if "table" in op.arrays else 0
 
 
@@ -91,7 +89,7 @@ def budget(g: IntGraph, name: str, sparse: str) -> dict[str, Any]:
         weights, consts = layer_flash(op)
         row = {
             "layer": op.name,
-            "op": "conv+add" if "res_mult" in op.arrays else op.kind,
+            "op": op.kind,
             "storage": op.storage or None,
             "weight_bytes": weights,
             "const_bytes": consts,

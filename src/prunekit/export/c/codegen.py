@@ -94,7 +94,6 @@ class _Writer:
             m = self.add_array(f"pk_m{i}", op.arrays["mult"])
             s = self.add_array(f"pk_s{i}", op.arrays["shift"])
             b = self.add_array(f"pk_b{i}", op.arrays["bias"])
-            r = self.add_array(f"pk_r{i}", op.arrays.get("res_mult"))
             dims = ", ".join(
                 str(p[k])
                 for k in (
@@ -119,10 +118,9 @@ class _Writer:
             wide = int(self.g.buffers[op.output].wide)
             self.descriptors.append(
                 f"static const pk_conv_t {L} = {{{dims}, {_FMT[st.fmt]}, {ptr32}, {wide}, {_int(op.lo)}, "
-                f"{_int(op.hi)}, {val}, {idx}, {ptr}, {m}, {s}, {b}, {r}}}; {comment}"
+                f"{_int(op.hi)}, {val}, {idx}, {ptr}, {m}, {s}, {b}}}; {comment}"
             )
-            res = src[1] if len(src) > 1 else "NULL"
-            self.calls.append(f"pk_conv({src[0]}, {res}, {dst}, pk_scratch, &{L});")
+            self.calls.append(f"pk_conv({src[0]}, {dst}, pk_scratch, &{L});")
         elif op.kind == "add":
             n = self.g.buffers[op.output].numel
             self.descriptors.append(

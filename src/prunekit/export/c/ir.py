@@ -2,7 +2,7 @@
 
 Every tensor is int8 with a per-tensor scale (``value = q * scale``), except the model output written by
 a final int8 layer, which is int32 at ``scale / 65536`` (``wide``) so that class scores keep their order.
-Every operator ends in the same requantization (:mod:`prunekit.export.c.fixedpoint`).
+Every operator ends in the same requantization (:mod:`prunekit.quant.rounding`).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-WIDE = 65536  # the int32 model output is at OUTPUT_SCALE / WIDE
-INT8_LO, INT8_HI = -127, 127  # symmetric, as prunekit.quant.layers.quantize_activation clamps
-INT32_LO, INT32_HI = -(2**31), 2**31 - 1
+from prunekit.quant.rounding import INT8_HI, INT8_LO, INT32_HI, INT32_LO, WIDE
+
+__all__ = ["INT8_HI", "INT8_LO", "INT32_HI", "INT32_LO", "WIDE", "Buffer", "IntGraph", "Op"]
 
 
 @dataclass

@@ -1,19 +1,23 @@
 """The C99 kernels the generated ``model.c`` is made of (only the ones a model uses are emitted).
 
 Integer only: int8 activations and weights, int32 accumulators, one int64 product per output for the
-requantization (``pk_rshift``, the rounding shift of :mod:`prunekit.export.c.fixedpoint`). No dynamic
+requantization (``pk_rshift``, the rounding shift of :mod:`prunekit.quant.rounding`). No dynamic
 allocation, no library calls. Convolutions loop output channel -> stored weight -> output pixels, so a
 sparse row visits only its kept weights and each weight's valid output window is computed once
 (``pk_span``) instead of testing padding per pixel.
 """
 
 COMMON = r"""
+static int64_t pk_floor_shift(int64_t y, int32_t sh)
+{
+    /* floor(y / 2^sh), written out: >> of a negative value is implementation-defined */
+    return y >= 0 ? (y >> sh) : -((-(y + 1)) >> sh) - 1;
+}
+
 static int64_t pk_rshift(int64_t y, int32_t sh)
 {
-    /* floor((y + 2^(sh-1)) / 2^sh), written out: >> of a negative value is implementation-defined */
-    if (sh <= 0) return y;
-    y += (int64_t)1 << (sh - 1);
-    return y >= 0 ? (y >> sh) : -((-(y + 1)) >> sh) - 1;
+    /* y / 2^sh rounded half to even (sh >= 1): prunekit.quant.rounding.rshift_round */
+    return pk_floor_shift(y + ((int64_t)1 << (sh - 1)) - 1 + (pk_floor_shift(y, sh) & 1), sh);
 }
 
 static int32_t pk_clamp(int64_t v, int32_t lo, int32_t hi)
@@ -32,8 +36,7 @@ typedef struct {
     const void *ptr;
     const int32_t *mult;
     const int8_t *shift;
-    const int64_t *bias;
-    const int64_t *rmul; /* a fused residual add: out += res * rmul before the rounding shift */
+    const int64_t *bias; /* bias_q * mult: (acc + bias_q) * mult = acc * mult + bias */
 } pk_conv_t;
 
 /* output positions o in [a, b) whose input position o * s + off lies in [0, n_in) */
@@ -66,7 +69,7 @@ static void pk_tap(const int8_t *x, int32_t *acc, const pk_conv_t *L, int32_t t,
     }
 }
 
-static void pk_conv(const int8_t *x, const int8_t *res, void *out, int32_t *acc, const pk_conv_t *L)
+static void pk_conv(const int8_t *x, void *out, int32_t *acc, const pk_conv_t *L)
 {
     const int32_t cpg = L->cin / L->groups, opg = L->cout / L->groups;
     const int32_t k = cpg * L->kh * L->kw, np = (int32_t)L->oh * L->ow;
@@ -90,10 +93,8 @@ static void pk_conv(const int8_t *x, const int8_t *res, void *out, int32_t *acc,
             }
         }
         for (p = 0; p < np; ++p) {
-            int64_t y = (int64_t)acc[p] * L->mult[o] + L->bias[o];
-            int32_t q;
-            if (res != 0) y += (int64_t)res[o * np + p] * L->rmul[o];
-            q = pk_clamp(pk_rshift(y, L->shift[o]), L->lo, L->hi);
+            const int64_t y = (int64_t)acc[p] * L->mult[o] + L->bias[o];
+            const int32_t q = pk_clamp(pk_rshift(y, L->shift[o]), L->lo, L->hi);
             if (L->wide)
                 ((int32_t *)out)[o * np + p] = q;
             else

@@ -1,18 +1,19 @@
 """The NumPy reference of the integer graph: the arithmetic the generated C performs, on a batch.
 
-It is the specification the C code is tested against bit for bit; both use only integer operations
-after the export has turned scales into multipliers (:mod:`prunekit.export.c.fixedpoint`).
+It is the specification the C code is tested against bit for bit; both use only integer operations,
+with the requantization of :mod:`prunekit.quant.rounding` (the rule the PyTorch int8 model follows).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from prunekit.export.c.fixedpoint import requantize
 from prunekit.export.c.ir import IntGraph, Op
+from prunekit.quant.rounding import requantize_np as requantize
+from prunekit.quant.rounding import rshift_round
 
 
-def _conv(x: np.ndarray, op: Op, residual: np.ndarray | None = None) -> np.ndarray:
+def _conv(x: np.ndarray, op: Op) -> np.ndarray:
     p = op.params
     n = x.shape[0]
     x = x.reshape(n, p["cin"], p["h"], p["w"]).astype(np.int64)
@@ -37,15 +38,9 @@ def _conv(x: np.ndarray, op: Op, residual: np.ndarray | None = None) -> np.ndarr
                 acc[:, gi * opg : (gi + 1) * opg] += np.rint(part.transpose(1, 0, 2, 3)).astype(np.int64)
     shape = (1, -1, 1, 1)
     a = op.arrays
-    if residual is not None:  # a fused residual add: r * R joins the sum before the one rounding
-        acc = acc * a["mult"].reshape(shape).astype(np.int64) + residual.reshape(acc.shape).astype(
-            np.int64
-        ) * a["res_mult"].reshape(shape)
-        y = requantize(acc, 1, a["shift"].reshape(shape), a["bias"].reshape(shape), op.lo, op.hi)
-        return y.reshape(n, -1)
-    y = requantize(
-        acc, a["mult"].reshape(shape), a["shift"].reshape(shape), a["bias"].reshape(shape), op.lo, op.hi
-    )
+    # acc * M + bias with bias = bias_q * M: the layer's (acc + bias_q) * M
+    y = acc * a["mult"].reshape(shape).astype(np.int64) + a["bias"].reshape(shape)
+    y = np.clip(rshift_round(y, a["shift"].reshape(shape).astype(np.int64)), op.lo, op.hi)
     return y.reshape(n, -1)
 
 
@@ -70,18 +65,18 @@ def _pool(x: np.ndarray, op: Op) -> np.ndarray:
                 kx : kx + p["sx"] * (p["ow"] - 1) + 1 : p["sx"],
             ]
             out = out + win if avg else np.maximum(out, win)
-    return requantize(out, op.params["m"], op.params["shift"], 0, op.lo, op.hi).reshape(n, -1)
+    return requantize(out, op.params["m"], op.params["shift"], op.lo, op.hi).reshape(n, -1)
 
 
 def run_op(op: Op, args: list[np.ndarray]) -> np.ndarray:
     p = op.params
     if op.kind == "conv":
-        return _conv(args[0], op, args[1] if len(args) > 1 else None)
+        return _conv(args[0], op)
     if op.kind == "add":
         y = args[0].astype(np.int64) * p["ma"] + args[1].astype(np.int64) * p["mb"]
-        return requantize(y, 1, p["shift"], 0, op.lo, op.hi)
+        return np.clip(rshift_round(y, np.int64(p["shift"])), op.lo, op.hi)
     if op.kind == "requant":
-        return requantize(args[0], p["m"], p["shift"], 0, op.lo, op.hi)
+        return requantize(args[0], p["m"], p["shift"], op.lo, op.hi)
     if op.kind == "lut":
         return op.arrays["table"][args[0].astype(np.int64) + 128].astype(np.int64)
     if op.kind in ("maxpool", "avgpool"):

@@ -1,10 +1,12 @@
 """The evaluate stage of a recipe run and what the summary measures: test accuracy, per-class recall and
 layer tables per label, agreement with the first evaluated model, batch-1 latency of every label in one
-interleaved run, and prunekit.runtime.compile twins with their decisions."""
+interleaved run, prunekit.runtime.compile twins with their decisions, and (``baselines: true``) the dense
+engines a user would deploy instead (prunekit.export.engines), timed in that same run."""
 
 from __future__ import annotations
 
 import copy
+import tempfile
 from dataclasses import asdict
 
 import torch
@@ -13,6 +15,7 @@ from torch import nn
 from prunekit import runtime
 from prunekit.analysis import compare_latency, count_params, evaluate, layer_table, prediction_agreement
 from prunekit.analysis.agreement import agreement_report
+from prunekit.export.engines import dense_baselines
 from prunekit.jobs.recipe import EvaluateStage, to_dict
 from prunekit.jobs.state import RunState
 from prunekit.masking import squash
@@ -72,13 +75,35 @@ def measure_latency(state: RunState) -> None:
     for label, (model, stage) in state.timed.items():
         if stage.compile:
             models[label + COMPILED] = _compiled(state, label, model, example)
-    stats = compare_latency(
-        models,
-        example,
-        runs=max(s.latency_runs for s in stages),
-        warmup=max(s.latency_warmup for s in stages),
-    )
+    with tempfile.TemporaryDirectory(prefix="prunekit-baselines-") as workdir:
+        owners = {}  # timed name -> (label, baseline) of every engine baseline
+        for label, (model, stage) in state.timed.items():
+            if stage.baselines:
+                calibration = [x for x, _ in state.calibration(4)]
+                found = dense_baselines(model, example, calibration, workdir)
+                state.metrics[label]["baselines"] = {}
+                for b in found:
+                    state.metrics[label]["baselines"][b.name] = {
+                        "engine": b.engine,
+                        "skipped": b.skipped or None,
+                        "size_bytes": b.size_bytes,
+                    }
+                    if b.model is not None:
+                        models[f"{label} ({b.name})"] = b.model
+                        owners[f"{label} ({b.name})"] = (label, b.name)
+        stats = compare_latency(
+            models,
+            example,
+            runs=max(s.latency_runs for s in stages),
+            warmup=max(s.latency_warmup for s in stages),
+        )
     for name, entry in stats.items():
+        if name in owners:
+            label, baseline = owners[name]
+            target = state.metrics[label]["baselines"][baseline]
+            target["latency_ms"] = {k: entry[k] for k in ("p50", "p99", "mean")}
+            target["latency_p50_vs_first"] = entry["p50_ratio"]
+            continue
         label = name.removesuffix(COMPILED)
         target = state.metrics[label]["compiled"] if name != label else state.metrics[label]
         target["latency_ms"] = {k: entry[k] for k in ("p50", "p99", "mean")}

@@ -7,8 +7,8 @@ from prunekit.artifact import plain_state_dict, save_artifact
 from prunekit.compress import save_compressed
 from prunekit.compress.inspect import inspect_compressed
 from prunekit.compress.source import tensor_specs
-from prunekit.jobs.export_c import export_c_stage
 from prunekit.jobs.recipe import ExportStage, QuantizeStage
+from prunekit.jobs.stages.export_c import export_c_stage
 from prunekit.jobs.stages.train import fit, keep_teacher
 from prunekit.jobs.state import RunState
 from prunekit.masking import get_masks
@@ -52,7 +52,13 @@ def export_stage(state: RunState, stage: ExportStage) -> None:
     if stage.compressed:
         target = state.out / f"{stage.name}.compressed.safetensors"
         weights = plain_state_dict(state.model)
-        extra = {**extra, "model": state.model_info, "structured": state.structured_logs}
+        # what rebuilds the model, and where it came from; the stages done are in the artifact beside it
+        extra = {
+            "recipe": state.recipe.name,
+            "source": path.name,
+            "model": state.model_info,
+            "structured": state.structured_logs,
+        }
         if int8_plan(state.model):
             extra["int8"] = int8_plan(state.model)  # which layers to rebuild as int8 ones
         save_compressed(weights, target, specs=tensor_specs(state.specs, weights), extra=extra)

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 
 from torch import nn
 from tqdm.auto import tqdm
 
+from prunekit.allocate import AllocationMethod
 from prunekit.allocate.sensitivity import sensitivity_allocation
 from prunekit.analysis.metrics import evaluate
 from prunekit.analysis.sensitivity import sensitivity_analysis, write_heatmap
@@ -19,9 +21,10 @@ from prunekit.jobs.checkpoint import checkpoint_run, masks_digest, restore_spars
 from prunekit.jobs.recipe import L0Cfg, PruneStage, SensitivityCfg
 from prunekit.jobs.stages.train import fit, keep_teacher, recovery_hooks
 from prunekit.jobs.state import RunState
-from prunekit.masking import get_masks
+from prunekit.masking import get_masks, weight_parameter
+from prunekit.registry import ALLOCATIONS
 from prunekit.sparsifier import Sparsifier
-from prunekit.spec import NM
+from prunekit.spec import NM, check_sparsity
 from prunekit.targets import Targets, left_dense
 
 log = logging.getLogger(__name__)
@@ -118,18 +121,56 @@ def sensitivity_allocation_of(state: RunState, stage: PruneStage) -> dict[str, f
         max_sparsity=cfg.max_sparsity,
         min_sparsity=already,
     )
-    name = "sensitivity.png" if not state.allocations else f"sensitivity-{len(state.allocations) + 1}.png"
+    earlier = sum("sensitivity" in a for a in state.allocations)  # heat maps of earlier stages
+    name = "sensitivity.png" if not earlier else f"sensitivity-{earlier + 1}.png"
     if state.ctx.main:  # only rank 0 writes
         write_heatmap(result, state.out / name, plan.sparsity)
     state.allocations.append({**plan.to_dict(), "heatmap": name, "sensitivity": result.to_dict()})
     return plan.sparsity
 
 
+def shape_allocation_of(state: RunState, stage: PruneStage, entry: AllocationMethod) -> dict[str, float]:
+    """An allocation computed from the targeted layers' weight shapes (``erk``, or a user's registered one):
+    ``entry.fn(shapes, target)``, checked to give every targeted layer a sparsity in [0, 1); recorded in
+    ``metrics["allocation"]``."""
+    probe = make_sparsifier(state, stage)  # the targeted layers, nothing attached
+    shapes = {name: tuple(weight_parameter(m).shape) for name, m in probe.layers.items()}
+    chosen = entry.fn(shapes, probe.spec.sparsity)
+    if not isinstance(chosen, Mapping) or set(chosen) != set(shapes):
+        raise PrunekitError(
+            f"allocation '{stage.allocation}' must return a sparsity for each targeted layer "
+            f"({', '.join(sorted(shapes))})"
+        )
+    for name, value in chosen.items():
+        check_sparsity(value, f"allocation '{stage.allocation}', layer {name}")
+    sparsity = {name: float(chosen[name]) for name in shapes}
+    state.allocations.append(
+        {
+            "method": stage.allocation,
+            "target": probe.spec.sparsity,
+            "layers": {n: {"sparsity": s} for n, s in sparsity.items()},
+        }
+    )
+    return sparsity
+
+
+def stage_allocation(state: RunState, stage: PruneStage) -> dict[str, float] | None:
+    """Per-layer sparsities from the stage's allocation (prunekit.registry.ALLOCATIONS); None: uniform."""
+    entry = ALLOCATIONS.get(stage.allocation)
+    if stage.allocation == "uniform":
+        return None
+    if entry.inputs == "sensitivity-curves":
+        return sensitivity_allocation_of(state, stage)
+    if entry.inputs == "shapes":
+        return shape_allocation_of(state, stage, entry)
+    raise PrunekitError(f"allocation '{stage.allocation}' needs {entry.inputs}, which a prune stage has not")
+
+
 def prune_stage(state: RunState, stage: PruneStage) -> None:
     pending, state.pending = state.pending, None  # resuming inside this stage: rounds done, training
-    if pending is not None and stage.allocation == "sensitivity":
+    if pending is not None and stage.allocation != "uniform":
         state.allocations.pop()  # this stage's, restored from the checkpoint: recomputed (same) below
-    allocation = sensitivity_allocation_of(state, stage) if stage.allocation == "sensitivity" else None
+    allocation = stage_allocation(state, stage)
     keep_teacher(state)
     sparsifier = make_sparsifier(state, stage, allocation)
     targets, schedule = sparsifier.targets, sparsifier.schedule

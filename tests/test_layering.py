@@ -22,6 +22,8 @@ LAZY = (
     "llvmlite",
     "matplotlib",
     "transformers",
+    "torchvision",  # model: {torchvision: NAME}, where installed
+    "datasets",  # data: {hf_datasets: DIR}, where installed
     "onnx",
     "onnxruntime",
     "onnxscript",

@@ -624,3 +624,17 @@ def test_select_masks_existing_only_shrinks(scores_a, alive_a, alive_b, s):
         assert not (masks[name] & ~existing[name]).any()
     assert (_groups_along_inputs(masks["a"], 4).sum(1) <= 2).all()
     assert int((~masks["b"]).sum()) == max(round(s * 32), int((~alive_b).sum()))
+
+
+def test_block_masks_along_channels_keep_or_drop_4_input_channels_at_one_tap():
+    """1x4 tiles along the input channels: each (out, kh, kw, 4 consecutive in) is all kept or all pruned,
+    exactly ``round(0.75 * tiles)`` tiles are pruned, the strongest tiles stay."""
+    torch.manual_seed(0)
+    w = torch.randn(6, 8, 3, 3)
+    keep = select_masks({"w": w.abs()}, {"w": Block((1, 4), 0.75, "channels")}, "layer")["w"]
+    tiles = keep.reshape(6, 2, 4, 3, 3)
+    per_tile = tiles.sum(2)
+    assert bool(((per_tile == 0) | (per_tile == 4)).all())
+    assert int((per_tile == 0).sum()) == round(0.75 * 6 * 2 * 9)
+    scores = w.abs().reshape(6, 2, 4, 3, 3).sum(2)
+    assert scores[per_tile == 4].min() >= scores[per_tile == 0].max()

@@ -300,3 +300,17 @@ def test_unstructured_check_accepts_any_shape(s, shape):
 def test_str_is_human_readable():
     assert str(Unstructured(0.7)) == "unstructured 70%"
     assert str(Block((4, 4), 0.5)) == "block 4x4 50%"
+
+
+def test_block_along_channels_text_dict_and_check():
+    spec = parse("block:1x4@70%:channels")
+    assert spec == Block((1, 4), 0.7, "channels") and str(spec) == "block 1x4 70% along channels"
+    assert from_dict(spec.to_dict()) == spec and parse("block:1x4@0.7").along == "flat"
+    assert "along" not in parse("block:1x4@0.7").to_dict()  # old files keep their exact dicts
+    spec.check((8, 16, 3, 3), "conv")
+    with pytest.raises(PrunekitError, match=r"input channels \(6\) to be a multiple of 4"):
+        spec.check((8, 6, 3, 3), "conv")  # 54 columns: 1x4 does not divide them either way
+    with pytest.raises(PrunekitError, match=r"input channels \(2\) to be a multiple of 4"):
+        spec.check((8, 2, 2, 2), "conv")  # 8 columns: 1x4 divides them flat, not along the channels
+    with pytest.raises(PrunekitError, match="block along must be one of flat, channels"):
+        parse("block:1x4@0.7:rows")

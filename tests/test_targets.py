@@ -8,7 +8,7 @@ from torch import nn
 
 from prunekit.errors import PrunekitError
 from prunekit.masking import apply_masks
-from prunekit.spec import NM, Unstructured
+from prunekit.spec import NM, Unstructured, parse
 from prunekit.targets import Targets, classifier_name, left_dense, resolve
 
 SPEC = Unstructured(0.5)
@@ -170,8 +170,11 @@ def test_nm_on_layer_with_bad_input_dimension_names_the_layer():
             self.odd = nn.Linear(6, 4)  # in_features 6 is not a multiple of 4
             self.head = nn.Linear(4, 2)
 
-    with pytest.raises(PrunekitError, match=r"'odd'.*\(6\).*M=4"):
-        resolve(Odd(), NM(2, 4))
+    # named by include: an error naming the layer and exclude
+    with pytest.raises(PrunekitError, match=r"'odd'.*\(6\).*M=4.*include \['o\*'\].*exclude=\['odd'\]"):
+        resolve(Odd(), NM(2, 4), Targets(include=("o*",)))
+    with pytest.raises(PrunekitError, match=r"'odd'.*override 'od\*'.*exclude=\['odd'\]"):
+        resolve(Odd(), NM(1, 3), overrides={"od*": "2:4"})
     # excluding the odd layer (or overriding its spec) makes the same spec valid for the rest
     assert set(resolve(Odd(), NM(2, 4), Targets(exclude=("odd",)))) == {"ok"}
     assert resolve(Odd(), NM(2, 4), overrides={"odd": 0.5})["odd"] == Unstructured(0.5)
@@ -202,3 +205,54 @@ def test_left_dense_names_untargeted_types():
     targets = Targets(types=("Linear",))
     dense = left_dense(model, resolve(model, SPEC, targets), targets)
     assert "Conv1d" in dense["conv"]
+
+
+class FirstLayers(nn.Module):
+    """A CNN's first layer with 3 input channels, a 1-channel conv, a wide body and a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3)  # weight 8x3x3x3: input width 3, seen as 8x27
+        self.gray = nn.Conv2d(1, 8, 1)  # 8x1x1x1: input width 1, seen as 8x1
+        self.body = nn.Conv2d(8, 8, 3)  # input width 8, seen as 8x72
+        self.fc = nn.Linear(16, 8)
+        self.head = nn.Linear(8, 2)
+
+
+@pytest.mark.parametrize(
+    ("spec", "skipped"),
+    [
+        (NM(2, 4), {"stem": "input dimension (3)", "gray": "input dimension (1)"}),
+        (parse("block:4x4@0.5"), {"stem": "seen as 8x27", "gray": "seen as 8x1"}),
+        (parse("block:1x8@0.5"), {"stem": "seen as 8x27", "gray": "seen as 8x1"}),
+    ],
+)
+def test_default_targets_skip_layers_a_pattern_cannot_apply_to(spec, skipped, caplog):
+    model, reasons = FirstLayers(), {}
+    with caplog.at_level("WARNING", logger="prunekit.targets"):
+        chosen = resolve(model, spec, skipped=reasons)
+    assert set(chosen) == {"body", "fc"} and set(reasons) == set(skipped)
+    for name, needle in skipped.items():
+        assert reasons[name].startswith(f"pattern {spec} cannot apply: ") and needle in reasons[name]
+        assert any(name in r.getMessage() and needle in r.getMessage() for r in caplog.records)
+    dense = left_dense(model, chosen, skipped=reasons)
+    assert set(dense) == {"stem", "gray", "head"}
+    assert dense["stem"].startswith(reasons["stem"]) and "exclude it" in dense["stem"]
+    # every weighted layer is pruned, skipped with a reason, or the classifier: nothing silently dropped
+    assert set(chosen) | set(dense) == {"stem", "gray", "body", "fc", "head"}
+
+
+def test_a_pattern_that_fits_no_targeted_layer_is_an_error():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    with pytest.raises(
+        PrunekitError, match=r"fits none of the targeted layers \(1 skipped; '0': pattern 2:4"
+    ):
+        resolve(model, NM(2, 4))
+
+
+def test_the_sparsifier_reports_what_it_skipped():
+    import prunekit as pk
+
+    model = FirstLayers()
+    sparsifier = pk.Sparsifier(model, "2:4")
+    assert set(sparsifier.skipped) == {"stem", "gray"} and set(sparsifier.specs) == {"body", "fc"}

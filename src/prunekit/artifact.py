@@ -55,6 +55,7 @@ from prunekit.files import atomic_write_bytes
 from prunekit.limits import check_memory
 from prunekit.masking import apply_masks, get_masks
 from prunekit.models import MODELS
+from prunekit.models.sources import is_source_name, rebuild
 from prunekit.quant.fake import fake_quantized
 from prunekit.quant.graph import OPS
 from prunekit.quant.ptq import build_int8, int8_plan
@@ -282,6 +283,8 @@ def _model_class(path: Path, name: str) -> type[nn.Module]:
 
 
 def _build(path: Path, name: str, args: dict[str, Any] | None) -> nn.Module:
+    if is_source_name(name):  # torchvision / Hugging Face config: rebuilt; a user's factory: refused
+        return rebuild({"name": name, "args": args}, allow_code=False)
     cls = _model_class(path, name)
     try:
         return cls(**(args or {}))

@@ -291,6 +291,16 @@ def block_scores(scores: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     return flat.reshape(rows // r, r, cols // c, c).sum(dim=(1, 3))
 
 
+def channels_last(t: torch.Tensor) -> torch.Tensor:
+    """``(out, in, *kernel) -> (out, *kernel, in)`` (a no-op below 3 dimensions): blocks along channels."""
+    return t.movedim(1, -1) if t.dim() > 2 else t
+
+
+def channels_first(t: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`channels_last`."""
+    return t.movedim(-1, 1).contiguous() if t.dim() > 2 else t
+
+
 def expand_blocks(block_keep: torch.Tensor, shape: tuple[int, int], like: torch.Size) -> torch.Tensor:
     r, c = shape
     return block_keep.repeat_interleave(r, 0).repeat_interleave(c, 1).reshape(like)
@@ -330,17 +340,21 @@ def select_masks(
         elif isinstance(spec, Block):
             if group == "row":
                 raise PrunekitError("block patterns compare within a layer or globally, not per row")
-            shapes = {n: _materialise(scores[n]).shape for n in names}
-            bscores = {n: block_scores(_materialise(scores[n]), spec.shape) for n in names}
+            view = channels_last if spec.along == "channels" else (lambda t: t)
+            shapes = {n: view(_materialise(scores[n])).shape for n in names}
+            bscores = {n: block_scores(view(_materialise(scores[n])), spec.shape) for n in names}
             # a tile counts as pruned when all of it is pruned; pruned elements of a kept tile stay pruned
             tiles_alive = {
-                n: block_scores(existing[n].to(torch.float32), spec.shape) > 0 for n in names if n in existing
+                n: block_scores(view(existing[n].to(torch.float32)), spec.shape) > 0
+                for n in names
+                if n in existing
             }
             keep = unstructured_masks(bscores, spec.sparsity, group, tiles_alive)
             for n in names:
-                out[n] = expand_blocks(keep[n], spec.shape, shapes[n])
+                mask = expand_blocks(keep[n], spec.shape, shapes[n])
+                out[n] = channels_first(mask) if spec.along == "channels" else mask
                 if n in existing:
-                    out[n] &= existing[n].to(torch.bool).reshape(shapes[n])
+                    out[n] &= existing[n].to(torch.bool).reshape(out[n].shape)
         else:  # pragma: no cover - Spec is a closed union
             raise PrunekitError(f"unsupported spec {spec!r}")
     return out

@@ -61,7 +61,9 @@ class Sparsifier:
         self.group = group or self.criterion.default_group
         check_group(self.group)
         self.targets = targets or Targets()
-        self.specs = resolve(model, self.spec, self.targets, overrides)
+        # layers of the default targets the pattern cannot apply to, with the reason (left dense)
+        self.skipped: dict[str, str] = {}
+        self.specs = resolve(model, self.spec, self.targets, overrides, skipped=self.skipped)
         self.overridden = {name for name, s in self.specs.items() if s != self.spec}
         self.allocation = None if allocation is None else self._allocation(allocation, overrides)
         if self.group == "row" and any(isinstance(s, Block) for s in self.specs.values()):

@@ -9,7 +9,11 @@ from weights.
   along the input dimension (NVIDIA's convention: 2:4 keeps 2 of every 4). For convolutions the groups run
   along the input channels at each (output channel, kernel position), as NVIDIA's ASP lays them out.
 * :class:`Block` -- whole ``r x c`` tiles of the weight seen as a 2-D matrix
-  ``(out_features, in_features * kernel_elements)``.
+  ``(out_features, in_features * kernel_elements)``; with ``along="channels"`` the matrix is
+  ``(out, kernel_elements * in)``, input channels innermost (N:M's convention), so a ``1x4`` tile is 4
+  consecutive input channels at one output channel and kernel position: the shape the int8 sparse
+  convolution kernels consume with one 4-way dot product (``vpdpbusd``) per tile
+  (``"block:1x4@70%:channels"``).
 """
 
 from __future__ import annotations
@@ -95,10 +99,13 @@ class NM:
 
 @dataclass(frozen=True)
 class Block:
-    """Remove a fraction ``sparsity`` of whole ``shape = (rows, cols)`` tiles."""
+    """Remove a fraction ``sparsity`` of whole ``shape = (rows, cols)`` tiles; ``along``: ``"flat"`` (the
+    weight as ``(out, in * kernel)``) or ``"channels"`` (as ``(out, kernel * in)``: tiles run along the input
+    channels at each kernel position)."""
 
     shape: tuple[int, int]
     sparsity: float
+    along: str = "flat"
 
     def __post_init__(self) -> None:
         shape = tuple(self.shape) if isinstance(self.shape, (list, tuple)) else None
@@ -108,28 +115,42 @@ class Block:
             self, "shape", (_check_int(shape[0], "block rows"), _check_int(shape[1], "block cols"))
         )
         object.__setattr__(self, "sparsity", check_sparsity(self.sparsity))
+        if self.along not in BLOCK_AXES:
+            raise PrunekitError(f"block along must be one of {', '.join(BLOCK_AXES)}, got {self.along!r}")
 
     def check(self, shape: tuple[int, ...], layer: str) -> None:
         rows = shape[0]
         cols = math.prod(shape[1:]) if len(shape) > 1 else 1
         r, c = self.shape
+        if self.along == "channels" and len(shape) > 2 and shape[1] % c:
+            raise PrunekitError(
+                f"layer '{layer}': block {r}x{c} along channels needs the input channels ({shape[1]}) to be "
+                f"a multiple of {c}"
+            )
         if rows % r or cols % c:
             raise PrunekitError(
                 f"layer '{layer}': block {r}x{c} does not divide its weight seen as {rows}x{cols}"
             )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": "block", "shape": list(self.shape), "sparsity": self.sparsity}
+        out = {"type": "block", "shape": list(self.shape), "sparsity": self.sparsity}
+        if self.along != "flat":
+            out["along"] = self.along
+        return out
 
     def __str__(self) -> str:
-        return f"block {self.shape[0]}x{self.shape[1]} {self.sparsity:.0%}"
+        along = "" if self.along == "flat" else f" along {self.along}"
+        return f"block {self.shape[0]}x{self.shape[1]} {self.sparsity:.0%}{along}"
 
 
 Spec = Unstructured | NM | Block
 SPEC_TYPES = ("unstructured", "nm", "block")
+BLOCK_AXES = ("flat", "channels")
 
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
-_BLOCK_RE = re.compile(r"^\s*block\s*:?\s*(\d+)\s*x\s*(\d+)\s*[@:]\s*([0-9.]+%?)\s*$", re.IGNORECASE)
+_BLOCK_RE = re.compile(
+    r"^\s*block\s*:?\s*(\d+)\s*x\s*(\d+)\s*[@:]\s*([0-9.]+%?)\s*(?::\s*([a-z]+))?\s*$", re.IGNORECASE
+)
 
 
 def _parse_fraction(text: str, field: str) -> float:
@@ -157,9 +178,12 @@ def parse(text: str | float | dict | Spec) -> Spec:
     match = _BLOCK_RE.match(text)
     if match:
         shape = (int(match.group(1)), int(match.group(2)))
-        return Block(shape, _parse_fraction(match.group(3), "block sparsity"))
+        along = (match.group(4) or "flat").lower()
+        return Block(shape, _parse_fraction(match.group(3), "block sparsity"), along)
     if text.strip().lower().startswith("block"):
-        raise PrunekitError(f"block pattern must look like 'block:4x4@0.5', got {text!r}")
+        raise PrunekitError(
+            f"block pattern must look like 'block:4x4@0.5' (or 'block:1x4@0.7:channels'), got {text!r}"
+        )
     return Unstructured(_parse_fraction(text, "sparsity"))
 
 

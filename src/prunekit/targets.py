@@ -3,11 +3,17 @@
 By default the final classifier (or a language model's output head) and embeddings stay dense: they
 hold few weights and are the most fragile. ``prune_classifier=True`` or listing ``Embedding`` in
 ``types`` includes them. The report states what was left dense and why.
+
+A layer the pattern cannot apply to (N:M on an input width that is not a multiple of M, blocks that do not
+tile the weight: a CNN's first layer with 1 or 3 input channels) is *skipped*, with the reason logged and
+reported, when it came from the default target set (types only); when the user named it (``include`` or
+an override pattern matches it) it is an error that names ``exclude``, since they asked for that layer.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -16,6 +22,8 @@ from torch import nn
 from prunekit.errors import PrunekitError, did_you_mean
 from prunekit.masking import type_name
 from prunekit.spec import Spec, parse
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d")
 
@@ -90,14 +98,20 @@ def resolve(
     spec: Spec,
     targets: Targets | None = None,
     overrides: Mapping[str, Spec | str | float] | None = None,
+    skipped: dict[str, str] | None = None,
 ) -> dict[str, Spec]:
-    """Map each targeted module name to its spec (overrides win, first matching pattern first)."""
+    """Map each targeted module name to its spec (overrides win, first matching pattern first).
+
+    Layers of the default target set that the spec cannot apply to are left out, and ``skipped`` (when
+    given) gets each one's reason; a layer named by ``include`` or an override that does not fit is an
+    error naming ``exclude``."""
     targets = targets or Targets()
     _check_types(model, targets)
     _check_patterns(model, targets.exclude, "exclude")
     overrides = {pattern: parse(value) for pattern, value in (overrides or {}).items()}
     head = None if targets.prune_classifier else classifier_name(model)
     chosen: dict[str, Spec] = {}
+    found_skipped: dict[str, str] = {}
     for name, module in model.named_modules():
         if type_name(module) not in targets.types or name == head:
             continue
@@ -105,9 +119,32 @@ def resolve(
             continue
         if _matches(name, targets.exclude):
             continue
-        layer_spec = next((s for p, s in overrides.items() if fnmatch.fnmatchcase(name, p)), spec)
-        layer_spec.check(tuple(module.weight.shape), name)
+        pattern = next((p for p in overrides if fnmatch.fnmatchcase(name, p)), None)
+        layer_spec = spec if pattern is None else overrides[pattern]
+        try:
+            layer_spec.check(tuple(module.weight.shape), name)
+        except PrunekitError as exc:
+            named = f"include {list(targets.include)}" if targets.include else None
+            named = f"override '{pattern}'" if pattern is not None else named
+            if named is not None:
+                raise PrunekitError(
+                    f"{exc}; the targets name it ({named}): leave it out with exclude=['{name}'] "
+                    "(recipe: targets.exclude) or give it another pattern in the overrides"
+                ) from None
+            detail = str(exc).removeprefix(f"layer '{name}': ")
+            reason = f"pattern {layer_spec} cannot apply: {detail}"
+            log.warning("left dense: %s: %s", name, reason)
+            found_skipped[name] = reason
+            continue
         chosen[name] = layer_spec
+    if skipped is not None:
+        skipped.update(found_skipped)
+    if not chosen and found_skipped:
+        first = next(iter(found_skipped.items()))
+        raise PrunekitError(
+            f"the pattern fits none of the targeted layers ({len(found_skipped)} skipped; '{first[0]}': "
+            f"{first[1]}); choose a pattern that tiles them, or an unstructured sparsity"
+        )
     if not chosen:
         kinds = sorted({type_name(m) for m in model.modules()})
         raise PrunekitError(
@@ -122,9 +159,13 @@ def resolve(
 
 
 def left_dense(
-    model: nn.Module, chosen: Mapping[str, Spec], targets: Targets | None = None
+    model: nn.Module,
+    chosen: Mapping[str, Spec],
+    targets: Targets | None = None,
+    skipped: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """Weighted layers not pruned, with the reason (for reports)."""
+    """Weighted layers not pruned, with the reason (for reports); ``skipped``: the reasons
+    :func:`resolve` gave for layers the pattern cannot apply to."""
     targets = targets or Targets()
     head = None if targets.prune_classifier else classifier_name(model)
     out = {}
@@ -132,7 +173,9 @@ def left_dense(
         kind = type_name(module)
         if name in chosen or kind not in (*DEFAULT_TYPES, "Embedding", *targets.types):
             continue
-        if name == head:
+        if skipped and name in skipped:
+            out[name] = f"{skipped[name]} (skipped from the default targets; exclude it to say so)"
+        elif name == head:
             out[name] = "final classifier (kept dense by default; prune_classifier: true includes it)"
         elif kind == "Embedding":
             out[name] = "embedding (kept dense by default)"

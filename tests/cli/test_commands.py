@@ -68,8 +68,16 @@ def run(tmp_path_factory):
 def test_recipes_list_names_the_builtin():
     result = runner.invoke(app, ["recipes", "list"])
     assert result.exit_code == 0
-    assert re.search(r"^edge-digits\s", result.output, re.MULTILINE)
-    assert len(result.output.strip().splitlines()) == len(recipe.builtin_names())
+    names = recipe.builtin_names()
+    lines = result.output.rstrip().splitlines()
+    starts = [i for i, line in enumerate(lines) if not line.startswith(" ")]
+    assert [lines[i].split()[0] for i in starts] == list(names)  # one entry per recipe, in order
+    column = {len(lines[i]) - len(lines[i][len(name) :].lstrip()) for i, name in zip(starts, names)}
+    assert len(column) == 1  # the descriptions start in one column
+    # the wrapped lines join to the description
+    for i, name, end in zip(starts, names, [*starts[1:], len(lines)]):
+        text = " ".join(line.strip() for line in lines[i:end])[len(name) :].strip()
+        assert text == " ".join(recipe.load_builtin(name).description.split())
 
 
 def test_recipes_show_prints_a_valid_recipe():

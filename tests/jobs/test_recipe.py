@@ -288,8 +288,8 @@ def test_missing_data_file_names_it(tmp_path):
 @pytest.mark.parametrize(
     ("model", "needle"),
     [
-        ({}, "exactly one of"),
-        ({"builtin": "resnet-digits", "artifact": "x.safetensors"}, "exactly one of"),
+        ({}, "give one model source; allowed: builtin, artifact, factory, torchvision, hf"),
+        ({"builtin": "resnet-digits", "artifact": "x.safetensors"}, "not builtin and artifact"),
         ({"builtin": "resnet-digit"}, "did you mean 'resnet-digits'"),
     ],
 )

@@ -44,8 +44,12 @@ AGP = {"schedule": {"type": "agp", "end": 6, "every": 2}, "finetune": {"epochs":
 @pytest.mark.parametrize(
     ("fields", "needle"),
     [
-        ({"pattern": "2:4"}, "layer 'stem.0': N:M 2:4 needs the input dimension (1)"),
-        ({"pattern": "block:3x3@0.5"}, "block 3x3 does not divide"),
+        (
+            {"pattern": "2:4", "targets": {"include": ["stem.*", "layer*"]}},
+            "layer 'stem.0': N:M 2:4 needs the input dimension (1) to be a multiple of M=4; the targets "
+            "name it (include ['stem.*', 'layer*']): leave it out with exclude=['stem.0']",
+        ),
+        ({"pattern": "block:3x3@0.5", "overrides": {"stem.*": "block:3x3@0.5"}}, "block 3x3 does not divide"),
         ({"pattern": "block:1x8@0.5", "group": "row", "targets": {"exclude": ["stem.*"]}}, "not per row"),
         ({"targets": {"types": ["Conv2D"]}}, "type 'Conv2D' is neither"),
         ({"targets": {"include": ["decoder.*"]}}, "no layer matches the targets"),
@@ -68,7 +72,8 @@ def test_a_prune_stage_that_cannot_work_fails_before_anything_runs(tmp_path, fie
 
 def test_the_cli_exits_2_on_a_stage_that_cannot_work(tmp_path, monkeypatch, capsys):
     path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(with_prune(pattern="2:4")), encoding="utf-8")
+    bad = with_prune(pattern="2:4", targets={"include": ["stem.*"]})  # names a layer 2:4 cannot apply to
+    path.write_text(yaml.safe_dump(bad), encoding="utf-8")
     monkeypatch.setattr(sys, "argv", ["prunekit", "run", str(path), "--out", str(tmp_path / "out")])
     with pytest.raises(SystemExit) as info:
         main()
@@ -125,3 +130,13 @@ def test_an_artifact_with_other_classes_than_the_data_fails_before_anything_runs
     with pytest.raises(PrunekitError, match=r"one logit per class.*3 classes; got \(1, 10\)"):
         run_recipe(recipe.from_dict(data), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_pattern_skips_the_first_layer_it_cannot_apply_to_and_says_so(tmp_path):
+    """The README's "2:4" on a CNN whose first layer has 1 input channel: that layer stays dense, with the
+    reason in metrics.json and the report; every other targeted layer is 2:4."""
+    metrics = run_recipe(recipe.from_dict(with_prune(pattern="2:4")), tmp_path / "out", progress=False)
+    reason = metrics["left_dense"]["stem.0"]
+    assert reason.startswith("pattern 2:4 cannot apply: N:M 2:4 needs the input dimension (1)")
+    assert f"`stem.0`: {reason}" in (tmp_path / "out" / "report.md").read_text()
+    assert metrics["rounds"][-1]["targeted_sparsity"] == 0.5  # exactly 2 of every 4 in the pruned layers

@@ -67,7 +67,7 @@ def test_compile_90pct_small_resnet_with_direct_convs_keeps_outputs(monkeypatch)
     x = torch.randn(1, 1, 8, 8)
     with torch.no_grad():
         ref = model(x)
-    compiled = rt.compile(model, x, **FAST)
+    compiled = rt.compile(model, x, segments=False, **FAST)  # the per-layer kernels are under test here
     rows = rt.report(compiled).layers
     assert all("direct" in d.candidates for d in rows if d.kind == "Conv2d")
     import prunekit.runtime.compiler as compiler
@@ -80,7 +80,7 @@ def test_compile_90pct_small_resnet_with_direct_convs_keeps_outputs(monkeypatch)
             {n: 0.0 for n in fns},
         ),
     )
-    forced = rt.compile(model, x)
+    forced = rt.compile(model, x, segments=False)
     convs = [m for m in forced.modules() if isinstance(m, SparseConv2d)]
     assert len(convs) == sum(isinstance(m, nn.Conv2d) for m in model.modules())
     assert all(m.kernel == "direct" for m in convs)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from prunekit.errors import PrunekitError
 
@@ -22,15 +22,57 @@ DATASETS = ("digits", "npz")
 
 @dataclass(frozen=True)
 class Splits:
-    train: TensorDataset
-    val: TensorDataset
-    test: TensorDataset
+    """Train/val/test samples ``(x, y)``. The datasets are map-style: tensors in memory (digits, npz) or
+    files read as they are indexed (prunekit.data.sources), so nothing here assumes the data fits in
+    memory. ``loaders``: the user's own DataLoaders per split (a data factory), used as they are."""
+
+    train: Dataset
+    val: Dataset
+    test: Dataset
     num_classes: int
     input_shape: tuple[int, ...]
+    loaders: dict[str, DataLoader] | None = None
+    num_workers: int = 0  # DataLoader worker processes for file-backed data (0: in this process)
 
     def loader(self, part: str, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
+        if self.loaders is not None:
+            return self.loaders[part]
         gen = torch.Generator().manual_seed(seed)
-        return DataLoader(getattr(self, part), batch_size=batch_size, shuffle=shuffle, generator=gen)
+        return DataLoader(
+            getattr(self, part),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=gen,
+            num_workers=self.num_workers,
+        )
+
+    def inputs(self, part: str, n: int) -> torch.Tensor:
+        """The first ``n`` inputs of a split (fewer if it is smaller), stacked: examples for tracing,
+        calibration and test runs, read without loading the rest of the split."""
+        if isinstance(getattr(self, part), TensorDataset):
+            dataset = getattr(self, part)
+            return dataset[: min(n, len(dataset))][0]
+        return self._first(part, n)[0]
+
+    def tensors(self, part: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole split as ``(x, y)`` tensors in memory: only for what needs all of it at once (the C
+        export's host check, made for microcontroller-sized data)."""
+        dataset = getattr(self, part)
+        if isinstance(dataset, TensorDataset):
+            return dataset[:][0], dataset[:][1]
+        return self._first(part, len(dataset))
+
+    def _first(self, part: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys, have = [], [], 0
+        for x, y in self.loader(part, batch_size=max(1, min(n, 64))):
+            xs.append(x)
+            ys.append(torch.as_tensor(y))
+            have += len(x)
+            if have >= n:
+                break
+        if not xs:
+            raise PrunekitError(f"data: the {part} split is empty")
+        return torch.cat(xs)[:n], torch.cat(ys)[:n]
 
 
 def _arrays(name: str, path: str | Path | None) -> tuple[np.ndarray, np.ndarray]:
@@ -99,7 +141,7 @@ def load_splits(
 def check_model_fits(model: torch.nn.Module, splits: Splits, what: str) -> None:
     """One line naming ``what`` (e.g. an artifact) when ``model`` does not take the splits' samples or does
     not return one logit per class: a classifier for other data fails here, not deep inside torch."""
-    example = splits.test[0][0].unsqueeze(0)
+    example = splits.inputs("test", 1)
     was_training = model.training
     try:
         with torch.no_grad():

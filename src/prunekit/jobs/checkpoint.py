@@ -337,7 +337,8 @@ def _architecture(run: RunState, structured: int) -> nn.Module:
     if run.recipe.model.artifact is not None:
         model = squash(load_artifact(run.recipe.model.artifact)[0])
     else:
-        model = build_model(run.model_info["name"], run.model_info.get("args"))
+        # the run's own recipe made this model: rebuilding a factory model runs the user's code again
+        model = build_model(run.model_info["name"], run.model_info.get("args"), allow_code=True)
     for plan in run.structured_logs[run.initial_structured : structured]:
         apply_plan(model, plan)
     return model

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from prunekit.allocate.latency import resolve_budget
+from prunekit.data.images import ImageTransform
 from prunekit.errors import PrunekitError, did_you_mean, unknown_name
 from prunekit.limits import check_memory
 from prunekit.models import MODELS, build_model
@@ -52,6 +53,23 @@ class Strict(BaseModel):
         return data
 
 
+MODEL_SOURCES = ("builtin", "artifact", "factory", "torchvision", "hf")
+DATA_SOURCES = ("name", "imagefolder", "hf_datasets", "factory")
+
+
+def _one_of(data: Any, keys: tuple[str, ...], what: str) -> list[str]:
+    given = [k for k in keys if isinstance(data, dict) and data.get(k) is not None]
+    if len(given) > 1:
+        raise ValueError(f"give one {what} source, not {' and '.join(given)}; allowed: {', '.join(keys)}")
+    return given
+
+
+def _reference(value: str | None, field: str) -> str | None:
+    if value is not None and (value.count(":") != 1 or not all(value.split(":"))):
+        raise ValueError(f"{field} must be a reference 'package.module:function', got {value!r}")
+    return value
+
+
 def _check_size(name: str, args: dict[str, Any]) -> None:
     """Build the model on the meta device (no memory) and refuse one that could not be trained here."""
     try:
@@ -72,28 +90,137 @@ def _check_size(name: str, args: dict[str, Any]) -> None:
 
 
 class ModelSource(Strict):
+    """Where the model comes from: exactly one of ``builtin`` (a prunekit architecture, trained from
+    scratch), ``artifact`` (a saved prunekit artifact), ``factory`` (``"package.module:function"`` in
+    your code, imported from the working directory as Python would), ``torchvision`` (a model name,
+    built without downloading weights) or ``hf`` (a folder saved with ``save_pretrained``).
+    prunekit.models.sources builds the last three."""
+
     builtin: str | None = None  # a built-in architecture name (prunekit.models.MODELS), trained from scratch
-    args: dict[str, Any] = Field(default_factory=dict)  # its constructor arguments
+    # constructor / factory / torchvision keyword arguments
+    args: dict[str, Any] = Field(default_factory=dict)
     artifact: Path | None = None  # or: start from a saved prunekit artifact (weights, and masks if any)
+    factory: str | None = None  # or: "package.module:function" returning a torch.nn.Module
+    torchvision: str | None = None  # or: a torchvision.models name, e.g. resnet18 (args: num_classes, ...)
+    hf: Path | None = None  # or: a local Hugging Face classifier folder (config.json + weights)
+    # hf: the head (None: as config.json's architectures say; image-classification unless a
+    # ...ForSequenceClassification is named)
+    task: Literal["image-classification", "sequence-classification"] | None = None
+    # factory / torchvision: a state dict to start from (.safetensors, or .pt/.pth read weights-only)
+    weights: Path | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _exactly_one(cls, data: Any) -> Any:
+        if not _one_of(data, MODEL_SOURCES, "model") and isinstance(data, dict):
+            raise ValueError(f"give one model source; allowed: {', '.join(MODEL_SOURCES)}")
+        return data
+
+    @field_validator("factory")
+    @classmethod
+    def _factory(cls, value: str | None) -> str | None:
+        return _reference(value, "factory")
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSource:
-        if (self.builtin is None) == (self.artifact is None):
-            raise ValueError("give exactly one of 'builtin' or 'artifact'")
         if self.artifact is not None and not self.artifact.is_file():
             raise ValueError(f"artifact file not found: {self.artifact}")
         if self.builtin is not None:
             MODELS.get(self.builtin)
             _check_size(self.builtin, self.args)
+        if self.hf is not None and not (self.hf / "config.json").is_file():
+            raise ValueError(f"hf: {self.hf} is not a saved Hugging Face model folder (no config.json)")
+        if self.weights is not None:
+            if self.factory is None and self.torchvision is None:
+                raise ValueError(
+                    "'weights' is for factory and torchvision models (hf folders hold their own)"
+                )
+            if not self.weights.is_file():
+                raise ValueError(f"weights file not found: {self.weights}")
+        if self.args and self.artifact is not None or self.args and self.hf is not None:
+            raise ValueError("'args' is for builtin, factory and torchvision models")
         return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in MODEL_SOURCES if getattr(self, k) is not None)
+
+
+class Transforms(Strict):
+    """Image transforms for imagefolder and hf_datasets images (prunekit.data.images)."""
+
+    mode: Literal["RGB", "L"] = "RGB"  # 3 channels, or 1 (grayscale)
+    resize: int | tuple[int, int] | None = None  # int: the shorter side; [h, w]: exactly
+    center_crop: int | tuple[int, int] | None = None  # int: a square
+    mean: list[float] | None = None  # normalize: (x - mean) / std per channel, x in [0, 1]
+    std: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _normalize(self) -> Transforms:
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("normalize needs both 'mean' and 'std'")
+        channels = 3 if self.mode == "RGB" else 1
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None and len(value) != channels:
+                raise ValueError(
+                    f"{name}: one value per channel, {channels} for mode {self.mode}, got {value}"
+                )
+        if self.std is not None and any(v <= 0 for v in self.std):
+            raise ValueError(f"std must be > 0, got {self.std}")
+        for name in ("resize", "center_crop"):
+            value = getattr(self, name)
+            sizes = [value] if isinstance(value, int) else list(value or ())
+            if any(v < 1 for v in sizes):
+                raise ValueError(f"{name} must be positive pixel sizes, got {value}")
+        return self
+
+    def build(self) -> ImageTransform:
+        crop = self.center_crop
+        return ImageTransform(
+            mode=self.mode,
+            resize=self.resize,
+            center_crop=(crop, crop) if isinstance(crop, int) else crop,
+            mean=tuple(self.mean) if self.mean is not None else None,
+            std=tuple(self.std) if self.std is not None else None,
+        )
 
 
 class DataSource(Strict):
-    name: Literal["digits", "npz"] = "digits"
+    """The data: exactly one of ``name`` (``digits``, the default, or ``npz`` with ``path``: arrays in
+    memory), ``imagefolder`` (a folder of class folders), ``hf_datasets`` (a folder saved by Hugging Face
+    ``datasets``) or ``factory`` (``"package.module:function"`` returning DataLoaders). Folders are read
+    as batches are needed (prunekit.data.sources), not loaded into memory."""
+
+    name: Literal["digits", "npz"] | None = "digits"
     path: Path | None = None  # for npz: a file with arrays x and y
+    imagefolder: Path | None = None  # DIR/<class>/*.png, or DIR/train/<class>/ with val/ and test/ beside
+    hf_datasets: Path | None = None  # a datasets.save_to_disk folder (needs the datasets package)
+    factory: str | None = None  # "package.module:function" -> {train, val, test[, num_classes]} DataLoaders
+    args: dict[str, Any] | None = None  # factory keyword arguments
+    transforms: Transforms | None = None  # imagefolder / hf_datasets images (None: RGB, as stored)
+    input_column: str | None = None  # hf_datasets: the input column (default: image, img, pixel_values, x)
+    label_column: str | None = None  # hf_datasets (None: "label")
+    num_classes: int | None = Field(None, ge=2)  # factory: when its loaders do not say
+    workers: int | None = Field(
+        None, ge=0, le=256
+    )  # DataLoader worker processes for imagefolder, hf_datasets
+    # a split the source lacks is carved from its training data by these fractions (stratified, seeded)
     val_fraction: float = Field(0.2, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
-    batch_size: int = Field(64, ge=1, le=MAX_COUNT)
+    batch_size: int = Field(64, ge=1, le=MAX_COUNT)  # ignored by factory loaders (they batch themselves)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _exactly_one(cls, data: Any) -> Any:
+        if _one_of(data, DATA_SOURCES, "data") and data.get("name") is None:
+            data = {**data, "name": None}  # another source: not the default digits
+        return data
+
+    @field_validator("factory")
+    @classmethod
+    def _factory(cls, value: str | None) -> str | None:
+        return _reference(value, "factory")
 
     @model_validator(mode="after")
     def _path(self) -> DataSource:
@@ -102,7 +229,29 @@ class DataSource(Strict):
                 raise ValueError("data 'npz' needs a 'path'")
             if not self.path.is_file():
                 raise ValueError(f"data file not found: {self.path}")
+        elif self.path is not None:
+            raise ValueError("'path' is for name: npz (imagefolder and hf_datasets name their folder)")
+        for key in ("imagefolder", "hf_datasets"):
+            folder = getattr(self, key)
+            if folder is not None and not folder.is_dir():
+                raise ValueError(f"{key}: folder not found: {folder}")
+        if self.args and self.factory is None:
+            raise ValueError("'args' is for a data factory")
+        if self.hf_datasets is None and (self.input_column is not None or self.label_column is not None):
+            raise ValueError("'input_column' and 'label_column' are for hf_datasets")
+        if self.name is None and not any(getattr(self, k) is not None for k in DATA_SOURCES[1:]):
+            raise ValueError(f"give one data source; allowed: {', '.join(DATA_SOURCES)}")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must be below 1")
         return self
+
+    @property
+    def kind(self) -> str:
+        return (
+            next(k for k in DATA_SOURCES[1:] if getattr(self, k) is not None)
+            if self.name is None
+            else self.name
+        )
 
 
 class DistillCfg(Strict):

@@ -18,10 +18,12 @@ from torch.utils.data import DataLoader
 
 from prunekit.artifact import load_artifact
 from prunekit.data import Splits, load_splits
+from prunekit.data.sources import load_factory, load_hf_datasets, load_imagefolder
 from prunekit.jobs.distributed import DistributedContext
-from prunekit.jobs.recipe import EvaluateStage, Recipe
+from prunekit.jobs.recipe import DataSource, EvaluateStage, Recipe, Transforms
 from prunekit.jobs.runlog import RunLog
 from prunekit.models import build_model
+from prunekit.models.sources import build as build_source
 from prunekit.rng import seed_everything
 from prunekit.spec import Spec
 
@@ -108,12 +110,33 @@ CHECKPOINTED = (
 )
 
 
+def load_data(d: DataSource, seed: int) -> Splits:
+    """The recipe's data: the built-in arrays, or the user's folders / loaders (prunekit.data.sources)."""
+    if d.name is not None:
+        return load_splits(d.name, d.path, d.val_fraction, d.test_fraction, seed=seed)
+    transform = (d.transforms or Transforms()).build()
+    workers = d.workers or 0
+    if d.imagefolder is not None:
+        return load_imagefolder(d.imagefolder, transform, d.val_fraction, d.test_fraction, seed, workers)
+    if d.hf_datasets is not None:
+        return load_hf_datasets(
+            d.hf_datasets,
+            transform,
+            d.input_column,
+            d.label_column or "label",
+            d.val_fraction,
+            d.test_fraction,
+            seed,
+            workers,
+        )
+    return load_factory(d.factory, d.args, d.num_classes)
+
+
 def start_run(recipe: Recipe, out: Path, progress: bool, ctx: DistributedContext | None = None) -> RunState:
     """Seed every generator, load the data and the starting model: the state before the first stage."""
     ctx = ctx or DistributedContext()
     seed_everything(recipe.seed)
-    d = recipe.data
-    data = load_splits(d.name, d.path, d.val_fraction, d.test_fraction, seed=recipe.seed)
+    data = load_data(recipe.data, recipe.seed)
     runlog = RunLog(out / "log.jsonl", enabled=False)  # replaced by the real log once OUT exists
     src = recipe.model
     if src.artifact is not None:
@@ -133,11 +156,15 @@ def start_run(recipe: Recipe, out: Path, progress: bool, ctx: DistributedContext
             initial_structured=len(logs),
         )
     args = dict(src.args)
-    if src.builtin == "resnet-digits":
-        args.setdefault("in_channels", data.input_shape[0])
-        args.setdefault("num_classes", data.num_classes)
-    model = build_model(src.builtin, args)
-    info = {"name": src.builtin, "args": args}
+    if src.builtin is not None:
+        if src.builtin == "resnet-digits":
+            args.setdefault("in_channels", data.input_shape[0])
+            args.setdefault("num_classes", data.num_classes)
+        model = build_model(src.builtin, args)
+        info = {"name": src.builtin, "args": args}
+    else:
+        what = str(getattr(src, src.kind))
+        model, info = build_source(src.kind, what, args, weights=src.weights, task=src.task)
     return RunState(
         recipe=recipe,
         out=out,

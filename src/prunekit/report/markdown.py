@@ -34,6 +34,46 @@ def _size(n: int | None) -> str:
     return f"{n / 1024:.1f} KiB ({n:,} B)"
 
 
+# p99 above this many times p50: the timing shared the CPU with something else, so the tail is noise
+NOISY_P99_RATIO = 3.0
+KERNELS = {  # what the "chosen" column of the sparse runtime's decisions means (prunekit.runtime.layers)
+    "dense": "the layer's own dense PyTorch kernel (no sparse kernel measured faster)",
+    "rows": "one CSR row per output, the input gathered per nonzero (batch 1, small batches)",
+    "xt": "input transposed, each nonzero scales a contiguous row (im2col convolutions, batches)",
+    "xt/b": "xt with the input's columns in tiles of that many (cache blocking)",
+    "xt-nchw": "xt image by image, no permuted copies",
+    "xt-chain": "two xt Linears around an activation, the activations kept transposed in between",
+    "direct": "direct sparse convolution without im2col (Park et al. 2017)",
+    "int8-gemm": "the exact int8 arithmetic as a float32 GEMM on integer values",
+}
+
+
+def _p99(latency: dict[str, float]) -> str:
+    """The p99 cell, marked when the tail is over :data:`NOISY_P99_RATIO` times the median."""
+    noisy = latency["p50"] > 0 and latency["p99"] / latency["p50"] > NOISY_P99_RATIO
+    return f"{latency['p99']:.3f}" + (" (noisy)" if noisy else "")
+
+
+def noisy_note(cells: list[str]) -> list[str]:
+    """One line under a latency table that has a p99 marked noisy, saying what that means."""
+    if not any(cell.endswith("(noisy)") for cell in cells):
+        return []
+    return [
+        "",
+        f"(noisy): p99 over {NOISY_P99_RATIO:g}x p50: some calls waited (another process on the CPU, "
+        "the OS); the tail is not the model's. Compare p50s, or rerun on an idle machine.",
+    ]
+
+
+def kernel_legend(chosen: set[str]) -> list[str]:
+    """The meaning of each kernel name a decisions table uses."""
+    names = sorted({"xt/b" if c.startswith("xt/b") else c for c in chosen} & set(KERNELS))
+    if not names:
+        return []
+    legend = "; ".join(f"`{n}{'N' if n == 'xt/b' else ''}`: {KERNELS[n]}" for n in names)
+    return [f"Kernels: {legend}.", ""]
+
+
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -55,7 +95,11 @@ def verdict(dense: dict[str, Any], pruned: dict[str, Any]) -> list[str]:
         ),
         key=lambda t: t[1],
     )
-    out.append(f"Largest per-class recall loss: class {worst[0]}, {100 * worst[1]:.2f} points.")
+    out.append(
+        f"Largest per-class recall loss: class {worst[0]}, {100 * worst[1]:.2f} points."
+        if worst[1] > 0
+        else "No class lost recall."
+    )
     ratio = pruned["latency_ms"]["p50"] / dense["latency_ms"]["p50"]
     if ratio < FASTER_THRESHOLD:
         out.append(f"Latency: pruned is faster, p50 {ratio:.2f}x of dense.")
@@ -210,7 +254,7 @@ def baselines_section(m: dict[str, Any], labels: list[str]) -> list[str]:
             r[0],
             r[1],
             f"{r[2]:.3f}",
-            f"{r[3]:.3f}",
+            _p99({"p50": r[2], "p99": r[3]}),
             f"{r[2] / base:.2f}x",
             f"{r[2] / fastest:.2f}x",
             _size(r[4]),
@@ -221,6 +265,7 @@ def baselines_section(m: dict[str, Any], labels: list[str]) -> list[str]:
     lines += _table(
         ["model", "engine", "p50 ms", "p99 ms", f"p50 vs {first}", "p50 vs fastest dense", "size"], table
     )
+    lines += noisy_note([row[3] for row in table])
     lines += [
         "",
         "Dense baselines of the same float model: torch's own INT8 (x86 engine), onnxruntime float32 and "
@@ -243,7 +288,7 @@ def _runtime_section(m: dict[str, Any], labels: list[str]) -> list[str]:
     rows = []
     for label in labels:
         e = m[label]
-        rows.append([label, f"{e['latency_ms']['p50']:.3f}", f"{e['latency_ms']['p99']:.3f}"])
+        rows.append([label, f"{e['latency_ms']['p50']:.3f}", _p99(e["latency_ms"])])
         rows[-1] += [f"{e['latency_p50_vs_first']:.2f}x", "-", "-"]
         c = e.get("compiled")
         if c:
@@ -251,7 +296,7 @@ def _runtime_section(m: dict[str, Any], labels: list[str]) -> list[str]:
                 [
                     f"{label} (compiled)",
                     f"{c['latency_ms']['p50']:.3f}",
-                    f"{c['latency_ms']['p99']:.3f}",
+                    _p99(c["latency_ms"]),
                     f"{c['latency_p50_vs_first']:.2f}x",
                     f"{c['sparse_layers']}/{len(c['layers'])}",
                     f"{c['same_predictions']}/{c['samples']} (max logit diff {c['max_abs_diff']:.1e})",
@@ -261,6 +306,7 @@ def _runtime_section(m: dict[str, Any], labels: list[str]) -> list[str]:
     lines += _table(
         ["model", "p50 ms", "p99 ms", f"p50 vs {first}", "layers on sparse kernels", "same predictions"], rows
     )
+    lines += noisy_note([row[2] for row in rows])
     lines += [
         "",
         "`prunekit.runtime.compile` times every Linear/Conv2d layer at its real batch-1 input, sparse kernel "
@@ -268,6 +314,7 @@ def _runtime_section(m: dict[str, Any], labels: list[str]) -> list[str]:
         "the same interleaved run.",
         "",
     ]
+    chosen = {d["chosen"] for label in compiled for d in m[label]["compiled"]["layers"]}
     for label in compiled:
         rows = [
             [
@@ -284,7 +331,7 @@ def _runtime_section(m: dict[str, Any], labels: list[str]) -> list[str]:
         lines += [f"Decisions for {label}:", ""]
         head = ["layer", "weight", "sparsity", "dense us", "best sparse us", "chosen", "engine"]
         lines += _table(head, rows) + [""]
-    return lines
+    return lines + kernel_legend(chosen)
 
 
 def write_report(m: dict[str, Any]) -> str:
@@ -315,12 +362,13 @@ def write_report(m: dict[str, Any]) -> str:
                         else ""
                     ),
                     f"{e['latency_ms']['p50']:.3f}",
-                    f"{e['latency_ms']['p99']:.3f}",
+                    _p99(e["latency_ms"]),
                 ]
             )
         lines += _table(
             ["model", "accuracy", "params", "non-zero", "sparsity", "size", "p50 ms", "p99 ms"], rows
         )
+        lines += noisy_note([row[-1] for row in rows])
         first = m[labels[0]]
         lines += [
             "",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import re
+import textwrap
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ from prunekit.analysis.sensitivity import Sensitivity, heatmap_png
 from prunekit.report.sections import allocation_heading, sensitivity_allocations
 
 MAX_BARS = 48  # more layers than this are averaged per block, one bar per block
+LABEL_CHARS = 12  # bar-group labels wrap at spaces onto lines of at most this many characters
 
 
 @dataclass(frozen=True)
@@ -63,25 +65,56 @@ def sparsity_bars(
     return _png(fig)
 
 
-def grouped_bars(groups: list[str], series: dict[str, list[float | None]], ylabel: str, title: str) -> bytes:
-    """Vertical bars: one group per entry of ``groups``, one bar per series inside it (None: no bar)."""
-    fig = _figure(figsize=(8, 3.6))
+def zoom_floor(values: list[float | None]) -> float:
+    """Where a percentage axis starts: 0, unless every value sits high enough that bars from 0 would hide
+    a few points' difference; then a round number (a multiple of 5) below the smallest value. A chart that
+    does not start at 0 says so in its title (:func:`zoom_note`)."""
+    shown = [v for v in values if v is not None]
+    if not shown or min(shown) < 0:
+        return 0.0
+    low, high = min(shown), max(shown)
+    floor = 5.0 * ((low - 0.15 * max(high - low, 1.0) - 1) // 5)
+    return floor if floor >= 20 else 0.0  # a zoom that saves little: start at 0
+
+
+def zoom_note(floor: float) -> str:
+    return f" (y-axis starts at {floor:.0f}%, not 0: bars exaggerate differences)" if floor > 0 else ""
+
+
+def _grouped_figure(
+    groups: list[str], series: dict[str, list[float | None]], ylabel: str, title: str, floor: float = 0.0
+) -> Any:
+    """Vertical bars: one group per entry of ``groups``, one bar per series inside it (None: no bar). Long
+    labels wrap onto lines of at most :data:`LABEL_CHARS` characters and the figure widens with the groups,
+    so tick labels never run into each other."""
+    labels = [textwrap.fill(g, LABEL_CHARS, break_long_words=False) for g in groups]
+    longest = max((len(line) for g in labels for line in g.splitlines()), default=1)
+    lines = max((g.count("\n") + 1 for g in labels), default=1)
+    # about 0.075 in per character at font size 8, plus a gap; 3 in for the axis and the legend
+    fig = _figure(figsize=(max(8.0, (0.075 * longest + 0.25) * len(groups) + 3), 3.4 + 0.15 * lines))
     ax = fig.add_subplot()
     width = 0.8 / max(len(series), 1)
     for i, (label, values) in enumerate(series.items()):
         xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
         kept = [(x, v) for x, v in zip(xs, values) if v is not None]
         ax.bar([x for x, _ in kept], [v for _, v in kept], width=width, label=label)
-    ax.set_xticks(range(len(groups)), groups, fontsize=8)
+    ax.set_xticks(range(len(groups)), labels, fontsize=8)
     shown = [v for values in series.values() for v in values if v is not None]
-    if shown and min(shown) >= 0:  # zoom on the range the bars span: a 3-point loss must be visible
-        low, high = min(shown), max(shown)
-        ax.set_ylim(max(0.0, low - 0.15 * max(high - low, 1.0) - 1), high + 0.05 * max(high - low, 1.0))
+    if shown and min(shown) >= 0:
+        high = max(shown)
+        ax.set_ylim(floor, high + 0.05 * max(high - min(shown), 1.0))
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title + zoom_note(floor), fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return _png(fig)
+    return fig
+
+
+def grouped_bars(
+    groups: list[str], series: dict[str, list[float | None]], ylabel: str, title: str, floor: float = 0.0
+) -> bytes:
+    """:func:`_grouped_figure` as PNG bytes; ``floor``: where the y-axis starts (:func:`zoom_floor`)."""
+    return _png(_grouped_figure(groups, series, ylabel, title, floor))
 
 
 def latency_bars(rows: dict[str, tuple[float, float]], title: str) -> bytes:
@@ -139,10 +172,10 @@ def run_figures(m: dict[str, Any]) -> list[Figure]:
     series = {
         label: [None if r is None else 100 * r for r in m[label]["per_class_recall"]] for label in labels
     }
-    png = grouped_bars(classes, series, "recall (%)", "Per-class recall (test set)")
-    out.append(
-        Figure("per-class-recall", "Per-class recall", "Per-class recall of every evaluated model", png)
-    )
+    floor = zoom_floor([v for values in series.values() for v in values])
+    png = grouped_bars(classes, series, "recall (%)", "Per-class recall (test set)", floor)
+    caption = "Per-class recall of every evaluated model" + zoom_note(floor)
+    out.append(Figure("per-class-recall", "Per-class recall", caption, png))
     agreed = [label for label in labels if isinstance(m[label].get("agreement"), dict)]
     if agreed:
         out.append(_agreement_chart(m, agreed))
@@ -189,8 +222,11 @@ def _agreement_chart(m: dict[str, Any], agreed: list[str]) -> Figure:
         100 * first["perturbed"][c]["reference_stable"] for c in conditions[1:]
     ]
     names = [_short(c) for c in conditions]
-    png = grouped_bars(names, series, "% of test inputs", "Prediction agreement, clean and perturbed")
-    return Figure("agreement", "Prediction agreement", "Agreement under perturbations", png)
+    floor = zoom_floor([v for values in series.values() for v in values])
+    png = grouped_bars(names, series, "% of test inputs", "Prediction agreement, clean and perturbed", floor)
+    return Figure(
+        "agreement", "Prediction agreement", "Agreement under perturbations" + zoom_note(floor), png
+    )
 
 
 def _short(condition: str) -> str:

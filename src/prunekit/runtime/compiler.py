@@ -48,6 +48,7 @@ class LayerDecision:
     candidates: dict[str, float] = field(default_factory=dict)
     reason: str = ""
     jit_s: float = 0.0
+    engine: str = ""  # what ran the chosen kernel (torch, prunekit's kernels and their instruction set)
 
     @property
     def speedup(self) -> float | None:
@@ -65,6 +66,10 @@ class RuntimeReport:
     margin: float
     cold: bool = False  # timed with the caches flushed before every call
     device: str = "cpu"
+    mode: str = "per-layer"  # "per-layer", or "segments" (whole network in the plane layout)
+    whole: dict[str, float] = field(default_factory=dict)  # whole-model medians (us) behind ``mode``
+    note: str = ""
+    macs_remaining: float | None = None  # multiply-adds of the nonzero weights / dense, over all layers timed
     # integer operators of an integer int8 model (prunekit.quant.glue) moved onto numba kernels: name ->
     # kernel (each checked bit for bit on its recorded input)
     operators: dict[str, str] = field(default_factory=dict)
@@ -72,10 +77,21 @@ class RuntimeReport:
     def table(self) -> str:
         head = (
             f"{'layer':<28} {'kind':<16} {'weight':<16} {'sparsity':>8} {'input':<18} "
-            f"{'dense us':>9} {'sparse us':>9} {'chosen':<10} note"
+            f"{'dense us':>9} {'sparse us':>9} {'chosen':<10} {'engine':<30} note"
         )
         how = f"{self.threads} thread(s), margin {self.margin:.0%}" + (", cold caches" if self.cold else "")
-        lines = [f"runtime decisions ({how}{'' if self.device == 'cpu' else ', ' + self.device})", head]
+        device = "" if self.device == "cpu" else ", " + self.device
+        whole = ", ".join(f"{k} {v / 1e3:.2f} ms" for k, v in self.whole.items())
+        lines = [f"runtime decisions ({how}{device}, mode {self.mode})"]
+        if whole:
+            lines.append(f"whole model p50: {whole}")
+        if self.macs_remaining is not None:
+            lines.append(
+                f"multiply-adds remaining (nonzero weights x positions / dense): {self.macs_remaining:.1%}"
+            )
+        if self.note:
+            lines.append(self.note)
+        lines.append(head)
         for d in self.layers:
             dense = "-" if d.dense_us is None else f"{d.dense_us:.1f}"
             sparse = "-" if d.sparse_us is None else f"{d.sparse_us:.1f}"
@@ -83,7 +99,7 @@ class RuntimeReport:
             inp = "-" if d.input_shape is None else "x".join(map(str, d.input_shape))
             lines.append(
                 f"{d.name[:28]:<28} {d.kind:<16} {shape:<16} {d.sparsity:>8.1%} {inp:<18} "
-                f"{dense:>9} {sparse:>9} {d.chosen:<10} {d.reason}"
+                f"{dense:>9} {sparse:>9} {d.chosen:<10} {d.engine[:30]:<30} {d.reason}"
             )
         return "\n".join(lines)
 
@@ -221,6 +237,14 @@ def _candidates(
             out["int8-gemm"] = lambda: cls(module, "dense")
         else:  # direct sparse convolution: no im2col (small feature maps, where unfold dominates)
             out["direct"] = lambda: cls(module, "direct")
+        if n == 1 and x.dim() == 4:  # the aligned-plane kernels (runtime.conv), layout converted per call
+            from prunekit.runtime import conv as C
+
+            if quantized:
+                out["planes"] = lambda: C.PlanesQuantizedConv2d(module)
+            else:
+                for nv in C.tile_options(C.host_width())[1::2]:
+                    out[f"planes/nv{nv}"] = lambda nv=nv: C.PlanesConv2d(module, nv=nv, cb=16)
         return out, ""
     m = x.numel() // max(1, x.shape[-1]) if x.dim() else 0
     cls = L.SparseQuantizedLinear if quantized else L.SparseLinear
@@ -302,6 +326,9 @@ def _decide(
         weight_shape=tuple(weight.shape),
         sparsity=1.0 - nz / weight.numel() if weight.numel() else 0.0,
         input_shape=None if x is None else tuple(x.shape),
+        engine="torch (reference int8)"
+        if isinstance(module, (QuantizedLinear, QuantizedConv2d))
+        else "torch",
     )
     if x is None:
         decision.reason = "not called by example_inputs"
@@ -343,11 +370,28 @@ def _decide(
     decision.sparse_us = medians[best]
     if medians[best] < decision.dense_us * (1.0 - margin) or replace_anyway:
         decision.chosen = best
+        decision.engine = engine_of(best, quantized)
         if replace_anyway and medians[best] >= decision.dense_us * (1.0 - margin):
             decision.reason = f"{decode.values} values asked for"
         return decision, built[best]
     decision.reason = f"best sparse ({best}) not {margin:.0%} faster"
     return decision, None
+
+
+def engine_of(kernel: str, quantized: bool) -> str:
+    """What runs a per-layer kernel, for the report."""
+    from prunekit.runtime.cpu import features
+
+    if kernel == "dense":
+        return "torch (reference int8)" if quantized else "torch"
+    if kernel == "planes" and quantized:
+        from prunekit.runtime.conv import isa_name
+
+        return f"prunekit int8 4x1 ({isa_name()})"
+    width = f"{features().vector_floats * 32}-bit"
+    if quantized:
+        return f"prunekit {kernel} f32 on int8 ({width})"
+    return f"prunekit {kernel} ({width})"
 
 
 def _fuse_chains(model: nn.Module, inputs: dict[str, Tensor], decisions: list[LayerDecision]) -> None:
@@ -407,6 +451,7 @@ def compile(  # noqa: A001 - the natural name, namespaced as prunekit.runtime.co
     activations: str = "float32",
     cold: bool | None = None,
     device: str = "cpu",
+    segments: bool = True,
 ) -> nn.Module:
     """A new inference model: a deep copy of ``model`` (masks squashed, eval mode) whose ``nn.Linear``,
     ``nn.Conv2d``, ``QuantizedLinear`` and ``QuantizedConv2d`` layers run sparse kernels where measured
@@ -417,8 +462,7 @@ def compile(  # noqa: A001 - the natural name, namespaced as prunekit.runtime.co
     sparse kernel must be to replace dense. ``budget_s``: timing budget per layer (``min_reps`` to
     ``max_reps`` interleaved repetitions). ``chain``: fuse ``nn.Sequential`` runs of two ``xt`` sparse
     Linears around a GELU/ReLU/SiLU/Tanh into one layer that keeps the transposed activations in between
-    (:class:`~prunekit.runtime.layers.SparseLinearChain`). The original model is not modified.
-
+    (:class:`~prunekit.runtime.layers.SparseLinearChain`).
     Linear layers (and Hugging Face ``Conv1D``) that see one activation vector, as in a language model's
     decode step, are timed on the batch-1 layouts of :mod:`prunekit.runtime.gemv` (dense, R x 1 blocks, N:M,
     CSR-4). For a causal LM pass one token (``{"input_ids": ids[:, :1]}``): the layers are swapped, the KV
@@ -429,6 +473,10 @@ def compile(  # noqa: A001 - the natural name, namespaced as prunekit.runtime.co
     int8 block kernels quantize the activations (exact int32 sums). ``cold``: time with the caches flushed
     before every call (None: when the layers' weights exceed the last-level cache, as in decoding).
     ``device="cuda"``: 2:4 Linear layers on sparse tensor cores where faster (:mod:`prunekit.runtime.cuda`).
+    ``segments``: for a batch-1 image input, also lower the whole CNN into the plane layout
+    (:mod:`prunekit.runtime.segment`: convolutions with their BatchNorm, ReLU and residual add fused,
+    activations kept in the layout) and return that when it measures faster than the per-layer result.
+    The original model is not modified.
     """
     if not isinstance(model, nn.Module):
         raise PrunekitError(f"compile: expected an nn.Module, got {type(model).__name__}")
@@ -455,8 +503,19 @@ def compile(  # noqa: A001 - the natural name, namespaced as prunekit.runtime.co
         cold = sum(_weight(m).numel() * 4 for _, m in targets) > last_level_cache_bytes()
     if cold:
         timing["flush"] = Flush()
+    report = RuntimeReport(
+        [], threads, margin, cold=cold, device=str(device), macs_remaining=_macs_remaining(model, inputs)
+    )
+    image = _image(example_inputs)
+    seg = None
+    if segments and image is not None:  # first: the layers a segment runs need no per-layer timing
+        seg = _segments(model, image, report, rounds=max(3, min_reps))
+    covered = {} if seg is None else {step.name: step for step in seg.conv_steps()}
     decisions, replace = [], {}
     for name, module in targets:
+        if name in covered:
+            decisions.append(_step_row(covered[name]))
+            continue
         decode = DecodeOptions(head_values if name == head and head_values else values, activations)
         decision, new = _decide(name, module, inputs.get(name), margin, timing, decode)
         decisions.append(decision)
@@ -471,14 +530,108 @@ def compile(  # noqa: A001 - the natural name, namespaced as prunekit.runtime.co
         )
         if new is not None:
             replace[name] = new
+    report.layers = decisions
+    result = seg if seg is not None else compiled
     for name, new in replace.items():
-        parent, _, child = name.rpartition(".")
-        setattr(compiled.get_submodule(parent) if parent else compiled, child, new)
-    if chain:
+        try:
+            _set_module(seg.gm if seg is not None else compiled, name, new)
+        except AttributeError:  # the traced graph does not call it as a module
+            continue
+    if chain and seg is None:
         _fuse_chains(compiled, inputs, decisions)
-    operators = _fast_glue(compiled, example_inputs)
-    compiled.runtime_report = RuntimeReport(decisions, threads, margin, cold, str(device), operators)
-    return compiled
+    if seg is None:
+        report.operators = _fast_glue(compiled, example_inputs)
+    result.runtime_report = report
+    return result
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def _image(example_inputs) -> Tensor | None:
+    """The example when it is one batch-1 float32 image (what segments are built for), else None."""
+    x = example_inputs
+    if isinstance(x, (tuple, list)) and len(x) == 1:
+        x = x[0]
+    ok = isinstance(x, Tensor) and x.dim() == 4 and x.shape[0] == 1 and x.dtype == torch.float32
+    return x if ok and x.device.type == "cpu" else None
+
+
+def _macs_remaining(model: nn.Module, inputs: dict[str, Tensor]) -> float | None:
+    """Multiply-adds of the nonzero weights over the dense ones, summed over every Linear/Conv2d that ran
+    (a convolution's weight counts once per output position)."""
+    kept = total = 0
+    for name, module in squash(copy.deepcopy(model)).named_modules():
+        x = inputs.get(name)
+        if not isinstance(module, _TARGETS) or x is None:
+            continue
+        weight = _weight(module)
+        if isinstance(module, (nn.Conv2d, QuantizedConv2d)):
+            if isinstance(module.padding, str) or x.dim() not in (3, 4):
+                continue
+            hw = [
+                (
+                    x.shape[-2 + i]
+                    + 2 * module.padding[i]
+                    - module.dilation[i] * (module.kernel_size[i] - 1)
+                    - 1
+                )
+                // module.stride[i]
+                + 1
+                for i in range(2)
+            ]
+            reps = hw[0] * hw[1] * (x.shape[0] if x.dim() == 4 else 1)
+        else:
+            reps = x.numel() // max(1, x.shape[-1])
+        kept += int(torch.count_nonzero(weight)) * reps
+        total += weight.numel() * reps
+    return kept / total if total else None
+
+
+def _segments(model: nn.Module, x: Tensor, report: RuntimeReport, rounds: int):
+    """The whole network in the plane layout (:mod:`prunekit.runtime.segment`), when it matches the model and
+    measures faster than dense (interleaved on ``x``); else None, with the reason in ``report.note``."""
+    from prunekit.runtime import segment
+
+    base = squash(copy.deepcopy(model)).eval()
+    seg, why = segment.build(base, x)
+    if seg is None:
+        report.note = f"segments: not used ({why})"
+        return None
+    segment.tune(seg, x, rounds=rounds)
+    with torch.inference_mode():
+        if not _matches(seg(x), base(x), exact=seg.int8):
+            log.warning("runtime: the segmented model does not match the model; not used")
+            report.note = "segments: output did not match the model; not used"
+            return None
+        report.whole = segment.time_interleaved(
+            {"dense": lambda: base(x), "segments": lambda: seg(x)}, rounds=max(5, rounds)
+        )
+    if report.whole["segments"] >= report.whole["dense"] * (1.0 - report.margin):
+        report.note = "segments: measured not faster than dense; per-layer decisions instead"
+        return None
+    report.mode = "segments"
+    return seg
+
+
+def _step_row(step) -> LayerDecision:
+    """A segment convolution's row of the decision table."""
+    sparse = {k: v for k, v in step.timings.items() if k != "dense"}
+    return LayerDecision(
+        name=step.name,
+        kind=_kind(step.module),
+        weight_shape=tuple(step.weight.shape),
+        sparsity=step.sparsity,
+        input_shape=(1, *step.inp.shape),
+        dense_us=step.timings.get("dense"),
+        sparse_us=min(sparse.values()) if sparse else None,
+        chosen=step.choice,
+        candidates=sparse,
+        reason=step.describe(),
+        engine=step.engine,
+    )
 
 
 def _to_device(inputs, device: torch.device):

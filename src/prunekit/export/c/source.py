@@ -54,7 +54,7 @@ def _recipe_dir(path: Path) -> tuple[Path, dict[str, Any], int]:
 
 def calibration_inputs(splits) -> Any:
     """The first :data:`CALIBRATION_INPUTS` training inputs (the CLI and the recipe stage use the same)."""
-    return splits.train[: min(CALIBRATION_INPUTS, len(splits.train))][0]
+    return splits.inputs("train", CALIBRATION_INPUTS)
 
 
 def load_source(source: Path, data: str | None):

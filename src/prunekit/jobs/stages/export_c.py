@@ -51,7 +51,7 @@ def _dense_int8(state: RunState) -> tuple[str, Any] | None:
 def export_c_stage(state: RunState, stage: ExportStage) -> dict[str, Any]:
     out = state.out / f"{stage.name}-c"
     x_train = calibration_inputs(state.data)
-    x_test, y_test = state.data.test[:][0], state.data.test[:][1]
+    x_test, y_test = state.data.tensors("test")
     result = export_c(state.model, out, calibration=[x_train], test=(x_test, y_test))
     entry: dict[str, Any] = {"dir": out.name, **_summary(result), "reference": result["reference"]}
     entry["host_check"] = (

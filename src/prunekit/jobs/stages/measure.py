@@ -69,7 +69,7 @@ def measure_latency(state: RunState) -> None:
     for one), measured in one interleaved run (docs/measuring.md)."""
     if not state.timed:
         return
-    example = state.data.test[0][0].unsqueeze(0)
+    example = state.data.inputs("test", 1)
     stages = [stage for _, stage in state.timed.values()]
     models = {label: model for label, (model, _) in state.timed.items()}
     for label, (model, stage) in state.timed.items():

@@ -22,7 +22,7 @@ def quantize_stage(state: RunState, stage: QuantizeStage) -> None:
 
     select = {"include": stage.include, "exclude": stage.exclude, "classifier": stage.classifier}
     calib = state.calibration(stage.calibration_batches) if stage.activations == "static" else None
-    example = state.data.train[: min(2, len(state.data.train))][0]  # the int8 model is test-run on it
+    example = state.data.inputs("train", 2)  # the int8 model is test-run on it
     state.masks = get_masks(state.model)
     before = list(state.metrics)[-1] if state.metrics else None
     keep_teacher(state)

@@ -213,7 +213,7 @@ def prune_stage(state: RunState, stage: PruneStage) -> None:
             if i < len(targets_seq):  # the last round is followed by the stage's checkpoint
                 checkpoint_run(state, state.stage_index, i, sparsifier=sparsifier)
         bar.close()
-    state.dense_layers = left_dense(state.model, state.specs, targets)
+    state.dense_layers = left_dense(state.model, state.specs, targets, skipped=sparsifier.skipped)
 
 
 def _configure_gates(state: RunState, stage: PruneStage, sparsifier: Sparsifier) -> None:

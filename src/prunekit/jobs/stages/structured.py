@@ -26,7 +26,7 @@ def structured_stage(state: RunState, stage: StructuredStage) -> None:
     if get_masks(state.model):
         raise PrunekitError("a structured stage must come before unstructured prune stages (masks present)")
     keep_teacher(state)
-    example = state.data.train[: min(2, len(state.data.train))][0]
+    example = state.data.inputs("train", 2)
     calibration = state.calibration(stage.calibration_batches)
     before = sum(p.numel() for p in state.model.parameters())
     if stage.allocation == "latency":
@@ -64,14 +64,17 @@ def _structured_for_latency(state: RunState, stage: StructuredStage, example, ca
     @torch.inference_mode()
     def val_loss(model: nn.Module) -> float:
         model.eval()
-        total = sum(float(nn.functional.cross_entropy(model(x), y, reduction="sum")) for x, y in val)
-        return total / len(state.data.val)
+        total, count = 0.0, 0
+        for x, y in val:  # counted as read: a user's own loader may drop or repeat samples
+            total += float(nn.functional.cross_entropy(model(x), y, reduction="sum"))
+            count += len(y)
+        return total / max(count, 1)
 
     result, report = prune_for_latency(
         state.model,
         example,
         stage.target_latency,
-        state.data.test[0][0].unsqueeze(0),
+        state.data.inputs("test", 1),
         grid=stage.latency_grid,
         loss=val_loss,
         runs=stage.latency_runs,

@@ -1,0 +1,616 @@
+"""Direct sparse convolution kernels for real feature maps: float32 and int8 (4-channel blocks), numba +
+LLVM intrinsics, with the vector width and the int8 dot product picked at run time.
+
+The method: Park et al. 2017, "Faster CNNs with Direct Sparse Convolutions and Guided Pruning" (no im2col:
+each nonzero weight ``(co, ci, i, j)`` is an offset into the input), with the register tiling of Elsen et
+al. 2020, "Fast Sparse ConvNets" (spatial positions play the role of the batch: each nonzero multiplies a
+whole vector of output pixels). The input lives in a layout of aligned planes
+(:mod:`prunekit.runtime.conv_layout`) in which every tap of every output position is one *aligned* vector
+load at ``X[offset + p]`` for a tile of ``T = nv * vw`` consecutive output positions ``p``; unaligned
+loads split cache lines and measured 30% slower (35 against 50 GMAC/s on an AMD EPYC Zen 4 core).
+
+Loops (one kernel call = one layer): spatial tile, then input-channel block (so the block's input rows
+stay in L1), then output channel (float32) or group of 4 output channels (int8). Partial sums of a tile
+go to a scratch array between channel blocks. The last block runs the fused epilogue and stores the
+output into every shifted plane its consumers read (``yoffs``: one offset per plane, ``M``: a 0/1 mask
+per plane that zeroes padding and the lanes that would wrap into the neighbouring row).
+
+* float32 (:func:`conv_f32`): ``y = sum + bias (+ residual)``, clamped to ``[lo, hi]`` (ReLU, ReLU6 or
+  nothing). One offset load, one broadcast and ``nv`` FMAs with a memory operand per nonzero.
+* int8 (:func:`conv_i8`): weights in blocks of 4 consecutive input channels at one (co, i, j), the
+  activations 4 channels per 32-bit lane, so one ``vpdpbusd`` (AVX-512 VNNI: u8 x s8, 4 products per lane)
+  handles a block for 16 positions. Without VNNI: ``vpmaddubsw`` + ``vpmaddwd`` by ones (AVX2), exact
+  while activations are in 0..127 (2 * 127 * 127 < 2**15: no saturation); inputs offset by +128 would
+  saturate there, so a signed input on AVX2 is refused (the layer stays dense). Accumulators are exact
+  int32; :func:`int8_epilogue` then applies THE requantization rule, in one place.
+
+numba caches a kernel on disk only for module-level functions, so the register-tile sizes are a fixed set
+of variants dispatched at run time (``nv`` is one branch per row and tile, outside the inner loop), and
+the intrinsics live in this file (numba's cache is keyed on the source file).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from functools import cache
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+log = logging.getLogger(__name__)
+
+# register tiles (vectors per tile) compiled for each vector width; compile() times a few of them per layer
+NV16 = (2, 4, 7, 8)
+NV8 = (4, 7, 8, 14)
+T_MAX = 128  # the largest tile in positions (layouts leave this much slack after each plane)
+
+_F32, _I8, _I16, _I32, _I64 = ir.FloatType(), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+
+
+def _jit(fastmath: bool = True) -> Callable:
+    """``numba.njit`` (nogil, no bounds checks) cached on disk when a cache directory is writable."""
+
+    def wrap(fn: Callable) -> Callable:
+        opts = dict(nogil=True, boundscheck=False, fastmath=fastmath)
+        if os.environ.get("PRUNEKIT_NUMBA_CACHE", "1") != "0":
+            try:
+                return numba.njit(cache=True, **opts)(fn)
+            except Exception as exc:  # noqa: BLE001 - any cache failure means: run uncached
+                log.info("numba disk cache unavailable for %s (%s); compiling in memory", fn.__name__, exc)
+        return numba.njit(**opts)(fn)
+
+    return wrap
+
+
+# -- LLVM helpers ------------------------------------------------------------------------------------------
+def _c64(v: int) -> ir.Constant:
+    return ir.Constant(_I64, v)
+
+
+def _declare(builder: ir.IRBuilder, name: str, ret: ir.Type, args: list[ir.Type]) -> ir.Function:
+    found = builder.module.globals.get(name)
+    return found if found is not None else ir.Function(builder.module, ir.FunctionType(ret, args), name=name)
+
+
+def _splat(builder: ir.IRBuilder, value: ir.Value, vt: ir.VectorType) -> ir.Value:
+    one = builder.insert_element(ir.Constant(vt, ir.Undefined), value, ir.Constant(_I32, 0))
+    mask = ir.Constant(ir.VectorType(_I32, vt.count), [0] * vt.count)
+    return builder.shuffle_vector(one, ir.Constant(vt, ir.Undefined), mask)
+
+
+def _vload(builder: ir.IRBuilder, base: ir.Value, off: ir.Value, vt: ir.VectorType) -> ir.Value:
+    load = builder.load(builder.bitcast(builder.gep(base, [off]), vt.as_pointer()))
+    load.align = 4
+    return load
+
+
+def _vstore(builder: ir.IRBuilder, value: ir.Value, base: ir.Value, off: ir.Value) -> None:
+    store = builder.store(value, builder.bitcast(builder.gep(base, [off]), value.type.as_pointer()))
+    store.align = 4
+
+
+def _loop(builder: ir.IRBuilder, lo: ir.Value, hi: ir.Value, carried: list, body: Callable) -> list:
+    """Emit ``for k in [lo, hi): carried = body(k, carried)``; return the final carried values."""
+    pre = builder.block
+    loop = builder.append_basic_block("loop")
+    done = builder.append_basic_block("done")
+    builder.cbranch(builder.icmp_signed("<", lo, hi), loop, done)
+    builder.position_at_end(loop)
+    k = builder.phi(_I64)
+    phis = [builder.phi(v.type) for v in carried]
+    k.add_incoming(lo, pre)
+    for p, v in zip(phis, carried):
+        p.add_incoming(v, pre)
+    new = body(k, list(phis))
+    k2 = builder.add(k, _c64(1))
+    end = builder.block
+    k.add_incoming(k2, end)
+    for p, v in zip(phis, new):
+        p.add_incoming(v, end)
+    builder.cbranch(builder.icmp_signed("<", k2, hi), loop, done)
+    builder.position_at_end(done)
+    out = []
+    for v, n in zip(carried, new):
+        res = builder.phi(v.type)
+        res.add_incoming(v, pre)
+        res.add_incoming(n, end)
+        out.append(res)
+    return out
+
+
+def _data(context, builder, nbtype, value) -> ir.Value:
+    return context.make_array(nbtype)(context, builder, value).data
+
+
+def _flag(builder: ir.IRBuilder, flags: ir.Value, bit: int) -> ir.Value:
+    return builder.icmp_unsigned("!=", builder.and_(flags, _c64(1 << bit)), _c64(0))
+
+
+def _store_planes(builder, vt, value, yp, ybase, yoffs_p, ns, mp, mb, ml, combine) -> None:
+    """For each output plane s < ns: ``Y[ybase + yoffs[s] + lane] = combine(value, M[mb + s*ml + lane])``."""
+
+    def body(s, _):
+        dst = builder.add(ybase, builder.load(builder.gep(yoffs_p, [s])))
+        mask = _vload(builder, mp, builder.add(mb, builder.mul(s, ml)), vt)
+        _vstore(builder, combine(value, mask), yp, dst)
+        return []
+
+    _loop(builder, _c64(0), ns, [], body)
+
+
+def _store_all(builder, vt, values, yp, yb, yoffs_p, ns, mp, mb, ml, combine) -> None:
+    """:func:`_store_planes` for the ``nv`` vectors of a tile, with the common case of 3 planes (a 3-wide
+    kernel's shifted copies) unrolled: the plane offsets loaded once, no loop per vector."""
+    vw = vt.count
+    with builder.if_else(builder.icmp_signed("==", ns, _c64(3))) as (three, other):
+        with three:
+            offs = [builder.load(builder.gep(yoffs_p, [_c64(k)])) for k in range(3)]
+            for i, value in enumerate(values):
+                at, mat = builder.add(yb, _c64(vw * i)), builder.add(mb, _c64(vw * i))
+                for k in range(3):
+                    mask = _vload(builder, mp, builder.add(mat, builder.mul(_c64(k), ml)), vt)
+                    _vstore(builder, combine(value, mask), yp, builder.add(at, offs[k]))
+        with other:
+            for i, value in enumerate(values):
+                at, mat = builder.add(yb, _c64(vw * i)), builder.add(mb, _c64(vw * i))
+                _store_planes(builder, vt, value, yp, at, yoffs_p, ns, mp, mat, ml, combine)
+
+
+# -- float32 ----------------------------------------------------------------------------------------------
+FLAG_INIT, FLAG_FINAL, FLAG_RESID, FLAG_FLOAT_OUT, FLAG_BYTES_OUT, FLAG_INTEGER, FLAG_QADD = range(7)
+RQ_HEAD = 5  # rq: lo, hi, Ma, Mb, sh of a fused integer add, then (bias_q, mult, shift) per channel
+
+
+def _unpack(context, builder, tuple_type, value) -> list:
+    """The data pointers of a tuple of arrays."""
+    return [
+        _data(context, builder, t, builder.extract_value(value, i)) for i, t in enumerate(tuple_type.types)
+    ]
+
+
+def _ints(builder, value, n: int) -> list:
+    return [builder.extract_value(value, i) for i in range(n)]
+
+
+@cache
+def _f32_tile(nv: int, vw: int):
+    """Intrinsic ``(arrays, ints, bias)`` for one output row and one tile of ``nv`` vectors of ``vw``
+    floats; ``arrays = (offs, vals, X, S, Y, yoffs, M, clamp, R)``, ``ints = (lo, hi, xb, sb, flags, yb,
+    ns, mb, ml, rb)``::
+
+        acc = (S[sb:] if INIT) + sum_{k in [lo, hi)} vals[k] * X[xb + offs[k] : ... + T]
+        not FINAL: S[sb:] = acc
+        FINAL:     t = clamp(acc + bias (+ R[rb:] if RESID)); Y[yb + yoffs[s] + :] = t * M[mb + s*ml + :]
+
+    The accumulators are SSA vectors (a numba loop would keep them in memory: LLVM cannot prove that the
+    output does not alias the input)."""
+    vt = ir.VectorType(_F32, vw)
+
+    @intrinsic
+    def tile(typingctx, arrays, ints, bias):
+        def codegen(context, builder, signature, args):
+            op, vp, xp, sp, yp, yop, mp, cp, rp = _unpack(context, builder, signature.args[0], args[0])
+            lo, hi, xb, sb, flags, yb, ns, mb, ml, rb = _ints(builder, args[1], 10)
+            fma = _declare(builder, f"llvm.fma.v{vw}f32", vt, [vt, vt, vt])
+            zero = ir.Constant(vt, [0.0] * vw)
+            init = _flag(builder, flags, FLAG_INIT)
+            accs = [
+                builder.select(init, _vload(builder, sp, builder.add(sb, _c64(vw * i)), vt), zero)
+                for i in range(nv)
+            ]
+            xbase = builder.gep(xp, [xb])
+
+            def body(k, accs):
+                row = builder.gep(xbase, [builder.sext(builder.load(builder.gep(op, [k])), _I64)])
+                v = _splat(builder, builder.load(builder.gep(vp, [k])), vt)
+                return [
+                    builder.call(fma, [_vload(builder, row, _c64(vw * i), vt), v, a])
+                    for i, a in enumerate(accs)
+                ]
+
+            accs = _loop(builder, lo, hi, accs, body)
+            with builder.if_else(_flag(builder, flags, FLAG_FINAL)) as (final, partial):
+                with final:
+                    bv = _splat(builder, args[2], vt)
+                    resid = _flag(builder, flags, FLAG_RESID)
+                    lo_v = _splat(builder, builder.load(cp), vt)
+                    hi_v = _splat(builder, builder.load(builder.gep(cp, [_c64(1)])), vt)
+                    fmax = _declare(builder, f"llvm.maxnum.v{vw}f32", vt, [vt, vt])
+                    fmin = _declare(builder, f"llvm.minnum.v{vw}f32", vt, [vt, vt])
+                    outs = []
+                    for i in range(nv):
+                        t = builder.fadd(accs[i], bv)
+                        r = _vload(builder, rp, builder.add(rb, _c64(vw * i)), vt)
+                        t = builder.fadd(t, builder.select(resid, r, zero))
+                        outs.append(builder.call(fmin, [builder.call(fmax, [t, lo_v]), hi_v]))
+                    _store_all(builder, vt, outs, yp, yb, yop, ns, mp, mb, ml, builder.fmul)
+                with partial:
+                    for i in range(nv):
+                        _vstore(builder, accs[i], sp, builder.add(sb, _c64(vw * i)))
+            return context.get_dummy_value()
+
+        return types.void(arrays, ints, bias), codegen
+
+    return tile
+
+
+_F16_2, _F16_4, _F16_7, _F16_8 = (_f32_tile(n, 16) for n in NV16)
+_F8_4, _F8_7, _F8_8, _F8_14 = (_f32_tile(n, 8) for n in NV8)
+
+
+@_jit()
+def conv_f32(vw, nv, ptr, offs, vals, X, Y, yoffs, M, bias, clamp, R, S, geo):
+    """One float32 sparse conv layer, output channels ``[geo[7], geo[8])`` (threads split them).
+
+    ``ptr`` (channel blocks, cout + 1): CSR row pointers per input-channel block; ``offs`` (int32) /
+    ``vals``: each nonzero's input offset and value. ``geo`` (int64): tiles, ybase, ystride (per output
+    channel), planes ``ns``, mask length ``ml``, rbase, rstride, co0, co1, has_residual. ``S``: scratch of
+    ``cout * T`` floats. The output row ``co``'s tile ``t`` goes to ``Y[ybase + co*ystride + yoffs[s] + p]``.
+    """
+    ntiles, ybase, ystride, ns, ml, rbase, rstride = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5], geo[6]
+    co0, co1, has_r = geo[7], geo[8], geo[9]
+    arrays = (offs, vals, X, S, Y, yoffs, M, clamp, R)
+    T = np.int64(nv * vw)
+    ncb = ptr.shape[0]
+    for t in range(ntiles):
+        p0 = np.int64(t * T)
+        for b in range(ncb):
+            pb = ptr[b]
+            flags = np.int64(0)
+            if b > 0:
+                flags |= 1 << FLAG_INIT
+            if b == ncb - 1:
+                flags |= 1 << FLAG_FINAL
+                if has_r:
+                    flags |= 1 << FLAG_RESID
+            for co in range(co0, co1):
+                yb, rb = np.int64(ybase + co * ystride + p0), np.int64(rbase + co * rstride + p0)
+                ints = (pb[co], pb[co + 1], p0, np.int64(co * T), flags, yb, ns, p0, ml, rb)
+                if vw == 16:
+                    if nv == 8:
+                        _F16_8(arrays, ints, bias[co])
+                    elif nv == 7:
+                        _F16_7(arrays, ints, bias[co])
+                    elif nv == 4:
+                        _F16_4(arrays, ints, bias[co])
+                    else:
+                        _F16_2(arrays, ints, bias[co])
+                elif nv == 14:
+                    _F8_14(arrays, ints, bias[co])
+                elif nv == 8:
+                    _F8_8(arrays, ints, bias[co])
+                elif nv == 7:
+                    _F8_7(arrays, ints, bias[co])
+                else:
+                    _F8_4(arrays, ints, bias[co])
+
+
+# -- int8 -------------------------------------------------------------------------------------------------
+ISAS = ("vnni512", "avx2")
+
+
+def int8_epilogue(builder: ir.IRBuilder, vf: ir.VectorType, acc: ir.Value, row: dict, integer) -> ir.Value:
+    """THE int8 output of the sparse conv kernels (one place): exact int32 accumulators ``acc`` (vector) of
+    one output channel -> its float32 output, in the layer's output form (``prunekit.quant.layers``):
+
+    - integer (``integer`` true, a layer with ``out_scale``): the fixed-point requantization of
+      :mod:`prunekit.quant.rounding`, ``y = float32(requantize_value(acc + comp + bias_q, M, sh, lo, hi)) *
+      out_scale`` (:func:`requantize_vector`; ``scale`` holds ``out_scale``);
+    - float: ``y = float32(acc + comp) * scale + bias`` (``scale = s_x * s_w[co]``, one product then one
+      sum; LLVM never fuses them: the instructions carry no fast-math flags).
+
+    ``comp`` undoes the +128 offset of a signed input (``-128 * sum_k q[co, k]``, 0 otherwise). ``row``:
+    ``comp`` (i32), ``scale``, ``bias`` (f32), ``bias_q``, ``mult``, ``shift``, ``lo``, ``hi`` (i64) scalars
+    of this channel. ``integer``: an i1."""
+    n = vf.count
+    vi = ir.VectorType(_I32, n)
+    exact = builder.add(acc, _splat(builder, row["comp"], vi))
+    with builder.if_else(integer) as (fixed, floating):
+        with fixed:
+            q = requantize_vector(
+                builder, exact, row["bias_q"], row["mult"], row["shift"], row["lo"], row["hi"]
+            )
+            y_int = builder.fmul(builder.sitofp(q, vf), _splat(builder, row["scale"], vf))
+            b_int = builder.block
+        with floating:
+            y_flt = builder.fadd(
+                builder.fmul(builder.sitofp(exact, vf), _splat(builder, row["scale"], vf)),
+                _splat(builder, row["bias"], vf),
+            )
+            b_flt = builder.block
+    y = builder.phi(vf)
+    y.add_incoming(y_int, b_int)
+    y.add_incoming(y_flt, b_flt)
+    return y
+
+
+def _rshift_round(builder: ir.IRBuilder, y: ir.Value, sh: ir.Value) -> ir.Value:
+    """:func:`prunekit.quant.rounding.rshift_round` on an i64 vector, with the same operations (an
+    arithmetic shift is Python's ``>>``)."""
+    one = ir.Constant(y.type, [1] * y.type.count)
+    half = builder.sub(builder.shl(one, builder.sub(sh, one)), one)  # 2**(sh-1) - 1
+    odd = builder.and_(builder.ashr(y, sh), one)  # the quotient's parity: the carry at a tie
+    return builder.ashr(builder.add(builder.add(y, half), odd), sh)
+
+
+def _clamp64(builder: ir.IRBuilder, y: ir.Value, lo: ir.Value, hi: ir.Value) -> ir.Value:
+    lo_v, hi_v = _splat(builder, lo, y.type), _splat(builder, hi, y.type)
+    y = builder.select(builder.icmp_signed("<", y, lo_v), lo_v, y)
+    return builder.select(builder.icmp_signed(">", y, hi_v), hi_v, y)
+
+
+def requantize_vector(builder: ir.IRBuilder, v32, bias_q, mult, shift, lo, hi) -> ir.Value:
+    """:func:`prunekit.quant.rounding.requantize_value` on a vector of int32 ``v32`` (the same integers:
+    ``v = v32 + bias_q`` in int64, ``clamp(rshift_round(v * mult, shift), lo, hi)``); i64 scalars in, int32
+    lanes out."""
+    n = v32.type.count
+    v64 = ir.VectorType(_I64, n)
+    v = builder.add(builder.sext(v32, v64), _splat(builder, bias_q, v64))
+    y = _rshift_round(builder, builder.mul(v, _splat(builder, mult, v64)), _splat(builder, shift, v64))
+    return builder.trunc(_clamp64(builder, y, lo, hi), ir.VectorType(_I32, n))
+
+
+def int8_add(builder: ir.IRBuilder, a: ir.Value, b: ir.Value, add: dict) -> ir.Value:
+    """``prunekit.quant.glue.QuantizedAdd`` on float32 vectors ``a`` (this convolution's output) and ``b``
+    (the residual): each operand's integers recovered (``round_half_even(x / s)``, a float32 division, as
+    :func:`prunekit.quant.rounding.recover`), ``clamp(rshift_round(qa * Ma + qb * Mb, sh), -127, 127)``,
+    returned as ``float32(q) * s_out``. ``add``: ``s_a``, ``s_b``, ``s_out`` (f32), ``ma``, ``mb``, ``sh``
+    (i64) scalars."""
+    vf = a.type
+    n = vf.count
+    v64 = ir.VectorType(_I64, n)
+    rint = _declare(builder, f"llvm.roundeven.v{n}f32", vf, [vf])
+
+    def recover(x, scale):
+        return builder.fptosi(builder.call(rint, [builder.fdiv(x, _splat(builder, scale, vf))]), v64)
+
+    qa, qb = recover(a, add["s_a"]), recover(b, add["s_b"])
+    t = builder.add(
+        builder.mul(qa, _splat(builder, add["ma"], v64)), builder.mul(qb, _splat(builder, add["mb"], v64))
+    )
+    q = _rshift_round(builder, t, _splat(builder, add["sh"], v64))
+    q = _clamp64(builder, q, ir.Constant(_I64, -127), ir.Constant(_I64, 127))
+    return builder.fmul(builder.sitofp(q, vf), _splat(builder, add["s_out"], vf))
+
+
+def int8_quantize(builder: ir.IRBuilder, vf: ir.VectorType, y: ir.Value, s_next: ir.Value, qlo: ir.Value):
+    """The next layer's activation: ``clamp(round_half_even(y / s_next), qlo, 127)`` as int32 lanes
+    (``prunekit.quant.rounding.quantize_activation``: a float32 division, not a product by the inverse)."""
+    n = vf.count
+    rint = _declare(builder, f"llvm.roundeven.v{n}f32", vf, [vf])
+    fmax = _declare(builder, f"llvm.maxnum.v{n}f32", vf, [vf, vf])
+    fmin = _declare(builder, f"llvm.minnum.v{n}f32", vf, [vf, vf])
+    q = builder.call(rint, [builder.fdiv(y, _splat(builder, s_next, vf))])
+    q = builder.call(fmin, [builder.call(fmax, [q, _splat(builder, qlo, vf)]), ir.Constant(vf, [127.0] * n)])
+    return builder.fptosi(q, ir.VectorType(_I32, n))
+
+
+def _dot4(builder: ir.IRBuilder, isa: str, vi: ir.VectorType) -> Callable:
+    """``acc + sum of 4 u8 x s8 products per 32-bit lane``: vpdpbusd (VNNI), else vpmaddubsw + vpmaddwd."""
+    if isa == "vnni512":
+        vpdp = _declare(builder, "llvm.x86.avx512.vpdpbusd.512", vi, [vi, vi, vi])
+        return lambda acc, x, w: builder.call(vpdp, [acc, x, w])
+    v32b, v16w = ir.VectorType(_I8, 32), ir.VectorType(_I16, 16)
+    mubs = _declare(builder, "llvm.x86.avx2.pmadd.ub.sw", v16w, [v32b, v32b])
+    mwd = _declare(builder, "llvm.x86.avx2.pmadd.wd", vi, [v16w, v16w])
+    ones = ir.Constant(v16w, [1] * 16)
+
+    def dot(acc, x, w):
+        pairs = builder.call(mubs, [builder.bitcast(x, v32b), builder.bitcast(w, v32b)])
+        return builder.add(acc, builder.call(mwd, [pairs, ones]))
+
+    return dot
+
+
+@cache
+def _i8_tile(nv: int, isa: str):
+    """Intrinsic ``(arrays, ints)`` for one group of 4 output channels ``co0..co0+3`` and one tile of ``nv``
+    vectors; ``arrays = (offs, wv, ptr, X, S, Y, yoffs, M, comp, scale, bias, clamp, R, q, F, rq)``, ``ints =
+    (co0, xb, sb, sstride, flags, yb, ns, mb, ml, rb, rstride, fb, fstride, pb)``.
+
+    acc (int32) = (S[sb + r*sstride:] if INIT) + sum over the row's blocks of dot4(X[xb + offs[k]:], wv[k]);
+    not FINAL: S[...] = acc. FINAL: ``y = int8_epilogue(acc)`` (+ R[rb + r*rstride:] if RESID), clamped to
+    ``clamp[0..1]``; FLOAT_OUT: ``F[fb + r*fstride:] = y``; BYTES_OUT: the byte of channel ``co0 + r`` in
+    each 32-bit lane is ``(int8_quantize(y) + offset) & 255`` (``q``: s_next, lowest level, then as int32:
+    offset, zero pattern), stored to every output plane with padding lanes set to the zero pattern.
+    Each row's epilogue runs right after its sums, so only ``nv`` accumulators (and the ``nv`` packed
+    outputs) are live at a time: keeping all four rows' accumulators spilled registers inside the loops.
+    """
+    vw = 16 if isa == "vnni512" else 8
+    vi, vf = ir.VectorType(_I32, vw), ir.VectorType(_F32, vw)
+
+    @intrinsic
+    def tile(typingctx, arrays, ints):
+        def codegen(context, builder, signature, args):
+            unpacked = _unpack(context, builder, signature.args[0], args[0])
+            op, wp, pp, xp, sp, yp, yop, mp, cp, scp, bp, clp, rp, qp, fp, rqp = unpacked
+            co0, xb, sb, sstride, flags, yb, ns, mb, ml, rb, rstride, fb, fstride, pb = _ints(
+                builder, args[1], 14
+            )
+            pp = builder.gep(pp, [pb])  # this channel block's row pointers
+            dot = _dot4(builder, isa, vi)
+            zero_i = ir.Constant(vi, [0] * vw)
+            init = _flag(builder, flags, FLAG_INIT)
+            xbase = builder.gep(xp, [xb])
+
+            def sums(r: int) -> tuple:
+                co = builder.add(co0, _c64(r))
+                lo = builder.load(builder.gep(pp, [co]))
+                hi = builder.load(builder.gep(pp, [builder.add(co, _c64(1))]))
+                srow = builder.add(sb, builder.mul(sstride, _c64(r)))
+                accs = [
+                    builder.select(init, _vload(builder, sp, builder.add(srow, _c64(vw * i)), vi), zero_i)
+                    for i in range(nv)
+                ]
+
+                def body(k, accs):
+                    row = builder.gep(xbase, [builder.sext(builder.load(builder.gep(op, [k])), _I64)])
+                    w = _splat(builder, builder.load(builder.gep(wp, [k])), vi)
+                    return [dot(a, _vload(builder, row, _c64(vw * i), vi), w) for i, a in enumerate(accs)]
+
+                return co, srow, _loop(builder, lo, hi, accs, body)
+
+            with builder.if_else(_flag(builder, flags, FLAG_FINAL)) as (do_final, do_partial):
+                with do_partial:
+                    for r in range(4):
+                        _, srow, accs = sums(r)
+                        for i in range(nv):
+                            _vstore(builder, accs[i], sp, builder.add(srow, _c64(vw * i)))
+                with do_final:
+                    fmax = _declare(builder, f"llvm.maxnum.v{vw}f32", vf, [vf, vf])
+                    fmin = _declare(builder, f"llvm.minnum.v{vw}f32", vf, [vf, vf])
+                    lo_v = _splat(builder, builder.load(clp), vf)
+                    hi_v = _splat(builder, builder.load(builder.gep(clp, [_c64(1)])), vf)
+                    s_next, qlo = builder.load(qp), builder.load(builder.gep(qp, [_c64(1)]))
+                    qint = builder.bitcast(builder.gep(qp, [_c64(2)]), _I32.as_pointer())
+                    offset = _splat(builder, builder.load(qint), vi)
+                    zpat = _splat(builder, builder.load(builder.gep(qint, [_c64(1)])), vi)
+                    ones = ir.Constant(vi, [-1] * vw)
+                    integer = _flag(builder, flags, FLAG_INTEGER)
+                    qadd = _flag(builder, flags, FLAG_QADD)
+                    add = {
+                        k: builder.load(builder.gep(qp, [_c64(4 + j)]))
+                        for j, k in enumerate(("s_a", "s_b", "s_out"))
+                    }
+                    for j, k in enumerate(("ma", "mb", "sh")):
+                        add[k] = builder.load(builder.gep(rqp, [_c64(2 + j)]))
+
+                    def keep(v, m):  # the value where the mask is set, the zero pattern elsewhere
+                        return builder.or_(builder.and_(v, m), builder.and_(zpat, builder.xor(m, ones)))
+
+                    def final(resid: bool, float_out: bool) -> None:
+                        """Sums and epilogue with the residual / float32 output fixed at compile time (one
+                        copy per combination: no per-vector branch or select)."""
+                        packed = [zero_i] * nv
+                        for r in range(4):
+                            co, _, accs = sums(r)
+                            at = builder.add(_c64(RQ_HEAD), builder.mul(co, _c64(3)))
+                            row = {
+                                "comp": builder.load(builder.gep(cp, [co])),
+                                "scale": builder.load(builder.gep(scp, [co])),
+                                "bias": builder.load(builder.gep(bp, [co])),
+                                "lo": builder.load(rqp),
+                                "hi": builder.load(builder.gep(rqp, [_c64(1)])),
+                            }
+                            for k, key in enumerate(("bias_q", "mult", "shift")):
+                                row[key] = builder.load(builder.gep(rqp, [builder.add(at, _c64(k))]))
+                            for i in range(nv):
+                                y = int8_epilogue(builder, vf, accs[i], row, integer)
+                                if resid:
+                                    off = builder.add(
+                                        builder.add(rb, builder.mul(rstride, _c64(r))), _c64(vw * i)
+                                    )
+                                    res = _vload(builder, rp, off, vf)
+                                    y = builder.select(  # a fused integer add, or a float32 one
+                                        qadd, int8_add(builder, y, res, add), builder.fadd(y, res)
+                                    )
+                                y = builder.call(fmin, [builder.call(fmax, [y, lo_v]), hi_v])
+                                if float_out:
+                                    off = builder.add(
+                                        builder.add(fb, builder.mul(fstride, _c64(r))), _c64(vw * i)
+                                    )
+                                    _vstore(builder, y, fp, off)
+                                q = builder.add(int8_quantize(builder, vf, y, s_next, qlo), offset)
+                                q = builder.and_(q, ir.Constant(vi, [255] * vw))
+                                packed[i] = builder.or_(
+                                    packed[i], builder.shl(q, ir.Constant(vi, [8 * r] * vw))
+                                )
+                        with builder.if_then(_flag(builder, flags, FLAG_BYTES_OUT)):
+                            zero_pad = builder.icmp_signed(
+                                "==", builder.extract_element(zpat, _c64(0)), _I32(0)
+                            )
+                            with builder.if_else(zero_pad) as (plain, encoded):
+                                with plain:  # padding is 0: the mask alone
+                                    _store_all(builder, vi, packed, yp, yb, yop, ns, mp, mb, ml, builder.and_)
+                                with encoded:
+                                    _store_all(builder, vi, packed, yp, yb, yop, ns, mp, mb, ml, keep)
+
+                    with builder.if_else(_flag(builder, flags, FLAG_RESID)) as (with_r, without_r):
+                        for resid, block in ((True, with_r), (False, without_r)):
+                            with block, builder.if_else(_flag(builder, flags, FLAG_FLOAT_OUT)) as (fl, nofl):
+                                with fl:
+                                    final(resid, True)
+                                with nofl:
+                                    final(resid, False)
+            return context.get_dummy_value()
+
+        return types.void(arrays, ints), codegen
+
+    return tile
+
+
+_Q16_2, _Q16_4, _Q16_7, _Q16_8 = (_i8_tile(n, "vnni512") for n in NV16)
+_Q8_4, _Q8_7, _Q8_8, _Q8_14 = (_i8_tile(n, "avx2") for n in NV8)
+
+
+@_jit(fastmath=False)
+def conv_i8(vw, nv, ptr, offs, wv, X, Y, yoffs, M, comp, scale, bias, clamp, R, qp, F, rq, S, geo):
+    """One int8 sparse conv layer (4x1 input-channel blocks), output groups of 4 channels
+    ``[geo[7], geo[8])``. ``geo`` (int64): tiles, ybase, ystride (per output group), planes ``ns``, mask
+    length ``ml``, rbase, rstride (per channel), g0, g1, flags (RESID / FLOAT_OUT / BYTES_OUT / INTEGER bits;
+    INTEGER: ``rq`` = [lo, hi, Ma, Mb, sh, then bias_q, mult, shift per channel], the requantization's
+    constants; QADD: the residual joins through :func:`int8_add`, ``qp[4:7]`` its scales), fbase,
+    fstride (per channel), whole (0: ``S`` is a per-tile scratch of ``cout * T``; else ``S`` holds whole
+    accumulators, ``whole`` per channel, that the weights add to: the dense path's epilogue). No fastmath:
+    the epilogue must round exactly like the reference."""
+    ntiles, ybase, ystride, ns, ml, rbase, rstride = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5], geo[6]
+    g0, g1, out_flags, fbase, fstride, whole = geo[7], geo[8], geo[9], geo[10], geo[11], geo[12]
+    T = np.int64(nv * vw)
+    ncb, stride_b = ptr.shape[0], np.int64(ptr.shape[1])
+    arrays = (
+        offs,
+        wv,
+        ptr,
+        X,
+        S,
+        Y,
+        yoffs,
+        M,
+        comp,
+        scale,
+        bias,
+        clamp,
+        R,
+        qp,
+        F,
+        rq,
+    )  # once: no refcounts in the loop
+    for t in range(ntiles):
+        p0 = np.int64(t * T)
+        for b in range(ncb):
+            flags = np.int64(0)
+            if b > 0 or whole != 0:
+                flags |= 1 << FLAG_INIT
+            if b == ncb - 1:
+                flags |= (1 << FLAG_FINAL) | out_flags
+            for g in range(g0, g1):
+                co0 = np.int64(4 * g)
+                sb, ss = (
+                    (np.int64(co0 * whole + p0), np.int64(whole)) if whole != 0 else (np.int64(co0 * T), T)
+                )
+                yb = np.int64(ybase + g * ystride + p0)
+                rb = np.int64(rbase + co0 * rstride + p0)
+                fb = np.int64(fbase + co0 * fstride + p0)
+                ints = (co0, p0, sb, ss, flags, yb, ns, p0, ml, rb, rstride, fb, fstride, b * stride_b)
+                if vw == 16:
+                    if nv == 8:
+                        _Q16_8(arrays, ints)
+                    elif nv == 7:
+                        _Q16_7(arrays, ints)
+                    elif nv == 4:
+                        _Q16_4(arrays, ints)
+                    else:
+                        _Q16_2(arrays, ints)
+                elif nv == 14:
+                    _Q8_14(arrays, ints)
+                elif nv == 8:
+                    _Q8_8(arrays, ints)
+                elif nv == 7:
+                    _Q8_7(arrays, ints)
+                else:
+                    _Q8_4(arrays, ints)

@@ -1,0 +1,299 @@
+"""The aligned-plane activation layout of the direct sparse convolutions, and the glue kernels around it.
+
+A :class:`Layout` stores an activation of ``units`` channels (float32: one channel per unit; int8: four
+channels packed in one 32-bit unit) as planes of ``plane`` elements, one per (unit, row phase ``a``,
+column offset ``c``)::
+
+    plane(u, a, c)[r * pitch + x] = X[u, r * row_stride + a - row_pad, x * col_stride + c]
+
+(zero outside X). ``pitch`` is a multiple of 8 and every plane starts on a 64-byte boundary, so a
+convolution tap ``(i, j)`` of the output tile at position ``p = oy * pitch + ox`` is one aligned vector
+load at ``plane(u, a_i, c_j) + roff_i * pitch + p``: the layout holds one column-shifted copy of the input
+per kernel column instead of shifting the loads (Park et al. 2017 read unaligned; aligned loads measured
+35 -> 50 GMAC/s on Zen 4). Two kinds:
+
+* **planes** (``row_stride = col_stride = 1``, one phase): what a convolution writes and what a stride-1
+  convolution reads directly; ``cols`` are the column shifts its consumers need (with ``0`` always there,
+  for residual adds and exits), ``row_pad`` the zero rows on top (``bottom`` below).
+* **gather**: built for one strided (or entry) convolution from a planes tensor or an NCHW array: the
+  stride's row phases and column picks done once, so the kernel runs the same stride-1 loop.
+
+All buffers carry a guard of :data:`GUARD` units before and :data:`SLACK` after, which the kernels' tile
+overrun and shifted stores may touch (with zeros).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from prunekit.runtime.conv_kernels import T_MAX, _jit
+
+GUARD = 64  # units before the first plane (shifted stores may land up to a few units before it)
+SLACK = T_MAX + 64  # units after the last plane
+ZERO_OFFSET = np.int32(-2139062144)  # 0x80808080: four bytes of value 0 in the +128 (u8) encoding
+
+
+def roundup(a: int, b: int) -> int:
+    return -(-a // b) * b
+
+
+@dataclass(frozen=True)
+class Layout:
+    units: int
+    pitch: int
+    rows: int
+    row_stride: int
+    col_stride: int
+    row_pad: int
+    phases: tuple[int, ...]
+    cols: tuple[int, ...]
+    height: int  # valid rows / columns of the positions it describes (for masks and exits)
+    width: int
+
+    @property
+    def plane(self) -> int:
+        # a whole tile may start at the last row: T_MAX positions of slack, and two rows for shifted stores
+        return roundup(self.rows * self.pitch + 2 * self.pitch + T_MAX + 32, 16)
+
+    @property
+    def per_unit(self) -> int:
+        return len(self.phases) * len(self.cols)
+
+    @property
+    def size(self) -> int:
+        return self.units * self.per_unit * self.plane
+
+    def index(self, u: int, a: int, c: int) -> int:
+        return (u * len(self.phases) + self.phases.index(a)) * len(self.cols) + self.cols.index(c)
+
+    def col0(self) -> int:
+        """Offset of unit 0's plane ``(phase 0, column 0)`` at its first valid row."""
+        return self.index(0, 0, 0) * self.plane + self.row_pad * self.pitch
+
+    def alloc(self, fill: int = 0) -> np.ndarray:
+        """A zeroed (or ``fill``-ed int32) buffer, 64-byte aligned at the first plane, as int32 units."""
+        total = self.size + GUARD + SLACK
+        raw = np.zeros(total + 16, dtype=np.int32)
+        start = (-raw.ctypes.data % 64) // 4
+        buf = raw[start : start + total]
+        if fill:
+            buf[:] = fill
+        return buf[GUARD:]
+
+    def geo(self) -> np.ndarray:
+        """int64 geometry for the glue kernels."""
+        return np.array(
+            [
+                self.units,
+                self.pitch,
+                self.rows,
+                self.row_stride,
+                self.col_stride,
+                self.row_pad,
+                self.plane,
+                self.height,
+                self.width,
+                len(self.phases),
+                len(self.cols),
+            ],
+            dtype=np.int64,
+        )
+
+
+def planes(units: int, height: int, width: int, top: int, bottom: int, shifts, pitch: int | None = None):
+    """A planes layout (what convolutions write); ``shifts`` gets ``0`` added."""
+    cols = tuple(sorted(set(shifts) | {0}))
+    q = pitch or roundup(max(width, 1), 8)
+    top = max(top, 1)  # a row above, for stores shifted right of the first row's first column
+    return Layout(units, q, top + height + bottom + 1, 1, 1, top, (0,), cols, height, width)
+
+
+def conv_out_hw(h: int, w: int, kernel, stride, padding, dilation) -> tuple[int, int]:
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+
+def gather(units: int, h: int, w: int, kernel, stride, padding, dilation) -> Layout:
+    """The input layout built for one convolution: its stride's row phases and column picks."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    ho, wo = conv_out_hw(h, w, kernel, stride, padding, dilation)
+    phases = tuple(sorted({(i * dh) % sh for i in range(kh)}))
+    cols = tuple(j * dw - pw for j in range(kw))
+    rows = ho + max((i * dh) // sh for i in range(kh)) + 1
+    return Layout(units, roundup(max(wo, 1), 8), rows, sh, sw, ph, phases, cols, ho, wo)
+
+
+def reads_directly(layout: Layout, kernel, stride, padding, dilation) -> bool:
+    """Whether a convolution can read ``layout`` (a planes tensor) with no gather: stride 1, every column
+    shift and row it needs present, and an output no wider than the pitch."""
+    (kh, kw), (ph, pw), (dh, dw) = kernel, padding, dilation
+    if tuple(stride) != (1, 1) or layout.row_stride != 1 or layout.col_stride != 1:
+        return False
+    ho, wo = conv_out_hw(layout.height, layout.width, kernel, stride, padding, dilation)
+    if ho < 1 or wo < 1 or wo > layout.pitch or ph > layout.row_pad:
+        return False
+    if any(j * dw - pw not in layout.cols for j in range(kw)):
+        return False
+    # the lowest row read: oy = ho - 1, i = kh - 1
+    return (ho - 1) + (kh - 1) * dh - ph + layout.row_pad < layout.rows
+
+
+def tap_offsets(
+    layout: Layout, kernel, stride, padding, dilation, units: np.ndarray, ti: np.ndarray, tj: np.ndarray
+):
+    """Each tap's load offset (from the buffer start, before the tile position ``p``) for a convolution
+    reading ``layout`` (a gather made for it, or a planes tensor it reads directly)."""
+    (ph, pw), (dh, dw) = padding, dilation
+    s, rp = layout.row_stride, layout.row_pad
+    need = ti * dh - ph + rp  # layout row (times the stride) of output row 0
+    phase = need % s
+    roff = need // s
+    a_idx = np.searchsorted(np.array(layout.phases), phase)
+    c_idx = np.searchsorted(np.array(layout.cols), tj * dw - pw)
+    plane = (units * len(layout.phases) + a_idx) * len(layout.cols) + c_idx
+    return plane.astype(np.int64) * layout.plane + roff.astype(np.int64) * layout.pitch
+
+
+def store_plan(out: Layout, tile: int, ntiles: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where a convolution's epilogue stores position ``p`` of its output into the planes layout ``out``
+    (same pitch as its input): ``yoffs[s] = s * plane + row_pad * pitch - shift_s`` from the unit's first
+    plane, and the 0/1 masks ``M[s * ml + p]`` (``ml = ntiles * tile``) that zero padding lanes and lanes
+    whose shifted store would wrap into the neighbouring row."""
+    q = out.pitch
+    ml = ntiles * tile
+    p = np.arange(ml)
+    oy, ox = p // q, p % q
+    valid = (oy < out.height) & (ox < out.width)
+    yoffs, masks = [], []
+    for s, d in enumerate(out.cols):
+        yoffs.append(s * out.plane + out.row_pad * q - d)
+        masks.append(valid & (ox - d >= 0) & (ox - d < q))
+    return np.array(yoffs, dtype=np.int64), np.concatenate(masks)
+
+
+# -- glue kernels: int32 units (float32 activations travel as their bits) -----------------------------------
+@_jit()
+def fill(src, s_off, s_cstride, s_rstride, s_h, s_w, s_units, dst, geo, zero):
+    """Fill every plane of the layout ``geo`` from a source array of ``s_units`` units (an NCHW array:
+    ``s_cstride = H*W``, ``s_rstride = W``; or a planes tensor's column-0 planes), ``zero`` outside the
+    source (units past ``s_units`` included). Slice copies throughout: numba indexes with signed integers
+    and checks for negative indices in scalar loops, which keeps LLVM from vectorising them."""
+    units, q, rows, sh, sw, rp, plane = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5], geo[6]
+    npa, ncol = geo[9], geo[10]
+    cols = geo[11 : 11 + ncol]
+    phases = geo[11 + ncol : 11 + ncol + npa]
+    for u in range(units):
+        for ai in range(npa):
+            for ci in range(ncol):
+                base = ((u * npa + ai) * ncol + ci) * plane
+                c0 = cols[ci]
+                lo = min(max(0, (-c0 + sw - 1) // sw), q)  # the plane columns whose source is inside
+                hi = max(min(q, (s_w - c0 + sw - 1) // sw), lo)
+                for r in range(rows):
+                    d = base + r * q
+                    sr = r * sh + phases[ai] - rp
+                    if sr < 0 or sr >= s_h or u >= s_units or hi == lo:
+                        dst[d : d + q] = zero
+                        continue
+                    start = s_off + u * s_cstride + sr * s_rstride + c0
+                    dst[d : d + lo] = zero
+                    if sw == 1:
+                        dst[d + lo : d + hi] = src[start + lo : start + hi]
+                    else:
+                        dst[d + lo : d + hi] = src[start + lo * sw : start + (hi - 1) * sw + 1 : sw]
+                    dst[d + hi : d + q] = zero
+
+
+def fill_geo(layout: Layout) -> np.ndarray:
+    return np.concatenate([layout.geo(), np.array(layout.cols, np.int64), np.array(layout.phases, np.int64)])
+
+
+@_jit()
+def read(src, s_off, s_cstride, q, units, h, w, out):
+    """``out[u, r, x] = src[s_off + u * s_cstride + r * q + x]``: a planes tensor's column-0 planes back to
+    a C-ordered (units, h, w) array of units."""
+    for u in range(units):
+        for r in range(h):
+            b = s_off + u * s_cstride + r * q
+            o = (u * h + r) * w
+            out[o : o + w] = src[b : b + w]
+
+
+@_jit(fastmath=False)
+def quantize_pack(x, c, hw, s, offset, out):
+    """Float32 activations (c, hw) -> int8 ``clamp(round_half_even(x / s), -127, 127)`` (+ ``offset``:
+    0, or 128 for the u8 encoding), four channels per int32 unit: ``out`` (ceil(c / 4), hw)."""
+    groups = (c + 3) // 4
+    for g in range(groups):
+        for p in range(hw):
+            v = np.uint32(0)
+            for b in range(4):
+                ch = 4 * g + b
+                q = np.float32(0.0)
+                if ch < c:
+                    q = min(max(np.rint(x[ch * hw + p] / s), np.float32(-127.0)), np.float32(127.0))
+                byte = np.uint32((np.int32(q) + offset) & 255)
+                v |= byte << np.uint32(8 * b)
+            out[g * hw + p] = np.int32(np.int64(v) - (np.int64(1) << 32) if v >= (np.uint32(1) << 31) else v)
+
+
+@_jit()
+def maxpool(
+    src, s_off, s_cstride, q_in, units, epu, h, w, k, st, pad, dst, yoffs, shifts, ystride, qo, ho, wo, rowmax
+):
+    """Max pool ``k x k``, stride ``st``, padding ``pad`` (padding never wins: it is skipped, as torch does)
+    from a planes tensor into every shifted plane of an output planes layout. Works on elements: float32
+    (``epu = 1`` element per unit) or bytes (``epu = 4``, uint8 for non-negative or +128-encoded values,
+    int8 otherwise). Offsets are in units; ``yoffs[s]`` (from a unit's first plane, at output row 0,
+    shift included) and ``shifts[s]`` describe the output planes, ``ystride`` the units. ``rowmax``:
+    scratch of at least ``(2 w + wo) * epu`` elements.
+
+    Per output row, all as slice operations (numba's scalar loops with signed indices do not vectorise):
+    the max over the window's rows, then over the window's columns at every column (``k`` shifted slices),
+    then the output columns picked at the stride, and one copy per output plane."""
+    ns = yoffs.shape[0]
+    we = w * epu
+    row = rowmax[:we]
+    cm = rowmax[we : 2 * we]
+    out = rowmax[2 * we : 2 * we + wo * epu]
+    picked = (wo - 1) * st < w  # every output's window starts inside the row (else: the scalar pick below)
+    for u in range(units):
+        ub = (s_off + u * s_cstride) * epu
+        for oy in range(ho):
+            r0 = max(oy * st - pad, 0)
+            r1 = min(oy * st - pad + k, h)
+            b = ub + r0 * q_in * epu
+            row[:] = src[b : b + we]
+            for r in range(r0 + 1, r1):
+                b = ub + r * q_in * epu
+                np.maximum(row, src[b : b + we], row)
+            cm[:] = row
+            for j in range(k):  # cm[x] = max over the window's columns x + j - pad that are inside
+                d = j - pad
+                if d == 0:
+                    continue
+                lo, hi = max(0, -d), min(w, w - d)
+                if hi > lo:
+                    np.maximum(
+                        cm[lo * epu : hi * epu], row[(lo + d) * epu : (hi + d) * epu], cm[lo * epu : hi * epu]
+                    )
+            if picked and epu == 1:
+                out[:] = cm[0 : (wo - 1) * st + 1 : st]
+            else:
+                for ox in range(wo):
+                    x = min(ox * st, w - 1)
+                    for e in range(epu):
+                        out[ox * epu + e] = cm[x * epu + e]
+                    if ox * st >= w:  # a window past the last column: its inside columns only
+                        for e in range(epu):
+                            m = row[(w - 1) * epu + e]
+                            for c in range(max(ox * st - pad, 0), w):
+                                m = max(m, row[c * epu + e])
+                            out[ox * epu + e] = m
+            for s in range(ns):
+                d = shifts[s]
+                lo, hi = max(0, d), min(wo, qo + d)  # output columns whose shifted column is in [0, qo)
+                base = (u * ystride + yoffs[s] + oy * qo) * epu
+                dst[base + lo * epu : base + hi * epu] = out[lo * epu : hi * epu]

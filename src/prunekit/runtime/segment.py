@@ -1,0 +1,907 @@
+"""Whole-network compilation of CNNs: convolutions chained in the aligned-plane layout, batch 1.
+
+Entering and leaving the kernels' layout costs about as much as a sparse layer at 224x224 (50-300 us per
+conversion), so :func:`build` lowers a whole ``torch.fx`` graph instead of single modules:
+
+* every supported convolution (``nn.Conv2d``, or prunekit's ``QuantizedConv2d`` with a static activation
+  scale) becomes a :class:`ConvStep` that absorbs what follows it while nobody else reads the intermediate
+  value: a BatchNorm (folded into the float32 weights; prunekit's int8 convolutions come folded), a
+  ReLU / ReLU6 (a clamp), one residual add (a float ``+``, or an integer model's ``QuantizedAdd``; the
+  other operand read from its planes) and a ReLU after it. int8 epilogues compute the layer's output form
+  (an integer model's fixed-point requantization, ``prunekit.quant.rounding``). Its epilogue writes its
+  output straight into the planes its consumers read (column-shifted copies for the stride-1 convolutions
+  after it; int8: the bytes the next layer reads, quantized with that layer's scale, and float32 where a
+  residual add or an exit needs the float value, as ``prunekit.quant.layers`` defines it);
+* ``nn.MaxPool2d`` runs in the layout (:class:`PoolStep`);
+* anything else runs in torch on NCHW tensors (:class:`TorchStep`); values cross between the two worlds
+  through conversions that are built once and counted in the timings.
+
+Strided convolutions read a gather made for them from the producer's planes (the stride's phases and
+column picks); stride-1 convolutions read the producer's planes directly. Each convolution's tile is
+picked by timing on the real input, as :func:`prunekit.runtime.compile` does for single layers, and a
+float32 convolution may stay dense (torch on NCHW, plus the conversions) where that measures faster.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import random
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from prunekit.errors import PrunekitError
+from prunekit.quant.fold import fold_conv_bn
+from prunekit.quant.glue import QuantizedAdd
+from prunekit.quant.graph import Tracer
+from prunekit.quant.layers import QuantizedConv2d
+from prunekit.runtime import conv_layout as L
+from prunekit.runtime.conv import (
+    NO_CLAMP,
+    ConvGeom,
+    DirectConvF32,
+    DirectConvI8,
+    Int8Out,
+    IntAdd,
+    Requant,
+    host_width,
+    isa_name,
+    tile_options,
+    unpack_bytes,
+    unsupported,
+)
+
+log = logging.getLogger(__name__)
+
+_ADDS = (operator.add, operator.iadd, torch.add)
+_RELU_FUNCS = {F.relu: (0.0, np.inf), torch.relu: (0.0, np.inf), F.relu6: (0.0, 6.0)}
+_RELU_METHODS = {"relu": (0.0, np.inf), "relu_": (0.0, np.inf)}
+CHANNEL_BLOCKS = (8, 16, 32, None)  # input channels per block tried by the timing (None: all)
+
+
+def _clamp_of(node: fx.Node, gm: fx.GraphModule) -> tuple[float, float] | None:
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if type(mod) is nn.ReLU:
+            return (0.0, np.inf)
+        if type(mod) is nn.ReLU6:
+            return (0.0, 6.0)
+    if node.op == "call_function" and node.target in _RELU_FUNCS and not node.kwargs:
+        return _RELU_FUNCS[node.target]
+    if node.op == "call_method" and node.target in _RELU_METHODS and len(node.args) == 1:
+        return _RELU_METHODS[node.target]
+    return None
+
+
+def _is_identity(node: fx.Node, gm: fx.GraphModule) -> bool:
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.Identity, nn.Dropout))
+
+
+def _add_operands(node: fx.Node, gm: fx.GraphModule) -> tuple | None:
+    if node.kwargs or len(node.args) != 2:
+        return None
+    if node.op == "call_module" and type(gm.get_submodule(node.target)) is QuantizedAdd:
+        return node.args
+    if (node.op == "call_function" and node.target in _ADDS) or (
+        node.op == "call_method" and node.target in ("add", "add_")
+    ):
+        return node.args
+    return None
+
+
+def _bn(node: fx.Node, gm: fx.GraphModule) -> nn.BatchNorm2d | None:
+    if node.op != "call_module":
+        return None
+    mod = gm.get_submodule(node.target)
+    ok = type(mod) is nn.BatchNorm2d and mod.track_running_stats and mod.running_mean is not None
+    return mod if ok else None
+
+
+def _depends_on(node: fx.Node, targets: set, memo: dict) -> bool:
+    """Whether ``node`` is computed from any of ``targets``."""
+    if node in targets:
+        return True
+    if node not in memo:
+        memo[node] = False
+        memo[node] = any(_depends_on(a, targets, memo) for a in node.all_input_nodes)
+    return memo[node]
+
+
+def _batch1_image(t) -> bool:
+    return isinstance(t, Tensor) and t.dim() == 4 and t.shape[0] == 1 and t.dtype == torch.float32
+
+
+@dataclass
+class Value:
+    """One fx node's tensor in the segment: NCHW in torch, and/or in planes (float32 / int8 bytes)."""
+
+    node: fx.Node
+    shape: tuple[int, int, int]
+    producer: object = None  # the Step that writes its planes (None: it is born NCHW)
+    pitch: int | None = None
+    top: int = 1
+    bottom: int = 1
+    shifts: set = field(default_factory=lambda: {0})
+    needs_float: bool = False  # int8: someone reads the float32 value from planes
+    byte_scale: float | None = None  # int8: the scale of the bytes the producer writes (None: no bytes)
+    offset: int = 0
+    floats: L.Layout | None = None
+    fbuf: np.ndarray | None = None
+    bytes_: L.Layout | None = None
+    bbuf: np.ndarray | None = None
+
+    def layout(self, units: int) -> L.Layout:
+        c, h, w = self.shape
+        return L.planes(units, h, w, self.top, self.bottom, self.shifts, pitch=self.pitch)
+
+
+class Env:
+    """One forward pass: NCHW tensors by node, converted from planes on demand."""
+
+    def __init__(self) -> None:
+        self.nchw: dict[fx.Node, Tensor] = {}
+
+    def tensor(self, v: Value) -> Tensor:
+        found = self.nchw.get(v.node)
+        if found is None:
+            c, h, w = v.shape
+            lay = v.floats
+            y = np.empty((1, c, h, w), np.float32)
+            L.read(
+                v.fbuf, lay.col0(), lay.per_unit * lay.plane, lay.pitch, c, h, w, y.reshape(-1).view(np.int32)
+            )
+            found = torch.from_numpy(y)
+            self.nchw[v.node] = found
+        return found
+
+
+def _fill_from(v: Value, env: Env, dst: np.ndarray, lay: L.Layout, geo: np.ndarray) -> None:
+    """Float32 ``v`` into the layout ``lay`` (a gather or planes), from its planes if it has them."""
+    c, h, w = v.shape
+    if v.fbuf is not None and v.node not in env.nchw:
+        src = v.floats
+        L.fill(v.fbuf, src.col0(), src.per_unit * src.plane, src.pitch, h, w, c, dst, geo, np.int32(0))
+    else:
+        a = env.tensor(v).contiguous().numpy().reshape(-1).view(np.int32)
+        L.fill(a, 0, h * w, w, h, w, c, dst, geo, np.int32(0))
+
+
+def nonneg(v: Value) -> bool:
+    """Whether a value is >= 0 by construction (after a ReLU), so its int8 bytes need no +128 offset."""
+    step = v.producer
+    if isinstance(step, ConvStep):
+        return step.clamp[0] >= 0
+    if isinstance(step, PoolStep):
+        return nonneg(step.inp)
+    return False
+
+
+def write_planes(v: Value, y: Tensor) -> None:
+    """An NCHW result into the value's planes (float32 and/or bytes), as a kernel epilogue would."""
+    c, h, w = v.shape
+    a = y.detach().to(torch.float32).contiguous().numpy().reshape(-1)
+    if v.fbuf is not None:
+        L.fill(a.view(np.int32), 0, h * w, w, h, w, c, v.fbuf, L.fill_geo(v.floats), np.int32(0))
+    if v.bbuf is not None:
+        packed = np.empty(-(-c // 4) * h * w, np.int32)
+        L.quantize_pack(a, c, h * w, np.float32(v.byte_scale), v.offset, packed)
+        zero = L.ZERO_OFFSET if v.offset else np.int32(0)
+        L.fill(packed, 0, h * w, w, h, w, -(-c // 4), v.bbuf, L.fill_geo(v.bytes_), zero)
+
+
+class ConvStep:
+    """One convolution with its fused BatchNorm / clamp / residual (module docstring)."""
+
+    def __init__(self, name: str, module: nn.Module, nodes: list, inp: Value, out: Value, *, weight: Tensor,
+                 bias: Tensor | None, clamp, residual: Value | None,
+                 add: IntAdd | None = None) -> None:  # fmt: skip
+        self.name, self.module, self.nodes = name, module, nodes
+        self.add = add  # a fused integer add (QuantizedAdd) of the output and the residual
+        self.inp, self.out, self.residual = inp, out, residual
+        self.geom = ConvGeom.of(module)
+        self.int8 = isinstance(module, QuantizedConv2d)
+        self.weight, self.bias, self.clamp = weight, bias, clamp
+        self.direct = False  # reads the producer's planes, no gather
+        self.kernel: Callable | None = None
+        self.choice = "dense"
+        self.timings: dict[str, float] = {}
+        self.reason = ""
+
+    @property
+    def sparsity(self) -> float:
+        w = self.weight
+        return 1.0 - int(torch.count_nonzero(w)) / max(w.numel(), 1)
+
+    @property
+    def out_pitch(self) -> int:
+        return self.inp.pitch if self.direct else L.roundup(self.out_hw[1], 8)
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        return self.out.shape[1], self.out.shape[2]
+
+    # -- set up, once the layouts are known ---------------------------------------------------------------
+    def prepare(self, vw: int, isa: str) -> None:
+        g, (c, h, w) = self.geom, self.inp.shape
+        self.vw, self.isa = vw, isa
+        self.act_scale = np.float32(self.module.act_scale.item()) if self.int8 else None
+        if self.int8:
+            units = -(-c // 4)
+            self.src_bytes = self.inp.bbuf is not None and self.inp.byte_scale == float(self.act_scale)
+            self.in_offset = self.inp.offset if self.src_bytes else (0 if nonneg(self.inp) else 128)
+        else:
+            units, self.src_bytes, self.in_offset = c, False, 0
+        if self.direct:
+            self.in_layout = self.inp.bytes_ if self.int8 else self.inp.floats
+        else:
+            self.in_layout = L.gather(units, h, w, *g.args)
+            self.gbuf = self.in_layout.alloc(L.ZERO_OFFSET if self.in_offset else 0)
+            self.ggeo = L.fill_geo(self.in_layout)
+            if self.int8 and not self.src_bytes:
+                self.packed = np.empty(units * h * w, np.int32)
+        r = self.residual
+        self.rlayout = None
+        if r is not None:
+            if r.floats is not None and r.floats.pitch == self.out_pitch and r.producer is not None:
+                self.rlayout, self.abuf = r.floats, None
+            else:  # an adapter: the residual copied into planes of this output's pitch
+                units = L.roundup(r.shape[0], 4)  # int8 epilogues read 4 channels at a time
+                self.rlayout = L.planes(units, r.shape[1], r.shape[2], 1, 1, (), pitch=self.out_pitch)
+                self.abuf, self.ageo = self.rlayout.alloc(), L.fill_geo(self.rlayout)
+        w_np = self.weight.detach().numpy()
+        if self.int8:
+            self.wq = w_np
+            self.scale = (
+                self.act_scale * self.module.weight_scale.detach().to(torch.float32).numpy()
+            ).astype(np.float32)
+            self.dense_w = torch.from_numpy(w_np.astype(np.float32))
+        else:
+            self.w32 = np.ascontiguousarray(w_np, dtype=np.float32)
+        self.b_np = None if self.bias is None else self.bias.detach().to(torch.float32).numpy().copy()
+        # the integer output form (prunekit.quant.graph's integer models): the fixed-point requantization
+        self.requant = Requant.of(self.module) if self.int8 else None
+        self.finisher = self._finisher() if self.int8 else None
+
+    @property
+    def engine(self) -> str:
+        if self.kernel is None:
+            return "torch f32 on int8 values (exact)" if self.int8 else "torch"
+        if self.int8:
+            return f"prunekit int8 4x1 ({self.isa})"
+        return f"prunekit planes f32 ({self.vw * 32}-bit)"
+
+    def describe(self) -> str:
+        """What the step fused and how it reads its input, for the report."""
+        parts = []
+        if len(self.nodes) > 1:
+            parts.append("fused " + "+".join(n.name for n in self.nodes[1:]))
+        parts.append("reads the producer's planes" if self.direct else "gathers its input")
+        if self.reason:
+            parts.append(self.reason)
+        return "; ".join(parts)
+
+    def usable(self) -> str | None:
+        """Why the sparse kernel cannot run this step (None: it can)."""
+        if self.int8 and self.in_offset and self.isa != "vnni512":
+            return "signed int8 input on AVX2 (vpmaddubsw would saturate with +128-offset bytes)"
+        return None
+
+    def _finisher(self):
+        """An epilogue-only twin of the int8 kernel (the exact dense path feeds it whole accumulators)."""
+        out = self.out
+        dest = Int8Out(
+            layout=out.bytes_, s_next=out.byte_scale or 1.0, qlo=-127.0, offset=out.offset, floats=out.floats
+        )
+        vw = 16 if self.isa == "vnni512" else 8
+        return DirectConvI8(
+            self.wq,
+            self.scale,
+            self.b_np,
+            self.geom,
+            self.in_layout,
+            dest,
+            nv=min(tile_options(vw)),
+            isa=self.isa,
+            clamp=self.clamp,
+            residual=self.rlayout,
+            requant=self.requant,
+            add=self.add,
+        )
+
+    def make_kernel(self, nv: int, cb: int | None):
+        out = self.out
+        if not self.int8:
+            return DirectConvF32(
+                self.w32,
+                self.b_np,
+                self.geom,
+                self.in_layout,
+                out.floats,
+                nv=nv,
+                vw=self.vw,
+                cb=cb,
+                clamp=self.clamp,
+                residual=self.rlayout,
+            )
+        dest = Int8Out(
+            layout=out.bytes_, s_next=out.byte_scale or 1.0, qlo=-127.0, offset=out.offset, floats=out.floats
+        )
+        return DirectConvI8(
+            self.wq,
+            self.scale,
+            self.b_np,
+            self.geom,
+            self.in_layout,
+            dest,
+            nv=nv,
+            isa=self.isa,
+            cbg=None if cb is None else max(1, cb // 4),
+            offset=self.in_offset,
+            clamp=self.clamp,
+            residual=self.rlayout,
+            requant=self.requant,
+            add=self.add,
+        )
+
+    def configs(self) -> list[tuple[int, int | None]]:
+        vw = self.vw if not self.int8 else (16 if self.isa == "vnni512" else 8)
+        span = (self.out_hw[0] - 1) * self.out_pitch + self.out_hw[1]
+        tiles = [nv for nv in tile_options(vw) if nv * vw <= max(span, min(tile_options(vw)) * vw)]
+        blocks = [cb for cb in CHANNEL_BLOCKS if cb is None or cb < self.geom.cin]
+        return [(nv, cb) for nv in tiles for cb in blocks]
+
+    # -- running ------------------------------------------------------------------------------------------
+    def _input(self, env: Env) -> np.ndarray:
+        inp = self.inp
+        if self.direct:
+            return inp.bbuf if self.int8 else inp.fbuf
+        c, h, w = inp.shape
+        zero = L.ZERO_OFFSET if self.in_offset else np.int32(0)
+        if not self.int8:
+            _fill_from(inp, env, self.gbuf, self.in_layout, self.ggeo)
+        elif self.src_bytes:
+            src = inp.bytes_
+            L.fill(inp.bbuf, src.col0(), src.per_unit * src.plane, src.pitch, h, w, src.units, self.gbuf,
+                   self.ggeo, zero)  # fmt: skip
+        else:
+            a = env.tensor(inp).contiguous().numpy().reshape(-1)
+            L.quantize_pack(a, c, h * w, self.act_scale, self.in_offset, self.packed)
+            L.fill(self.packed, 0, h * w, w, h, w, -(-c // 4), self.gbuf, self.ggeo, zero)
+        return self.gbuf
+
+    def _residual(self, env: Env) -> np.ndarray | None:
+        r = self.residual
+        if r is None:
+            return None
+        if self.abuf is None:
+            return r.fbuf
+        _fill_from(r, env, self.abuf, self.rlayout, self.ageo)
+        return self.abuf
+
+    def run(self, env: Env) -> None:
+        if self.kernel is None:
+            self._dense(env)
+            return
+        x, r = self._input(env), self._residual(env)
+        if self.int8:
+            self.kernel(x, self.out.bbuf, r, F=self.out.fbuf)
+        else:
+            self.kernel(x, self.out.fbuf, r)
+
+    def _dense(self, env: Env) -> None:
+        """torch on NCHW: float32, the result written into this step's planes; int8, a float32 convolution
+        of the integer values (exact below 2**24) and then the kernels' own epilogue
+        (:meth:`DirectConvI8.finish`): one spelling of the requantization."""
+        g = self.geom
+        if self.int8:
+            acc = F.conv2d(self._dense_q(env), self.dense_w, None, g.stride, g.padding, g.dilation)
+            out = self.out
+            self.finisher.finish(acc[0].numpy().astype(np.int32), out.bbuf, self._residual(env), out.fbuf)
+            return
+        y = F.conv2d(env.tensor(self.inp), self.weight, self.bias, g.stride, g.padding, g.dilation)
+        if self.residual is not None:
+            y = y + env.tensor(self.residual)
+        lo, hi = self.clamp
+        if np.isfinite(lo) or np.isfinite(hi):
+            y = y.clamp(
+                min=None if not np.isfinite(lo) else float(lo), max=None if not np.isfinite(hi) else float(hi)
+            )
+        env.nchw[self.out.node] = y
+        write_planes(self.out, y)
+
+    def _dense_q(self, env: Env) -> Tensor:
+        """The integer input values as float32 NCHW: from the producer's bytes, or quantized here."""
+        inp = self.inp
+        c, h, w = inp.shape
+        if self.src_bytes:
+            lay = inp.bytes_
+            units = np.empty(lay.units * h * w, np.int32)
+            L.read(inp.bbuf, lay.col0(), lay.per_unit * lay.plane, lay.pitch, lay.units, h, w, units)
+        else:
+            units = np.empty(-(-c // 4) * h * w, np.int32)
+            a = env.tensor(inp).contiguous().numpy().reshape(-1)
+            L.quantize_pack(a, c, h * w, self.act_scale, 0, units)
+        offset = inp.offset if self.src_bytes else 0
+        return torch.from_numpy(unpack_bytes(units, c, h, w, offset))[None]
+
+
+class PoolStep:
+    """``k x k`` max pool, stride ``s``, padding ``p``, planes to planes (float32 and/or int8 bytes: rounding
+    is monotonic, so the max of the quantized values is the quantized max)."""
+
+    def __init__(self, node: fx.Node, inp: Value, out: Value, k: int, s: int, p: int) -> None:
+        self.node, self.inp, self.out, self.k, self.s, self.p = node, inp, out, k, s, p
+        self.name = node.name
+
+    def prepare(self) -> None:
+        c, h, w = self.inp.shape
+        wo = self.out.shape[2]
+        self.rowmax = np.empty(4 * (2 * w + wo) + 64, np.float32)  # rows, column maxima, the output row
+        signed = not (self.inp.offset or nonneg(self.inp))
+        self.rowbytes = np.empty(4 * (2 * w + wo) + 64, np.int8 if signed else np.uint8)
+
+    def _pool(self, src: L.Layout, sbuf: np.ndarray, dst: L.Layout, dbuf: np.ndarray, epu: int, row) -> None:
+        c, h, w = self.inp.shape
+        _, ho, wo = self.out.shape
+        yoffs = L.store_plan(dst, 1, 1)[0]
+        view = row.dtype
+        L.maxpool(
+            sbuf.view(view),
+            src.col0(),
+            src.per_unit * src.plane,
+            src.pitch,
+            src.units,
+            epu,
+            h,
+            w,
+            self.k,
+            self.s,
+            self.p,
+            dbuf.view(view),
+            yoffs,
+            np.array(dst.cols, np.int64),
+            dst.per_unit * dst.plane,
+            dst.pitch,
+            ho,
+            wo,
+            row,
+        )
+
+    def run(self, env: Env) -> None:
+        if self.out.fbuf is not None:
+            self._pool(self.inp.floats, self.inp.fbuf, self.out.floats, self.out.fbuf, 1, self.rowmax)
+        if self.out.bbuf is not None:
+            self._pool(self.inp.bytes_, self.inp.bbuf, self.out.bytes_, self.out.bbuf, 4, self.rowbytes)
+
+
+class TorchStep:
+    def __init__(self, node: fx.Node) -> None:
+        self.node = node
+        self.name = node.name
+
+
+def _record(gm: fx.GraphModule, example: Tensor) -> dict[fx.Node, object]:
+    """Every node's output on ``example`` (one forward pass through an interpreter)."""
+    seen: dict[fx.Node, object] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            seen[n] = out.detach().clone() if isinstance(out, Tensor) else out
+            return out
+
+    with torch.inference_mode():
+        Recorder(gm).run(example)
+    return seen
+
+
+def time_interleaved(fns: dict[str, Callable], rounds: int = 7, warmup: int = 1) -> dict[str, float]:
+    """Median microseconds per callable, all called once per round in a shuffled order."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    order, rng = list(fns), random.Random(0)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for k in order:
+            t0 = time.perf_counter_ns()
+            fns[k]()
+            samples[k].append((time.perf_counter_ns() - t0) / 1e3)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+class Segmented(nn.Module):
+    """A traced CNN run step by step: convolutions and max pools in the plane layout, the rest in torch.
+    Inputs of another shape than the one it was built for run the original graph."""
+
+    def __init__(
+        self, gm: fx.GraphModule, steps: list, values: dict, shape: tuple, int8: bool, isa: str, vw: int
+    ):
+        super().__init__()
+        self.gm = gm
+        self.steps, self.values, self.shape, self.int8, self.isa, self.vw = (
+            steps,
+            values,
+            shape,
+            int8,
+            isa,
+            vw,
+        )
+        self.placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
+        self.output = next(n for n in gm.graph.nodes if n.op == "output")
+
+    # -- running ------------------------------------------------------------------------------------------
+    def _arg(self, a, env: Env):
+        if isinstance(a, fx.Node):
+            return env.nchw[a] if a in env.nchw else env.tensor(self.values[a])
+        return fx.node.map_aggregate(a, lambda x: self._arg(x, env) if isinstance(x, fx.Node) else x)
+
+    def _torch(self, step: TorchStep, env: Env) -> None:
+        n = step.node
+        args = tuple(self._arg(a, env) for a in n.args)
+        kwargs = {k: self._arg(a, env) for k, a in n.kwargs.items()}
+        if n.op == "call_module":
+            out = self.gm.get_submodule(n.target)(*args, **kwargs)
+        elif n.op == "call_function":
+            out = n.target(*args, **kwargs)
+        elif n.op == "call_method":
+            out = getattr(args[0], n.target)(*args[1:], **kwargs)
+        else:  # get_attr
+            out = self.gm
+            for part in n.target.split("."):
+                out = getattr(out, part)
+        env.nchw[n] = out
+
+    def run_step(self, step, env: Env) -> None:
+        if isinstance(step, TorchStep):
+            self._torch(step, env)
+        else:
+            step.run(env)
+
+    def forward(self, x: Tensor):
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise PrunekitError("the compiled model is inference-only: run it under torch.inference_mode()")
+        if tuple(x.shape) != self.shape or x.dtype != torch.float32:
+            return self.gm(x)
+        env = Env()
+        env.nchw[self.placeholder] = x.contiguous()
+        for step in self.steps:
+            self.run_step(step, env)
+        return self._arg(self.output.args[0], env)
+
+    def conv_steps(self) -> list[ConvStep]:
+        return [s for s in self.steps if isinstance(s, ConvStep)]
+
+
+# -- building ---------------------------------------------------------------------------------------------
+def _conv_module(node: fx.Node, gm: fx.GraphModule, outs: dict) -> nn.Module | None:
+    if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+        return None
+    mod = gm.get_submodule(node.target)
+    if type(mod) is nn.Conv2d or (isinstance(mod, QuantizedConv2d) and mod.act_scale is not None):
+        src = node.args[0]
+        if isinstance(src, fx.Node) and _batch1_image(outs.get(src)) and _batch1_image(outs.get(node)):
+            return mod if unsupported(mod) is None else None
+    return None
+
+
+def _chain(conv: fx.Node, gm: fx.GraphModule, outs: dict, int8: bool, taken: set, inner: set):
+    """The nodes a convolution absorbs: [BatchNorm] [ReLU] [add r [ReLU]] while each has one reader (and no
+    other step took it; ``inner``: nodes absorbed as intermediates, never materialised). The add is a float
+    ``+`` or, in an integer int8 model, a ``prunekit.quant.glue.QuantizedAdd`` (int8 convolutions only).
+    Returns (nodes, bn, clamp, residual node, the fused integer add or None)."""
+    nodes, bn, clamp, resid, cur, qadd = [conv], None, NO_CLAMP, None, conv, None
+    while len(cur.users) == 1:
+        u = next(iter(cur.users))
+        if u in taken:
+            break
+        c = _clamp_of(u, gm)
+        operands = _add_operands(u, gm)
+        if not int8 and bn is None and clamp == NO_CLAMP and resid is None and _bn(u, gm) is not None:
+            bn = _bn(u, gm)
+        elif _is_identity(u, gm):
+            pass
+        elif c is not None and clamp == NO_CLAMP:
+            clamp = c
+        elif operands is not None and resid is None and clamp == NO_CLAMP:
+            other = operands[1] if operands[0] is cur else operands[0]
+            if not isinstance(other, fx.Node) or other is cur or not _batch1_image(outs.get(other)):
+                break
+            if other in inner or outs[other].shape != outs[cur].shape or _depends_on(other, set(nodes), {}):
+                break
+            if u.op == "call_module":  # QuantizedAdd: fused only into an int8 epilogue
+                if not int8:
+                    break
+                qadd = IntAdd.of(gm.get_submodule(u.target), conv_first=operands[0] is cur)
+            resid = other
+        else:
+            break
+        nodes.append(u)
+        cur = u
+    return nodes, bn, clamp, resid, qadd
+
+
+def _pool_params(node: fx.Node, gm: fx.GraphModule) -> tuple[int, int, int] | None:
+    if node.op != "call_module":
+        return None
+    mod = gm.get_submodule(node.target)
+    if type(mod) is not nn.MaxPool2d or mod.ceil_mode or mod.return_indices:
+        return None
+    k, s, p, d = (_pair_int(v) for v in (mod.kernel_size, mod.stride, mod.padding, mod.dilation))
+    if None in (k, s, p) or d != 1 or 2 * p > k:
+        return None
+    return k, s, p
+
+
+def _pair_int(v) -> int | None:
+    if isinstance(v, int):
+        return v
+    if isinstance(v, (tuple, list)) and len(v) == 2 and v[0] == v[1]:
+        return int(v[0])
+    return None
+
+
+def _order(steps: list, producer_of: dict) -> list:
+    """Steps in an order where every step's inputs (residual operands included) come first; otherwise the
+    graph's order."""
+    index = {id(s): i for i, s in enumerate(steps)}
+
+    def deps(step) -> set:
+        nodes = step.node.all_input_nodes if isinstance(step, TorchStep) else [step.inp.node]
+        if isinstance(step, ConvStep) and step.residual is not None:
+            nodes = [*nodes, step.residual.node]
+        return {id(producer_of[n]) for n in nodes if n in producer_of}
+
+    pending = {id(s): deps(s) for s in steps}
+    done: set = set()
+    out = []
+    while len(out) < len(steps):
+        ready = [s for s in steps if id(s) not in done and pending[id(s)] <= done]
+        if not ready:  # a cycle cannot happen (fusion checks dependencies); keep the graph order then
+            return steps
+        first = min(ready, key=lambda s: index[id(s)])
+        out.append(first)
+        done.add(id(first))
+    return out
+
+
+def build(model: nn.Module, example: Tensor, *, vw: int | None = None, isa: str | None = None):
+    """``(Segmented, "")``, or ``(None, why)`` when the model has nothing to run in the layout."""
+    if not _batch1_image(example):
+        return None, "segments need one batch-1 float32 image input"
+    try:
+        gm = fx.GraphModule(model, Tracer().trace(model))
+    except Exception as exc:  # noqa: BLE001 - fx raises many types for untraceable code
+        return None, f"the model does not fx-trace ({type(exc).__name__})"
+    if sum(n.op == "placeholder" for n in gm.graph.nodes) != 1:
+        return None, "segments need a model with one input"
+    for node in list(gm.graph.nodes):  # identities (prunekit's FoldedBatchNorm too) pass their input on
+        if _is_identity(node, gm) and len(node.args) == 1 and isinstance(node.args[0], fx.Node):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    gm.recompile()
+    outs = _record(gm, example)
+    vw, isa = vw or host_width(), isa or isa_name()
+    values: dict[fx.Node, Value] = {}
+
+    def val(node: fx.Node) -> Value:
+        if node not in values:
+            values[node] = Value(node, tuple(outs[node].shape[1:]))
+        return values[node]
+
+    steps, absorbed, inner, producer_of = [], set(), set(), {}
+    kinds = set()
+    for node in gm.graph.nodes:
+        if node in absorbed or node.op in ("placeholder", "output"):
+            continue
+        mod = _conv_module(node, gm, outs)
+        if mod is not None:
+            int8 = isinstance(mod, QuantizedConv2d)
+            kinds.add(int8)
+            nodes, bn, clamp, resid, qadd = _chain(node, gm, outs, int8, absorbed, inner)
+            if int8:
+                weight, bias = mod.weight_q.detach(), mod.bias
+            elif bn is not None:
+                weight, bias = fold_conv_bn(mod.weight, mod.bias, bn)
+            else:
+                weight, bias = mod.weight.detach().to(torch.float32), mod.bias
+            step = ConvStep(
+                node.target,
+                mod,
+                nodes,
+                val(node.args[0]),
+                val(nodes[-1]),
+                weight=weight,
+                bias=None if bias is None else bias.detach().to(torch.float32),
+                clamp=clamp,
+                residual=None if resid is None else val(resid),
+                add=qadd,
+            )
+            absorbed.update(nodes)
+            inner.update(nodes[:-1])
+        elif _pool_params(node, gm) is not None and node.args and node.args[0] in producer_of:
+            src = producer_of[node.args[0]]
+            if not isinstance(src, (ConvStep, PoolStep)):
+                step = TorchStep(node)
+            else:
+                step = PoolStep(node, val(node.args[0]), val(node), *_pool_params(node, gm))
+        else:
+            step = TorchStep(node)
+        if not isinstance(step, TorchStep):
+            step.out.producer = step
+            producer_of[step.out.node] = step
+        else:
+            producer_of[node] = step
+        steps.append(step)
+    if not any(isinstance(s, ConvStep) for s in steps):
+        return None, "no convolution the kernels support"
+    if len(kinds) > 1:
+        return None, "a mix of float32 and int8 convolutions"
+    int8 = kinds.pop()
+    steps = _order(steps, producer_of)
+    _plan_layouts(steps, values, int8, isa, gm.graph)
+    for s in steps:
+        if isinstance(s, ConvStep):
+            s.prepare(vw, isa)
+        elif isinstance(s, PoolStep):
+            s.prepare()
+    return Segmented(gm, steps, values, tuple(example.shape), int8, isa, vw), ""
+
+
+def _plan_layouts(steps: list, values: dict, int8: bool, isa: str, graph: fx.Graph) -> None:
+    """Pitches, direct reads, column shifts, pad rows, which int8 values carry bytes and which floats;
+    then the buffers."""
+    for step in steps:  # forward: pitches and direct reads
+        if isinstance(step, PoolStep):
+            step.out.pitch = L.roundup(step.out.shape[2], 8)
+            continue
+        if not isinstance(step, ConvStep):
+            continue
+        inp, g = step.inp, step.geom
+        _, h, w = inp.shape
+        ho, wo = step.out_hw
+        ok = inp.producer is not None and g.stride == (1, 1) and ho <= h and wo <= w and min(g.padding) >= 0
+        if ok and int8:
+            ok = _bytes_for(inp, float(step.module.act_scale.item()), isa)
+        step.direct = ok
+        if int8 and not ok and inp.producer is not None:  # the gather copies bytes when the producer has them
+            _bytes_for(inp, float(step.module.act_scale.item()), isa)
+        if ok:
+            (kh, kw), (ph, pw), (dh, dw) = g.kernel, g.padding, g.dilation
+            inp.shifts |= {j * dw - pw for j in range(kw)}
+            inp.top = max(inp.top, ph)
+            inp.bottom = max(inp.bottom, (ho - 1) + (kh - 1) * dh - ph - (h - 1))
+        step.out.pitch = step.out_pitch
+    for v in values.values():
+        if v.producer is not None and (not int8 or v.byte_scale is None):
+            v.needs_float = True
+    output = next(n for n in graph.nodes if n.op == "output")
+    for n in output.all_input_nodes:
+        if n in values:
+            values[n].needs_float = True
+    for step in reversed(steps):  # backward: who needs float32 planes
+        if isinstance(step, ConvStep):
+            if step.residual is not None:
+                step.residual.needs_float = True
+            if not int8 or (not step.direct and step.inp.byte_scale != float(step.module.act_scale.item())):
+                step.inp.needs_float = True
+        elif isinstance(step, PoolStep):
+            if step.out.needs_float or not int8:
+                step.inp.needs_float = True
+        else:
+            for n in step.node.all_input_nodes:
+                if n in values:
+                    values[n].needs_float = True
+    for v in values.values():
+        if v.producer is None:
+            continue
+        c = v.shape[0]
+        if not int8 or v.needs_float:  # int8: room for whole groups of 4 channels (the epilogue's unit)
+            shifts, units = (v.shifts, c) if not int8 else ({0}, L.roundup(c, 4))
+            v.floats = L.planes(units, v.shape[1], v.shape[2], v.top, v.bottom, shifts, pitch=v.pitch)
+        if int8 and v.byte_scale is not None:
+            v.bytes_ = v.layout(-(-c // 4))
+    _allocate(steps, values, graph)
+
+
+def _allocate(steps: list, values: dict, graph: fx.Graph) -> None:
+    """Buffers for every value's planes, reused once the value is dead: a later value of the identical
+    layout takes the buffer over (its padding, never written, is zero in both), which keeps the working set
+    of a forward pass in cache. A value lives from its producer to its last reader (the graph's outputs:
+    to the end)."""
+    last: dict[fx.Node, int] = {}
+    for i, step in enumerate(steps):
+        if isinstance(step, TorchStep):
+            read = step.node.all_input_nodes
+        else:
+            read = [step.inp.node] + ([step.residual.node] if getattr(step, "residual", None) else [])
+        for n in read:
+            last[n] = i
+    output = next(n for n in graph.nodes if n.op == "output")
+    for n in output.all_input_nodes:
+        last[n] = len(steps)
+    free: dict[tuple, list[np.ndarray]] = {}
+
+    def take(layout: L.Layout, fill: int) -> np.ndarray:
+        pool = free.get((layout, fill))
+        return pool.pop() if pool else layout.alloc(fill)
+
+    for i, step in enumerate(steps):
+        v = getattr(step, "out", None)
+        if v is not None and v.producer is step:
+            if v.floats is not None:
+                v.fbuf = take(v.floats, 0)
+            if v.bytes_ is not None:
+                v.bbuf = take(v.bytes_, int(L.ZERO_OFFSET) if v.offset else 0)
+        for n, end in last.items():
+            if end == i and n in values:
+                dead = values[n]
+                if dead.fbuf is not None:
+                    free.setdefault((dead.floats, 0), []).append(dead.fbuf)
+                if dead.bbuf is not None:
+                    fill = int(L.ZERO_OFFSET) if dead.offset else 0
+                    free.setdefault((dead.bytes_, fill), []).append(dead.bbuf)
+
+
+def _bytes_for(v: Value, scale: float, isa: str) -> bool:
+    """Make ``v``'s producer write int8 bytes at ``scale`` (through max pools); False when it cannot."""
+    step = v.producer
+    if isinstance(step, PoolStep):
+        if not _bytes_for(step.inp, scale, isa):
+            return False
+    elif not (isinstance(step, ConvStep) and step.int8):
+        return False
+    if v.byte_scale not in (None, scale):
+        return False
+    offset = 0 if nonneg(v) else 128
+    if offset and isa != "vnni512":
+        return False
+    v.byte_scale, v.offset = scale, offset
+    return True
+
+
+def _label(cfg: tuple[int, int | None]) -> str:
+    nv, cb = cfg
+    return f"nv{nv}/cb{cb or 'all'}"
+
+
+def tune(seg: Segmented, example: Tensor, rounds: int = 7) -> None:
+    """Pick each convolution's tile (and dense where faster, float32; the exact float32 path, int8) by
+    timing it in place on ``example``'s real activations, interleaved; conversions it needs are counted."""
+    for step in seg.conv_steps():  # a first configuration everywhere, so every buffer gets real data
+        step.kernel = step.make_kernel(*step.configs()[0]) if step.usable() is None else None
+    env = Env()
+    with torch.inference_mode():
+        env.nchw[seg.placeholder] = example.contiguous()
+        for step in seg.steps:
+            seg.run_step(step, env)
+    born = {n: t for n, t in env.nchw.items() if n not in seg.values or seg.values[n].producer is None}
+    with torch.inference_mode():
+        for step in seg.conv_steps():
+            kernels = {}
+            if step.usable() is None:
+                kernels = {_label(cfg): step.make_kernel(*cfg) for cfg in step.configs()}
+            else:
+                step.reason = step.usable()
+            kernels["dense"] = None
+
+            def run(k, step=step):
+                step.kernel = k
+                e = Env()
+                e.nchw.update(born)
+                step.run(e)
+
+            medians = time_interleaved({name: (lambda k=k: run(k)) for name, k in kernels.items()}, rounds)
+            step.timings = medians
+            best = min(medians, key=medians.get)
+            step.choice, step.kernel = best, kernels[best]
+            if best == "dense" and not step.reason:
+                step.reason = "dense measured faster here"

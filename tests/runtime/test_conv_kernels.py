@@ -1,0 +1,233 @@
+"""The direct sparse convolution kernels (runtime.conv_kernels via runtime.conv) against dense math.
+
+float32: equal to ``F.conv2d`` within 1e-4 of the output's largest magnitude; int8: the int32 accumulators
+equal the integer convolution exactly, and the layer equals ``prunekit.quant.layers.QuantizedConv2d`` bit for
+bit. Shapes, strides, padding, dilation, sparsity, tile sizes and channel blocks are drawn by hypothesis; both
+instruction-set paths run on any x86-64 machine with AVX2 (the VNNI one only where the CPU has it)."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from prunekit.quant import rounding
+from prunekit.quant.layers import QuantizedConv2d
+from prunekit.runtime import conv as C
+from prunekit.runtime import conv_layout as L
+from prunekit.runtime.cpu import features
+
+ISAS = ["avx2"] + (["vnni512"] if features().vnni else [])
+WIDTHS = [8] + ([16] if features().avx512 else [])
+FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def conv_cases(draw):
+    kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    ph, pw = draw(st.integers(0, 3)), draw(st.integers(0, 3))
+    h = draw(st.integers(max(1, dh * (kh - 1) + 1 - 2 * ph), 13))
+    w = draw(st.integers(max(1, dw * (kw - 1) + 1 - 2 * pw), 13))
+    return dict(
+        cin=draw(st.integers(1, 9)), cout=draw(st.integers(1, 9)), kernel=(kh, kw), stride=(sh, sw),
+        padding=(ph, pw), dilation=(dh, dw), h=h, w=w, sparsity=draw(st.sampled_from([0.0, 0.5, 0.8, 0.95])),
+        seed=draw(st.integers(0, 2**16)), bias=draw(st.booleans()),
+    )  # fmt: skip
+
+
+def make_conv(case) -> nn.Conv2d:
+    torch.manual_seed(case["seed"])
+    conv = nn.Conv2d(
+        case["cin"], case["cout"], case["kernel"], case["stride"], case["padding"], case["dilation"],
+        bias=case["bias"],
+    )  # fmt: skip
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand_like(conv.weight) >= case["sparsity"])
+    return conv.eval()
+
+
+@FAST
+@given(
+    case=conv_cases(), vw=st.sampled_from(WIDTHS), pick=st.integers(0, 3), cb=st.sampled_from([None, 1, 2, 5])
+)
+def test_float32_direct_conv_equals_dense_conv(case, vw, pick, cb):
+    conv = make_conv(case)
+    nv = C.tile_options(vw)[pick]
+    layer = C.PlanesConv2d(conv, nv=nv, vw=vw, cb=cb)
+    x = torch.randn(1, case["cin"], case["h"], case["w"])
+    with torch.inference_mode():
+        y, ref = layer(x), conv(x)
+    assert y.shape == ref.shape
+    assert (y - ref).abs().max().item() <= 1e-4 * max(ref.abs().max().item(), 1e-30)
+
+
+@FAST
+@given(
+    case=conv_cases(), isa=st.sampled_from(ISAS), pick=st.integers(0, 3), cbg=st.sampled_from([None, 1, 2])
+)
+def test_int8_accumulators_are_the_exact_integer_convolution(case, isa, pick, cbg):
+    """scale 1, no bias, no clamp: the float32 output is the int32 accumulator itself (all below 2**24)."""
+    torch.manual_seed(case["seed"])
+    geom = C.ConvGeom(
+        case["cin"], case["cout"], case["kernel"], case["stride"], case["padding"], case["dilation"]
+    )
+    wq = torch.randint(-127, 128, (case["cout"], case["cin"], *case["kernel"]), dtype=torch.int8)
+    wq = wq * (torch.rand(wq.shape) >= case["sparsity"]).to(torch.int8)
+    xq = torch.randint(
+        0 if isa == "avx2" else -127, 128, (case["cin"], case["h"], case["w"]), dtype=torch.int8
+    )
+    offset = 128 if isa == "vnni512" else 0  # VNNI: the signed path (+128 bytes, compensated)
+    vw = 16 if isa == "vnni512" else 8
+    groups, (h, w) = -(-case["cin"] // 4), (case["h"], case["w"])
+    inp = L.gather(groups, h, w, *geom.args)
+    out = L.planes(L.roundup(case["cout"], 4), inp.height, inp.width, 0, 0, (), pitch=inp.pitch)
+    layer = C.DirectConvI8(
+        wq.numpy(), np.ones(case["cout"], np.float32), None, geom, inp, C.Int8Out(floats=out),
+        nv=C.tile_options(vw)[pick], isa=isa, cbg=cbg, offset=offset,
+    )  # fmt: skip
+    packed = np.empty(groups * h * w, np.int32)
+    L.quantize_pack(
+        xq.numpy().astype(np.float32).reshape(-1), case["cin"], h * w, np.float32(1), offset, packed
+    )
+    X = inp.alloc(L.ZERO_OFFSET if offset else 0)
+    L.fill(packed, 0, h * w, w, h, w, groups, X, L.fill_geo(inp), L.ZERO_OFFSET if offset else np.int32(0))
+    Y = out.alloc()
+    layer(X, None, F=Y)
+    acc = np.empty((case["cout"], out.height, out.width), np.float32)
+    L.read(Y, out.col0(), out.per_unit * out.plane, out.pitch, case["cout"], out.height, out.width,
+           acc.reshape(-1).view(np.int32))  # fmt: skip
+    ref = F.conv2d(xq[None].double(), wq.double(), None, geom.stride, geom.padding, geom.dilation)[0]
+    assert np.array_equal(acc.astype(np.int64), ref.numpy().astype(np.int64))
+
+
+@FAST
+@given(
+    case=conv_cases(),
+    isa=st.sampled_from(ISAS),
+    static=st.booleans(),
+    relu=st.booleans(),
+    pick=st.integers(0, 3),
+    output=st.sampled_from([None, "int8", "int32"]),
+)
+def test_int8_direct_conv_equals_prunekit_quantized_conv_bit_for_bit(case, isa, static, relu, pick, output):
+    """Both output forms of prunekit.quant.layers: float (``float32(acc) * (s_x * s_w) + bias``) and integer
+    (the fixed-point requantization of prunekit.quant.rounding, into int8 or the wide int32 form)."""
+    conv = make_conv(case)
+    x = torch.randn(1, case["cin"], case["h"], case["w"])
+    if relu:
+        x = x.relu()
+    scale = torch.tensor(float(x.abs().max()) / 127 * 1.05 + 1e-6) if static else None
+    ref_layer = QuantizedConv2d(conv, scale)
+    if static and output is not None:
+        with torch.inference_mode():
+            top = float(ref_layer(x).abs().max())
+        s_out = (top / 127 * 0.8 + 1e-6) / (rounding.WIDE if output == "int32" else 1)  # some outputs clamp
+        ref_layer.set_output(s_out, wide=output == "int32")
+        assert ref_layer.integer_output
+    vw = 16 if isa == "vnni512" else 8
+    layer = C.PlanesQuantizedConv2d(ref_layer, nv=C.tile_options(vw)[pick], isa=isa)
+    with torch.inference_mode():
+        assert torch.equal(layer(x), ref_layer(x))
+
+
+@FAST
+@given(
+    isa=st.sampled_from(ISAS),
+    acc=st.lists(st.integers(-(2**31) + 1, 2**31 - 1) | st.integers(-5000, 5000), min_size=4, max_size=40),
+    consts=st.lists(
+        st.tuples(st.integers(-(2**30) + 1, 2**30 - 1), st.integers(0, 2**31 - 1), st.integers(1, 62)),
+        min_size=4,
+        max_size=4,
+    ),
+    wide=st.booleans(),
+)
+def test_int8_epilogue_is_the_fixed_point_requantization_rule(isa, acc, consts, wide):
+    """The kernels' integer epilogue computes prunekit.quant.rounding.requantize_value exactly, on any int32
+    accumulator and any constants the rule allows (ties, negative values, saturation, shifts 1..62)."""
+    n = len(acc)
+    conv = nn.Conv2d(4, 4, 1, bias=False)
+    geom = C.ConvGeom.of(conv)
+    inp = L.gather(1, 1, n, *geom.args)
+    out = L.planes(4, 1, n, 0, 0, (), pitch=inp.pitch)
+    lo, hi = (rounding.INT32_LO, rounding.INT32_HI) if wide else (rounding.INT8_LO, rounding.INT8_HI)
+    bias_q, mult, shift = (np.array(c, np.int64) for c in zip(*consts, strict=True))
+    s_out = 0.0173
+    rq = C.Requant(bias_q, mult, shift, lo, hi, s_out)
+    layer = C.DirectConvI8(np.zeros((4, 4, 1, 1), np.int8), np.ones(4, np.float32), None, geom, inp,
+                           C.Int8Out(floats=out), nv=C.tile_options(16 if isa == "vnni512" else 8)[0],
+                           isa=isa, requant=rq)  # fmt: skip
+    # |acc| < 2**31 (the rule's bound); the other rows: the same values scaled and wrapped into that range
+    rows = [[a if r == 0 else (a * (r + 2)) % (2**32 - 1) - (2**31 - 1) for a in acc] for r in range(4)]
+    accs = np.array(rows, np.int64).reshape(4, 1, n).astype(np.int32)
+    F_ = out.alloc()
+    layer.finish(accs, None, F=F_)
+    got = np.empty((4, 1, n), np.float32)
+    L.read(F_, out.col0(), out.per_unit * out.plane, out.pitch, 4, 1, n, got.reshape(-1).view(np.int32))
+    want = np.array(
+        [[[rounding.requantize_value(int(v) + int(bias_q[r]), int(mult[r]), int(shift[r]), lo, hi)
+           for v in accs[r, 0]]] for r in range(4)], np.float32,
+    ) * np.float32(s_out)  # fmt: skip
+    assert np.array_equal(got.view(np.int32), want.view(np.int32))
+
+
+def test_unsupported_convolutions_say_why():
+    assert "groups=4" in C.unsupported(nn.Conv2d(8, 8, 3, groups=4))
+    assert "padding_mode" in C.unsupported(nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"))
+    assert "padding 'same'" in C.unsupported(nn.Conv2d(8, 8, 3, padding="same"))
+    assert C.unsupported(nn.Conv2d(8, 8, 3, 2, 1, 2)) is None
+    with pytest.raises(Exception, match="groups"):
+        C.PlanesConv2d(nn.Conv2d(8, 8, 3, groups=8))
+
+
+def test_signed_int8_input_on_avx2_computes_the_same_integers_without_the_offset_path():
+    """vpmaddubsw would saturate with +128-offset bytes: on AVX2 a signed input takes the exact dense path."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 3, 1, 1).eval()
+    ref_layer = QuantizedConv2d(conv, None)
+    layer = C.PlanesQuantizedConv2d(ref_layer, isa="avx2")
+    x = torch.randn(1, 8, 9, 9)  # negative values: the offset path
+    with torch.inference_mode():
+        assert torch.equal(layer(x), ref_layer(x))
+    with pytest.raises(Exception, match="VNNI"):
+        geom = C.ConvGeom.of(conv)
+        inp = L.gather(2, 9, 9, *geom.args)
+        out = L.planes(8, 9, 9, 0, 0, (), pitch=inp.pitch)  # 8 channels: two whole groups of 4
+        C.DirectConvI8(ref_layer.weight_q.numpy(), np.ones(8, np.float32), None, geom, inp,
+                       C.Int8Out(floats=out), nv=4, isa="avx2", offset=128)  # fmt: skip
+
+
+def test_cpu_feature_override_selects_the_avx2_paths(monkeypatch):
+    import prunekit.runtime.cpu as cpu
+
+    monkeypatch.setenv("PRUNEKIT_CPU_FEATURES", "avx2,fma")
+    cpu.features.cache_clear()
+    try:
+        assert C.isa_name() == "avx2" and C.host_width() == 8
+        conv = make_conv(dict(cin=4, cout=4, kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1),
+                              sparsity=0.5, seed=1, bias=True))  # fmt: skip
+        layer = C.PlanesConv2d(conv)
+        assert layer.vw == 8
+        x = torch.randn(1, 4, 7, 7)
+        with torch.inference_mode():
+            assert (layer(x) - conv(x)).abs().max() <= 1e-4 * conv(x).abs().max()
+        assert C.PlanesQuantizedConv2d(QuantizedConv2d(conv, None)).isa == "avx2"
+    finally:
+        monkeypatch.delenv("PRUNEKIT_CPU_FEATURES")
+        cpu.features.cache_clear()
+
+
+def test_per_layer_modules_run_any_batch_image_by_image():
+    torch.manual_seed(3)
+    conv = nn.Conv2d(4, 6, 3, 2, 1).eval()
+    x = torch.randn(3, 4, 9, 9)
+    q = QuantizedConv2d(conv, torch.tensor(0.02))
+    with torch.inference_mode():
+        assert (C.PlanesConv2d(conv)(x) - conv(x)).abs().max() <= 1e-4 * conv(x).abs().max()
+        assert torch.equal(C.PlanesQuantizedConv2d(q)(x), q(x))
+        assert torch.equal(C.PlanesQuantizedConv2d(q)(x[0]), q(x[:1])[0])
+    with pytest.raises(Exception, match="expects inputs"):
+        C.PlanesConv2d(conv)(torch.randn(1, 5, 9, 9))

@@ -1,0 +1,194 @@
+"""Whole-network segments (runtime.segment): the lowered graph computes what the model computes (float32
+within 1e-4 of the output's magnitude, prunekit int8 bit for bit) on both instruction-set paths, whatever
+tile or dense choice each convolution gets; unsupported pieces stay in torch; other input shapes run the
+original graph. No timing assertions (docs/measuring.md)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import prunekit.runtime as rt
+from prunekit.masking import squash
+from prunekit.models import ResNet18, SmallResNet
+from prunekit.quant.ptq import quantize_model
+from prunekit.runtime import segment as S
+from prunekit.runtime.cpu import features
+
+ISAS = [("avx2", 8)] + ([("vnni512", 16)] if features().vnni else [])
+
+
+def random_bn(model: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(c, generator=g) * 0.5 + 0.75)
+            m.weight.data.copy_(torch.rand(c, generator=g) * 0.5 + 0.75)
+            m.bias.data.copy_(torch.randn(c, generator=g) * 0.1)
+    return model.eval()
+
+
+def pruned(model: nn.Module, keep: float = 0.3, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            with torch.no_grad():
+                m.weight.mul_(torch.rand_like(m.weight) < keep)
+    return model
+
+
+class Mixed(nn.Module):
+    """What segments must leave to torch: a depthwise conv, a non-ReLU activation, an average pool, a
+    ReLU6 clamp, a residual whose operand is born in torch, and a max pool with padding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, 1, 1)
+        self.dw = nn.Conv2d(8, 8, 3, 1, 1, groups=8)
+        self.b = nn.Conv2d(8, 8, 3, 2, 1, dilation=1)
+        self.c = nn.Conv2d(8, 8, 1)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        self.act = nn.ReLU6()
+
+    def forward(self, x):
+        y = self.act(self.a(x))
+        z = torch.sigmoid(self.dw(y))
+        y = self.b(y) + nn.functional.avg_pool2d(z, 2)
+        y = self.pool(torch.relu(y))
+        return self.c(y) - 1.0
+
+
+def lower(model: nn.Module, x: torch.Tensor, vw: int, isa: str, pick: int = 0):
+    seg, why = S.build(model, x, vw=vw, isa=isa)
+    assert seg is not None, why
+    for i, step in enumerate(seg.conv_steps()):  # alternate tiles / channel blocks / dense over the steps
+        configs = step.configs()
+        dense = step.usable() is not None or (i + pick) % 5 == 4
+        step.kernel = None if dense else step.make_kernel(*configs[(i + pick) % len(configs)])
+    return seg
+
+
+def close(y, ref) -> bool:
+    return y.shape == ref.shape and (y - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("isa,vw", ISAS)
+def test_float32_segments_equal_the_model(isa, vw):
+    torch.manual_seed(0)
+    cases = [
+        (pruned(random_bn(ResNet18(10, width=0.125))), torch.randn(1, 3, 40, 40)),
+        (pruned(random_bn(SmallResNet(widths=(8, 16)))), torch.randn(1, 1, 8, 8)),
+        (pruned(Mixed().eval()), torch.randn(1, 3, 16, 16)),
+    ]
+    for model, x in cases:
+        for pick in range(2):
+            seg = lower(model, x, vw, isa, pick)
+            with torch.inference_mode():
+                assert close(seg(x), model(x))
+
+
+@pytest.mark.parametrize("isa,vw", ISAS)
+def test_int8_segments_equal_prunekit_int8_bit_for_bit(isa, vw):
+    torch.manual_seed(0)
+    for model, x in [
+        (pruned(random_bn(ResNet18(10, width=0.125))), torch.randn(1, 3, 40, 40)),
+        (pruned(random_bn(SmallResNet(widths=(8, 12)))), torch.randn(1, 1, 8, 8)),
+    ]:
+        calib = [torch.randn_like(x) for _ in range(2)]
+        q = quantize_model(model, activations="static", calibration=calib)
+        assert hasattr(q, "int8_ops")  # the integer model: fixed-point requantization, integer adds
+        for pick in range(2):
+            seg = lower(q, x, vw, isa, pick)
+            steps = seg.conv_steps()
+            assert all(s.requant is not None for s in steps) and any(s.kernel is not None for s in steps)
+            assert any(s.add is not None for s in steps)  # the residual QuantizedAdds fused into epilogues
+            with torch.inference_mode():
+                for inp in (x, calib[0], 3 * x):  # 3x: activations clamp at +-127
+                    assert torch.equal(seg(inp), q(inp))
+
+
+def test_segments_keep_unsupported_pieces_in_torch_and_other_shapes_on_the_graph():
+    torch.manual_seed(1)
+    model, x = pruned(Mixed().eval()), torch.randn(1, 3, 16, 16)
+    seg = lower(model, x, *ISAS[0][::-1])
+    torch_nodes = {s.node.name for s in seg.steps if isinstance(s, S.TorchStep)}
+    assert {"dw", "sigmoid", "avg_pool2d"} <= torch_nodes
+    assert [s.name for s in seg.conv_steps()] == ["a", "b", "c"]
+    assert seg.conv_steps()[0].clamp == (0.0, 6.0)
+    with torch.inference_mode():
+        x2 = torch.randn(2, 3, 8, 8)
+        assert close(seg(x2), model(x2))
+
+
+def test_compile_reports_segments_engines_and_macs():
+    torch.manual_seed(2)
+    model = squash(pruned(random_bn(ResNet18(10, width=0.125)), keep=0.2))
+    x = torch.randn(1, 3, 48, 48)
+    compiled = rt.compile(model, x, budget_s=0.01, min_reps=3, max_reps=5)
+    report = rt.report(compiled)
+    assert set(report.whole) <= {"dense", "segments"}
+    assert report.mode in ("segments", "per-layer")
+    assert 0.15 < report.macs_remaining < 0.3  # 20% of every conv kept; the classifier dense (its MACs tiny)
+    with torch.inference_mode():
+        assert close(compiled(x), model(x))
+    if report.mode == "segments":
+        convs = [d for d in report.layers if d.kind == "Conv2d"]
+        assert len(convs) == 20 and all(d.engine for d in convs)
+        assert all(d.chosen == "dense" or d.chosen in d.candidates for d in convs)
+    int8 = quantize_model(model, activations="static", calibration=[torch.randn_like(x)])
+    compiled8 = rt.compile(int8, x, budget_s=0.01, min_reps=3, max_reps=5)
+    with torch.inference_mode():
+        assert torch.equal(compiled8(x), int8(x))
+    assert all(d.engine for d in rt.report(compiled8).layers)
+
+
+def test_segments_need_one_batch1_image():
+    model = SmallResNet(widths=(8,)).eval()
+    assert S.build(model, torch.randn(2, 1, 8, 8))[0] is None
+    assert "fx-trace" in S.build(_Untraceable(), torch.randn(1, 1, 8, 8))[1]
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 4))
+    assert "no convolution" in S.build(mlp, torch.randn(1, 1, 8, 8))[1]
+    compiled = rt.compile(copy.deepcopy(mlp), torch.randn(1, 1, 8, 8), budget_s=0.01, min_reps=3, max_reps=5)
+    assert "no convolution" in rt.report(compiled).note
+
+
+class _Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: fx cannot trace it
+            return self.conv(x)
+        return self.conv(-x)
+
+
+class Pooled(nn.Module):
+    def __init__(self, k: int, s: int, p: int, relu: bool) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, 1, 1), nn.Conv2d(8, 8, 3, 1, 1)
+        self.pool, self.relu = nn.MaxPool2d(k, s, p), relu
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.b(self.pool(torch.relu(y) if self.relu else y))
+
+
+@pytest.mark.parametrize("k,s,p", [(2, 2, 0), (3, 1, 1), (3, 2, 1), (5, 3, 2), (2, 1, 1)])
+def test_max_pools_in_the_layout_equal_torch(k, s, p):
+    torch.manual_seed(k + s + p)
+    x = torch.randn(1, 3, 13, 11)
+    for relu in (True, False):
+        model = Pooled(k, s, p, relu).eval()
+        for isa, vw in ISAS:
+            seg = lower(model, x, vw, isa)
+            assert any(isinstance(st, S.PoolStep) for st in seg.steps)
+            with torch.inference_mode():
+                assert close(seg(x), model(x))
+            q = quantize_model(model, activations="static", calibration=[x])
+            seg = lower(q, x, vw, isa)
+            with torch.inference_mode():
+                assert torch.equal(seg(x), q(x))

@@ -109,3 +109,40 @@ def test_llm_prune_reads_an_unreadable_gguf_as_a_clear_error(tmp_path, monkeypat
     )  # fmt: skip
     assert code == 2
     assert_one_line_error(stderr, "could not load the model")
+
+
+def test_llm_prune_alps_with_dsnot_and_reconstruction(model_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    args = ["--method", "alps", "--pattern", "2:4", "--refine", "dsnot", "--reconstruct", "block"]
+    code, stdout, stderr = call_main(
+        monkeypatch, capsys, "llm", "prune", "--model", str(model_dir), *args, "--alps-iters", "20",
+        "--reconstruct-epochs", "2", "--calib-samples", "4", "--seqlen", str(SEQ), "--out", str(out),
+        "--quiet", "--no-eval",
+    )  # fmt: skip
+    assert code == 0, stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    config = metrics["config"]
+    assert (config["refine"], config["reconstruct"], config["alps_iters"]) == ("dsnot", "block", 20)
+    assert set(metrics["step_seconds"]) == {"refine", "reconstruct"}
+    assert all(r["error_after"] <= r["error_before"] for r in metrics["reconstruction"])
+    assert metrics["sparsity_pruned_layers"] == pytest.approx(0.5, abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--refine", "dsnt"], "unknown refinement 'dsnt' (did you mean 'dsnot'?)"),
+        (["--reconstruct", "blocks"], "unknown reconstruction 'blocks' (did you mean 'block'?)"),
+        (["--reconstruct", "block", "--reconstruct-lr", "0"], "reconstruct_lr must be > 0"),
+        (["--method", "alps", "--alps-iters", "-1"], "alps_iters must be an integer >= 0"),
+    ],
+)
+def test_llm_prune_bad_refit_options_are_one_line(model_dir, tmp_path, monkeypatch, capsys, args, needle):
+    out = tmp_path / "out"
+    code, _, stderr = call_main(
+        monkeypatch, capsys, "llm", "prune", "--model", str(model_dir), "--pattern", "2:4", *args,
+        "--out", str(out), "--quiet",
+    )  # fmt: skip
+    assert code == 2
+    assert_one_line_error(stderr, needle)
+    assert not out.exists()

@@ -38,10 +38,28 @@ def test_parse_llm_methods():
         ("", "at least one"),
         ("wanda:0.5", "N:M"),
         ("obd:2:4", "unknown"),
+        ("wanda+dsnt", "unknown"),
+        ("wanda+dsnot+dsnot", "unknown"),
+        ("wanda+block+sublayer", "choose one reconstruction"),
+        ("wanda+owl:2:4", "OWL allocates unstructured"),
     ]:
         with pytest.raises(PrunekitError, match=needle) as info:
             parse_llm_methods(bad)
         assert "\n" not in str(info.value)
+
+
+def test_parse_llm_methods_with_alps_and_modifiers():
+    got = parse_llm_methods("alps, sparsegpt+owl+dsnot, alps+block:2:4, wanda+layer, magnitude+sublayer")
+    assert got == [
+        SweepPoint("alps", "alps"),
+        SweepPoint("sparsegpt+owl+dsnot", "sparsegpt", owl=True, refine="dsnot"),
+        SweepPoint("alps+block:2:4", "alps", "2:4", reconstruct="block"),
+        SweepPoint("wanda+layer", "wanda", reconstruct="layer"),
+        SweepPoint("magnitude+sublayer", "magnitude", reconstruct="sublayer"),
+    ]
+    config = got[1].config(0.7)
+    assert (config.owl, config.refine, config.spec.sparsity) == (True, "dsnot", 0.7)
+    assert got[4].needs_data and not SweepPoint("2:4", "magnitude", "2:4").needs_data
 
 
 @settings(max_examples=200, deadline=None)

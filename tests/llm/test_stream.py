@@ -94,6 +94,25 @@ def test_streamed_equals_in_memory_bit_for_bit(family, method, dtype, tmp_path):
     assert not (tmp_path / "out" / ".resume").exists()
 
 
+@pytest.mark.parametrize(
+    "extra", [{"refine": "dsnot"}, {"reconstruct": "layer"}, {"refine": "dsnot", "reconstruct": "sublayer"}]
+)
+def test_refinement_and_reconstruction_stream_like_in_memory(extra, tmp_path):
+    """DSnoT (inside each layer's pruning) and reconstruction (the runner's after-visit hook) give the same
+    bytes streamed from disk as in memory, and record the same per-block errors."""
+    save("llama", torch.float32, tmp_path / "src")
+    config = LLMPruneConfig("wanda", NM(2, 4), **extra)
+    whole = T.AutoModelForCausalLM.from_pretrained(tmp_path / "src")
+    in_memory = prune_llm(whole, calib(), config)
+    streamed_info = prune_pretrained(tmp_path / "src", tmp_path / "out", calib(), config)
+    streamed = T.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    for name, value in whole.state_dict().items():
+        assert torch.equal(streamed.state_dict()[name], value), name
+    assert streamed_info.get("reconstruction") == in_memory.get("reconstruction")
+    if "reconstruct" in extra:
+        assert [r["block"] for r in in_memory["reconstruction"]] == list(range(in_memory["block_count"]))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPES.keys())
 def test_dtype_and_untouched_tensors_preserved_on_disk(dtype, tmp_path):
     save("llama", DTYPES[dtype], tmp_path / "src")

@@ -147,13 +147,18 @@ def activation_device(device: torch.device, nbytes: int) -> torch.device:
     return device if nbytes <= free // 2 else torch.device("cpu")
 
 
+def _new_stat(kind: StatKind | Callable[[], object]):
+    """A fresh accumulator: a kind named in ``_STATS``, or any factory of an ``add_batch / value`` object."""
+    return _STATS[kind]() if isinstance(kind, str) else kind()
+
+
 @torch.no_grad()
 def collect_input_stats(
     block: nn.Module,
     linears: Mapping[str, nn.Module],
     inputs: torch.Tensor,
     call: BlockCall,
-    kind: StatKind,
+    kind: StatKind | Callable[[], object],
     outputs: torch.Tensor | None = None,
     device: torch.device | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -179,7 +184,7 @@ def collect_input_stats(
                     leader[name] = entry[1]
                 else:
                     seen[id(x)] = (x, name)
-                    stats.setdefault(name, _STATS[kind]()).add_batch(x)  # type: ignore[attr-defined]
+                    stats.setdefault(name, _new_stat(kind)).add_batch(x)
             elif name in leader:
                 if entry is None or entry[0] is not x or entry[1] != leader[name]:
                     raise RuntimeError(f"{name} no longer shares its input with {leader[name]}")
@@ -294,7 +299,7 @@ def sequential(
     model: nn.Module,
     samples: torch.Tensor | None,
     visit: BlockVisitor,
-    kind: StatKind | None,
+    kind: StatKind | Callable[[], object] | None,
     *,
     modifies: bool = True,
     blocks_path: str | None = None,
@@ -316,6 +321,7 @@ def sequential(
     ``device`` is where each block runs. ``start`` and ``inputs`` continue an interrupted run at block
     ``start`` with that block's saved inputs. The other options are the per-block hooks and the baseline
     timing described in the module docstring. Returns the times measured.
+    ``kind`` may also be a factory of an ``add_batch / value`` object (DSnoT's input moments).
     """
     setup = _setup(model, blocks_path, source, device)
     blocks, source, device = setup.blocks, setup.source, setup.device

@@ -6,6 +6,8 @@ depend on how many batches were seen and float32 does not overflow on long calib
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -81,3 +83,37 @@ class RunningSqNorm:
 
     def value(self) -> torch.Tensor:
         return self.mean.value()
+
+
+@dataclass(frozen=True)
+class InputMoments:
+    """Per-feature mean and mean square of a layer's input, and optionally its Gram matrix."""
+
+    mean: torch.Tensor  # (in,) mean of x_j over every token
+    sq_mean: torch.Tensor  # (in,) mean of x_j^2 (Wanda's ||X_j||^2 / n)
+    gram: torch.Tensor | None = None  # (in, in) mean of x x^T when asked for
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return (self.sq_mean - self.mean.pow(2)).clamp_min(0.0)
+
+
+class RunningMoments:
+    """Running :class:`InputMoments` of the rows of 2-D batches (features last), in float32: what DSnoT
+    needs (mean and variance per input feature) next to what the pruning method needs (``gram`` or not)."""
+
+    def __init__(self, gram: bool = False) -> None:
+        self._mean = RunningMean()
+        self._sq = RunningMean()
+        self._gram = RunningGram() if gram else None
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+        self._mean.add_batch(flat.mean(dim=0), flat.shape[0])
+        self._sq.add_batch(flat.pow(2).mean(dim=0), flat.shape[0])
+        if self._gram is not None:
+            self._gram.add_batch(flat)
+
+    def value(self) -> InputMoments:
+        gram = self._gram.value() if self._gram is not None else None
+        return InputMoments(self._mean.value(), self._sq.value(), gram)

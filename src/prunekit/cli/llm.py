@@ -82,7 +82,7 @@ def _threads(threads: int) -> None:
 def llm_prune(
     out: Path = typer.Option(..., "--out", help="Output directory (loads with from_pretrained)."),
     model: str = typer.Option(None, "--model", help=_MODEL_HELP),
-    method: str = typer.Option("wanda", "--method", help="magnitude, wanda or sparsegpt."),
+    method: str = typer.Option("wanda", "--method", help="magnitude, wanda, sparsegpt or alps."),
     sparsity: float = typer.Option(None, "--sparsity", help="Unstructured sparsity in [0, 1), e.g. 0.5."),
     pattern: str = typer.Option(
         None,
@@ -100,6 +100,16 @@ def llm_prune(
     magnitude_group: str = typer.Option("layer", "--magnitude-group", help="magnitude: layer or row."),
     blocksize: int = typer.Option(128, "--blocksize", help="SparseGPT column block size."),
     damp: float = typer.Option(0.01, "--damp", help="SparseGPT dampening (fraction of mean diag)."),
+    alps_iters: int = typer.Option(300, "--alps-iters", help="ALPS: most ADMM iterations."),
+    refit_iters: int = typer.Option(10, "--refit-iters", help="ALPS: PCG steps of the weight refit."),
+    refine: str = typer.Option(None, "--refine", help="dsnot: prune-and-grow each mask (DSnoT)."),
+    reconstruct: str = typer.Option(
+        None, "--reconstruct", help="layer (least squares), block or sublayer (Adam): refit kept weights."
+    ),
+    reconstruct_epochs: int = typer.Option(1, "--reconstruct-epochs", help="Reconstruction: Adam epochs."),
+    reconstruct_lr: float = typer.Option(
+        2e-3, "--reconstruct-lr", help="Reconstruction: Adam learning rate."
+    ),
     blocks: str = typer.Option(None, "--blocks", help="Dotted path of the decoder blocks (auto if unset)."),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Measure perplexity (dense and pruned)."),
     device: str = typer.Option("cpu", "--device", help=_DEVICE_HELP),
@@ -115,9 +125,9 @@ def llm_prune(
         "reap", "--expert-criterion", help="--experts ranking: reap or frequency."
     ),
 ) -> None:
-    """Prune a causal LM one-shot (magnitude, Wanda, SparseGPT; unstructured or N:M; optional OWL), streamed
-    from disk block by block in the model's own dtype; or remove whole experts of a mixture-of-experts model
-    (--experts)."""
+    """Prune a causal LM one-shot (magnitude, Wanda, SparseGPT, ALPS; unstructured or N:M; optional OWL,
+    DSnoT refinement and block reconstruction), streamed from disk block by block in the model's own dtype;
+    or remove whole experts of a mixture-of-experts model (--experts)."""
     from prunekit.jobs.llm import run_prune
     from prunekit.llm.prune import LLMPruneConfig
     from prunekit.spec import NM, Block, Unstructured, parse
@@ -153,6 +163,12 @@ def llm_prune(
         blocksize=blocksize,
         damp=damp,
         blocks_path=blocks,
+        alps_iters=alps_iters,
+        refit_iters=refit_iters,
+        refine=refine,
+        reconstruct=reconstruct,
+        reconstruct_epochs=reconstruct_epochs,
+        reconstruct_lr=reconstruct_lr,
     )
     text = _text_settings(calib_samples, seqlen, calib_file, eval_file, seed)
     m = run_prune(

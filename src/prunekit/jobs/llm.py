@@ -384,6 +384,8 @@ def _metrics(
         "blocks": info["blocks"],
         "block_sparsity_targets": info["block_sparsity_targets"],
         **({"owl": info["owl"]} if "owl" in info else {}),
+        "step_seconds": info.get("seconds", {}),  # DSnoT refinement / reconstruction alone
+        **({"reconstruction": info["reconstruction"]} if "reconstruction" in info else {}),
         "layer_sparsity": {name: z / n for name, (z, n) in counts.items()},
         "versions": _versions(),
     }

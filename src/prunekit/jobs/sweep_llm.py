@@ -2,8 +2,10 @@
 
 The language-model counterpart of :mod:`prunekit.jobs.sweep` (whose Pareto front, CSV, plot and atomic
 writing it shares; lower perplexity is better). For each method and sparsity a fresh copy of the dense model
-is pruned one-shot with :func:`prunekit.llm.prune.prune_llm` (magnitude, Wanda or SparseGPT; N:M patterns
-as ``2:4`` = magnitude 2:4 or ``wanda:2:4``), its perplexity measured on the evaluation text, its state
+is pruned one-shot with :func:`prunekit.llm.prune.prune_llm` (any registered method: magnitude, Wanda,
+SparseGPT, ALPS; N:M patterns as ``2:4`` = magnitude 2:4 or ``wanda:2:4``; ``+owl``, ``+dsnot``, ``+block``
+or ``+sublayer`` after the method name add OWL sparsities, the DSnoT refinement or a reconstruction, e.g.
+``sparsegpt+dsnot+block:2:4``), its perplexity measured on the evaluation text, its state
 saved with :func:`prunekit.compress.save_compressed` (index included) and densely as float safetensors to a
 temporary directory for the sizes, and one forward over one ``seqlen`` window timed interleaved with the
 dense model in its own pair (``compare_latency``): the ratio of medians within the pair is what the curves
@@ -56,13 +58,29 @@ COLUMNS = (
 )
 
 
+MODIFIERS = ("owl", "dsnot", "layer", "block", "sublayer")  # method+modifier: OWL, refinement, reconstruction
+
+
 @dataclass(frozen=True)
 class SweepPoint:
     """One row family of an LLM sweep: a registered method, at the grid's sparsities or one N:M pattern."""
 
-    name: str  # as given: "wanda", "2:4", "sparsegpt:2:4"
+    name: str  # as given: "wanda", "2:4", "sparsegpt:2:4", "sparsegpt+dsnot+block:2:4"
     method: str  # a name in prunekit.registry.LLM_METHODS
     pattern: str | None = None  # "2:4" for N:M, None for unstructured at each sparsity of the grid
+    owl: bool = False
+    refine: str | None = None  # "dsnot"
+    reconstruct: str | None = None  # "block" or "sublayer"
+
+    @property
+    def needs_data(self) -> bool:
+        statistic = LLM_METHODS.get(self.method).statistic
+        return self.owl or self.refine is not None or self.reconstruct is not None or statistic is not None
+
+    def config(self, sparsity: float) -> LLMPruneConfig:
+        return LLMPruneConfig(
+            self.method, self.spec(sparsity), owl=self.owl, refine=self.refine, reconstruct=self.reconstruct
+        )
 
     def sparsities(self, grid: Sequence[float]) -> list[float]:
         if self.pattern is None:
@@ -76,24 +94,33 @@ class SweepPoint:
 
 
 def parse_llm_methods(text: str | Sequence[str]) -> list[SweepPoint]:
-    """``"magnitude,wanda,sparsegpt,2:4,wanda:2:4"`` -> methods; anything else is a one-line error."""
+    """``"magnitude,wanda,sparsegpt,2:4,wanda:2:4,alps+block:2:4"`` -> methods; anything else is a one-line
+    error."""
 
     methods = LLM_METHODS.names()
 
     names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
     if not names:
         raise PrunekitError("--methods: give at least one method, e.g. magnitude,wanda,sparsegpt,2:4")
-    allowed = f"{', '.join(methods)}, N:M (e.g. 2:4 = magnitude 2:4) or METHOD:N:M (e.g. wanda:2:4)"
+    allowed = (
+        f"{', '.join(methods)}, N:M (e.g. 2:4 = magnitude 2:4) or METHOD:N:M (e.g. wanda:2:4), each method "
+        f"optionally followed by +{', +'.join(MODIFIERS)} (e.g. sparsegpt+dsnot+block:2:4)"
+    )
     out = []
     for name in names:
         head, colon, rest = name.partition(":")
+        base, *mods = head.split("+")
         method, pattern = name, None
-        if colon and head in methods:
-            method, pattern = head, rest
+        if colon and base in methods:
+            method, pattern = base, rest
         elif colon and head.strip().isdigit():  # a bare N:M pattern: magnitude N:M
-            method, pattern = "magnitude", name
-        if method not in methods:
+            method, pattern, mods = "magnitude", name, []
+        elif not colon:
+            method = base
+        if method not in methods or any(m not in MODIFIERS for m in mods) or len(set(mods)) < len(mods):
             raise PrunekitError(f"--methods: unknown language-model method '{name}'; allowed: {allowed}")
+        if sum(m in ("layer", "block", "sublayer") for m in mods) > 1:
+            raise PrunekitError(f"--methods {name}: choose one reconstruction, +layer, +block or +sublayer")
         if pattern is not None:
             try:
                 spec = parse(pattern)
@@ -101,7 +128,19 @@ def parse_llm_methods(text: str | Sequence[str]) -> list[SweepPoint]:
                 raise PrunekitError(f"--methods {name}: {exc}") from None
             if not isinstance(spec, NM):
                 raise PrunekitError(f"--methods {name}: only N:M patterns such as 2:4 go after ':'")
-        out.append(SweepPoint(name, method, pattern))
+            if "owl" in mods:
+                raise PrunekitError(f"--methods {name}: OWL allocates unstructured sparsity, not N:M")
+        rebuild = [m for m in mods if m in ("layer", "block", "sublayer")]
+        out.append(
+            SweepPoint(
+                name,
+                method,
+                pattern,
+                owl="owl" in mods,
+                refine="dsnot" if "dsnot" in mods else None,
+                reconstruct=rebuild[0] if rebuild else None,
+            )
+        )
     return out
 
 
@@ -156,9 +195,9 @@ def run_llm_sweep(
     grid = check_grid(grid)
     if latency_runs < 1:
         raise PrunekitError(f"--latency-runs must be >= 1, got {latency_runs}")
-    configs = [(m, s, LLMPruneConfig(m.method, m.spec(s))) for m in methods for s in m.sparsities(grid)]
+    configs = [(m, s, m.config(s)) for m in methods for s in m.sparsities(grid)]
     if calib is None and any(c.needs_data for _, _, c in configs):
-        raise PrunekitError("wanda and sparsegpt need calibration token ids")
+        raise PrunekitError("every method but plain magnitude needs calibration token ids")
     model.eval()
     example = windows[:1]
     dense_forward = _Forward(model)
@@ -240,7 +279,7 @@ def run_llm_sweep_from_path(
     model, tokenizer = load_causal_lm(model_path)
     check_seqlen(model, text.seqlen)
     calib_text, eval_text, source = read_texts(text)
-    needs = any(LLM_METHODS.get(m.method).statistic is not None for m in methods)  # calibration text
+    needs = any(m.needs_data for m in methods)  # the method's statistic, OWL, DSnoT or reconstruction
     calib = (
         calibration_windows(
             tokenize(tokenizer, calib_text, vocab(model)), text.calib_samples, text.seqlen, text.seed

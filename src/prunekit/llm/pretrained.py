@@ -187,6 +187,7 @@ def prune_pretrained(
         block_done=block_done if config.needs_data else None,
         after_visit=after_visit,
         dense_outputs=dense_outputs,
+        record=info,
     )
     times.work_seconds += owl_seconds + before.get("work", 0.0)
     times.dense_block_seconds += before.get("dense_blocks", 0.0)

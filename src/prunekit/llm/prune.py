@@ -23,14 +23,26 @@ from torch import nn
 
 from prunekit.allocate.owl import outlier_ratio, owl_sparsities
 from prunekit.calib.blocks import find_blocks, linear_layers, out_in_weight, set_out_in_weight
-from prunekit.calib.sequential import AfterVisit, BlockDone, BlockSource, Progress, RunTimes, sequential
+from prunekit.calib.sequential import (
+    AfterVisit,
+    BlockData,
+    BlockDone,
+    BlockSource,
+    Progress,
+    RunTimes,
+    sequential,
+)
+from prunekit.calib.stats import InputMoments, RunningMoments
 from prunekit.criteria.activation import wanda_scores
 from prunekit.errors import PrunekitError, unknown_name
+from prunekit.llm.reconstruct import RECONSTRUCT_MODES, BlockReconstruction
+from prunekit.methods.dsnot import dsnot_refine
 from prunekit.methods.pattern import LLM_GROUPS, check_llm_pattern, check_llm_spec
 from prunekit.registry import LLM_METHODS
-from prunekit.spec import Spec, Unstructured
+from prunekit.spec import Block, Spec, Unstructured
 
 log = logging.getLogger(__name__)
+REFINEMENTS = ("dsnot",)
 
 
 @dataclass(frozen=True)
@@ -49,10 +61,43 @@ class LLMPruneConfig:
     damp: float = 0.01  # SparseGPT: dampening, a fraction of the Hessian's mean diagonal
     blocks_path: str | None = None  # dotted path of the decoder blocks; found automatically when None
     options: Mapping[str, Any] = field(default_factory=dict, hash=False)  # a user method's own settings
+    alps_iters: int = 300  # ALPS: most ADMM iterations (it stops earlier once the support settles)
+    alps_rho: float = 0.1  # ALPS: initial ADMM penalty, relative to the unit-diagonal Hessian
+    refit_iters: int = 10  # ALPS: preconditioned-CG steps of the weight refit on the final support
+    refine: str | None = None  # "dsnot": prune-and-grow each layer's mask toward the dense output
+    dsnot_cycles: int = 50  # DSnoT: most swap cycles per row (the paper's T)
+    dsnot_threshold: float = 0.1  # DSnoT: a row stops once |expected error| is below this (epsilon)
+    reconstruct: str | None = None  # "layer", "block" or "sublayer": refit kept weights (llm/reconstruct.py)
+    reconstruct_epochs: int = 1  # reconstruction: Adam epochs over the calibration samples
+    reconstruct_lr: float = 2e-3  # reconstruction: Adam learning rate
+    reconstruct_batch: int = 4  # reconstruction: calibration samples per Adam step
 
     def __post_init__(self) -> None:
         LLM_METHODS.get(self.method)  # an unknown name fails here, with a did-you-mean
         check_llm_pattern(self.spec)
+        if self.refine not in (None, *REFINEMENTS):
+            raise unknown_name("refinement", self.refine, REFINEMENTS)
+        if self.reconstruct not in (None, *RECONSTRUCT_MODES):
+            raise unknown_name("reconstruction", self.reconstruct, RECONSTRUCT_MODES)
+        for name in ("alps_iters", "refit_iters", "dsnot_cycles", "reconstruct_epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise PrunekitError(f"{name} must be an integer >= 0, got {value!r}")
+        if isinstance(self.reconstruct_batch, bool) or not isinstance(self.reconstruct_batch, int):
+            raise PrunekitError(
+                f"reconstruct_batch must be a positive integer, got {self.reconstruct_batch!r}"
+            )
+        if self.reconstruct_batch < 1:
+            raise PrunekitError(
+                f"reconstruct_batch must be a positive integer, got {self.reconstruct_batch!r}"
+            )
+        for name in ("alps_rho", "reconstruct_lr"):
+            if not getattr(self, name) > 0:
+                raise PrunekitError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not self.dsnot_threshold >= 0:
+            raise PrunekitError(f"dsnot_threshold must be >= 0, got {self.dsnot_threshold!r}")
+        if isinstance(self.spec, Block) and (self.method == "alps" or self.refine is not None):
+            raise PrunekitError("alps and dsnot take unstructured and N:M patterns, not block patterns")
         if self.magnitude_group not in LLM_GROUPS:
             raise unknown_name("magnitude group", self.magnitude_group, LLM_GROUPS)
         if self.owl:
@@ -69,7 +114,19 @@ class LLMPruneConfig:
 
     @property
     def needs_data(self) -> bool:
-        return self.owl or self.statistic is not None
+        return (
+            self.owl or self.statistic is not None or self.refine is not None or self.reconstruct is not None
+        )
+
+    def gathered(self):
+        """What the block runner gathers per layer: the method's statistic, input moments when DSnoT
+        refines (with the Gram matrix when the method needs it), or the cheapest one when only the
+        reconstruction needs the runner to pass data."""
+        if self.refine is not None:
+            return lambda: RunningMoments(gram=self.statistic == "gram")
+        if self.statistic is None and self.reconstruct is not None:
+            return "sq_norm"
+        return self.statistic
 
 
 def check_fits(model: nn.Module, config: LLMPruneConfig) -> tuple[str, int]:
@@ -119,14 +176,31 @@ def owl_block_sparsities(
     return owl_sparsities(ratios, config.spec.sparsity, config.owl_lambda), ratios
 
 
-def _prune_layer(config: LLMPruneConfig, spec: Spec, name: str, module: nn.Module, stat) -> None:
+def _method_statistic(config: LLMPruneConfig, stat):
+    """The method's own statistic out of what the runner gathered (input moments when DSnoT refines)."""
+    if config.statistic is None:
+        return None
+    if not isinstance(stat, InputMoments):
+        return stat
+    return {"gram": stat.gram, "sq_norm": stat.sq_mean}.get(config.statistic)  # type: ignore[arg-type]
+
+
+def _prune_layer(
+    config: LLMPruneConfig, spec: Spec, name: str, module: nn.Module, stat, timing: dict[str, float]
+) -> None:
     weight = out_in_weight(module).to(torch.float32)  # the methods' protocol: float32 in, any dtype stored
-    new = LLM_METHODS.get(config.method)(weight, stat, spec, config)
+    new = LLM_METHODS.get(config.method)(weight, _method_statistic(config, stat), spec, config)
     if not isinstance(new, torch.Tensor) or new.shape != weight.shape:
         got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
         raise PrunekitError(
             f"LLM method '{config.method}' returned {got} for {name}, whose weight is {tuple(weight.shape)}"
         )
+    if config.refine == "dsnot" and isinstance(stat, InputMoments):
+        start = time.perf_counter()
+        new, _ = dsnot_refine(
+            weight, new, new != 0, stat.mean, stat.sq_mean, spec, config.dsnot_cycles, config.dsnot_threshold
+        )
+        timing["refine"] = timing.get("refine", 0.0) + time.perf_counter() - start
     set_out_in_weight(module, new)
 
 
@@ -167,35 +241,70 @@ def prune_blocks(
     block_done: BlockDone | None = None,
     after_visit: AfterVisit | None = None,
     dense_outputs: bool = False,
+    record: dict[str, Any] | None = None,
 ) -> RunTimes:
     """Prune every block (from ``start``) with ``specs[i]``: the pass :func:`prune_llm` and the streamed
     :func:`prunekit.llm.pretrained.prune_pretrained` share. ``after_visit`` / ``dense_outputs``: the
-    runner's per-block hook after the layers are pruned (:class:`prunekit.calib.sequential.BlockData`)."""
+    runner's per-block hook after the layers are pruned (:class:`prunekit.calib.sequential.BlockData`);
+    ``config.reconstruct`` runs before it, ``config.refine`` inside each layer's pruning. ``record`` gets
+    the seconds of refinement/reconstruction and each reconstructed block's error before and after."""
     path, _ = find_blocks(model, config.blocks_path)
+    timing: dict[str, float] = {}
+    rebuild = None
+    if config.reconstruct is not None:
+        rebuild = BlockReconstruction(
+            config.reconstruct,
+            config.reconstruct_epochs,
+            config.reconstruct_lr,
+            config.reconstruct_batch,
+            config.damp,
+        )
+    gathered = config.gathered()
 
     def visit(index: int, block: nn.Module, linears: dict[str, nn.Module], stats: dict) -> None:
         for name, module in linears.items():
             stat = stats.get(name)
-            if config.statistic is not None and stat is None:
+            if gathered is not None and stat is None:
                 continue  # never called by the block: nothing to calibrate on (logged by the runner)
-            _prune_layer(config, specs[index], f"{path}.{index}.{name}", module, stat)
+            if rebuild is not None:
+                rebuild.dense[id(module)] = module.weight.detach().clone()
+            _prune_layer(config, specs[index], f"{path}.{index}.{name}", module, stat, timing)
 
-    return sequential(
+    def reconstruct(data: BlockData) -> None:
+        began = time.perf_counter()
+        rebuild(data.index, data.block, data.inputs, data.dense_outputs, data.call)
+        timing["reconstruct"] = timing.get("reconstruct", 0.0) + time.perf_counter() - began
+
+    hooks = [h for h in (reconstruct if rebuild is not None else None, after_visit) if h is not None]
+
+    def visited(data: BlockData) -> None:
+        for hook in hooks:  # the reconstruction first: a caller's hook sees the block as it is saved
+            hook(data)
+
+    times = sequential(
         model,
         calib,
         visit,
-        config.statistic,  # type: ignore[arg-type]
+        gathered,  # type: ignore[arg-type]
         blocks_path=config.blocks_path,
         progress=progress,
         source=source,
         device=device,
-        time_dense=time_dense and config.statistic is not None,
+        time_dense=time_dense and gathered is not None,
         start=start,
         inputs=inputs,
         block_done=block_done,
-        after_visit=after_visit,
-        dense_outputs=dense_outputs,
+        after_visit=visited if hooks else None,
+        dense_outputs=dense_outputs or rebuild is not None,
     )
+    if record is not None:
+        record["seconds"] = timing
+        if rebuild is not None:
+            record["reconstruction"] = [
+                {"block": i, "mode": mode, "error_before": b, "error_after": a}
+                for i, mode, b, a in rebuild.errors
+            ]
+    return times
 
 
 @torch.no_grad()
@@ -239,6 +348,7 @@ def prune_llm(
         time_dense=time_dense,
         after_visit=after_visit,
         dense_outputs=dense_outputs,
+        record=info,
     )
     times.work_seconds += owl_seconds  # the OWL pass is part of pruning
     if time_dense:

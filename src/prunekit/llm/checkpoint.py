@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from prunekit.errors import PrunekitError
 from prunekit.files import atomic_write_json, mode_for
+from prunekit.tensorfile import DTYPES
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -112,21 +113,9 @@ class Checkpoint:
 
 
 def _dtype(name: str) -> torch.dtype:
-    table = {
-        "F64": torch.float64,
-        "F32": torch.float32,
-        "F16": torch.float16,
-        "BF16": torch.bfloat16,
-        "I64": torch.int64,
-        "I32": torch.int32,
-        "I16": torch.int16,
-        "I8": torch.int8,
-        "U8": torch.uint8,
-        "BOOL": torch.bool,
-    }
-    if name not in table:
+    if name not in DTYPES:
         raise PrunekitError(f"unsupported safetensors dtype {name}")
-    return table[name]
+    return DTYPES[name]
 
 
 def shard_name(index: int, count: int) -> str:

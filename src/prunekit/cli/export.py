@@ -64,6 +64,7 @@ def onnx_command(
         1.0, "--int8-steps", help="INT8 models (QDQ): allowed difference in int8 steps of the output."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Export a saved model to one ONNX file (INT8 as QDQ), checked with onnxruntime against PyTorch."""
     from prunekit.jobs.export import onnx_from_source
@@ -78,6 +79,7 @@ def onnx_command(
         rtol=rtol,
         atol=atol,
         exporter=exporter,
+        progress=not (quiet or as_json),
         int8_steps=int8_steps,
     )
     if as_json:
@@ -133,6 +135,7 @@ def c_command(
         True, "--check/--no-check", help="Run make check (gcc) and the Cortex-M4 build."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the budget and checks as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Export an INT8 model as portable C99 (no heap, no dependencies), with budgets and a host check."""
     from prunekit.export.c.budget import table
@@ -147,6 +150,7 @@ def c_command(
         flash_limit=flash_limit,
         ram_limit=ram_limit,
         check=check,
+        progress=not (quiet or as_json),
     )
     if as_json:
         typer.echo(json.dumps({**result, "checks": checks}, indent=2))

@@ -25,6 +25,7 @@ def structured(
         help="Also prune widths a LayerNorm/RMSNorm normalises over (residual streams, hidden size): "
         "approximate, expect to fine-tune.",
     ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Physically remove channels/heads/neurons and measure params, MACs and latency before and after."""
     from prunekit.files import refuse_same_file
@@ -47,6 +48,7 @@ def structured(
         runs=runs,
         model_name=model,
         prune_norm_coupled=hidden,
+        progress=not quiet,
     )
     typer.echo(f"{'':<8} {'params':>12} {'MACs':>14} {'p50 ms':>9} {'p99 ms':>9}")
     for label in ("dense", "pruned"):

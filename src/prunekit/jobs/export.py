@@ -24,6 +24,7 @@ from prunekit.export.c.source import calibration_inputs, parse_bytes
 from prunekit.export.c.source import load_source as load_c_source
 from prunekit.export.onnx import export_onnx
 from prunekit.files import refuse_same_file, safetensors_metadata
+from prunekit.jobs.steps import Steps
 from prunekit.jobs.structured import load_model_spec
 from prunekit.limits import check_input
 from prunekit.models import MODELS
@@ -104,16 +105,22 @@ def load_source(source: Path, shape: tuple[int, ...] | None) -> tuple[nn.Module,
 
 
 def onnx_from_source(
-    source: Path, out: Path, shape: tuple[int, ...] | None = None, **options: Any
+    source: Path, out: Path, shape: tuple[int, ...] | None = None, progress: bool = False, **options: Any
 ) -> tuple[dict[str, Any], tuple[int, ...]]:
     """Export the model saved at ``source`` to ``out`` (prunekit.export.onnx.export_onnx ``options``) on a
     seeded random example of ``shape``; returns the export report and the shape used."""
     refuse_same_file(out, source, "--out", "SOURCE")
     refuse_inside_store(out)
-    model, shape = load_source(source, shape)
-    check_input(model, shape)  # before the example (and the exporter's trace) is allocated
-    example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    return export_onnx(model, example, out, **options), shape
+    steps = Steps(["load", "export and check"], "export onnx", progress)
+    try:
+        with steps("load"):
+            model, shape = load_source(source, shape)
+            check_input(model, shape)  # before the example (and the exporter's trace) is allocated
+            example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        with steps("export and check"):
+            return export_onnx(model, example, out, **options), shape
+    finally:
+        steps.close()
 
 
 def c_from_source(
@@ -126,28 +133,39 @@ def c_from_source(
     flash_limit: str = "",
     ram_limit: str = "",
     check: bool = True,
+    progress: bool = False,
 ) -> tuple[dict[str, Any], dict[str, Any], Path]:
     """Export the INT8 model at ``source`` as C99 into ``out``; with ``check`` also ``make check`` (gcc) and
     the Cortex-M4 size. Returns the export result, the checks and the artifact used."""
     flash, ram = parse_bytes(flash_limit, "--flash-limit"), parse_bytes(ram_limit, "--ram-limit")
     refuse_same_file(out, source, "--out", "SOURCE")
     refuse_inside_store(out)
-    model, splits, artifact = load_c_source(source, data)
-    x_train, x_test, y_test = calibration_inputs(splits), splits.test[:][0], splits.test[:][1]
-    result = export_c(
-        model,
-        out,
-        calibration=[x_train],
-        test=(x_test, y_test),
-        name=name,
-        sparse=sparse,
-        flash_limit=flash,
-        ram_limit=ram,
+    steps = Steps(
+        ["load", "export", *(["make check", "Cortex-M4 build"] if check else [])], "export c", progress
     )
-    checks: dict[str, Any] = {}
-    if check:
-        checks["host"] = (
-            run_check(out) if have("gcc") and have("make") else {"skipped": "gcc or make not on PATH"}
-        )
-        checks["arm"] = arm_size(out, name)
-    return result, checks, artifact
+    try:
+        with steps("load"):
+            model, splits, artifact = load_c_source(source, data)
+            x_train, x_test, y_test = calibration_inputs(splits), splits.test[:][0], splits.test[:][1]
+        with steps("export"):
+            result = export_c(
+                model,
+                out,
+                calibration=[x_train],
+                test=(x_test, y_test),
+                name=name,
+                sparse=sparse,
+                flash_limit=flash,
+                ram_limit=ram,
+            )
+        checks: dict[str, Any] = {}
+        if check:
+            with steps("make check"):
+                checks["host"] = (
+                    run_check(out) if have("gcc") and have("make") else {"skipped": "gcc or make not on PATH"}
+                )
+            with steps("Cortex-M4 build"):
+                checks["arm"] = arm_size(out, name)
+        return result, checks, artifact
+    finally:
+        steps.close()

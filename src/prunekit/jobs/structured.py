@@ -20,6 +20,7 @@ from prunekit.analysis.sparsity import layer_table
 from prunekit.artifact import load_artifact
 from prunekit.errors import PrunekitError
 from prunekit.files import atomic_write_json
+from prunekit.jobs.steps import Steps
 from prunekit.limits import check_input
 from prunekit.models import MODELS, build_model
 from prunekit.registry import resolve_reference
@@ -80,23 +81,27 @@ def run_structured(
     runs: int = 200,
     model_name: str = "",
     prune_norm_coupled: bool = False,
+    progress: bool = False,
 ) -> dict[str, Any]:
-
     out = Path(out)
+    steps = Steps(["prune and verify", "time dense and pruned", "save"], "structured", progress)
     dense = copy.deepcopy(model).eval()
     dense_macs = count_macs(dense, example)["total"]
-    result = prune_model(
-        model,
-        example,
-        ratio=ratio,
-        importance=importance,
-        round_to=round_to,
-        verify=True,
-        prune_norm_coupled=prune_norm_coupled,
-    )
+    with steps("prune and verify"):
+        result = prune_model(
+            model,
+            example,
+            ratio=ratio,
+            importance=importance,
+            round_to=round_to,
+            verify=True,
+            prune_norm_coupled=prune_norm_coupled,
+        )
     pruned_macs = count_macs(model, example)["total"]
-    latency = compare_latency({"dense": dense, "pruned": model}, example, runs=runs, warmup=20)
-    save(model, result.plan, out)
+    with steps("time dense and pruned"):
+        latency = compare_latency({"dense": dense, "pruned": model}, example, runs=runs, warmup=20)
+    with steps("save"):
+        save(model, result.plan, out)
     # the dense model's tensor bytes (shared storage once, as save_model stores tied weights once)
     dense_bytes = sum(
         t.numel() * t.element_size()

@@ -44,12 +44,16 @@ def _argument_type(self, ctx) -> str | None:
     return value_name(_ORIGINAL_ARGUMENT(self, ctx) or "")
 
 
-_ORIGINAL_OPTION = typer.core.TyperOption.display_type
-_ORIGINAL_ARGUMENT = typer.core.TyperArgument.display_type
+# typer versions before its own type display (which printed click's plain help) have nothing to replace
+_ORIGINAL_OPTION = getattr(getattr(typer.core, "TyperOption", None), "display_type", None)
+_ORIGINAL_ARGUMENT = getattr(getattr(typer.core, "TyperArgument", None), "display_type", None)
 
 
 def install() -> None:
-    """Replace typer's help display of option types and argument names (idempotent)."""
+    """Replace typer's help display of option types and argument names (idempotent; nothing to do on a
+    typer without its own type display)."""
+    if _ORIGINAL_OPTION is None or _ORIGINAL_ARGUMENT is None:
+        return
     typer.core.TyperOption.display_type_rich = _option_type
     typer.core.TyperArgument.display_type_rich = _argument_type
     typer.core.TyperArgument.display_name_raw = property(

@@ -42,6 +42,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+from prunekit.runtime.kernels import emit_loop
+
 log = logging.getLogger(__name__)
 
 # register tiles (vectors per tile) compiled for each vector width; compile() times a few of them per layer
@@ -94,35 +96,6 @@ def _vstore(builder: ir.IRBuilder, value: ir.Value, base: ir.Value, off: ir.Valu
     store.align = 4
 
 
-def _loop(builder: ir.IRBuilder, lo: ir.Value, hi: ir.Value, carried: list, body: Callable) -> list:
-    """Emit ``for k in [lo, hi): carried = body(k, carried)``; return the final carried values."""
-    pre = builder.block
-    loop = builder.append_basic_block("loop")
-    done = builder.append_basic_block("done")
-    builder.cbranch(builder.icmp_signed("<", lo, hi), loop, done)
-    builder.position_at_end(loop)
-    k = builder.phi(_I64)
-    phis = [builder.phi(v.type) for v in carried]
-    k.add_incoming(lo, pre)
-    for p, v in zip(phis, carried):
-        p.add_incoming(v, pre)
-    new = body(k, list(phis))
-    k2 = builder.add(k, _c64(1))
-    end = builder.block
-    k.add_incoming(k2, end)
-    for p, v in zip(phis, new):
-        p.add_incoming(v, end)
-    builder.cbranch(builder.icmp_signed("<", k2, hi), loop, done)
-    builder.position_at_end(done)
-    out = []
-    for v, n in zip(carried, new):
-        res = builder.phi(v.type)
-        res.add_incoming(v, pre)
-        res.add_incoming(n, end)
-        out.append(res)
-    return out
-
-
 def _data(context, builder, nbtype, value) -> ir.Value:
     return context.make_array(nbtype)(context, builder, value).data
 
@@ -140,7 +113,7 @@ def _store_planes(builder, vt, value, yp, ybase, yoffs_p, ns, mp, mb, ml, combin
         _vstore(builder, combine(value, mask), yp, dst)
         return []
 
-    _loop(builder, _c64(0), ns, [], body)
+    emit_loop(builder, _c64(0), ns, [], body, "conv")
 
 
 def _store_all(builder, vt, values, yp, yb, yoffs_p, ns, mp, mb, ml, combine) -> None:
@@ -213,7 +186,7 @@ def _f32_tile(nv: int, vw: int):
                     for i, a in enumerate(accs)
                 ]
 
-            accs = _loop(builder, lo, hi, accs, body)
+            accs = emit_loop(builder, lo, hi, accs, body, "conv")
             with builder.if_else(_flag(builder, flags, FLAG_FINAL)) as (final, partial):
                 with final:
                     bv = _splat(builder, args[2], vt)
@@ -453,7 +426,7 @@ def _i8_tile(nv: int, isa: str):
                     w = _splat(builder, builder.load(builder.gep(wp, [k])), vi)
                     return [dot(a, _vload(builder, row, _c64(vw * i), vi), w) for i, a in enumerate(accs)]
 
-                return co, srow, _loop(builder, lo, hi, accs, body)
+                return co, srow, emit_loop(builder, lo, hi, accs, body, "conv")
 
             with builder.if_else(_flag(builder, flags, FLAG_FINAL)) as (do_final, do_partial):
                 with do_partial:

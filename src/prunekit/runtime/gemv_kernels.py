@@ -43,6 +43,7 @@ from numba import types
 from numba.extending import intrinsic
 
 from prunekit.runtime.gemv_formats import ROW_GROUP, nm_chunk, nm_meta_bits
+from prunekit.runtime.kernels import emit_loop
 
 log = logging.getLogger(__name__)
 
@@ -177,31 +178,7 @@ class _Builder:
 
     def loop(self, lo: ir.Value, hi: ir.Value, carried: list, body: Callable) -> list:
         """``for k in [lo, hi): carried = body(k, carried)``; the final carried values."""
-        b = self.b
-        pre = b.block
-        head, done = b.append_basic_block("gemv.loop"), b.append_basic_block("gemv.done")
-        b.cbranch(b.icmp_signed("<", lo, hi), head, done)
-        b.position_at_end(head)
-        k = b.phi(_I64)
-        phis = [b.phi(v.type) for v in carried]
-        k.add_incoming(lo, pre)
-        for p, v in zip(phis, carried):
-            p.add_incoming(v, pre)
-        new = body(k, list(phis))
-        k2 = b.add(k, _i64(1))
-        end = b.block
-        k.add_incoming(k2, end)
-        for p, v in zip(phis, new):
-            p.add_incoming(v, end)
-        b.cbranch(b.icmp_signed("<", k2, hi), head, done)
-        b.position_at_end(done)
-        out = []
-        for v, n in zip(carried, new):  # phis grouped at the top of the block
-            res = b.phi(v.type)
-            res.add_incoming(v, pre)
-            res.add_incoming(n, end)
-            out.append(res)
-        return out
+        return emit_loop(self.b, lo, hi, carried, body, "gemv")
 
     def streams(self, lo: ir.Value, hi: ir.Value, unroll: int, accs: list, step: Callable) -> list:
         """``acc = step(k, acc)`` for k in [lo, hi) on ``unroll`` independent accumulators (k = lo + unroll t

@@ -85,11 +85,14 @@ def _to_i64(builder: ir.IRBuilder, value: ir.Value, nbtype: types.Integer) -> ir
     return builder.sext(value, _I64) if nbtype.signed else builder.zext(value, _I64)
 
 
-def _loop(builder: ir.IRBuilder, lo: ir.Value, hi: ir.Value, carried: list, body: Callable) -> list:
-    """Emit ``for k in [lo, hi): carried = body(k, carried)``; return the final carried values."""
+def emit_loop(
+    builder: ir.IRBuilder, lo: ir.Value, hi: ir.Value, carried: list, body: Callable, name: str = "tile"
+) -> list:
+    """Emit ``for k in [lo, hi): carried = body(k, carried)``; return the final carried values (the LLVM
+    loop every hand-written kernel here uses: runtime.kernels, conv_kernels, gemv_kernels)."""
     pre = builder.block
-    loop = builder.append_basic_block("tile.loop")
-    done = builder.append_basic_block("tile.done")
+    loop = builder.append_basic_block(f"{name}.loop")
+    done = builder.append_basic_block(f"{name}.done")
     builder.cbranch(builder.icmp_signed("<", lo, hi), loop, done)
     builder.position_at_end(loop)
     k = builder.phi(_I64)
@@ -174,9 +177,9 @@ def row_tile(nv: int, unroll: int, accumulate: bool, with_bias: bool = False):
                     out += axpy(k, accs[s * nv : (s + 1) * nv])
                 return out
 
-            accs = _loop(builder, ir.Constant(_I64, 0), m, [_ZERO] * (nv * unroll), streams)
+            accs = emit_loop(builder, ir.Constant(_I64, 0), m, [_ZERO] * (nv * unroll), streams)
             tail = builder.add(start, builder.mul(m, ir.Constant(_I64, unroll)))
-            accs[:nv] = _loop(builder, tail, stop, accs[:nv], axpy)
+            accs[:nv] = emit_loop(builder, tail, stop, accs[:nv], axpy)
             for i in range(nv):
                 total = accs[i]
                 for s in range(1, unroll):

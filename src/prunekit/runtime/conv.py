@@ -547,18 +547,7 @@ class PlanesConv2d(_PlanesBase):
         inp, geo, X, out, Y, conv = self._plan(h, w)
         L.fill(a.reshape(-1).view(np.int32), 0, h * w, w, h, w, self.geom.cin, X, geo, np.int32(0))
         conv(X, Y)
-        y = np.empty((1, self.geom.cout, out.height, out.width), np.float32)
-        L.read(
-            Y,
-            out.col0(),
-            out.per_unit * out.plane,
-            out.pitch,
-            self.geom.cout,
-            out.height,
-            out.width,
-            y.reshape(-1).view(np.int32),
-        )
-        return torch.from_numpy(y)
+        return torch.from_numpy(L.read_nchw(Y, out, self.geom.cout))
 
     def extra_repr(self) -> str:
         nnz = int(np.count_nonzero(self.weight))
@@ -643,18 +632,7 @@ class PlanesQuantizedConv2d(_PlanesBase):
         return self._read(floats, F)
 
     def _read(self, floats: L.Layout, F: np.ndarray) -> Tensor:
-        y = np.empty((1, self.geom.cout, floats.height, floats.width), np.float32)
-        L.read(
-            F,
-            floats.col0(),
-            floats.per_unit * floats.plane,
-            floats.pitch,
-            self.geom.cout,
-            floats.height,
-            floats.width,
-            y.reshape(-1).view(np.int32),
-        )
-        return torch.from_numpy(y)
+        return torch.from_numpy(L.read_nchw(F, floats, self.geom.cout))
 
     def _dense_acc(self, x: Tensor, s_x: np.float32) -> np.ndarray:
         """The exact integer sums from a float32 convolution of the integer values (exact: sums < 2**24)."""

@@ -221,6 +221,22 @@ def read(src, s_off, s_cstride, q, units, h, w, out):
             out[o : o + w] = src[b : b + w]
 
 
+def read_nchw(buf: np.ndarray, layout: Layout, channels: int) -> np.ndarray:
+    """A float32 planes tensor (``buf`` laid out as ``layout``) as a (1, channels, height, width) array."""
+    y = np.empty((1, channels, layout.height, layout.width), np.float32)
+    read(
+        buf,
+        layout.col0(),
+        layout.per_unit * layout.plane,
+        layout.pitch,
+        channels,
+        layout.height,
+        layout.width,
+        y.reshape(-1).view(np.int32),
+    )
+    return y
+
+
 @_jit(fastmath=False)
 def quantize_pack(x, c, hw, s, offset, out):
     """Float32 activations (c, hw) -> int8 ``clamp(round_half_even(x / s), -127, 127)`` (+ ``offset``:

@@ -151,13 +151,7 @@ class Env:
     def tensor(self, v: Value) -> Tensor:
         found = self.nchw.get(v.node)
         if found is None:
-            c, h, w = v.shape
-            lay = v.floats
-            y = np.empty((1, c, h, w), np.float32)
-            L.read(
-                v.fbuf, lay.col0(), lay.per_unit * lay.plane, lay.pitch, c, h, w, y.reshape(-1).view(np.int32)
-            )
-            found = torch.from_numpy(y)
+            found = torch.from_numpy(L.read_nchw(v.fbuf, v.floats, v.shape[0]))
             self.nchw[v.node] = found
         return found
 

@@ -138,18 +138,10 @@ def test_model_and_data_sections_name_the_field_and_the_allowed_values(tmp_path)
 
 
 def test_a_saved_hugging_face_classifier_is_a_model_source(user_code):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.ViTConfig(
-        image_size=8,
-        patch_size=4,
-        num_channels=1,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        num_labels=3,
-    )
-    transformers.ViTForImageClassification(config).save_pretrained("vit")
+    pytest.importorskip("transformers")
+    from fixtures.hf import vit_classifier  # needs transformers
+
+    vit_classifier().save_pretrained("vit")
     r = recipe.from_dict(
         {"model": {"hf": "vit"}, "data": {"factory": "user_net:loaders"}, "stages": STAGES[1:]}
     )

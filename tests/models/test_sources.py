@@ -93,19 +93,11 @@ def test_torchvision_is_optional_and_builds_without_downloading(monkeypatch):
 
 
 def test_a_saved_hugging_face_classifier_loads_offline_and_rebuilds(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.ViTConfig(
-        image_size=8,
-        patch_size=4,
-        num_channels=1,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        num_labels=3,
-    )
+    pytest.importorskip("transformers")
+    from fixtures.hf import vit_classifier  # needs transformers
+
     torch.manual_seed(0)
-    original = transformers.ViTForImageClassification(config).eval()
+    original = vit_classifier().eval()
     original.save_pretrained(tmp_path / "vit")
     model, info = build("hf", str(tmp_path / "vit"))
     x = torch.randn(2, 1, 8, 8)

@@ -504,7 +504,7 @@ def compile(  # noqa: A001 - the natural name, namespaced as prunekit.runtime.co
     if cold:
         timing["flush"] = Flush()
     report = RuntimeReport(
-        [], threads, margin, cold=cold, device=str(device), macs_remaining=_macs_remaining(model, inputs)
+        [], threads, margin, cold=cold, device=str(device), macs_remaining=_macs_remaining(compiled, inputs)
     )
     image = _image(example_inputs)
     seg = None
@@ -559,11 +559,12 @@ def _image(example_inputs) -> Tensor | None:
     return x if ok and x.device.type == "cpu" else None
 
 
-def _macs_remaining(model: nn.Module, inputs: dict[str, Tensor]) -> float | None:
+def _macs_remaining(squashed: nn.Module, inputs: dict[str, Tensor]) -> float | None:
     """Multiply-adds of the nonzero weights over the dense ones, summed over every Linear/Conv2d that ran
-    (a convolution's weight counts once per output position)."""
+    (a convolution's weight counts once per output position). ``squashed``: the masks already applied (the
+    compile's own copy, before any layer is replaced; it was deep-copied a second time here)."""
     kept = total = 0
-    for name, module in squash(copy.deepcopy(model)).named_modules():
+    for name, module in squashed.named_modules():
         x = inputs.get(name)
         if not isinstance(module, _TARGETS) or x is None:
             continue

@@ -17,7 +17,8 @@ from fixtures.cli import call_main
 from fixtures.compressed_v1 import save_v1
 from fixtures.crafted import craft
 from prunekit.compress import ArtifactCorrupted, load_compressed, read_header, save_compressed
-from prunekit.compress.index import Record
+from prunekit.compress import index as index_module
+from prunekit.compress.index import Record, pack_index
 from prunekit.compress.inspect import inspect_compressed
 from prunekit.errors import PrunekitError
 from prunekit.select import nm_mask
@@ -101,6 +102,28 @@ def test_the_header_grows_with_names_not_per_tensor_json(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(load_compressed(path).values(), state.values()))
 
 
+def _raw_index(head, records) -> bytes:
+    return zlib.decompressobj(zdict=index_module.WRITE_DICTIONARY).decompress(pack_index(head, records))
+
+
+def test_the_index_dictionary_is_frozen_and_indexes_without_one_still_read(tmp_path):
+    """Written files name the preset dictionary by its Adler-32, so its bytes may never change; an index
+    deflated without a dictionary (every file written before it) reads the same."""
+    assert zlib.adler32(index_module.WRITE_DICTIONARY) == 0x2854B590
+    assert 0x2854B590 in index_module.DICTIONARIES
+    path = save_compressed(_state(), tmp_path / "d.safetensors", specs=SPECS, extra={"note": "x"})
+    data = path.read_bytes()
+    start = 8 + int.from_bytes(data[:8], "little")
+    end = start + json.loads(data[8:start])["index"]["data_offsets"][1]
+    assert data[start + 1] & 0x20  # FDICT: the stream names its dictionary
+    raw = zlib.decompressobj(zdict=index_module.WRITE_DICTIONARY).decompress(data[start:end])
+    plain = craft(tmp_path / "plain.safetensors", {}, [], data[end:], index=zlib.compress(raw, 9))
+    assert read_header(plain) == read_header(path)
+    expected, loaded = load_compressed(path), load_compressed(plain)
+    assert list(loaded) == list(expected)
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+
+
 def _flip(path, where: int, bit: int):
     data = bytearray(path.read_bytes())
     data[where] ^= 1 << bit
@@ -178,6 +201,7 @@ def test_a_crafted_file_of_the_right_digest_loads(tmp_path):
         ("unknown head field", "unknown fields"),
         ("bad spec", "invalid spec"),
         ("nm shape", "does not fit shape"),
+        ("unknown dictionary", "deflate dictionary 0x"),
     ],
 )
 def test_crafted_indexes_are_refused_in_one_line(tmp_path, case, match):
@@ -209,6 +233,10 @@ def test_crafted_indexes_are_refused_in_one_line(tmp_path, case, match):
     elif case == "nm shape":
         record = _record(encoding="nm", params={"n": 2, "m": 4}, shape=(2, 2), nonzero=2)
         _craft(path, HEAD, [record], bytes(1) + _bits(torch.tensor([1.0, 2.0])))
+    elif case == "unknown dictionary":
+        deflater = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS, 9, zdict=b"a dictionary of the future")
+        index = deflater.compress(_raw_index(HEAD, [_record()])) + deflater.flush()
+        _craft(path, HEAD, [_record()], values, index=index)
     with pytest.raises(PrunekitError, match=match) as info:
         load_compressed(path)
     assert "\n" not in str(info.value)

@@ -3,7 +3,10 @@
 One record per tensor, in payload order, each a few bytes plus the part of its name it does not share
 with the previous name; the byte length of every part follows from the record (shape, dtypes, encoding,
 non-zero count), so nothing is stored twice and a reader checks that the parts add up to the payload
-exactly. The index (a JSON head for the file-level fields, then the records) is deflate-compressed.
+exactly. The index (a JSON head for the file-level fields, then the records) is deflate-compressed,
+with a preset dictionary (:data:`DICTIONARIES`) of the strings every index repeats, so a small model's
+index does not pay for spelling them out once (zlib's FDICT: the stream names its dictionary by Adler-32,
+and an index written without one still reads).
 
 Records, all integers unsigned LEB128 varints unless said otherwise::
 
@@ -60,6 +63,72 @@ MAX_NDIM = 64
 # a deflate stream expands at most ~1032x; a real index expands 3-6x: more is a crafted file
 MAX_EXPANSION = 64
 _SLACK = 1 << 16
+
+# The preset deflate dictionary (RFC 1950 FDICT) of index version 2: the strings heads and tensor names
+# repeat, the most frequent last (deflate finds the nearest match first). Written files name it by its
+# Adler-32, so this text is frozen: a better dictionary is a new entry, and readers keep every old one.
+_DICTIONARY_1 = "".join(
+    (
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        "self_attn.o_proj.weight",
+        "mlp.down_proj.weight",
+        "mlp.up_proj.weight",
+        "mlp.gate_proj.weight",
+        "self_attn.v_proj.weight",
+        "self_attn.k_proj.weight",
+        "self_attn.q_proj.weight",
+        "input_layernorm.weight",
+        "post_attention_layernorm.weight",
+        "model.layers.",
+        "encoder.layer.",
+        "attention.output.dense.weight",
+        "intermediate.dense.weight",
+        "output.LayerNorm.weight",
+        "attention.self.query",
+        "layer4.",
+        "layer3.",
+        "layer2.",
+        "features.",
+        "classifier.",
+        "downsample.",
+        "shortcut.",
+        "layer1.0.conv1.",
+        "stem.",
+        "fc.",
+        '"dtype":"bfloat16"',
+        '{"n":2,"m":4,"type":"nm"}',
+        '{"shape":[8,1],"sparsity":0.5,"type":"block"}',
+        '"structured":[]',
+        '"source":"pruned.safetensors"',
+        '"recipe":"',
+        '"model":{"args":{"blocks":',
+        '"in_channels":',
+        '"num_classes":',
+        '"widths":[',
+        '"name":"resnet-digits"',
+        '"graph":{"inputs":["x"],"ops":{"int8_ops.x":"QuantizeInput"',
+        '"int8_ops.pool":"QuantizedGlobalAvgPool"',
+        '"int8_ops.add":"QuantizedAdd"',
+        '"folded":{',
+        '{"bias":true,"output":"int32","static":true,"type":"QuantizedLinear"}',
+        '{"bias":true,"output":"int8","static":true,"type":"QuantizedConv2d"}',
+        '{"extra":{"int8":{"layers":{',
+        '"value_dtype":"int8"',
+        '"library_version":"0.1.0","specs":[{"sparsity":0.5,"type":"unstructured"}],"value_dtype":"keep"}',
+        "running_mean\x00\x00\x00\x00\x01",
+        "running_var",
+        "num_batches_tracked\x00\x08\x08\x00\x00\x01\x00",
+        "bias\x00\x00\x00\x00\x01",
+        "weight\x00\x00\x00\x00\x01",
+        ".conv1.weight",
+        ".conv2.weight",
+        ".bn1.weight",
+        ".bn2.weight",
+    )
+).encode("latin-1")
+DICTIONARIES = {zlib.adler32(d): d for d in (_DICTIONARY_1,)}
+WRITE_DICTIONARY = _DICTIONARY_1
 
 
 class BadIndex(PrunekitError):
@@ -219,7 +288,8 @@ def pack_index(head: dict[str, Any], records: list[Record]) -> bytes:
         if r.spec is not None:
             _put(out, r.spec)
         previous = name
-    return zlib.compress(bytes(out), 9)
+    deflater = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS, 9, zdict=WRITE_DICTIONARY)
+    return deflater.compress(bytes(out)) + deflater.flush()
 
 
 # -- reading ----------------------------------------------------------------------------------------------
@@ -227,7 +297,7 @@ def inflate(blob: bytes) -> bytes:
     """Decompress the index, refusing a stream that expands beyond any real index (a deflate bomb)."""
     limit = MAX_EXPANSION * len(blob) + _SLACK
     try:
-        inflater = zlib.decompressobj()
+        inflater = zlib.decompressobj(zdict=_dictionary_of(blob))
         data = inflater.decompress(blob, limit)
         if inflater.unconsumed_tail or not inflater.eof or inflater.unused_data:
             raise BadIndex(
@@ -237,6 +307,19 @@ def inflate(blob: bytes) -> bytes:
     except zlib.error as exc:
         raise BadIndex(f"the index does not inflate ({exc})") from None
     return data
+
+
+def _dictionary_of(blob: bytes) -> bytes:
+    """The preset dictionary a zlib stream names in its header (FDICT), or none."""
+    if len(blob) < 6 or not blob[1] & 0x20:
+        return b""
+    dictid = int.from_bytes(blob[2:6], "big")
+    if dictid not in DICTIONARIES:
+        raise BadIndex(
+            f"the index names deflate dictionary {dictid:#010x}, which this prunekit does not know "
+            "(written by a newer prunekit, or damaged)"
+        )
+    return DICTIONARIES[dictid]
 
 
 def unpack_index(blob: bytes) -> tuple[dict[str, Any], list[Record]]:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from prunekit.llm.prune import LLMPruneConfig, prune_llm
 from prunekit.methods import magnitude_mask, sparsegpt_prune, wanda_mask
 from prunekit.methods.pattern import block_l2_scores
-from prunekit.spec import Block
+from prunekit.spec import Block, Unstructured
 
 FAST = settings(max_examples=20, deadline=None)
 
@@ -86,6 +86,17 @@ def test_sparsegpt_blocks_prune_whole_tiles_per_column_block_and_reconstruct(see
     zeroed = ((w * keep - w) @ x.T).pow(2).sum()
     magnitude = ((w * magnitude_mask(w, spec) - w) @ x.T).pow(2).sum()
     assert err < zeroed and err < magnitude
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sparsegpt_1x1_blocks_are_unstructured_sparsegpt_bit_for_bit(seed):
+    """A 1x1 tile is one weight and its saliency w^2 / [H^-1]_jj (Algorithm 1's), so the block path differs
+    from the paper's unstructured one only in which tiles it picks: same masks, same weights, same bits."""
+    w, x = _layer(seed)
+    h = x.T @ x / x.shape[0]
+    block_w, block_keep = sparsegpt_prune(w, h, Block((1, 1), 0.5), blocksize=16)
+    flat_w, flat_keep = sparsegpt_prune(w, h, Unstructured(0.5), blocksize=16)
+    assert torch.equal(block_keep, flat_keep) and torch.equal(block_w, flat_w)
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])

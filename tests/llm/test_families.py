@@ -42,7 +42,7 @@ from prunekit.llm.text import (  # noqa: E402
     tokenize,
 )
 from prunekit.methods import wanda_mask  # noqa: E402
-from prunekit.spec import NM, Unstructured  # noqa: E402
+from prunekit.spec import NM, Block, Unstructured  # noqa: E402
 
 T = transformers
 VOCAB = 128
@@ -621,8 +621,26 @@ def test_owl_sparsities_lopsided_ratios():
 
 
 def test_owl_rejects_nm():
-    with pytest.raises(PrunekitError, match="N:M"):
+    with pytest.raises(PrunekitError, match="not to N:M"):
         LLMPruneConfig("wanda", NM(2, 4), owl=True)
+
+
+def test_owl_allocates_block_patterns_in_whole_tiles():
+    """OWL with 8x1 blocks: each decoder block gets its own sparsity, delivered as whole tiles, exactly
+    round(sparsity x tiles) per layer (the magnitude path compares tiles per layer)."""
+    model = build("llama", layers=4)
+    config = LLMPruneConfig("magnitude", Block((8, 1), 0.5), owl=True, owl_m=3.0, owl_lambda=0.08)
+    info = prune_llm(model, token_ids(), config)
+    targets = info["block_sparsity_targets"]
+    assert len(set(targets)) > 1 and abs(sum(targets) / 4 - 0.5) < 1e-9
+    _, blocks = find_blocks(model)
+    for index, block in enumerate(blocks):
+        for name, module in linear_layers(block).items():
+            weight = out_in_weight(module)
+            t = (weight != 0).reshape(weight.shape[0] // 8, 8, weight.shape[1])
+            kept, none = t.all(dim=1), ~t.any(dim=1)
+            assert bool((kept | none).all()), (index, name)  # whole 8x1 tiles only
+            assert int(none.sum()) == round(targets[index] * kept.numel()), (index, name)
 
 
 # -- 7. errors ----------------------------------------------------------------------------------------

@@ -89,7 +89,7 @@ def llm_prune(
         "--pattern",
         help="N:M pattern (2:4, 4:8) or output blocks (block:8x1@0.5, for the decode kernels).",
     ),
-    owl: bool = typer.Option(False, "--owl", help="OWL per-block sparsities (unstructured only)."),
+    owl: bool = typer.Option(False, "--owl", help="OWL per-block sparsities (unstructured, block)."),
     owl_m: float = typer.Option(5.0, "--owl-m", help="OWL outlier threshold M."),
     owl_lambda: float = typer.Option(0.08, "--owl-lambda", help="OWL lambda: max deviation per block."),
     calib_samples: int = typer.Option(128, "--calib-samples", help="Calibration windows."),

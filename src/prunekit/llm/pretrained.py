@@ -35,12 +35,13 @@ from prunekit.llm.prune import (
     check_calibration,
     check_fits,
     owl_block_sparsities,
+    owl_specs,
     prune_blocks,
     times_info,
 )
 from prunekit.llm.resume import ResumeState, tensor_digest
 from prunekit.llm.stream import StreamedBlocks, skeleton
-from prunekit.spec import Spec, Unstructured
+from prunekit.spec import Spec
 
 COPIED = ("config.json", "generation_config.json")  # written by save_pretrained next to the weights
 
@@ -156,7 +157,7 @@ def prune_pretrained(
             run = state.run()
         owl = dict(run["owl"])
         sparsities, owl_seconds = owl.pop("sparsities"), owl.pop("seconds")
-        specs = [Unstructured(s) for s in sparsities]
+        specs = owl_specs(config.spec, sparsities)
         info["owl"] = owl
     info["block_sparsity_targets"] = [getattr(s, "sparsity", None) for s in specs]
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -52,8 +52,8 @@ class LLMPruneConfig:
     method: (
         str  # a name in prunekit.registry.LLM_METHODS (magnitude, wanda, sparsegpt, yours) or pkg.mod:attr
     )
-    spec: Spec  # Unstructured(sparsity) or NM(n, m)
-    owl: bool = False  # OWL per-block sparsities (unstructured only)
+    spec: Spec  # Unstructured(sparsity), NM(n, m) or Block((r, c), sparsity)
+    owl: bool = False  # OWL per-block sparsities (unstructured and block patterns; N:M is fixed)
     owl_m: float = 5.0  # OWL outlier threshold M: a score is an outlier above M x the block's mean score
     owl_lambda: float = 0.08  # OWL lambda: block sparsities stay within target +- lambda
     magnitude_group: str = "layer"  # magnitude compares within each layer or each output row
@@ -101,8 +101,11 @@ class LLMPruneConfig:
         if self.magnitude_group not in LLM_GROUPS:
             raise unknown_name("magnitude group", self.magnitude_group, LLM_GROUPS)
         if self.owl:
-            if not isinstance(self.spec, Unstructured):
-                raise PrunekitError("OWL allocates unstructured sparsity per block; it does not apply to N:M")
+            if not isinstance(self.spec, (Unstructured, Block)):
+                raise PrunekitError(
+                    "OWL allocates a sparsity per decoder block; it applies to unstructured and block "
+                    "patterns, not to N:M (a fixed N of every M)"
+                )
             if not self.owl_m > 0:
                 raise PrunekitError(f"OWL M must be > 0, got {self.owl_m}")
             owl_sparsities([0.0, 1.0], self.spec.sparsity, self.owl_lambda)  # validates lambda
@@ -141,6 +144,11 @@ def check_fits(model: nn.Module, config: LLMPruneConfig) -> tuple[str, int]:
     return path, len(blocks)
 
 
+def owl_specs(spec: Spec, sparsities: list[float]) -> list[Spec]:
+    """The pattern of ``spec`` (unstructured, or block tiles of the same shape) at each block's sparsity."""
+    return [replace(spec, sparsity=s) for s in sparsities]
+
+
 def owl_block_sparsities(
     model: nn.Module,
     calib: torch.Tensor,
@@ -172,7 +180,7 @@ def owl_block_sparsities(
         source=source,
         device=device,
     )
-    assert isinstance(config.spec, Unstructured)
+    assert isinstance(config.spec, (Unstructured, Block))
     return owl_sparsities(ratios, config.spec.sparsity, config.owl_lambda), ratios
 
 
@@ -335,7 +343,7 @@ def prune_llm(
         began = time.perf_counter()
         sparsities, ratios = owl_block_sparsities(model, calib, config, owl_progress, device=device)
         owl_seconds = time.perf_counter() - began
-        specs = [Unstructured(s) for s in sparsities]
+        specs = owl_specs(config.spec, sparsities)
         info["owl"] = {"m": config.owl_m, "lambda": config.owl_lambda, "outlier_ratios": ratios}
     info["block_sparsity_targets"] = [getattr(s, "sparsity", None) for s in specs]
     times = prune_blocks(

@@ -9,8 +9,8 @@ them, so :func:`torchvision_models` stubs the two modules that register kernels 
 Timing: one thread; for every model each tool prunes a fresh deep copy of the same seeded model at ratio
 0.5 with round_to=8 and L2 magnitude importance, the two tools alternating (A B, B A, ...) in one process;
 the median of ``reps`` runs each is reported. prunekit runs without ``verify`` (Torch-Pruning has no
-equivalent check). Torch-Pruning gets the final classifier as ignored layer and, for
-``nn.MultiheadAttention``, its head count (its documented recipe for ViT).
+equivalent check). Torch-Pruning gets the final classifier (a Linear, or SqueezeNet's 1x1 conv) as ignored
+layer and, for ``nn.MultiheadAttention``, its head count (its documented recipe for ViT).
 """
 
 from __future__ import annotations
@@ -100,7 +100,14 @@ def prune_prunekit(model: nn.Module, x: torch.Tensor, hidden: bool = False, veri
 
 
 def prune_torch_pruning(tp, model: nn.Module, x: torch.Tensor) -> None:
-    classifier = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == 1000]
+    # the layer making the 1000 class logits: a Linear, or SqueezeNet's 1x1 Conv2d (left out, Torch-Pruning
+    # halves the classes: SqueezeNet's 0.25 "kept" was 496 logits)
+    classifier = [
+        m
+        for m in model.modules()
+        if (isinstance(m, nn.Linear) and m.out_features == 1000)
+        or (isinstance(m, nn.Conv2d) and m.out_channels == 1000)
+    ]
     heads = {m: m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

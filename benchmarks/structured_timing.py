@@ -18,6 +18,8 @@ from __future__ import annotations
 import copy
 import gc
 import importlib
+import multiprocessing
+import resource
 import statistics
 import sys
 import time
@@ -189,6 +191,33 @@ def print_times(rows: list[dict]) -> None:
             )
 
 
+TP_MEMORY_GB = 8
+
+
+def _tp_kept_in_child(tp, dense: nn.Module, x: torch.Tensor) -> str:
+    """Torch-Pruning's kept fraction, pruned in a forked child under an address-space limit: on Swin it
+    grows past 22 GB and the kernel's OOM killer would take this process (and whatever else runs) with it."""
+    context = multiprocessing.get_context("fork")
+    parent, child = context.Pipe(duplex=False)
+
+    def kept() -> str:
+        try:
+            model = copy.deepcopy(dense)
+            prune_torch_pruning(tp, model, x)
+            return f"{_params(model) / _params(dense):.3f}"
+        except BaseException as exc:  # Torch-Pruning fails on some models (Swin: MemoryError, ...)
+            return f"fails ({type(exc).__name__})"  # its frames and their memory go on return
+
+    def run() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (TP_MEMORY_GB << 30, TP_MEMORY_GB << 30))
+        child.send(kept())
+
+    process = context.Process(target=run)
+    process.start()
+    process.join()
+    return parent.recv() if parent.poll() else f"fails (exit {process.exitcode})"
+
+
 def param_ratios(names) -> None:
     """Parameters kept at ratio 0.5: prunekit (verified against the masked original), prunekit with
     norm-coupled widths (``--hidden``: approximate, the output difference is reported), Torch-Pruning."""
@@ -196,21 +225,14 @@ def param_ratios(names) -> None:
     if models is None:
         raise SystemExit("--params needs torchvision (pip install --no-deps torchvision==0.28.0, own venv)")
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    print(f"\n{'model':<20}{'params':>9}{'prunekit':>10}{'max|diff|':>11}{'--hidden':>10}{'T-P':>8}")
+    print(f"\n{'model':<20}{'params':>9}{'prunekit':>10}{'max|diff|':>11}{'--hidden':>10}  {'T-P'}")
     for name in names:
         dense = build(models, name)
         exact = prune_prunekit(copy.deepcopy(dense), x, verify=True)
         hidden = prune_prunekit(copy.deepcopy(dense), x, hidden=True)
-        tp_kept = "-"
-        if tp is not None:
-            model = copy.deepcopy(dense)
-            try:
-                prune_torch_pruning(tp, model, x)
-                tp_kept = f"{_params(model) / _params(dense):.3f}"
-            except Exception as exc:  # Torch-Pruning fails on some models (Swin, ...)
-                tp_kept = f"fails ({type(exc).__name__})"
+        tp_kept = "-" if tp is None else _tp_kept_in_child(tp, dense, x)
         print(
             f"{name:<20}{_params(dense) / 1e6:>8.1f}M{exact.params_after / exact.params_before:>10.3f}"
-            f"{exact.max_abs_diff:>11.1e}{hidden.params_after / hidden.params_before:>10.3f}{tp_kept:>8}",
+            f"{exact.max_abs_diff:>11.1e}{hidden.params_after / hidden.params_before:>10.3f}  {tp_kept}",
             flush=True,
         )

@@ -154,14 +154,16 @@ def prune(model: Path, method: str, out: Path, args: argparse.Namespace) -> dict
 
 
 def check_loads(out: Path) -> dict:
-    """In a fresh process: plain from_pretrained, its dtype, and half of every row of three layers zero."""
+    """In a fresh process: plain from_pretrained, its dtype, whether three layers are exactly half zero, and
+    whether every row of them is (Wanda compares per output row; SparseGPT per layer and column block)."""
     code = (
         "import json, sys, torch, transformers\n"
         "m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], local_files_only=True)\n"
         "ls = m.model.layers\n"
         "picked = [ls[0].self_attn.q_proj, ls[len(ls) // 2].mlp.down_proj, ls[-1].mlp.up_proj]\n"
-        "half = all(bool(((w.weight == 0).sum(1) == w.weight.shape[1] // 2).all()) for w in picked)\n"
-        "print(json.dumps({'dtype': str(m.dtype), 'half_of_each_row_zero': half}))\n"
+        "half = all(int((w.weight == 0).sum()) * 2 == w.weight.numel() for w in picked)\n"
+        "rows = all(bool(((w.weight == 0).sum(1) == w.weight.shape[1] // 2).all()) for w in picked)\n"
+        "print(json.dumps({'dtype': str(m.dtype), 'half_zero': half, 'half_of_each_row_zero': rows}))\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", code, str(out)], check=True, capture_output=True, text=True
@@ -215,6 +217,7 @@ def main() -> None:
             "prune_over_blocks_forward": m["prune_over_blocks_forward"],
             "sparsity": m["sparsity_pruned_layers"],
             "loaded_dtype": loaded["dtype"],
+            "half_zero": loaded["half_zero"],
             "half_of_each_row_zero": loaded["half_of_each_row_zero"],
         }
         rows.append(row)
@@ -224,7 +227,8 @@ def main() -> None:
             f"{'met' if row['peak_rss_mb'] <= target else 'MISSED'})  prune {row['prune_seconds']:7.0f} s  "
             f"dense forward {row['dense_forward_seconds']:6.0f} s  ratio {row['prune_over_forward']:.2f}x "
             f"(blocks only {row['prune_over_blocks_forward']:.2f}x)  sparsity {row['sparsity']:.4f}  "
-            f"from_pretrained: {row['loaded_dtype']}, half of each row zero: {row['half_of_each_row_zero']}",
+            f"from_pretrained: {row['loaded_dtype']}, three layers half zero: {row['half_zero']} "
+            f"(every row: {row['half_of_each_row_zero']})",
             flush=True,
         )
         if not args.keep:

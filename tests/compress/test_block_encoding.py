@@ -94,7 +94,7 @@ def test_block_files_of_format_v2_round_trip_and_keep_the_stored_arrays(tmp_path
     spec = {"type": "block", "shape": [8, 1], "sparsity": 0.7}
     for dtype in ("keep", "bfloat16", "int8"):
         path = save_compressed({"fc.weight": w}, tmp_path / f"{dtype}.sft", dtype, specs={"fc.weight": spec})
-        assert read_header(path)["format_version"] == 2
+        assert read_header(path)["format_version"] == 3
         stored = load_stored(path)["fc.weight"]
         assert stored.encoded.encoding == "block"
         again = decode(stored.encoded, tuple(w.shape), stored.tensor.dtype)

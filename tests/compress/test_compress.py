@@ -154,7 +154,7 @@ def test_file_round_trip(tmp_path, value_dtype):
         state, tmp_path / "m.safetensors", value_dtype, specs={"conv.weight": {"type": "nm", "n": 2, "m": 4}}
     )
     header = read_header(path)
-    assert header["format"] == "prunekit.compressed" and header["format_version"] == 2
+    assert header["format"] == "prunekit.compressed" and header["format_version"] == 3
     raw = load_compressed(path, dequantize_int8=False)
     out = load_compressed(path)
     assert set(out) == set(state)

@@ -60,7 +60,7 @@ def test_every_encoding_is_used_and_the_file_is_verified_and_exact(tmp_path):
     header = read_header(path)
     encodings = {e["encoding"] for e in header["tensors"].values()}
     assert encodings == {"dense", "bitmask", "csr", "nm"}
-    assert header["format_version"] == 2 and header["extra"] == {"model": {"n": 1}}
+    assert header["format_version"] == 3 and header["extra"] == {"model": {"n": 1}}
     assert header["tensors"]["conv.weight"]["spec"] == SPECS["conv.weight"]
     raw = load_compressed(path, dequantize_int8=False)
     v1 = save_v1(_state(), tmp_path / "v1.safetensors", "int8", specs=SPECS)
@@ -77,7 +77,7 @@ def test_version_1_files_are_read_with_the_same_header(tmp_path):
     v1 = save_v1(_state(), tmp_path / "v1.safetensors", "int8", specs=SPECS, extra={"source": "x"})
     v2 = save_compressed(_state(), tmp_path / "v2.safetensors", "int8", specs=SPECS, extra={"source": "x"})
     h1, h2 = read_header(v1), read_header(v2)
-    assert h1["format_version"] == 1 and h2["format_version"] == 2
+    assert h1["format_version"] == 1 and h2["format_version"] == 3
     for h in (h1, h2):
         del h["format_version"], h["library_version"]
         for e in h["tensors"].values():
@@ -106,9 +106,10 @@ def _raw_index(head, records) -> bytes:
     return zlib.decompressobj(zdict=index_module.WRITE_DICTIONARY).decompress(pack_index(head, records))
 
 
-def test_the_index_dictionary_is_frozen_and_indexes_without_one_still_read(tmp_path):
-    """Written files name the preset dictionary by its Adler-32, so its bytes may never change; an index
-    deflated without a dictionary (every file written before it) reads the same."""
+def test_the_index_dictionary_is_frozen_and_version_2_indexes_still_read(tmp_path):
+    """Version 3 files name the preset dictionary by its Adler-32, so its bytes may never change; a version
+    2 file (an index deflated without a dictionary) reads the same, and a version 2 file whose index names
+    a dictionary is refused in one line (version 2 has none)."""
     assert zlib.adler32(index_module.WRITE_DICTIONARY) == 0x2854B590
     assert 0x2854B590 in index_module.DICTIONARIES
     path = save_compressed(_state(), tmp_path / "d.safetensors", specs=SPECS, extra={"note": "x"})
@@ -117,11 +118,18 @@ def test_the_index_dictionary_is_frozen_and_indexes_without_one_still_read(tmp_p
     end = start + json.loads(data[8:start])["index"]["data_offsets"][1]
     assert data[start + 1] & 0x20  # FDICT: the stream names its dictionary
     raw = zlib.decompressobj(zdict=index_module.WRITE_DICTIONARY).decompress(data[start:end])
-    plain = craft(tmp_path / "plain.safetensors", {}, [], data[end:], index=zlib.compress(raw, 9))
-    assert read_header(plain) == read_header(path)
-    expected, loaded = load_compressed(path), load_compressed(plain)
-    assert list(loaded) == list(expected)
-    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+    plain = craft(tmp_path / "v2.safetensors", {}, [], data[end:], index=zlib.compress(raw, 9), version=2)
+    expected, old = read_header(path), read_header(plain)
+    assert expected["format_version"] == 3 and old["format_version"] == 2
+    del expected["format_version"], old["format_version"]
+    assert old == expected
+    want, loaded = load_compressed(path), load_compressed(plain)
+    assert list(loaded) == list(want)
+    assert all(torch.equal(loaded[k], want[k]) for k in want)
+    mixed = craft(tmp_path / "mixed.safetensors", {}, [], data[end:], index=data[start:end], version=2)
+    with pytest.raises(PrunekitError, match="does not use") as info:
+        load_compressed(mixed)
+    assert "\n" not in str(info.value)
 
 
 def _flip(path, where: int, bit: int):

@@ -49,7 +49,10 @@ from prunekit.quant.rounding import dequantize, quantize_int8
 from prunekit.spec import from_dict as spec_from_dict
 
 FORMAT = "prunekit.compressed"
-FORMAT_VERSION = 2  # the version written; 1 is still read
+FORMAT_VERSION = 3  # the version written; 1 and 2 are still read
+# version 3 is version 2's layout with the index deflated against a preset dictionary (compress.index); a
+# version 2 index has none, so a reader of version 2 meets a dictionary only in a file that says version 3
+FIRST_WITH_DICTIONARY = 3
 VALUE_DTYPES = {
     "keep": None,
     "float32": torch.float32,
@@ -193,7 +196,7 @@ def save_compressed(
 # -- reading ----------------------------------------------------------------------------------------------
 @dataclass
 class _Layout:
-    """Where things are in a version 2 file (offsets from the start of the file)."""
+    """Where things are in a version 2 or 3 file (offsets from the start of the file)."""
 
     meta: dict[str, Any]
     prefix: bytes  # the 8 length bytes and the safetensors JSON header
@@ -320,7 +323,7 @@ def _head_fields(path: Path, head: dict[str, Any]) -> list[dict]:
 
 def _index(path: Path, layout: _Layout, blob: bytes) -> tuple[dict[str, Any], list[Record]]:
     try:
-        head, records = unpack_index(blob)
+        head, records = unpack_index(blob, dictionary=layout.meta["format_version"] >= FIRST_WITH_DICTIONARY)
     except BadIndex as exc:
         raise ArtifactCorrupted(f"{path}: {exc}") from None
     _head_fields(path, head)

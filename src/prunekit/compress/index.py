@@ -1,12 +1,12 @@
-"""The binary tensor index of the compressed format, version 2 (docs/format.md).
+"""The binary tensor index of the compressed format, versions 2 and 3 (docs/format.md).
 
 One record per tensor, in payload order, each a few bytes plus the part of its name it does not share
 with the previous name; the byte length of every part follows from the record (shape, dtypes, encoding,
 non-zero count), so nothing is stored twice and a reader checks that the parts add up to the payload
 exactly. The index (a JSON head for the file-level fields, then the records) is deflate-compressed,
-with a preset dictionary (:data:`DICTIONARIES`) of the strings every index repeats, so a small model's
-index does not pay for spelling them out once (zlib's FDICT: the stream names its dictionary by Adler-32,
-and an index written without one still reads).
+in version 3 with a preset dictionary (:data:`DICTIONARIES`) of the strings every index repeats, so a
+small model's index does not pay for spelling them out once (zlib's FDICT: the stream names its dictionary
+by Adler-32); version 2's index has none.
 
 Records, all integers unsigned LEB128 varints unless said otherwise::
 
@@ -64,8 +64,8 @@ MAX_NDIM = 64
 MAX_EXPANSION = 64
 _SLACK = 1 << 16
 
-# The preset deflate dictionary (RFC 1950 FDICT) of index version 2: the strings heads and tensor names
-# repeat, the most frequent last (deflate finds the nearest match first). Written files name it by its
+# The preset deflate dictionary (RFC 1950 FDICT) of format version 3's index: the strings heads and tensor
+# names repeat, the most frequent last (deflate finds the nearest match first). Written files name it by its
 # Adler-32, so this text is frozen: a better dictionary is a new entry, and readers keep every old one.
 _DICTIONARY_1 = "".join(
     (
@@ -293,11 +293,15 @@ def pack_index(head: dict[str, Any], records: list[Record]) -> bytes:
 
 
 # -- reading ----------------------------------------------------------------------------------------------
-def inflate(blob: bytes) -> bytes:
-    """Decompress the index, refusing a stream that expands beyond any real index (a deflate bomb)."""
+def inflate(blob: bytes, dictionary: bool = True) -> bytes:
+    """Decompress the index, refusing a stream that expands beyond any real index (a deflate bomb), and one
+    that names a preset dictionary when ``dictionary`` is False (format version 2)."""
     limit = MAX_EXPANSION * len(blob) + _SLACK
+    zdict = _dictionary_of(blob)
+    if zdict and not dictionary:
+        raise BadIndex("the index names a deflate dictionary, which this format version does not use")
     try:
-        inflater = zlib.decompressobj(zdict=_dictionary_of(blob))
+        inflater = zlib.decompressobj(zdict=zdict)
         data = inflater.decompress(blob, limit)
         if inflater.unconsumed_tail or not inflater.eof or inflater.unused_data:
             raise BadIndex(
@@ -322,9 +326,10 @@ def _dictionary_of(blob: bytes) -> bytes:
     return DICTIONARIES[dictid]
 
 
-def unpack_index(blob: bytes) -> tuple[dict[str, Any], list[Record]]:
-    """(head, records) of a deflated index, every field checked for range and consistency."""
-    reader = _Reader(inflate(blob))
+def unpack_index(blob: bytes, dictionary: bool = True) -> tuple[dict[str, Any], list[Record]]:
+    """(head, records) of a deflated index, every field checked for range and consistency; ``dictionary``:
+    whether the format version lets the index name a preset dictionary (3 and later)."""
+    reader = _Reader(inflate(blob, dictionary))
     try:
         head = json.loads(reader.take(reader.varint()).decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:

@@ -18,10 +18,12 @@ paper's 2/n changes nothing below):
 
 The same lazy update is applied once more inside each block: a column's error reaches the other columns of
 its group of ``INNER`` (16) at once and the rest of the block when the group is done, as one matrix
-product. Every column still sees every earlier column's update before it is read, so this is Algorithm 1
-exactly (up to float rounding); it turns most of the per-column rank-1 updates, which are memory-bound on a
-CPU, into matrix products. Layers that share their Hessian (q/k/v, gate/up: the runner hands them the same
-tensor) share one factorisation (:func:`sparsegpt_layer`).
+product; where the group's mask is already known (unstructured and block patterns) its column-by-column
+sweep is one batched unit-triangular solve per row (:func:`_sweep_group`), the same equations without a
+Python step per column. Every column still sees every earlier column's update before it is read, so this
+is Algorithm 1 exactly (up to float rounding); it turns most of the per-column rank-1 updates, which are
+memory-bound on a CPU, into matrix products. Layers that share their Hessian (q/k/v, gate/up: the runner
+hands them the same tensor) share one factorisation (:func:`sparsegpt_layer`).
 
 One deliberate difference from the reference code: it prunes every score ``<=`` the k-th smallest
 (``k + 1`` or more weights per block); here exactly ``round(sparsity * block size)`` are pruned, ties by
@@ -136,8 +138,10 @@ def sparsegpt_prune(
         width = i2 - i1
         for j1 in range(0, width, inner):
             j2 = min(j1 + inner, width)
-            for i in range(j1, j2):
-                if nm is not None and i % nm.m == 0:
+            if nm is None:  # the mask is known: the group's sweep is one batched triangular solve
+                Q1[:, j1:j2], Err1[:, j1:j2] = _sweep_group(W1[:, j1:j2], pruned[:, j1:j2], U1[j1:j2, j1:j2])
+            for i in range(j1, j2) if nm is not None else ():
+                if i % nm.m == 0:
                     # N:M: chosen on the weights as updated so far, when the sweep reaches the group
                     group = W1[:, i : i + nm.m].pow(2) / d[i : i + nm.m].pow(2)
                     pruned[:, i : i + nm.m] = ~nm_mask(group, nm.n, nm.m)
@@ -152,6 +156,27 @@ def sparsegpt_prune(
         keep[:, i1:i2] = ~pruned
         W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
     return W, keep
+
+
+def _sweep_group(
+    W0: torch.Tensor, pruned: torch.Tensor, U: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Algorithm 1's column-by-column sweep over a group of columns whose mask is known, in one solve.
+
+    Column ``k`` sees ``w_k = W0_k - sum_{i<k} err_i U_ik`` and gives ``err_k = p_k w_k / U_kk`` (``p`` = 1
+    where pruned), so each row's errors ``e`` solve ``e (I + S diag(p / d)) = W0 diag(p / d)`` with ``S``
+    the strictly upper part of ``U``: a unit upper-triangular system per row, solved for all rows at once.
+    Returns ``(Q, Err)``: the kept weights as updated (exact zeros where pruned) and the errors."""
+    d = torch.diagonal(U)
+    a = pruned.to(W0.dtype) / d  # (rows, g)
+    S = torch.triu(U, diagonal=1)
+    M = S.unsqueeze(0) * a.unsqueeze(1)  # (rows, g, g): S diag(a_r)
+    M.diagonal(dim1=1, dim2=2).fill_(1.0)
+    err = torch.linalg.solve_triangular(
+        M, (W0 * a).unsqueeze(1), upper=True, left=False, unitriangular=True
+    ).squeeze(1)
+    Q = (W0 - err @ S).masked_fill_(pruned, 0.0)
+    return Q, err
 
 
 class _LastFactor:

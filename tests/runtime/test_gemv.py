@@ -138,7 +138,15 @@ def test_bad_layouts_and_values_are_one_line_errors():
         rt.compile(nn.Sequential(lin), torch.randn(1, 32), values="fp8")
 
 
-def test_candidates_follow_the_zero_pattern():
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_candidates_follow_the_zero_pattern(one_thread):
     torch.manual_seed(4)
     dense = linear(torch.randn(64, 128))
     assert list(gemv.candidates(dense)) == ["gemv:dense"]
@@ -150,6 +158,30 @@ def test_candidates_follow_the_zero_pattern():
     assert "gemv:nm2:4" in nm and "gemv:block16" not in nm  # 2:4 zeros do not come in 16x1 blocks
     q = gemv.candidates(blocky, "int8", "int8")
     assert "gemv:block8/q8" in q
+
+
+def test_with_two_threads_every_layout_is_also_offered_serial_and_computes_the_same(monkeypatch):
+    """Waking a pool thread costs as much as a decode layer's product, so compile times each layout on one
+    thread too; the serial layer splits nothing and gives the same bits (rows are independent)."""
+    torch.manual_seed(5)
+    monkeypatch.setattr(gemv.threads, "MIN_PARALLEL_WORK", 1)  # split even this small layer
+    monkeypatch.setattr(gemv.threads, "count", lambda: 2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        blocky = linear(blocks_of(torch.randn(64, 128), 8, 0.7))
+        offered = gemv.candidates(blocky)
+        plain = [name for name in offered if not name.endswith(gemv.SERIAL)]
+        assert sorted(offered) == sorted(plain + [name + gemv.SERIAL for name in plain])
+        x = torch.randn(1, 128)
+        for name in plain:
+            parallel, serial = offered[name](), offered[name + gemv.SERIAL]()
+            assert not parallel.serial and serial.serial
+            assert len(parallel._split()) > 2 and serial._split() == [0, serial._units()[0]]
+            with torch.no_grad():
+                assert torch.equal(parallel(x), serial(x)), name
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_conv1d_is_compiled_like_a_linear():

@@ -124,7 +124,9 @@ class GemvLinear(nn.Module):
         self.weight = self.packed.effective  # the dense weight this layout represents (prompt steps use it)
         self._work = self.packed.nbytes  # threads split calls above threads.MIN_PARALLEL_WORK
         self._cuts: dict[int, list[int]] = {}
-        self._one = 1
+        # one thread whatever torch's count: waking a pool thread costs tens of microseconds, as much as a
+        # decode layer's whole product, so compile also times each layout serial (candidates' "@1t")
+        self.serial = False
         rows = self.packed.rows
         self.exact = activations == "int8"  # compile compares with reference() bit for bit
         if activations == "int8":
@@ -176,7 +178,7 @@ class GemvLinear(nn.Module):
         return p.rows, None
 
     def _split(self) -> list[int]:
-        parts = self._one if torch.get_num_threads() == 1 else threads.chunks(self._work // 4)
+        parts = 1 if self.serial or torch.get_num_threads() == 1 else threads.chunks(self._work // 4)
         cuts = self._cuts.get(parts)
         if cuts is None:
             units, cum = self._units()
@@ -280,7 +282,7 @@ def candidates(module: nn.Module, values: str = "float32", activations: str = "f
     layout when the zeros come in R x 1 blocks (a quarter of the blocks empty, half of each kept block
     non-zero), N:M when the
     weight is 2:4 (else 4:8), CSR-4 from 40% sparsity; with ``activations="int8"`` (int8 values) the
-    exact-int8 block kernels too."""
+    exact-int8 block kernels too. With more than one thread, each of them also on one thread (``@1t``)."""
     weight = out_in_weight(module)
     out, inn = weight.shape
     made = {label("dense"): lambda: GemvLinear(module, "dense", values)}
@@ -304,7 +306,18 @@ def candidates(module: nn.Module, values: str = "float32", activations: str = "f
                 break
     if sparsity >= MIN_CSR_SPARSITY:
         made[label("csr4")] = lambda: GemvLinear(module, "csr4", values)
+    if threads.count() > 1:  # each layout on one thread too (see GemvLinear.serial)
+        for name, make in list(made.items()):
+            made[name + SERIAL] = lambda make=make: _serial(make())
     return made
+
+
+SERIAL = "@1t"
+
+
+def _serial(layer: GemvLinear) -> GemvLinear:
+    layer.serial = True
+    return layer
 
 
 def _stored_values(st: StoredTensor) -> tuple[str, Tensor]:

@@ -140,17 +140,18 @@ def sparsegpt_prune(
             j2 = min(j1 + inner, width)
             if nm is None:  # the mask is known: the group's sweep is one batched triangular solve
                 Q1[:, j1:j2], Err1[:, j1:j2] = _sweep_group(W1[:, j1:j2], pruned[:, j1:j2], U1[j1:j2, j1:j2])
-            for i in range(j1, j2) if nm is not None else ():
-                if i % nm.m == 0:
-                    # N:M: chosen on the weights as updated so far, when the sweep reaches the group
-                    group = W1[:, i : i + nm.m].pow(2) / d[i : i + nm.m].pow(2)
-                    pruned[:, i : i + nm.m] = ~nm_mask(group, nm.n, nm.m)
-                w = W1[:, i]
-                q = w.masked_fill(pruned[:, i], 0.0)
-                err = (w - q) / d[i]
-                W1[:, i:j2].addr_(err, U1[i, i:j2], alpha=-1.0)
-                Q1[:, i] = q
-                Err1[:, i] = err
+            else:
+                for i in range(j1, j2):
+                    if i % nm.m == 0:
+                        # N:M: chosen on the weights as updated so far, when the sweep reaches the group
+                        group = W1[:, i : i + nm.m].pow(2) / d[i : i + nm.m].pow(2)
+                        pruned[:, i : i + nm.m] = ~nm_mask(group, nm.n, nm.m)
+                    w = W1[:, i]
+                    q = w.masked_fill(pruned[:, i], 0.0)
+                    err = (w - q) / d[i]
+                    W1[:, i:j2].addr_(err, U1[i, i:j2], alpha=-1.0)
+                    Q1[:, i] = q
+                    Err1[:, i] = err
             W1[:, j2:].addmm_(Err1[:, j1:j2], U1[j1:j2, j2:], alpha=-1.0)  # the group's errors, at once
         W[:, i1:i2] = Q1
         keep[:, i1:i2] = ~pruned

@@ -272,6 +272,9 @@ class GemvLinear(nn.Module):
         )
 
 
+SERIAL = "@1t"  # the label suffix of a layout timed on one thread (GemvLinear.serial)
+
+
 def label(layout: str, activations: str = "float32") -> str:
     """The name a layout has in the runtime report: ``gemv:block8``, ``gemv:block8/q8`` (int8 activations)."""
     return f"gemv:{layout}" + ("/q8" if activations == "int8" else "")
@@ -310,9 +313,6 @@ def candidates(module: nn.Module, values: str = "float32", activations: str = "f
         for name, make in list(made.items()):
             made[name + SERIAL] = lambda make=make: _serial(make())
     return made
-
-
-SERIAL = "@1t"
 
 
 def _serial(layer: GemvLinear) -> GemvLinear:

@@ -10,6 +10,8 @@ runner's hook points.
 from __future__ import annotations
 
 import json
+import platform
+import sys
 
 import pytest
 import torch
@@ -92,6 +94,27 @@ def test_streamed_equals_in_memory_bit_for_bit(family, method, dtype, tmp_path):
     zeros = sum(int((out_in_weight(m) == 0).sum()) for b in blocks for m in linear_layers(b).values())
     assert zeros == sum(z for z, _ in info["zero_counts"].values()) > 0
     assert not (tmp_path / "out" / ".resume").exists()
+
+
+def test_each_released_block_returns_the_freed_heap(tmp_path, monkeypatch):
+    """glibc keeps freed heap memory, so a streamed run would grow with depth although no block stays
+    alive (measured: 1134 MB at 24 blocks vs 675 MB at 4); each release hands it back, once per block."""
+    from prunekit.llm import stream as stream_module
+
+    calls = []
+    monkeypatch.setattr(stream_module, "return_freed_memory", lambda: calls.append(1) or True)
+    save("llama", torch.float32, tmp_path / "src")
+    prune_pretrained(tmp_path / "src", tmp_path / "out", calib(), LLMPruneConfig("wanda", Unstructured(0.5)))
+    _, blocks = find_blocks(T.AutoModelForCausalLM.from_pretrained(tmp_path / "out"))
+    assert len(calls) == len(blocks) > 1
+
+
+def test_return_freed_memory_runs_here():
+    from prunekit.analysis.memory import return_freed_memory
+
+    assert return_freed_memory() in (True, False)  # never raises, glibc or not
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert return_freed_memory() is True
 
 
 @pytest.mark.parametrize(

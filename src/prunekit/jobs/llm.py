@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from prunekit import __version__
-from prunekit.analysis.memory import RssSampler, peak_rss_mb
+from prunekit.analysis.memory import RssSampler, map_large_allocations, peak_rss_mb
 from prunekit.errors import PrunekitError
 from prunekit.files import atomic_write_json, same_path, staged_directory
 from prunekit.jobs.rundir import EarlierRun, clear, earlier_run
@@ -280,6 +280,7 @@ def run_prune(
             model_path, staging, tokenizer, text, texts, config, evaluate
         )
         staging.mkdir(parents=True, exist_ok=True)
+        map_large_allocations()  # freed block weights go back to the OS, so the peak does not grow with depth
         load_rss = peak_rss_mb()
         ppl_dense = None
         if windows is not None:

@@ -44,7 +44,7 @@ RECONSTRUCT_MODES = ("layer", "block", "sublayer")
 
 
 class _Captured(Exception):
-    """Raised by a sub-module's forward hook: the rest of the block is not needed."""
+    """Raised by a capturing hook (:func:`_capture`): the rest of the block is not needed."""
 
 
 def sublayers(block: nn.Module, call: BlockCall, sample: torch.Tensor) -> list[tuple[str, nn.Module]]:
@@ -84,26 +84,36 @@ def linear_stages(block: nn.Module, call: BlockCall, sample: torch.Tensor) -> li
     return stages
 
 
-class _Stop(Exception):
-    """Raised by a layer's pre-hook once its input is captured."""
+def _capture(block: nn.Module, call: BlockCall, x: torch.Tensor, module: nn.Module, output: bool):
+    """``module``'s first input (``output`` False) or its output when ``block`` runs on ``x``; the rest
+    of the block is skipped."""
+    got: list[torch.Tensor] = []
+
+    def pre_hook(module, args):
+        got.append(args[0])
+        raise _Captured
+
+    def hook(module, args, out):
+        got.append(out[0] if isinstance(out, (tuple, list)) else out)
+        raise _Captured
+
+    with Hooks() as hooks:
+        if output:
+            hooks.forward(module, hook)
+        else:
+            hooks.forward_pre(module, pre_hook)
+        with contextlib.suppress(_Captured):
+            call.run(block, x)
+    if not got:
+        what = "sub-module" if output else "layer"
+        raise PrunekitError(f"the block never called its {what} {type(module).__name__}")
+    return got[0]
 
 
 def _input_of(block: nn.Module, layer: nn.Module, call: BlockCall, x: torch.Tensor) -> torch.Tensor:
-    """What ``layer`` receives when ``block`` runs on ``x``, flattened to ``(tokens, in)`` (the rest of
-    the block is skipped)."""
-    got: list[torch.Tensor] = []
-
-    def hook(module, args):
-        got.append(args[0])
-        raise _Stop
-
-    with Hooks() as hooks:
-        hooks.forward_pre(layer, hook)
-        with contextlib.suppress(_Stop):
-            call.run(block, x)
-    if not got:
-        raise PrunekitError(f"the block never called its layer {type(layer).__name__}")
-    return got[0].reshape(-1, got[0].shape[-1]).to(torch.float32)
+    """What ``layer`` receives when ``block`` runs on ``x``, flattened to ``(tokens, in)``."""
+    got = _capture(block, call, x, layer, output=False)
+    return got.reshape(-1, got.shape[-1]).to(torch.float32)
 
 
 class _RunningCross:
@@ -152,19 +162,7 @@ def _output_of(block: nn.Module, child: nn.Module, call: BlockCall) -> Callable[
     """``x -> child's output`` when the block runs on ``x`` (the rest of the block is skipped)."""
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        got: list[torch.Tensor] = []
-
-        def hook(module, args, out):
-            got.append(out[0] if isinstance(out, (tuple, list)) else out)
-            raise _Captured
-
-        with Hooks() as hooks:
-            hooks.forward(child, hook)
-            with contextlib.suppress(_Captured):
-                call.run(block, x)
-        if not got:
-            raise PrunekitError(f"the block never called its sub-module {type(child).__name__}")
-        return got[0]
+        return _capture(block, call, x, child, output=True)
 
     return forward
 

@@ -8,7 +8,7 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 from fixtures.cli import assert_one_line_error, call_main  # noqa: E402
-from fixtures.hf import llama  # noqa: E402
+from fixtures.hf import llama, vit_classifier  # noqa: E402
 
 SEQ = 32
 
@@ -83,15 +83,7 @@ def test_llm_eval_refuses_a_tokenizer_bigger_than_the_model(model_dir, tmp_path,
 
 
 def test_llm_prune_refuses_a_model_that_is_not_a_causal_lm(tmp_path, monkeypatch, capsys):
-    vit = transformers.ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=8,
-        patch_size=4,
-    )
-    transformers.ViTModel(vit).save_pretrained(tmp_path / "vit")
+    vit_classifier().save_pretrained(tmp_path / "vit")
     code, _, stderr = call_main(
         monkeypatch, capsys, "llm", "prune", "--model", str(tmp_path / "vit"), "--sparsity", "0.5",
         "--out", str(tmp_path / "out"),

@@ -48,12 +48,15 @@ class RunningGram:
         self._gram: torch.Tensor | None = None
         self.count = 0
 
-    def add_batch(self, x: torch.Tensor) -> None:
+    def add_batch(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        """Add the rows of ``x``; with ``y`` (matching rows), the running mean of ``x y^T`` instead (the
+        cross term of a least-squares refit)."""
         x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+        y = x if y is None else y.detach().reshape(-1, y.shape[-1]).to(torch.float32)
         if self._gram is None:
-            self._gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+            self._gram = torch.zeros(x.shape[1], y.shape[1], dtype=torch.float32, device=x.device)
         total = self.count + x.shape[0]
-        self._gram.mul_(self.count / total).addmm_(x.T, x, alpha=1.0 / total)
+        self._gram.mul_(self.count / total).addmm_(x.T, y, alpha=1.0 / total)
         self.count = total
 
     def value(self) -> torch.Tensor:

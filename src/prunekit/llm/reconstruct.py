@@ -116,21 +116,6 @@ def _input_of(block: nn.Module, layer: nn.Module, call: BlockCall, x: torch.Tens
     return got.reshape(-1, got.shape[-1]).to(torch.float32)
 
 
-class _RunningCross:
-    """Running mean of ``x y^T`` over matching rows of two 2-D batches, in float32."""
-
-    def __init__(self) -> None:
-        self.value: torch.Tensor | None = None
-        self.count = 0
-
-    def add_batch(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        if self.value is None:
-            self.value = torch.zeros(x.shape[1], y.shape[1], dtype=torch.float32)
-        total = self.count + x.shape[0]
-        self.value.mul_(self.count / total).addmm_(x.T, y, alpha=1.0 / total)
-        self.count = total
-
-
 def least_squares_pass(
     block: nn.Module,
     dense_block: nn.Module,
@@ -143,18 +128,17 @@ def least_squares_pass(
     it with the dense weights."""
     pruned_layers, dense_layers = linear_layers(block), linear_layers(dense_block)
     for stage in linear_stages(block, call, inputs[:1]):
-        gram, cross = RunningGram(), _RunningCross()
+        gram, cross = RunningGram(), RunningGram()
         for first in range(0, inputs.shape[0], batch):
             x = inputs[first : first + batch]
             xp = _input_of(block, pruned_layers[stage[0]], call, x)
             xd = _input_of(dense_block, dense_layers[stage[0]], call, x)
             gram.add_batch(xp)
             cross.add_batch(xp, xd)
-        assert cross.value is not None
         for name in stage:
             keep = out_in_weight(pruned_layers[name]) != 0
             dense = out_in_weight(dense_layers[name])
-            fit = masked_least_squares(dense, keep, gram.value(), cross.value, damp)
+            fit = masked_least_squares(dense, keep, gram.value(), cross.value(), damp)
             set_out_in_weight(pruned_layers[name], fit)
 
 

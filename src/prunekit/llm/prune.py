@@ -83,14 +83,9 @@ class LLMPruneConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise PrunekitError(f"{name} must be an integer >= 0, got {value!r}")
-        if isinstance(self.reconstruct_batch, bool) or not isinstance(self.reconstruct_batch, int):
-            raise PrunekitError(
-                f"reconstruct_batch must be a positive integer, got {self.reconstruct_batch!r}"
-            )
-        if self.reconstruct_batch < 1:
-            raise PrunekitError(
-                f"reconstruct_batch must be a positive integer, got {self.reconstruct_batch!r}"
-            )
+        batch = self.reconstruct_batch
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise PrunekitError(f"reconstruct_batch must be a positive integer, got {batch!r}")
         for name in ("alps_rho", "reconstruct_lr"):
             if not getattr(self, name) > 0:
                 raise PrunekitError(f"{name} must be > 0, got {getattr(self, name)!r}")

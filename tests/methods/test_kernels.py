@@ -20,7 +20,7 @@ from prunekit.errors import PrunekitError
 from prunekit.llm.prune import LLMPruneConfig
 from prunekit.methods import magnitude_mask, sparsegpt_prune, wanda_mask
 from prunekit.methods import sparsegpt as sparsegpt_module
-from prunekit.methods.sparsegpt import _dampened, inverse_hessian_factor
+from prunekit.methods.sparsegpt import dampened_hessian, inverse_hessian_factor
 from prunekit.spec import NM, Block, Unstructured
 
 FAST = settings(max_examples=25, deadline=None)
@@ -449,9 +449,9 @@ def test_sparsegpt_factorises_in_float64_when_float32_fails():
     h = h64.float()
     assert torch.equal(h.double(), h64)  # the float32 Hessian is exactly this PSD matrix
     damp = 1e-9
-    H32, _ = _dampened(h, damp, torch.float32)
+    H32, _ = dampened_hessian(h, damp, torch.float32)
     assert int(torch.linalg.cholesky_ex(H32)[1]) != 0  # float32 fails
-    H, _ = _dampened(h, damp, torch.float64)
+    H, _ = dampened_hessian(h, damp, torch.float64)
     expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
     U, dead = inverse_hessian_factor(h, damp)
     assert U.dtype == torch.float32 and not bool(dead.any())

@@ -37,6 +37,7 @@ import torch
 from prunekit.errors import PrunekitError
 from prunekit.methods.base import register_llm_method
 from prunekit.methods.pattern import check_llm_spec, keep_lowest_removed
+from prunekit.methods.sparsegpt import dampened_hessian
 from prunekit.select import nm_mask
 from prunekit.spec import NM, Block, Spec
 
@@ -62,11 +63,8 @@ def rho_factor(changed: int, k: int) -> float:
 
 def _prepare(weight: torch.Tensor, hessian: torch.Tensor, damp: float):
     W = weight.detach().to(torch.float32).clone()
-    H = hessian.detach().to(torch.float32).clone()
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
+    H, dead = dampened_hessian(hessian, damp)
     W[:, dead] = 0.0
-    H.diagonal().add_(damp * torch.diagonal(H).mean())
     scale = torch.diagonal(H).sqrt()
     Hn = H / scale.unsqueeze(1) / scale.unsqueeze(0)
     return W, H, Hn, scale

@@ -54,7 +54,11 @@ def _lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
     return ~remove_lowest_per_row(scores.reshape(1, -1), count).reshape(scores.shape)
 
 
-def _dampened(hessian: torch.Tensor, damp: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def dampened_hessian(
+    hessian: torch.Tensor, damp: float, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(H, dead)``: a copy of the Hessian in ``dtype`` with dead inputs' diagonal set to 1 and
+    ``damp * mean(diag H)`` added to the diagonal (step 1 above; ALPS prepares its Hessian the same way)."""
     H = hessian.detach().to(dtype).clone()
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0
@@ -67,7 +71,7 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Te
     mask. Factorised in float32, again in float64 when that fails; an error when both do. Each intermediate
     is freed before the next is made: at 14336 inputs one matrix is 0.8 GB in float32."""
     for dtype in (torch.float32, torch.float64):
-        H, dead = _dampened(hessian, damp, dtype)
+        H, dead = dampened_hessian(hessian, damp, dtype)
         L, info = torch.linalg.cholesky_ex(H)
         del H
         if not int(info):

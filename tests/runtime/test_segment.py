@@ -12,6 +12,7 @@ from torch import nn
 import prunekit.runtime as rt
 from prunekit.masking import squash
 from prunekit.models import ResNet18, SmallResNet
+from prunekit.quant.glue import QuantizeInput
 from prunekit.quant.ptq import quantize_model
 from prunekit.runtime import segment as S
 from prunekit.runtime.cpu import features
@@ -90,8 +91,13 @@ def test_float32_segments_equal_the_model(isa, vw):
                 assert close(seg(x), model(x))
 
 
+@pytest.mark.parametrize("chain", [True, False])
 @pytest.mark.parametrize("isa,vw", ISAS)
-def test_int8_segments_equal_prunekit_int8_bit_for_bit(isa, vw):
+def test_int8_segments_equal_prunekit_int8_bit_for_bit(isa, vw, chain, monkeypatch):
+    """Both epilogues: the integer chain (every step of an integer ResNet qualifies: ReLU or no clamp,
+    one scale per value) and, with the chain switched off, the float spelling it replaces."""
+    if not chain:
+        monkeypatch.setattr(S, "_chain_ok", lambda step: False)
     torch.manual_seed(0)
     for model, x in [
         (pruned(random_bn(ResNet18(10, width=0.125))), torch.randn(1, 3, 40, 40)),
@@ -105,6 +111,16 @@ def test_int8_segments_equal_prunekit_int8_bit_for_bit(isa, vw):
             steps = seg.conv_steps()
             assert all(s.requant is not None for s in steps) and any(s.kernel is not None for s in steps)
             assert any(s.add is not None for s in steps)  # the residual QuantizedAdds fused into epilogues
+            assert all(s.chain == chain for s in steps)
+            if chain:  # residuals are read as bytes: no float32 planes are written for them
+                assert all(s.residual.fbuf is None for s in steps if s.residual is not None)
+            # the input quantizer is left to the first convolution (same scale, same integers)
+            torch_modules = [
+                seg.gm.get_submodule(s.node.target)
+                for s in seg.steps
+                if isinstance(s, S.TorchStep) and s.node.op == "call_module"
+            ]
+            assert not any(isinstance(m, QuantizeInput) for m in torch_modules)
             with torch.inference_mode():
                 for inp in (x, calib[0], 3 * x):  # 3x: activations clamp at +-127
                     assert torch.equal(seg(inp), q(inp))
@@ -192,3 +208,23 @@ def test_max_pools_in_the_layout_equal_torch(k, s, p):
             seg = lower(q, x, vw, isa)
             with torch.inference_mode():
                 assert torch.equal(seg(x), q(x))
+
+
+def test_the_integer_chain_is_refused_wherever_it_would_round_differently():
+    """``conv.chain_reason``: the integer epilogue only where recovering q from ``float32(q) * s`` is exact."""
+    import numpy as np
+
+    from prunekit.runtime.conv import IntAdd, Requant, chain_reason
+
+    one = np.ones(1, np.int64)
+    rq = Requant(one, one, one, -127, 127, 0.05)
+    relu, none = (0.0, np.inf), (-np.inf, np.inf)
+    assert chain_reason(rq, relu, None, 0.05) is None and chain_reason(rq, none, None, None) is None
+    assert "float output form" in chain_reason(None, relu, None, 0.05)
+    assert "wider than int8" in chain_reason(Requant(one, one, one, -2**31, 2**31 - 1, 0.05), relu, None, None)
+    assert "not a ReLU" in chain_reason(rq, (0.0, 6.0), None, 0.05)
+    assert "another scale" in chain_reason(rq, relu, None, 0.07)
+    add = IntAdd(0.05, 0.02, 0.08, 1, 1, 1)
+    assert chain_reason(rq, relu, add, 0.08) is None
+    assert "another scale" in chain_reason(rq, relu, add, 0.05)  # the add's output scale counts
+    assert "rescales" in chain_reason(rq, relu, IntAdd(0.06, 0.02, 0.08, 1, 1, 1), 0.08)

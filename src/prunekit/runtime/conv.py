@@ -286,6 +286,38 @@ class IntAdd:
         return cls(sa, sb, so, ma, mb, sh) if conv_first else cls(sb, sa, so, mb, ma, sh)
 
 
+def _f32(v) -> np.float32:
+    return np.float32(v)
+
+
+def chain_reason(requant: Requant | None, clamp, add: IntAdd | None, s_bytes: float | None) -> str | None:
+    """Why an int8 convolution's output cannot stay in integers (None: it can). The integer chain computes
+    the same integers as the float spelling of the integer output form (``y = float32(q) * s``, a ReLU,
+    ``round(y / s_next)``; a fused add recovering ``round(y / s_a)``) because recovering ``q`` from
+    ``float32(q) * s`` at the same ``s`` is exact; so every scale on the way must be that same ``s``, and the
+    clamp a plain ReLU or nothing (ReLU6's 6.0 is not a multiple of the scale)."""
+    if requant is None:
+        return "float output form (no fixed-point requantization)"
+    if requant.lo < -127 or requant.hi > 127:
+        return f"output range [{requant.lo}, {requant.hi}] is wider than int8"
+    lo, hi = (float(v) for v in clamp)
+    if not (hi == np.inf and lo in (-np.inf, 0.0)):
+        return f"clamp [{lo}, {hi}] is not a ReLU"
+    s_out = requant.out_scale
+    if add is not None:
+        if _f32(add.scale_a) != _f32(s_out):
+            return "the add rescales the convolution's output"
+        s_out = add.scale_out
+    if s_bytes is not None and _f32(s_bytes) != _f32(s_out):
+        return "the next layer reads another scale"
+    return None
+
+
+def final_scale(requant: Requant, add: IntAdd | None) -> float:
+    """The scale of an integer-chain convolution's output (its own, or its fused add's)."""
+    return add.scale_out if add is not None else requant.out_scale
+
+
 @dataclass
 class Int8Out:
     """What an int8 convolution's epilogue writes: bytes for the next int8 layer (scale ``s_next``,
@@ -320,7 +352,12 @@ class DirectConvI8:
         residual: L.Layout | None = None,
         requant: Requant | None = None,
         add: IntAdd | None = None,
+        chain: bool = False,
+        residual_offset: int = 0,
     ) -> None:
+        """``chain``: the integer epilogue (``conv_kernels.FLAG_CHAIN``; the caller checked
+        :func:`chain_reason` is None): ``residual`` is then the residual's *byte* layout (``residual_offset``
+        128 when its bytes are +128-encoded)."""
         vw = 16 if isa == "vnni512" else 8
         if isa not in K.ISAS:
             raise PrunekitError(f"DirectConvI8: isa must be one of {', '.join(K.ISAS)}, got {isa!r}")
@@ -355,7 +392,9 @@ class DirectConvI8:
             per[:cout, 0], per[:cout, 1], per[:cout, 2] = requant.bias_q, requant.mult, requant.shift
             self.scale[:cout] = np.float32(requant.out_scale)  # y = float32(q) * out_scale
         self.clamp = np.array(clamp, dtype=np.float32)
-        q = np.ones(8, np.float32)  # s_next, qlo, offset, zero pattern; a fused add's s_a, s_b, s_out
+        # s_next, qlo, offset, zero pattern; a fused add's s_a, s_b, s_out; the integer chain's lowest value
+        # and the residual bytes' key (conv_kernels.residual_byte)
+        q = np.ones(10, np.float32)
         q[0], q[1] = out.s_next, out.qlo
         q.view(np.int32)[2] = out.offset
         q.view(np.int32)[3] = L.ZERO_OFFSET if out.offset else 0
@@ -371,8 +410,16 @@ class DirectConvI8:
         if out.floats is not None and out.floats.units < cpad:  # the epilogue stores 4 channels at a time
             raise PrunekitError("DirectConvI8: the float32 output needs room for a multiple of 4 channels")
         flags = 0
+        if chain:
+            why = chain_reason(requant, clamp, add, out.s_next if out.layout is not None else None)
+            if why is not None:
+                raise PrunekitError(f"DirectConvI8: no integer chain here: {why}")
+            flags |= 1 << K.FLAG_CHAIN
+            q.view(np.int32)[7] = 0 if clamp[0] == 0 else np.iinfo(np.int32).min
+            q.view(np.int32)[8] = residual_offset ^ 128
         if residual is not None:
-            if residual.pitch != dest.pitch or residual.units < cpad:
+            units = residual.units * 4 if chain else residual.units  # bytes: 4 channels a unit
+            if residual.pitch != dest.pitch or units < cpad:
                 raise PrunekitError("DirectConvI8: the residual must match the output's pitch and channels")
             flags |= 1 << K.FLAG_RESID
         if out.floats is not None:

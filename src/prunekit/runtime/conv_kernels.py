@@ -135,7 +135,7 @@ def _store_all(builder, vt, values, yp, yb, yoffs_p, ns, mp, mb, ml, combine) ->
 
 
 # -- float32 ----------------------------------------------------------------------------------------------
-FLAG_INIT, FLAG_FINAL, FLAG_RESID, FLAG_FLOAT_OUT, FLAG_BYTES_OUT, FLAG_INTEGER, FLAG_QADD = range(7)
+FLAG_INIT, FLAG_FINAL, FLAG_RESID, FLAG_FLOAT_OUT, FLAG_BYTES_OUT, FLAG_INTEGER, FLAG_QADD, FLAG_CHAIN = range(8)
 RQ_HEAD = 5  # rq: lo, hi, Ma, Mb, sh of a fused integer add, then (bias_q, mult, shift) per channel
 
 
@@ -351,6 +351,31 @@ def int8_add(builder: ir.IRBuilder, a: ir.Value, b: ir.Value, add: dict) -> ir.V
     return builder.fmul(builder.sitofp(q, vf), _splat(builder, add["s_out"], vf))
 
 
+def residual_byte(builder: ir.IRBuilder, units: ir.Value, r: int, key: ir.Value) -> ir.Value:
+    """Channel ``r``'s int8 value from 32-bit lanes of 4 activation bytes: ``((u >> 8r) & 255) ^ key) - 128``
+    (``key`` 128 for plain signed bytes, which sign-extends them; 0 for +128-encoded bytes)."""
+    vi = units.type
+    n = vi.count
+    x = builder.and_(builder.lshr(units, ir.Constant(vi, [8 * r] * n)), ir.Constant(vi, [255] * n))
+    return builder.sub(builder.xor(x, key), ir.Constant(vi, [128] * n))
+
+
+def int8_add_integers(builder: ir.IRBuilder, qa: ir.Value, qb: ir.Value, add: dict) -> ir.Value:
+    """:func:`int8_add` on the operands' integers themselves (int32 lanes in, int32 lanes out):
+    ``clamp(rshift_round(qa * Ma + qb * Mb, sh), -127, 127)``. Equal to :func:`int8_add` when each operand
+    is ``float32(q) * s`` at the add's own scale (recovering q from it is exact), which is what the integer
+    chain (``FLAG_CHAIN``) is checked for before it is used."""
+    n = qa.type.count
+    v64 = ir.VectorType(_I64, n)
+    t = builder.add(
+        builder.mul(builder.sext(qa, v64), _splat(builder, add["ma"], v64)),
+        builder.mul(builder.sext(qb, v64), _splat(builder, add["mb"], v64)),
+    )
+    q = _rshift_round(builder, t, _splat(builder, add["sh"], v64))
+    q = _clamp64(builder, q, ir.Constant(_I64, -127), ir.Constant(_I64, 127))
+    return builder.trunc(q, ir.VectorType(_I32, n))
+
+
 def int8_quantize(builder: ir.IRBuilder, vf: ir.VectorType, y: ir.Value, s_next: ir.Value, qlo: ir.Value):
     """The next layer's activation: ``clamp(round_half_even(y / s_next), qlo, 127)`` as int32 lanes
     (``prunekit.quant.rounding.quantize_activation``: a float32 division, not a product by the inverse)."""
@@ -456,6 +481,17 @@ def _i8_tile(nv: int, isa: str):
                     def keep(v, m):  # the value where the mask is set, the zero pattern elsewhere
                         return builder.or_(builder.and_(v, m), builder.and_(zpat, builder.xor(m, ones)))
 
+                    def store_bytes(packed: list) -> None:
+                        with builder.if_then(_flag(builder, flags, FLAG_BYTES_OUT)):
+                            zero_pad = builder.icmp_signed(
+                                "==", builder.extract_element(zpat, _c64(0)), _I32(0)
+                            )
+                            with builder.if_else(zero_pad) as (plain, encoded):
+                                with plain:  # padding is 0: the mask alone
+                                    _store_all(builder, vi, packed, yp, yb, yop, ns, mp, mb, ml, builder.and_)
+                                with encoded:
+                                    _store_all(builder, vi, packed, yp, yb, yop, ns, mp, mb, ml, keep)
+
                     def final(resid: bool, float_out: bool) -> None:
                         """Sums and epilogue with the residual / float32 output fixed at compile time (one
                         copy per combination: no per-vector branch or select)."""
@@ -493,23 +529,58 @@ def _i8_tile(nv: int, isa: str):
                                 packed[i] = builder.or_(
                                     packed[i], builder.shl(q, ir.Constant(vi, [8 * r] * vw))
                                 )
-                        with builder.if_then(_flag(builder, flags, FLAG_BYTES_OUT)):
-                            zero_pad = builder.icmp_signed(
-                                "==", builder.extract_element(zpat, _c64(0)), _I32(0)
-                            )
-                            with builder.if_else(zero_pad) as (plain, encoded):
-                                with plain:  # padding is 0: the mask alone
-                                    _store_all(builder, vi, packed, yp, yb, yop, ns, mp, mb, ml, builder.and_)
-                                with encoded:
-                                    _store_all(builder, vi, packed, yp, yb, yop, ns, mp, mb, ml, keep)
+                        store_bytes(packed)
 
-                    with builder.if_else(_flag(builder, flags, FLAG_RESID)) as (with_r, without_r):
-                        for resid, block in ((True, with_r), (False, without_r)):
-                            with block, builder.if_else(_flag(builder, flags, FLAG_FLOAT_OUT)) as (fl, nofl):
-                                with fl:
-                                    final(resid, True)
-                                with nofl:
-                                    final(resid, False)
+                    def final_chain(resid: bool, float_out: bool) -> None:
+                        """FLAG_CHAIN: the integer output form kept in integers (module docstring): the
+                        requantized q, the fused add on the residual's bytes, the ReLU as ``max(q, clo)``;
+                        float32 ``q * s_out`` only where FLOAT_OUT asks for it."""
+                        packed = [zero_i] * nv
+                        clo = _splat(builder, builder.load(builder.gep(qint, [_c64(5)])), vi)
+                        rkey = _splat(builder, builder.load(builder.gep(qint, [_c64(6)])), vi)
+                        rint_p = builder.bitcast(rp, _I32.as_pointer())
+                        for r in range(4):
+                            co, _, accs = sums(r)
+                            at = builder.add(_c64(RQ_HEAD), builder.mul(co, _c64(3)))
+                            bias_q, mult, shift = (
+                                builder.load(builder.gep(rqp, [builder.add(at, _c64(k))])) for k in range(3)
+                            )
+                            comp = _splat(builder, builder.load(builder.gep(cp, [co])), vi)
+                            s_fin = add["s_out"] if resid else builder.load(builder.gep(scp, [co]))
+                            for i in range(nv):
+                                q = requantize_vector(
+                                    builder, builder.add(accs[i], comp), bias_q, mult, shift,
+                                    builder.load(rqp), builder.load(builder.gep(rqp, [_c64(1)])),
+                                )  # fmt: skip
+                                if resid:
+                                    units = _vload(builder, rint_p, builder.add(rb, _c64(vw * i)), vi)
+                                    q = int8_add_integers(builder, q, residual_byte(builder, units, r, rkey), add)
+                                q = builder.select(builder.icmp_signed(">", q, clo), q, clo)
+                                if float_out:
+                                    off = builder.add(
+                                        builder.add(fb, builder.mul(fstride, _c64(r))), _c64(vw * i)
+                                    )
+                                    y = builder.fmul(builder.sitofp(q, vf), _splat(builder, s_fin, vf))
+                                    _vstore(builder, y, fp, off)
+                                b = builder.and_(builder.add(q, offset), ir.Constant(vi, [255] * vw))
+                                packed[i] = builder.or_(packed[i], builder.shl(b, ir.Constant(vi, [8 * r] * vw)))
+                        store_bytes(packed)
+
+                    def variants(body) -> None:
+                        """``body(resid, float_out)`` once per combination of the two flags."""
+                        with builder.if_else(_flag(builder, flags, FLAG_RESID)) as (with_r, without_r):
+                            for resid, block in ((True, with_r), (False, without_r)):
+                                with block, builder.if_else(_flag(builder, flags, FLAG_FLOAT_OUT)) as (fl, nofl):
+                                    with fl:
+                                        body(resid, True)
+                                    with nofl:
+                                        body(resid, False)
+
+                    with builder.if_else(_flag(builder, flags, FLAG_CHAIN)) as (chained, general):
+                        with chained:
+                            variants(final_chain)
+                        with general:
+                            variants(final)
             return context.get_dummy_value()
 
         return types.void(arrays, ints), codegen
@@ -534,6 +605,7 @@ def conv_i8(vw, nv, ptr, offs, wv, X, Y, yoffs, M, comp, scale, bias, clamp, R, 
     ntiles, ybase, ystride, ns, ml, rbase, rstride = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5], geo[6]
     g0, g1, out_flags, fbase, fstride, whole = geo[7], geo[8], geo[9], geo[10], geo[11], geo[12]
     T = np.int64(nv * vw)
+    chained = (out_flags >> FLAG_CHAIN) & 1
     ncb, stride_b = ptr.shape[0], np.int64(ptr.shape[1])
     arrays = (
         offs,
@@ -567,7 +639,8 @@ def conv_i8(vw, nv, ptr, offs, wv, X, Y, yoffs, M, comp, scale, bias, clamp, R, 
                     (np.int64(co0 * whole + p0), np.int64(whole)) if whole != 0 else (np.int64(co0 * T), T)
                 )
                 yb = np.int64(ybase + g * ystride + p0)
-                rb = np.int64(rbase + co0 * rstride + p0)
+                # the integer chain reads the residual's bytes (one unit per group), else its floats per channel
+                rb = np.int64(rbase + (g if chained else co0) * rstride + p0)
                 fb = np.int64(fbase + co0 * fstride + p0)
                 ints = (co0, p0, sb, ss, flags, yb, ns, p0, ml, rb, rstride, fb, fstride, b * stride_b)
                 if vw == 16:

@@ -240,19 +240,36 @@ def read_nchw(buf: np.ndarray, layout: Layout, channels: int) -> np.ndarray:
 @_jit(fastmath=False)
 def quantize_pack(x, c, hw, s, offset, out):
     """Float32 activations (c, hw) -> int8 ``clamp(round_half_even(x / s), -127, 127)`` (+ ``offset``:
-    0, or 128 for the u8 encoding), four channels per int32 unit: ``out`` (ceil(c / 4), hw)."""
+    0, or 128 for the u8 encoding), four channels per int32 unit: ``out`` (ceil(c / 4), hw). A channel at a
+    time over contiguous slices (vectorised; the division stays a division: no fast-math)."""
     groups = (c + 3) // 4
+    lo, hi = np.float32(-127.0), np.float32(127.0)
     for g in range(groups):
+        o = out[g * hw : (g + 1) * hw]
         for p in range(hw):
-            v = np.uint32(0)
-            for b in range(4):
-                ch = 4 * g + b
-                q = np.float32(0.0)
-                if ch < c:
-                    q = min(max(np.rint(x[ch * hw + p] / s), np.float32(-127.0)), np.float32(127.0))
-                byte = np.uint32((np.int32(q) + offset) & 255)
-                v |= byte << np.uint32(8 * b)
-            out[g * hw + p] = np.int32(np.int64(v) - (np.int64(1) << 32) if v >= (np.uint32(1) << 31) else v)
+            o[p] = 0
+        for b in range(4):
+            ch = 4 * g + b
+            if ch < c:
+                xs = x[ch * hw : (ch + 1) * hw]
+                for p in range(hw):
+                    q = min(max(np.rint(xs[p] / s), lo), hi)
+                    o[p] |= ((np.int32(q) + offset) & 255) << (8 * b)
+            else:  # a padding channel: the encoding of 0
+                pad = (offset & 255) << (8 * b)
+                for p in range(hw):
+                    o[p] |= pad
+
+
+@_jit()
+def _max_into(a, b, n):
+    """``a[x] = max(a[x], b[x])`` for ``x < n`` (a NaN in ``b`` wins, as in torch's max pool). A loop over
+    ``range`` on slices: its index is provably non-negative, so numba's negative-index check folds away and
+    LLVM vectorises it (a ``np.maximum`` call per row cost 5x more in dispatch than its work)."""
+    for x in range(n):
+        v = b[x]
+        if v > a[x] or v != v:
+            a[x] = v
 
 
 @_jit()
@@ -266,50 +283,52 @@ def maxpool(
     shift included) and ``shifts[s]`` describe the output planes, ``ystride`` the units. ``rowmax``:
     scratch of at least ``(2 w + wo) * epu`` elements.
 
-    Per output row, all as slice operations (numba's scalar loops with signed indices do not vectorise):
-    the max over the window's rows, then over the window's columns at every column (``k`` shifted slices),
-    then the output columns picked at the stride, and one copy per output plane."""
+    Per output row: the max over the window's rows, then over the window's columns at every column (``k``
+    shifted passes), then the output columns picked at the stride (a unit at a time: bytes move as one
+    32-bit word), and one copy per output plane."""
     ns = yoffs.shape[0]
     we = w * epu
     row = rowmax[:we]
     cm = rowmax[we : 2 * we]
     out = rowmax[2 * we : 2 * we + wo * epu]
-    picked = (wo - 1) * st < w  # every output's window starts inside the row (else: the scalar pick below)
     for u in range(units):
         ub = (s_off + u * s_cstride) * epu
         for oy in range(ho):
             r0 = max(oy * st - pad, 0)
             r1 = min(oy * st - pad + k, h)
             b = ub + r0 * q_in * epu
-            row[:] = src[b : b + we]
+            first = src[b : b + we]
+            for x in range(we):
+                row[x] = first[x]
             for r in range(r0 + 1, r1):
                 b = ub + r * q_in * epu
-                np.maximum(row, src[b : b + we], row)
-            cm[:] = row
+                _max_into(row, src[b : b + we], we)
+            for x in range(we):
+                cm[x] = row[x]
             for j in range(k):  # cm[x] = max over the window's columns x + j - pad that are inside
                 d = j - pad
                 if d == 0:
                     continue
                 lo, hi = max(0, -d), min(w, w - d)
                 if hi > lo:
-                    np.maximum(
-                        cm[lo * epu : hi * epu], row[(lo + d) * epu : (hi + d) * epu], cm[lo * epu : hi * epu]
-                    )
-            if picked and epu == 1:
-                out[:] = cm[0 : (wo - 1) * st + 1 : st]
+                    _max_into(cm[lo * epu : hi * epu], row[(lo + d) * epu : (hi + d) * epu], (hi - lo) * epu)
+            if epu == 4:  # bytes: the 4 channels of a column as one word
+                c32, o32 = cm.view(np.int32), out.view(np.int32)
+                for ox in range(wo):
+                    o32[ox] = c32[min(ox * st, w - 1)]
             else:
                 for ox in range(wo):
-                    x = min(ox * st, w - 1)
-                    for e in range(epu):
-                        out[ox * epu + e] = cm[x * epu + e]
-                    if ox * st >= w:  # a window past the last column: its inside columns only
-                        for e in range(epu):
-                            m = row[(w - 1) * epu + e]
-                            for c in range(max(ox * st - pad, 0), w):
-                                m = max(m, row[c * epu + e])
-                            out[ox * epu + e] = m
+                    out[ox] = cm[min(ox * st, w - 1)]
+            for ox in range((w + st - 1) // st, wo):  # a window past the last column: its inside columns only
+                for e in range(epu):
+                    m = row[(w - 1) * epu + e]
+                    for c in range(max(ox * st - pad, 0), w):
+                        m = max(m, row[c * epu + e])
+                    out[ox * epu + e] = m
             for s in range(ns):
                 d = shifts[s]
                 lo, hi = max(0, d), min(wo, qo + d)  # output columns whose shifted column is in [0, qo)
                 base = (u * ystride + yoffs[s] + oy * qo) * epu
-                dst[base + lo * epu : base + hi * epu] = out[lo * epu : hi * epu]
+                dd, oo = dst[base + lo * epu : base + hi * epu], out[lo * epu : hi * epu]
+                for x in range((hi - lo) * epu):
+                    dd[x] = oo[x]

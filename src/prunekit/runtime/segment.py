@@ -39,7 +39,7 @@ from torch import Tensor, fx, nn
 
 from prunekit.errors import PrunekitError
 from prunekit.quant.fold import fold_conv_bn
-from prunekit.quant.glue import QuantizedAdd
+from prunekit.quant.glue import QuantizeInput, QuantizedAdd
 from prunekit.quant.graph import Tracer
 from prunekit.quant.layers import QuantizedConv2d
 from prunekit.runtime import conv_layout as L
@@ -51,6 +51,8 @@ from prunekit.runtime.conv import (
     Int8Out,
     IntAdd,
     Requant,
+    chain_reason,
+    final_scale,
     host_width,
     isa_name,
     tile_options,
@@ -114,6 +116,24 @@ def _depends_on(node: fx.Node, targets: set, memo: dict) -> bool:
     return memo[node]
 
 
+def _requantized_by_readers(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """An input quantizer (``QuantizeInput``, ``float32(clamp(round(x / s))) * s``) whose every reader is an
+    int8 convolution that rounds its input at the same static scale: the reader computes the same integers
+    from ``x`` itself (``round(float32(q) * s / s) == q``), so the quantizer's pass over the image is saved."""
+    if node.op != "call_module" or len(node.args) != 1 or node.kwargs or not node.users:
+        return False
+    if type(gm.get_submodule(node.target)) is not QuantizeInput:
+        return False
+    scale = np.float32(gm.get_submodule(node.target).scale.item())
+    for user in node.users:
+        mod = gm.get_submodule(user.target) if user.op == "call_module" else None
+        if not isinstance(mod, QuantizedConv2d) or mod.act_scale is None or user.args != (node,):
+            return False
+        if np.float32(mod.act_scale.item()) != scale:
+            return False
+    return True
+
+
 def _batch1_image(t) -> bool:
     return isinstance(t, Tensor) and t.dim() == 4 and t.shape[0] == 1 and t.dtype == torch.float32
 
@@ -151,9 +171,32 @@ class Env:
     def tensor(self, v: Value) -> Tensor:
         found = self.nchw.get(v.node)
         if found is None:
-            found = torch.from_numpy(L.read_nchw(v.fbuf, v.floats, v.shape[0]))
+            if v.fbuf is not None:
+                found = torch.from_numpy(L.read_nchw(v.fbuf, v.floats, v.shape[0]))
+            else:  # exact bytes (integer chain): the value is float32(q) * s, as prunekit.quant.glue writes it
+                found = bytes_nchw(v).to(torch.float32) * torch.tensor(v.byte_scale, dtype=torch.float32)
             self.nchw[v.node] = found
         return found
+
+
+def bytes_nchw(v: Value) -> Tensor:
+    """A value's int8 integers (1, C, H, W) from its byte planes."""
+    c, h, w = v.shape
+    lay = v.bytes_
+    units = np.empty(lay.units * h * w, np.int32)
+    L.read(v.bbuf, lay.col0(), lay.per_unit * lay.plane, lay.pitch, lay.units, h, w, units)
+    return torch.from_numpy(unpack_bytes(units, c, h, w, v.offset))[None]
+
+
+def exact_bytes(v: Value) -> bool:
+    """Whether ``v``'s bytes are exactly its integers at its own scale (an integer-chain convolution's
+    output, or a max pool of one), so its float32 value is ``float32(q) * byte_scale`` and needs no planes."""
+    step = v.producer
+    if isinstance(step, PoolStep):
+        return v.byte_scale is not None and exact_bytes(step.inp) and step.inp.byte_scale == v.byte_scale
+    if isinstance(step, ConvStep) and step.chain and v.byte_scale is not None:
+        return np.float32(v.byte_scale) == np.float32(final_scale(step.requant_of(), step.add))
+    return False
 
 
 def _fill_from(v: Value, env: Env, dst: np.ndarray, lay: L.Layout, geo: np.ndarray) -> None:
@@ -207,6 +250,10 @@ class ConvStep:
         self.choice = "dense"
         self.timings: dict[str, float] = {}
         self.reason = ""
+        self.chain = False  # the integer epilogue (conv.chain_reason), decided by the layout plan
+
+    def requant_of(self) -> Requant | None:
+        return Requant.of(self.module) if self.int8 else None
 
     @property
     def sparsity(self) -> float:
@@ -243,7 +290,9 @@ class ConvStep:
         r = self.residual
         self.rlayout = None
         if r is not None:
-            if r.floats is not None and r.floats.pitch == self.out_pitch and r.producer is not None:
+            if self.chain:  # the residual's bytes (the plan checked their pitch and scale)
+                self.rlayout, self.abuf = r.bytes_, None
+            elif r.floats is not None and r.floats.pitch == self.out_pitch and r.producer is not None:
                 self.rlayout, self.abuf = r.floats, None
             else:  # an adapter: the residual copied into planes of this output's pitch
                 units = L.roundup(r.shape[0], 4)  # int8 epilogues read 4 channels at a time
@@ -276,6 +325,8 @@ class ConvStep:
         parts = []
         if len(self.nodes) > 1:
             parts.append("fused " + "+".join(n.name for n in self.nodes[1:]))
+        if self.chain:
+            parts.append("integer epilogue")
         parts.append("reads the producer's planes" if self.direct else "gathers its input")
         if self.reason:
             parts.append(self.reason)
@@ -307,6 +358,8 @@ class ConvStep:
             residual=self.rlayout,
             requant=self.requant,
             add=self.add,
+            chain=self.chain,
+            residual_offset=self.residual.offset if self.chain and self.residual is not None else 0,
         )
 
     def make_kernel(self, nv: int, cb: int | None):
@@ -342,6 +395,8 @@ class ConvStep:
             residual=self.rlayout,
             requant=self.requant,
             add=self.add,
+            chain=self.chain,
+            residual_offset=self.residual.offset if self.chain and self.residual is not None else 0,
         )
 
     def configs(self) -> list[tuple[int, int | None]]:
@@ -374,6 +429,8 @@ class ConvStep:
         r = self.residual
         if r is None:
             return None
+        if self.chain:
+            return r.bbuf
         if self.abuf is None:
             return r.fbuf
         _fill_from(r, env, self.abuf, self.rlayout, self.ageo)
@@ -681,6 +738,10 @@ def build(model: nn.Module, example: Tensor, *, vw: int | None = None, isa: str 
         if _is_identity(node, gm) and len(node.args) == 1 and isinstance(node.args[0], fx.Node):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
+    for node in list(gm.graph.nodes):
+        if _requantized_by_readers(node, gm):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
     gm.recompile()
     outs = _record(gm, example)
     vw, isa = vw or host_width(), isa or isa_name()
@@ -774,16 +835,21 @@ def _plan_layouts(steps: list, values: dict, int8: bool, isa: str, graph: fx.Gra
             inp.top = max(inp.top, ph)
             inp.bottom = max(inp.bottom, (ho - 1) + (kh - 1) * dh - ph - (h - 1))
         step.out.pitch = step.out_pitch
+        if step.add is not None and step.residual.producer is not None:  # the integer chain reads bytes
+            _bytes_for(step.residual, step.add.scale_b, isa, conv_input=False)
+    for step in steps:  # forward, so that every residual's producer has decided first
+        if int8 and isinstance(step, ConvStep):
+            step.chain = _chain_ok(step)
     for v in values.values():
         if v.producer is not None and (not int8 or v.byte_scale is None):
             v.needs_float = True
     output = next(n for n in graph.nodes if n.op == "output")
     for n in output.all_input_nodes:
-        if n in values:
+        if n in values and not exact_bytes(values[n]):
             values[n].needs_float = True
     for step in reversed(steps):  # backward: who needs float32 planes
         if isinstance(step, ConvStep):
-            if step.residual is not None:
+            if step.residual is not None and not step.chain:
                 step.residual.needs_float = True
             if not int8 or (not step.direct and step.inp.byte_scale != float(step.module.act_scale.item())):
                 step.inp.needs_float = True
@@ -792,7 +858,7 @@ def _plan_layouts(steps: list, values: dict, int8: bool, isa: str, graph: fx.Gra
                 step.inp.needs_float = True
         else:
             for n in step.node.all_input_nodes:
-                if n in values:
+                if n in values and not exact_bytes(values[n]):
                     values[n].needs_float = True
     for v in values.values():
         if v.producer is None:
@@ -845,18 +911,36 @@ def _allocate(steps: list, values: dict, graph: fx.Graph) -> None:
                     free.setdefault((dead.bytes_, fill), []).append(dead.bbuf)
 
 
-def _bytes_for(v: Value, scale: float, isa: str) -> bool:
-    """Make ``v``'s producer write int8 bytes at ``scale`` (through max pools); False when it cannot."""
+def _chain_ok(step: ConvStep) -> bool:
+    """Whether the convolution's epilogue can stay in integers (``conv.chain_reason``), its residual (a
+    fused integer add's other operand) read from exact bytes at the add's scale and this output's pitch."""
+    if chain_reason(step.requant_of(), step.clamp, step.add, step.out.byte_scale) is not None:
+        return False
+    r = step.residual
+    if r is None:
+        return True
+    return (
+        step.add is not None
+        and exact_bytes(r)
+        and np.float32(r.byte_scale) == np.float32(step.add.scale_b)
+        and r.pitch == step.out_pitch
+    )
+
+
+def _bytes_for(v: Value, scale: float, isa: str, conv_input: bool = True) -> bool:
+    """Make ``v``'s producer write int8 bytes at ``scale`` (through max pools); False when it cannot.
+    ``conv_input``: a convolution reads them (+128-encoded signed bytes need VNNI there; an integer add's
+    residual reads them with integer operations on any instruction set)."""
     step = v.producer
     if isinstance(step, PoolStep):
-        if not _bytes_for(step.inp, scale, isa):
+        if not _bytes_for(step.inp, scale, isa, conv_input):
             return False
     elif not (isinstance(step, ConvStep) and step.int8):
         return False
     if v.byte_scale not in (None, scale):
         return False
     offset = 0 if nonneg(v) else 128
-    if offset and isa != "vnni512":
+    if offset and isa != "vnni512" and conv_input:
         return False
     v.byte_scale, v.offset = scale, offset
     return True

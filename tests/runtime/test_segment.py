@@ -114,6 +114,9 @@ def test_int8_segments_equal_prunekit_int8_bit_for_bit(isa, vw, chain, monkeypat
             assert all(s.chain == chain for s in steps)
             if chain:  # residuals are read as bytes: no float32 planes are written for them
                 assert all(s.residual.fbuf is None for s in steps if s.residual is not None)
+            # the global average pool sums the last block's exact bytes (torch's module without the chain)
+            pools = [s for s in seg.steps if isinstance(s, S.GlobalPoolStep)]
+            assert len(pools) == 1 and pools[0].exact == chain
             # the input quantizer is left to the first convolution (same scale, same integers)
             torch_modules = [
                 seg.gm.get_submodule(s.node.target)
@@ -211,7 +214,8 @@ def test_max_pools_in_the_layout_equal_torch(k, s, p):
 
 
 def test_the_integer_chain_is_refused_wherever_it_would_round_differently():
-    """``conv.chain_reason``: the integer epilogue only where recovering q from ``float32(q) * s`` is exact."""
+    """``conv.chain_reason``: the integer epilogue only where recovering q from ``float32(q) * s`` is exact
+    (its refusals name the reason)."""
     import numpy as np
 
     from prunekit.runtime.conv import IntAdd, Requant, chain_reason
@@ -221,7 +225,8 @@ def test_the_integer_chain_is_refused_wherever_it_would_round_differently():
     relu, none = (0.0, np.inf), (-np.inf, np.inf)
     assert chain_reason(rq, relu, None, 0.05) is None and chain_reason(rq, none, None, None) is None
     assert "float output form" in chain_reason(None, relu, None, 0.05)
-    assert "wider than int8" in chain_reason(Requant(one, one, one, -2**31, 2**31 - 1, 0.05), relu, None, None)
+    wide = Requant(one, one, one, -(2**31), 2**31 - 1, 0.05)
+    assert "wider than int8" in chain_reason(wide, relu, None, None)
     assert "not a ReLU" in chain_reason(rq, (0.0, 6.0), None, 0.05)
     assert "another scale" in chain_reason(rq, relu, None, 0.07)
     add = IntAdd(0.05, 0.02, 0.08, 1, 1, 1)

@@ -135,7 +135,8 @@ def _store_all(builder, vt, values, yp, yb, yoffs_p, ns, mp, mb, ml, combine) ->
 
 
 # -- float32 ----------------------------------------------------------------------------------------------
-FLAG_INIT, FLAG_FINAL, FLAG_RESID, FLAG_FLOAT_OUT, FLAG_BYTES_OUT, FLAG_INTEGER, FLAG_QADD, FLAG_CHAIN = range(8)
+FLAG_INIT, FLAG_FINAL, FLAG_RESID, FLAG_FLOAT_OUT, FLAG_BYTES_OUT, FLAG_INTEGER, FLAG_QADD = range(7)
+FLAG_CHAIN = 7  # int8: the integer epilogue (conv.chain_reason), the residual read as bytes
 RQ_HEAD = 5  # rq: lo, hi, Ma, Mb, sh of a fused integer add, then (bias_q, mult, shift) per channel
 
 
@@ -554,7 +555,8 @@ def _i8_tile(nv: int, isa: str):
                                 )  # fmt: skip
                                 if resid:
                                     units = _vload(builder, rint_p, builder.add(rb, _c64(vw * i)), vi)
-                                    q = int8_add_integers(builder, q, residual_byte(builder, units, r, rkey), add)
+                                    qb = residual_byte(builder, units, r, rkey)
+                                    q = int8_add_integers(builder, q, qb, add)
                                 q = builder.select(builder.icmp_signed(">", q, clo), q, clo)
                                 if float_out:
                                     off = builder.add(
@@ -563,14 +565,16 @@ def _i8_tile(nv: int, isa: str):
                                     y = builder.fmul(builder.sitofp(q, vf), _splat(builder, s_fin, vf))
                                     _vstore(builder, y, fp, off)
                                 b = builder.and_(builder.add(q, offset), ir.Constant(vi, [255] * vw))
-                                packed[i] = builder.or_(packed[i], builder.shl(b, ir.Constant(vi, [8 * r] * vw)))
+                                b = builder.shl(b, ir.Constant(vi, [8 * r] * vw))
+                                packed[i] = builder.or_(packed[i], b)
                         store_bytes(packed)
 
                     def variants(body) -> None:
                         """``body(resid, float_out)`` once per combination of the two flags."""
+                        float_out = _flag(builder, flags, FLAG_FLOAT_OUT)
                         with builder.if_else(_flag(builder, flags, FLAG_RESID)) as (with_r, without_r):
                             for resid, block in ((True, with_r), (False, without_r)):
-                                with block, builder.if_else(_flag(builder, flags, FLAG_FLOAT_OUT)) as (fl, nofl):
+                                with block, builder.if_else(float_out) as (fl, nofl):
                                     with fl:
                                         body(resid, True)
                                     with nofl:
@@ -639,7 +643,7 @@ def conv_i8(vw, nv, ptr, offs, wv, X, Y, yoffs, M, comp, scale, bias, clamp, R, 
                     (np.int64(co0 * whole + p0), np.int64(whole)) if whole != 0 else (np.int64(co0 * T), T)
                 )
                 yb = np.int64(ybase + g * ystride + p0)
-                # the integer chain reads the residual's bytes (one unit per group), else its floats per channel
+                # the integer chain reads the residual's bytes (a unit per group), else floats per channel
                 rb = np.int64(rbase + (g if chained else co0) * rstride + p0)
                 fb = np.int64(fbase + co0 * fstride + p0)
                 ints = (co0, p0, sb, ss, flags, yb, ns, p0, ml, rb, rstride, fb, fstride, b * stride_b)

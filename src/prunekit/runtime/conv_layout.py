@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from prunekit.quant.rounding import requantize_value
 from prunekit.runtime.conv_kernels import T_MAX, _jit
 
 GUARD = 64  # units before the first plane (shifted stores may land up to a few units before it)
@@ -332,3 +333,21 @@ def maxpool(
                 dd, oo = dst[base + lo * epu : base + hi * epu], out[lo * epu : hi * epu]
                 for x in range((hi - lo) * epu):
                     dd[x] = oo[x]
+
+
+@_jit(fastmath=False)
+def global_pool_bytes(src, s_off, s_cstride, q, c, h, w, offset, mult, sh, s_out, out):
+    """``prunekit.quant.glue.QuantizedGlobalAvgPool`` on a byte planes tensor (``src``: its bytes as
+    uint8; offsets in 4-byte units): per channel the sum of its integers over ``h x w``, then
+    ``out[ch] = float32(requantize_value(sum, mult, sh, -127, 127)) * s_out``. One call: in a forward
+    pass every small NumPy or torch operation costs 20-80 us (the kernels before it evict the
+    interpreter's state from the caches), which is what a dozen of them cost here."""
+    for ch in range(c):
+        u, b = ch // 4, ch % 4
+        total = np.int64(0)
+        for r in range(h):
+            row = src[(s_off + u * s_cstride + r * q) * 4 + b : (s_off + u * s_cstride + r * q + w) * 4 : 4]
+            for x in range(w):
+                v = np.int64(row[x])
+                total += v - offset if offset else (v - 256 if v >= 128 else v)
+        out[ch] = np.float32(requantize_value(total, mult, sh, -127, 127)) * s_out

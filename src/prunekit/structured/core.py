@@ -296,9 +296,6 @@ def _expected_shapes(trace, groups: list[Group], removed: Mapping[int, list[int]
     return expected
 
 
-_SHAPE_READ_WINDOW = 32  # ops before a failing op whose inputs' shape reads may have fixed its sizes
-
-
 def _first_mismatch(model, example_inputs, trace, expected, shapes_only: bool):
     """Re-trace the pruned model: ``(op of the original trace, reason, new trace)`` at the first operation
     whose name or output shapes differ from the plan's, or ``None`` when every operation fits."""
@@ -346,7 +343,7 @@ def _shape_culprits(model, example_inputs, trace, groups, removed) -> dict[int, 
         # the failing op's tensors belong to no pruned group: a size the code computed from another tensor's
         # shape (Swin: head_dim = C // num_heads from its input's width). Blame the groups of the tensors
         # whose shapes were read shortly before it
-        recent = {vi for vi, at in again.shape_reads if bad.index - _SHAPE_READ_WINDOW <= at <= bad.index}
+        recent = set(again.shapes_read(bad.index))
         blamed = {g.index: reason for g in groups if removed.get(g.index) and recent & set(g.owners)}
     if not blamed:  # nothing obvious: un-prune everything rather than return a broken model
         blamed = {g.index: reason for g in groups if removed.get(g.index)}

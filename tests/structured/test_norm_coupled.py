@@ -44,6 +44,88 @@ def test_transformer_widths_shrink_only_when_asked_and_are_reported_approximate(
     assert torch.equal(_outputs(structured.load(case.build(), tmp_path), args), _outputs(model, args))
 
 
+def _swin_blocks(model) -> dict:
+    return {
+        f"{stage}.{i}": block
+        for stage in ("stage1", "stage2")
+        for i, block in enumerate(getattr(model, stage))
+    }
+
+
+def _heads_keep_the_same_positions(plan, name: str, block, rows_before: int) -> None:
+    """Each of q, k and v of every head keeps C'/heads of its dims, the same ones, and proj's columns
+    follow v's: read off the prune log."""
+    width, heads = block.proj.out_features, block.bias_table.shape[1]
+    assert width % heads == 0 and block.qkv.out_features == 3 * width
+    kept = torch.ones(3 * heads, rows_before // (3 * heads), dtype=torch.bool)  # (q/k/v and head, dim)
+    kept.view(-1)[plan[f"{name}.qkv.weight"]["0"]] = False
+    assert bool((kept == kept[:1]).all()) and int(kept[0].sum()) == width // heads
+    columns = torch.ones(heads * kept.shape[1], dtype=torch.bool)
+    columns[plan[f"{name}.proj.weight"]["1"]] = False
+    assert torch.equal(columns, kept[0].repeat(heads))
+
+
+def test_swin_width_shrinks_with_its_head_size_only_when_asked(tmp_path):
+    """Swin's attention computes its head size as C // heads from the residual width C: pruning C needs
+    every head to lose the same count of q/k/v dims, C' = heads * d' (a count coupling no operation
+    expresses, read off the trace)."""
+    case = ZOO["swin"]
+    model, args = case.build(), case.example()
+    widths = [b.proj.out_features for b in _swin_blocks(model).values()]
+    exact = structured.prune_model(model, args, ratio=0.5, round_to=1, verify=True)  # raises unless exact
+    assert not exact.approximate
+    blocks = _swin_blocks(model).values()
+    assert [b.proj.out_features for b in blocks] == widths  # the stream and the heads stay
+    assert all(b.qkv.out_features == 3 * b.proj.out_features for b in blocks)
+    assert all(b.mlp[0].out_features == 2 * b.proj.out_features for b in blocks)  # the MLPs halve
+
+    model = case.build()
+    before = _outputs(model, args)
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    result = structured.prune_model(model, args, ratio=0.5, round_to=1, verify=True, prune_norm_coupled=True)
+    # the same fraction as the ViT-style models: residual and attention widths halve, heads stay
+    assert result.params_after <= 0.35 * result.params_before < exact.params_after
+    for name, block in _swin_blocks(model).items():
+        assert block.bias_table.shape == shapes[f"{name}.bias_table"]  # heads keep their count
+        assert 2 * block.proj.out_features == shapes[f"{name}.proj.weight"][0]
+        assert block.norm1.normalized_shape == (block.proj.out_features,)
+        _heads_keep_the_same_positions(result.plan, name, block, shapes[f"{name}.qkv.weight"][0])
+    reasons = set(result.approximate.values())
+    assert any("layer_norm" in r for r in reasons) and any("heads whose size shrinks" in r for r in reasons)
+    assert result.max_abs_diff is not None and result.max_abs_diff > 1e-3  # reported, not zero
+    assert _outputs(model, args).shape == before.shape
+    structured.save(model, result.plan, tmp_path)
+    assert torch.equal(_outputs(structured.load(case.build(), tmp_path), args), _outputs(model, args))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"round_to": 8}, {"round_to": 1, "ratio": 0.3}, {"round_to": 1, "global_ranking": True}],
+    ids=["round_to_8", "ratio_0.3", "global"],
+)
+def test_swin_head_sizes_follow_the_width_under_every_allocation(options):
+    case = ZOO["swin"]
+    model, args = case.build(), case.example()
+    options = {"ratio": 0.5, **options}
+    result = structured.prune_model(model, args, verify=True, prune_norm_coupled=True, **options)
+    assert result.params_after < 0.75 * result.params_before
+    for block in _swin_blocks(model).values():
+        heads = block.bias_table.shape[1]
+        assert block.proj.out_features % heads == 0 and block.qkv.out_features == 3 * block.proj.out_features
+        assert block.proj.out_features % options["round_to"] == 0
+
+
+def test_swin_heads_stay_whole_when_the_width_they_are_computed_from_stays():
+    case = ZOO["swin"]
+    model, args = case.build(), case.example()
+    # the first stage's stream touches an ignored norm: it keeps its width, and so its heads their size
+    structured.prune_model(
+        model, args, ratio=0.5, round_to=1, verify=True, prune_norm_coupled=True, ignore=["stage1.0.norm1"]
+    )
+    assert [b.qkv.out_features for b in model.stage1] == [48, 48]
+    assert [b.qkv.out_features for b in model.stage2] == [48, 48]  # 96 -> 48: the second stage shrinks
+
+
 def test_cnns_stay_exact_with_the_switch_on():
     case = ZOO["resnet_bottleneck"]
     model, args = case.build(), case.example()

@@ -173,3 +173,18 @@ def test_a_size_computed_from_another_tensors_shape_blames_that_tensors_group():
     assert model.inp.out_features == 16  # its width fixes the head size: un-pruned
     assert any("reshape" in g.blocked for g in result.groups if "inp" in g.seed)
     assert model.fc1.out_features == 16  # the independent MLP width is still pruned
+
+
+def test_the_width_a_head_size_is_computed_from_shrinks_with_it_when_asked():
+    """With prune_norm_coupled, every head loses the same positions and the input width the same fraction:
+    C' = heads * (C' // heads) again. Approximate: scaled_dot_product_attention's default scale is
+    computed from the (smaller) head size."""
+    torch.manual_seed(0)
+    model = SizeFromAnotherTensor().eval()
+    x = torch.randn(2, 5, 8)
+    result = structured.prune_model(model, x, ratio=0.5, round_to=1, verify=True, prune_norm_coupled=True)
+    assert (model.inp.out_features, model.qkv.out_features, model.proj.in_features) == (8, 24, 8)
+    assert list(result.approximate.values()) == [
+        "reshape splits these channels into heads whose size shrinks (a scale computed from it changes)"
+    ]
+    assert result.max_abs_diff is not None and result.max_abs_diff > 0

@@ -189,7 +189,9 @@ def prune_model(
     residual stream of a transformer, ConvNeXt's stages), with the norm's parameters; the norm's statistics
     then change, so the result is not equivalent to the masked original: ``verify`` reports the
     difference (``Result.max_abs_diff``) instead of failing, and recovery (fine-tuning, distillation) is
-    expected. Hidden-size pruning as in LLM-Pruner (Ma et al. 2023), SliceGPT and Minitron."""
+    expected. Hidden-size pruning as in LLM-Pruner (Ma et al. 2023), SliceGPT and Minitron. Attention whose
+    head size the code computes (Swin's ``C // num_heads`` from the residual width) then loses the same
+    positions of every head, with the width it is computed from (both keep the same fraction)."""
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
         raise PrunekitError(f"ratio must be a number in [0, 1), got {ratio!r}")
     for pattern, value in (ratios or {}).items():
@@ -242,6 +244,12 @@ def prune_model(
         if not culprits:
             break
         undo()
+        for component in _size_components(groups):  # counts chosen together are un-pruned together
+            blamed = sorted(component & culprits.keys())
+            if blamed:
+                culprits.update(
+                    {i: culprits[blamed[0]] for i in component if i in removed and i not in culprits}
+                )
         for g in groups:
             if g.index in culprits:
                 g.blocked = culprits[g.index]
@@ -296,9 +304,6 @@ def _expected_shapes(trace, groups: list[Group], removed: Mapping[int, list[int]
     return expected
 
 
-_SHAPE_READ_WINDOW = 32  # ops before a failing op whose inputs' shape reads may have fixed its sizes
-
-
 def _first_mismatch(model, example_inputs, trace, expected, shapes_only: bool):
     """Re-trace the pruned model: ``(op of the original trace, reason, new trace)`` at the first operation
     whose name or output shapes differ from the plan's, or ``None`` when every operation fits."""
@@ -346,7 +351,7 @@ def _shape_culprits(model, example_inputs, trace, groups, removed) -> dict[int, 
         # the failing op's tensors belong to no pruned group: a size the code computed from another tensor's
         # shape (Swin: head_dim = C // num_heads from its input's width). Blame the groups of the tensors
         # whose shapes were read shortly before it
-        recent = {vi for vi, at in again.shape_reads if bad.index - _SHAPE_READ_WINDOW <= at <= bad.index}
+        recent = set(again.shapes_read(bad.index))
         blamed = {g.index: reason for g in groups if removed.get(g.index) and recent & set(g.owners)}
     if not blamed:  # nothing obvious: un-prune everything rather than return a broken model
         blamed = {g.index: reason for g in groups if removed.get(g.index)}
@@ -415,13 +420,24 @@ def _group_ratio(group: Group, ratio: float, ratios: Mapping[str, float]) -> flo
 
 
 def _allocate(groups, scores, ratio, round_to, global_ranking, max_ratio, ratios) -> dict[int, list[int]]:
+    """The removed units of every group: how many per group (one ratio, or one global ranking; groups tied
+    by a computed size keep the same fraction), then the least important ones of each."""
+    if global_ranking:
+        keep = _global_counts(groups, scores, ratio, round_to, max_ratio)
+    else:
+        keep = {
+            g.index: _keep_count(g.units, _group_ratio(g, ratio, ratios), _unit_step(g, round_to))
+            for g in groups
+        }
+    keep = _same_fractions(groups, keep, round_to)
     removed: dict[int, list[int]] = {}
-    if not global_ranking:
-        for g in groups:
-            keep = _keep_count(g.units, _group_ratio(g, ratio, ratios), _unit_step(g, round_to))
-            order = torch.argsort(scores[g.index], stable=True)
-            removed[g.index] = sorted(order[: g.units - keep].tolist())
-        return removed
+    for g in groups:
+        order = torch.argsort(scores[g.index], stable=True)
+        removed[g.index] = sorted(order[: g.units - keep[g.index]].tolist())
+    return removed
+
+
+def _global_counts(groups, scores, ratio, round_to, max_ratio) -> dict[int, int]:
     # one ranking over all groups: scores normalised by each group's mean so scales compare
     entries = []
     for g in groups:
@@ -438,11 +454,55 @@ def _allocate(groups, scores, ratio, round_to, global_ranking, max_ratio, ratios
         if len(chosen[gi]) < int(max_ratio * by_index[gi].units) and len(chosen[gi]) < by_index[gi].units - 1:
             chosen[gi].append(u)
             total -= 1
-    for g in groups:  # round the kept count to the multiple, dropping the least important first
-        keep = _keep_count(g.units, len(chosen[g.index]) / g.units, _unit_step(g, round_to))
-        order = torch.argsort(scores[g.index], stable=True)
-        removed[g.index] = sorted(order[: g.units - keep].tolist())
-    return removed
+    # round the kept count to the multiple
+    return {
+        g.index: _keep_count(g.units, len(chosen[g.index]) / g.units, _unit_step(g, round_to)) for g in groups
+    }
+
+
+def _size_components(groups: Sequence[Group]) -> list[set[int]]:
+    """The sets of group indices tied by computed sizes (``Group.size_coupled``, transitively)."""
+    links = {g.index: g.size_coupled for g in groups}
+    seen: set[int] = set()
+    components = []
+    for g in groups:
+        if g.index in seen or not g.size_coupled:
+            continue
+        component, todo = set(), [g.index]
+        while todo:
+            i = todo.pop()
+            if i not in component:
+                component.add(i)
+                todo.extend(links.get(i, ()))
+        seen |= component
+        components.append(component)
+    return components
+
+
+def _same_fractions(groups, keep: dict[int, int], round_to: int) -> dict[int, int]:
+    """Kept counts of size-coupled groups (Swin: the residual stream's ``C`` and each attention's head
+    size ``C // heads``): every group keeps ``t / g`` of its units, ``g`` the gcd of their unit counts,
+    with ``t`` the multiple that respects each group's ``round_to`` step nearest their mean kept fraction.
+    A component with a group outside ``groups`` (blocked, ignored) keeps everything: that group's width
+    stays, so the sizes computed from it do."""
+    by_index = {g.index: g for g in groups}
+    keep = dict(keep)
+    for component in _size_components(groups):
+        members = [by_index[i] for i in sorted(component) if i in by_index]
+        common = math.gcd(*(m.units for m in members))
+        step = 1  # t must make every member's count a multiple of its step
+        for m in members:
+            unit_step = _unit_step(m, round_to)
+            unit_step = 1 if m.units <= unit_step else unit_step  # as _keep_count: small groups any count
+            per = m.units // common
+            step = math.lcm(step, unit_step // math.gcd(unit_step, per))
+        target = sum(keep[m.index] / m.units for m in members) / len(members) * common
+        t = min(common, max(step, step * round(target / step)))
+        if len(members) < len(component) or step > common:
+            t = common
+        for m in members:
+            keep[m.index] = t * (m.units // common)
+    return keep
 
 
 def check_equivalence(

@@ -81,6 +81,13 @@ class Group:
     seed_value: int = -1  # the value index of the seed's output
     width: int = 0  # channels of the seed's output per unit (block, or more where units were tied)
     approximate: str = ""  # why pruning this group changes the outputs (norm statistics), "" when exact
+    # (op index, head size, number of heads) of every reshape that splits the units into heads, each head
+    # keeping the same positions (rules._same_positions_per_head; q, k and v of one projection count as
+    # 3 * heads)
+    head_splits: list[tuple[int, int, int]] = field(default_factory=list)
+    # groups that must keep the same fraction of their units as this one: a head size the code computes
+    # from their width (Swin: C // heads), see `_couple_computed_sizes`
+    size_coupled: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.width = self.width or self.block
@@ -131,9 +138,17 @@ class _Units:
 
 
 def _propagate(
-    trace: Trace, uses, seed_op: Op, seed_dim: int, index: int, block: int = 1, norm_coupled: bool = False
+    trace: Trace,
+    uses,
+    seed_op: Op,
+    seed_dim: int,
+    index: int,
+    block: int = 1,
+    norm_coupled: bool = False,
+    split_heads: bool = False,
 ) -> Group:
-    """Spread the seed's owners; ``block`` consecutive channels form one unit (e.g. one attention head)."""
+    """Spread the seed's owners; ``block`` consecutive channels form one unit (e.g. one attention head).
+    ``split_heads``: a reshape that splits the units into heads prunes the same positions of every head."""
     out = seed_op.outputs[0]
     dim = seed_dim % len(out.shape)
     units = out.shape[dim] // block
@@ -209,7 +224,19 @@ def _propagate(
                 owners[key] = new
                 stamp(values[key[0] if isinstance(key, tuple) else key])
 
-    ctx = RuleContext(get, put, tie=tie, approximate=approximate.append, norm_coupled=norm_coupled)
+    splits: dict[tuple[int, int, int], None] = {}
+
+    def split(op: Op, size: int, heads: int) -> None:
+        splits[(op.index, size, heads)] = None
+
+    ctx = RuleContext(
+        get,
+        put,
+        tie=tie,
+        approximate=approximate.append,
+        norm_coupled=norm_coupled,
+        split_heads=split if split_heads else None,
+    )
     shape = [1] * len(out.shape)
     shape[dim] = units * block
     put(out, torch.arange(units).repeat_interleave(block).reshape(shape))
@@ -240,6 +267,7 @@ def _propagate(
     if tied.table is not None and not group.blocked:
         _renumber(group, owners, tied, out, dim)
     group.approximate = "; ".join(dict.fromkeys(approximate))
+    group.head_splits = list(splits)
     for key, owner in owners.items():
         if isinstance(key, tuple):
             if bool((owner >= 0).any()):
@@ -335,10 +363,16 @@ def find_groups(trace: Trace, norm_coupled: bool = False) -> list[Group]:
         channels = out.shape[SEEDS[op.name][0] % len(out.shape)]
         # a reshape that splits the channels (heads: view(b, t, heads, head_dim)) needs coarser units:
         # retry with blocks of consecutive channels, smallest first (head_dim, then whole KV groups, ...)
+        split = group.split
         for block in (b for b in range(2, channels // 2 + 1) if channels % b == 0):
             if not group.split:
                 break
             group = _propagate(trace, uses, op, SEEDS[op.name][0], len(groups), block, norm_coupled)
+        if split and group.blocked and norm_coupled:
+            # no coarser unit fits either (Swin: q, k and v are picked by position from one projection
+            # split into heads of a computed size): the same positions of every head, approximately
+            heads = _propagate(trace, uses, op, SEEDS[op.name][0], len(groups), 1, norm_coupled, True)
+            group = group if heads.blocked else heads
         groups.append(group)
         # a seed whose output an earlier group already reached belongs to that group's component: the
         # same coupling would give the same (or the same blocked) group. Blocked groups count too, which
@@ -360,4 +394,42 @@ def find_groups(trace: Trace, norm_coupled: bool = False) -> list[Group]:
             heads = _mha_heads(op, len(groups))
             if heads is not None:
                 groups.append(heads)
+    _couple_computed_sizes(trace, groups)
     return groups
+
+
+def _couple_computed_sizes(trace: Trace, groups: list[Group]) -> None:
+    """A head size the model's code computes from another tensor's width ties the two groups' counts.
+
+    Swin's attention reshapes ``qkv`` to ``(..., 3, heads, C // heads)`` with ``C`` read from its input's
+    shape: the residual stream's group owns ``C``, the head positions' group owns ``d = C // heads``, and
+    the reshape only holds after pruning if ``C' = heads * d'``, i.e. both keep the same fraction of their
+    units. No operation couples the two, so the coupling is read off the trace: the nearest tensor whose
+    shape the code read before the split (within ``SHAPE_READ_WINDOW`` operations) that has a dimension
+    owned by another group whose width is ``d`` times a divisor of the head count. A coincidence only
+    over-constrains the counts; the pruner's re-trace of the pruned model checks what the sizes really are
+    (and un-prunes coupled groups together)."""
+    for group in groups:
+        for op_index, size, heads in group.head_splits:
+            for vi in trace.shapes_read(op_index):
+                shape = trace.values[vi].shape
+                found = [
+                    other
+                    for other in groups
+                    if other is not group
+                    and vi in other.owners
+                    and any(
+                        _divides_heads(shape[d], size, heads)
+                        for d in varying_dims(align(other.owners[vi], len(shape)))
+                    )
+                ]
+                for other in found:
+                    group.size_coupled.add(other.index)
+                    other.size_coupled.add(group.index)
+                if found:
+                    break
+
+
+def _divides_heads(width: int, size: int, heads: int) -> bool:
+    """Whether ``width`` is ``size`` times a divisor of ``heads`` (``C = heads * (C // heads)``)."""
+    return width % size == 0 and heads % (width // size) == 0

@@ -43,12 +43,16 @@ class RuleContext:
         tie: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
         approximate: Callable[[str], None] | None = None,
         norm_coupled: bool = False,
+        split_heads: Callable[[Op, int, int], None] | None = None,
     ) -> None:
         self.get = get  # get(value, dims=None): for a parameter, the slot along one of `dims`
         self.put = put  # put(value, owner, role=None)
         self._tie = tie
         self._approximate = approximate
         self.norm_coupled = norm_coupled  # prune widths a norm normalises over (approximately)
+        # split_heads(op, size, heads): set when a reshape that splits the units into heads may instead
+        # prune the same positions of every head (see `reshape`); it records each such split
+        self.split_heads = split_heads
 
     def tie(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Units ``a[i]`` and ``b[i]`` must be removed together: they become one unit."""
@@ -648,9 +652,32 @@ def reshape(op: Op, ctx: RuleContext) -> None:
         # merging dims (flatten) is exact: the runtime recomputes the merged size and each unit keeps its
         # positions in order. Splitting a pruned dim into several (view(b, g, c // g, ...)) relies on sizes
         # the model's code computes, which pruning would change unevenly.
-        if len(varying_dims(moved)) != len(varying_dims(compress(align(owner, len(src.shape))))):
-            raise SplitConflict(f"{op.name} splits pruned channels into several dimensions")
+        before = len(varying_dims(compress(align(owner, len(src.shape)))))
+        if len(varying_dims(moved)) != before:
+            if ctx.split_heads is None or len(varying_dims(moved)) < before:
+                raise SplitConflict(f"{op.name} splits pruned channels into several dimensions")
+            size, heads = _same_positions_per_head(op, ctx, moved)
+            ctx.split_heads(op, size, heads)
         ctx.put(dst, moved)
+
+
+def _same_positions_per_head(op: Op, ctx: RuleContext, moved: torch.Tensor) -> tuple[int, int]:
+    """A split of the units' dim into heads (``(..., 3 * heads * d) -> (..., 3, heads, d)``) whose sizes
+    only stay consistent if every head keeps the same count: position ``p`` of the innermost dim, in every
+    head, becomes one unit. The heads' count stays and ``d`` shrinks, so the split's sizes hold whether the
+    code computes ``d`` with ``-1`` or from another tensor's width (Swin's ``C // heads``: ``graph`` then
+    ties the kept fractions). A scale computed from ``d`` (attention's ``d ** -0.5``) changes with it: the
+    group is approximate. Returns the head size and the number of heads (of q, k and v together)."""
+    dims = varying_dims(moved)
+    size = moved.shape[dims[-1]]
+    rows = moved.movedim(dims[-1], -1).reshape(-1, size)  # one row per head (the other dims have size 1)
+    if not bool((rows >= 0).all()):
+        raise SplitConflict(f"{op.name} splits pruned channels into heads that hold other channels too")
+    ctx.approximate(
+        f"{op.name} splits these channels into heads whose size shrinks (a scale computed from it changes)"
+    )
+    ctx.tie(rows[1:], rows[:1].expand(rows.shape[0] - 1, -1))  # `put` then sees every head alike
+    return size, rows.shape[0]
 
 
 def _cat_lines(ctx: RuleContext, out: Value, parts: list[Value], owned: list, dim: int) -> bool:

@@ -59,6 +59,9 @@ class Op:
         return [*self.inputs, *self.outputs]
 
 
+SHAPE_READ_WINDOW = 32  # how far back (in operations) a size passed to an operation may have been read
+
+
 @dataclass
 class Trace:
     values: list[Value] = field(default_factory=list)
@@ -70,6 +73,12 @@ class Trace:
     # (value index, number of ops recorded so far) for every x.shape / x.size() the model's code read: sizes
     # it computes from them are fixed to the traced widths (blamed when a pruned model fails)
     shape_reads: list[tuple[int, int]] = field(default_factory=list)
+
+    def shapes_read(self, op_index: int, window: int = SHAPE_READ_WINDOW) -> list[int]:
+        """The values whose shape the model's code read during the ``window`` operations before operation
+        ``op_index`` (sizes it passes to that operation may have been computed from them), nearest first."""
+        recent = [vi for vi, at in reversed(self.shape_reads) if op_index - window <= at <= op_index]
+        return list(dict.fromkeys(recent))
 
 
 def _values(obj, out: list) -> list:

@@ -23,6 +23,12 @@ per plane that zeroes padding and the lanes that would wrap into the neighbourin
   while activations are in 0..127 (2 * 127 * 127 < 2**15: no saturation); inputs offset by +128 would
   saturate there, so a signed input on AVX2 is refused (the layer stays dense). Accumulators are exact
   int32; :func:`int8_epilogue` then applies THE requantization rule, in one place.
+* int8, the integer chain (``FLAG_CHAIN``, where ``conv.chain_reason`` allows it: an integer model, a ReLU
+  or no clamp, one scale per value): the same integers without the float32 detour. The float spelling
+  computes ``y = float32(q) * s`` and the next step recovers ``round(y / s) = q`` (a division per value,
+  per operand of a fused add); the chain keeps ``q``: requantization, the fused add on the residual's
+  *bytes* (:func:`residual_byte`, :func:`int8_add_integers`), the ReLU as ``max(q, 0)``, the bytes. Float32
+  is written only where a torch step reads it.
 
 numba caches a kernel on disk only for module-level functions, so the register-tile sizes are a fixed set
 of variants dispatched at run time (``nv`` is one branch per row and tile, outside the inner loop), and

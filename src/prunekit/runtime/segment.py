@@ -8,11 +8,16 @@ conversion), so :func:`build` lowers a whole ``torch.fx`` graph instead of singl
   value: a BatchNorm (folded into the float32 weights; prunekit's int8 convolutions come folded), a
   ReLU / ReLU6 (a clamp), one residual add (a float ``+``, or an integer model's ``QuantizedAdd``; the
   other operand read from its planes) and a ReLU after it. int8 epilogues compute the layer's output form
-  (an integer model's fixed-point requantization, ``prunekit.quant.rounding``). Its epilogue writes its
-  output straight into the planes its consumers read (column-shifted copies for the stride-1 convolutions
-  after it; int8: the bytes the next layer reads, quantized with that layer's scale, and float32 where a
-  residual add or an exit needs the float value, as ``prunekit.quant.layers`` defines it);
-* ``nn.MaxPool2d`` runs in the layout (:class:`PoolStep`);
+  (an integer model's fixed-point requantization, ``prunekit.quant.rounding``), in integers where that is
+  exact (the integer chain, ``conv.chain_reason``: residuals then read as bytes, and a value whose bytes
+  are its integers needs no float32 planes at all: a torch step gets ``float32(q) * s`` from them).
+  Its epilogue writes its output straight into the planes its consumers read (column-shifted copies
+  for the stride-1 convolutions after it; int8: the bytes the next layer reads, quantized with that
+  layer's scale, and float32 where a torch step or an exit needs the float value, as
+  ``prunekit.quant.layers`` defines it);
+* ``nn.MaxPool2d`` runs in the layout (:class:`PoolStep`), an integer model's global average pool on
+  the bytes (:class:`GlobalPoolStep`); an input quantizer whose readers all round at its scale is left to
+  them;
 * anything else runs in torch on NCHW tensors (:class:`TorchStep`); values cross between the two worlds
   through conversions that are built once and counted in the timings.
 

@@ -358,12 +358,13 @@ def int8_add(builder: ir.IRBuilder, a: ir.Value, b: ir.Value, add: dict) -> ir.V
     return builder.fmul(builder.sitofp(q, vf), _splat(builder, add["s_out"], vf))
 
 
-def residual_byte(builder: ir.IRBuilder, units: ir.Value, r: int, key: ir.Value) -> ir.Value:
-    """Channel ``r``'s int8 value from 32-bit lanes of 4 activation bytes: ``((u >> 8r) & 255) ^ key) - 128``
-    (``key`` 128 for plain signed bytes, which sign-extends them; 0 for +128-encoded bytes)."""
+def residual_byte(builder: ir.IRBuilder, units: ir.Value, shift: ir.Value, key: ir.Value) -> ir.Value:
+    """One channel's int8 value from 32-bit lanes of 4 activation bytes (``shift``: 8 times the channel's
+    place, in every lane): ``((u >> shift) & 255) ^ key) - 128`` (``key`` 128 for plain signed bytes, which
+    sign-extends them; 0 for +128-encoded bytes)."""
     vi = units.type
     n = vi.count
-    x = builder.and_(builder.lshr(units, ir.Constant(vi, [8 * r] * n)), ir.Constant(vi, [255] * n))
+    x = builder.and_(builder.lshr(units, shift), ir.Constant(vi, [255] * n))
     return builder.sub(builder.xor(x, key), ir.Constant(vi, [128] * n))
 
 
@@ -443,11 +444,11 @@ def _i8_tile(nv: int, isa: str):
             init = _flag(builder, flags, FLAG_INIT)
             xbase = builder.gep(xp, [xb])
 
-            def sums(r: int) -> tuple:
-                co = builder.add(co0, _c64(r))
+            def sums(r: ir.Value) -> tuple:
+                co = builder.add(co0, r)
                 lo = builder.load(builder.gep(pp, [co]))
                 hi = builder.load(builder.gep(pp, [builder.add(co, _c64(1))]))
-                srow = builder.add(sb, builder.mul(sstride, _c64(r)))
+                srow = builder.add(sb, builder.mul(sstride, r))
                 accs = [
                     builder.select(init, _vload(builder, sp, builder.add(srow, _c64(vw * i)), vi), zero_i)
                     for i in range(nv)
@@ -462,10 +463,14 @@ def _i8_tile(nv: int, isa: str):
 
             with builder.if_else(_flag(builder, flags, FLAG_FINAL)) as (do_final, do_partial):
                 with do_partial:
-                    for r in range(4):
+
+                    def partial(r, _):
                         _, srow, accs = sums(r)
                         for i in range(nv):
                             _vstore(builder, accs[i], sp, builder.add(srow, _c64(vw * i)))
+                        return []
+
+                    emit_loop(builder, _c64(0), _c64(4), [], partial, "rows")
                 with do_final:
                     fmax = _declare(builder, f"llvm.maxnum.v{vw}f32", vf, [vf, vf])
                     fmin = _declare(builder, f"llvm.minnum.v{vw}f32", vf, [vf, vf])
@@ -499,11 +504,24 @@ def _i8_tile(nv: int, isa: str):
                                 with encoded:
                                     _store_all(builder, vi, packed, yp, yb, yop, ns, mp, mb, ml, keep)
 
-                    def final(resid: bool, float_out: bool) -> None:
-                        """Sums and epilogue with the residual / float32 output fixed at compile time (one
-                        copy per combination: no per-vector branch or select)."""
-                        packed = [zero_i] * nv
-                        for r in range(4):
+                    def rows(body) -> None:
+                        """The group's 4 output channels as a loop, not unrolled (unrolled, the 8 epilogue
+                        variants made the kernels' first compilation 3.4x slower): ``body(r, packed) ->
+                        packed``, each row adding its byte to the ``nv`` packed output vectors; then the
+                        stores."""
+                        store_bytes(emit_loop(builder, _c64(0), _c64(4), [zero_i] * nv, body, "rows"))
+
+                    def byte_shift(r: ir.Value) -> ir.Value:  # 8 * r in every lane
+                        return _splat(builder, builder.trunc(builder.mul(r, _c64(8)), _I32), vi)
+
+                    float_out = _flag(builder, flags, FLAG_FLOAT_OUT)  # a branch per vector: predictable
+
+                    def final(resid: bool) -> None:
+                        """Sums and epilogue with the residual fixed at compile time (one copy each: no
+                        per-vector select between the two arithmetics)."""
+
+                        def row_body(r, packed):
+                            packed = list(packed)
                             co, _, accs = sums(r)
                             at = builder.add(_c64(RQ_HEAD), builder.mul(co, _c64(3)))
                             row = {
@@ -518,35 +536,32 @@ def _i8_tile(nv: int, isa: str):
                             for i in range(nv):
                                 y = int8_epilogue(builder, vf, accs[i], row, integer)
                                 if resid:
-                                    off = builder.add(
-                                        builder.add(rb, builder.mul(rstride, _c64(r))), _c64(vw * i)
-                                    )
+                                    off = builder.add(builder.add(rb, builder.mul(rstride, r)), _c64(vw * i))
                                     res = _vload(builder, rp, off, vf)
                                     y = builder.select(  # a fused integer add, or a float32 one
                                         qadd, int8_add(builder, y, res, add), builder.fadd(y, res)
                                     )
                                 y = builder.call(fmin, [builder.call(fmax, [y, lo_v]), hi_v])
-                                if float_out:
-                                    off = builder.add(
-                                        builder.add(fb, builder.mul(fstride, _c64(r))), _c64(vw * i)
-                                    )
+                                with builder.if_then(float_out):
+                                    off = builder.add(builder.add(fb, builder.mul(fstride, r)), _c64(vw * i))
                                     _vstore(builder, y, fp, off)
                                 q = builder.add(int8_quantize(builder, vf, y, s_next, qlo), offset)
                                 q = builder.and_(q, ir.Constant(vi, [255] * vw))
-                                packed[i] = builder.or_(
-                                    packed[i], builder.shl(q, ir.Constant(vi, [8 * r] * vw))
-                                )
-                        store_bytes(packed)
+                                packed[i] = builder.or_(packed[i], builder.shl(q, byte_shift(r)))
+                            return packed
 
-                    def final_chain(resid: bool, float_out: bool) -> None:
+                        rows(row_body)
+
+                    def final_chain(resid: bool) -> None:
                         """FLAG_CHAIN: the integer output form kept in integers (module docstring): the
                         requantized q, the fused add on the residual's bytes, the ReLU as ``max(q, clo)``;
                         float32 ``q * s_out`` only where FLOAT_OUT asks for it."""
-                        packed = [zero_i] * nv
                         clo = _splat(builder, builder.load(builder.gep(qint, [_c64(5)])), vi)
                         rkey = _splat(builder, builder.load(builder.gep(qint, [_c64(6)])), vi)
                         rint_p = builder.bitcast(rp, _I32.as_pointer())
-                        for r in range(4):
+
+                        def row_body(r, packed):
+                            packed = list(packed)
                             co, _, accs = sums(r)
                             at = builder.add(_c64(RQ_HEAD), builder.mul(co, _c64(3)))
                             bias_q, mult, shift = (
@@ -561,30 +576,26 @@ def _i8_tile(nv: int, isa: str):
                                 )  # fmt: skip
                                 if resid:
                                     units = _vload(builder, rint_p, builder.add(rb, _c64(vw * i)), vi)
-                                    qb = residual_byte(builder, units, r, rkey)
+                                    qb = residual_byte(builder, units, byte_shift(r), rkey)
                                     q = int8_add_integers(builder, q, qb, add)
                                 q = builder.select(builder.icmp_signed(">", q, clo), q, clo)
-                                if float_out:
-                                    off = builder.add(
-                                        builder.add(fb, builder.mul(fstride, _c64(r))), _c64(vw * i)
-                                    )
+                                with builder.if_then(float_out):
+                                    off = builder.add(builder.add(fb, builder.mul(fstride, r)), _c64(vw * i))
                                     y = builder.fmul(builder.sitofp(q, vf), _splat(builder, s_fin, vf))
                                     _vstore(builder, y, fp, off)
                                 b = builder.and_(builder.add(q, offset), ir.Constant(vi, [255] * vw))
-                                b = builder.shl(b, ir.Constant(vi, [8 * r] * vw))
-                                packed[i] = builder.or_(packed[i], b)
-                        store_bytes(packed)
+                                packed[i] = builder.or_(packed[i], builder.shl(b, byte_shift(r)))
+                            return packed
+
+                        rows(row_body)
 
                     def variants(body) -> None:
-                        """``body(resid, float_out)`` once per combination of the two flags."""
-                        float_out = _flag(builder, flags, FLAG_FLOAT_OUT)
+                        """``body(resid)`` with and without a residual."""
                         with builder.if_else(_flag(builder, flags, FLAG_RESID)) as (with_r, without_r):
-                            for resid, block in ((True, with_r), (False, without_r)):
-                                with block, builder.if_else(float_out) as (fl, nofl):
-                                    with fl:
-                                        body(resid, True)
-                                    with nofl:
-                                        body(resid, False)
+                            with with_r:
+                                body(True)
+                            with without_r:
+                                body(False)
 
                     with builder.if_else(_flag(builder, flags, FLAG_CHAIN)) as (chained, general):
                         with chained:

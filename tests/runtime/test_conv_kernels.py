@@ -174,6 +174,47 @@ def test_int8_epilogue_is_the_fixed_point_requantization_rule(isa, acc, consts, 
     assert np.array_equal(got.view(np.int32), want.view(np.int32))
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    isa=st.sampled_from(ISAS),
+    acc=st.lists(st.integers(-(2**29), 2**29) | st.integers(-5000, 5000), min_size=4, max_size=40),
+    consts=st.lists(
+        st.tuples(st.integers(-(2**29), 2**29), st.integers(0, 2**31 - 1), st.integers(1, C.F64_MAX_SHIFT)),
+        min_size=4,
+        max_size=4,
+    ),
+    relu=st.booleans(),
+)
+def test_the_integer_chain_requantizes_in_float64_exactly_as_the_rule(isa, acc, consts, relu):
+    """The integer chain's float64 requantization (conv_kernels.requantize_f64) gives requantize_value's
+    integers for every accumulator and constants chain_reason admits (shifts up to F64_MAX_SHIFT: ties,
+    saturation, multipliers of any size), and its ReLU is max(q, 0)."""
+    n = len(acc)
+    conv = nn.Conv2d(4, 4, 1, bias=False)
+    geom = C.ConvGeom.of(conv)
+    inp = L.gather(1, 1, n, *geom.args)
+    out = L.planes(4, 1, n, 0, 0, (), pitch=inp.pitch)
+    bias_q, mult, shift = (np.array(c, np.int64) for c in zip(*consts, strict=True))
+    s_out = 0.0173
+    rq = C.Requant(bias_q, mult, shift, rounding.INT8_LO, rounding.INT8_HI, s_out)
+    clamp = (0.0, np.inf) if relu else C.NO_CLAMP
+    layer = C.DirectConvI8(np.zeros((4, 4, 1, 1), np.int8), np.ones(4, np.float32), None, geom, inp,
+                           C.Int8Out(floats=out), nv=C.tile_options(16 if isa == "vnni512" else 8)[0],
+                           isa=isa, requant=rq, clamp=clamp, chain=True)  # fmt: skip
+    rows = [[a if r == 0 else (a * (r + 2)) % 2**30 - 2**29 for a in acc] for r in range(4)]
+    accs = np.array(rows, np.int64).reshape(4, 1, n).astype(np.int32)
+    F_ = out.alloc()
+    layer.finish(accs, None, F=F_)
+    got = np.empty((4, 1, n), np.float32)
+    L.read(F_, out.col0(), out.per_unit * out.plane, out.pitch, 4, 1, n, got.reshape(-1).view(np.int32))
+    lo = 0 if relu else rounding.INT8_LO
+    want = np.array(
+        [[[max(lo, rounding.requantize_value(int(v) + int(bias_q[r]), int(mult[r]), int(shift[r]), -127, 127))
+           for v in accs[r, 0]]] for r in range(4)], np.float32,
+    ) * np.float32(s_out)  # fmt: skip
+    assert np.array_equal(got.view(np.int32), want.view(np.int32))
+
+
 def test_unsupported_convolutions_say_why():
     assert "groups=4" in C.unsupported(nn.Conv2d(8, 8, 3, groups=4))
     assert "padding_mode" in C.unsupported(nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"))

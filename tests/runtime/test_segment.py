@@ -223,13 +223,16 @@ def test_the_integer_chain_is_refused_wherever_it_would_round_differently():
     one = np.ones(1, np.int64)
     rq = Requant(one, one, one, -127, 127, 0.05)
     relu, none = (0.0, np.inf), (-np.inf, np.inf)
-    assert chain_reason(rq, relu, None, 0.05) is None and chain_reason(rq, none, None, None) is None
-    assert "float output form" in chain_reason(None, relu, None, 0.05)
+    assert chain_reason(rq, relu, None, 0.05, 9) is None and chain_reason(rq, none, None, None, 9) is None
+    assert "float output form" in chain_reason(None, relu, None, 0.05, 9)
     wide = Requant(one, one, one, -(2**31), 2**31 - 1, 0.05)
-    assert "wider than int8" in chain_reason(wide, relu, None, None)
-    assert "not a ReLU" in chain_reason(rq, (0.0, 6.0), None, 0.05)
-    assert "another scale" in chain_reason(rq, relu, None, 0.07)
+    assert "wider than int8" in chain_reason(wide, relu, None, None, 9)
+    assert "not a ReLU" in chain_reason(rq, (0.0, 6.0), None, 0.05, 9)
+    assert "another scale" in chain_reason(rq, relu, None, 0.07, 9)
     add = IntAdd(0.05, 0.02, 0.08, 1, 1, 1)
-    assert chain_reason(rq, relu, add, 0.08) is None
-    assert "another scale" in chain_reason(rq, relu, add, 0.05)  # the add's output scale counts
-    assert "rescales" in chain_reason(rq, relu, IntAdd(0.06, 0.02, 0.08, 1, 1, 1), 0.08)
+    assert chain_reason(rq, relu, add, 0.08, 9) is None
+    assert "another scale" in chain_reason(rq, relu, add, 0.05, 9)  # the add's output scale counts
+    assert "rescales" in chain_reason(rq, relu, IntAdd(0.06, 0.02, 0.08, 1, 1, 1), 0.08, 9)
+    tiny = Requant(one, one, one * 46, -127, 127, 0.05)  # its float64 requantization would not be exact
+    assert "shift above 45" in chain_reason(tiny, relu, None, 0.05, 9)
+    assert "int32" in chain_reason(Requant(one * 2**30, one, one, -127, 127, 0.05), relu, None, 0.05, 2**17)

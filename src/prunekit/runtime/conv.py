@@ -290,16 +290,40 @@ def _f32(v) -> np.float32:
     return np.float32(v)
 
 
-def chain_reason(requant: Requant | None, clamp, add: IntAdd | None, s_bytes: float | None) -> str | None:
+F64_MAX_SHIFT = 45  # 128 * 2**45 + 2 * 2**31 < 2**53: requant_f64's products stay exact in float64
+
+
+def requant_f64(requant: Requant) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel ``(bound, factor bits)`` of the integer chain's float64 requantization
+    (``conv_kernels.requantize_f64``): ``bound = 128 * 2**shift // mult + 2`` (past it, ``rshift_round(v *
+    mult, shift)`` is beyond +-127 and saturates; capped at 2**31 - 1, which no int32 exceeds) and ``factor
+    = mult * 2**-shift`` as int64 bits. With ``shift <= F64_MAX_SHIFT`` every ``|v| <= bound`` has ``|v| *
+    mult < 2**53``: the float64 product is exact, so is its rounding half to even."""
+    mult, shift = requant.mult.astype(np.int64), requant.shift.astype(np.int64)
+    safe = np.minimum(shift, F64_MAX_SHIFT)
+    bound = np.where(mult > 0, (np.int64(128) << safe) // np.maximum(mult, 1) + 2, 2**30)
+    factor = mult.astype(np.float64) * np.ldexp(1.0, -shift)
+    return np.minimum(bound, 2**31 - 1), factor.view(np.int64)
+
+
+def chain_reason(
+    requant: Requant | None, clamp, add: IntAdd | None, s_bytes: float | None, taps: int
+) -> str | None:
     """Why an int8 convolution's output cannot stay in integers (None: it can). The integer chain computes
     the same integers as the float spelling of the integer output form (``y = float32(q) * s``, a ReLU,
     ``round(y / s_next)``; a fused add recovering ``round(y / s_a)``) because recovering ``q`` from
     ``float32(q) * s`` at the same ``s`` is exact; so every scale on the way must be that same ``s``, and the
-    clamp a plain ReLU or nothing (ReLU6's 6.0 is not a multiple of the scale)."""
+    clamp a plain ReLU or nothing (ReLU6's 6.0 is not a multiple of the scale). Its requantization runs in
+    float64 (:func:`requant_f64`): shifts up to ``F64_MAX_SHIFT`` and ``acc + bias_q`` within int32 (``taps``:
+    the input values one output sums, 127 * 127 each at most)."""
     if requant is None:
         return "float output form (no fixed-point requantization)"
     if requant.lo < -127 or requant.hi > 127:
         return f"output range [{requant.lo}, {requant.hi}] is wider than int8"
+    if requant.shift.size and int(requant.shift.max()) > F64_MAX_SHIFT:
+        return f"a requantization shift above {F64_MAX_SHIFT} (multiplier below 2**-14)"
+    if requant.bias_q.size and int(np.abs(requant.bias_q).max()) + 127 * 127 * taps >= 2**31:
+        return "accumulator plus bias may leave int32"
     lo, hi = (float(v) for v in clamp)
     if not (hi == np.inf and lo in (-np.inf, 0.0)):
         return f"clamp [{lo}, {hi}] is not a ReLU"
@@ -383,13 +407,14 @@ class DirectConvI8:
             self.bias[:cout] = bias
         # the integer output form: lo, hi, a fused add's Ma, Mb, sh, then (bias_q, mult, shift) per channel
         # (padding channels: 0, 0, 1 -> 0)
-        self.rq = np.zeros(K.RQ_HEAD + 3 * cpad, np.int64)
-        self.rq[K.RQ_HEAD + 2 :: 3] = 1
+        self.rq = np.zeros(K.RQ_HEAD + K.RQ_STRIDE * cpad, np.int64)
+        per = self.rq[K.RQ_HEAD :].reshape(cpad, K.RQ_STRIDE)
+        per[:, 2], per[:, 3] = 1, 2**30
         self.rq[4] = 1
         if requant is not None:
             self.rq[0], self.rq[1] = requant.lo, requant.hi
-            per = self.rq[K.RQ_HEAD :].reshape(cpad, 3)
             per[:cout, 0], per[:cout, 1], per[:cout, 2] = requant.bias_q, requant.mult, requant.shift
+            per[:cout, 3], per[:cout, 4] = requant_f64(requant)
             self.scale[:cout] = np.float32(requant.out_scale)  # y = float32(q) * out_scale
         self.clamp = np.array(clamp, dtype=np.float32)
         # s_next, qlo, offset, zero pattern; a fused add's s_a, s_b, s_out; the integer chain's lowest value
@@ -411,7 +436,8 @@ class DirectConvI8:
             raise PrunekitError("DirectConvI8: the float32 output needs room for a multiple of 4 channels")
         flags = 0
         if chain:
-            why = chain_reason(requant, clamp, add, out.s_next if out.layout is not None else None)
+            taps = wq.shape[1] * wq.shape[2] * wq.shape[3]
+            why = chain_reason(requant, clamp, add, out.s_next if out.layout is not None else None, taps)
             if why is not None:
                 raise PrunekitError(f"DirectConvI8: no integer chain here: {why}")
             flags |= 1 << K.FLAG_CHAIN

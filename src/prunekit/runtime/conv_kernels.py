@@ -143,7 +143,8 @@ def _store_all(builder, vt, values, yp, yb, yoffs_p, ns, mp, mb, ml, combine) ->
 # -- float32 ----------------------------------------------------------------------------------------------
 FLAG_INIT, FLAG_FINAL, FLAG_RESID, FLAG_FLOAT_OUT, FLAG_BYTES_OUT, FLAG_INTEGER, FLAG_QADD = range(7)
 FLAG_CHAIN = 7  # int8: the integer epilogue (conv.chain_reason), the residual read as bytes
-RQ_HEAD = 5  # rq: lo, hi, Ma, Mb, sh of a fused integer add, then (bias_q, mult, shift) per channel
+RQ_HEAD = 5  # rq: lo, hi, Ma, Mb, sh of a fused integer add, then RQ_STRIDE values per channel:
+RQ_STRIDE = 5  # bias_q, mult, shift, and the integer chain's bound and float64 factor (conv.requant_f64)
 
 
 def _unpack(context, builder, tuple_type, value) -> list:
@@ -335,6 +336,27 @@ def requantize_vector(builder: ir.IRBuilder, v32, bias_q, mult, shift, lo, hi) -
     return builder.trunc(_clamp64(builder, y, lo, hi), ir.VectorType(_I32, n))
 
 
+def _clamp32(builder: ir.IRBuilder, v: ir.Value, lo: ir.Value, hi: ir.Value) -> ir.Value:
+    lo_v, hi_v = _splat(builder, lo, v.type), _splat(builder, hi, v.type)
+    v = builder.select(builder.icmp_signed("<", v, lo_v), lo_v, v)
+    return builder.select(builder.icmp_signed(">", v, hi_v), hi_v, v)
+
+
+def requantize_f64(builder: ir.IRBuilder, v: ir.Value, bound: ir.Value, factor: ir.Value, lo, hi) -> ir.Value:
+    """:func:`requantize_vector` for the integer chain in float64, the same integers: ``v`` (int32 lanes,
+    ``acc + comp + bias_q``) clamped to ``[-bound, bound]``, times ``factor = mult * 2**-shift``, rounded half
+    to even, clamped to ``[lo, hi]`` (i32 scalars). Exact where ``conv.requant_f64`` allows it: ``|v| * mult
+    < 2**53`` after the first clamp, so the product and its power-of-two scaling are exact and the rounding
+    is ``rshift_round``'s; beyond ``bound`` the result saturates anyway. 7 vector operations against 11
+    int64 ones (twice: 16 lanes are two registers of int64)."""
+    n = v.type.count
+    vd = ir.VectorType(ir.DoubleType(), n)
+    v = _clamp32(builder, v, builder.neg(bound), bound)
+    y = builder.fmul(builder.sitofp(v, vd), _splat(builder, factor, vd))
+    y = builder.call(_declare(builder, f"llvm.roundeven.v{n}f64", vd, [vd]), [y])
+    return _clamp32(builder, builder.fptosi(y, v.type), lo, hi)
+
+
 def int8_add(builder: ir.IRBuilder, a: ir.Value, b: ir.Value, add: dict) -> ir.Value:
     """``prunekit.quant.glue.QuantizedAdd`` on float32 vectors ``a`` (this convolution's output) and ``b``
     (the residual): each operand's integers recovered (``round_half_even(x / s)``, a float32 division, as
@@ -523,7 +545,7 @@ def _i8_tile(nv: int, isa: str):
                         def row_body(r, packed):
                             packed = list(packed)
                             co, _, accs = sums(r)
-                            at = builder.add(_c64(RQ_HEAD), builder.mul(co, _c64(3)))
+                            at = builder.add(_c64(RQ_HEAD), builder.mul(co, _c64(RQ_STRIDE)))
                             row = {
                                 "comp": builder.load(builder.gep(cp, [co])),
                                 "scale": builder.load(builder.gep(scp, [co])),
@@ -559,21 +581,28 @@ def _i8_tile(nv: int, isa: str):
                         clo = _splat(builder, builder.load(builder.gep(qint, [_c64(5)])), vi)
                         rkey = _splat(builder, builder.load(builder.gep(qint, [_c64(6)])), vi)
                         rint_p = builder.bitcast(rp, _I32.as_pointer())
+                        qlo_i, qhi_i = (
+                            builder.trunc(builder.load(builder.gep(rqp, [_c64(k)])), _I32) for k in (0, 1)
+                        )
 
                         def row_body(r, packed):
                             packed = list(packed)
                             co, _, accs = sums(r)
-                            at = builder.add(_c64(RQ_HEAD), builder.mul(co, _c64(3)))
-                            bias_q, mult, shift = (
-                                builder.load(builder.gep(rqp, [builder.add(at, _c64(k))])) for k in range(3)
+                            at = builder.add(_c64(RQ_HEAD), builder.mul(co, _c64(RQ_STRIDE)))
+                            bias_q, _, _, bound, factor = (
+                                builder.load(builder.gep(rqp, [builder.add(at, _c64(k))])) for k in range(5)
                             )
-                            comp = _splat(builder, builder.load(builder.gep(cp, [co])), vi)
+                            base = builder.add(
+                                builder.load(builder.gep(cp, [co])), builder.trunc(bias_q, _I32)
+                            )
+                            base = _splat(builder, base, vi)
+                            bound = builder.trunc(bound, _I32)
+                            factor = builder.bitcast(factor, ir.DoubleType())
                             s_fin = add["s_out"] if resid else builder.load(builder.gep(scp, [co]))
                             for i in range(nv):
-                                q = requantize_vector(
-                                    builder, builder.add(accs[i], comp), bias_q, mult, shift,
-                                    builder.load(rqp), builder.load(builder.gep(rqp, [_c64(1)])),
-                                )  # fmt: skip
+                                q = requantize_f64(
+                                    builder, builder.add(accs[i], base), bound, factor, qlo_i, qhi_i
+                                )
                                 if resid:
                                     units = _vload(builder, rint_p, builder.add(rb, _c64(vw * i)), vi)
                                     qb = residual_byte(builder, units, byte_shift(r), rkey)

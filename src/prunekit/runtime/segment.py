@@ -964,7 +964,8 @@ def _allocate(steps: list, values: dict, graph: fx.Graph) -> None:
 def _chain_ok(step: ConvStep) -> bool:
     """Whether the convolution's epilogue can stay in integers (``conv.chain_reason``), its residual (a
     fused integer add's other operand) read from exact bytes at the add's scale and this output's pitch."""
-    if chain_reason(step.requant_of(), step.clamp, step.add, step.out.byte_scale) is not None:
+    taps = int(np.prod(step.weight.shape[1:])) if step.int8 else 0
+    if chain_reason(step.requant_of(), step.clamp, step.add, step.out.byte_scale, taps) is not None:
         return False
     r = step.residual
     if r is None:

@@ -14,7 +14,8 @@ count (each round runs every variant once, in a shuffled order; docs/measuring.m
     f32 U% <alloc>           magnitude-pruned to U% unstructured (alloc: "layer" = every conv U%, "global"
                              = one threshold), prunekit.runtime.compile (whole-network segments)
     int8 70% 4x1 +head       70% in 4x1 input-channel blocks ("block:1x4@70%:channels"; conv1, 3 input
-                             channels, unstructured) + the classifier head pruned to 90%, prunekit INT8
+                             channels: 1x3 blocks, its 3 channels at a tap) + the classifier head pruned
+                             to 90%, prunekit INT8
                              (static, calibrated), compiled
     int8 90% 4x1, int8 70% unstr.   the same at 90% blocks / 70% unstructured
     f32/int8 50% channels    prunekit.structured.prune_model(ratio=0.5), float32 compiled / INT8 compiled;
@@ -89,13 +90,19 @@ def random_bn(model: nn.Module, seed: int = 1) -> nn.Module:
 
 
 def prune(model: nn.Module, pattern, group: str, head: float | None = None) -> nn.Module:
-    """A pruned copy (masks squashed): ``pattern`` on every conv (conv1 unstructured when it has fewer
-    than 4 input channels for a block pattern); the classifier to ``head`` when given."""
+    """A pruned copy (masks squashed): ``pattern`` on every conv; for a block pattern over input channels,
+    a conv whose input channels do not divide by 4 gets blocks of all its channels (the stem's RGB: one
+    block per tap, what the int8 kernel's 4-channel unit holds), or unstructured if it has more than 4;
+    the classifier to ``head`` when given."""
     m = copy.deepcopy(model)
     overrides = {}
     if isinstance(pattern, str) and pattern.startswith("block"):
-        frac = float(pattern.split("@")[1].split(":")[0].rstrip("%")) / 100
-        overrides = {n: frac for n, c in m.named_modules() if isinstance(c, nn.Conv2d) and c.in_channels % 4}
+        amount = pattern.split("@")[1].split(":")[0]
+        for n, c in m.named_modules():
+            if isinstance(c, nn.Conv2d) and c.in_channels % 4:
+                cin = c.in_channels
+                frac = float(amount.rstrip("%")) / 100
+                overrides[n] = f"block:1x{cin}@{amount}:channels" if cin < 4 else frac
     Sparsifier(m, pattern, criterion="magnitude", group=group, overrides=overrides).prune()
     squash(m)
     if head:

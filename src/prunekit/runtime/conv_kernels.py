@@ -392,18 +392,20 @@ def residual_byte(builder: ir.IRBuilder, units: ir.Value, shift: ir.Value, key: 
 
 def int8_add_integers(builder: ir.IRBuilder, qa: ir.Value, qb: ir.Value, add: dict) -> ir.Value:
     """:func:`int8_add` on the operands' integers themselves (int32 lanes in, int32 lanes out):
-    ``clamp(rshift_round(qa * Ma + qb * Mb, sh), -127, 127)``. Equal to :func:`int8_add` when each operand
-    is ``float32(q) * s`` at the add's own scale (recovering q from it is exact), which is what the integer
-    chain (``FLAG_CHAIN``) is checked for before it is used."""
+    ``clamp(rshift_round(qa * Ma + qb * Mb, sh), -127, 127)``, computed in float64 where it is exact: the
+    operands are int8 and ``Ma, Mb < 2**31`` (``prunekit.quant.rounding.add_multipliers``), so the products
+    and their sum stay below 2**40, the scaling by ``2**-sh`` is exact and rounding half to even is
+    ``rshift_round``. Equal to :func:`int8_add` when each operand is ``float32(q) * s`` at the add's own
+    scale (recovering q from it is exact), which is what the integer chain (``FLAG_CHAIN``) is checked for."""
     n = qa.type.count
-    v64 = ir.VectorType(_I64, n)
-    t = builder.add(
-        builder.mul(builder.sext(qa, v64), _splat(builder, add["ma"], v64)),
-        builder.mul(builder.sext(qb, v64), _splat(builder, add["mb"], v64)),
-    )
-    q = _rshift_round(builder, t, _splat(builder, add["sh"], v64))
-    q = _clamp64(builder, q, ir.Constant(_I64, -127), ir.Constant(_I64, 127))
-    return builder.trunc(q, ir.VectorType(_I32, n))
+    vd = ir.VectorType(ir.DoubleType(), n)
+    f64 = ir.DoubleType()
+    ma, mb = (_splat(builder, builder.sitofp(add[k], f64), vd) for k in ("ma", "mb"))
+    exponent = builder.shl(builder.sub(_c64(1023), add["sh"]), _c64(52))  # the bits of 2**-sh
+    scale = _splat(builder, builder.bitcast(exponent, f64), vd)
+    t = builder.fadd(builder.fmul(builder.sitofp(qa, vd), ma), builder.fmul(builder.sitofp(qb, vd), mb))
+    y = builder.call(_declare(builder, f"llvm.roundeven.v{n}f64", vd, [vd]), [builder.fmul(t, scale)])
+    return _clamp32(builder, builder.fptosi(y, qa.type), _I32(-127), _I32(127))
 
 
 def int8_quantize(builder: ir.IRBuilder, vf: ir.VectorType, y: ir.Value, s_next: ir.Value, qlo: ir.Value):

@@ -382,7 +382,7 @@ def int8_add(builder: ir.IRBuilder, a: ir.Value, b: ir.Value, add: dict) -> ir.V
 
 def residual_byte(builder: ir.IRBuilder, units: ir.Value, shift: ir.Value, key: ir.Value) -> ir.Value:
     """One channel's int8 value from 32-bit lanes of 4 activation bytes (``shift``: 8 times the channel's
-    place, in every lane): ``((u >> shift) & 255) ^ key) - 128`` (``key`` 128 for plain signed bytes, which
+    place, in every lane): ``(((u >> shift) & 255) ^ key) - 128`` (``key`` 128 for plain signed bytes, which
     sign-extends them; 0 for +128-encoded bytes)."""
     vi = units.type
     n = vi.count

@@ -236,3 +236,26 @@ def test_the_integer_chain_is_refused_wherever_it_would_round_differently():
     tiny = Requant(one, one, one * 46, -127, 127, 0.05)  # its float64 requantization would not be exact
     assert "shift above 45" in chain_reason(tiny, relu, None, 0.05, 9)
     assert "int32" in chain_reason(Requant(one * 2**30, one, one, -127, 127, 0.05), relu, None, 0.05, 2**17)
+
+
+@pytest.mark.skipif(not features().vnni, reason="the shared-load int8 kernel is AVX-512 VNNI only")
+def test_shared_load_int8_kernel_equals_prunekit_int8_bit_for_bit():
+    """conv.pack_group_blocks + conv_kernels._i8_group_tile (each activation load serves 4 output channels):
+    on a dense integer ResNet every step offers it (the union of a group's blocks is its blocks) and,
+    forced on every step with each tile and channel block, the outputs are prunekit's integers."""
+    torch.manual_seed(0)
+    for keep in (1.0, 0.3):
+        model, x = pruned(random_bn(ResNet18(10, width=0.25)), keep=keep), torch.randn(1, 3, 40, 40)
+        calib = [torch.randn_like(x) for _ in range(2)]
+        q = quantize_model(model, activations="static", calibration=calib)
+        seg, why = S.build(q, x, vw=16, isa="vnni512")
+        assert seg is not None, why
+        for i, step in enumerate(seg.conv_steps()):
+            shared = [c for c in step.configs() if len(c) == 3]
+            if keep == 1.0:
+                assert shared and step._union_ratio() == 1.0
+            step.kernel = step.make_kernel(*shared[i % len(shared)]) if shared else None
+        assert sum(s.kernel is not None for s in seg.conv_steps()) >= len(seg.conv_steps()) - 1
+        with torch.inference_mode():
+            for inp in (x, calib[0], 3 * x):
+                assert torch.equal(seg(inp), q(inp))

@@ -238,6 +238,35 @@ def pack_blocks(wq: np.ndarray, inp: L.Layout, geom: ConvGeom, cbg: int | None):
     return ptr, offs[order].astype(np.int32), wv, rowsum
 
 
+def pack_group_blocks(wq: np.ndarray, inp: L.Layout, geom: ConvGeom, cbg: int | None):
+    """:func:`pack_blocks` for the shared-load kernel (``conv_kernels._i8_group_tile``): per group of 4
+    output channels the *union* of their 4x1 blocks, each with its input offset and 4 weights (one int32 per
+    channel of the group, zero where that channel lacks the block), CSR over groups per block of ``cbg``
+    input-channel groups. Each activation vector is then loaded once for 4 output channels (a dense
+    layer: 4x fewer loads); a block alive in one channel of the group costs 4 dot products, so sparse
+    layers pay for the union, and the timing decides."""
+    cout, cin, kh, kw = wq.shape
+    groups, cpad = -(-cin // 4), -(-cout // 4) * 4
+    padded = np.zeros((cpad, groups * 4, kh, kw), np.int8)
+    padded[:cout, :cin] = wq
+    blocks = padded.reshape(cpad // 4, 4, groups, 4, kh, kw)  # (out group, row, in group, 4, kh, kw)
+    alive = np.abs(blocks.astype(np.int32)).sum(axis=3).any(axis=1)  # (out group, in group, kh, kw)
+    og, g, ti, tj = np.nonzero(alive)
+    offs = L.tap_offsets(inp, *geom.args, g, ti, tj)
+    cbg = min(cbg or groups, groups)
+    blk = g // cbg
+    order = np.lexsort((offs, og, blk))
+    four = blocks.transpose(0, 2, 4, 5, 1, 3)[og, g, ti, tj][order]  # (n, row, 4 input channels)
+    wv = np.ascontiguousarray(four).view(np.int32).reshape(-1).copy() if four.size else np.zeros(0, np.int32)
+    ncb, ngroups = -(-groups // cbg), cpad // 4
+    counts = np.zeros((ncb, ngroups), np.int64)
+    np.add.at(counts, (blk, og), 1)
+    flat = np.concatenate([[0], np.cumsum(counts.reshape(-1))])
+    ptr = np.ascontiguousarray(np.stack([flat[b * ngroups : b * ngroups + ngroups + 1] for b in range(ncb)]))
+    rowsum = padded.astype(np.int64).reshape(cpad, -1).sum(axis=1)
+    return ptr, offs[order].astype(np.int32), wv, rowsum
+
+
 @dataclass(frozen=True)
 class Requant:
     """An int8 layer's integer output form (``prunekit.quant.layers``, ``out_scale`` set): per output
@@ -378,10 +407,12 @@ class DirectConvI8:
         add: IntAdd | None = None,
         chain: bool = False,
         residual_offset: int = 0,
+        shared: bool = False,
     ) -> None:
         """``chain``: the integer epilogue (``conv_kernels.FLAG_CHAIN``; the caller checked
         :func:`chain_reason` is None): ``residual`` is then the residual's *byte* layout (``residual_offset``
-        128 when its bytes are +128-encoded)."""
+        128 when its bytes are +128-encoded). ``shared``: the sums by :func:`pack_group_blocks`' kernel (VNNI,
+        ``nv`` in ``SHARED_NV``)."""
         vw = 16 if isa == "vnni512" else 8
         if isa not in K.ISAS:
             raise PrunekitError(f"DirectConvI8: isa must be one of {', '.join(K.ISAS)}, got {isa!r}")
@@ -397,8 +428,12 @@ class DirectConvI8:
         self.geom, self.inp, self.out, self.nv, self.vw, self.isa = geom, inp, out, nv, vw, isa
         cout = geom.cout
         cpad = -(-cout // 4) * 4
-        self.ptr, self.offs, self.wv, rowsum = pack_blocks(wq, inp, geom, cbg)
-        self.blocks = int(self.wv.size)
+        if shared and (isa != "vnni512" or nv not in K.SHARED_NV):
+            raise PrunekitError(f"DirectConvI8: shared loads need vnni512 and nv in {K.SHARED_NV}")
+        self.shared = shared
+        pack = pack_group_blocks if shared else pack_blocks
+        self.ptr, self.offs, self.wv, rowsum = pack(wq, inp, geom, cbg)
+        self.blocks = int(self.wv.size)  # dot products per position group (shared: 4 per union block)
         self.comp = (-offset * rowsum).astype(np.int32)
         self.scale = np.zeros(cpad, np.float32)
         self.scale[:cout] = scale
@@ -479,6 +514,7 @@ class DirectConvI8:
                 fbase,
                 fstride,
                 0,
+                int(shared),
             ],
             dtype=np.int64,
         )
@@ -541,12 +577,13 @@ class DirectConvI8:
             ff,
             self.rq,
             scratch,
+            self._no_blocks,
         )
         geos = self._geos()
         if acc is not None:
             geos = [g.copy() for g in geos]
             for g in geos:
-                g[12] = acc_stride
+                g[12], g[13] = acc_stride, 0  # whole accumulators: the epilogue alone
         threads.run(K.conv_i8, [(*args, g) for g in geos])
 
     def finish(self, acc: np.ndarray, Y: np.ndarray | None, R: np.ndarray | None = None,

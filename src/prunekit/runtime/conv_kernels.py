@@ -640,22 +640,84 @@ def _i8_tile(nv: int, isa: str):
     return tile
 
 
+SHARED_NV = (2, 4)  # the shared-load tile's vectors (4 x nv accumulators must stay in registers)
+
+
+@cache
+def _i8_group_tile(nv: int):
+    """Intrinsic ``(arrays, ints)``: the sums of one group of 4 output channels whose blocks were packed
+    together (``conv.pack_group_blocks``: one input offset and 4 weights per block), AVX-512 VNNI.
+    ``arrays = (offs, wv, ptr, X, S)``, ``ints = (g, xb, sb, sstride, init, pb)``::
+
+        S[sb + r*sstride + :] = (S[...] if init) + sum over the group's blocks k of
+                                dot4(X[xb + offs[k]:], wv[4k + r])
+
+    Each activation vector is loaded once for the 4 channels (the per-channel tile loads it once per
+    channel and block): ``4 * nv`` accumulators, then the ordinary tile's epilogue reads them from ``S``."""
+    vw = 16
+    vi = ir.VectorType(_I32, vw)
+
+    @intrinsic
+    def tile(typingctx, arrays, ints):
+        def codegen(context, builder, signature, args):
+            op, wp, pp, xp, sp = _unpack(context, builder, signature.args[0], args[0])
+            g, xb, sb, sstride, init, pb = _ints(builder, args[1], 6)
+            pp = builder.gep(pp, [pb])
+            dot = _dot4(builder, "vnni512", vi)
+            zero = ir.Constant(vi, [0] * vw)
+            first = builder.icmp_unsigned("!=", init, _c64(0))
+            xbase = builder.gep(xp, [xb])
+            rows = [builder.add(sb, builder.mul(sstride, _c64(r))) for r in range(4)]
+            at = [[builder.add(rows[r], _c64(vw * i)) for i in range(nv)] for r in range(4)]
+            accs = [
+                builder.select(first, _vload(builder, sp, at[r][i], vi), zero)
+                for r in range(4)
+                for i in range(nv)
+            ]
+            lo = builder.load(builder.gep(pp, [g]))
+            hi = builder.load(builder.gep(pp, [builder.add(g, _c64(1))]))
+
+            def body(k, accs):
+                row = builder.gep(xbase, [builder.sext(builder.load(builder.gep(op, [k])), _I64)])
+                w4 = builder.mul(k, _c64(4))
+                ws = [
+                    _splat(builder, builder.load(builder.gep(wp, [builder.add(w4, _c64(r))])), vi)
+                    for r in range(4)
+                ]
+                xs = [_vload(builder, row, _c64(vw * i), vi) for i in range(nv)]
+                return [dot(accs[r * nv + i], xs[i], ws[r]) for r in range(4) for i in range(nv)]
+
+            accs = emit_loop(builder, lo, hi, accs, body, "group")
+            for r in range(4):
+                for i in range(nv):
+                    _vstore(builder, accs[r * nv + i], sp, at[r][i])
+            return context.get_dummy_value()
+
+        return types.void(arrays, ints), codegen
+
+    return tile
+
+
+_G16_2, _G16_4 = (_i8_group_tile(n) for n in SHARED_NV)
 _Q16_2, _Q16_4, _Q16_7, _Q16_8 = (_i8_tile(n, "vnni512") for n in NV16)
 _Q8_4, _Q8_7, _Q8_8, _Q8_14 = (_i8_tile(n, "avx2") for n in NV8)
 
 
 @_jit(fastmath=False)
-def conv_i8(vw, nv, ptr, offs, wv, X, Y, yoffs, M, comp, scale, bias, clamp, R, qp, F, rq, S, geo):
+def conv_i8(vw, nv, ptr, offs, wv, X, Y, yoffs, M, comp, scale, bias, clamp, R, qp, F, rq, S, P0, geo):
     """One int8 sparse conv layer (4x1 input-channel blocks), output groups of 4 channels
     ``[geo[7], geo[8])``. ``geo`` (int64): tiles, ybase, ystride (per output group), planes ``ns``, mask
     length ``ml``, rbase, rstride (per channel), g0, g1, flags (RESID / FLOAT_OUT / BYTES_OUT / INTEGER bits;
     INTEGER: ``rq`` = [lo, hi, Ma, Mb, sh, then bias_q, mult, shift per channel], the requantization's
     constants; QADD: the residual joins through :func:`int8_add`, ``qp[4:7]`` its scales), fbase,
     fstride (per channel), whole (0: ``S`` is a per-tile scratch of ``cout * T``; else ``S`` holds whole
-    accumulators, ``whole`` per channel, that the weights add to: the dense path's epilogue). No fastmath:
-    the epilogue must round exactly like the reference."""
+    accumulators, ``whole`` per channel, that the weights add to: the dense path's epilogue), shared (1:
+    the blocks were packed per group of 4 channels, ``conv.pack_group_blocks``: :func:`_i8_group_tile` sums
+    into ``S``, then the ordinary tile runs the epilogue from ``S`` with the empty row pointers ``P0``). No
+    fastmath: the epilogue must round exactly like the reference."""
     ntiles, ybase, ystride, ns, ml, rbase, rstride = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5], geo[6]
     g0, g1, out_flags, fbase, fstride, whole = geo[7], geo[8], geo[9], geo[10], geo[11], geo[12]
+    shared = geo[13]
     T = np.int64(nv * vw)
     chained = (out_flags >> FLAG_CHAIN) & 1
     ncb, stride_b = ptr.shape[0], np.int64(ptr.shape[1])
@@ -677,6 +739,8 @@ def conv_i8(vw, nv, ptr, offs, wv, X, Y, yoffs, M, comp, scale, bias, clamp, R, 
         F,
         rq,
     )  # once: no refcounts in the loop
+    sums_only = (offs, wv, ptr, X, S)
+    epilogue_only = (offs, wv, P0, X, S, Y, yoffs, M, comp, scale, bias, clamp, R, qp, F, rq)
     for t in range(ntiles):
         p0 = np.int64(t * T)
         for b in range(ncb):
@@ -695,6 +759,20 @@ def conv_i8(vw, nv, ptr, offs, wv, X, Y, yoffs, M, comp, scale, bias, clamp, R, 
                 rb = np.int64(rbase + (g if chained else co0) * rstride + p0)
                 fb = np.int64(fbase + co0 * fstride + p0)
                 ints = (co0, p0, sb, ss, flags, yb, ns, p0, ml, rb, rstride, fb, fstride, b * stride_b)
+                if shared != 0:  # the group's sums with shared loads, then the epilogue from S
+                    gints = (np.int64(g), p0, sb, ss, flags & (1 << FLAG_INIT), b * stride_b)
+                    if nv == 4:
+                        _G16_4(sums_only, gints)
+                    else:
+                        _G16_2(sums_only, gints)
+                    if b == ncb - 1:
+                        fints = (co0, p0, sb, ss, flags | (1 << FLAG_INIT), yb, ns, p0, ml, rb, rstride, fb,
+                                 fstride, np.int64(0))  # fmt: skip
+                        if nv == 4:
+                            _Q16_4(epilogue_only, fints)
+                        else:
+                            _Q16_2(epilogue_only, fints)
+                    continue
                 if vw == 16:
                     if nv == 8:
                         _Q16_8(arrays, ints)

@@ -64,6 +64,7 @@ from prunekit.runtime.conv import (
     unpack_bytes,
     unsupported,
 )
+from prunekit.runtime.conv_kernels import SHARED_NV
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ _ADDS = (operator.add, operator.iadd, torch.add)
 _RELU_FUNCS = {F.relu: (0.0, np.inf), torch.relu: (0.0, np.inf), F.relu6: (0.0, 6.0)}
 _RELU_METHODS = {"relu": (0.0, np.inf), "relu_": (0.0, np.inf)}
 CHANNEL_BLOCKS = (8, 16, 32, None)  # input channels per block tried by the timing (None: all)
+SHARED_UNION_MAX = 1.5  # offer the shared-load int8 kernel up to this many dot products per useful one
 
 
 def _clamp_of(node: fx.Node, gm: fx.GraphModule) -> tuple[float, float] | None:
@@ -379,7 +381,7 @@ class ConvStep:
             residual_offset=self.residual.offset if self.chain and self.residual is not None else 0,
         )
 
-    def make_kernel(self, nv: int, cb: int | None):
+    def make_kernel(self, nv: int, cb: int | None, shared: bool = False):
         out = self.out
         if not self.int8:
             return DirectConvF32(
@@ -414,14 +416,33 @@ class ConvStep:
             add=self.add,
             chain=self.chain,
             residual_offset=self.residual.offset if self.chain and self.residual is not None else 0,
+            shared=shared,
         )
 
-    def configs(self) -> list[tuple[int, int | None]]:
+    def configs(self) -> list[tuple]:
+        """``(nv, cb)`` tiles and channel blocks to time; int8 on VNNI also ``(nv, cb, True)``, the
+        shared-load kernel, where a group of 4 output channels shares most of its blocks (dense and
+        channel-pruned layers: each activation load then serves 4 channels; a random 4x1 pattern would pay
+        2-3x the dot products for its union, so it is not offered there)."""
         vw = self.vw if not self.int8 else (16 if self.isa == "vnni512" else 8)
         span = (self.out_hw[0] - 1) * self.out_pitch + self.out_hw[1]
         tiles = [nv for nv in tile_options(vw) if nv * vw <= max(span, min(tile_options(vw)) * vw)]
         blocks = [cb for cb in CHANNEL_BLOCKS if cb is None or cb < self.geom.cin]
-        return [(nv, cb) for nv in tiles for cb in blocks]
+        found: list[tuple] = [(nv, cb) for nv in tiles for cb in blocks]
+        if self.int8 and self.isa == "vnni512" and self._union_ratio() <= SHARED_UNION_MAX:
+            found += [(nv, cb, True) for nv in SHARED_NV if nv in tiles for cb in blocks]
+        return found
+
+    def _union_ratio(self) -> float:
+        """Dot products of the shared-load packing over the per-channel one: the 4x1 blocks alive in any of
+        a group's 4 output channels, times 4, over those alive per channel."""
+        w = np.abs(self.wq.astype(np.int32))
+        cout, cin = w.shape[:2]
+        w = np.pad(w, ((0, -cout % 4), (0, -cin % 4), (0, 0), (0, 0)))
+        alive = w.reshape(w.shape[0], -1, 4, *w.shape[2:]).sum(axis=2) > 0  # (cout, in groups, kh, kw)
+        per_row = int(alive.sum())
+        union = int(alive.reshape(-1, 4, *alive.shape[1:]).any(axis=1).sum())
+        return 4 * union / max(per_row, 1)
 
     # -- running ------------------------------------------------------------------------------------------
     def _input(self, env: Env) -> np.ndarray:
@@ -997,9 +1018,9 @@ def _bytes_for(v: Value, scale: float, isa: str, conv_input: bool = True) -> boo
     return True
 
 
-def _label(cfg: tuple[int, int | None]) -> str:
-    nv, cb = cfg
-    return f"nv{nv}/cb{cb or 'all'}"
+def _label(cfg: tuple) -> str:
+    nv, cb, *shared = cfg
+    return f"nv{nv}/cb{cb or 'all'}" + ("/shared" if shared and shared[0] else "")
 
 
 def tune(seg: Segmented, example: Tensor, rounds: int = 7) -> None:

@@ -134,6 +134,37 @@ def test_int8_direct_conv_equals_prunekit_quantized_conv_bit_for_bit(case, isa, 
         assert torch.equal(layer(x), ref_layer(x))
 
 
+def _requant(consts, lo: int, hi: int) -> C.Requant:
+    bias_q, mult, shift = (np.array(c, np.int64) for c in zip(*consts, strict=True))
+    return C.Requant(bias_q, mult, shift, lo, hi, 0.0173)
+
+
+def _epilogue_outputs(isa: str, accs: np.ndarray, rq: C.Requant, **kw) -> np.ndarray:
+    """The float32 outputs (4, 1, n) of a 4-channel 1x1 DirectConvI8 whose epilogue alone runs on the
+    whole accumulators ``accs`` (``finish``), with the float32 output as its only output."""
+    n = accs.shape[2]
+    geom = C.ConvGeom.of(nn.Conv2d(4, 4, 1, bias=False))
+    inp = L.gather(1, 1, n, *geom.args)
+    out = L.planes(4, 1, n, 0, 0, (), pitch=inp.pitch)
+    layer = C.DirectConvI8(np.zeros((4, 4, 1, 1), np.int8), np.ones(4, np.float32), None, geom, inp,
+                           C.Int8Out(floats=out), nv=C.tile_options(16 if isa == "vnni512" else 8)[0],
+                           isa=isa, requant=rq, **kw)  # fmt: skip
+    F_ = out.alloc()
+    layer.finish(accs, None, F=F_)
+    got = np.empty((4, 1, n), np.float32)
+    L.read(F_, out.col0(), out.per_unit * out.plane, out.pitch, 4, 1, n, got.reshape(-1).view(np.int32))
+    return got
+
+
+def _rule(accs: np.ndarray, rq: C.Requant, lowest: int) -> np.ndarray:
+    """``float32(max(lowest, requantize_value(acc + bias_q, mult, shift, lo, hi))) * out_scale``."""
+    return np.array(
+        [[[max(lowest, rounding.requantize_value(int(v) + int(rq.bias_q[r]), int(rq.mult[r]),
+                                                  int(rq.shift[r]), rq.lo, rq.hi))
+           for v in accs[r, 0]]] for r in range(4)], np.float32,
+    ) * np.float32(rq.out_scale)  # fmt: skip
+
+
 @FAST
 @given(
     isa=st.sampled_from(ISAS),
@@ -148,30 +179,13 @@ def test_int8_direct_conv_equals_prunekit_quantized_conv_bit_for_bit(case, isa, 
 def test_int8_epilogue_is_the_fixed_point_requantization_rule(isa, acc, consts, wide):
     """The kernels' integer epilogue computes prunekit.quant.rounding.requantize_value exactly, on any int32
     accumulator and any constants the rule allows (ties, negative values, saturation, shifts 1..62)."""
-    n = len(acc)
-    conv = nn.Conv2d(4, 4, 1, bias=False)
-    geom = C.ConvGeom.of(conv)
-    inp = L.gather(1, 1, n, *geom.args)
-    out = L.planes(4, 1, n, 0, 0, (), pitch=inp.pitch)
     lo, hi = (rounding.INT32_LO, rounding.INT32_HI) if wide else (rounding.INT8_LO, rounding.INT8_HI)
-    bias_q, mult, shift = (np.array(c, np.int64) for c in zip(*consts, strict=True))
-    s_out = 0.0173
-    rq = C.Requant(bias_q, mult, shift, lo, hi, s_out)
-    layer = C.DirectConvI8(np.zeros((4, 4, 1, 1), np.int8), np.ones(4, np.float32), None, geom, inp,
-                           C.Int8Out(floats=out), nv=C.tile_options(16 if isa == "vnni512" else 8)[0],
-                           isa=isa, requant=rq)  # fmt: skip
+    rq = _requant(consts, lo, hi)
     # |acc| < 2**31 (the rule's bound); the other rows: the same values scaled and wrapped into that range
     rows = [[a if r == 0 else (a * (r + 2)) % (2**32 - 1) - (2**31 - 1) for a in acc] for r in range(4)]
-    accs = np.array(rows, np.int64).reshape(4, 1, n).astype(np.int32)
-    F_ = out.alloc()
-    layer.finish(accs, None, F=F_)
-    got = np.empty((4, 1, n), np.float32)
-    L.read(F_, out.col0(), out.per_unit * out.plane, out.pitch, 4, 1, n, got.reshape(-1).view(np.int32))
-    want = np.array(
-        [[[rounding.requantize_value(int(v) + int(bias_q[r]), int(mult[r]), int(shift[r]), lo, hi)
-           for v in accs[r, 0]]] for r in range(4)], np.float32,
-    ) * np.float32(s_out)  # fmt: skip
-    assert np.array_equal(got.view(np.int32), want.view(np.int32))
+    accs = np.array(rows, np.int64).reshape(4, 1, len(acc)).astype(np.int32)
+    got = _epilogue_outputs(isa, accs, rq)
+    assert np.array_equal(got.view(np.int32), _rule(accs, rq, lo).view(np.int32))
 
 
 @settings(max_examples=60, deadline=None)
@@ -189,29 +203,12 @@ def test_the_integer_chain_requantizes_in_float64_exactly_as_the_rule(isa, acc, 
     """The integer chain's float64 requantization (conv_kernels.requantize_f64) gives requantize_value's
     integers for every accumulator and constants chain_reason admits (shifts up to F64_MAX_SHIFT: ties,
     saturation, multipliers of any size), and its ReLU is max(q, 0)."""
-    n = len(acc)
-    conv = nn.Conv2d(4, 4, 1, bias=False)
-    geom = C.ConvGeom.of(conv)
-    inp = L.gather(1, 1, n, *geom.args)
-    out = L.planes(4, 1, n, 0, 0, (), pitch=inp.pitch)
-    bias_q, mult, shift = (np.array(c, np.int64) for c in zip(*consts, strict=True))
-    s_out = 0.0173
-    rq = C.Requant(bias_q, mult, shift, rounding.INT8_LO, rounding.INT8_HI, s_out)
-    clamp = (0.0, np.inf) if relu else C.NO_CLAMP
-    layer = C.DirectConvI8(np.zeros((4, 4, 1, 1), np.int8), np.ones(4, np.float32), None, geom, inp,
-                           C.Int8Out(floats=out), nv=C.tile_options(16 if isa == "vnni512" else 8)[0],
-                           isa=isa, requant=rq, clamp=clamp, chain=True)  # fmt: skip
+    rq = _requant(consts, rounding.INT8_LO, rounding.INT8_HI)
     rows = [[a if r == 0 else (a * (r + 2)) % 2**30 - 2**29 for a in acc] for r in range(4)]
-    accs = np.array(rows, np.int64).reshape(4, 1, n).astype(np.int32)
-    F_ = out.alloc()
-    layer.finish(accs, None, F=F_)
-    got = np.empty((4, 1, n), np.float32)
-    L.read(F_, out.col0(), out.per_unit * out.plane, out.pitch, 4, 1, n, got.reshape(-1).view(np.int32))
-    lo = 0 if relu else rounding.INT8_LO
-    want = np.array(
-        [[[max(lo, rounding.requantize_value(int(v) + int(bias_q[r]), int(mult[r]), int(shift[r]), -127, 127))
-           for v in accs[r, 0]]] for r in range(4)], np.float32,
-    ) * np.float32(s_out)  # fmt: skip
+    accs = np.array(rows, np.int64).reshape(4, 1, len(acc)).astype(np.int32)
+    clamp = (0.0, np.inf) if relu else C.NO_CLAMP
+    got = _epilogue_outputs(isa, accs, rq, clamp=clamp, chain=True)
+    want = _rule(accs, rq, 0 if relu else rounding.INT8_LO)
     assert np.array_equal(got.view(np.int32), want.view(np.int32))
 
 

@@ -213,15 +213,38 @@ class DirectConvF32:
         threads.run(K.conv_f32, [(*args, g) for g in self._geos()])
 
 
+def _padded_blocks(wq: np.ndarray) -> np.ndarray:
+    """int8 weights (cout, cin, kh, kw) zero-padded to multiples of 4 output and input channels, as 4x1
+    blocks: (cpad, in groups, 4, kh, kw)."""
+    cout, cin, kh, kw = wq.shape
+    padded = np.zeros((-(-cout // 4) * 4, -(-cin // 4) * 4, kh, kw), np.int8)
+    padded[:cout, :cin] = wq
+    return padded.reshape(padded.shape[0], -1, 4, kh, kw)
+
+
+def block_alive(wq: np.ndarray) -> np.ndarray:
+    """Which 4x1 blocks of the int8 weights hold a nonzero: (cpad, in groups, kh, kw) booleans."""
+    return np.abs(_padded_blocks(wq).astype(np.int32)).sum(axis=2) > 0
+
+
+def _csr(blk: np.ndarray, rows: np.ndarray, nrows: int, ncb: int) -> np.ndarray:
+    """Row pointers (ncb, nrows + 1) of entries sorted by (channel block ``blk``, row ``rows``)."""
+    counts = np.zeros((ncb, nrows), np.int64)
+    np.add.at(counts, (blk, rows), 1)
+    flat = np.concatenate([[0], np.cumsum(counts.reshape(-1))])
+    return np.ascontiguousarray(np.stack([flat[b * nrows : b * nrows + nrows + 1] for b in range(ncb)]))
+
+
+def _rowsum(blocks: np.ndarray) -> np.ndarray:
+    return blocks.astype(np.int64).reshape(blocks.shape[0], -1).sum(axis=1)
+
+
 def pack_blocks(wq: np.ndarray, inp: L.Layout, geom: ConvGeom, cbg: int | None):
     """int8 weights as 4x1 blocks (4 consecutive input channels at one output channel and tap): per block
     its input offset and its 4 bytes in one int32, CSR over output channels (padded to a multiple of 4)
     per block of ``cbg`` input-channel groups; plus each channel's weight sum (for the +128 offset)."""
-    cout, cin, kh, kw = wq.shape
-    groups, cpad = -(-cin // 4), -(-cout // 4) * 4
-    padded = np.zeros((cpad, groups * 4, kh, kw), np.int8)
-    padded[:cout, :cin] = wq
-    blocks = padded.reshape(cpad, groups, 4, kh, kw)
+    blocks = _padded_blocks(wq)
+    cpad, groups = blocks.shape[:2]
     co, g, ti, tj = np.nonzero(np.abs(blocks.astype(np.int32)).sum(axis=2))
     offs = L.tap_offsets(inp, *geom.args, g, ti, tj)
     cbg = min(cbg or groups, groups)
@@ -229,13 +252,8 @@ def pack_blocks(wq: np.ndarray, inp: L.Layout, geom: ConvGeom, cbg: int | None):
     order = np.lexsort((offs, co, blk))
     four = np.ascontiguousarray(blocks.transpose(0, 1, 3, 4, 2)[co, g, ti, tj][order])
     wv = four.view(np.int32)[:, 0].copy() if four.size else np.zeros(0, np.int32)
-    ncb = -(-groups // cbg)
-    counts = np.zeros((ncb, cpad), np.int64)
-    np.add.at(counts, (blk, co), 1)
-    flat = np.concatenate([[0], np.cumsum(counts.reshape(-1))])
-    ptr = np.ascontiguousarray(np.stack([flat[b * cpad : b * cpad + cpad + 1] for b in range(ncb)]))
-    rowsum = padded.astype(np.int64).reshape(cpad, -1).sum(axis=1)
-    return ptr, offs[order].astype(np.int32), wv, rowsum
+    ptr = _csr(blk, co, cpad, -(-groups // cbg))
+    return ptr, offs[order].astype(np.int32), wv, _rowsum(blocks)
 
 
 def pack_group_blocks(wq: np.ndarray, inp: L.Layout, geom: ConvGeom, cbg: int | None):
@@ -245,26 +263,19 @@ def pack_group_blocks(wq: np.ndarray, inp: L.Layout, geom: ConvGeom, cbg: int | 
     input-channel groups. Each activation vector is then loaded once for 4 output channels (a dense
     layer: 4x fewer loads); a block alive in one channel of the group costs 4 dot products, so sparse
     layers pay for the union, and the timing decides."""
-    cout, cin, kh, kw = wq.shape
-    groups, cpad = -(-cin // 4), -(-cout // 4) * 4
-    padded = np.zeros((cpad, groups * 4, kh, kw), np.int8)
-    padded[:cout, :cin] = wq
-    blocks = padded.reshape(cpad // 4, 4, groups, 4, kh, kw)  # (out group, row, in group, 4, kh, kw)
-    alive = np.abs(blocks.astype(np.int32)).sum(axis=3).any(axis=1)  # (out group, in group, kh, kw)
+    blocks = _padded_blocks(wq)
+    cpad, groups = blocks.shape[:2]
+    by_group = blocks.reshape(cpad // 4, 4, *blocks.shape[1:])  # (out group, row, in group, 4, kh, kw)
+    alive = np.abs(by_group.astype(np.int32)).sum(axis=3).any(axis=1)  # (out group, in group, kh, kw)
     og, g, ti, tj = np.nonzero(alive)
     offs = L.tap_offsets(inp, *geom.args, g, ti, tj)
     cbg = min(cbg or groups, groups)
     blk = g // cbg
     order = np.lexsort((offs, og, blk))
-    four = blocks.transpose(0, 2, 4, 5, 1, 3)[og, g, ti, tj][order]  # (n, row, 4 input channels)
+    four = by_group.transpose(0, 2, 4, 5, 1, 3)[og, g, ti, tj][order]  # (n, row, 4 input channels)
     wv = np.ascontiguousarray(four).view(np.int32).reshape(-1).copy() if four.size else np.zeros(0, np.int32)
-    ncb, ngroups = -(-groups // cbg), cpad // 4
-    counts = np.zeros((ncb, ngroups), np.int64)
-    np.add.at(counts, (blk, og), 1)
-    flat = np.concatenate([[0], np.cumsum(counts.reshape(-1))])
-    ptr = np.ascontiguousarray(np.stack([flat[b * ngroups : b * ngroups + ngroups + 1] for b in range(ncb)]))
-    rowsum = padded.astype(np.int64).reshape(cpad, -1).sum(axis=1)
-    return ptr, offs[order].astype(np.int32), wv, rowsum
+    ptr = _csr(blk, og, cpad // 4, -(-groups // cbg))
+    return ptr, offs[order].astype(np.int32), wv, _rowsum(blocks)
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,7 @@ from prunekit.runtime.conv import (
     Int8Out,
     IntAdd,
     Requant,
+    block_alive,
     chain_reason,
     final_scale,
     host_width,
@@ -214,7 +215,7 @@ def exact_bytes(v: Value) -> bool:
     if isinstance(step, PoolStep):
         return v.byte_scale is not None and exact_bytes(step.inp) and step.inp.byte_scale == v.byte_scale
     if isinstance(step, ConvStep) and step.chain and v.byte_scale is not None:
-        return np.float32(v.byte_scale) == np.float32(final_scale(step.requant_of(), step.add))
+        return np.float32(v.byte_scale) == np.float32(final_scale(step.requant, step.add))
     return False
 
 
@@ -270,9 +271,8 @@ class ConvStep:
         self.timings: dict[str, float] = {}
         self.reason = ""
         self.chain = False  # the integer epilogue (conv.chain_reason), decided by the layout plan
-
-    def requant_of(self) -> Requant | None:
-        return Requant.of(self.module) if self.int8 else None
+        # the integer output form (prunekit.quant.graph's integer models): the fixed-point requantization
+        self.requant = Requant.of(module) if self.int8 else None
 
     @property
     def sparsity(self) -> float:
@@ -327,8 +327,6 @@ class ConvStep:
         else:
             self.w32 = np.ascontiguousarray(w_np, dtype=np.float32)
         self.b_np = None if self.bias is None else self.bias.detach().to(torch.float32).numpy().copy()
-        # the integer output form (prunekit.quant.graph's integer models): the fixed-point requantization
-        self.requant = Requant.of(self.module) if self.int8 else None
         self.finisher = self._finisher() if self.int8 else None
 
     @property
@@ -436,10 +434,7 @@ class ConvStep:
     def _union_ratio(self) -> float:
         """Dot products of the shared-load packing over the per-channel one: the 4x1 blocks alive in any of
         a group's 4 output channels, times 4, over those alive per channel."""
-        w = np.abs(self.wq.astype(np.int32))
-        cout, cin = w.shape[:2]
-        w = np.pad(w, ((0, -cout % 4), (0, -cin % 4), (0, 0), (0, 0)))
-        alive = w.reshape(w.shape[0], -1, 4, *w.shape[2:]).sum(axis=2) > 0  # (cout, in groups, kh, kw)
+        alive = block_alive(self.wq)  # (cpad, in groups, kh, kw)
         per_row = int(alive.sum())
         union = int(alive.reshape(-1, 4, *alive.shape[1:]).any(axis=1).sum())
         return 4 * union / max(per_row, 1)
@@ -852,8 +847,8 @@ def build(model: nn.Module, example: Tensor, *, vw: int | None = None, isa: str 
                 step = TorchStep(node)
             else:
                 step = PoolStep(node, val(node.args[0]), val(node), *_pool_params(node, gm))
-        elif _global_pool(node, gm) is not None and node.args[0] in producer_of:
-            step = GlobalPoolStep(node, val(node.args[0]), _global_pool(node, gm))
+        elif (pool := _global_pool(node, gm)) is not None and node.args[0] in producer_of:
+            step = GlobalPoolStep(node, val(node.args[0]), pool)
         else:
             step = TorchStep(node)
         if not isinstance(step, TorchStep):
@@ -986,7 +981,7 @@ def _chain_ok(step: ConvStep) -> bool:
     """Whether the convolution's epilogue can stay in integers (``conv.chain_reason``), its residual (a
     fused integer add's other operand) read from exact bytes at the add's scale and this output's pitch."""
     taps = int(np.prod(step.weight.shape[1:])) if step.int8 else 0
-    if chain_reason(step.requant_of(), step.clamp, step.add, step.out.byte_scale, taps) is not None:
+    if chain_reason(step.requant, step.clamp, step.add, step.out.byte_scale, taps) is not None:
         return False
     r = step.residual
     if r is None:

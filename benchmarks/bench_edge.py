@@ -5,7 +5,10 @@ The network is ``prunekit.models.ResNet18`` (torchvision's exact layout and init
 for this torch is a CUDA build that does not load here), seeded random weights and random non-trivial
 BatchNorm statistics, eval mode, one seeded random 224x224 image; INT8 calibration uses 4 other random
 images (the same batches for every engine). Variants, all timed interleaved in one process per thread
-count (each round runs every variant once, in a shuffled order; docs/measuring.md):
+count (each round runs every variant in a shuffled order; docs/measuring.md), twice: one call per variant
+and round (each call right after another variant: its weights and code start out of the caches, and at 2
+threads torch's OpenMP workers may still be spinning from the variant before), and 3 calls in a row, the
+last timed (the variant as a deployed model runs: alone and warm):
 
     dense f32 torch          the model as is
     dense int8 torch-x86     torch FX static PTQ, x86 backend, per-channel    (prunekit.export.engines,
@@ -29,7 +32,7 @@ targets. Then the same on the digits demo model (SmallResNet, 8x8).
 
     python benchmarks/bench_edge.py                      # ResNet-18 and digits, 1 and 2 threads
     python benchmarks/bench_edge.py --quick              # fewer rounds, 1 thread, fewer variants
-    python benchmarks/bench_edge.py --models resnet18 --threads 1 --rounds 40
+    python benchmarks/bench_edge.py --models resnet18 --threads 1 --rounds 40 --bursts 1
 """
 
 from __future__ import annotations
@@ -121,7 +124,10 @@ def size_of(state: dict, compressed: bool) -> int:
         return save_compressed(state, Path(tmp) / "m.safetensors", value_dtype="keep").stat().st_size
 
 
-def interleaved(fns: dict, rounds: int, warmup: int = 2) -> dict[str, list[float]]:
+def interleaved(fns: dict, rounds: int, warmup: int = 2, burst: int = 1) -> dict[str, list[float]]:
+    """Per round every variant in a shuffled order, ``burst`` calls in a row, the last one timed (``burst``
+    1: each call starts right after another variant, its caches holding that variant's weights; 3: a
+    variant that runs alone, as a deployed model does)."""
     with torch.inference_mode():
         for _ in range(warmup):
             for f in fns.values():
@@ -132,9 +138,11 @@ def interleaved(fns: dict, rounds: int, warmup: int = 2) -> dict[str, list[float
         for _ in range(rounds):
             rng.shuffle(order)
             for k in order:
-                t0 = time.perf_counter()
-                fns[k]()
-                out[k].append(time.perf_counter() - t0)
+                for _ in range(burst):
+                    t0 = time.perf_counter()
+                    fns[k]()
+                    dt = time.perf_counter() - t0
+                out[k].append(dt)
     return out
 
 
@@ -215,15 +223,16 @@ def build_variants(name: str, model: nn.Module, x: torch.Tensor, calib: list, ar
     return variants
 
 
-def table(name: str, variants: dict, x: torch.Tensor, rounds: int, threads: int) -> None:
+def table(name: str, variants: dict, x: torch.Tensor, rounds: int, threads: int, burst: int = 1) -> None:
     fns = {k: (lambda m=v["model"]: m(x)) for k, v in variants.items()}
-    t = interleaved(fns, rounds)
+    t = interleaved(fns, rounds, burst=burst)
     p50 = {k: statistics.median(v) for k, v in t.items()}
     base = p50["dense f32 torch"]
     fastest = min((k for k in DENSE if k in p50), key=p50.get)  # an engine not built here is left out
     fastest8 = min((k for k in ("dense int8 torch-x86", "dense int8 onnxruntime") if k in p50), key=p50.get)
     dense_size = variants["dense f32 torch"]["size"]
-    print(f"\n{name}, batch 1, {threads} thread(s), {rounds} interleaved rounds")
+    how = "one call per variant" if burst == 1 else f"{burst} calls in a row per variant, the last timed"
+    print(f"\n{name}, batch 1, {threads} thread(s), {rounds} interleaved rounds ({how})")
     print(f"fastest dense: {fastest} ({p50[fastest] * 1e3:.2f} ms); fastest dense int8: {fastest8}")
     print(
         "| variant | p50 ms | p99 ms | vs dense torch f32 | vs fastest dense | vs fastest dense int8 "
@@ -239,7 +248,7 @@ def table(name: str, variants: dict, x: torch.Tensor, rounds: int, threads: int)
             f"{p50[k] / p50[fastest]:.3f} | {vs8} | {macs} | {size} | {v.get('note', '')} |"
         )
     if name.startswith("ResNet-18") and threads == 1:
-        print("\ntargets (issue 15, 1 thread):")
+        print(f"\ntargets (issue 15, 1 thread; {how}):")
         for k, (ref, bound) in TARGETS.items():
             if k not in p50:
                 continue
@@ -299,6 +308,9 @@ def main() -> None:
     ap.add_argument("--models", default="resnet18,digits")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument(
+        "--bursts", default="1,3", help="calls in a row per variant and round, the last timed (a table each)"
+    )
     ap.add_argument("--alloc", default="layer,global", help="unstructured float32 allocations to run")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reports", action="store_true", help="print compile's per-layer decision tables")
@@ -321,7 +333,8 @@ def main() -> None:
             for threads in [int(t) for t in args.threads.split(",")]:
                 torch.set_num_threads(threads)
                 variants = build_variants(f"{key}-{threads}", model, x, calib, args, tmp)
-                table(label, variants, x, args.rounds, threads)
+                for burst in [int(b) for b in args.bursts.split(",")]:
+                    table(label, variants, x, args.rounds, threads, burst)
                 if args.reports:
                     reports(variants)
 

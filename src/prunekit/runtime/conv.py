@@ -103,8 +103,21 @@ def _tiles(out: L.Layout, tile: int) -> int:
     return max(1, -(-span // tile))
 
 
-def _splits(n: int, work: int) -> list[int]:
-    return threads.even_splits(n, threads.chunks(work), align=1)
+def _thread_geos(kernel, units: int) -> list[np.ndarray]:
+    """The kernel's ``geo`` once per thread, each over its share of the ``units`` output groups (cached per
+    thread count); one part when ``kernel.serial`` (chosen by timing: a pool thread takes tens of
+    microseconds to wake on small VMs, more than it saves on a short layer)."""
+    n = 1 if kernel.serial else threads.chunks(kernel.macs)
+    found = kernel._parts.get(n)
+    if found is None:
+        cuts = threads.even_splits(units, n, align=1)
+        found = []
+        for c in range(len(cuts) - 1):
+            g = kernel.geo.copy()
+            g[7], g[8] = cuts[c], cuts[c + 1]
+            found.append(g)
+        kernel._parts[n] = found
+    return found
 
 
 class DirectConvF32:
@@ -174,23 +187,14 @@ class DirectConvF32:
             dtype=np.int64,
         )
         self._parts: dict[int, list[np.ndarray]] = {}
+        self.serial = False  # one thread whatever torch's count (segment.tune times both)
 
     @property
     def macs(self) -> int:
         return self.nnz * self.out.height * self.out.width
 
     def _geos(self) -> list[np.ndarray]:
-        n = threads.chunks(self.macs)
-        found = self._parts.get(n)
-        if found is None:
-            cuts = _splits(self.geom.cout, self.macs)
-            found = []
-            for c in range(len(cuts) - 1):
-                g = self.geo.copy()
-                g[7], g[8] = cuts[c], cuts[c + 1]
-                found.append(g)
-            self._parts[n] = found
-        return found
+        return _thread_geos(self, self.geom.cout)
 
     def __call__(self, X: np.ndarray, Y: np.ndarray, R: np.ndarray | None = None) -> None:
         xf, yf = X.view(np.float32), Y.view(np.float32)
@@ -530,6 +534,7 @@ class DirectConvI8:
             dtype=np.int64,
         )
         self._parts: dict[int, list[np.ndarray]] = {}
+        self.serial = False  # one thread whatever torch's count (segment.tune times both)
         # the epilogue loads the residual before it knows whether to add it (a select, not a branch): without
         # a residual it reads these zeros, which cover every position a tile reaches
         self._float_dummy = np.zeros(ntiles * tile + 64, np.float32)
@@ -542,17 +547,7 @@ class DirectConvI8:
         return 4 * self.blocks * self.inp.height * self.inp.width
 
     def _geos(self) -> list[np.ndarray]:
-        n = threads.chunks(self.macs)
-        found = self._parts.get(n)
-        if found is None:
-            cuts = _splits(self.geo[8], self.macs)
-            found = []
-            for c in range(len(cuts) - 1):
-                g = self.geo.copy()
-                g[7], g[8] = cuts[c], cuts[c + 1]
-                found.append(g)
-            self._parts[n] = found
-        return found
+        return _thread_geos(self, int(self.geo[8]))
 
     def __call__(
         self,

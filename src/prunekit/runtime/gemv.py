@@ -272,7 +272,7 @@ class GemvLinear(nn.Module):
         )
 
 
-SERIAL = "@1t"  # the label suffix of a layout timed on one thread (GemvLinear.serial)
+SERIAL = threads.SERIAL  # the label suffix of a layout timed on one thread (GemvLinear.serial)
 
 
 def label(layout: str, activations: str = "float32") -> str:

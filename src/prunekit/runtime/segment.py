@@ -48,6 +48,7 @@ from prunekit.quant.glue import QuantizedAdd, QuantizedGlobalAvgPool, QuantizeIn
 from prunekit.quant.graph import Tracer
 from prunekit.quant.layers import QuantizedConv2d
 from prunekit.runtime import conv_layout as L
+from prunekit.runtime import threads
 from prunekit.runtime.conv import (
     NO_CLAMP,
     ConvGeom,
@@ -1050,3 +1051,21 @@ def tune(seg: Segmented, example: Tensor, rounds: int = 7) -> None:
             step.choice, step.kernel = best, kernels[best]
             if best == "dense" and not step.reason:
                 step.reason = "dense measured faster here"
+            elif best != "dense" and threads.chunks(step.kernel.macs) > 1:
+                _pick_threads(step, run, rounds)
+
+
+def _pick_threads(step, run: Callable, rounds: int) -> None:
+    """The chosen kernel on torch's threads or on one (label ``@1t``), whichever is faster in place: waking
+    a pool thread costs tens of microseconds on small VMs, as much as half of a short layer."""
+    k = step.kernel
+
+    def on(serial: bool) -> None:
+        k.serial = serial
+        run(k)
+
+    medians = time_interleaved({"threads": lambda: on(False), "serial": lambda: on(True)}, rounds)
+    k.serial = medians["serial"] < medians["threads"]
+    if k.serial:
+        step.choice += threads.SERIAL
+        step.timings[step.choice] = medians["serial"]

@@ -1,0 +1,116 @@
+"""runtime.threads: chunks handed to spinning workers compute what one thread computes, whatever the part
+count, after the workers fell asleep, with two callers at once, and a chunk's exception reaches the caller;
+segments run a kernel on one thread where that measured faster (faked timings: no timing assertions)."""
+
+import threading
+import time
+
+import numba
+import numpy as np
+import pytest
+import torch
+
+from prunekit.models import ResNet18
+from prunekit.quant.ptq import quantize_model
+from prunekit.runtime import segment as S
+from prunekit.runtime import threads
+
+
+@numba.njit(nogil=True)
+def _fill(out, lo, hi, v):
+    for i in range(lo, hi):
+        out[i] = i * v
+
+
+def _parts(out: np.ndarray, n: int, v: float) -> list[tuple]:
+    cuts = threads.even_splits(out.size, n, align=1)
+    return [(out, cuts[i], cuts[i + 1], v) for i in range(len(cuts) - 1)]
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_every_part_is_computed_once_per_call(n):
+    out = np.zeros(1000)
+    for v in range(1, 300):
+        threads.run(_fill, _parts(out, n, float(v)))
+        assert np.array_equal(out, np.arange(1000) * float(v))
+
+
+def test_the_other_parts_run_in_worker_threads():
+    seen = []
+    threads.run(lambda i: seen.append((i, threading.get_ident())), [(0,), (1,)])
+    by_part = dict(seen)
+    assert set(by_part) == {0, 1}
+    assert by_part[0] == threading.get_ident() and by_part[1] != threading.get_ident()
+
+
+def test_a_part_that_raises_raises_in_the_caller_and_the_next_call_works():
+    def chunk(i):
+        if i == 1:
+            raise ValueError("chunk 1 failed")
+
+    with pytest.raises(ValueError, match="chunk 1 failed"):
+        threads.run(chunk, [(0,), (1,)])
+    out = np.zeros(100)
+    threads.run(_fill, _parts(out, 2, 2.0))
+    assert np.array_equal(out, np.arange(100) * 2.0)
+
+
+def test_workers_that_fell_asleep_wake_for_the_next_call():
+    out = np.zeros(500)
+    threads.run(_fill, _parts(out, 2, 1.0))
+    spinner = threads._spinning(1)
+    deadline = time.monotonic() + 5
+    while not spinner.idle[0] and time.monotonic() < deadline:  # past the spin window: asleep
+        time.sleep(0.01)
+    assert spinner.idle[0]
+    threads.run(_fill, _parts(out, 2, 3.0))
+    assert np.array_equal(out, np.arange(500) * 3.0)
+
+
+def test_two_callers_at_once_both_get_their_results():
+    errors = []
+
+    def caller(v: float) -> None:
+        out = np.zeros(700)
+        for _ in range(200):
+            threads.run(_fill, _parts(out, 2, v))
+            if not np.array_equal(out, np.arange(700) * v):
+                errors.append(v)
+
+    workers = [threading.Thread(target=caller, args=(float(v),)) for v in (2, 5)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not errors
+
+
+@pytest.mark.parametrize("serial_faster", [True, False])
+def test_segments_run_a_kernel_on_one_thread_where_that_measured_faster(serial_faster, monkeypatch):
+    monkeypatch.setattr(threads, "count", lambda: 2)
+    monkeypatch.setattr(threads, "MIN_PARALLEL_WORK", 0)
+    timed = S.time_interleaved
+
+    def fake(fns, rounds=7, warmup=1):
+        if set(fns) == {"threads", "serial"}:
+            for fn in fns.values():
+                fn()
+            return {"threads": 2.0, "serial": 1.0} if serial_faster else {"threads": 1.0, "serial": 2.0}
+        return timed(fns, rounds, warmup)
+
+    monkeypatch.setattr(S, "time_interleaved", fake)
+    torch.manual_seed(0)
+    model = ResNet18(10, width=0.125).eval()
+    x = torch.randn(1, 3, 32, 32)
+    q = quantize_model(model, activations="static", calibration=[x])
+    seg, why = S.build(q, x)
+    assert seg is not None, why
+    S.tune(seg, x, rounds=1)
+    tuned = [s for s in seg.conv_steps() if s.kernel is not None]
+    assert tuned
+    for s in tuned:
+        assert s.kernel.serial == serial_faster
+        assert s.choice.endswith(threads.SERIAL) == serial_faster
+        assert len(s.kernel._geos()) == (1 if serial_faster else 2)
+    with torch.inference_mode():
+        assert torch.equal(seg(x), q(x))

@@ -16,6 +16,7 @@ from prunekit.quant.glue import QuantizeInput
 from prunekit.quant.ptq import quantize_model
 from prunekit.runtime import segment as S
 from prunekit.runtime.cpu import features
+from prunekit.runtime.gemv import GemvLinear
 
 ISAS = [("avx2", 8)] + ([("vnni512", 16)] if features().vnni else [])
 
@@ -117,6 +118,9 @@ def test_int8_segments_equal_prunekit_int8_bit_for_bit(isa, vw, chain, monkeypat
             # the global average pool sums the last block's exact bytes (torch's module without the chain)
             pools = [s for s in seg.steps if isinstance(s, S.GlobalPoolStep)]
             assert len(pools) == 1 and pools[0].exact == chain
+            # ... and runs the flatten and the classifier after it (no steps of their own)
+            assert [n.name for n in pools[0].tail] == ["flatten", "fc"]
+            assert not any(isinstance(s, S.TorchStep) and s.node in pools[0].tail for s in seg.steps)
             # the input quantizer is left to the first convolution (same scale, same integers)
             torch_modules = [
                 seg.gm.get_submodule(s.node.target)
@@ -259,3 +263,27 @@ def test_shared_load_int8_kernel_equals_prunekit_int8_bit_for_bit():
         with torch.inference_mode():
             for inp in (x, calib[0], 3 * x):
                 assert torch.equal(seg(inp), q(inp))
+
+
+def test_the_classifier_after_the_global_pool_runs_on_its_compiled_kernel(monkeypatch):
+    """compile swaps the classifier for a GemvLinear after the segments are built: the pool step finds it
+    in the graph module and runs its kernel on the pooled vector (GemvLinear's own forward: the same
+    numbers as calling the layer)."""
+    torch.manual_seed(0)
+    model = pruned(random_bn(ResNet18(10, width=0.125)))
+    x = torch.randn(1, 3, 32, 32)
+    q = quantize_model(model, activations="static", calibration=[torch.randn_like(x)])
+    seg = lower(q, x, *ISAS[-1][::-1])
+    pool = next(s for s in seg.steps if isinstance(s, S.GlobalPoolStep))
+    assert pool.exact and [n.name for n in pool.tail] == ["flatten", "fc"]
+    seg.gm.fc = GemvLinear(q.fc)
+    calls = []
+    gemv = GemvLinear.gemv
+    monkeypatch.setattr(GemvLinear, "gemv", lambda self, v: calls.append(v.copy()) or gemv(self, v))
+    pooled = []
+    q.int8_ops.avgpool.register_forward_hook(lambda m, i, o: pooled.append(o.reshape(-1)))
+    with torch.inference_mode():
+        y, ref = seg(x), q(x)
+    assert len(calls) == 1 and torch.equal(torch.from_numpy(calls[0]), pooled[0])  # the pooled integers
+    assert torch.equal(y, seg.gm.fc(torch.from_numpy(calls[0]).reshape(1, -1)))
+    assert close(y, ref)

@@ -180,30 +180,45 @@ def fill(src, s_off, s_cstride, s_rstride, s_h, s_w, s_units, dst, geo, zero):
     """Fill every plane of the layout ``geo`` from a source array of ``s_units`` units (an NCHW array:
     ``s_cstride = H*W``, ``s_rstride = W``; or a planes tensor's column-0 planes), ``zero`` outside the
     source (units past ``s_units`` included). Slice copies throughout: numba indexes with signed integers
-    and checks for negative indices in scalar loops, which keeps LLVM from vectorising them."""
+    and checks for negative indices in scalar loops, which keeps LLVM from vectorising them. A strided
+    layout (``sw > 1``: a plane per column offset, each taking every ``sw``-th column) splits each source row
+    into its ``sw`` column parities once; every column plane is then a contiguous copy of one of them (the
+    stem's 7 column planes at stride 2 made 7 strided passes over each row: 3x the time)."""
     units, q, rows, sh, sw, rp, plane = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5], geo[6]
     npa, ncol = geo[9], geo[10]
     cols = geo[11 : 11 + ncol]
     phases = geo[11 + ncol : 11 + ncol + npa]
+    los, his = np.empty(ncol, np.int64), np.empty(ncol, np.int64)
+    for ci in range(ncol):  # the plane columns whose source is inside
+        c0 = cols[ci]
+        los[ci] = min(max(0, (-c0 + sw - 1) // sw), q)
+        his[ci] = max(min(q, (s_w - c0 + sw - 1) // sw), los[ci])
+    pw = (s_w + sw - 1) // sw
+    par = np.empty(sw * pw, dst.dtype)
     for u in range(units):
         for ai in range(npa):
-            for ci in range(ncol):
-                base = ((u * npa + ai) * ncol + ci) * plane
-                c0 = cols[ci]
-                lo = min(max(0, (-c0 + sw - 1) // sw), q)  # the plane columns whose source is inside
-                hi = max(min(q, (s_w - c0 + sw - 1) // sw), lo)
-                for r in range(rows):
-                    d = base + r * q
-                    sr = r * sh + phases[ai] - rp
-                    if sr < 0 or sr >= s_h or u >= s_units or hi == lo:
+            for r in range(rows):
+                sr = r * sh + phases[ai] - rp
+                inside = 0 <= sr < s_h and u < s_units
+                start = s_off + u * s_cstride + sr * s_rstride
+                if inside and sw > 1:
+                    for p in range(sw):
+                        n = (s_w - p + sw - 1) // sw
+                        if n > 0:  # (a negative slice end would count from the array's end)
+                            par[p * pw : p * pw + n] = src[start + p : start + p + (n - 1) * sw + 1 : sw]
+                for ci in range(ncol):
+                    d = ((u * npa + ai) * ncol + ci) * plane + r * q
+                    lo, hi = los[ci], his[ci]
+                    if not inside or hi == lo:
                         dst[d : d + q] = zero
                         continue
-                    start = s_off + u * s_cstride + sr * s_rstride + c0
+                    c0 = cols[ci]
                     dst[d : d + lo] = zero
                     if sw == 1:
-                        dst[d + lo : d + hi] = src[start + lo : start + hi]
+                        dst[d + lo : d + hi] = src[start + c0 + lo : start + c0 + hi]
                     else:
-                        dst[d + lo : d + hi] = src[start + lo * sw : start + (hi - 1) * sw + 1 : sw]
+                        b = (c0 % sw) * pw + c0 // sw  # column x * sw + c0: parity c0 % sw, x + c0 // sw
+                        dst[d + lo : d + hi] = par[b + lo : b + hi]
                     dst[d + hi : d + q] = zero
 
 

@@ -67,6 +67,7 @@ from prunekit.runtime.conv import (
     unsupported,
 )
 from prunekit.runtime.conv_kernels import SHARED_NV
+from prunekit.runtime.gemv import GemvLinear
 
 log = logging.getLogger(__name__)
 
@@ -578,9 +579,13 @@ class GlobalPoolStep(TorchStep):
     the module's requantization, ``float32(q) * scale_out``). Without exact bytes it runs the module in torch
     like any other step (a dozen small torch ops: 0.1-0.4 ms in a forward pass at 512 x 7 x 7)."""
 
-    def __init__(self, node: fx.Node, inp: Value, module: nn.Module) -> None:
+    def __init__(self, node: fx.Node, inp: Value, module: nn.Module, tail: tuple = (), gm=None) -> None:
         super().__init__(node)
         self.inp, self.module, self.exact = inp, module, False
+        # the flatten and the classifier right after the pool (:func:`_pool_tail`), run here: as steps of
+        # their own they cost 2-3x their work in dispatch (their module is looked up in ``gm`` at run
+        # time: compile swaps the classifier for its own kernel after the segments are built)
+        self.tail, self.gm = tail, gm
 
     def prepare(self) -> None:
         c, h, w = self.inp.shape
@@ -594,8 +599,36 @@ class GlobalPoolStep(TorchStep):
         src = v.bbuf.view(np.uint8)
         L.global_pool_bytes(src, lay.col0(), lay.per_unit * lay.plane, lay.pitch, c, h, w, v.offset, self.m,
                             self.sh, self.s_out, self.y)  # fmt: skip
+        if self.tail:
+            head = self.gm.get_submodule(self.tail[-1].target)
+            if isinstance(head, GemvLinear):  # its kernel on the pooled vector (GemvLinear.forward's path)
+                out = torch.from_numpy(head.gemv(self.y)[: head.out_features]).reshape(1, -1)
+            else:
+                out = head(torch.from_numpy(self.y.copy()).reshape(1, c))
+            env.nchw[self.tail[-1]] = out
+            return
         y = torch.from_numpy(self.y.copy())
         env.nchw[self.node] = y.reshape(1, c, 1, 1) if self.module.keepdim else y.reshape(1, c)
+
+
+def _pool_tail(node: fx.Node) -> tuple:
+    """``(flatten, head)`` when a global pool's only reader is ``flatten(pool, 1)`` whose only reader is a
+    module called on it alone (the classifier); else ``()``."""
+    if len(node.users) != 1:
+        return ()
+    flat = next(iter(node.users))
+    flattens = (flat.op == "call_function" and flat.target is torch.flatten) or (
+        flat.op == "call_method" and flat.target == "flatten"
+    )
+    start = flat.args[1:]  # flatten(x, 1), or flatten(x, start_dim=1)
+    if flat.kwargs:
+        start = (flat.kwargs["start_dim"],) if set(flat.kwargs) == {"start_dim"} and not start else ()
+    if not flattens or flat.args[:1] != (node,) or tuple(start) != (1,) or len(flat.users) != 1:
+        return ()
+    head = next(iter(flat.users))
+    if head.op != "call_module" or head.args != (flat,) or head.kwargs:
+        return ()
+    return flat, head
 
 
 def _record(gm: fx.GraphModule, example: Tensor) -> dict[fx.Node, object]:
@@ -656,7 +689,10 @@ class Segmented(nn.Module):
         return fx.node.map_aggregate(a, lambda x: self._arg(x, env) if isinstance(x, fx.Node) else x)
 
     def _torch(self, step: TorchStep, env: Env) -> None:
-        n = step.node
+        for n in (step.node, *getattr(step, "tail", ())):
+            self._node(n, env)
+
+    def _node(self, n: fx.Node, env: Env) -> None:
         args = tuple(self._arg(a, env) for a in n.args)
         kwargs = {k: self._arg(a, env) for k, a in n.kwargs.items()}
         if n.op == "call_module":
@@ -849,7 +885,9 @@ def build(model: nn.Module, example: Tensor, *, vw: int | None = None, isa: str 
             else:
                 step = PoolStep(node, val(node.args[0]), val(node), *_pool_params(node, gm))
         elif (pool := _global_pool(node, gm)) is not None and node.args[0] in producer_of:
-            step = GlobalPoolStep(node, val(node.args[0]), pool)
+            step = GlobalPoolStep(node, val(node.args[0]), pool, _pool_tail(node), gm)
+            absorbed.update(step.tail)
+            producer_of.update({n: step for n in step.tail})
         else:
             step = TorchStep(node)
         if not isinstance(step, TorchStep):

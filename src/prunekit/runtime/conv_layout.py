@@ -179,11 +179,13 @@ def store_plan(out: Layout, tile: int, ntiles: int) -> tuple[np.ndarray, np.ndar
 def fill(src, s_off, s_cstride, s_rstride, s_h, s_w, s_units, dst, geo, zero):
     """Fill every plane of the layout ``geo`` from a source array of ``s_units`` units (an NCHW array:
     ``s_cstride = H*W``, ``s_rstride = W``; or a planes tensor's column-0 planes), ``zero`` outside the
-    source (units past ``s_units`` included). Slice copies throughout: numba indexes with signed integers
-    and checks for negative indices in scalar loops, which keeps LLVM from vectorising them. A strided
-    layout (``sw > 1``: a plane per column offset, each taking every ``sw``-th column) splits each source row
-    into its ``sw`` column parities once; every column plane is then a contiguous copy of one of them (the
-    stem's 7 column planes at stride 2 made 7 strided passes over each row: 3x the time)."""
+    source (units past ``s_units`` included).
+
+    Loops over ``range`` on slices taken once per row: the index is provably non-negative, so numba's
+    negative-index check folds away and LLVM vectorises the copies (slice assignments cost more in numba's
+    generic setitem than their copy: 3x on the stem). A strided layout (``sw > 1``; the stem: 7 column
+    planes at stride 2) splits each source row into its ``sw`` column parities once; every column plane is
+    then a contiguous copy of one of them."""
     units, q, rows, sh, sw, rp, plane = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5], geo[6]
     npa, ncol = geo[9], geo[10]
     cols = geo[11 : 11 + ncol]
@@ -202,24 +204,33 @@ def fill(src, s_off, s_cstride, s_rstride, s_h, s_w, s_units, dst, geo, zero):
                 inside = 0 <= sr < s_h and u < s_units
                 start = s_off + u * s_cstride + sr * s_rstride
                 if inside and sw > 1:
+                    srow = src[start : start + s_w]
                     for p in range(sw):
                         n = (s_w - p + sw - 1) // sw
-                        if n > 0:  # (a negative slice end would count from the array's end)
-                            par[p * pw : p * pw + n] = src[start + p : start + p + (n - 1) * sw + 1 : sw]
+                        pr = par[p * pw : p * pw + n]
+                        for x in range(n):
+                            pr[x] = srow[x * sw + p]
                 for ci in range(ncol):
                     d = ((u * npa + ai) * ncol + ci) * plane + r * q
+                    row = dst[d : d + q]
                     lo, hi = los[ci], his[ci]
                     if not inside or hi == lo:
-                        dst[d : d + q] = zero
+                        for x in range(q):
+                            row[x] = zero
                         continue
                     c0 = cols[ci]
-                    dst[d : d + lo] = zero
+                    for x in range(lo):
+                        row[x] = zero
                     if sw == 1:
-                        dst[d + lo : d + hi] = src[start + c0 + lo : start + c0 + hi]
-                    else:
-                        b = (c0 % sw) * pw + c0 // sw  # column x * sw + c0: parity c0 % sw, x + c0 // sw
-                        dst[d + lo : d + hi] = par[b + lo : b + hi]
-                    dst[d + hi : d + q] = zero
+                        part = src[start + c0 + lo : start + c0 + hi]
+                    else:  # column x * sw + c0: parity c0 % sw, index x + c0 // sw
+                        b = (c0 % sw) * pw + c0 // sw
+                        part = par[b + lo : b + hi]
+                    mid = row[lo:hi]
+                    for x in range(hi - lo):
+                        mid[x] = part[x]
+                    for x in range(hi, q):
+                        row[x] = zero
 
 
 def fill_geo(layout: Layout) -> np.ndarray:

@@ -15,6 +15,7 @@ from prunekit.models import ResNet18, SmallResNet
 from prunekit.quant.glue import QuantizeInput
 from prunekit.quant.ptq import quantize_model
 from prunekit.runtime import segment as S
+from prunekit.runtime import threads
 from prunekit.runtime.cpu import features
 from prunekit.runtime.gemv import GemvLinear
 
@@ -163,9 +164,14 @@ def test_compile_reports_segments_engines_and_macs():
         assert all(d.chosen == "dense" or d.chosen in d.candidates for d in convs)
     int8 = quantize_model(model, activations="static", calibration=[torch.randn_like(x)])
     compiled8 = rt.compile(int8, x, budget_s=0.01, min_reps=3, max_reps=5)
+    report8 = rt.report(compiled8)
+    # the float32 classifier may get the runtime's float32 kernel (timed; its sums round in another order
+    # than torch's): bit for bit only while it stays torch's
+    fc = next(d for d in report8.layers if d.name == "fc")
     with torch.inference_mode():
-        assert torch.equal(compiled8(x), int8(x))
-    assert all(d.engine for d in rt.report(compiled8).layers)
+        y8, ref8 = compiled8(x), int8(x)
+    assert torch.equal(y8, ref8) if fc.chosen == "dense" else close(y8, ref8)
+    assert all(d.engine for d in report8.layers)
 
 
 def test_segments_need_one_batch1_image():
@@ -200,8 +206,13 @@ class Pooled(nn.Module):
         return self.b(self.pool(torch.relu(y) if self.relu else y))
 
 
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("k,s,p", [(2, 2, 0), (3, 1, 1), (3, 2, 1), (5, 3, 2), (2, 1, 1)])
-def test_max_pools_in_the_layout_equal_torch(k, s, p):
+def test_max_pools_in_the_layout_equal_torch(k, s, p, split, monkeypatch):
+    """``split``: the units shared by threads (every layer big enough for a second thread)."""
+    if split:
+        monkeypatch.setattr(threads, "count", lambda: 2)
+        monkeypatch.setattr(threads, "MIN_PARALLEL_WORK", 0)
     torch.manual_seed(k + s + p)
     x = torch.randn(1, 3, 13, 11)
     for relu in (True, False):

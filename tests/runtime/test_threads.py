@@ -55,6 +55,20 @@ def test_a_part_that_raises_raises_in_the_caller_and_the_next_call_works():
     assert np.array_equal(out, np.arange(100) * 2.0)
 
 
+def test_when_the_callers_part_raises_the_workers_parts_still_finish_first():
+    done = []
+
+    def chunk(i):
+        if i == 0:
+            raise ValueError("chunk 0 failed")
+        time.sleep(0.05)
+        done.append(i)
+
+    with pytest.raises(ValueError, match="chunk 0 failed"):
+        threads.run(chunk, [(0,), (1,)])
+    assert done == [1]
+
+
 def test_workers_that_fell_asleep_wake_for_the_next_call():
     out = np.zeros(500)
     threads.run(_fill, _parts(out, 2, 1.0))

@@ -301,14 +301,33 @@ def _max_into(a, b, n):
 
 @_jit()
 def maxpool(
-    src, s_off, s_cstride, q_in, units, epu, h, w, k, st, pad, dst, yoffs, shifts, ystride, qo, ho, wo, rowmax
+    src,
+    s_off,
+    s_cstride,
+    q_in,
+    u0,
+    u1,
+    epu,
+    h,
+    w,
+    k,
+    st,
+    pad,
+    dst,
+    yoffs,
+    shifts,
+    ystride,
+    qo,
+    ho,
+    wo,
+    rowmax,
 ):
     """Max pool ``k x k``, stride ``st``, padding ``pad`` (padding never wins: it is skipped, as torch does)
     from a planes tensor into every shifted plane of an output planes layout. Works on elements: float32
     (``epu = 1`` element per unit) or bytes (``epu = 4``, uint8 for non-negative or +128-encoded values,
     int8 otherwise). Offsets are in units; ``yoffs[s]`` (from a unit's first plane, at output row 0,
-    shift included) and ``shifts[s]`` describe the output planes, ``ystride`` the units. ``rowmax``:
-    scratch of at least ``(2 w + wo) * epu`` elements.
+    shift included) and ``shifts[s]`` describe the output planes, ``ystride`` the units. Units
+    ``[u0, u1)``; ``rowmax``: scratch of at least ``(2 w + wo) * epu`` elements (one per thread).
 
     Per output row: the max over the window's rows, then over the window's columns at every column (``k``
     shifted passes), then the output columns picked at the stride (a unit at a time: bytes move as one
@@ -318,7 +337,7 @@ def maxpool(
     row = rowmax[:we]
     cm = rowmax[we : 2 * we]
     out = rowmax[2 * we : 2 * we + wo * epu]
-    for u in range(units):
+    for u in range(u0, u1):
         ub = (s_off + u * s_cstride) * epu
         for oy in range(ho):
             r0 = max(oy * st - pad, 0)

@@ -532,32 +532,22 @@ class PoolStep:
         self.rowmax = np.empty(4 * (2 * w + wo) + 64, np.float32)  # rows, column maxima, the output row
         signed = not (self.inp.offset or nonneg(self.inp))
         self.rowbytes = np.empty(4 * (2 * w + wo) + 64, np.int8 if signed else np.uint8)
+        self.work = (
+            c * h * w * self.k * self.k
+        )  # comparisons: threads split the units above MIN_PARALLEL_WORK
 
     def _pool(self, src: L.Layout, sbuf: np.ndarray, dst: L.Layout, dbuf: np.ndarray, epu: int, row) -> None:
         c, h, w = self.inp.shape
         _, ho, wo = self.out.shape
         yoffs = L.store_plan(dst, 1, 1)[0]
         view = row.dtype
-        L.maxpool(
-            sbuf.view(view),
-            src.col0(),
-            src.per_unit * src.plane,
-            src.pitch,
-            src.units,
-            epu,
-            h,
-            w,
-            self.k,
-            self.s,
-            self.p,
-            dbuf.view(view),
-            yoffs,
-            np.array(dst.cols, np.int64),
-            dst.per_unit * dst.plane,
-            dst.pitch,
-            ho,
-            wo,
-            row,
+        head = (sbuf.view(view), src.col0(), src.per_unit * src.plane, src.pitch)
+        tail = (epu, h, w, self.k, self.s, self.p, dbuf.view(view), yoffs, np.array(dst.cols, np.int64),
+                dst.per_unit * dst.plane, dst.pitch, ho, wo)  # fmt: skip
+        cuts = threads.even_splits(src.units, threads.chunks(self.work), align=1)
+        scratch = [row] + [row.copy() for _ in cuts[2:]]  # one scratch row per thread
+        threads.run(
+            L.maxpool, [(*head, cuts[i], cuts[i + 1], *tail, scratch[i]) for i in range(len(cuts) - 1)]
         )
 
     def run(self, env: Env) -> None:

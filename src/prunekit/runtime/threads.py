@@ -148,14 +148,16 @@ class _Spinner:
         if any(self.idle[:n]):
             with self.cv:
                 self.cv.notify_all()
-        kernel(*parts[0])
-        for w in range(n):  # a worker that fell asleep before the post (a race): wake it now
-            if self.idle[w] and self.flags[(2 * w + 1) * _LINE] != seq:
-                with self.cv:
-                    self.cv.notify_all()
-            done = (2 * w + 1) * _LINE
-            while self.flags[done] != seq:
-                _store_then_wait(self.flags, -1, 0, done, self.flags[done], SPIN_CYCLES, 0)
+        try:
+            kernel(*parts[0])
+        finally:  # the workers' chunks end before this call does, even when the caller's part raised
+            for w in range(n):
+                if self.idle[w] and self.flags[(2 * w + 1) * _LINE] != seq:  # asleep before the post: wake
+                    with self.cv:
+                        self.cv.notify_all()
+                done = (2 * w + 1) * _LINE
+                while self.flags[done] != seq:
+                    _store_then_wait(self.flags, -1, 0, done, self.flags[done], SPIN_CYCLES, 0)
         for w in range(n):
             if self.errors[w] is not None:
                 exc, self.errors[w] = self.errors[w], None

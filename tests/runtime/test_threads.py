@@ -1,6 +1,7 @@
 """runtime.threads: chunks handed to spinning workers compute what one thread computes, whatever the part
-count, after the workers fell asleep, with two callers at once, and a chunk's exception reaches the caller;
-segments run a kernel on one thread where that measured faster (faked timings: no timing assertions)."""
+count, with two callers at once, and a chunk's exception reaches the caller; a call that finds the workers
+asleep runs alone and wakes them; segments run a kernel on one thread where that measured faster (faked
+timings: no timing assertions)."""
 
 import threading
 import time
@@ -35,7 +36,22 @@ def test_every_part_is_computed_once_per_call(n):
         assert np.array_equal(out, np.arange(1000) * float(v))
 
 
+def _awake() -> threads._Spinner:
+    """The spinner with its worker spinning (not asleep): the calls right after hand it their parts."""
+    spinner = threads._spinning(1)
+    deadline = time.monotonic() + 5
+    while spinner.idle[0] or spinner.rouse[0]:
+        assert time.monotonic() < deadline
+        if spinner.idle[0] and not spinner.rouse[0]:  # asleep (again): a call wakes it
+            threads.run(lambda i: None, [(0,), (1,)])
+        time.sleep(0)  # lets the worker take the GIL
+    # seen awake while holding the GIL: it cannot fall asleep before the next call's post (it needs the GIL
+    # for that, and a post it sees on the way keeps it awake)
+    return spinner
+
+
 def test_the_other_parts_run_in_worker_threads():
+    _awake()
     seen = []
     threads.run(lambda i: seen.append((i, threading.get_ident())), [(0,), (1,)])
     by_part = dict(seen)
@@ -56,20 +72,22 @@ def test_a_part_that_raises_raises_in_the_caller_and_the_next_call_works():
 
 
 def test_when_the_callers_part_raises_the_workers_parts_still_finish_first():
-    done = []
+    started, done = [], []
 
     def chunk(i):
         if i == 0:
             raise ValueError("chunk 0 failed")
+        started.append(i)
         time.sleep(0.05)
         done.append(i)
 
+    _awake()
     with pytest.raises(ValueError, match="chunk 0 failed"):
         threads.run(chunk, [(0,), (1,)])
-    assert done == [1]
+    assert done == started == [1]
 
 
-def test_workers_that_fell_asleep_wake_for_the_next_call():
+def test_a_call_that_finds_the_workers_asleep_runs_alone_and_wakes_them():
     out = np.zeros(500)
     threads.run(_fill, _parts(out, 2, 1.0))
     spinner = threads._spinning(1)
@@ -77,6 +95,13 @@ def test_workers_that_fell_asleep_wake_for_the_next_call():
     while not spinner.idle[0] and time.monotonic() < deadline:  # past the spin window: asleep
         time.sleep(0.01)
     assert spinner.idle[0]
+    seen = []
+    threads.run(lambda i: seen.append(threading.get_ident()), [(0,), (1,)])
+    assert seen == [threading.get_ident()] * 2  # both parts in the caller
+    deadline = time.monotonic() + 5
+    while spinner.rouse[0] and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert not spinner.rouse[0]  # the worker woke up (and took the wake-up call)
     threads.run(_fill, _parts(out, 2, 3.0))
     assert np.array_equal(out, np.arange(500) * 3.0)
 

@@ -9,13 +9,18 @@ The thread count follows ``torch.get_num_threads()``.
 
 How a chunk reaches a worker: waking a thread that sleeps on a lock or queue took ~50 us per call on the
 2-vCPU VMs this was measured on (a ``ThreadPoolExecutor`` round trip with no work: 50 us), as much as half
-of a ResNet layer. So each worker, after a chunk, *spins* for a short while (:data:`SPIN_CYCLES`, ~0.3 ms,
-outside the GIL) on a flag of its own, which bridges the Python glue between one kernel and the next; only
-then does it sleep on a condition. The caller spins (outside the GIL) on each worker's "done" flag. A worker
-that has seen its flag waits :data:`SETTLE_CYCLES` more before taking the GIL, so that the caller, which
-posted while holding it, is inside its own nogil kernel by then (a thread that blocks on the GIL sleeps, and
-waking it costs the same 50 us). Measured: a call split in two costs ~5-10 us more than half its serial time.
-Where the spinning workers are busy (another Python thread calling), calls fall back to the pool.
+of a ResNet layer. So each worker, after a chunk, *spins* for a while (:data:`SPIN_CYCLES`, ~1 ms, outside
+the GIL) on a flag of its own, which bridges the Python glue between one kernel and the next; only then does
+it sleep on a condition. The caller spins (outside the GIL) on each worker's "done" flag. A worker that has
+seen its flag waits :data:`SETTLE_CYCLES` more before taking the GIL, so that the caller, which posted while
+holding it, is inside its own nogil kernel by then (a thread that blocks on the GIL sleeps, and waking it
+costs the same 50 us). Measured: a call split in two costs ~5-10 us more than half its serial time.
+
+A call that finds a worker asleep runs all its parts itself and wakes the workers for the calls after it:
+a CPU that idled for tens of milliseconds came back slowly (the chunks handed to it in the next few
+milliseconds took 3-5x their time; 2-thread INT8 ResNet-18 after a 50 ms pause: 7.5-10.7 ms handing them
+out anyway, 5.0-5.5 ms this way, 3.2 ms back to back). Where the spinning workers are busy (another Python
+thread calling), calls fall back to the pool.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ SERIAL = "@1t"  # a report label's suffix: the kernel was timed faster on one th
 
 # Below this much work (multiply-adds) a second thread costs more to wake than it saves.
 MIN_PARALLEL_WORK = 150_000
-SPIN_CYCLES = 1_000_000  # how long a worker spins for the next chunk (time stamp counter cycles, ~0.3 ms)
+SPIN_CYCLES = 3_000_000  # how long a worker spins for the next chunk (time stamp counter cycles, ~1 ms)
 SETTLE_CYCLES = 30_000  # ~10 us: the caller enters its own kernel (and drops the GIL) meanwhile
 _LINE = 16  # int64 slots per flag: one flag per 128 bytes, no two flags on one cache line
 
@@ -107,6 +112,7 @@ class _Spinner:
         self.tasks: list[tuple | None] = [None] * workers
         self.errors: list[BaseException | None] = [None] * workers
         self.idle = [False] * workers
+        self.rouse = [False] * workers  # wake up and spin: a call is coming
         self.cv = threading.Condition()
         self.busy = threading.Lock()  # one caller at a time
         self.seq = 0
@@ -125,9 +131,9 @@ class _Spinner:
             if v == seen:  # nothing within the spin: sleep until posted
                 with self.cv:
                     self.idle[w] = True
-                    while self.flags[post] == seen and not self.stopped:
+                    while self.flags[post] == seen and not self.stopped and not self.rouse[w]:
                         self.cv.wait()
-                    self.idle[w] = False
+                    self.idle[w] = self.rouse[w] = False
                 continue
             seen = v
             kernel, args = self.tasks[w]
@@ -140,14 +146,18 @@ class _Spinner:
 
     def run(self, kernel: Callable, parts: Sequence[tuple]) -> None:
         n = len(parts) - 1
+        if any(self.idle[:n]):  # asleep: this call runs alone while the workers wake up for the next ones
+            with self.cv:
+                self.rouse[:n] = [True] * n
+                self.cv.notify_all()
+            for part in parts:
+                kernel(*part)
+            return
         self.seq += 1
         seq = self.seq
         for w in range(n):
             self.tasks[w], self.errors[w] = (kernel, parts[w + 1]), None
             self.flags[2 * w * _LINE] = seq
-        if any(self.idle[:n]):
-            with self.cv:
-                self.cv.notify_all()
         try:
             kernel(*parts[0])
         finally:  # the workers' chunks end before this call does, even when the caller's part raised

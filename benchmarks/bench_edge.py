@@ -186,12 +186,13 @@ def build_variants(name: str, model: nn.Module, x: torch.Tensor, calib: list, ar
         )  # fmt: skip
 
     # prunekit's dense INT8 path: its own exact kernels, or the fastest dense engine (delegation, inexact)
-    dense8 = rt.compile(quantize_model(model, activations="static", calibration=calib), x)
+    q8 = quantize_model(model, activations="static", calibration=calib)
+    dense8 = rt.compile(q8, x)
     chosen, choice, medians = int8_engines.fastest_int8(
         {"prunekit": dense8}, x, float_source=model, calibration=calib, allow_inexact=True
     )
     variants["int8 dense prunekit"] = dict(
-        model=dense8, size=size_of(plain_state_dict(model), True), macs=1.0, int8=True,
+        model=dense8, size=size_of(plain_state_dict(q8), True), macs=1.0, int8=True,
         note=f"exact prunekit integers, {rt.report(dense8).mode}",
     )  # fmt: skip
     variants["int8 dense prunekit->fastest"] = dict(

@@ -36,6 +36,14 @@ def test_every_part_is_computed_once_per_call(n):
         assert np.array_equal(out, np.arange(1000) * float(v))
 
 
+def test_without_the_spinning_workers_the_pool_computes_the_same(monkeypatch):
+    monkeypatch.setattr(threads, "SPINS", False)  # CPUs other than x86-64
+    out = np.zeros(1000)
+    for v in range(1, 50):
+        threads.run(_fill, _parts(out, 2, float(v)))
+        assert np.array_equal(out, np.arange(1000) * float(v))
+
+
 def _awake() -> threads._Spinner:
     """The spinner with its worker spinning (not asleep): the calls right after hand it their parts."""
     spinner = threads._spinning(1)

@@ -20,12 +20,13 @@ A call that finds a worker asleep runs all its parts itself and wakes the worker
 a CPU that idled for tens of milliseconds came back slowly (the chunks handed to it in the next few
 milliseconds took 3-5x their time; 2-thread INT8 ResNet-18 after a 50 ms pause: 7.5-10.7 ms handing them
 out anyway, 5.0-5.5 ms this way, 3.2 ms back to back). Where the spinning workers are busy (another Python
-thread calling), calls fall back to the pool.
+thread calling), and on CPUs other than x86-64, calls fall back to the pool.
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +45,8 @@ MIN_PARALLEL_WORK = 150_000
 SPIN_CYCLES = 3_000_000  # how long a worker spins for the next chunk (time stamp counter cycles, ~1 ms)
 SETTLE_CYCLES = 30_000  # ~10 us: the caller enters its own kernel (and drops the GIL) meanwhile
 _LINE = 16  # int64 slots per flag: one flag per 128 bytes, no two flags on one cache line
+# the spin loops time themselves with the time stamp counter (``llvm.readcyclecounter``), x86 only
+SPINS = platform.machine().lower() in ("x86_64", "amd64")
 
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
@@ -215,8 +218,8 @@ def run(kernel: Callable, parts: Sequence[tuple]) -> None:
     if len(parts) == 1:
         kernel(*parts[0])
         return
-    spinner = _spinning(len(parts) - 1)
-    if spinner.busy.acquire(blocking=False):
+    spinner = _spinning(len(parts) - 1) if SPINS else None
+    if spinner is not None and spinner.busy.acquire(blocking=False):
         try:
             spinner.run(kernel, parts)
         finally:

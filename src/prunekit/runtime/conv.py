@@ -105,8 +105,8 @@ def _tiles(out: L.Layout, tile: int) -> int:
 
 def _thread_geos(kernel, units: int) -> list[np.ndarray]:
     """The kernel's ``geo`` once per thread, each over its share of the ``units`` output groups (cached per
-    thread count); one part when ``kernel.serial`` (chosen by timing: a pool thread takes tens of
-    microseconds to wake on small VMs, more than it saves on a short layer)."""
+    thread count); one part when ``kernel.serial`` (``segment.tune`` times both: handing a chunk to a
+    worker costs 5-10 us, more than it saves on a short layer)."""
     n = 1 if kernel.serial else threads.chunks(kernel.macs)
     found = kernel._parts.get(n)
     if found is None:

@@ -532,9 +532,8 @@ class PoolStep:
         self.rowmax = np.empty(4 * (2 * w + wo) + 64, np.float32)  # rows, column maxima, the output row
         signed = not (self.inp.offset or nonneg(self.inp))
         self.rowbytes = np.empty(4 * (2 * w + wo) + 64, np.int8 if signed else np.uint8)
-        self.work = (
-            c * h * w * self.k * self.k
-        )  # comparisons: threads split the units above MIN_PARALLEL_WORK
+        # comparisons: threads split the units above threads.MIN_PARALLEL_WORK
+        self.work = c * h * w * self.k * self.k
 
     def _pool(self, src: L.Layout, sbuf: np.ndarray, dst: L.Layout, dbuf: np.ndarray, epu: int, row) -> None:
         c, h, w = self.inp.shape
@@ -1084,8 +1083,8 @@ def tune(seg: Segmented, example: Tensor, rounds: int = 7) -> None:
 
 
 def _pick_threads(step, run: Callable, rounds: int) -> None:
-    """The chosen kernel on torch's threads or on one (label ``@1t``), whichever is faster in place: waking
-    a pool thread costs tens of microseconds on small VMs, as much as half of a short layer."""
+    """The chosen kernel on torch's threads or on one (label ``@1t``), whichever is faster in place: handing
+    a chunk to a worker costs 5-10 us (runtime/threads.py), more than a short layer's second half saves."""
     k = step.kernel
 
     def on(serial: bool) -> None:

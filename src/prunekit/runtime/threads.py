@@ -31,12 +31,13 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-import numba
 import numpy as np
 import torch
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
+
+from prunekit.runtime.kernels import _jit
 
 SERIAL = "@1t"  # a report label's suffix: the kernel was timed faster on one thread and runs on one
 
@@ -87,7 +88,7 @@ def _cycles(typingctx):
     return types.int64(), codegen
 
 
-@numba.njit(nogil=True, cache=False)
+@_jit(fastmath=False)
 def _store_then_wait(flags, si, sv, wi, old, limit, settle):
     """``flags[si] = sv`` (when ``si >= 0``), then spin until ``flags[wi] != old``, at most ``limit``
     cycles: the new value (after ``settle`` more cycles), or ``old`` on time-out."""

@@ -138,12 +138,12 @@ def test_segments_run_a_kernel_on_one_thread_where_that_measured_faster(serial_f
     monkeypatch.setattr(threads, "MIN_PARALLEL_WORK", 0)
     timed = S.time_interleaved
 
-    def fake(fns, rounds=7, warmup=1):
+    def fake(fns, rounds=7, warmup=1, calls=1):
         if set(fns) == {"threads", "serial"}:
             for fn in fns.values():
                 fn()
             return {"threads": 2.0, "serial": 1.0} if serial_faster else {"threads": 1.0, "serial": 2.0}
-        return timed(fns, rounds, warmup)
+        return timed(fns, rounds, warmup, calls)
 
     monkeypatch.setattr(S, "time_interleaved", fake)
     torch.manual_seed(0)

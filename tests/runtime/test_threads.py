@@ -1,7 +1,7 @@
 """runtime.threads: chunks handed to spinning workers compute what one thread computes, whatever the part
-count, with two callers at once, and a chunk's exception reaches the caller; a call that finds the workers
-asleep runs alone and wakes them; segments run a kernel on one thread where that measured faster (faked
-timings: no timing assertions)."""
+count, with two callers at once, and a chunk's exception reaches the caller; a worker asleep for a moment
+gets its part, one asleep for long is woken while the call runs alone; segments run a kernel on one thread
+where that measured faster (faked timings: no timing assertions)."""
 
 import threading
 import time
@@ -95,14 +95,20 @@ def test_when_the_callers_part_raises_the_workers_parts_still_finish_first():
     assert done == started == [1]
 
 
-def test_a_call_that_finds_the_workers_asleep_runs_alone_and_wakes_them():
-    out = np.zeros(500)
-    threads.run(_fill, _parts(out, 2, 1.0))
+def _asleep() -> threads._Spinner:
+    """The spinner with its worker asleep (past its spin window)."""
+    threads.run(_fill, _parts(np.zeros(500), 2, 1.0))
     spinner = threads._spinning(1)
     deadline = time.monotonic() + 5
-    while not spinner.idle[0] and time.monotonic() < deadline:  # past the spin window: asleep
+    while not spinner.idle[0] and time.monotonic() < deadline:
         time.sleep(0.01)
     assert spinner.idle[0]
+    return spinner
+
+
+def test_a_call_that_finds_a_worker_asleep_for_long_runs_alone_and_wakes_it(monkeypatch):
+    monkeypatch.setattr(threads, "LONG_SLEEP_S", 0.0)
+    spinner = _asleep()
     seen = []
     threads.run(lambda i: seen.append(threading.get_ident()), [(0,), (1,)])
     assert seen == [threading.get_ident()] * 2  # both parts in the caller
@@ -110,8 +116,17 @@ def test_a_call_that_finds_the_workers_asleep_runs_alone_and_wakes_them():
     while spinner.rouse[0] and time.monotonic() < deadline:
         time.sleep(0.001)
     assert not spinner.rouse[0]  # the worker woke up (and took the wake-up call)
+    out = np.zeros(500)
     threads.run(_fill, _parts(out, 2, 3.0))
     assert np.array_equal(out, np.arange(500) * 3.0)
+
+
+def test_a_worker_asleep_for_a_moment_is_woken_with_its_part(monkeypatch):
+    monkeypatch.setattr(threads, "LONG_SLEEP_S", 1e9)
+    _asleep()
+    seen = {}
+    threads.run(lambda i: seen.setdefault(i, threading.get_ident()), [(0,), (1,)])
+    assert seen[0] == threading.get_ident() and seen[1] != threading.get_ident()
 
 
 def test_two_callers_at_once_both_get_their_results():

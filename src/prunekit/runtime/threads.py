@@ -16,10 +16,11 @@ seen its flag waits :data:`SETTLE_CYCLES` more before taking the GIL, so that th
 holding it, is inside its own nogil kernel by then (a thread that blocks on the GIL sleeps, and waking it
 costs the same 50 us). Measured: a call split in two costs ~5-10 us more than half its serial time.
 
-A call that finds a worker asleep runs all its parts itself and wakes the workers for the calls after it:
-a CPU that idled for tens of milliseconds came back slowly (the chunks handed to it in the next few
-milliseconds took 3-5x their time; 2-thread INT8 ResNet-18 after a 50 ms pause: 7.5-10.7 ms handing them
-out anyway, 5.0-5.5 ms this way, 3.2 ms back to back). Where the spinning workers are busy (another Python
+A worker asleep for a moment is woken with its chunk (~50 us late). A call that finds a worker asleep for
+longer (:data:`LONG_SLEEP_S`) runs all its parts itself and wakes the workers for the calls after it: a CPU
+that idled for tens of milliseconds came back slowly (the chunks handed to it in the next few milliseconds
+took 3-5x their time; 2-thread INT8 ResNet-18 after a 50 ms pause: 7.5-10.7 ms handing them out anyway,
+5.0-5.5 ms this way, 3.2 ms back to back). Where the spinning workers are busy (another Python
 thread calling), and on CPUs other than x86-64, calls fall back to the pool.
 """
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 import os
 import platform
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -44,6 +46,7 @@ SERIAL = "@1t"  # a report label's suffix: the kernel was timed faster on one th
 # Below this much work (multiply-adds) a second thread costs more to wake than it saves.
 MIN_PARALLEL_WORK = 150_000
 SPIN_CYCLES = 3_000_000  # how long a worker spins for the next chunk (time stamp counter cycles, ~1 ms)
+LONG_SLEEP_S = 0.005  # a worker asleep longer runs on a CPU that comes back slowly: the call goes alone
 SETTLE_CYCLES = 30_000  # ~10 us: the caller enters its own kernel (and drops the GIL) meanwhile
 _LINE = 16  # int64 slots per flag: one flag per 128 bytes, no two flags on one cache line
 # the spin loops time themselves with the time stamp counter (``llvm.readcyclecounter``), x86 only
@@ -117,6 +120,7 @@ class _Spinner:
         self.errors: list[BaseException | None] = [None] * workers
         self.idle = [False] * workers
         self.rouse = [False] * workers  # wake up and spin: a call is coming
+        self.slept = [0.0] * workers  # when each fell asleep (time.perf_counter)
         self.cv = threading.Condition()
         self.busy = threading.Lock()  # one caller at a time
         self.seq = 0
@@ -134,7 +138,7 @@ class _Spinner:
             finished = -1
             if v == seen:  # nothing within the spin: sleep until posted
                 with self.cv:
-                    self.idle[w] = True
+                    self.idle[w], self.slept[w] = True, time.perf_counter()
                     while self.flags[post] == seen and not self.stopped and not self.rouse[w]:
                         self.cv.wait()
                     self.idle[w] = self.rouse[w] = False
@@ -150,7 +154,9 @@ class _Spinner:
 
     def run(self, kernel: Callable, parts: Sequence[tuple]) -> None:
         n = len(parts) - 1
-        if any(self.idle[:n]):  # asleep: this call runs alone while the workers wake up for the next ones
+        now = time.perf_counter()
+        if any(self.idle[w] and now - self.slept[w] > LONG_SLEEP_S for w in range(n)):
+            # asleep for long: this call runs alone while the workers wake up for the next ones
             with self.cv:
                 self.rouse[:n] = [True] * n
                 self.cv.notify_all()
@@ -162,6 +168,9 @@ class _Spinner:
         for w in range(n):
             self.tasks[w], self.errors[w] = (kernel, parts[w + 1]), None
             self.flags[2 * w * _LINE] = seq
+        if any(self.idle[:n]):  # asleep for a moment: woken now, it starts ~50 us late
+            with self.cv:
+                self.cv.notify_all()
         try:
             kernel(*parts[0])
         finally:  # the workers' chunks end before this call does, even when the caller's part raised

@@ -20,7 +20,7 @@ A worker asleep for a moment is woken with its chunk (~50 us late). A call that 
 longer (:data:`LONG_SLEEP_S`) runs all its parts itself and wakes the workers for the calls after it: a CPU
 that idled for tens of milliseconds came back slowly (the chunks handed to it in the next few milliseconds
 took 3-5x their time; 2-thread INT8 ResNet-18 after a 50 ms pause: 7.5-10.7 ms handing them out anyway,
-5.0-5.5 ms this way, 3.2 ms back to back). Where the spinning workers are busy (another Python
+4.9-5.5 ms this way, 3.1-3.2 ms back to back). Where the spinning workers are busy (another Python
 thread calling), and on CPUs other than x86-64, calls fall back to the pool.
 """
 

@@ -319,7 +319,8 @@ def _rshift_round(builder: ir.IRBuilder, y: ir.Value, sh: ir.Value) -> ir.Value:
     return builder.ashr(builder.add(builder.add(y, half), odd), sh)
 
 
-def _clamp64(builder: ir.IRBuilder, y: ir.Value, lo: ir.Value, hi: ir.Value) -> ir.Value:
+def _clamp(builder: ir.IRBuilder, y: ir.Value, lo: ir.Value, hi: ir.Value) -> ir.Value:
+    """``y`` (an integer vector of any width) clamped to the scalars ``[lo, hi]`` of its lane type."""
     lo_v, hi_v = _splat(builder, lo, y.type), _splat(builder, hi, y.type)
     y = builder.select(builder.icmp_signed("<", y, lo_v), lo_v, y)
     return builder.select(builder.icmp_signed(">", y, hi_v), hi_v, y)
@@ -333,13 +334,13 @@ def requantize_vector(builder: ir.IRBuilder, v32, bias_q, mult, shift, lo, hi) -
     v64 = ir.VectorType(_I64, n)
     v = builder.add(builder.sext(v32, v64), _splat(builder, bias_q, v64))
     y = _rshift_round(builder, builder.mul(v, _splat(builder, mult, v64)), _splat(builder, shift, v64))
-    return builder.trunc(_clamp64(builder, y, lo, hi), ir.VectorType(_I32, n))
+    return builder.trunc(_clamp(builder, y, lo, hi), ir.VectorType(_I32, n))
 
 
-def _clamp32(builder: ir.IRBuilder, v: ir.Value, lo: ir.Value, hi: ir.Value) -> ir.Value:
-    lo_v, hi_v = _splat(builder, lo, v.type), _splat(builder, hi, v.type)
-    v = builder.select(builder.icmp_signed("<", v, lo_v), lo_v, v)
-    return builder.select(builder.icmp_signed(">", v, hi_v), hi_v, v)
+def _roundeven_f64(builder: ir.IRBuilder, y: ir.Value) -> ir.Value:
+    """``y`` (a float64 vector) rounded half to even."""
+    vd = y.type
+    return builder.call(_declare(builder, f"llvm.roundeven.v{vd.count}f64", vd, [vd]), [y])
 
 
 def requantize_f64(builder: ir.IRBuilder, v: ir.Value, bound: ir.Value, factor: ir.Value, lo, hi) -> ir.Value:
@@ -351,10 +352,9 @@ def requantize_f64(builder: ir.IRBuilder, v: ir.Value, bound: ir.Value, factor: 
     int64 ones (twice: 16 lanes are two registers of int64)."""
     n = v.type.count
     vd = ir.VectorType(ir.DoubleType(), n)
-    v = _clamp32(builder, v, builder.neg(bound), bound)
-    y = builder.fmul(builder.sitofp(v, vd), _splat(builder, factor, vd))
-    y = builder.call(_declare(builder, f"llvm.roundeven.v{n}f64", vd, [vd]), [y])
-    return _clamp32(builder, builder.fptosi(y, v.type), lo, hi)
+    v = _clamp(builder, v, builder.neg(bound), bound)
+    y = _roundeven_f64(builder, builder.fmul(builder.sitofp(v, vd), _splat(builder, factor, vd)))
+    return _clamp(builder, builder.fptosi(y, v.type), lo, hi)
 
 
 def int8_add(builder: ir.IRBuilder, a: ir.Value, b: ir.Value, add: dict) -> ir.Value:
@@ -376,7 +376,7 @@ def int8_add(builder: ir.IRBuilder, a: ir.Value, b: ir.Value, add: dict) -> ir.V
         builder.mul(qa, _splat(builder, add["ma"], v64)), builder.mul(qb, _splat(builder, add["mb"], v64))
     )
     q = _rshift_round(builder, t, _splat(builder, add["sh"], v64))
-    q = _clamp64(builder, q, ir.Constant(_I64, -127), ir.Constant(_I64, 127))
+    q = _clamp(builder, q, ir.Constant(_I64, -127), ir.Constant(_I64, 127))
     return builder.fmul(builder.sitofp(q, vf), _splat(builder, add["s_out"], vf))
 
 
@@ -404,8 +404,8 @@ def int8_add_integers(builder: ir.IRBuilder, qa: ir.Value, qb: ir.Value, add: di
     exponent = builder.shl(builder.sub(_c64(1023), add["sh"]), _c64(52))  # the bits of 2**-sh
     scale = _splat(builder, builder.bitcast(exponent, f64), vd)
     t = builder.fadd(builder.fmul(builder.sitofp(qa, vd), ma), builder.fmul(builder.sitofp(qb, vd), mb))
-    y = builder.call(_declare(builder, f"llvm.roundeven.v{n}f64", vd, [vd]), [builder.fmul(t, scale)])
-    return _clamp32(builder, builder.fptosi(y, qa.type), _I32(-127), _I32(127))
+    y = _roundeven_f64(builder, builder.fmul(t, scale))
+    return _clamp(builder, builder.fptosi(y, qa.type), _I32(-127), _I32(127))
 
 
 def int8_quantize(builder: ir.IRBuilder, vf: ir.VectorType, y: ir.Value, s_next: ir.Value, qlo: ir.Value):

@@ -226,9 +226,19 @@ def _padded_blocks(wq: np.ndarray) -> np.ndarray:
     return padded.reshape(padded.shape[0], -1, 4, kh, kw)
 
 
+def _alive(blocks: np.ndarray) -> np.ndarray:
+    """Which blocks of :func:`_padded_blocks` hold a nonzero: (cpad, in groups, kh, kw) booleans."""
+    return np.abs(blocks.astype(np.int32)).sum(axis=2) > 0
+
+
 def block_alive(wq: np.ndarray) -> np.ndarray:
     """Which 4x1 blocks of the int8 weights hold a nonzero: (cpad, in groups, kh, kw) booleans."""
-    return np.abs(_padded_blocks(wq).astype(np.int32)).sum(axis=2) > 0
+    return _alive(_padded_blocks(wq))
+
+
+def group_union(alive: np.ndarray) -> np.ndarray:
+    """The blocks alive in any of a group of 4 output channels: (cpad / 4, in groups, kh, kw) booleans."""
+    return alive.reshape(-1, 4, *alive.shape[1:]).any(axis=1)
 
 
 def _csr(blk: np.ndarray, rows: np.ndarray, nrows: int, ncb: int) -> np.ndarray:
@@ -249,7 +259,7 @@ def pack_blocks(wq: np.ndarray, inp: L.Layout, geom: ConvGeom, cbg: int | None):
     per block of ``cbg`` input-channel groups; plus each channel's weight sum (for the +128 offset)."""
     blocks = _padded_blocks(wq)
     cpad, groups = blocks.shape[:2]
-    co, g, ti, tj = np.nonzero(np.abs(blocks.astype(np.int32)).sum(axis=2))
+    co, g, ti, tj = np.nonzero(_alive(blocks))
     offs = L.tap_offsets(inp, *geom.args, g, ti, tj)
     cbg = min(cbg or groups, groups)
     blk = g // cbg
@@ -270,8 +280,7 @@ def pack_group_blocks(wq: np.ndarray, inp: L.Layout, geom: ConvGeom, cbg: int | 
     blocks = _padded_blocks(wq)
     cpad, groups = blocks.shape[:2]
     by_group = blocks.reshape(cpad // 4, 4, *blocks.shape[1:])  # (out group, row, in group, 4, kh, kw)
-    alive = np.abs(by_group.astype(np.int32)).sum(axis=3).any(axis=1)  # (out group, in group, kh, kw)
-    og, g, ti, tj = np.nonzero(alive)
+    og, g, ti, tj = np.nonzero(group_union(_alive(blocks)))
     offs = L.tap_offsets(inp, *geom.args, g, ti, tj)
     cbg = min(cbg or groups, groups)
     blk = g // cbg

@@ -60,6 +60,7 @@ from prunekit.runtime.conv import (
     block_alive,
     chain_reason,
     final_scale,
+    group_union,
     host_width,
     isa_name,
     tile_options,
@@ -438,7 +439,7 @@ class ConvStep:
         a group's 4 output channels, times 4, over those alive per channel."""
         alive = block_alive(self.wq)  # (cpad, in groups, kh, kw)
         per_row = int(alive.sum())
-        union = int(alive.reshape(-1, 4, *alive.shape[1:]).any(axis=1).sum())
+        union = int(group_union(alive).sum())
         return 4 * union / max(per_row, 1)
 
     # -- running ------------------------------------------------------------------------------------------
@@ -534,6 +535,7 @@ class PoolStep:
         self.rowbytes = np.empty(4 * (2 * w + wo) + 64, np.int8 if signed else np.uint8)
         # comparisons: threads split the units above threads.MIN_PARALLEL_WORK
         self.work = c * h * w * self.k * self.k
+        self.scratch: dict[tuple, list[np.ndarray]] = {}
 
     def _pool(self, src: L.Layout, sbuf: np.ndarray, dst: L.Layout, dbuf: np.ndarray, epu: int, row) -> None:
         c, h, w = self.inp.shape
@@ -544,7 +546,10 @@ class PoolStep:
         tail = (epu, h, w, self.k, self.s, self.p, dbuf.view(view), yoffs, np.array(dst.cols, np.int64),
                 dst.per_unit * dst.plane, dst.pitch, ho, wo)  # fmt: skip
         cuts = threads.even_splits(src.units, threads.chunks(self.work), align=1)
-        scratch = [row] + [row.copy() for _ in cuts[2:]]  # one scratch row per thread
+        key = (row.dtype, len(cuts) - 1)  # one scratch row per thread, made once per thread count
+        if key not in self.scratch:
+            self.scratch[key] = [row] + [row.copy() for _ in cuts[2:]]
+        scratch = self.scratch[key]
         threads.run(
             L.maxpool, [(*head, cuts[i], cuts[i + 1], *tail, scratch[i]) for i in range(len(cuts) - 1)]
         )
@@ -557,6 +562,9 @@ class PoolStep:
 
 
 class TorchStep:
+    exact = False  # a subclass that runs on the layout's own kernels sets it (then run() runs it)
+    tail: tuple = ()  # nodes after ``node`` that the step runs too
+
     def __init__(self, node: fx.Node) -> None:
         self.node = node
         self.name = node.name
@@ -683,7 +691,7 @@ class Segmented(nn.Module):
         return fx.node.map_aggregate(a, lambda x: self._arg(x, env) if isinstance(x, fx.Node) else x)
 
     def _torch(self, step: TorchStep, env: Env) -> None:
-        for n in (step.node, *getattr(step, "tail", ())):
+        for n in (step.node, *step.tail):
             self._node(n, env)
 
     def _node(self, n: fx.Node, env: Env) -> None:
@@ -702,7 +710,7 @@ class Segmented(nn.Module):
         env.nchw[n] = out
 
     def run_step(self, step, env: Env) -> None:
-        if isinstance(step, TorchStep) and not getattr(step, "exact", False):
+        if isinstance(step, TorchStep) and not step.exact:
             self._torch(step, env)
         else:
             step.run(env)

@@ -115,6 +115,11 @@ def prune(model: nn.Module, pattern, group: str, head: float | None = None) -> n
     return m
 
 
+def half_channels(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """The "50% channels" variant: a copy with half of every prunable layer's channels removed."""
+    return prunekit.structured.prune_model(copy.deepcopy(model), x, ratio=0.5, round_to=8).model.eval()
+
+
 def size_of(state: dict, compressed: bool) -> int:
     if not compressed:
         buf = io.BytesIO()
@@ -208,7 +213,7 @@ def build_variants(name: str, model: nn.Module, x: torch.Tensor, calib: list, ar
         compiled("int8 70% unstr.", prune(model, 0.7, "layer"), True)
         if "global" in args.alloc:
             compiled("int8 70% 4x1 global", prune(model, "block:1x4@70%:channels", "global"), True)
-    structured = prunekit.structured.prune_model(copy.deepcopy(model), x, ratio=0.5, round_to=8).model.eval()
+    structured = half_channels(model, x)
     compiled("f32 50% channels", structured, False)
     compiled("int8 50% channels", structured, True)
     kept = count_macs(structured, x)["total"] / count_macs(model, x)["total"]  # MACs left after the trim

@@ -17,7 +17,6 @@ last timed; ``--pause-ms``: a pause before each burst, as a camera's frame inter
 from __future__ import annotations
 
 import argparse
-import copy
 import random
 import statistics
 import time
@@ -25,8 +24,7 @@ import time
 import torch
 
 import prunekit.runtime as rt
-import prunekit.structured
-from bench_edge import prune, resnet
+from bench_edge import half_channels, prune, resnet
 from prunekit.export import engines
 from prunekit.quant.ptq import quantize_model
 from prunekit.runtime.cpu import features
@@ -34,7 +32,7 @@ from prunekit.runtime.cpu import features
 
 def models(engine: str, args) -> dict:
     model, x, calib = resnet(args)
-    structured = prunekit.structured.prune_model(copy.deepcopy(model), x, ratio=0.5, round_to=8).model.eval()
+    structured = half_channels(model, x)
     torch.set_num_threads(2)
     if engine == "torch-x86":
         return {

@@ -48,3 +48,52 @@ def test_fill_puts_every_source_unit_where_the_gather_layout_says(
                         if 0 <= sc < w:
                             want[r, x] = s3[u, sr, sc]
                 assert np.array_equal(got, want), (u, a, c)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    units=st.integers(1, 3),
+    h=st.integers(1, 12),
+    w=st.integers(1, 12),
+    wider=st.integers(0, 9),
+    stride=st.integers(1, 3),
+    shifts=st.sampled_from([(0,), (-1, 0, 1), (0, 2)]),
+    seed=st.integers(0, 2**16),
+)
+def test_zero_padded_3x3_max_pool_equals_its_definition(units, h, w, wider, stride, shifts, seed):
+    """``maxpool_bytes_3x3`` on non-negative bytes in planes whose padding is zero: every output plane
+    holds, at output ``(oy, ox)`` shifted by its column shift, the bytewise max over the ``3 x 3`` window
+    at ``(oy * s - 1, ox * s - 1)`` of the input positions inside the image; nothing else of the output
+    buffer changes."""
+    src_l = L.planes(units, h, w, 1, 1, (), pitch=L.roundup(w + wider, 1))
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    dst_l = L.planes(units, ho, wo, 1, 1, shifts)
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 128, size=(units, h, w, 4)).astype(np.uint8)
+    sbuf = src_l.alloc()
+    s8 = sbuf.view(np.uint8)
+    for u in range(units):
+        base = (src_l.col0() + u * src_l.per_unit * src_l.plane) * 4
+        for r in range(h):
+            s8[base + r * src_l.pitch * 4 : base + (r * src_l.pitch + w) * 4] = x[u, r].reshape(-1)
+    dbuf = dst_l.alloc()
+    dbuf[:] = rng.integers(-(2**31), 2**31 - 1, size=dbuf.shape, dtype=np.int64).astype(np.int32)
+    before = dbuf.copy()
+    yoffs = L.store_plan(dst_l, 1, 1)[0]
+    scratch = np.empty(src_l.pitch + wo // 2 + 8, np.uint64)
+    L.maxpool_bytes_3x3(s8, src_l.col0(), src_l.per_unit * src_l.plane, src_l.pitch, 0, units, h, w, stride,
+                        dbuf.view(np.uint8), yoffs, np.array(dst_l.cols, np.int64),
+                        dst_l.per_unit * dst_l.plane, dst_l.pitch, ho, wo, scratch)  # fmt: skip
+    want = before.copy().view(np.uint8)
+    for u in range(units):
+        for oy in range(ho):
+            rows = slice(max(oy * stride - 1, 0), min(oy * stride + 2, h))
+            for ox in range(wo):
+                m = x[u, rows, max(ox * stride - 1, 0) : min(ox * stride + 2, w)].max(axis=(0, 1))
+                for d in dst_l.cols:
+                    if 0 <= ox - d < dst_l.pitch:  # the column this plane's shifted store lands in
+                        at = (
+                            dst_l.index(u, 0, d) * dst_l.plane + (dst_l.row_pad + oy) * dst_l.pitch + ox - d
+                        ) * 4
+                        want[at : at + 4] = m
+    assert np.array_equal(dbuf.view(np.uint8), want)

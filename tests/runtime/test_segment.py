@@ -224,6 +224,9 @@ def test_max_pools_in_the_layout_equal_torch(k, s, p, split, monkeypatch):
                 assert close(seg(x), model(x))
             q = quantize_model(model, activations="static", calibration=[x])
             seg = lower(q, x, vw, isa)
+            pool = next(st for st in seg.steps if isinstance(st, S.PoolStep))
+            # non-negative bytes with zero padding take the whole-row 3x3 kernel
+            assert pool.zero_padded == (relu and (k, p) == (3, 1))
             with torch.inference_mode():
                 assert torch.equal(seg(x), q(x))
 

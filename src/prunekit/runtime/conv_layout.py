@@ -294,9 +294,8 @@ def _max_into(a, b, n):
     ``range`` on slices: its index is provably non-negative, so numba's negative-index check folds away and
     LLVM vectorises it (a ``np.maximum`` call per row cost 5x more in dispatch than its work)."""
     for x in range(n):
-        v = b[x]
-        if v > a[x] or v != v:
-            a[x] = v
+        v, o = b[x], a[x]
+        a[x] = v if v > o or v != v else o  # stored always: a conditional store kept the loop scalar
 
 
 @_jit()
@@ -378,6 +377,51 @@ def maxpool(
                 dd, oo = dst[base + lo * epu : base + hi * epu], out[lo * epu : hi * epu]
                 for x in range((hi - lo) * epu):
                     dd[x] = oo[x]
+
+
+@_jit()
+def maxpool_bytes_3x3(
+    src, s_off, s_cstride, q_in, u0, u1, h, w, st, dst, yoffs, shifts, ystride, qo, ho, wo, scratch
+):
+    """:func:`maxpool` for a ``3 x 3`` window with padding 1 on non-negative bytes (uint8, offset 0: the
+    zero padding rows of a planes layout never win), units ``[u0, u1)``. Per output row: the max of the
+    three input rows, of three neighbouring columns, the output words picked at the stride, a copy per
+    output plane; four loops, each over a whole row with unsigned indices (numba's negative-index checks
+    and per-row slices kept :func:`maxpool`'s dozen short loops scalar: 2-3x this kernel's time). Column 0
+    and column ``w - 1`` are set apart: their outside neighbour is another row's element when ``q_in ==
+    w``. ``scratch``: uint64 (aligned 64-bit pairs), at least ``q_in + wo / 2 + 1`` of them (one per
+    thread)."""
+    qe = np.uint64(q_in * 4)
+    we = np.uint64(4 * w)
+    vm = scratch[: q_in // 2 + 1].view(np.uint8)  # one row's vertical maxima, then its window maxima
+    hm = scratch[q_in // 2 + 1 : q_in + 2].view(np.uint8)
+    h32, h64 = hm.view(np.uint32), hm.view(np.uint64)
+    o32 = scratch[q_in + 2 : q_in + 2 + wo // 2 + 1].view(np.uint32)
+    d32 = dst.view(np.uint32)
+    ns = yoffs.shape[0]
+    for u in range(u0, u1):
+        for oy in range(ho):
+            r = np.uint64((s_off + u * s_cstride + oy * st * q_in) * 4)  # rows -1 and h: zero padding
+            for x in range(we):
+                vm[x] = max(max(src[r - qe + x], src[r + x]), src[r + qe + x])
+            for x in range(np.uint64(4), we - np.uint64(4)):
+                hm[x] = max(max(vm[x - 4], vm[x]), vm[x + 4])
+            for e in range(4):  # the edge columns: their inside neighbours only
+                hm[e] = max(vm[e], vm[4 + e]) if w > 1 else vm[e]
+                if w > 1:
+                    hm[we - 4 + e] = max(vm[we - 4 + e], vm[we - 8 + e])
+            if st == 2:  # the even words: the low halves of 64-bit pairs (vectorises; a stride does not)
+                for ox in range(wo):
+                    o32[ox] = np.uint32(h64[ox] & 0xFFFFFFFF)
+            else:
+                for ox in range(wo):
+                    o32[ox] = h32[np.uint64(ox * st)]
+            for s in range(ns):
+                d = shifts[s]
+                lo, hi = max(0, d), min(wo, qo + d)  # output columns whose shifted column is in [0, qo)
+                base = np.uint64(u * ystride + yoffs[s] + oy * qo)
+                for ox in range(np.uint64(lo), np.uint64(hi)):
+                    d32[base + ox] = o32[ox]
 
 
 @_jit(fastmath=False)

@@ -529,30 +529,50 @@ class PoolStep:
 
     def prepare(self) -> None:
         c, h, w = self.inp.shape
-        wo = self.out.shape[2]
+        _, ho, wo = self.out.shape
         self.rowmax = np.empty(4 * (2 * w + wo) + 64, np.float32)  # rows, column maxima, the output row
         signed = not (self.inp.offset or nonneg(self.inp))
         self.rowbytes = np.empty(4 * (2 * w + wo) + 64, np.int8 if signed else np.uint8)
         # comparisons: threads split the units above threads.MIN_PARALLEL_WORK
         self.work = c * h * w * self.k * self.k
         self.scratch: dict[tuple, list[np.ndarray]] = {}
+        # per element width (1: float32, 4: bytes) the output planes' offsets and shifts, made once (~30 us
+        # a call)
+        self.plans = {
+            epu: (L.store_plan(lay, 1, 1)[0], np.array(lay.cols, np.int64))
+            for epu, lay in ((1, self.out.floats), (4, self.out.bytes_))
+            if lay is not None
+        }
+        src = self.inp.bytes_
+        # non-negative bytes: the zero padding never wins, so whole rows are pooled (maxpool_bytes_3x3)
+        self.zero_padded = (
+            self.out.bbuf is not None and src is not None and not signed and not self.inp.offset
+            and (self.k, self.p) == (3, 1)
+            and src.row_pad >= 1 and src.rows >= src.row_pad + h + 1
+            and (ho - 1) * self.s <= h - 1 and (wo - 1) * self.s <= w - 1
+        )  # fmt: skip
+        if self.zero_padded:
+            self.rowbytes = np.empty(src.pitch + wo // 2 + 8, np.uint64)
 
     def _pool(self, src: L.Layout, sbuf: np.ndarray, dst: L.Layout, dbuf: np.ndarray, epu: int, row) -> None:
         c, h, w = self.inp.shape
         _, ho, wo = self.out.shape
-        yoffs = L.store_plan(dst, 1, 1)[0]
-        view = row.dtype
+        yoffs, cols = self.plans[epu]
+        fast = epu == 4 and self.zero_padded
+        view = np.uint8 if fast else row.dtype
         head = (sbuf.view(view), src.col0(), src.per_unit * src.plane, src.pitch)
-        tail = (epu, h, w, self.k, self.s, self.p, dbuf.view(view), yoffs, np.array(dst.cols, np.int64),
-                dst.per_unit * dst.plane, dst.pitch, ho, wo)  # fmt: skip
+        if fast:
+            kernel, tail = L.maxpool_bytes_3x3, (h, w, self.s, dbuf.view(view), yoffs, cols,
+                                                 dst.per_unit * dst.plane, dst.pitch, ho, wo)  # fmt: skip
+        else:
+            kernel, tail = L.maxpool, (epu, h, w, self.k, self.s, self.p, dbuf.view(view), yoffs, cols,
+                                       dst.per_unit * dst.plane, dst.pitch, ho, wo)  # fmt: skip
         cuts = threads.even_splits(src.units, threads.chunks(self.work), align=1)
         key = (row.dtype, len(cuts) - 1)  # one scratch row per thread, made once per thread count
         if key not in self.scratch:
             self.scratch[key] = [row] + [row.copy() for _ in cuts[2:]]
         scratch = self.scratch[key]
-        threads.run(
-            L.maxpool, [(*head, cuts[i], cuts[i + 1], *tail, scratch[i]) for i in range(len(cuts) - 1)]
-        )
+        threads.run(kernel, [(*head, cuts[i], cuts[i + 1], *tail, scratch[i]) for i in range(len(cuts) - 1)])
 
     def run(self, env: Env) -> None:
         if self.out.fbuf is not None:

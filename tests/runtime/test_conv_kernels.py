@@ -139,18 +139,24 @@ def _requant(consts, lo: int, hi: int) -> C.Requant:
     return C.Requant(bias_q, mult, shift, lo, hi, 0.0173)
 
 
-def _epilogue_outputs(isa: str, accs: np.ndarray, rq: C.Requant, **kw) -> np.ndarray:
+def _epilogue_outputs(isa: str, accs: np.ndarray, rq: C.Requant, residual=None, **kw) -> np.ndarray:
     """The float32 outputs (4, 1, n) of a 4-channel 1x1 DirectConvI8 whose epilogue alone runs on the
-    whole accumulators ``accs`` (``finish``), with the float32 output as its only output."""
+    whole accumulators ``accs`` (``finish``), with the float32 output as its only output. ``residual``: the
+    residual's bytes (n,) int32 units (4 channels' bytes each), for the integer chain's fused add."""
     n = accs.shape[2]
     geom = C.ConvGeom.of(nn.Conv2d(4, 4, 1, bias=False))
     inp = L.gather(1, 1, n, *geom.args)
     out = L.planes(4, 1, n, 0, 0, (), pitch=inp.pitch)
+    res = R = None
+    if residual is not None:
+        res = L.planes(1, 1, n, 0, 0, (), pitch=inp.pitch)
+        R = res.alloc()
+        R[res.col0() : res.col0() + n] = residual
     layer = C.DirectConvI8(np.zeros((4, 4, 1, 1), np.int8), np.ones(4, np.float32), None, geom, inp,
                            C.Int8Out(floats=out), nv=C.tile_options(16 if isa == "vnni512" else 8)[0],
-                           isa=isa, requant=rq, **kw)  # fmt: skip
+                           isa=isa, requant=rq, residual=res, **kw)  # fmt: skip
     F_ = out.alloc()
-    layer.finish(accs, None, F=F_)
+    layer.finish(accs, None, R, F=F_)
     got = np.empty((4, 1, n), np.float32)
     L.read(F_, out.col0(), out.per_unit * out.plane, out.pitch, 4, 1, n, got.reshape(-1).view(np.int32))
     return got
@@ -210,6 +216,47 @@ def test_the_integer_chain_requantizes_in_float64_exactly_as_the_rule(isa, acc, 
     got = _epilogue_outputs(isa, accs, rq, clamp=clamp, chain=True)
     want = _rule(accs, rq, 0 if relu else rounding.INT8_LO)
     assert np.array_equal(got.view(np.int32), want.view(np.int32))
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    isa=st.sampled_from(ISAS),
+    mult=st.integers(2**29, 2**31 - 1),
+    shift=st.integers(30, C.F64_MAX_SHIFT),
+    bias_q=st.integers(-(2**20), 2**20),
+)
+def test_the_integer_chain_rounds_near_ties_as_the_rule(isa, mult, shift, bias_q):
+    """The chain's requantization takes float32 where it provably rounds like the rule and float64
+    otherwise (conv_kernels.requantize_chain): at every accumulator within 3 of a rounding boundary
+    (``v * mult`` next to ``(k + 1/2) * 2**shift``, where float32's error could cross it), for every
+    output level k, the integers are requantize_value's."""
+    edges = [((2 * k + 1) << (shift - 1)) // mult - bias_q for k in range(-130, 130)]
+    acc = np.array([e + d for e in edges for d in range(-3, 4)], np.int64)
+    acc = np.clip(acc, -(2**31) + 1, 2**31 - 1)
+    rq = _requant([(bias_q, mult, shift)] * 4, rounding.INT8_LO, rounding.INT8_HI)
+    accs = np.stack([acc] * 4).reshape(4, 1, -1).astype(np.int32)
+    got = _epilogue_outputs(isa, accs, rq, chain=True)
+    assert np.array_equal(got.view(np.int32), _rule(accs, rq, rounding.INT8_LO).view(np.int32))
+
+
+@settings(max_examples=8, deadline=None)
+@given(isa=st.sampled_from(ISAS), ma=st.floats(0.01, 4.0), mb=st.floats(0.01, 4.0))
+def test_the_integer_chain_adds_every_pair_of_int8_operands_as_the_rule(isa, ma, mb):
+    """The chain's fused add (conv_kernels.int8_add_integers: float32 where it provably rounds like the
+    rule, float64 otherwise) on all 255 x 256 pairs of a requantized output ``qa`` and a residual byte
+    ``qb``: ``clamp(rshift_round(qa * Ma + qb * Mb, sh), -127, 127)``."""
+    Ma, Mb, sh = rounding.add_multipliers(ma, mb)
+    qa, qb = (g.ravel() for g in np.meshgrid(np.arange(-127, 128), np.arange(-128, 128), indexing="ij"))
+    # qa passes the requantization unchanged (v * 2**30 / 2**30), qb is each channel's residual byte
+    rq = _requant([(0, 2**30, 30)] * 4, rounding.INT8_LO, rounding.INT8_HI)
+    units = sum((qb.astype(np.int64) & 255) << (8 * r) for r in range(4))
+    units = units.astype(np.uint32).view(np.int32)
+    add = C.IntAdd(rq.out_scale, 1.0, 0.0625, Ma, Mb, sh)  # a is the convolution at its own scale
+    accs = np.stack([qa] * 4).reshape(4, 1, -1).astype(np.int32)
+    got = _epilogue_outputs(isa, accs, rq, residual=units, chain=True, add=add)
+    want = [max(-127, min(127, rounding.rshift_round(int(a) * Ma + int(b) * Mb, sh))) for a, b in zip(qa, qb)]
+    assert np.array_equal(got[0, 0] / np.float32(0.0625), np.array(want, np.float32))
+    assert np.array_equal(got, np.stack([got[0]] * 4))
 
 
 def test_unsupported_convolutions_say_why():

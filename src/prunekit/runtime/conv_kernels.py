@@ -357,6 +357,52 @@ def requantize_f64(builder: ir.IRBuilder, v: ir.Value, bound: ir.Value, factor: 
     return _clamp(builder, builder.fptosi(y, v.type), lo, hi)
 
 
+def _rounded_or(builder: ir.IRBuilder, y: ir.Value, eps: ir.Value, lo, hi, exact: Callable) -> ir.Value:
+    """``clamp(round_half_even(y), lo, hi)`` as int32 lanes, where ``y`` (float32 lanes) is within ``eps / 2``
+    (a float32 scalar) of the exact value in every lane that does not saturate: when every lane's ``y`` is
+    less than ``0.5 - eps`` from its nearest integer ``n``, the exact value rounds to ``n`` too (ties
+    included: a tie is never that far from one), so ``n`` is returned; otherwise ``exact()`` (the float64
+    spelling) runs for this vector. ``lo``, ``hi``: i32 scalars."""
+    n = y.type.count
+    vf, vi = y.type, ir.VectorType(_I32, n)
+    near = builder.call(_declare(builder, f"llvm.roundeven.v{n}f32", vf, [vf]), [y])
+    off = builder.call(_declare(builder, f"llvm.fabs.v{n}f32", vf, [vf]), [builder.fsub(y, near)])
+    thr = _splat(builder, builder.fsub(ir.Constant(_F32, 0.5), eps), vf)
+    safe = builder.bitcast(builder.fcmp_ordered("<", off, thr), ir.IntType(n))
+    every = builder.icmp_unsigned("==", safe, ir.Constant(ir.IntType(n), (1 << n) - 1))
+    with builder.if_else(every, likely=True) as (fast, slow):
+        with fast:
+            fmax = _declare(builder, f"llvm.maxnum.v{n}f32", vf, [vf, vf])
+            fmin = _declare(builder, f"llvm.minnum.v{n}f32", vf, [vf, vf])
+            lo_f, hi_f = (_splat(builder, builder.sitofp(b, _F32), vf) for b in (lo, hi))
+            q_fast = builder.fptosi(builder.call(fmin, [builder.call(fmax, [near, lo_f]), hi_f]), vi)
+            b_fast = builder.block
+        with slow:
+            q_slow = exact()
+            b_slow = builder.block
+    q = builder.phi(vi)
+    q.add_incoming(q_fast, b_fast)
+    q.add_incoming(q_slow, b_slow)
+    return q
+
+
+def requantize_chain(builder: ir.IRBuilder, v: ir.Value, bound: ir.Value, factor: ir.Value, lo, hi):
+    """:func:`requantize_f64`'s integers at half its cost where float32 provably gives them
+    (:func:`_rounded_or`): ``y = float32(v) * float32(factor)``.
+
+    ``y`` carries three roundings of relative size ``2**-24`` (``v``, ``factor``, the product), so ``|y - v
+    * factor| < |y| * 2**-22``; a lane with ``|v| <= bound`` has ``|y| <= bound * factor``, hence ``eps =
+    bound * factor * 2**-21``. A lane past ``bound`` saturates either way: ``bound * factor >= 128``, so
+    ``|y| > 127.5`` too. The float64 fallback runs for about one vector in 400 (``2 * eps`` per lane, with
+    ``bound * factor`` near 128): 16 lanes of float32 (10 operations) against two registers of float64
+    (about 16 each)."""
+    vf = ir.VectorType(_F32, v.type.count)
+    f32 = builder.fptrunc(factor, _F32)
+    eps = builder.fmul(builder.fmul(builder.sitofp(bound, _F32), f32), ir.Constant(_F32, 2.0**-21))
+    y = builder.fmul(builder.sitofp(v, vf), _splat(builder, f32, vf))
+    return _rounded_or(builder, y, eps, lo, hi, lambda: requantize_f64(builder, v, bound, factor, lo, hi))
+
+
 def int8_add(builder: ir.IRBuilder, a: ir.Value, b: ir.Value, add: dict) -> ir.Value:
     """``prunekit.quant.glue.QuantizedAdd`` on float32 vectors ``a`` (this convolution's output) and ``b``
     (the residual): each operand's integers recovered (``round_half_even(x / s)``, a float32 division, as
@@ -396,16 +442,31 @@ def int8_add_integers(builder: ir.IRBuilder, qa: ir.Value, qb: ir.Value, add: di
     operands are int8 and ``Ma, Mb < 2**31`` (``prunekit.quant.rounding.add_multipliers``), so the products
     and their sum stay below 2**40, the scaling by ``2**-sh`` is exact and rounding half to even is
     ``rshift_round``. Equal to :func:`int8_add` when each operand is ``float32(q) * s`` at the add's own
-    scale (recovering q from it is exact), which is what the integer chain (``FLAG_CHAIN``) is checked for."""
+    scale (recovering q from it is exact), which is what the integer chain (``FLAG_CHAIN``) is checked for.
+
+    First in float32 (:func:`_rounded_or`): ``y = qa * A + qb * B`` with ``A = float32(Ma * 2**-sh)``
+    (likewise ``B``); the operands are exact (``qb``, a residual byte, may be -128), each product carries
+    two roundings and the sum one, so ``|y - exact| < 128 * (A + B) * 2**-22`` and ``eps = 128 * (A + B) *
+    2**-21``."""
     n = qa.type.count
-    vd = ir.VectorType(ir.DoubleType(), n)
+    vd, vf = ir.VectorType(ir.DoubleType(), n), ir.VectorType(_F32, n)
     f64 = ir.DoubleType()
-    ma, mb = (_splat(builder, builder.sitofp(add[k], f64), vd) for k in ("ma", "mb"))
     exponent = builder.shl(builder.sub(_c64(1023), add["sh"]), _c64(52))  # the bits of 2**-sh
-    scale = _splat(builder, builder.bitcast(exponent, f64), vd)
-    t = builder.fadd(builder.fmul(builder.sitofp(qa, vd), ma), builder.fmul(builder.sitofp(qb, vd), mb))
-    y = _roundeven_f64(builder, builder.fmul(t, scale))
-    return _clamp(builder, builder.fptosi(y, qa.type), _I32(-127), _I32(127))
+    unit = builder.bitcast(exponent, f64)
+    a32, b32 = (builder.fptrunc(builder.fmul(builder.sitofp(add[k], f64), unit), _F32) for k in ("ma", "mb"))
+    eps = builder.fmul(builder.fadd(a32, b32), ir.Constant(_F32, 2.0**-14))  # 128 * 2**-21
+    y = builder.fadd(
+        builder.fmul(builder.sitofp(qa, vf), _splat(builder, a32, vf)),
+        builder.fmul(builder.sitofp(qb, vf), _splat(builder, b32, vf)),
+    )
+
+    def exact() -> ir.Value:
+        ma, mb = (_splat(builder, builder.sitofp(add[k], f64), vd) for k in ("ma", "mb"))
+        t = builder.fadd(builder.fmul(builder.sitofp(qa, vd), ma), builder.fmul(builder.sitofp(qb, vd), mb))
+        y = _roundeven_f64(builder, builder.fmul(t, _splat(builder, unit, vd)))
+        return _clamp(builder, builder.fptosi(y, qa.type), _I32(-127), _I32(127))
+
+    return _rounded_or(builder, y, eps, _I32(-127), _I32(127), exact)
 
 
 def int8_quantize(builder: ir.IRBuilder, vf: ir.VectorType, y: ir.Value, s_next: ir.Value, qlo: ir.Value):
@@ -602,7 +663,7 @@ def _i8_tile(nv: int, isa: str):
                             factor = builder.bitcast(factor, ir.DoubleType())
                             s_fin = add["s_out"] if resid else builder.load(builder.gep(scp, [co]))
                             for i in range(nv):
-                                q = requantize_f64(
+                                q = requantize_chain(
                                     builder, builder.add(accs[i], base), bound, factor, qlo_i, qhi_i
                                 )
                                 if resid:

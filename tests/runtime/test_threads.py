@@ -45,7 +45,8 @@ def test_without_the_spinning_workers_the_pool_computes_the_same(monkeypatch):
 
 
 def _awake() -> threads._Spinner:
-    """The spinner with its worker spinning (not asleep): the calls right after hand it their parts."""
+    """The spinner with its worker spinning (not asleep): the calls right after hand it their parts. Call it
+    inside ``threads.lingering()`` (outside, workers sleep after each chunk)."""
     spinner = threads._spinning(1)
     deadline = time.monotonic() + 5
     while spinner.idle[0] or spinner.rouse[0]:
@@ -59,9 +60,10 @@ def _awake() -> threads._Spinner:
 
 
 def test_the_other_parts_run_in_worker_threads():
-    _awake()
     seen = []
-    threads.run(lambda i: seen.append((i, threading.get_ident())), [(0,), (1,)])
+    with threads.lingering():
+        _awake()
+        threads.run(lambda i: seen.append((i, threading.get_ident())), [(0,), (1,)])
     by_part = dict(seen)
     assert set(by_part) == {0, 1}
     assert by_part[0] == threading.get_ident() and by_part[1] != threading.get_ident()
@@ -89,8 +91,8 @@ def test_when_the_callers_part_raises_the_workers_parts_still_finish_first():
         time.sleep(0.05)
         done.append(i)
 
-    _awake()
-    with pytest.raises(ValueError, match="chunk 0 failed"):
+    with threads.lingering(), pytest.raises(ValueError, match="chunk 0 failed"):
+        _awake()
         threads.run(chunk, [(0,), (1,)])
     assert done == started == [1]
 
@@ -176,3 +178,66 @@ def test_segments_run_a_kernel_on_one_thread_where_that_measured_faster(serial_f
         assert len(s.kernel._geos()) == (1 if serial_faster else 2)
     with torch.inference_mode():
         assert torch.equal(seg(x), q(x))
+
+
+def _idle_within(spinner: threads._Spinner, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not spinner.idle[0]:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
+
+
+def test_workers_spin_only_while_lingering_and_rest_when_told(monkeypatch):
+    """torch's OpenMP threads need the cores: outside ``lingering()`` a worker sleeps right after its chunk
+    (even with an endless spin window), inside it spins for the next one, and leaving it (``rest``) puts the
+    worker to sleep at once; the calls after that still get every part computed."""
+    monkeypatch.setattr(threads, "SPIN_CYCLES", 10**15)  # a spin that never times out by itself
+    out = np.zeros(500)
+    threads.run(_fill, _parts(out, 2, 1.0))
+    spinner = threads._spinning(1)
+    assert _idle_within(spinner, 5.0)
+    with threads.lingering():
+        _awake()
+        threads.run(_fill, _parts(out, 2, 2.0))
+        assert not _idle_within(spinner, 0.2)  # still spinning 200 ms later
+    assert _idle_within(spinner, 5.0)
+    threads.run(_fill, _parts(out, 2, 4.0))
+    assert np.array_equal(out, np.arange(500) * 4.0)
+
+
+def test_segments_send_the_workers_to_rest_before_torch_runs(monkeypatch):
+    """A torch step inside a segment's forward pass, and its end, call ``threads.rest``."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Softmax(dim=1)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    seg, why = S.build(model, x)
+    assert seg is not None, why
+    S.tune(seg, x, rounds=1)
+    calls = []
+    monkeypatch.setattr(threads, "rest", lambda: calls.append(len(calls)))
+    with torch.inference_mode():
+        seg(x)
+    assert any(isinstance(st, S.TorchStep) and not st.exact for st in seg.steps)
+    assert len(calls) >= 2  # before the softmax, and on leaving the forward pass
+
+
+def test_a_call_right_after_rest_is_not_mistaken_for_the_rest():
+    """rest() posts without a chunk; a call posting right after it (before the worker read the rest post)
+    used to have its chunk taken for the rest post's and then its own post taken for a rest: the caller
+    waited forever. 40 rounds of (a lingering call, leaving, a plain call), in a thread with a deadline."""
+    failures = []
+
+    def rounds() -> None:
+        out = np.zeros(200)
+        for v in range(1, 41):
+            with threads.lingering():
+                threads.run(_fill, _parts(out, 2, float(v)))
+            threads.run(_fill, _parts(out, 2, float(v + 1)))
+            if not np.array_equal(out, np.arange(200) * float(v + 1)):
+                failures.append(v)
+
+    t = threading.Thread(target=rounds, daemon=True)
+    t.start()
+    t.join(timeout=60)
+    assert not t.is_alive() and failures == []

@@ -487,6 +487,7 @@ class ConvStep:
         of the integer values (exact below 2**24) and then the kernels' own epilogue
         (:meth:`DirectConvI8.finish`): one spelling of the requantization."""
         g = self.geom
+        threads.rest()  # torch's convolution runs on OpenMP threads: the spinning workers make way
         if self.int8:
             acc = F.conv2d(self._dense_q(env), self.dense_w, None, g.stride, g.padding, g.dilation)
             out = self.out
@@ -621,6 +622,7 @@ class GlobalPoolStep(TorchStep):
             if isinstance(head, GemvLinear):  # its kernel on the pooled vector (GemvLinear.forward's path)
                 out = torch.from_numpy(head.gemv(self.y)[: head.out_features]).reshape(1, -1)
             else:
+                threads.rest()  # a torch module: its OpenMP threads need the cores
                 out = head(torch.from_numpy(self.y.copy()).reshape(1, c))
             env.nchw[self.tail[-1]] = out
             return
@@ -731,6 +733,7 @@ class Segmented(nn.Module):
 
     def run_step(self, step, env: Env) -> None:
         if isinstance(step, TorchStep) and not step.exact:
+            threads.rest()  # torch's OpenMP threads need the cores the spinning workers hold
             self._torch(step, env)
         else:
             step.run(env)
@@ -742,8 +745,9 @@ class Segmented(nn.Module):
             return self.gm(x)
         env = Env()
         env.nchw[self.placeholder] = x.contiguous()
-        for step in self.steps:
-            self.run_step(step, env)
+        with threads.lingering():  # kernel after kernel: the workers spin between them
+            for step in self.steps:
+                self.run_step(step, env)
         return self._arg(self.output.args[0], env)
 
     def conv_steps(self) -> list[ConvStep]:
@@ -1090,7 +1094,10 @@ def tune(seg: Segmented, example: Tensor, rounds: int = 7) -> None:
         for step in seg.steps:
             seg.run_step(step, env)
     born = {n: t for n, t in env.nchw.items() if n not in seg.values or seg.values[n].producer is None}
-    with torch.inference_mode():
+    # as in a forward pass, the workers spin between kernels; a candidate timed right after torch's (which
+    # sends them to sleep) is timed on its second call in a row at 2+ threads, when they are awake again
+    calls = 2 if threads.count() > 1 else 1
+    with torch.inference_mode(), threads.lingering():
         for step in seg.conv_steps():
             kernels = {}
             if step.usable() is None:
@@ -1105,7 +1112,9 @@ def tune(seg: Segmented, example: Tensor, rounds: int = 7) -> None:
                 e.nchw.update(born)
                 step.run(e)
 
-            medians = time_interleaved({name: (lambda k=k: run(k)) for name, k in kernels.items()}, rounds)
+            medians = time_interleaved(
+                {name: (lambda k=k: run(k)) for name, k in kernels.items()}, rounds, calls=calls
+            )
             step.timings = medians
             best = min(medians, key=medians.get)
             step.choice, step.kernel = best, kernels[best]

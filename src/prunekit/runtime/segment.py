@@ -669,7 +669,8 @@ def time_interleaved(
     fns: dict[str, Callable], rounds: int = 7, warmup: int = 1, calls: int = 1
 ) -> dict[str, float]:
     """Median microseconds per callable, all called per round in a shuffled order, each ``calls`` times in
-    a row with the last call timed."""
+    a row with the last call timed. prunekit's workers are sent to sleep before each (``threads.rest``): one
+    left spinning by a segment's forward pass would share the second core with the next callable."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -678,6 +679,7 @@ def time_interleaved(
     for _ in range(rounds):
         rng.shuffle(order)
         for k in order:
+            threads.rest()
             for _ in range(calls):
                 t0 = time.perf_counter_ns()
                 fns[k]()

@@ -389,7 +389,7 @@ def maxpool_bytes_3x3(
     output plane; four loops, each over a whole row with unsigned indices (numba's negative-index checks
     and per-row slices kept :func:`maxpool`'s dozen short loops scalar: 2-3x this kernel's time). Column 0
     and column ``w - 1`` are set apart: their outside neighbour is another row's element when ``q_in ==
-    w``. ``scratch``: uint64 (aligned 64-bit pairs), at least ``q_in + wo / 2 + 1`` of them (one per
+    w``. ``scratch``: uint64 (aligned 64-bit pairs), at least ``q_in + wo // 2 + 3`` of them (one per
     thread)."""
     qe = np.uint64(q_in * 4)
     we = np.uint64(4 * w)
@@ -410,7 +410,7 @@ def maxpool_bytes_3x3(
                 hm[e] = max(vm[e], vm[4 + e]) if w > 1 else vm[e]
                 if w > 1:
                     hm[we - 4 + e] = max(vm[we - 4 + e], vm[we - 8 + e])
-            if st == 2:  # the even words: the low halves of 64-bit pairs (vectorises; a stride does not)
+            if st == 2:  # the even words: the low (little-endian) halves of 64-bit pairs (vectorises)
                 for ox in range(wo):
                     o32[ox] = np.uint32(h64[ox] & 0xFFFFFFFF)
             else:

@@ -1096,8 +1096,8 @@ def tune(seg: Segmented, example: Tensor, rounds: int = 7) -> None:
         for step in seg.steps:
             seg.run_step(step, env)
     born = {n: t for n, t in env.nchw.items() if n not in seg.values or seg.values[n].producer is None}
-    # as in a forward pass, the workers spin between kernels; a candidate timed right after torch's (which
-    # sends them to sleep) is timed on its second call in a row at 2+ threads, when they are awake again
+    # as in a forward pass, the workers spin between kernels; time_interleaved sends them to sleep before
+    # each candidate, so at 2+ threads each is timed on its second call in a row, when they are awake again
     calls = 2 if threads.count() > 1 else 1
     with torch.inference_mode(), threads.lingering():
         for step in seg.conv_steps():

@@ -18,10 +18,9 @@ costs the same 50 us). Measured: a call split in two costs ~5-10 us more than ha
 
 Workers spin only after a call made inside :func:`lingering` (a compiled segment's forward pass, where
 kernel follows kernel); after any other call they sleep right after their chunk, and :func:`rest` sends
-them to sleep before a segment runs torch. torch's
-OpenMP threads need the same cores: a worker spinning through a torch convolution took the core its second
-thread was waiting for, and a float32 ResNet-18 mixing torch and prunekit layers ran 5x slower at 2
-threads (53 ms against 10 ms with the workers asleep).
+them to sleep before a segment runs torch. torch's OpenMP threads need the same cores: a worker spinning
+through a torch convolution took the core its second thread was waiting for, and a float32 ResNet-18
+mixing torch and prunekit layers ran 5x slower at 2 threads (53 ms against 10 ms with the workers asleep).
 
 A worker asleep for a moment is woken with its chunk (~50 us late). A call that finds a worker asleep for
 longer (:data:`LONG_SLEEP_S`) runs all its parts itself and wakes the workers for the calls after it: a CPU

@@ -209,21 +209,6 @@ def test_workers_spin_only_after_lingering_calls_and_rest_when_told(monkeypatch)
     assert _idle_within(spinner, 5.0)  # a plain call: asleep right after its chunk
 
 
-def test_segments_send_the_workers_to_rest_before_torch_runs(monkeypatch):
-    """A torch step inside a segment's forward pass calls ``threads.rest`` first."""
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Softmax(dim=1)).eval()
-    x = torch.randn(1, 3, 16, 16)
-    seg, why = S.build(model, x)
-    assert seg is not None, why
-    S.tune(seg, x, rounds=1)
-    calls = []
-    monkeypatch.setattr(threads, "rest", lambda: calls.append(len(calls)))
-    with torch.inference_mode():
-        seg(x)
-    assert any(isinstance(st, S.TorchStep) and not st.exact for st in seg.steps)
-    assert len(calls) >= 1  # before the softmax
-
-
 def test_a_call_right_after_rest_is_not_mistaken_for_the_rest():
     """rest() posts without a chunk; a call posting right after it (before the worker read the rest post)
     used to have its chunk taken for the rest post's and then its own post taken for a rest: the caller

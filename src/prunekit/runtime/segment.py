@@ -487,7 +487,6 @@ class ConvStep:
         of the integer values (exact below 2**24) and then the kernels' own epilogue
         (:meth:`DirectConvI8.finish`): one spelling of the requantization."""
         g = self.geom
-        threads.rest()  # torch's convolution runs on OpenMP threads: the spinning workers make way
         if self.int8:
             acc = F.conv2d(self._dense_q(env), self.dense_w, None, g.stride, g.padding, g.dilation)
             out = self.out
@@ -622,7 +621,6 @@ class GlobalPoolStep(TorchStep):
             if isinstance(head, GemvLinear):  # its kernel on the pooled vector (GemvLinear.forward's path)
                 out = torch.from_numpy(head.gemv(self.y)[: head.out_features]).reshape(1, -1)
             else:
-                threads.rest()  # a torch module: its OpenMP threads need the cores
                 out = head(torch.from_numpy(self.y.copy()).reshape(1, c))
             env.nchw[self.tail[-1]] = out
             return
@@ -735,7 +733,6 @@ class Segmented(nn.Module):
 
     def run_step(self, step, env: Env) -> None:
         if isinstance(step, TorchStep) and not step.exact:
-            threads.rest()  # torch's OpenMP threads need the cores the spinning workers hold
             self._torch(step, env)
         else:
             step.run(env)

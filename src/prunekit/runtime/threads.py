@@ -18,9 +18,12 @@ costs the same 50 us). Measured: a call split in two costs ~5-10 us more than ha
 
 Workers spin only after a call made inside :func:`lingering` (a compiled segment's forward pass, where
 kernel follows kernel); after any other call they sleep right after their chunk, and :func:`rest` sends
-them to sleep before a segment runs torch. torch's OpenMP threads need the same cores: a worker spinning
-through a torch convolution took the core its second thread was waiting for, and a float32 ResNet-18
-mixing torch and prunekit layers ran 5x slower at 2 threads (53 ms against 10 ms with the workers asleep).
+them to sleep at once (timings do, before each candidate). torch's OpenMP threads need the same cores: with
+workers spinning after every call, a float32 ResNet-18 compiled per layer (torch and prunekit layers
+alternating) ran 5x slower at 2 threads (53 ms against 10 ms with the workers asleep). Inside a segment
+they keep spinning through its few torch steps: sent to sleep before each, the float32 70% ResNet-18 at 2
+threads went from 14.5 to 22-37 ms (a worker woken while torch's OpenMP thread still spins on its core
+starts its chunk up to a millisecond late).
 
 A worker asleep for a moment is woken with its chunk (~50 us late). A call that finds a worker asleep for
 longer (:data:`LONG_SLEEP_S`) runs all its parts itself and wakes the workers for the calls after it: a CPU
@@ -273,7 +276,7 @@ def lingering() -> Iterator[None]:
     with only Python glue between them (a segment's forward pass). They are not sent to sleep on leaving:
     a forward pass right after this one (a camera loop) finds them awake, and torch after it shares the
     second core for at most that last spin (sending them to sleep cost the next forward pass its wake-up:
-    2-thread INT8 ResNet-18, 3 calls in a row beside other engines, 3.3 -> 4.2 ms)."""
+    2-thread INT8 50%-channel ResNet-18, 3 calls in a row beside other engines, 3.45 -> 4.20 ms)."""
     before = getattr(_local, "linger", False)
     _local.linger = True
     try:
@@ -283,7 +286,8 @@ def lingering() -> Iterator[None]:
 
 
 def rest() -> None:
-    """Spinning workers go to sleep now, before torch runs (its OpenMP threads need the cores)."""
+    """Spinning workers go to sleep now (their cores are free for torch's OpenMP threads, or for a timing
+    that should not inherit them)."""
     spinner = _spinner
     if spinner is not None and spinner.busy.acquire(blocking=False):
         try:

@@ -29,8 +29,10 @@ A worker asleep for a moment is woken with its chunk (~50 us late). A call that 
 longer (:data:`LONG_SLEEP_S`) runs all its parts itself and wakes the workers for the calls after it: a CPU
 that idled for tens of milliseconds came back slowly (the chunks handed to it in the next few milliseconds
 took 3-5x their time; 2-thread INT8 ResNet-18 after a 50 ms pause: 7.5-10.7 ms handing them out anyway,
-4.9-5.5 ms this way, 3.1-3.2 ms back to back). Where the spinning workers are busy (another Python
-thread calling), and on CPUs other than x86-64, calls fall back to the pool.
+4.9-5.5 ms this way, 3.1-3.2 ms back to back). That matters inside :func:`lingering`; after other calls a
+roused worker sleeps again at once, so a per-layer call hands its chunk to a sleeping worker, as the pool
+did. Where the spinning workers are busy (another Python thread calling), and on CPUs other than x86-64,
+calls fall back to the pool.
 """
 
 from __future__ import annotations
@@ -150,8 +152,8 @@ class _Spinner:
             finished = -1
             task = self.tasks[w]  # (post number, kernel, args): the chunk of the call that posted it
             if v != seen and (task is None or task[0] != v):
-                # a rest() post (no chunk of its own); when the next call posted before this worker read
-                # it, that call's post is in the flag already and the next wait returns it at once
+                # a rest() post (no chunk of its own); when the next call's chunk is already here, its post
+                # is in the flag or about to be: the next wait (or the sleep's re-check) picks it up
                 seen = v
                 if task is not None and task[0] > v:
                     continue

@@ -532,7 +532,6 @@ class PoolStep:
         _, ho, wo = self.out.shape
         self.rowmax = np.empty(4 * (2 * w + wo) + 64, np.float32)  # rows, column maxima, the output row
         signed = not (self.inp.offset or nonneg(self.inp))
-        self.rowbytes = np.empty(4 * (2 * w + wo) + 64, np.int8 if signed else np.uint8)
         # comparisons: threads split the units above threads.MIN_PARALLEL_WORK
         self.work = c * h * w * self.k * self.k
         self.scratch: dict[tuple, list[np.ndarray]] = {}
@@ -551,8 +550,10 @@ class PoolStep:
             and src.row_pad >= 1 and src.rows >= src.row_pad + h + 1
             and (ho - 1) * self.s <= h - 1 and (wo - 1) * self.s <= w - 1
         )  # fmt: skip
-        if self.zero_padded:
+        if self.zero_padded:  # maxpool_bytes_3x3's scratch: one row of 64-bit pairs and the output words
             self.rowbytes = np.empty(src.pitch + wo // 2 + 8, np.uint64)
+        else:
+            self.rowbytes = np.empty(4 * (2 * w + wo) + 64, np.int8 if signed else np.uint8)
 
     def _pool(self, src: L.Layout, sbuf: np.ndarray, dst: L.Layout, dbuf: np.ndarray, epu: int, row) -> None:
         c, h, w = self.inp.shape

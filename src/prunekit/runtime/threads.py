@@ -44,6 +44,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import cache
 
 import numpy as np
 import torch
@@ -70,9 +71,16 @@ _spinner: _Spinner | None = None
 _local = threading.local()  # .linger: this thread's calls leave the workers spinning (lingering())
 
 
+@cache
+def _cpus() -> int:
+    """The number of CPUs, read once: ``os.cpu_count()`` reads a file under /sys on Linux (~7 us), and a
+    segment asks once per kernel call."""
+    return os.cpu_count() or 1
+
+
 def count() -> int:
     """Threads to use: ``torch.get_num_threads()``, at most the number of CPUs."""
-    return max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
+    return max(1, min(torch.get_num_threads(), _cpus()))
 
 
 # -- flags shared with the workers, read and written outside the GIL -----------------------------------

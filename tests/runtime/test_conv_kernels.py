@@ -65,12 +65,10 @@ def test_float32_direct_conv_equals_dense_conv(case, vw, pick, cb):
     assert (y - ref).abs().max().item() <= 1e-4 * max(ref.abs().max().item(), 1e-30)
 
 
-@FAST
-@given(
-    case=conv_cases(), isa=st.sampled_from(ISAS), pick=st.integers(0, 3), cbg=st.sampled_from([None, 1, 2])
-)
-def test_int8_accumulators_are_the_exact_integer_convolution(case, isa, pick, cbg):
-    """scale 1, no bias, no clamp: the float32 output is the int32 accumulator itself (all below 2**24)."""
+def _int8_sums(case, isa: str, nv: int, cbg, channels: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """A DirectConvI8 at scale 1, no bias, no clamp on random int8 weights (sparsity ``case["sparsity"]``)
+    and activations (signed on VNNI: the +128 path, compensated): its float32 output, which is then the
+    int32 accumulator itself (all below 2**24), and the integer convolution in float64."""
     torch.manual_seed(case["seed"])
     geom = C.ConvGeom(
         case["cin"], case["cout"], case["kernel"], case["stride"], case["padding"], case["dilation"]
@@ -80,14 +78,13 @@ def test_int8_accumulators_are_the_exact_integer_convolution(case, isa, pick, cb
     xq = torch.randint(
         0 if isa == "avx2" else -127, 128, (case["cin"], case["h"], case["w"]), dtype=torch.int8
     )
-    offset = 128 if isa == "vnni512" else 0  # VNNI: the signed path (+128 bytes, compensated)
-    vw = 16 if isa == "vnni512" else 8
+    offset = 128 if isa == "vnni512" else 0
     groups, (h, w) = -(-case["cin"] // 4), (case["h"], case["w"])
     inp = L.gather(groups, h, w, *geom.args)
     out = L.planes(L.roundup(case["cout"], 4), inp.height, inp.width, 0, 0, (), pitch=inp.pitch)
     layer = C.DirectConvI8(
         wq.numpy(), np.ones(case["cout"], np.float32), None, geom, inp, C.Int8Out(floats=out),
-        nv=C.tile_options(vw)[pick], isa=isa, cbg=cbg, offset=offset,
+        nv=nv, isa=isa, cbg=cbg, offset=offset, channels=channels,
     )  # fmt: skip
     packed = np.empty(groups * h * w, np.int32)
     L.quantize_pack(
@@ -101,7 +98,42 @@ def test_int8_accumulators_are_the_exact_integer_convolution(case, isa, pick, cb
     L.read(Y, out.col0(), out.per_unit * out.plane, out.pitch, case["cout"], out.height, out.width,
            acc.reshape(-1).view(np.int32))  # fmt: skip
     ref = F.conv2d(xq[None].double(), wq.double(), None, geom.stride, geom.padding, geom.dilation)[0]
-    assert np.array_equal(acc.astype(np.int64), ref.numpy().astype(np.int64))
+    return acc.astype(np.int64), ref.numpy().astype(np.int64)
+
+
+@FAST
+@given(
+    case=conv_cases(), isa=st.sampled_from(ISAS), pick=st.integers(0, 3), cbg=st.sampled_from([None, 1, 2])
+)
+def test_int8_accumulators_are_the_exact_integer_convolution(case, isa, pick, cbg):
+    vw = 16 if isa == "vnni512" else 8
+    acc, ref = _int8_sums(case, isa, C.tile_options(vw)[pick], cbg)
+    assert np.array_equal(acc, ref)
+
+
+@pytest.mark.skipif(not features().vnni, reason="the channel-lane int8 sums are AVX-512 VNNI only")
+@FAST
+@given(case=conv_cases(), cout=st.integers(1, 70), pick=st.integers(0, 1), split=st.booleans())
+def test_int8_channel_lane_sums_are_the_exact_integer_convolution(case, cout, pick, split):
+    """conv_channels: output channels in the lanes, runs of 1-8 positions per row, 1-3 blocks of 32
+    channels (``split``: the blocks shared by two threads)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(C.threads, "count", lambda: 2 if split else 1)
+        mp.setattr(C.threads, "MIN_PARALLEL_WORK", 0)
+        acc, ref = _int8_sums(dict(case, cout=cout), "vnni512", C.K.SHARED_NV[pick], None, channels=True)
+    assert np.array_equal(acc, ref)
+
+
+def test_channel_lane_runs_cover_every_position_of_a_row_once():
+    from prunekit.runtime.conv_channels import MAX_RUN, run_lengths, runs
+
+    for width in range(1, 130):
+        lens = run_lengths(width)
+        assert sum(lens) == width and max(lens) <= MAX_RUN and min(lens) >= 1
+        assert len(lens) == -(-width // MAX_RUN) or (width % 7 == 0 and len(lens) == width // 7)
+    starts, lens = runs(3, 13, 16)
+    covered = sorted(p for s, n in zip(starts, lens) for p in range(s, s + n))
+    assert covered == [y * 16 + x for y in range(3) for x in range(13)]
 
 
 @FAST

@@ -279,6 +279,31 @@ def test_shared_load_int8_kernel_equals_prunekit_int8_bit_for_bit():
                 assert torch.equal(seg(inp), q(inp))
 
 
+@pytest.mark.skipif(not features().vnni, reason="the channel-lane int8 sums are AVX-512 VNNI only")
+def test_channel_lane_int8_sums_equal_prunekit_int8_bit_for_bit():
+    """conv_channels (output channels in the lanes, then the ordinary epilogue on whole accumulators): every
+    step of a dense and of a pruned integer ResNet offers it; forced on every step (residual adds, strided
+    gathers, signed inputs, maps of odd widths), the outputs are prunekit's integers."""
+    torch.manual_seed(1)
+    for keep, size in ((1.0, 36), (0.3, 44)):
+        model, x = pruned(random_bn(ResNet18(10, width=0.25)), keep=keep), torch.randn(1, 3, size, size)
+        calib = [torch.randn_like(x) for _ in range(2)]
+        q = quantize_model(model, activations="static", calibration=calib)
+        seg, why = S.build(q, x, vw=16, isa="vnni512")
+        assert seg is not None, why
+        forced = 0
+        for step in seg.conv_steps():
+            lanes = [c for c in step.configs() if len(c) == 4]
+            if keep == 1.0:
+                assert lanes
+            step.kernel = step.make_kernel(*lanes[0]) if lanes else None
+            forced += bool(lanes)
+        assert forced >= len(seg.conv_steps()) // 2
+        with torch.inference_mode():
+            for inp in (x, calib[0], 3 * x):
+                assert torch.equal(seg(inp), q(inp))
+
+
 def test_the_classifier_after_the_global_pool_runs_on_its_compiled_kernel(monkeypatch):
     """compile swaps the classifier for a GemvLinear after the segments are built: the pool step finds it
     in the graph module and runs its kernel on the pooled vector (GemvLinear's own forward: the same

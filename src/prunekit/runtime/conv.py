@@ -25,6 +25,7 @@ from prunekit.errors import PrunekitError
 from prunekit.runtime import conv_kernels as K
 from prunekit.runtime import conv_layout as L
 from prunekit.runtime import threads
+from prunekit.runtime.conv_channels import ChannelSums
 from prunekit.runtime.cpu import features
 
 NO_CLAMP = (-np.inf, np.inf)
@@ -432,11 +433,14 @@ class DirectConvI8:
         chain: bool = False,
         residual_offset: int = 0,
         shared: bool = False,
+        channels: bool = False,
     ) -> None:
         """``chain``: the integer epilogue (``conv_kernels.FLAG_CHAIN``; the caller checked
         :func:`chain_reason` is None): ``residual`` is then the residual's *byte* layout (``residual_offset``
         128 when its bytes are +128-encoded). ``shared``: the sums by :func:`pack_group_blocks`' kernel (VNNI,
-        ``nv`` in ``SHARED_NV``)."""
+        ``nv`` in ``SHARED_NV``). ``channels``: the sums with output channels in the lanes
+        (:mod:`prunekit.runtime.conv_channels`, VNNI, an output width that a compiled run divides), then the
+        epilogue on them as whole accumulators (``nv``: the epilogue's tile)."""
         vw = 16 if isa == "vnni512" else 8
         if isa not in K.ISAS:
             raise PrunekitError(f"DirectConvI8: isa must be one of {', '.join(K.ISAS)}, got {isa!r}")
@@ -458,6 +462,10 @@ class DirectConvI8:
         pack = pack_group_blocks if shared else pack_blocks
         self.ptr, self.offs, self.wv, rowsum = pack(wq, inp, geom, cbg)
         self.blocks = int(self.wv.size)  # dot products per position group (shared: 4 per union block)
+        self.channels: ChannelSums | None = None
+        if channels:
+            self.channels = ChannelSums(wq, inp, geom, dest, isa, ntiles=_tiles(dest, nv * vw), tile=nv * vw)
+            self.blocks = self.channels.dots
         self.comp = (-offset * rowsum).astype(np.int32)
         self.scale = np.zeros(cpad, np.float32)
         self.scale[:cout] = scale
@@ -558,6 +566,17 @@ class DirectConvI8:
     def _geos(self) -> list[np.ndarray]:
         return _thread_geos(self, int(self.geo[8]))
 
+    def _whole_geos(self, stride: int) -> list[np.ndarray]:
+        """:meth:`_geos` for the epilogue alone on whole accumulators (``stride`` per channel)."""
+        key = (-1 - stride, len(self._geos()))  # cached beside the tiled parts
+        found = self._parts.get(key)
+        if found is None:
+            found = [g.copy() for g in self._geos()]
+            for g in found:
+                g[12], g[13] = stride, 0
+            self._parts[key] = found
+        return found
+
     def __call__(
         self,
         X: np.ndarray,
@@ -569,6 +588,9 @@ class DirectConvI8:
     ) -> None:
         """``acc`` (int32, ``acc_stride`` per channel, positions as the output tile): whole accumulators to
         start from (the dense path: exact sums computed elsewhere, the epilogue here)."""
+        if self.channels is not None and acc is None:  # the sums channels-first, then the epilogue on them
+            self.channels(X, 1 if self.serial else threads.chunks(self.macs))
+            acc, acc_stride = self.channels.acc, self.channels.whole
         yb = Y if Y is not None else self.masks
         rf = self._float_dummy if R is None else R.view(np.float32)
         ff = self._float_dummy if F is None else F.view(np.float32)
@@ -594,11 +616,7 @@ class DirectConvI8:
             scratch,
             self._no_blocks,
         )
-        geos = self._geos()
-        if acc is not None:
-            geos = [g.copy() for g in geos]
-            for g in geos:
-                g[12], g[13] = acc_stride, 0  # whole accumulators: the epilogue alone
+        geos = self._geos() if acc is None else self._whole_geos(acc_stride)  # whole: the epilogue alone
         threads.run(K.conv_i8, [(*args, g) for g in geos])
 
     def finish(self, acc: np.ndarray, Y: np.ndarray | None, R: np.ndarray | None = None,

@@ -382,7 +382,7 @@ class ConvStep:
             residual_offset=self.residual.offset if self.chain and self.residual is not None else 0,
         )
 
-    def make_kernel(self, nv: int, cb: int | None, shared: bool = False):
+    def make_kernel(self, nv: int, cb: int | None, shared: bool = False, channels: bool = False):
         out = self.out
         if not self.int8:
             return DirectConvF32(
@@ -418,13 +418,16 @@ class ConvStep:
             chain=self.chain,
             residual_offset=self.residual.offset if self.chain and self.residual is not None else 0,
             shared=shared,
+            channels=channels,
         )
 
     def configs(self) -> list[tuple]:
         """``(nv, cb)`` tiles and channel blocks to time; int8 on VNNI also ``(nv, cb, True)``, the
         shared-load kernel, where a group of 4 output channels shares most of its blocks (dense and
         channel-pruned layers: each activation load then serves 4 channels; a random 4x1 pattern would pay
-        2-3x the dot products for its union, so it is not offered there)."""
+        2-3x the dot products for its union, so it is not offered there), and there ``(nv, None, False,
+        True)``: output channels in the lanes (:mod:`prunekit.runtime.conv_channels`; small maps, whose
+        positions fill few lanes)."""
         vw = self.vw if not self.int8 else (16 if self.isa == "vnni512" else 8)
         span = (self.out_hw[0] - 1) * self.out_pitch + self.out_hw[1]
         tiles = [nv for nv in tile_options(vw) if nv * vw <= max(span, min(tile_options(vw)) * vw)]
@@ -432,6 +435,7 @@ class ConvStep:
         found: list[tuple] = [(nv, cb) for nv in tiles for cb in blocks]
         if self.int8 and self.isa == "vnni512" and self._union_ratio() <= SHARED_UNION_MAX:
             found += [(nv, cb, True) for nv in SHARED_NV if nv in tiles for cb in blocks]
+            found += [(nv, None, False, True) for nv in SHARED_NV if nv in tiles]
         return found
 
     def _union_ratio(self) -> float:
@@ -1079,8 +1083,10 @@ def _bytes_for(v: Value, scale: float, isa: str, conv_input: bool = True) -> boo
 
 
 def _label(cfg: tuple) -> str:
-    nv, cb, *shared = cfg
-    return f"nv{nv}/cb{cb or 'all'}" + ("/shared" if shared and shared[0] else "")
+    nv, cb, *kind = cfg
+    if len(kind) > 1 and kind[1]:
+        return f"channels/nv{nv}"
+    return f"nv{nv}/cb{cb or 'all'}" + ("/shared" if kind and kind[0] else "")
 
 
 def tune(seg: Segmented, example: Tensor, rounds: int = 7) -> None:

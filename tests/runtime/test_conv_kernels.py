@@ -171,10 +171,12 @@ def _requant(consts, lo: int, hi: int) -> C.Requant:
     return C.Requant(bias_q, mult, shift, lo, hi, 0.0173)
 
 
-def _epilogue_outputs(isa: str, accs: np.ndarray, rq: C.Requant, residual=None, **kw) -> np.ndarray:
+def _epilogue_outputs(isa: str, accs: np.ndarray, rq: C.Requant, residual=None, pick=0, **kw) -> np.ndarray:
     """The float32 outputs (4, 1, n) of a 4-channel 1x1 DirectConvI8 whose epilogue alone runs on the
     whole accumulators ``accs`` (``finish``), with the float32 output as its only output. ``residual``: the
-    residual's bytes (n,) int32 units (4 channels' bytes each), for the integer chain's fused add."""
+    residual's bytes (n,) int32 units (4 channels' bytes each), for the integer chain's fused add.
+    ``pick``: the tile (on VNNI the integer chain's tiles of 2 and 4 vectors run the unrolled epilogue,
+    ``conv_kernels._chain_epilogue``; 7 and 8 the per-row one)."""
     n = accs.shape[2]
     geom = C.ConvGeom.of(nn.Conv2d(4, 4, 1, bias=False))
     inp = L.gather(1, 1, n, *geom.args)
@@ -185,7 +187,7 @@ def _epilogue_outputs(isa: str, accs: np.ndarray, rq: C.Requant, residual=None, 
         R = res.alloc()
         R[res.col0() : res.col0() + n] = residual
     layer = C.DirectConvI8(np.zeros((4, 4, 1, 1), np.int8), np.ones(4, np.float32), None, geom, inp,
-                           C.Int8Out(floats=out), nv=C.tile_options(16 if isa == "vnni512" else 8)[0],
+                           C.Int8Out(floats=out), nv=C.tile_options(16 if isa == "vnni512" else 8)[pick],
                            isa=isa, requant=rq, residual=res, **kw)  # fmt: skip
     F_ = out.alloc()
     layer.finish(accs, None, R, F=F_)
@@ -236,8 +238,9 @@ def test_int8_epilogue_is_the_fixed_point_requantization_rule(isa, acc, consts, 
         max_size=4,
     ),
     relu=st.booleans(),
+    pick=st.integers(0, 3),
 )
-def test_the_integer_chain_requantizes_in_float64_exactly_as_the_rule(isa, acc, consts, relu):
+def test_the_integer_chain_requantizes_in_float64_exactly_as_the_rule(isa, acc, consts, relu, pick):
     """The integer chain's float64 requantization (conv_kernels.requantize_f64) gives requantize_value's
     integers for every accumulator and constants chain_reason admits (shifts up to F64_MAX_SHIFT: ties,
     saturation, multipliers of any size), and its ReLU is max(q, 0)."""
@@ -245,19 +248,21 @@ def test_the_integer_chain_requantizes_in_float64_exactly_as_the_rule(isa, acc, 
     rows = [[a if r == 0 else (a * (r + 2)) % 2**30 - 2**29 for a in acc] for r in range(4)]
     accs = np.array(rows, np.int64).reshape(4, 1, len(acc)).astype(np.int32)
     clamp = (0.0, np.inf) if relu else C.NO_CLAMP
-    got = _epilogue_outputs(isa, accs, rq, clamp=clamp, chain=True)
+    got = _epilogue_outputs(isa, accs, rq, clamp=clamp, chain=True, pick=pick)
     want = _rule(accs, rq, 0 if relu else rounding.INT8_LO)
     assert np.array_equal(got.view(np.int32), want.view(np.int32))
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(
     isa=st.sampled_from(ISAS),
     mult=st.integers(2**29, 2**31 - 1),
     shift=st.integers(30, C.F64_MAX_SHIFT),
     bias_q=st.integers(-(2**20), 2**20),
+    pick=st.integers(0, 3),
+    relu=st.booleans(),
 )
-def test_the_integer_chain_rounds_near_ties_as_the_rule(isa, mult, shift, bias_q):
+def test_the_integer_chain_rounds_near_ties_as_the_rule(isa, mult, shift, bias_q, pick, relu):
     """The chain's requantization takes float32 where it provably rounds like the rule and float64
     otherwise (conv_kernels.requantize_chain): at every accumulator within 3 of a rounding boundary
     (``v * mult`` next to ``(k + 1/2) * 2**shift``, where float32's error could cross it), for every
@@ -267,13 +272,21 @@ def test_the_integer_chain_rounds_near_ties_as_the_rule(isa, mult, shift, bias_q
     acc = np.clip(acc, -(2**31) + 1, 2**31 - 1)
     rq = _requant([(bias_q, mult, shift)] * 4, rounding.INT8_LO, rounding.INT8_HI)
     accs = np.stack([acc] * 4).reshape(4, 1, -1).astype(np.int32)
-    got = _epilogue_outputs(isa, accs, rq, chain=True)
-    assert np.array_equal(got.view(np.int32), _rule(accs, rq, rounding.INT8_LO).view(np.int32))
+    clamp = (0.0, np.inf) if relu else C.NO_CLAMP
+    got = _epilogue_outputs(isa, accs, rq, chain=True, pick=pick, clamp=clamp)
+    want = _rule(accs, rq, 0 if relu else rounding.INT8_LO)
+    assert np.array_equal(got.view(np.int32), want.view(np.int32))
 
 
-@settings(max_examples=8, deadline=None)
-@given(isa=st.sampled_from(ISAS), ma=st.floats(0.01, 4.0), mb=st.floats(0.01, 4.0))
-def test_the_integer_chain_adds_every_pair_of_int8_operands_as_the_rule(isa, ma, mb):
+@settings(max_examples=12, deadline=None)
+@given(
+    isa=st.sampled_from(ISAS),
+    ma=st.floats(0.01, 4.0),
+    mb=st.floats(0.01, 4.0),
+    pick=st.integers(0, 3),
+    relu=st.booleans(),
+)
+def test_the_integer_chain_adds_every_pair_of_int8_operands_as_the_rule(isa, ma, mb, pick, relu):
     """The chain's fused add (conv_kernels.int8_add_integers: float32 where it provably rounds like the
     rule, float64 otherwise) on all 255 x 256 pairs of a requantized output ``qa`` and a residual byte
     ``qb``: ``clamp(rshift_round(qa * Ma + qb * Mb, sh), -127, 127)``."""
@@ -285,8 +298,12 @@ def test_the_integer_chain_adds_every_pair_of_int8_operands_as_the_rule(isa, ma,
     units = units.astype(np.uint32).view(np.int32)
     add = C.IntAdd(rq.out_scale, 1.0, 0.0625, Ma, Mb, sh)  # a is the convolution at its own scale
     accs = np.stack([qa] * 4).reshape(4, 1, -1).astype(np.int32)
-    got = _epilogue_outputs(isa, accs, rq, residual=units, chain=True, add=add)
-    want = [max(-127, min(127, rounding.rshift_round(int(a) * Ma + int(b) * Mb, sh))) for a, b in zip(qa, qb)]
+    clamp = (0.0, np.inf) if relu else C.NO_CLAMP  # a ReLU after the add
+    got = _epilogue_outputs(isa, accs, rq, residual=units, chain=True, add=add, pick=pick, clamp=clamp)
+    lowest = 0 if relu else -127
+    want = [
+        max(lowest, min(127, rounding.rshift_round(int(a) * Ma + int(b) * Mb, sh))) for a, b in zip(qa, qb)
+    ]
     assert np.array_equal(got[0, 0] / np.float32(0.0625), np.array(want, np.float32))
     assert np.array_equal(got, np.stack([got[0]] * 4))
 

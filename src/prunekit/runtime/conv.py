@@ -527,6 +527,8 @@ class DirectConvI8:
             flags |= 1 << K.FLAG_QADD
             q[4], q[5], q[6] = add.scale_a, add.scale_b, add.scale_out
             self.rq[2], self.rq[3], self.rq[4] = add.ma, add.mb, add.sh
+        s_fin = np.float32(q[6]) if add is not None else self.scale
+        self.cst = K.chain_constants(self.comp, per[:, 0], per[:, 3], per[:, 4], s_fin)
         rbase, rstride = (residual.col0(), residual.per_unit * residual.plane) if residual else (0, 0)
         fl = out.floats
         fbase, fstride = (fl.col0(), fl.per_unit * fl.plane) if fl else (0, 0)
@@ -615,6 +617,7 @@ class DirectConvI8:
             self.rq,
             scratch,
             self._no_blocks,
+            self.cst,
         )
         geos = self._geos() if acc is None else self._whole_geos(acc_stride)  # whole: the epilogue alone
         threads.run(K.conv_i8, [(*args, g) for g in geos])

@@ -449,7 +449,7 @@ def int8_add_integers(builder: ir.IRBuilder, qa: ir.Value, qb: ir.Value, add: di
     two roundings and the sum one, so ``|y - exact| < 128 * (A + B) * 2**-22`` and ``eps = 128 * (A + B) *
     2**-21``."""
     n = qa.type.count
-    vd, vf = ir.VectorType(ir.DoubleType(), n), ir.VectorType(_F32, n)
+    vf = ir.VectorType(_F32, n)
     f64 = ir.DoubleType()
     exponent = builder.shl(builder.sub(_c64(1023), add["sh"]), _c64(52))  # the bits of 2**-sh
     unit = builder.bitcast(exponent, f64)
@@ -460,13 +460,19 @@ def int8_add_integers(builder: ir.IRBuilder, qa: ir.Value, qb: ir.Value, add: di
         builder.fmul(builder.sitofp(qb, vf), _splat(builder, b32, vf)),
     )
 
-    def exact() -> ir.Value:
-        ma, mb = (_splat(builder, builder.sitofp(add[k], f64), vd) for k in ("ma", "mb"))
-        t = builder.fadd(builder.fmul(builder.sitofp(qa, vd), ma), builder.fmul(builder.sitofp(qb, vd), mb))
-        y = _roundeven_f64(builder, builder.fmul(t, _splat(builder, unit, vd)))
-        return _clamp(builder, builder.fptosi(y, qa.type), _I32(-127), _I32(127))
+    return _rounded_or(builder, y, eps, _I32(-127), _I32(127), lambda: int8_add_exact(builder, qa, qb, add))
 
-    return _rounded_or(builder, y, eps, _I32(-127), _I32(127), exact)
+
+def int8_add_exact(builder: ir.IRBuilder, qa: ir.Value, qb: ir.Value, add: dict) -> ir.Value:
+    """:func:`int8_add_integers` in float64 alone (exact: products and sum below 2**40, scaled by a power
+    of two), clamped to [-127, 127]."""
+    vd = ir.VectorType(ir.DoubleType(), qa.type.count)
+    f64 = ir.DoubleType()
+    unit = builder.bitcast(builder.shl(builder.sub(_c64(1023), add["sh"]), _c64(52)), f64)  # 2**-sh
+    ma, mb = (_splat(builder, builder.sitofp(add[k], f64), vd) for k in ("ma", "mb"))
+    t = builder.fadd(builder.fmul(builder.sitofp(qa, vd), ma), builder.fmul(builder.sitofp(qb, vd), mb))
+    y = _roundeven_f64(builder, builder.fmul(t, _splat(builder, unit, vd)))
+    return _clamp(builder, builder.fptosi(y, qa.type), _I32(-127), _I32(127))
 
 
 def int8_quantize(builder: ir.IRBuilder, vf: ir.VectorType, y: ir.Value, s_next: ir.Value, qlo: ir.Value):
@@ -701,7 +707,172 @@ def _i8_tile(nv: int, isa: str):
     return tile
 
 
+CHAIN_CONSTS = 4  # per channel: acc + comp + bias_q offset (i32), factor, 0.5 - eps, s_fin (f32 bits)
+
+
+def chain_constants(comp, bias_q, bound, factor_bits, s_fin) -> np.ndarray:
+    """Per channel the constants of :func:`_chain_epilogue`, as :func:`requantize_chain` computes them in
+    float32 (the same operations, so the same values): ``comp + bias_q`` (int32, wrapping as the kernel's
+    int32 sum does), ``float32(factor)``, ``0.5 - bound * factor * 2**-21`` and the output scale ``s_fin``."""
+    out = np.zeros((comp.size, CHAIN_CONSTS), np.int32)
+    out[:, 0] = (comp.astype(np.int64) + bias_q.astype(np.int64)).astype(np.int32)
+    f32 = factor_bits.view(np.float64).astype(np.float32)
+    eps = bound.astype(np.int32).astype(np.float32) * f32 * np.float32(2.0**-21)
+    as_f = out.view(np.float32)
+    as_f[:, 1], as_f[:, 2], as_f[:, 3] = f32, np.float32(0.5) - eps, s_fin
+    return out.reshape(-1)
+
+
+class _ChainRows:
+    """IR for :func:`_chain_epilogue`: the 4 x ``nv`` outputs of a group of 4 channels from the sums in
+    ``S``, in float32 with a record of the lanes not provably exact (``fast``), or in float64 (``exact``)."""
+
+    def __init__(self, builder: ir.IRBuilder, nv: int, resid: bool, p: dict, i: dict) -> None:
+        self.b, self.nv, self.resid, self.p, self.i = builder, nv, resid, p, i
+        vw = 16
+        self.vi, self.vf, self.mask_t = ir.VectorType(_I32, vw), ir.VectorType(_F32, vw), ir.IntType(vw)
+        b, vf = builder, self.vf
+        qint = b.bitcast(b.gep(p["q"], [_c64(2)]), _I32.as_pointer())
+        self.offset = _splat(b, b.load(qint), self.vi)
+        self.zpat = _splat(b, b.load(b.gep(qint, [_c64(1)])), self.vi)
+        self.rkey = _splat(b, b.load(b.gep(qint, [_c64(6)])), self.vi)
+        clo = b.load(b.gep(qint, [_c64(5)]))
+        self.lo, self.hi = (b.trunc(b.load(b.gep(p["rq"], [_c64(k)])), _I32) for k in (0, 1))
+        self.add = {k: b.load(b.gep(p["rq"], [_c64(2 + j)])) for j, k in enumerate(("ma", "mb", "sh"))}
+
+        def imax(x, y):
+            return b.select(b.icmp_signed(">", x, y), x, y)
+
+        # the ReLU (clo 0, else INT_MIN) folded into the last clamp: max(clamp(x, l, h), clo) equals
+        # clamp(x, max(l, clo), max(h, clo)) for any l <= h
+        last = (_I32(-127), _I32(127)) if resid else (self.lo, self.hi)
+        self.last_lo, self.last_hi = (imax(v, clo) for v in last)
+        fs = [_splat(b, b.sitofp(v, _F32), vf) for v in (self.lo, self.hi, self.last_lo, self.last_hi)]
+        self.first_f = (fs[0], fs[1]) if resid else (fs[2], fs[3])
+        self.last_f = (fs[2], fs[3])
+        self.fn = {
+            k: _declare(b, f"llvm.{k}.v{vw}f32", vf, [vf] * n)
+            for k, n in (("roundeven", 1), ("fabs", 1), ("maxnum", 2), ("minnum", 2))
+        }
+        if resid:  # the fused add's float32 constants, as int8_add_integers computes them
+            unit = b.bitcast(b.shl(b.sub(_c64(1023), self.add["sh"]), _c64(52)), ir.DoubleType())
+            a32, b32 = (
+                b.fptrunc(b.fmul(b.sitofp(self.add[k], ir.DoubleType()), unit), _F32) for k in ("ma", "mb")
+            )
+            eps = b.fmul(b.fadd(a32, b32), ir.Constant(_F32, 2.0**-14))
+            self.thr_add = _splat(b, b.fsub(ir.Constant(_F32, 0.5), eps), vf)
+            self.a32, self.b32 = _splat(b, a32, vf), _splat(b, b32, vf)
+
+    def _rounded(self, y, thr, bounds, unsafe):
+        """``clamp(round_half_even(y))`` as an integer-valued float vector; ``unsafe`` gains the lanes
+        farther than ``thr`` from their nearest integer (:func:`_rounded_or`'s test)."""
+        b, fn = self.b, self.fn
+        near = b.call(fn["roundeven"], [y])
+        ok = b.bitcast(b.fcmp_ordered("<", b.call(fn["fabs"], [b.fsub(y, near)]), thr), self.mask_t)
+        unsafe = b.or_(unsafe, b.xor(ok, ir.Constant(self.mask_t, -1)))
+        return b.call(fn["minnum"], [b.call(fn["maxnum"], [near, bounds[0]]), bounds[1]]), unsafe
+
+    def group(self, exact: bool) -> tuple[list, ir.Value]:
+        """The packed output vectors (4 channels' bytes per lane) and the unsafe lanes; float32 stores
+        where FLOAT_OUT."""
+        b, p, i, vi, vf, nv = self.b, self.p, self.i, self.vi, self.vf, self.nv
+        packed, unsafe = [ir.Constant(vi, [0] * 16)] * nv, ir.Constant(self.mask_t, 0)
+        rint = b.bitcast(p["R"], _I32.as_pointer())
+        units = [_vload(b, rint, b.add(i["rb"], _c64(16 * k)), vi) for k in range(nv)] if self.resid else []
+        cpf = b.bitcast(p["cst"], _F32.as_pointer())
+        for r in range(4):
+            co = b.add(i["co0"], _c64(r))
+            at = b.mul(co, _c64(CHAIN_CONSTS))
+            base = _splat(b, b.load(b.gep(p["cst"], [at])), vi)
+            fac, thr, s_fin = (_splat(b, b.load(b.gep(cpf, [b.add(at, _c64(k))])), vf) for k in (1, 2, 3))
+            rq_at = b.add(_c64(RQ_HEAD), b.mul(co, _c64(RQ_STRIDE)))
+            bound = b.trunc(b.load(b.gep(p["rq"], [b.add(rq_at, _c64(3))])), _I32)
+            factor = b.bitcast(b.load(b.gep(p["rq"], [b.add(rq_at, _c64(4))])), ir.DoubleType())
+            shift = _splat(b, _I32(8 * r), vi)
+            row = b.add(i["sb"], b.mul(i["ss"], _c64(r)))
+            for k in range(nv):
+                v = b.add(_vload(b, p["S"], b.add(row, _c64(16 * k)), vi), base)
+                if exact:
+                    first = (self.lo, self.hi) if self.resid else (self.last_lo, self.last_hi)
+                    q = requantize_f64(b, v, bound, factor, *first)
+                    if self.resid:
+                        qb = residual_byte(b, units[k], shift, self.rkey)
+                        q = _clamp(b, int8_add_exact(b, q, qb, self.add), self.last_lo, self.last_hi)
+                else:
+                    qf, unsafe = self._rounded(b.fmul(b.sitofp(v, vf), fac), thr, self.first_f, unsafe)
+                    if self.resid:  # qf is float(q) (or -0.0 for 0): the add reads it without a conversion
+                        qb = b.sitofp(residual_byte(b, units[k], shift, self.rkey), vf)
+                        y = b.fadd(b.fmul(qf, self.a32), b.fmul(qb, self.b32))
+                        qf, unsafe = self._rounded(y, self.thr_add, self.last_f, unsafe)
+                    q = b.fptosi(qf, vi)
+                with b.if_then(_flag(b, i["flags"], FLAG_FLOAT_OUT)):  # float32(q) * s: never -0.0
+                    off = b.add(b.add(i["fb"], b.mul(i["fstride"], _c64(r))), _c64(16 * k))
+                    _vstore(b, b.fmul(b.sitofp(q, vf), s_fin), p["F"], off)
+                byte = b.and_(b.shl(b.add(q, self.offset), shift), ir.Constant(vi, [255 << (8 * r)] * 16))
+                packed[k] = b.or_(packed[k], byte)
+        return packed, unsafe
+
+    def store(self, packed: list) -> None:
+        """The packed vectors into every output plane (padding lanes: 0, or the +128 zero pattern)."""
+        b, p, i, vi = self.b, self.p, self.i, self.vi
+        ones = ir.Constant(vi, [-1] * 16)
+
+        def keep(v, m):  # the value where the mask is set, the zero pattern elsewhere
+            return b.or_(b.and_(v, m), b.and_(self.zpat, b.xor(m, ones)))
+
+        args = (p["Y"], i["yb"], p["yoffs"], i["ns"], p["M"], i["mb"], i["ml"])
+        with b.if_then(_flag(b, i["flags"], FLAG_BYTES_OUT)):
+            zero_pad = b.icmp_signed("==", b.extract_element(self.zpat, _c64(0)), _I32(0))
+            with b.if_else(zero_pad) as (plain, encoded):
+                with plain:
+                    _store_all(b, vi, packed, *args, b.and_)
+                with encoded:
+                    _store_all(b, vi, packed, *args, keep)
+
+
+@cache
+def _chain_epilogue(nv: int, resid: bool):
+    """Intrinsic ``(arrays, ints)``: the integer chain's epilogue (``final_chain`` of :func:`_i8_tile`, the
+    same integers) for one group of 4 output channels and a tile of ``nv`` vectors of 16 whose exact sums
+    are in ``S``, the 4 rows unrolled, with per-channel constants precomputed (:func:`chain_constants`),
+    the ReLU folded into the last clamp, the fused add reading the requantized value as a float, and one
+    branch for the group: every lane's float32 rounding is tested as in :func:`_rounded_or`, and if any
+    lane of the group is not provably exact the group is computed again in float64
+    (:func:`requantize_f64`, :func:`int8_add_exact`). ``arrays = (S, Y, yoffs, M, cst, R, q, F, rq)``,
+    ``ints = (co0, sb, ss, yb, ns, mb, ml, rb, fb, fstride, flags)``. The layer's 50%-channel ResNet-18
+    epilogues: 5.8 -> 3.3 ns per vector without a residual."""
+    names = ("S", "Y", "yoffs", "M", "cst", "R", "q", "F", "rq")
+    int_names = ("co0", "sb", "ss", "yb", "ns", "mb", "ml", "rb", "fb", "fstride", "flags")
+
+    @intrinsic
+    def epilogue(typingctx, arrays, ints):
+        def codegen(context, builder, signature, args):
+            p = dict(zip(names, _unpack(context, builder, signature.args[0], args[0]), strict=True))
+            i = dict(zip(int_names, _ints(builder, args[1], len(int_names)), strict=True))
+            rows = _ChainRows(builder, nv, resid, p, i)
+            fast, unsafe = rows.group(exact=False)
+            b_fast = builder.block
+            with builder.if_then(
+                builder.icmp_unsigned("!=", unsafe, ir.Constant(rows.mask_t, 0)), likely=False
+            ):
+                slow, _ = rows.group(exact=True)
+                b_slow = builder.block
+            packed = []
+            for f, sl in zip(fast, slow, strict=True):
+                phi = builder.phi(rows.vi)
+                phi.add_incoming(f, b_fast)
+                phi.add_incoming(sl, b_slow)
+                packed.append(phi)
+            rows.store(packed)
+            return context.get_dummy_value()
+
+        return types.void(arrays, ints), codegen
+
+    return epilogue
+
+
 SHARED_NV = (2, 4)  # the shared-load tile's vectors (4 x nv accumulators must stay in registers)
+_E2, _E2R, _E4, _E4R = (_chain_epilogue(n, r) for n in SHARED_NV for r in (False, True))
 
 
 @cache
@@ -765,7 +936,7 @@ _Q8_4, _Q8_7, _Q8_8, _Q8_14 = (_i8_tile(n, "avx2") for n in NV8)
 
 
 @_jit(fastmath=False)
-def conv_i8(vw, nv, ptr, offs, wv, X, Y, yoffs, M, comp, scale, bias, clamp, R, qp, F, rq, S, P0, geo):
+def conv_i8(vw, nv, ptr, offs, wv, X, Y, yoffs, M, comp, scale, bias, clamp, R, qp, F, rq, S, P0, cst, geo):
     """One int8 sparse conv layer (4x1 input-channel blocks), output groups of 4 channels
     ``[geo[7], geo[8])``. ``geo`` (int64): tiles, ybase, ystride (per output group), planes ``ns``, mask
     length ``ml``, rbase, rstride (per channel), g0, g1, flags (RESID / FLOAT_OUT / BYTES_OUT / INTEGER bits;
@@ -774,8 +945,10 @@ def conv_i8(vw, nv, ptr, offs, wv, X, Y, yoffs, M, comp, scale, bias, clamp, R, 
     fstride (per channel), whole (0: ``S`` is a per-tile scratch of ``cout * T``; else ``S`` holds whole
     accumulators, ``whole`` per channel, that the weights add to: the dense path's epilogue), shared (1:
     the blocks were packed per group of 4 channels, ``conv.pack_group_blocks``: :func:`_i8_group_tile` sums
-    into ``S``, then the ordinary tile runs the epilogue from ``S`` with the empty row pointers ``P0``). No
-    fastmath: the epilogue must round exactly like the reference."""
+    into ``S``, then the ordinary tile runs the epilogue from ``S`` with the empty row pointers ``P0``).
+    Where the epilogue reads finished sums from ``S`` (shared loads, whole accumulators) in the integer
+    chain at 16 lanes and ``nv`` in ``SHARED_NV``, :func:`_chain_epilogue` runs it (``cst``: its
+    :func:`chain_constants`). No fastmath: the epilogue must round exactly like the reference."""
     ntiles, ybase, ystride, ns, ml, rbase, rstride = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5], geo[6]
     g0, g1, out_flags, fbase, fstride, whole = geo[7], geo[8], geo[9], geo[10], geo[11], geo[12]
     shared = geo[13]
@@ -802,6 +975,9 @@ def conv_i8(vw, nv, ptr, offs, wv, X, Y, yoffs, M, comp, scale, bias, clamp, R, 
     )  # once: no refcounts in the loop
     sums_only = (offs, wv, ptr, X, S)
     epilogue_only = (offs, wv, P0, X, S, Y, yoffs, M, comp, scale, bias, clamp, R, qp, F, rq)
+    chain_only = (S, Y, yoffs, M, cst, R, qp, F, rq)
+    fast = chained != 0 and vw == 16 and (nv == 2 or nv == 4)
+    resid = (out_flags >> FLAG_RESID) & 1
     for t in range(ntiles):
         p0 = np.int64(t * T)
         for b in range(ncb):
@@ -820,12 +996,35 @@ def conv_i8(vw, nv, ptr, offs, wv, X, Y, yoffs, M, comp, scale, bias, clamp, R, 
                 rb = np.int64(rbase + (g if chained else co0) * rstride + p0)
                 fb = np.int64(fbase + co0 * fstride + p0)
                 ints = (co0, p0, sb, ss, flags, yb, ns, p0, ml, rb, rstride, fb, fstride, b * stride_b)
-                if shared != 0:  # the group's sums with shared loads, then the epilogue from S
+                ready = shared != 0 or whole != 0  # S holds the finished sums after the last block
+                if shared != 0:  # the group's sums with shared loads
                     gints = (np.int64(g), p0, sb, ss, flags & (1 << FLAG_INIT), b * stride_b)
                     if nv == 4:
                         _G16_4(sums_only, gints)
                     else:
                         _G16_2(sums_only, gints)
+                elif fast and b == ncb - 1:  # the last block's sums into S (no epilogue), then the fast one
+                    pints = (co0, p0, sb, ss, flags & (1 << FLAG_INIT), yb, ns, p0, ml, rb, rstride, fb,
+                             fstride, b * stride_b)  # fmt: skip
+                    if nv == 4:
+                        _Q16_4(arrays, pints)
+                    else:
+                        _Q16_2(arrays, pints)
+                    ready = True
+                if fast and ready:  # the unrolled integer-chain epilogue on the sums in S
+                    if b == ncb - 1:
+                        cints = (co0, sb, ss, yb, ns, p0, ml, rb, fb, fstride, out_flags)
+                        if nv == 4:
+                            if resid:
+                                _E4R(chain_only, cints)
+                            else:
+                                _E4(chain_only, cints)
+                        elif resid:
+                            _E2R(chain_only, cints)
+                        else:
+                            _E2(chain_only, cints)
+                    continue
+                if shared != 0:  # the ordinary tile's epilogue on the sums in S
                     if b == ncb - 1:
                         fints = (co0, p0, sb, ss, flags | (1 << FLAG_INIT), yb, ns, p0, ml, rb, rstride, fb,
                                  fstride, np.int64(0))  # fmt: skip

@@ -274,6 +274,8 @@ def test_shared_load_int8_kernel_equals_prunekit_int8_bit_for_bit():
                 assert shared and step._union_ratio() == 1.0
             step.kernel = step.make_kernel(*shared[i % len(shared)]) if shared else None
         assert sum(s.kernel is not None for s in seg.conv_steps()) >= len(seg.conv_steps()) - 1
+        # int8 rows are a multiple of 4 positions (20-wide rows for the 20-wide maps here), not of 8
+        assert any(s.out_pitch % 8 for s in seg.conv_steps())
         with torch.inference_mode():
             for inp in (x, calib[0], 3 * x):
                 assert torch.equal(seg(inp), q(inp))

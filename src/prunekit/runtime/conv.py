@@ -434,13 +434,16 @@ class DirectConvI8:
         residual_offset: int = 0,
         shared: bool = False,
         channels: bool = False,
+        unrolled: bool = True,
     ) -> None:
         """``chain``: the integer epilogue (``conv_kernels.FLAG_CHAIN``; the caller checked
         :func:`chain_reason` is None): ``residual`` is then the residual's *byte* layout (``residual_offset``
         128 when its bytes are +128-encoded). ``shared``: the sums by :func:`pack_group_blocks`' kernel (VNNI,
         ``nv`` in ``SHARED_NV``). ``channels``: the sums with output channels in the lanes
         (:mod:`prunekit.runtime.conv_channels`, VNNI, an output width that a compiled run divides), then the
-        epilogue on them as whole accumulators (``nv``: the epilogue's tile)."""
+        epilogue on them as whole accumulators (``nv``: the epilogue's tile). ``unrolled``: the integer
+        chain's epilogue by ``conv_kernels._chain_epilogue`` where it applies (False: the per-row one; the
+        same integers, for comparisons)."""
         vw = 16 if isa == "vnni512" else 8
         if isa not in K.ISAS:
             raise PrunekitError(f"DirectConvI8: isa must be one of {', '.join(K.ISAS)}, got {isa!r}")
@@ -508,6 +511,8 @@ class DirectConvI8:
             if why is not None:
                 raise PrunekitError(f"DirectConvI8: no integer chain here: {why}")
             flags |= 1 << K.FLAG_CHAIN
+            if isa == "vnni512" and nv in K.SHARED_NV and unrolled:
+                flags |= 1 << K.FLAG_UNROLLED
             q.view(np.int32)[7] = 0 if clamp[0] == 0 else np.iinfo(np.int32).min
             q.view(np.int32)[8] = residual_offset ^ 128
         if residual is not None:

@@ -143,6 +143,7 @@ def _store_all(builder, vt, values, yp, yb, yoffs_p, ns, mp, mb, ml, combine) ->
 # -- float32 ----------------------------------------------------------------------------------------------
 FLAG_INIT, FLAG_FINAL, FLAG_RESID, FLAG_FLOAT_OUT, FLAG_BYTES_OUT, FLAG_INTEGER, FLAG_QADD = range(7)
 FLAG_CHAIN = 7  # int8: the integer epilogue (conv.chain_reason), the residual read as bytes
+FLAG_UNROLLED = 8  # int8 chain, 16 lanes, nv in SHARED_NV: the epilogue by _chain_epilogue (sums via S)
 RQ_HEAD = 5  # rq: lo, hi, Ma, Mb, sh of a fused integer add, then RQ_STRIDE values per channel:
 RQ_STRIDE = 5  # bias_q, mult, shift, and the integer chain's bound and float64 factor (conv.requant_f64)
 
@@ -946,8 +947,8 @@ def conv_i8(vw, nv, ptr, offs, wv, X, Y, yoffs, M, comp, scale, bias, clamp, R, 
     accumulators, ``whole`` per channel, that the weights add to: the dense path's epilogue), shared (1:
     the blocks were packed per group of 4 channels, ``conv.pack_group_blocks``: :func:`_i8_group_tile` sums
     into ``S``, then the ordinary tile runs the epilogue from ``S`` with the empty row pointers ``P0``).
-    Where the epilogue reads finished sums from ``S`` (shared loads, whole accumulators) in the integer
-    chain at 16 lanes and ``nv`` in ``SHARED_NV``, :func:`_chain_epilogue` runs it (``cst``: its
+    With ``FLAG_UNROLLED`` (the integer chain, 16 lanes, ``nv`` in ``SHARED_NV``) the last block's sums go
+    to ``S`` and :func:`_chain_epilogue` runs the epilogue from there (``cst``: its
     :func:`chain_constants`). No fastmath: the epilogue must round exactly like the reference."""
     ntiles, ybase, ystride, ns, ml, rbase, rstride = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5], geo[6]
     g0, g1, out_flags, fbase, fstride, whole = geo[7], geo[8], geo[9], geo[10], geo[11], geo[12]
@@ -976,7 +977,7 @@ def conv_i8(vw, nv, ptr, offs, wv, X, Y, yoffs, M, comp, scale, bias, clamp, R, 
     sums_only = (offs, wv, ptr, X, S)
     epilogue_only = (offs, wv, P0, X, S, Y, yoffs, M, comp, scale, bias, clamp, R, qp, F, rq)
     chain_only = (S, Y, yoffs, M, cst, R, qp, F, rq)
-    fast = chained != 0 and vw == 16 and (nv == 2 or nv == 4)
+    fast = (out_flags >> FLAG_UNROLLED) & 1
     resid = (out_flags >> FLAG_RESID) & 1
     for t in range(ntiles):
         p0 = np.int64(t * T)

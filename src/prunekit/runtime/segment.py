@@ -284,7 +284,7 @@ class ConvStep:
 
     @property
     def out_pitch(self) -> int:
-        return self.inp.pitch if self.direct else L.roundup(self.out_hw[1], 8)
+        return self.inp.pitch if self.direct else L.pitch_for(self.out_hw[1], self.int8)
 
     @property
     def out_hw(self) -> tuple[int, int]:
@@ -304,7 +304,7 @@ class ConvStep:
         if self.direct:
             self.in_layout = self.inp.bytes_ if self.int8 else self.inp.floats
         else:
-            self.in_layout = L.gather(units, h, w, *g.args)
+            self.in_layout = L.gather(units, h, w, *g.args, pitch=self.out_pitch)
             self.gbuf = self.in_layout.alloc(L.ZERO_OFFSET if self.in_offset else 0)
             self.ggeo = L.fill_geo(self.in_layout)
             if self.int8 and not self.src_bytes:
@@ -948,7 +948,7 @@ def _plan_layouts(steps: list, values: dict, int8: bool, isa: str, graph: fx.Gra
         if isinstance(step, GlobalPoolStep) and int8:
             _bytes_for(step.inp, float(step.module.scale_in), isa, conv_input=False)
         if isinstance(step, PoolStep):
-            step.out.pitch = L.roundup(step.out.shape[2], 8)
+            step.out.pitch = L.pitch_for(step.out.shape[2], int8)
             continue
         if not isinstance(step, ConvStep):
             continue

@@ -947,9 +947,11 @@ def conv_i8(vw, nv, ptr, offs, wv, X, Y, yoffs, M, comp, scale, bias, clamp, R, 
     accumulators, ``whole`` per channel, that the weights add to: the dense path's epilogue), shared (1:
     the blocks were packed per group of 4 channels, ``conv.pack_group_blocks``: :func:`_i8_group_tile` sums
     into ``S``, then the ordinary tile runs the epilogue from ``S`` with the empty row pointers ``P0``).
-    With ``FLAG_UNROLLED`` (the integer chain, 16 lanes, ``nv`` in ``SHARED_NV``) the last block's sums go
-    to ``S`` and :func:`_chain_epilogue` runs the epilogue from there (``cst``: its
-    :func:`chain_constants`). No fastmath: the epilogue must round exactly like the reference."""
+    With ``FLAG_UNROLLED`` (the integer chain, 16 lanes, ``nv`` in ``SHARED_NV``), where the finished sums
+    are in ``S`` (shared loads, whole accumulators), :func:`_chain_epilogue` runs the epilogue (``cst``:
+    its :func:`chain_constants`); the per-channel tiles keep theirs, right after each row's sums (moving
+    those sums through ``S`` measured slower: the 90% 4x1 ResNet-18, 4.07 -> 4.12 ms). No fastmath: the
+    epilogue must round exactly like the reference."""
     ntiles, ybase, ystride, ns, ml, rbase, rstride = geo[0], geo[1], geo[2], geo[3], geo[4], geo[5], geo[6]
     g0, g1, out_flags, fbase, fstride, whole = geo[7], geo[8], geo[9], geo[10], geo[11], geo[12]
     shared = geo[13]
@@ -977,7 +979,8 @@ def conv_i8(vw, nv, ptr, offs, wv, X, Y, yoffs, M, comp, scale, bias, clamp, R, 
     sums_only = (offs, wv, ptr, X, S)
     epilogue_only = (offs, wv, P0, X, S, Y, yoffs, M, comp, scale, bias, clamp, R, qp, F, rq)
     chain_only = (S, Y, yoffs, M, cst, R, qp, F, rq)
-    fast = (out_flags >> FLAG_UNROLLED) & 1
+    # the finished sums are in S (shared loads, whole accumulators): the unrolled epilogue where flagged
+    unrolled = (out_flags >> FLAG_UNROLLED) & 1 != 0 and (shared != 0 or whole != 0)
     resid = (out_flags >> FLAG_RESID) & 1
     for t in range(ntiles):
         p0 = np.int64(t * T)
@@ -997,22 +1000,13 @@ def conv_i8(vw, nv, ptr, offs, wv, X, Y, yoffs, M, comp, scale, bias, clamp, R, 
                 rb = np.int64(rbase + (g if chained else co0) * rstride + p0)
                 fb = np.int64(fbase + co0 * fstride + p0)
                 ints = (co0, p0, sb, ss, flags, yb, ns, p0, ml, rb, rstride, fb, fstride, b * stride_b)
-                ready = shared != 0 or whole != 0  # S holds the finished sums after the last block
                 if shared != 0:  # the group's sums with shared loads
                     gints = (np.int64(g), p0, sb, ss, flags & (1 << FLAG_INIT), b * stride_b)
                     if nv == 4:
                         _G16_4(sums_only, gints)
                     else:
                         _G16_2(sums_only, gints)
-                elif fast and b == ncb - 1:  # the last block's sums into S (no epilogue), then the fast one
-                    pints = (co0, p0, sb, ss, flags & (1 << FLAG_INIT), yb, ns, p0, ml, rb, rstride, fb,
-                             fstride, b * stride_b)  # fmt: skip
-                    if nv == 4:
-                        _Q16_4(arrays, pints)
-                    else:
-                        _Q16_2(arrays, pints)
-                    ready = True
-                if fast and ready:  # the unrolled integer-chain epilogue on the sums in S
+                if unrolled:  # the integer chain's epilogue on the finished sums in S
                     if b == ncb - 1:
                         cints = (co0, sb, ss, yb, ns, p0, ml, rb, fb, fstride, out_flags)
                         if nv == 4:

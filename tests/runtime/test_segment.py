@@ -306,6 +306,31 @@ def test_channel_lane_int8_sums_equal_prunekit_int8_bit_for_bit():
                 assert torch.equal(seg(inp), q(inp))
 
 
+@pytest.mark.parametrize("isa,vw", ISAS)
+def test_a_downsample_reads_its_blocks_strided_gather_filled_by_whichever_runs_first(isa, vw):
+    """conv_layout.gather_serves: a ResNet block's 1x1 stride-2 downsample shares the gather of its 3x3
+    stride-2 convolution (same input, same fill). The pass fills it once, in the first of the two that runs
+    a prunekit kernel: with the 3x3 on torch's dense path the downsample fills it itself."""
+    torch.manual_seed(2)
+    model, x = pruned(random_bn(ResNet18(10, width=0.25))), torch.randn(1, 3, 36, 36)
+    for q in (model, quantize_model(model, activations="static", calibration=[torch.randn_like(x)])):
+        seg = lower(q, x, vw, isa)
+        steps = [s for s in seg.conv_steps() if not s.direct]
+        for s in steps:
+            s.kernel = s.make_kernel(*s.configs()[0]) if s.usable() is None else None
+        pairs = [(a, b) for i, a in enumerate(steps) for b in steps[i + 1 :] if a.gbuf is b.gbuf]
+        assert [b.geom.kernel for _, b in pairs] == [(1, 1)] * 3  # layers 2-4
+        with torch.inference_mode():
+            ref = q(x)
+            check = torch.equal if q is not model else close
+            assert check(seg(x), ref)
+            for a, b in pairs:
+                kept, a.kernel = a.kernel, None  # the 3x3 on the dense path: it leaves the gather alone
+                x2 = torch.randn_like(x)  # so a gather left from the pass before would be stale
+                assert b.kernel is not None and check(seg(x2), q(x2))
+                a.kernel = kept
+
+
 def test_the_classifier_after_the_global_pool_runs_on_its_compiled_kernel(monkeypatch):
     """compile swaps the classifier for a GemvLinear after the segments are built: the pool step finds it
     in the graph module and runs its kernel on the pooled vector (GemvLinear's own forward: the same

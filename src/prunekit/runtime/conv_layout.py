@@ -135,6 +135,20 @@ def gather(units: int, h: int, w: int, kernel, stride, padding, dilation, pitch:
     return Layout(units, pitch or pitch_for(wo), rows, sh, sw, ph, phases, cols, ho, wo)
 
 
+def gather_serves(layout: Layout, kernel, stride, padding, dilation, ho: int, pitch: int) -> bool:
+    """Whether a gather built for one convolution holds every tap of another one on the same input (its
+    :func:`tap_offsets` land in planes that exist, on rows that exist), with output ``ho`` rows at
+    ``pitch``: a ResNet downsample (1x1, stride 2) reads the planes of its block's 3x3 stride-2 gather."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    if (layout.row_stride, layout.col_stride, layout.pitch) != (sh, sw, pitch):
+        return False
+    for i in range(kh):
+        need = i * dh - ph + layout.row_pad
+        if need < 0 or need % sh not in layout.phases or need // sh + ho > layout.rows:
+            return False
+    return all(j * dw - pw in layout.cols for j in range(kw))
+
+
 def reads_directly(layout: Layout, kernel, stride, padding, dilation) -> bool:
     """Whether a convolution can read ``layout`` (a planes tensor) with no gather: stride 1, every column
     shift and row it needs present, and an output no wider than the pitch."""

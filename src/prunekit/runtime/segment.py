@@ -190,6 +190,7 @@ class Env:
 
     def __init__(self) -> None:
         self.nchw: dict[fx.Node, Tensor] = {}
+        self.gathered: set[int] = set()  # the gather buffers filled in this pass (convolutions share some)
 
     def tensor(self, v: Value) -> Tensor:
         found = self.nchw.get(v.node)
@@ -291,7 +292,10 @@ class ConvStep:
         return self.out.shape[1], self.out.shape[2]
 
     # -- set up, once the layouts are known ---------------------------------------------------------------
-    def prepare(self, vw: int, isa: str) -> None:
+    def prepare(self, vw: int, isa: str, earlier: list | None = None) -> None:
+        """Buffers and layouts once the plan is made (``earlier``: the convolutions before this one, whose
+        gathers it may share)."""
+        earlier = earlier or []
         g, (c, h, w) = self.geom, self.inp.shape
         self.vw, self.isa = vw, isa
         self.act_scale = np.float32(self.module.act_scale.item()) if self.int8 else None
@@ -303,6 +307,9 @@ class ConvStep:
             units, self.src_bytes, self.in_offset = c, False, 0
         if self.direct:
             self.in_layout = self.inp.bytes_ if self.int8 else self.inp.floats
+        elif (other := self._gather_to_share(earlier)) is not None:  # whichever runs first fills it
+            self.in_layout, self.gbuf, self.ggeo = other.in_layout, other.gbuf, other.ggeo
+            self.packed = getattr(other, "packed", None)
         else:
             self.in_layout = L.gather(units, h, w, *g.args, pitch=self.out_pitch)
             self.gbuf = self.in_layout.alloc(L.ZERO_OFFSET if self.in_offset else 0)
@@ -447,10 +454,26 @@ class ConvStep:
         return 4 * union / max(per_row, 1)
 
     # -- running ------------------------------------------------------------------------------------------
+    def _gather_to_share(self, earlier: list) -> ConvStep | None:
+        """An earlier convolution whose gather of the same input, filled the same way, holds every tap this
+        one reads (``conv_layout.gather_serves``)."""
+        fill = (self.int8, self.src_bytes, self.in_offset, self.act_scale)
+        for other in earlier:
+            if other.inp is not self.inp or other.direct:
+                continue
+            if (other.int8, other.src_bytes, other.in_offset, other.act_scale) != fill:
+                continue
+            if L.gather_serves(other.in_layout, *self.geom.args, self.out_hw[0], self.out_pitch):
+                return other
+        return None
+
     def _input(self, env: Env) -> np.ndarray:
         inp = self.inp
         if self.direct:
             return inp.bbuf if self.int8 else inp.fbuf
+        if id(self.gbuf) in env.gathered:  # filled by a convolution that shares it
+            return self.gbuf
+        env.gathered.add(id(self.gbuf))
         c, h, w = inp.shape
         zero = L.ZERO_OFFSET if self.in_offset else np.int32(0)
         if not self.int8:
@@ -935,7 +958,7 @@ def build(model: nn.Module, example: Tensor, *, vw: int | None = None, isa: str 
     _plan_layouts(steps, values, int8, isa, gm.graph)
     for s in steps:
         if isinstance(s, ConvStep):
-            s.prepare(vw, isa)
+            s.prepare(vw, isa, [t for t in steps[: steps.index(s)] if isinstance(t, ConvStep)])
         elif isinstance(s, (PoolStep, GlobalPoolStep)):
             s.prepare()
     return Segmented(gm, steps, values, tuple(example.shape), int8, isa, vw), ""

@@ -462,13 +462,19 @@ class DirectConvI8:
         if shared and (isa != "vnni512" or nv not in K.SHARED_NV):
             raise PrunekitError(f"DirectConvI8: shared loads need vnni512 and nv in {K.SHARED_NV}")
         self.shared = shared
-        pack = pack_group_blocks if shared else pack_blocks
-        self.ptr, self.offs, self.wv, rowsum = pack(wq, inp, geom, cbg)
-        self.blocks = int(self.wv.size)  # dot products per position group (shared: 4 per union block)
         self.channels: ChannelSums | None = None
-        if channels:
+        if channels:  # its own packing; the tiles run the epilogue alone (no blocks)
             self.channels = ChannelSums(wq, inp, geom, dest, isa, ntiles=_tiles(dest, nv * vw), tile=nv * vw)
-            self.blocks = self.channels.dots
+            self.ptr, self.offs, self.wv = (
+                np.zeros((1, cpad + 1), np.int64),
+                np.zeros(0, np.int32),
+                np.zeros(0, np.int32),
+            )
+            rowsum, self.blocks = _rowsum(_padded_blocks(wq)), self.channels.dots
+        else:
+            pack = pack_group_blocks if shared else pack_blocks
+            self.ptr, self.offs, self.wv, rowsum = pack(wq, inp, geom, cbg)
+            self.blocks = int(self.wv.size)  # dot products per position group (shared: 4 per union block)
         self.comp = (-offset * rowsum).astype(np.int32)
         self.scale = np.zeros(cpad, np.float32)
         self.scale[:cout] = scale

@@ -344,7 +344,8 @@ class ConvStep:
         if self.kernel is None:
             return "torch f32 on int8 values (exact)" if self.int8 else "torch"
         if self.int8:
-            return f"prunekit int8 4x1 ({self.isa})"
+            lanes = "channel lanes" if getattr(self.kernel, "channels", None) is not None else "4x1"
+            return f"prunekit int8 {lanes} ({self.isa})"
         return f"prunekit planes f32 ({self.vw * 32}-bit)"
 
     def describe(self) -> str:

@@ -103,12 +103,13 @@ class Layout:
         )
 
 
-def pitch_for(width: int, int8: bool = False) -> int:
-    """The row pitch of a layout ``width`` positions wide: a multiple of 8 (float32: 32-byte aligned rows,
-    so the float32 kernels' loads never split a cache line), of 4 for int8 segments, whose kernels load
-    4-channel units and measured faster on the tighter pitch (28-wide maps: 28 against 32 positions a row,
-    a 64-channel 3x3 layer 177 -> 161 us on AMD EPYC Zen 4) despite loads that split cache lines."""
-    return roundup(max(width, 1), 4 if int8 else 8)
+def pitch_for(width: int, tight: bool = False) -> int:
+    """The row pitch of a layout ``width`` positions wide: a multiple of 8 (32-byte aligned rows: the
+    float32 kernels' loads never split a cache line), of 4 when ``tight`` (int8 segments on VNNI, whose
+    kernels measured faster on the tighter pitch despite loads that split cache lines: 28-wide maps, 28
+    against 32 positions a row, a 64-channel 3x3 layer 177 -> 161 us on AMD EPYC Zen 4; the AVX2 path,
+    not measured on AVX2 hardware, keeps 8)."""
+    return roundup(max(width, 1), 4 if tight else 8)
 
 
 def planes(units: int, height: int, width: int, top: int, bottom: int, shifts, pitch: int | None = None):

@@ -270,6 +270,7 @@ class ConvStep:
         self.int8 = isinstance(module, QuantizedConv2d)
         self.weight, self.bias, self.clamp = weight, bias, clamp
         self.direct = False  # reads the producer's planes, no gather
+        self.tight = False  # rows a multiple of 4 positions, not 8 (conv_layout.pitch_for; the layout plan)
         self.kernel: Callable | None = None
         self.choice = "dense"
         self.timings: dict[str, float] = {}
@@ -285,7 +286,7 @@ class ConvStep:
 
     @property
     def out_pitch(self) -> int:
-        return self.inp.pitch if self.direct else L.pitch_for(self.out_hw[1], self.int8)
+        return self.inp.pitch if self.direct else L.pitch_for(self.out_hw[1], self.tight)
 
     @property
     def out_hw(self) -> tuple[int, int]:
@@ -968,11 +969,14 @@ def build(model: nn.Module, example: Tensor, *, vw: int | None = None, isa: str 
 def _plan_layouts(steps: list, values: dict, int8: bool, isa: str, graph: fx.Graph) -> None:
     """Pitches, direct reads, column shifts, pad rows, which int8 values carry bytes and which floats;
     then the buffers."""
+    tight = int8 and isa == "vnni512"
     for step in steps:  # forward: pitches and direct reads
+        if isinstance(step, ConvStep):
+            step.tight = tight
         if isinstance(step, GlobalPoolStep) and int8:
             _bytes_for(step.inp, float(step.module.scale_in), isa, conv_input=False)
         if isinstance(step, PoolStep):
-            step.out.pitch = L.pitch_for(step.out.shape[2], int8)
+            step.out.pitch = L.pitch_for(step.out.shape[2], tight)
             continue
         if not isinstance(step, ConvStep):
             continue

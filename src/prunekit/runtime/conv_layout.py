@@ -6,11 +6,12 @@ column offset ``c``)::
 
     plane(u, a, c)[r * pitch + x] = X[u, r * row_stride + a - row_pad, x * col_stride + c]
 
-(zero outside X). ``pitch`` is a multiple of 8 and every plane starts on a 64-byte boundary, so a
-convolution tap ``(i, j)`` of the output tile at position ``p = oy * pitch + ox`` is one aligned vector
-load at ``plane(u, a_i, c_j) + roff_i * pitch + p``: the layout holds one column-shifted copy of the input
-per kernel column instead of shifting the loads (Park et al. 2017 read unaligned; aligned loads measured
-35 -> 50 GMAC/s on Zen 4). Two kinds:
+(zero outside X). ``pitch`` is a multiple of 8 (of 4 for int8 on VNNI: :func:`pitch_for`) and every
+plane starts on a 64-byte boundary, so a convolution tap ``(i, j)`` of the output tile at position ``p = oy
+* pitch + ox`` is one vector load at ``plane(u, a_i, c_j) + roff_i * pitch + p``, aligned to 32 bytes at
+pitch 8: the layout holds one column-shifted copy of the input per kernel column instead of shifting the
+loads (Park et al. 2017 read unaligned; aligned float32 loads measured 35 -> 50 GMAC/s on Zen 4). Two
+kinds:
 
 * **planes** (``row_stride = col_stride = 1``, one phase): what a convolution writes and what a stride-1
   convolution reads directly; ``cols`` are the column shifts its consumers need (with ``0`` always there,

@@ -440,8 +440,8 @@ class DirectConvI8:
         :func:`chain_reason` is None): ``residual`` is then the residual's *byte* layout (``residual_offset``
         128 when its bytes are +128-encoded). ``shared``: the sums by :func:`pack_group_blocks`' kernel (VNNI,
         ``nv`` in ``SHARED_NV``). ``channels``: the sums with output channels in the lanes
-        (:mod:`prunekit.runtime.conv_channels`, VNNI, an output width that a compiled run divides), then the
-        epilogue on them as whole accumulators (``nv``: the epilogue's tile). ``unrolled``: the integer
+        (:mod:`prunekit.runtime.conv_channels`, VNNI), then the epilogue on them as whole accumulators
+        (``nv``: the epilogue's tile). ``unrolled``: the integer
         chain's epilogue by ``conv_kernels._chain_epilogue`` where it applies (False: the per-row one; the
         same integers, for comparisons)."""
         vw = 16 if isa == "vnni512" else 8

@@ -358,6 +358,24 @@ def requantize_f64(builder: ir.IRBuilder, v: ir.Value, bound: ir.Value, factor: 
     return _clamp(builder, builder.fptosi(y, v.type), lo, hi)
 
 
+def _near(builder: ir.IRBuilder, y: ir.Value, thr: ir.Value) -> tuple[ir.Value, ir.Value]:
+    """``round_half_even(y)`` (float32 lanes) and, as an ``iN`` bit mask, the lanes whose ``y`` is less than
+    ``thr`` (a vector) from it: the float32 exactness test of :func:`_rounded_or`."""
+    vf = y.type
+    n = vf.count
+    near = builder.call(_declare(builder, f"llvm.roundeven.v{n}f32", vf, [vf]), [y])
+    off = builder.call(_declare(builder, f"llvm.fabs.v{n}f32", vf, [vf]), [builder.fsub(y, near)])
+    return near, builder.bitcast(builder.fcmp_ordered("<", off, thr), ir.IntType(n))
+
+
+def _fclamp(builder: ir.IRBuilder, x: ir.Value, lo: ir.Value, hi: ir.Value) -> ir.Value:
+    """``x`` (float32 lanes) clamped to the vectors ``[lo, hi]``."""
+    vf = x.type
+    fmax = _declare(builder, f"llvm.maxnum.v{vf.count}f32", vf, [vf, vf])
+    fmin = _declare(builder, f"llvm.minnum.v{vf.count}f32", vf, [vf, vf])
+    return builder.call(fmin, [builder.call(fmax, [x, lo]), hi])
+
+
 def _rounded_or(builder: ir.IRBuilder, y: ir.Value, eps: ir.Value, lo, hi, exact: Callable) -> ir.Value:
     """``clamp(round_half_even(y), lo, hi)`` as int32 lanes, where ``y`` (float32 lanes) is within ``eps / 2``
     (a float32 scalar) of the exact value in every lane that does not saturate: when every lane's ``y`` is
@@ -366,17 +384,12 @@ def _rounded_or(builder: ir.IRBuilder, y: ir.Value, eps: ir.Value, lo, hi, exact
     spelling) runs for this vector. ``lo``, ``hi``: i32 scalars."""
     n = y.type.count
     vf, vi = y.type, ir.VectorType(_I32, n)
-    near = builder.call(_declare(builder, f"llvm.roundeven.v{n}f32", vf, [vf]), [y])
-    off = builder.call(_declare(builder, f"llvm.fabs.v{n}f32", vf, [vf]), [builder.fsub(y, near)])
-    thr = _splat(builder, builder.fsub(ir.Constant(_F32, 0.5), eps), vf)
-    safe = builder.bitcast(builder.fcmp_ordered("<", off, thr), ir.IntType(n))
+    near, safe = _near(builder, y, _splat(builder, builder.fsub(ir.Constant(_F32, 0.5), eps), vf))
     every = builder.icmp_unsigned("==", safe, ir.Constant(ir.IntType(n), (1 << n) - 1))
     with builder.if_else(every, likely=True) as (fast, slow):
         with fast:
-            fmax = _declare(builder, f"llvm.maxnum.v{n}f32", vf, [vf, vf])
-            fmin = _declare(builder, f"llvm.minnum.v{n}f32", vf, [vf, vf])
             lo_f, hi_f = (_splat(builder, builder.sitofp(b, _F32), vf) for b in (lo, hi))
-            q_fast = builder.fptosi(builder.call(fmin, [builder.call(fmax, [near, lo_f]), hi_f]), vi)
+            q_fast = builder.fptosi(_fclamp(builder, near, lo_f, hi_f), vi)
             b_fast = builder.block
         with slow:
             q_slow = exact()
@@ -449,13 +462,8 @@ def int8_add_integers(builder: ir.IRBuilder, qa: ir.Value, qb: ir.Value, add: di
     (likewise ``B``); the operands are exact (``qb``, a residual byte, may be -128), each product carries
     two roundings and the sum one, so ``|y - exact| < 128 * (A + B) * 2**-22`` and ``eps = 128 * (A + B) *
     2**-21``."""
-    n = qa.type.count
-    vf = ir.VectorType(_F32, n)
-    f64 = ir.DoubleType()
-    exponent = builder.shl(builder.sub(_c64(1023), add["sh"]), _c64(52))  # the bits of 2**-sh
-    unit = builder.bitcast(exponent, f64)
-    a32, b32 = (builder.fptrunc(builder.fmul(builder.sitofp(add[k], f64), unit), _F32) for k in ("ma", "mb"))
-    eps = builder.fmul(builder.fadd(a32, b32), ir.Constant(_F32, 2.0**-14))  # 128 * 2**-21
+    vf = ir.VectorType(_F32, qa.type.count)
+    a32, b32, eps = _add_constants(builder, add)
     y = builder.fadd(
         builder.fmul(builder.sitofp(qa, vf), _splat(builder, a32, vf)),
         builder.fmul(builder.sitofp(qb, vf), _splat(builder, b32, vf)),
@@ -464,12 +472,25 @@ def int8_add_integers(builder: ir.IRBuilder, qa: ir.Value, qb: ir.Value, add: di
     return _rounded_or(builder, y, eps, _I32(-127), _I32(127), lambda: int8_add_exact(builder, qa, qb, add))
 
 
+def _pow2_neg(builder: ir.IRBuilder, sh: ir.Value) -> ir.Value:
+    """``2**-sh`` as a float64 (its bits built directly: ``sh`` is an i64 below 1023)."""
+    return builder.bitcast(builder.shl(builder.sub(_c64(1023), sh), _c64(52)), ir.DoubleType())
+
+
+def _add_constants(builder: ir.IRBuilder, add: dict) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """The fused add's float32 scalars (:func:`int8_add_integers`): ``A = float32(Ma * 2**-sh)``, ``B``
+    likewise, and its ``eps = 128 * (A + B) * 2**-21``."""
+    f64, unit = ir.DoubleType(), _pow2_neg(builder, add["sh"])
+    a32, b32 = (builder.fptrunc(builder.fmul(builder.sitofp(add[k], f64), unit), _F32) for k in ("ma", "mb"))
+    return a32, b32, builder.fmul(builder.fadd(a32, b32), ir.Constant(_F32, 2.0**-14))  # 128 * 2**-21
+
+
 def int8_add_exact(builder: ir.IRBuilder, qa: ir.Value, qb: ir.Value, add: dict) -> ir.Value:
     """:func:`int8_add_integers` in float64 alone (exact: products and sum below 2**40, scaled by a power
     of two), clamped to [-127, 127]."""
     vd = ir.VectorType(ir.DoubleType(), qa.type.count)
     f64 = ir.DoubleType()
-    unit = builder.bitcast(builder.shl(builder.sub(_c64(1023), add["sh"]), _c64(52)), f64)  # 2**-sh
+    unit = _pow2_neg(builder, add["sh"])
     ma, mb = (_splat(builder, builder.sitofp(add[k], f64), vd) for k in ("ma", "mb"))
     t = builder.fadd(builder.fmul(builder.sitofp(qa, vd), ma), builder.fmul(builder.sitofp(qb, vd), mb))
     y = _roundeven_f64(builder, builder.fmul(t, _splat(builder, unit, vd)))
@@ -481,10 +502,8 @@ def int8_quantize(builder: ir.IRBuilder, vf: ir.VectorType, y: ir.Value, s_next:
     (``prunekit.quant.rounding.quantize_activation``: a float32 division, not a product by the inverse)."""
     n = vf.count
     rint = _declare(builder, f"llvm.roundeven.v{n}f32", vf, [vf])
-    fmax = _declare(builder, f"llvm.maxnum.v{n}f32", vf, [vf, vf])
-    fmin = _declare(builder, f"llvm.minnum.v{n}f32", vf, [vf, vf])
     q = builder.call(rint, [builder.fdiv(y, _splat(builder, s_next, vf))])
-    q = builder.call(fmin, [builder.call(fmax, [q, _splat(builder, qlo, vf)]), ir.Constant(vf, [127.0] * n)])
+    q = _fclamp(builder, q, _splat(builder, qlo, vf), ir.Constant(vf, [127.0] * n))
     return builder.fptosi(q, ir.VectorType(_I32, n))
 
 
@@ -751,27 +770,17 @@ class _ChainRows:
         fs = [_splat(b, b.sitofp(v, _F32), vf) for v in (self.lo, self.hi, self.last_lo, self.last_hi)]
         self.first_f = (fs[0], fs[1]) if resid else (fs[2], fs[3])
         self.last_f = (fs[2], fs[3])
-        self.fn = {
-            k: _declare(b, f"llvm.{k}.v{vw}f32", vf, [vf] * n)
-            for k, n in (("roundeven", 1), ("fabs", 1), ("maxnum", 2), ("minnum", 2))
-        }
         if resid:  # the fused add's float32 constants, as int8_add_integers computes them
-            unit = b.bitcast(b.shl(b.sub(_c64(1023), self.add["sh"]), _c64(52)), ir.DoubleType())
-            a32, b32 = (
-                b.fptrunc(b.fmul(b.sitofp(self.add[k], ir.DoubleType()), unit), _F32) for k in ("ma", "mb")
-            )
-            eps = b.fmul(b.fadd(a32, b32), ir.Constant(_F32, 2.0**-14))
+            a32, b32, eps = _add_constants(b, self.add)
             self.thr_add = _splat(b, b.fsub(ir.Constant(_F32, 0.5), eps), vf)
             self.a32, self.b32 = _splat(b, a32, vf), _splat(b, b32, vf)
 
     def _rounded(self, y, thr, bounds, unsafe):
         """``clamp(round_half_even(y))`` as an integer-valued float vector; ``unsafe`` gains the lanes
         farther than ``thr`` from their nearest integer (:func:`_rounded_or`'s test)."""
-        b, fn = self.b, self.fn
-        near = b.call(fn["roundeven"], [y])
-        ok = b.bitcast(b.fcmp_ordered("<", b.call(fn["fabs"], [b.fsub(y, near)]), thr), self.mask_t)
-        unsafe = b.or_(unsafe, b.xor(ok, ir.Constant(self.mask_t, -1)))
-        return b.call(fn["minnum"], [b.call(fn["maxnum"], [near, bounds[0]]), bounds[1]]), unsafe
+        near, ok = _near(self.b, y, thr)
+        unsafe = self.b.or_(unsafe, self.b.xor(ok, ir.Constant(self.mask_t, -1)))
+        return _fclamp(self.b, near, *bounds), unsafe
 
     def group(self, exact: bool) -> tuple[list, ir.Value]:
         """The packed output vectors (4 channels' bytes per lane) and the unsafe lanes; float32 stores

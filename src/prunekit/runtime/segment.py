@@ -293,10 +293,9 @@ class ConvStep:
         return self.out.shape[1], self.out.shape[2]
 
     # -- set up, once the layouts are known ---------------------------------------------------------------
-    def prepare(self, vw: int, isa: str, earlier: list | None = None) -> None:
+    def prepare(self, vw: int, isa: str, earlier: list = ()) -> None:
         """Buffers and layouts once the plan is made (``earlier``: the convolutions before this one, whose
         gathers it may share)."""
-        earlier = earlier or []
         g, (c, h, w) = self.geom, self.inp.shape
         self.vw, self.isa = vw, isa
         self.act_scale = np.float32(self.module.act_scale.item()) if self.int8 else None
@@ -958,9 +957,11 @@ def build(model: nn.Module, example: Tensor, *, vw: int | None = None, isa: str 
     int8 = kinds.pop()
     steps = _order(steps, producer_of)
     _plan_layouts(steps, values, int8, isa, gm.graph)
+    convs: list[ConvStep] = []  # the convolutions prepared so far (a later one may share their gathers)
     for s in steps:
         if isinstance(s, ConvStep):
-            s.prepare(vw, isa, [t for t in steps[: steps.index(s)] if isinstance(t, ConvStep)])
+            s.prepare(vw, isa, convs)
+            convs.append(s)
         elif isinstance(s, (PoolStep, GlobalPoolStep)):
             s.prepare()
     return Segmented(gm, steps, values, tuple(example.shape), int8, isa, vw), ""

@@ -564,6 +564,7 @@ class DirectConvI8:
             dtype=np.int64,
         )
         self._parts: dict[int, list[np.ndarray]] = {}
+        self._whole_parts: dict[tuple[int, int], list[np.ndarray]] = {}
         self.serial = False  # one thread whatever torch's count (segment.tune times both)
         # the epilogue loads the residual before it knows whether to add it (a select, not a branch): without
         # a residual it reads these zeros, which cover every position a tile reaches
@@ -580,14 +581,15 @@ class DirectConvI8:
         return _thread_geos(self, int(self.geo[8]))
 
     def _whole_geos(self, stride: int) -> list[np.ndarray]:
-        """:meth:`_geos` for the epilogue alone on whole accumulators (``stride`` per channel)."""
-        key = (-1 - stride, len(self._geos()))  # cached beside the tiled parts
-        found = self._parts.get(key)
+        """:meth:`_geos` for the epilogue alone on whole accumulators (``stride`` per channel), cached per
+        stride and thread count."""
+        tiled = self._geos()
+        found = self._whole_parts.get((stride, len(tiled)))
         if found is None:
-            found = [g.copy() for g in self._geos()]
+            found = [g.copy() for g in tiled]
             for g in found:
                 g[12], g[13] = stride, 0
-            self._parts[key] = found
+            self._whole_parts[(stride, len(tiled))] = found
         return found
 
     def __call__(

@@ -795,9 +795,10 @@ class _ChainRows:
             at = b.mul(co, _c64(CHAIN_CONSTS))
             base = _splat(b, b.load(b.gep(p["cst"], [at])), vi)
             fac, thr, s_fin = (_splat(b, b.load(b.gep(cpf, [b.add(at, _c64(k))])), vf) for k in (1, 2, 3))
-            rq_at = b.add(_c64(RQ_HEAD), b.mul(co, _c64(RQ_STRIDE)))
-            bound = b.trunc(b.load(b.gep(p["rq"], [b.add(rq_at, _c64(3))])), _I32)
-            factor = b.bitcast(b.load(b.gep(p["rq"], [b.add(rq_at, _c64(4))])), ir.DoubleType())
+            if exact:  # the float64 constants of requantize_f64
+                rq_at = b.add(_c64(RQ_HEAD), b.mul(co, _c64(RQ_STRIDE)))
+                bound = b.trunc(b.load(b.gep(p["rq"], [b.add(rq_at, _c64(3))])), _I32)
+                factor = b.bitcast(b.load(b.gep(p["rq"], [b.add(rq_at, _c64(4))])), ir.DoubleType())
             shift = _splat(b, _I32(8 * r), vi)
             row = b.add(i["sb"], b.mul(i["ss"], _c64(r)))
             for k in range(nv):

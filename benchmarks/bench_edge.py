@@ -24,6 +24,10 @@ last timed (the variant as a deployed model runs: alone and warm):
     f32/int8 50% channels    prunekit.structured.prune_model(ratio=0.5), float32 compiled / INT8 compiled;
                              plus the structured model on torch-x86 and onnxruntime INT8
 
+prunekit's INT8 variants quantize the classifier too (``classifier=True``), as torch-x86 and onnxruntime do
+with theirs: the same layers in INT8 on every engine. ``--float-classifier`` keeps it float32 (prunekit's
+default for accuracy; a float32 1000 x 512 classifier streams 2 MB per call).
+
 Printed per thread count: p50 / p99 ms, the ratio to dense torch float32 and to the fastest dense variant
 (and, for INT8 rows, to the fastest dense INT8), the file size (dense: torch.save of the float32 state dict;
 pruned: prunekit's compressed format; engines: their .onnx / torch.save files), the multiply-adds remaining
@@ -155,6 +159,12 @@ def pct(v: list[float], q: float) -> float:
     return float(np.percentile(v, q))
 
 
+def int8_model(model: nn.Module, calib: list, args) -> nn.Module:
+    """prunekit's static INT8 model, the classifier included unless ``--float-classifier``."""
+    classifier = not getattr(args, "float_classifier", False)
+    return quantize_model(model, activations="static", calibration=calib, classifier=classifier)
+
+
 def build_variants(name: str, model: nn.Module, x: torch.Tensor, calib: list, args, tmp: str) -> dict:
     """name -> dict(model, size, macs, note, int8) for every variant; compiled at the current thread count."""
     variants: dict[str, dict] = {}
@@ -176,7 +186,7 @@ def build_variants(name: str, model: nn.Module, x: torch.Tensor, calib: list, ar
         variants[labels[b.name][0]] = dict(model=b.model, size=size, macs=1.0, int8=labels[b.name][1])
 
     def compiled(label: str, pruned: nn.Module, int8: bool) -> None:
-        target = quantize_model(pruned, activations="static", calibration=calib) if int8 else pruned
+        target = int8_model(pruned, calib, args) if int8 else pruned
         t0 = time.perf_counter()
         c = rt.compile(target, x)
         report = rt.report(c)
@@ -191,7 +201,7 @@ def build_variants(name: str, model: nn.Module, x: torch.Tensor, calib: list, ar
         )  # fmt: skip
 
     # prunekit's dense INT8 path: its own exact kernels, or the fastest dense engine (delegation, inexact)
-    q8 = quantize_model(model, activations="static", calibration=calib)
+    q8 = int8_model(model, calib, args)
     dense8 = rt.compile(q8, x)
     chosen, choice, medians = int8_engines.fastest_int8(
         {"prunekit": dense8}, x, float_source=model, calibration=calib, allow_inexact=True
@@ -320,6 +330,9 @@ def main() -> None:
     ap.add_argument("--alloc", default="layer,global", help="unstructured float32 allocations to run")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reports", action="store_true", help="print compile's per-layer decision tables")
+    ap.add_argument(
+        "--float-classifier", action="store_true", help="prunekit's INT8 variants keep the classifier float32"
+    )
     ap.add_argument(
         "--demo-dir", default=None, help="the digits demo's output directory (its dense artifact)"
     )

@@ -24,9 +24,8 @@ import time
 import torch
 
 import prunekit.runtime as rt
-from bench_edge import half_channels, prune, resnet
+from bench_edge import half_channels, int8_model, prune, resnet
 from prunekit.export import engines
-from prunekit.quant.ptq import quantize_model
 from prunekit.runtime.cpu import features
 
 
@@ -41,7 +40,7 @@ def models(engine: str, args) -> dict:
         }, x
 
     def compiled(m):
-        return rt.compile(quantize_model(m, activations="static", calibration=calib), x)
+        return rt.compile(int8_model(m, calib, args), x)
 
     return {
         "int8 dense prunekit": compiled(model),

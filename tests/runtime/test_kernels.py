@@ -14,6 +14,7 @@ from torch import nn
 from prunekit.errors import PrunekitError
 from prunekit.quant.layers import QuantizedConv2d, QuantizedLinear
 from prunekit.runtime import kernels, threads
+from prunekit.runtime.cpu import features
 from prunekit.runtime.formats import index_dtype, int8_row_bound, pack, unpack
 from prunekit.runtime.layers import (
     SparseConv2d,
@@ -277,6 +278,55 @@ def test_sparse_int8_linear_integer_output_is_bit_exact(kernel, wide):
         for x in int8_inputs((batch, 70), batch):
             with torch.inference_mode():
                 assert torch.equal(fast(x), ref(x))
+
+
+@pytest.mark.parametrize("vnni", [False] + ([True] if features().vnni else []))
+@pytest.mark.parametrize("form", ["float", "int8", "int32"])
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_classifier_on_the_int8_gemv_is_bit_exact(vnni, form, static, bias):
+    """A QuantizedLinear at batch 1 on the exact int8 block kernels (GemvLinear.from_quantized): its own
+    weight_q, its activation rounding (static or dynamic), each of its output forms; any other batch runs
+    the module itself."""
+    from prunekit.runtime.gemv import GemvLinear
+
+    layer = linear(37, 70, 0.6, 4, bias=bias)  # 37 rows: padding rows in the 16-row blocks
+    ref = QuantizedLinear(layer, act_scale=torch.tensor(0.05) if static or form != "float" else None)
+    if form != "float":  # small scales: saturation is reached
+        ref.set_output(torch.tensor(0.02 / (65536 if form == "int32" else 1)), wide=form == "int32")
+    fast = GemvLinear.from_quantized(ref, vnni=vnni)
+    assert fast.exact and fast.packed.layout == ("block-vnni" if vnni else "block")
+    assert np.array_equal(
+        fast.packed.effective.numpy(), (ref.weight_q.to(torch.float32) * ref.weight_scale[:, None]).numpy()
+    )  # the layer's own integers, not a second rounding of them
+    for batch in (1, 9):
+        for x in int8_inputs((batch, 70), batch):
+            with torch.inference_mode():
+                y = fast(x)
+                assert torch.equal(y, ref(x)) and torch.equal(y, fast.reference(x))
+    if form == "int8":
+        assert (torch.round(y / ref.out_scale).abs() == 127).any()
+    with pytest.raises(PrunekitError, match="QuantizedLinear"):
+        GemvLinear.from_quantized(layer)
+
+
+def test_compile_offers_the_int8_gemv_to_an_int8_classifier_at_batch_1():
+    from prunekit.quant.ptq import quantize_model
+    from prunekit.runtime import compile as rt_compile
+    from prunekit.runtime.compiler import _candidates
+
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(48, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    calib = [torch.randn(1, 48) for _ in range(3)]
+    q = quantize_model(model, activations="static", calibration=calib, classifier=True)
+    head = q[2]
+    assert isinstance(head, QuantizedLinear)
+    offered, _ = _candidates(head, torch.randn(1, 64))
+    assert "gemv:block16/q8" in offered
+    assert "gemv:block16/q8" not in _candidates(head, torch.randn(4, 64))[0]  # one vector only
+    x = torch.randn(1, 48)
+    with torch.inference_mode():
+        assert torch.equal(rt_compile(q, x, budget_s=0.005, min_reps=2, max_reps=3)(x), q(x))
 
 
 @pytest.mark.parametrize("kernel", ["xt", "xt-nchw", "dense"])

@@ -249,6 +249,10 @@ def _candidates(
     m = x.numel() // max(1, x.shape[-1]) if x.dim() else 0
     cls = L.SparseQuantizedLinear if quantized else L.SparseLinear
     out = {}
+    if isinstance(module, QuantizedLinear) and m == 1:
+        from prunekit.runtime import gemv  # one activation vector (an int8 classifier): exact int8 gemv
+
+        out.update(gemv.quantized_candidates(module))
     if m <= 32:
         out["rows"] = lambda: cls(module, "rows")
     if m >= 2:

@@ -26,6 +26,7 @@ from prunekit.calib.blocks import out_in_weight
 from prunekit.compress.container import StoredTensor, load_stored
 from prunekit.errors import PrunekitError
 from prunekit.masking import type_name
+from prunekit.quant.layers import QuantizedLinear
 from prunekit.quant.rounding import dequantize, quantize_activation, quantize_int8
 from prunekit.runtime import gemv_kernels as K
 from prunekit.runtime import threads
@@ -47,6 +48,7 @@ from prunekit.runtime.gemv_formats import (
     pack_dense,
     pack_nm,
 )
+from prunekit.runtime.kernels import finish_int8_requant
 
 ACTIVATIONS = ("float32", "int8")
 MIN_BLOCK_FILL = 0.5  # a block layout storing more than twice the non-zeros cannot beat CSR or dense
@@ -94,6 +96,46 @@ class GemvLinear(nn.Module):
         self._setup(self._pack(weight, layout, values, activations, vnni), module.bias, layout, activations)
 
     @classmethod
+    def from_quantized(cls, module: nn.Module, rows: int = 16, vnni: bool | None = None) -> GemvLinear:
+        """A :class:`prunekit.quant.layers.QuantizedLinear` (an int8 classifier) on the exact int8 block
+        kernels, bit-identical to ``module(x)`` on one activation vector: the module's activation rounding
+        (its static ``act_scale``, else dynamic), exact int32 sums of its own ``weight_q`` (``vpdpbusd`` where
+        the CPU has VNNI, unless ``vnni=False``), its finish: ``float32(acc) * (s_x * s_w) + b``, or in the
+        integer output form ``float32(requantize_value(acc + bias_q, M, sh, lo, hi)) * s_out``. Any other
+        input runs ``module`` itself."""
+        if not isinstance(module, QuantizedLinear):
+            raise PrunekitError(f"from_quantized takes a QuantizedLinear, got {type_name(module)}")
+        if rows not in BLOCK_ROWS:
+            raise PrunekitError(f"block layouts have R in {BLOCK_ROWS}, got {rows}")
+        q = module.weight_q
+        scale = module.weight_scale.to(torch.float32).reshape(-1).expand(q.shape[0]).contiguous()
+        use_vnni = features().vnni if vnni is None else vnni
+        if use_vnni and not features().vnni:
+            raise PrunekitError("the VNNI block kernel needs AVX-512 VNNI, which this CPU lacks")
+        shape_only = torch.empty(q.shape, dtype=torch.float32)
+        packed = (
+            pack_block_vnni(shape_only, rows, (q, scale))
+            if use_vnni
+            else pack_block(shape_only, rows, "int8", (q, scale))
+        )
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._setup(packed, module.bias, f"block{rows}", "int8")
+        layer.source = module
+        layer._act_scale = None if module.act_scale is None else np.float32(module.act_scale.item())
+        if module.integer_output:
+            pad = packed.rows - q.shape[0]  # padding rows: zero sums, any shift >= 1
+
+            def row(t: Tensor, fill: int) -> np.ndarray:
+                t = t.to(torch.int64).reshape(-1).expand(q.shape[0])
+                return np.pad(t.numpy(), (0, pad), constant_values=fill)
+
+            lo, hi = (int(v) for v in module.out_range)
+            constants = (row(module.bias_q, 0), row(module.out_mult, 0), row(module.out_shift, 1))
+            layer._requant = (*constants, lo, hi, np.float32(module.out_scale.item()))
+        return layer
+
+    @classmethod
     def from_packed(
         cls, packed: GemvWeight, bias: Tensor | None = None, layout: str | None = None
     ) -> GemvLinear:
@@ -114,6 +156,9 @@ class GemvLinear(nn.Module):
         self.out_features, self.in_features = packed.shape
         self.layout, self.values, self.activations = layout, packed.values, activations
         self.packed = packed
+        self.source: nn.Module | None = None  # the int8 layer this one computes (from_quantized)
+        self._act_scale = None  # its static activation scale (float32), else dynamic
+        self._requant: tuple | None = None  # its integer output form's constants (from_quantized)
         weight = packed.effective
         self.bias_np = (
             _EMPTY
@@ -224,12 +269,20 @@ class GemvLinear(nn.Module):
         y = np.empty(rows, np.float32)
         cuts = self._split()
         if self.activations == "int8":
-            s = K.quantize_activation(x, self._xq, self._xu)
+            s = (
+                K.quantize_activation(x, self._xq, self._xu)
+                if self._act_scale is None
+                else K.quantize_static(x, self._act_scale, self._xq, self._xu)
+            )
         if len(cuts) == 2:
             self._kernel(x, y, 0, cuts[1])
         else:
             threads.run(self._kernel, [(x, y, cuts[i], cuts[i + 1]) for i in range(len(cuts) - 1)])
-        if self.activations == "int8":
+        if self._requant is not None:
+            bias_q, mult, shift, lo, hi, out_scale = self._requant
+            finish_int8_requant(self._acc.reshape(1, rows, 1), bias_q, mult, shift, lo, hi, out_scale,
+                                y.reshape(1, rows, 1))  # fmt: skip
+        elif self.activations == "int8":
             K.finish_int8(self._acc, s, self.packed.scale, self._bias_out, y, 0, rows)
         return y
 
@@ -248,6 +301,8 @@ class GemvLinear(nn.Module):
             return torch.from_numpy(y.reshape(*x.shape[:-1], self.out_features))
         if x.shape[-1] != self.in_features:
             raise PrunekitError(f"GemvLinear expects inputs (..., {self.in_features}), got {tuple(x.shape)}")
+        if self.source is not None and (x.numel() != self.in_features or not x.is_cpu):
+            return self.source(x)
         if x.numel() != self.in_features or not x.is_cpu or (torch.is_grad_enabled() and x.requires_grad):
             return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         y = self.gemv(x.detach().to(torch.float32).contiguous().numpy().reshape(-1))[: self.out_features]
@@ -255,7 +310,10 @@ class GemvLinear(nn.Module):
 
     def reference(self, x: Tensor) -> Tensor:
         """What a batch-1 call computes, in torch: ``F.linear`` on the weights the layout holds; with int8
-        activations the exact integer product ``float32(q_w @ q_x) * (s_x * s_w) + b`` (prunekit's rule)."""
+        activations the exact integer product ``float32(q_w @ q_x) * (s_x * s_w) + b`` (prunekit's rule); for
+        a layer made by :meth:`from_quantized`, that layer's own forward."""
+        if self.source is not None:
+            return self.source(x)
         if self.activations == "float32":
             return F.linear(x, self.weight, self.bias)
         xq, s_x = quantize_activation(x.reshape(-1))
@@ -312,6 +370,15 @@ def candidates(module: nn.Module, values: str = "float32", activations: str = "f
     if threads.count() > 1:  # each layout on one thread too (see GemvLinear.serial)
         for name, make in list(made.items()):
             made[name + SERIAL] = lambda make=make: _serial(make())
+    return made
+
+
+def quantized_candidates(module: nn.Module) -> dict:
+    """The exact int8 kernel (:meth:`GemvLinear.from_quantized`) for a ``QuantizedLinear`` with a float
+    output at batch 1, as ``label -> factory`` (also on one thread when there are more)."""
+    made = {label("block16", "int8"): lambda: GemvLinear.from_quantized(module, 16)}
+    if threads.count() > 1:
+        made[label("block16", "int8") + SERIAL] = lambda: _serial(GemvLinear.from_quantized(module, 16))
     return made
 
 

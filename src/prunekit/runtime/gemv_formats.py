@@ -71,10 +71,20 @@ def check_values(values: str) -> str:
     return values
 
 
-def stored_values(weight: torch.Tensor, values: str) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+def stored_values(
+    weight: torch.Tensor, values: str, quantized: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
     """``(stored, scale, effective)``: the values as the kernels store them (float32, uint16 bfloat16 bits or
-    int8), the per-row scales (int8 only, else empty) and the dense float32 weight they represent."""
+    int8), the per-row scales (int8 only, else empty) and the dense float32 weight they represent.
+    ``quantized``: int8 values and their per-row scales already made (an int8 layer's own), stored as
+    they are."""
     check_values(values)
+    if quantized is not None:
+        q, scale = (t.detach() for t in quantized)
+        if values != "int8" or q.dtype != torch.int8 or q.shape != weight.shape:
+            raise PrunekitError(f"quantized values are an int8 {tuple(weight.shape)} tensor, got {q.dtype}")
+        scale = scale.to(torch.float32).reshape(-1)
+        return q.numpy().copy(), scale.numpy().copy(), q.to(torch.float32) * scale[:, None]
     w = weight.detach().to(torch.float32)
     w = torch.where(w == 0, torch.zeros((), dtype=torch.float32), w).contiguous()  # -0.0: all-zero bits
     if values == "float32":
@@ -113,12 +123,15 @@ def block_stats(weight: torch.Tensor, rows: int) -> tuple[float, float]:
     return (float(w.sum() / (kept * rows)) if kept else 1.0), 1.0 - kept / max(tiles.size, 1)
 
 
-def pack_block(weight: torch.Tensor, rows: int, values: str = "float32") -> GemvWeight:
-    """R x 1 blocks along the output: per block-row the kept input columns (uint16) and R values each."""
+def pack_block(
+    weight: torch.Tensor, rows: int, values: str = "float32", quantized: tuple | None = None
+) -> GemvWeight:
+    """R x 1 blocks along the output: per block-row the kept input columns (uint16) and R values each
+    (``quantized``: see :func:`stored_values`)."""
     out, inn = weight.shape
     if inn > MAX_COLUMNS:
         raise PrunekitError(f"block layout: {inn} inputs exceed the uint16 column index ({MAX_COLUMNS})")
-    stored, scale, eff = stored_values(weight, values)
+    stored, scale, eff = stored_values(weight, values, quantized)
     src = _pad_rows(stored, rows)
     tiles = src.reshape(src.shape[0] // rows, rows, inn)
     keep = (tiles != 0).any(axis=1)  # (block rows, in)
@@ -192,14 +205,14 @@ def pack_csr4(weight: torch.Tensor, values: str = "float32") -> GemvWeight:
     return GemvWeight("csr4", values, (out, inn), out, arrays, scale, eff)
 
 
-def pack_block_vnni(weight: torch.Tensor, rows: int) -> GemvWeight:
+def pack_block_vnni(weight: torch.Tensor, rows: int, quantized: tuple | None = None) -> GemvWeight:
     """int8 R x 1 blocks for ``vpdpbusd``: each block-row's kept columns padded to a multiple of 4 (column 0,
     zero weights); per group of 4 blocks 4 uint16 columns and R x 4 weights (lane r: w[r, c0..c3]); plus
-    ``128 * sum(q_row)`` for the unsigned-activation correction."""
+    ``128 * sum(q_row)`` for the unsigned-activation correction (``quantized``: see :func:`stored_values`)."""
     out, inn = weight.shape
     if inn > MAX_COLUMNS:
         raise PrunekitError(f"block layout: {inn} inputs exceed the uint16 column index ({MAX_COLUMNS})")
-    stored, scale, eff = stored_values(weight, "int8")
+    stored, scale, eff = stored_values(weight, "int8", quantized)
     src = _pad_rows(stored, rows)
     tiles = src.reshape(src.shape[0] // rows, rows, inn)
     keep = (tiles != 0).any(axis=1)

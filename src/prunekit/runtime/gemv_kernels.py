@@ -525,6 +525,13 @@ def quantize_activation(x, xq, xu):
         if a > top:
             top = a
     s = top / np.float32(127.0) if top > 0 else np.float32(1.0)
+    return quantize_static(x, s, xq, xu)
+
+
+@_jit(fastmath=False)
+def quantize_static(x, s, xq, xu):
+    """Per-tensor int8 at the scale ``s`` (float32; a calibrated ``act_scale``): ``xq = clamp(rint(x / s),
+    +-127)``, ``xu = xq + 128``; returns ``s``."""
     for i in range(x.shape[0]):
         q = min(max(np.rint(x[i] / s), np.float32(-127.0)), np.float32(127.0))
         xq[i] = np.int8(q)

@@ -97,3 +97,35 @@ def test_zero_padded_3x3_max_pool_equals_its_definition(units, h, w, wider, stri
                         ) * 4
                         want[at : at + 4] = m
     assert np.array_equal(dbuf.view(np.uint8), want)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    c=st.integers(1, 13),
+    h=st.integers(1, 6),
+    w=st.integers(1, 9),
+    extra=st.integers(0, 3),
+    offset=st.sampled_from([0, 128]),
+    seed=st.integers(0, 2**16),
+)
+def test_global_pool_bytes_sums_each_channels_integers_then_requantizes(c, h, w, extra, offset, seed):
+    """Channel ``ch`` is byte ``ch % 4`` of unit ``ch // 4``'s words; signed bytes as int8, +128-offset
+    bytes minus 128; then ``float32(requantize_value(sum, mult, sh, -127, 127)) * s_out``."""
+    from prunekit.quant.rounding import requantize_value
+
+    rng = np.random.default_rng(seed)
+    q, s_off = w + extra, 3
+    units = -(-c // 4)
+    s_cstride = (h + 1) * q
+    src = rng.integers(0, 256, 4 * (s_off + units * s_cstride + q), dtype=np.uint8)
+    mult, sh, s_out = 1 + int(rng.integers(0, 2**20)), 20, np.float32(0.125)
+    out = np.empty(c, np.float32)
+    L.global_pool_bytes(src, s_off, s_cstride, q, c, h, w, offset, mult, sh, s_out, out)
+    words = src.view(np.uint32)
+    for ch in range(c):
+        total = 0
+        for r in range(h):
+            for x in range(w):
+                byte = (int(words[s_off + (ch // 4) * s_cstride + r * q + x]) >> (8 * (ch % 4))) & 255
+                total += byte - offset if offset else (byte - 256 if byte >= 128 else byte)
+        assert out[ch] == np.float32(requantize_value(total, mult, sh, -127, 127)) * s_out

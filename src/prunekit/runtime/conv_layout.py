@@ -455,13 +455,28 @@ def global_pool_bytes(src, s_off, s_cstride, q, c, h, w, offset, mult, sh, s_out
     uint8; offsets in 4-byte units): per channel the sum of its integers over ``h x w``, then
     ``out[ch] = float32(requantize_value(sum, mult, sh, -127, 127)) * s_out``. One call: in a forward
     pass every small NumPy or torch operation costs 20-80 us (the kernels before it evict the
-    interpreter's state from the caches), which is what a dozen of them cost here."""
-    for ch in range(c):
-        u, b = ch // 4, ch % 4
-        total = np.int64(0)
+    interpreter's state from the caches), which is what a dozen of them cost here. Per unit of 4 channels
+    its rows are added bytewise into column sums (contiguous loops: they vectorise; a loop per channel
+    over every 4th byte did not, 24 us at 512 x 7 x 7), then each channel's every 4th column is summed;
+    +128-offset bytes are summed as uint8 and ``128 * h * w`` taken off, signed bytes read as int8."""
+    signed = src.view(np.int8)
+    cols = np.zeros(4 * w, np.int32)  # a column sum is at most h * 255
+    for u in range((c + 3) // 4):
+        cols[:] = 0
         for r in range(h):
-            row = src[(s_off + u * s_cstride + r * q) * 4 + b : (s_off + u * s_cstride + r * q + w) * 4 : 4]
+            b = (s_off + u * s_cstride + r * q) * 4
+            if offset:
+                row = src[b : b + 4 * w]
+                for i in range(4 * w):
+                    cols[i] += np.int32(row[i])
+            else:
+                srow = signed[b : b + 4 * w]
+                for i in range(4 * w):
+                    cols[i] += np.int32(srow[i])
+        for e in range(min(4, c - 4 * u)):
+            total = np.int64(0)
             for x in range(w):
-                v = np.int64(row[x])
-                total += v - offset if offset else (v - 256 if v >= 128 else v)
-        out[ch] = np.float32(requantize_value(total, mult, sh, -127, 127)) * s_out
+                total += cols[4 * x + e]
+            if offset:
+                total -= np.int64(offset) * h * w
+            out[4 * u + e] = np.float32(requantize_value(total, mult, sh, -127, 127)) * s_out

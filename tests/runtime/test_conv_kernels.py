@@ -65,10 +65,13 @@ def test_float32_direct_conv_equals_dense_conv(case, vw, pick, cb):
     assert (y - ref).abs().max().item() <= 1e-4 * max(ref.abs().max().item(), 1e-30)
 
 
-def _int8_sums(case, isa: str, nv: int, cbg, channels: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def _int8_sums(
+    case, isa: str, nv: int, cbg, channels: bool = False, pitch: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """A DirectConvI8 at scale 1, no bias, no clamp on random int8 weights (sparsity ``case["sparsity"]``)
     and activations (signed on VNNI: the +128 path, compensated): its float32 output, which is then the
-    int32 accumulator itself (all below 2**24), and the integer convolution in float64."""
+    int32 accumulator itself (all below 2**24), and the integer convolution in float64. ``pitch``: the
+    input is a planes tensor at that pitch, read directly (stride 1), not a gather."""
     torch.manual_seed(case["seed"])
     geom = C.ConvGeom(
         case["cin"], case["cout"], case["kernel"], case["stride"], case["padding"], case["dilation"]
@@ -80,8 +83,15 @@ def _int8_sums(case, isa: str, nv: int, cbg, channels: bool = False) -> tuple[np
     )
     offset = 128 if isa == "vnni512" else 0
     groups, (h, w) = -(-case["cin"] // 4), (case["h"], case["w"])
-    inp = L.gather(groups, h, w, *geom.args)
-    out = L.planes(L.roundup(case["cout"], 4), inp.height, inp.width, 0, 0, (), pitch=inp.pitch)
+    ho, wo = L.conv_out_hw(h, w, *geom.args)
+    if pitch is None:
+        inp = L.gather(groups, h, w, *geom.args)
+    else:
+        (kh, kw), (ph, pw), (dh, dw) = geom.kernel, geom.padding, geom.dilation
+        below = max(0, (ho - 1) + (kh - 1) * dh - ph - (h - 1))
+        inp = L.planes(groups, h, w, ph, below, {j * dw - pw for j in range(kw)}, pitch=pitch)
+        assert L.reads_directly(inp, *geom.args)
+    out = L.planes(L.roundup(case["cout"], 4), ho, wo, 0, 0, (), pitch=inp.pitch)
     layer = C.DirectConvI8(
         wq.numpy(), np.ones(case["cout"], np.float32), None, geom, inp, C.Int8Out(floats=out),
         nv=nv, isa=isa, cbg=cbg, offset=offset, channels=channels,
@@ -109,6 +119,33 @@ def test_int8_accumulators_are_the_exact_integer_convolution(case, isa, pick, cb
     vw = 16 if isa == "vnni512" else 8
     acc, ref = _int8_sums(case, isa, C.tile_options(vw)[pick], cbg)
     assert np.array_equal(acc, ref)
+
+
+@st.composite
+def direct_cases(draw):
+    """Stride-1 convolutions whose output is no larger than the input (what reads a planes tensor)."""
+    case = draw(conv_cases())
+    (kh, kw), (dh, dw) = case["kernel"], case["dilation"]
+    case["stride"] = (1, 1)
+    case["padding"] = (draw(st.integers(0, dh * (kh - 1) // 2)), draw(st.integers(0, dw * (kw - 1) // 2)))
+    case["h"], case["w"] = draw(st.integers(dh * (kh - 1) + 1, 11)), draw(st.integers(dw * (kw - 1) + 1, 11))
+    return case
+
+
+@FAST
+@given(case=direct_cases(), isa=st.sampled_from(ISAS), pick=st.integers(0, 3), extra=st.integers(0, 4))
+def test_int8_direct_reads_of_planes_are_exact_with_shifted_copies_or_zero_columns(case, isa, pick, extra):
+    """A planes tensor stores a copy per column shift its readers need, except the shifts the zero columns
+    at the end of its rows cover (``|shift| <= pitch - width``): those taps read the unshifted plane
+    ``shift`` positions over. Either way the sums are the integer convolution."""
+    vw = 16 if isa == "vnni512" else 8
+    pitch = L.roundup(case["w"] + extra, 4)
+    acc, ref = _int8_sums(case, isa, C.tile_options(vw)[pick], None, pitch=pitch)
+    assert np.array_equal(acc, ref)
+    (_, kw), (_, pw), (_, dw) = case["kernel"], case["padding"], case["dilation"]
+    shifts = {j * dw - pw for j in range(kw)}
+    stored = L.planes(1, case["h"], case["w"], 0, 0, shifts, pitch=pitch).cols
+    assert set(stored) == {d for d in shifts if abs(d) > pitch - case["w"]} | {0}
 
 
 @pytest.mark.skipif(not features().vnni, reason="the channel-lane int8 sums are AVX-512 VNNI only")

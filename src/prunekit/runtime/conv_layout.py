@@ -63,6 +63,17 @@ class Layout:
     def per_unit(self) -> int:
         return len(self.phases) * len(self.cols)
 
+    def covers(self, shift: int) -> bool:
+        """Whether a read of column ``x + shift`` can use the unshifted plane: a planes layout (stride 1)
+        whose rows end in at least ``|shift|`` zero columns (``pitch - width``). Left of column 0 such a
+        read lands on the previous row's zero columns (the zero pad row above row 0), right of the last
+        column on its own: the zeros a stored shifted copy would hold."""
+        return self.row_stride == 1 and self.col_stride == 1 and abs(shift) <= self.pitch - self.width
+
+    def has_shift(self, shift: int) -> bool:
+        """A copy shifted by ``shift`` is stored, or the unshifted plane serves it (:meth:`covers`)."""
+        return shift in self.cols or self.covers(shift)
+
     @property
     def size(self) -> int:
         return self.units * self.per_unit * self.plane
@@ -114,9 +125,12 @@ def pitch_for(width: int, tight: bool = False) -> int:
 
 
 def planes(units: int, height: int, width: int, top: int, bottom: int, shifts, pitch: int | None = None):
-    """A planes layout (what convolutions write); ``shifts`` gets ``0`` added."""
-    cols = tuple(sorted(set(shifts) | {0}))
+    """A planes layout (what convolutions write): a copy of the map per column shift its readers need
+    (``shifts``; ``0`` always), except those the zero columns at the end of each row cover
+    (:meth:`Layout.covers`: ``|shift| <= pitch - width``): e.g. a 14-wide map at pitch 16 is read by a
+    3x3 convolution from one plane, not three, a third of the bytes written and held."""
     q = pitch or pitch_for(width)
+    cols = tuple(sorted({d for d in shifts if abs(d) > q - width} | {0}))
     top = max(top, 1)  # a row above, for stores shifted right of the first row's first column
     return Layout(units, q, top + height + bottom + 1, 1, 1, top, (0,), cols, height, width)
 
@@ -160,7 +174,7 @@ def reads_directly(layout: Layout, kernel, stride, padding, dilation) -> bool:
     ho, wo = conv_out_hw(layout.height, layout.width, kernel, stride, padding, dilation)
     if ho < 1 or wo < 1 or wo > layout.pitch or ph > layout.row_pad:
         return False
-    if any(j * dw - pw not in layout.cols for j in range(kw)):
+    if not all(layout.has_shift(j * dw - pw) for j in range(kw)):
         return False
     # the lowest row read: oy = ho - 1, i = kh - 1
     return (ho - 1) + (kh - 1) * dh - ph + layout.row_pad < layout.rows
@@ -177,9 +191,16 @@ def tap_offsets(
     phase = need % s
     roff = need // s
     a_idx = np.searchsorted(np.array(layout.phases), phase)
-    c_idx = np.searchsorted(np.array(layout.cols), tj * dw - pw)
+    shift = np.broadcast_to(np.asarray(tj * dw - pw, dtype=np.int64), np.shape(tj))
+    cols = np.array(layout.cols)
+    stored = np.isin(shift, cols)
+    if not all(layout.covers(int(d)) for d in np.unique(shift[~stored])):
+        raise ValueError(f"layout stores column shifts {layout.cols}; {sorted(set(shift.flat))} are read")
+    unshifted = layout.cols.index(0) if 0 in layout.cols else 0  # planes layouts always store shift 0
+    c_idx = np.where(stored, np.searchsorted(cols, shift), unshifted)
     plane = (units * len(layout.phases) + a_idx) * len(layout.cols) + c_idx
-    return plane.astype(np.int64) * layout.plane + roff.astype(np.int64) * layout.pitch
+    extra = np.where(stored, 0, shift)  # the unshifted plane, read ``shift`` columns over
+    return plane.astype(np.int64) * layout.plane + roff.astype(np.int64) * layout.pitch + extra
 
 
 def store_plan(out: Layout, tile: int, ntiles: int) -> tuple[np.ndarray, np.ndarray]:

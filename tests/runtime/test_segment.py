@@ -345,7 +345,9 @@ def test_the_classifier_after_the_global_pool_runs_on_its_compiled_kernel(monkey
     seg.gm.fc = GemvLinear(q.fc)
     calls = []
     gemv = GemvLinear.gemv
-    monkeypatch.setattr(GemvLinear, "gemv", lambda self, v: calls.append(v.copy()) or gemv(self, v))
+    monkeypatch.setattr(
+        GemvLinear, "gemv", lambda self, v, out=None: calls.append(v.copy()) or gemv(self, v, out)
+    )
     pooled = []
     q.int8_ops.avgpool.register_forward_hook(lambda m, i, o: pooled.append(o.reshape(-1)))
     with torch.inference_mode():

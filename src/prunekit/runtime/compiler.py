@@ -541,12 +541,21 @@ def compile(  # noqa: A001 - the natural name, namespaced as prunekit.runtime.co
             _set_module(seg.gm if seg is not None else compiled, name, new)
         except AttributeError:  # the traced graph does not call it as a module
             continue
+    if seg is not None:  # its modules are final now: the pass as a list of kernel calls, where it is one
+        seg.prepare_replay(image)
+        report.note = "; ".join(filter(None, [report.note, _replay_note(seg)]))
     if chain and seg is None:
         _fuse_chains(compiled, inputs, decisions)
     if seg is None:
         report.operators = _fast_glue(compiled, example_inputs)
     result.runtime_report = report
     return result
+
+
+def _replay_note(seg) -> str:
+    if seg.replay_reason is None:
+        return "forward pass replayed as its kernel calls"
+    return f"forward pass run step by step ({seg.replay_reason})"
 
 
 def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:

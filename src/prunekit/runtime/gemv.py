@@ -263,27 +263,29 @@ class GemvLinear(nn.Module):
             ptr, idx, vals, scale = a["ptr"], a["idx"], a["vals"], p.scale
             self._kernel = lambda x, y, lo, hi: K.csr4_gemv(ptr, idx, vals, scale, x, b, y, lo, hi)
 
-    def gemv(self, x: np.ndarray) -> np.ndarray:
-        """``W x (+ b)`` for one float32 activation vector; returns ``rows`` outputs (padding at the end)."""
+    def gemv(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """``W x (+ b)`` for one float32 activation vector; returns ``rows`` outputs (padding at the end),
+        in ``out`` when given (float32, ``rows`` of them). The kernels go through ``threads.run`` /
+        ``threads.call`` (a segment's pass records them)."""
         rows = self.packed.rows
-        y = np.empty(rows, np.float32)
+        y = np.empty(rows, np.float32) if out is None else out
         cuts = self._split()
         if self.activations == "int8":
             s = (
-                K.quantize_activation(x, self._xq, self._xu)
+                threads.call(K.quantize_activation, x, self._xq, self._xu)
                 if self._act_scale is None
-                else K.quantize_static(x, self._act_scale, self._xq, self._xu)
+                else threads.call(K.quantize_static, x, self._act_scale, self._xq, self._xu)
             )
         if len(cuts) == 2:
-            self._kernel(x, y, 0, cuts[1])
+            threads.call(self._kernel, x, y, 0, cuts[1])
         else:
             threads.run(self._kernel, [(x, y, cuts[i], cuts[i + 1]) for i in range(len(cuts) - 1)])
         if self._requant is not None:
             bias_q, mult, shift, lo, hi, out_scale = self._requant
-            finish_int8_requant(self._acc.reshape(1, rows, 1), bias_q, mult, shift, lo, hi, out_scale,
-                                y.reshape(1, rows, 1))  # fmt: skip
+            threads.call(finish_int8_requant, self._acc.reshape(1, rows, 1), bias_q, mult, shift, lo, hi,
+                         out_scale, y.reshape(1, rows, 1))  # fmt: skip
         elif self.activations == "int8":
-            K.finish_int8(self._acc, s, self.packed.scale, self._bias_out, y, 0, rows)
+            threads.call(K.finish_int8, self._acc, s, self.packed.scale, self._bias_out, y, 0, rows)
         return y
 
     def forward(self, x: Tensor) -> Tensor:

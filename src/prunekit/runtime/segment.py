@@ -228,10 +228,11 @@ def _fill_from(v: Value, env: Env, dst: np.ndarray, lay: L.Layout, geo: np.ndarr
     c, h, w = v.shape
     if v.fbuf is not None and v.node not in env.nchw:
         src = v.floats
-        L.fill(v.fbuf, src.col0(), src.per_unit * src.plane, src.pitch, h, w, c, dst, geo, np.int32(0))
+        threads.call(L.fill, v.fbuf, src.col0(), src.per_unit * src.plane, src.pitch, h, w, c, dst, geo,
+                     np.int32(0))  # fmt: skip
     else:
         a = env.tensor(v).contiguous().numpy().reshape(-1).view(np.int32)
-        L.fill(a, 0, h * w, w, h, w, c, dst, geo, np.int32(0))
+        threads.call(L.fill, a, 0, h * w, w, h, w, c, dst, geo, np.int32(0))
 
 
 def nonneg(v: Value) -> bool:
@@ -481,12 +482,12 @@ class ConvStep:
             _fill_from(inp, env, self.gbuf, self.in_layout, self.ggeo)
         elif self.src_bytes:
             src = inp.bytes_
-            L.fill(inp.bbuf, src.col0(), src.per_unit * src.plane, src.pitch, h, w, src.units, self.gbuf,
-                   self.ggeo, zero)  # fmt: skip
+            threads.call(L.fill, inp.bbuf, src.col0(), src.per_unit * src.plane, src.pitch, h, w, src.units,
+                         self.gbuf, self.ggeo, zero)  # fmt: skip
         else:
             a = env.tensor(inp).contiguous().numpy().reshape(-1)
-            L.quantize_pack(a, c, h * w, self.act_scale, self.in_offset, self.packed)
-            L.fill(self.packed, 0, h * w, w, h, w, -(-c // 4), self.gbuf, self.ggeo, zero)
+            threads.call(L.quantize_pack, a, c, h * w, self.act_scale, self.in_offset, self.packed)
+            threads.call(L.fill, self.packed, 0, h * w, w, h, w, -(-c // 4), self.gbuf, self.ggeo, zero)
         return self.gbuf
 
     def _residual(self, env: Env) -> np.ndarray | None:
@@ -638,23 +639,31 @@ class GlobalPoolStep(TorchStep):
         self.m, self.sh = self.module.multiplier(h * w)
         self.s_out = np.float32(self.module.scale_out.item())
         self.y = np.empty(c, np.float32)
+        self.logits: np.ndarray | None = None  # the classifier's outputs (a GemvLinear head), reused
 
     def run(self, env: Env) -> None:
         v, (c, h, w) = self.inp, self.inp.shape
         lay = v.bytes_
         src = v.bbuf.view(np.uint8)
-        L.global_pool_bytes(src, lay.col0(), lay.per_unit * lay.plane, lay.pitch, c, h, w, v.offset, self.m,
-                            self.sh, self.s_out, self.y)  # fmt: skip
+        threads.call(L.global_pool_bytes, src, lay.col0(), lay.per_unit * lay.plane, lay.pitch, c, h, w,
+                     v.offset, self.m, self.sh, self.s_out, self.y)  # fmt: skip
         if self.tail:
             head = self.gm.get_submodule(self.tail[-1].target)
             if isinstance(head, GemvLinear):  # its kernel on the pooled vector (GemvLinear.forward's path)
-                out = torch.from_numpy(head.gemv(self.y)[: head.out_features]).reshape(1, -1)
+                if self.logits is None or self.logits.size != head.packed.rows:
+                    self.logits = np.empty(head.packed.rows, np.float32)
+                head.gemv(self.y, out=self.logits)
+                out = self.result(head.out_features)
             else:
                 out = head(torch.from_numpy(self.y.copy()).reshape(1, c))
             env.nchw[self.tail[-1]] = out
             return
         y = torch.from_numpy(self.y.copy())
         env.nchw[self.node] = y.reshape(1, c, 1, 1) if self.module.keepdim else y.reshape(1, c)
+
+    def result(self, n: int) -> Tensor:
+        """The classifier's ``n`` outputs as a (1, n) tensor of their own (the buffer is reused)."""
+        return torch.from_numpy(self.logits[:n].copy()).reshape(1, n)
 
 
 def _pool_tail(node: fx.Node) -> tuple:
@@ -734,6 +743,8 @@ class Segmented(nn.Module):
         )
         self.placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
         self.output = next(n for n in gm.graph.nodes if n.op == "output")
+        self.replays: dict[int, object] = {}  # thread count -> runtime.replay.Replay, or None: the steps
+        self.replay_reason: str | None = None
 
     # -- running ------------------------------------------------------------------------------------------
     def _arg(self, a, env: Env):
@@ -771,12 +782,51 @@ class Segmented(nn.Module):
             raise PrunekitError("the compiled model is inference-only: run it under torch.inference_mode()")
         if tuple(x.shape) != self.shape or x.dtype != torch.float32:
             return self.gm(x)
+        n = threads.count()
+        if n not in self.replays:  # a thread count not seen yet: its replay is built on this call
+            self.prepare_replay(x)
+        replay = self.replays[n]
+        with threads.lingering():  # kernel after kernel: the workers spin between them
+            return self._stepwise(x) if replay is None else replay(x)
+
+    def _stepwise(self, x: Tensor):
         env = Env()
         env.nchw[self.placeholder] = x.contiguous()
-        with threads.lingering():  # kernel after kernel: the workers spin between them
-            for step in self.steps:
-                self.run_step(step, env)
+        for step in self.steps:
+            self.run_step(step, env)
         return self._arg(self.output.args[0], env)
+
+    def prepare_replay(self, example: Tensor) -> None:
+        """The pass as a list of kernel calls (:mod:`prunekit.runtime.replay`) for the current thread count,
+        where it provably computes what the steps do (else the steps run); ``replay_reason`` says why not.
+        ``runtime.compile`` calls it once the model's modules are final."""
+        from prunekit.runtime import replay
+
+        why, finish = self._replayable()
+        made = None
+        if why is None:
+            with threads.lingering():
+                made = replay.build(self._stepwise, finish, example)
+            why = None if made is not None else "its kernel calls depend on more than the input image"
+        self.replays[threads.count()] = made
+        self.replay_reason = why
+
+    def _replayable(self) -> tuple[str | None, Callable | None]:
+        """(why not, None), or (None, the output's reader): every step's work is kernel calls, and the
+        output is an int8 global pool's classifier on prunekit's gemv kernel."""
+        last = self.steps[-1] if self.steps else None
+        if not (isinstance(last, GlobalPoolStep) and last.exact and last.tail):
+            return "its output is not an int8 global pool with a classifier", None
+        head = self.gm.get_submodule(last.tail[-1].target)
+        if self.output.args[0] is not last.tail[-1] or not isinstance(head, GemvLinear):
+            return "its classifier does not run on prunekit's gemv kernel", None
+        for step in self.steps:
+            if isinstance(step, ConvStep) and step.kernel is None:
+                return f"{step.name} runs on torch's dense path", None
+            if isinstance(step, TorchStep) and step is not last:
+                return f"{step.name} runs in torch", None
+        n = head.out_features
+        return None, lambda: last.result(n)
 
     def conv_steps(self) -> list[ConvStep]:
         return [s for s in self.steps if isinstance(s, ConvStep)]

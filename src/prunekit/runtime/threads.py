@@ -263,7 +263,10 @@ def _spinning(workers: int) -> _Spinner:
 
 def run(kernel: Callable, parts: Sequence[tuple]) -> None:
     """``kernel(*part)`` for every part, the first in the calling thread, concurrently (``kernel``: a
-    nogil numba function, or any callable that releases the GIL)."""
+    nogil numba function, or any callable that releases the GIL). Recorded inside :func:`recording`."""
+    calls = getattr(_local, "calls", None)
+    if calls is not None:
+        calls.append((kernel, list(parts)))
     if len(parts) == 1:
         kernel(*parts[0])
         return
@@ -278,6 +281,27 @@ def run(kernel: Callable, parts: Sequence[tuple]) -> None:
     kernel(*parts[0])
     for f in futures:
         f.result()
+
+
+def call(kernel: Callable, *args):
+    """``kernel(*args)`` on the calling thread (a glue kernel: a gather, a pool, a small product), recorded
+    like :func:`run` inside :func:`recording`; returns what the kernel returns."""
+    calls = getattr(_local, "calls", None)
+    if calls is not None:
+        calls.append((kernel, [args]))
+    return kernel(*args)
+
+
+@contextmanager
+def recording() -> Iterator[list]:
+    """Inside: every kernel this thread launches through :func:`run` or :func:`call` is appended to the
+    yielded list as ``(kernel, parts)``, with its arguments as passed (``runtime.replay`` replays them)."""
+    before = getattr(_local, "calls", None)
+    _local.calls = calls = []
+    try:
+        yield calls
+    finally:
+        _local.calls = before
 
 
 @contextmanager

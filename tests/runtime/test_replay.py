@@ -26,8 +26,11 @@ def test_a_pass_is_replayed_with_the_new_input_in_its_slot():
         threads.run(add_into, [(buf, const, buf)])
         return torch.from_numpy(buf.copy())
 
-    made = replay.build(stepwise, lambda: torch.from_numpy(buf.copy()), torch.ones(2, 3))
+    example = torch.ones(2, 3)
+    made = replay.build(stepwise, lambda: torch.from_numpy(buf.copy()), example)
     assert made is not None and [(c, p, a) for c, p, a, _ in made.inputs] == [(0, 0, 0)]
+    held = [a for _, parts in made.calls for part in parts for a in part if isinstance(a, np.ndarray)]
+    assert not any(np.shares_memory(a, example.numpy()) for a in held)  # no user data kept
     x = torch.randn(2, 3)
     c = torch.from_numpy(const)
     assert torch.equal(made(x), (x.reshape(-1) + c) + c)

@@ -304,6 +304,8 @@ def test_int8_classifier_on_the_int8_gemv_is_bit_exact(vnni, form, static, bias)
             with torch.inference_mode():
                 y = fast(x)
                 assert torch.equal(y, ref(x)) and torch.equal(y, fast.reference(x))
+        x64 = int8_inputs((1, 70), 3)[0].double()  # not float32: the layer itself runs
+        assert torch.equal(fast(x64), ref(x64))
     if form == "int8":
         assert (torch.round(y / ref.out_scale).abs() == 127).any()
     with pytest.raises(PrunekitError, match="QuantizedLinear"):

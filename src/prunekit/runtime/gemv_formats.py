@@ -82,7 +82,10 @@ def stored_values(
     if quantized is not None:
         q, scale = (t.detach() for t in quantized)
         if values != "int8" or q.dtype != torch.int8 or q.shape != weight.shape:
-            raise PrunekitError(f"quantized values are an int8 {tuple(weight.shape)} tensor, got {q.dtype}")
+            raise PrunekitError(
+                f"quantized= needs values='int8' and an int8 {tuple(weight.shape)} tensor, got values="
+                f"{values!r} and a {q.dtype} {tuple(q.shape)} tensor"
+            )
         scale = scale.to(torch.float32).reshape(-1)
         return q.numpy().copy(), scale.numpy().copy(), q.to(torch.float32) * scale[:, None]
     w = weight.detach().to(torch.float32)

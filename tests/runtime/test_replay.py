@@ -1,15 +1,20 @@
 """runtime.replay: a compiled segment's pass as its list of kernel calls, used only where it provably computes
 what the steps compute (the same calls on any input but the image's array; bit for bit on a third input)."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
 import prunekit.runtime as rt
 from fixtures.int8nets import prune_random, randomize_bn  # noqa: E402
+from prunekit.masking import squash
 from prunekit.models import SmallResNet
 from prunekit.quant.ptq import quantize_model
 from prunekit.runtime import replay, threads
+from prunekit.runtime import segment as S
+from prunekit.runtime.gemv import GemvLinear
 
 FAST = dict(budget_s=0.005, min_reps=2, max_reps=3)
 
@@ -61,40 +66,63 @@ def small_cnn() -> SmallResNet:
     return model.eval()
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def on_kernels(q, x) -> S.Segmented:
+    """``q``'s segment with every convolution on a kernel where it can be (chosen here, not by timing)
+    and the classifier on the int8 gemv."""
+    seg, why = S.build(squash(copy.deepcopy(q)).eval(), x)
+    assert seg is not None, why
+    for step in seg.conv_steps():  # AVX2: a signed input image keeps the stem on torch's dense path
+        step.kernel = step.make_kernel(*step.configs()[0]) if step.usable() is None else None
+    pool = seg.steps[-1]
+    name = pool.tail[-1].target
+    parent, _, child = name.rpartition(".")
+    head = seg.gm.get_submodule(name)
+    setattr(seg.gm.get_submodule(parent) if parent else seg.gm, child, GemvLinear.from_quantized(head))
+    return seg
 
 
-def test_a_compiled_int8_cnn_replays_its_kernels_bit_for_bit_at_each_thread_count(one_thread):
+def test_an_int8_segment_replays_its_kernels_bit_for_bit_at_each_thread_count():
+    model = small_cnn()
+    x = torch.randn(1, 1, 12, 12, generator=torch.Generator().manual_seed(1))
+    q = quantize_model(model, activations="static", calibration=[torch.randn_like(x)], classifier=True)
+    seg = on_kernels(q, x)
+    seg.prepare_replay(x)
+    assert seg.replay_reason is None and seg.replays[1] is not None
+    with threads.recording() as calls, torch.inference_mode():
+        seg._stepwise(x)
+    assert len(seg.replays[1].calls) == len(calls) > len(seg.conv_steps())
+    inputs = [torch.randn_like(x) * s for s in (0.5, 1, 3)] + [torch.zeros_like(x)]
+    with torch.inference_mode():
+        for inp in inputs:
+            assert torch.equal(seg(inp), q(inp))
+        y = seg(inputs[0])
+        seg(inputs[1])
+        assert torch.equal(y, q(inputs[0]))  # outputs are copies: the next call does not change them
+        torch.set_num_threads(2)  # a new thread count: its own replay, built on the first call
+        try:
+            for inp in inputs:
+                assert torch.equal(seg(inp), q(inp))
+        finally:
+            torch.set_num_threads(1)
+    assert set(seg.replays) == {1, 2} and seg.replays[2] is not None
+
+
+def test_compile_replays_an_int8_cnn_where_every_step_is_a_kernel_and_says_so():
     model = small_cnn()
     x = torch.randn(1, 1, 12, 12, generator=torch.Generator().manual_seed(1))
     q = quantize_model(model, activations="static", calibration=[torch.randn_like(x)], classifier=True)
     c = rt.compile(q, x, **FAST)
     if rt.report(c).mode != "segments":
         pytest.skip("segments measured slower than dense here: nothing to replay")
-    assert c.replay_reason is None and c.replays[1] is not None
-    assert "replayed" in rt.report(c).note
-    with threads.recording() as calls, torch.inference_mode():
-        c._stepwise(x)
-    assert len(c.replays[1].calls) == len(calls) > len(c.conv_steps())
-    inputs = [torch.randn_like(x) * s for s in (0.5, 1, 3)] + [torch.zeros_like(x)]
+    why, _ = c._replayable()  # timing decides whether a layer runs on torch's dense path
+    assert c.replay_reason == (why or None) and (c.replays[1] is None) == (why is not None)
+    assert ("replayed as its kernel calls" if why is None else why) in rt.report(c).note
     with torch.inference_mode():
-        for inp in inputs:
+        for inp in (x, 3 * x, torch.zeros_like(x)):
             assert torch.equal(c(inp), q(inp))
-        y = c(inputs[0])
-        c(inputs[1])
-        assert torch.equal(y, q(inputs[0]))  # outputs are copies: the next call does not change them
-        torch.set_num_threads(2)  # a new thread count: its own replay, built on the first call
-        for inp in inputs:
-            assert torch.equal(c(inp), q(inp))
-    assert set(c.replays) == {1, 2}
 
 
-def test_a_float_cnn_whose_pool_runs_in_torch_runs_step_by_step_and_says_why(one_thread):
+def test_a_float_cnn_whose_pool_runs_in_torch_runs_step_by_step_and_says_why():
     model = small_cnn()
     x = torch.randn(1, 1, 12, 12, generator=torch.Generator().manual_seed(1))
     c = rt.compile(model, x, **FAST)
@@ -106,3 +134,19 @@ def test_a_float_cnn_whose_pool_runs_in_torch_runs_step_by_step_and_says_why(one
     assert "run step by step" in rt.report(c).note
     with torch.inference_mode():
         assert (c(x) - model(x)).abs().max() <= 1e-4 * model(x).abs().max()
+
+
+def test_the_calls_a_recorded_kernel_makes_are_part_of_it():
+    """``threads.call`` / ``threads.run`` inside a recorded call (the int8 dense path's epilogue) are not
+    recorded again: a replay runs them once, through the outer call."""
+    buf = np.ones(3, np.float32)
+
+    def outer(b):
+        threads.call(add_into, b, b, b)
+        threads.run(add_into, [(b, b, b)])
+
+    with threads.recording() as calls:
+        threads.call(outer, buf)
+        threads.run(add_into, [(buf, buf, buf)])
+    assert [k for k, _ in calls] == [outer, add_into]
+    assert np.array_equal(buf, np.full(3, 8, np.float32))

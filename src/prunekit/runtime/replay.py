@@ -85,7 +85,7 @@ def _compare(first: list, x1: Tensor, second: list, x2: Tensor) -> list[tuple] |
         return None
     inputs = []
     for c, ((k1, parts1), (k2, parts2)) in enumerate(zip(first, second)):
-        if k1 is not k2 or len(parts1) != len(parts2):
+        if k1 != k2 or len(parts1) != len(parts2):  # ==: a bound method is made anew at each access
             return None
         for p, (args1, args2) in enumerate(zip(parts1, parts2)):
             if len(args1) != len(args2):

@@ -516,10 +516,10 @@ class ConvStep:
         of the integer values (exact below 2**24) and then the kernels' own epilogue
         (:meth:`DirectConvI8.finish`): one spelling of the requantization."""
         g = self.geom
-        if self.int8:
-            acc = F.conv2d(self._dense_q(env), self.dense_w, None, g.stride, g.padding, g.dilation)
+        if self.int8:  # one recorded call (a replay runs it whole): its inputs are the pass's buffers
+            src = self.inp.bbuf if self.src_bytes else env.tensor(self.inp).contiguous().numpy().reshape(-1)
             out = self.out
-            self.finisher.finish(acc[0].numpy().astype(np.int32), out.bbuf, self._residual(env), out.fbuf)
+            threads.call(self._dense_int8, src, out.bbuf, self._residual(env), out.fbuf)
             return
         y = F.conv2d(env.tensor(self.inp), self.weight, self.bias, g.stride, g.padding, g.dilation)
         if self.residual is not None:
@@ -532,18 +532,24 @@ class ConvStep:
         env.nchw[self.out.node] = y
         write_planes(self.out, y)
 
-    def _dense_q(self, env: Env) -> Tensor:
+    def _dense_int8(self, src: np.ndarray, Y: np.ndarray, R: np.ndarray | None, fout: np.ndarray | None):
+        """The int8 dense path on ``src`` (the producer's bytes, or the float32 input flat): a float32
+        convolution of the integer values (exact below 2**24), then the kernels' own epilogue."""
+        g = self.geom
+        acc = F.conv2d(self._dense_q(src), self.dense_w, None, g.stride, g.padding, g.dilation)
+        self.finisher.finish(acc[0].numpy().astype(np.int32), Y, R, fout)
+
+    def _dense_q(self, src: np.ndarray) -> Tensor:
         """The integer input values as float32 NCHW: from the producer's bytes, or quantized here."""
         inp = self.inp
         c, h, w = inp.shape
         if self.src_bytes:
             lay = inp.bytes_
             units = np.empty(lay.units * h * w, np.int32)
-            L.read(inp.bbuf, lay.col0(), lay.per_unit * lay.plane, lay.pitch, lay.units, h, w, units)
+            L.read(src, lay.col0(), lay.per_unit * lay.plane, lay.pitch, lay.units, h, w, units)
         else:
             units = np.empty(-(-c // 4) * h * w, np.int32)
-            a = env.tensor(inp).contiguous().numpy().reshape(-1)
-            L.quantize_pack(a, c, h * w, self.act_scale, 0, units)
+            L.quantize_pack(src, c, h * w, self.act_scale, 0, units)
         offset = inp.offset if self.src_bytes else 0
         return torch.from_numpy(unpack_bytes(units, c, h, w, offset))[None]
 
@@ -821,7 +827,7 @@ class Segmented(nn.Module):
         if self.output.args[0] is not last.tail[-1] or not isinstance(head, GemvLinear):
             return "its classifier does not run on prunekit's gemv kernel", None
         for step in self.steps:
-            if isinstance(step, ConvStep) and step.kernel is None:
+            if isinstance(step, ConvStep) and step.kernel is None and not step.int8:
                 return f"{step.name} runs on torch's dense path", None
             if isinstance(step, TorchStep) and step is not last:
                 return f"{step.name} runs in torch", None

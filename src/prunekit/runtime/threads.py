@@ -267,6 +267,11 @@ def run(kernel: Callable, parts: Sequence[tuple]) -> None:
     calls = getattr(_local, "calls", None)
     if calls is not None:
         calls.append((kernel, list(parts)))
+        _local.calls = None  # the calls a kernel makes in turn are part of it
+        try:
+            return run(kernel, parts)
+        finally:
+            _local.calls = calls
     if len(parts) == 1:
         kernel(*parts[0])
         return
@@ -287,9 +292,14 @@ def call(kernel: Callable, *args):
     """``kernel(*args)`` on the calling thread (a glue kernel: a gather, a pool, a small product), recorded
     like :func:`run` inside :func:`recording`; returns what the kernel returns."""
     calls = getattr(_local, "calls", None)
-    if calls is not None:
-        calls.append((kernel, [args]))
-    return kernel(*args)
+    if calls is None:
+        return kernel(*args)
+    calls.append((kernel, [args]))
+    _local.calls = None  # the calls a kernel makes in turn are part of it
+    try:
+        return kernel(*args)
+    finally:
+        _local.calls = calls
 
 
 @contextmanager

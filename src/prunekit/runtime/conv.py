@@ -543,7 +543,8 @@ class DirectConvI8:
         rbase, rstride = (residual.col0(), residual.per_unit * residual.plane) if residual else (0, 0)
         fl = out.floats
         fbase, fstride = (fl.col0(), fl.per_unit * fl.plane) if fl else (0, 0)
-        self.scratch = np.zeros(cpad * tile + 16, np.int32)
+        # the tiles' sums (channel lanes: never used, their whole accumulators are passed in)
+        self.scratch = np.zeros(0 if channels else cpad * tile + 16, np.int32)
         self.geo = np.array(
             [
                 ntiles,

@@ -376,8 +376,8 @@ def candidates(module: nn.Module, values: str = "float32", activations: str = "f
 
 
 def quantized_candidates(module: nn.Module) -> dict:
-    """The exact int8 kernel (:meth:`GemvLinear.from_quantized`) for a ``QuantizedLinear`` with a float
-    output at batch 1, as ``label -> factory`` (also on one thread when there are more)."""
+    """The exact int8 kernel (:meth:`GemvLinear.from_quantized`) for a ``QuantizedLinear`` at batch 1 (float
+    or integer output form), as ``label -> factory`` (also on one thread when there are more)."""
     made = {label("block16", "int8"): lambda: GemvLinear.from_quantized(module, 16)}
     if threads.count() > 1:
         made[label("block16", "int8") + SERIAL] = lambda: _serial(GemvLinear.from_quantized(module, 16))

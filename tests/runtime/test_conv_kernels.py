@@ -284,6 +284,11 @@ def test_the_integer_chain_requantizes_in_float64_exactly_as_the_rule(isa, acc, 
     rq = _requant(consts, rounding.INT8_LO, rounding.INT8_HI)
     rows = [[a if r == 0 else (a * (r + 2)) % 2**30 - 2**29 for a in acc] for r in range(4)]
     accs = np.array(rows, np.int64).reshape(4, 1, len(acc)).astype(np.int32)
+    _assert_chain_is_the_rule(isa, accs, rq, relu, pick)
+
+
+def _assert_chain_is_the_rule(isa: str, accs: np.ndarray, rq: C.Requant, relu: bool, pick: int) -> None:
+    """The integer chain's outputs (after a ReLU when ``relu``) are the rule's integers, bit for bit."""
     clamp = (0.0, np.inf) if relu else C.NO_CLAMP
     got = _epilogue_outputs(isa, accs, rq, clamp=clamp, chain=True, pick=pick)
     want = _rule(accs, rq, 0 if relu else rounding.INT8_LO)
@@ -309,10 +314,7 @@ def test_the_integer_chain_rounds_near_ties_as_the_rule(isa, mult, shift, bias_q
     acc = np.clip(acc, -(2**31) + 1, 2**31 - 1)
     rq = _requant([(bias_q, mult, shift)] * 4, rounding.INT8_LO, rounding.INT8_HI)
     accs = np.stack([acc] * 4).reshape(4, 1, -1).astype(np.int32)
-    clamp = (0.0, np.inf) if relu else C.NO_CLAMP
-    got = _epilogue_outputs(isa, accs, rq, chain=True, pick=pick, clamp=clamp)
-    want = _rule(accs, rq, 0 if relu else rounding.INT8_LO)
-    assert np.array_equal(got.view(np.int32), want.view(np.int32))
+    _assert_chain_is_the_rule(isa, accs, rq, relu, pick)
 
 
 @settings(max_examples=12, deadline=None)
